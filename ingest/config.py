@@ -1,0 +1,262 @@
+"""Settings: ``config/ingest.toml`` <- ``INGEST_<SECTION>__<KEY>`` environment <- command-line overrides.
+
+Loaded once by the CLI into a frozen :class:`Settings` and passed down; nothing reads settings from
+globals.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from ingest.errors import ConfigError
+
+__all__ = [
+    "AdminSettings",
+    "BackendSettings",
+    "CallingAE",
+    "EmbeddedBackendSettings",
+    "EndpointSettings",
+    "ListenerSettings",
+    "LogSettings",
+    "MappingSettings",
+    "PatientSettings",
+    "RelaySettings",
+    "Settings",
+    "StateSettings",
+    "TLSSettings",
+    "WatchSettings",
+    "load_settings",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(f"AE title {value!r} must be 1-16 printable characters without backslash")
+    return value.strip()
+
+
+class CallingAE(_Section):
+    """A calling AE title allowed to send, optionally only from one host address."""
+
+    ae: str
+    host: str | None = None
+
+    @field_validator("ae")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+
+class TLSSettings(_Section):
+    enabled: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = False
+    handshake_timeout_s: float = 10.0
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSettings:
+        if self.enabled and (self.cert is None or self.key is None):
+            raise ValueError("[listener.tls] enabled needs both cert and key")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("[listener.tls] require_client_cert needs ca (the bundle that signs clients)")
+        return self
+
+
+class ListenerSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    ae_title: str = "INGEST"
+    allowed_calling_aes: tuple[CallingAE, ...] = ()
+    accept_any_calling_ae: bool = False
+    check_called_ae: bool = True
+    max_associations: int = Field(10, ge=1)
+    max_pdu: int = Field(262_144, ge=4096)
+    max_peer_pdu: int = Field(4 * 1024 * 1024, ge=4096)
+    max_instance_bytes: int = Field(2 * 1024**3, ge=1024)
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    intake_size: int = Field(256, ge=1)
+    max_inflated_bytes: int = Field(64 * 1024**2, ge=1024)
+    tls: TLSSettings = TLSSettings()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _aes(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s for s in v.split(",") if s.strip()]
+        if isinstance(v, list | tuple):
+            return tuple({"ae": x} if isinstance(x, str) else x for x in v)
+        return v
+
+
+class WatchSettings(_Section):
+    folder: Path | None = None
+    poll: bool = False
+    poll_interval_ms: int = Field(1000, ge=50)
+    settle_ms: int = Field(1000, ge=0)
+    after: Literal["move", "delete", "keep"] = "move"
+    archive_dir: Path | None = None
+    jobs: int = Field(2, ge=1)
+
+
+class BackendSettings(_Section):
+    url: str | None = None
+    token_env: str | None = "INGEST_BACKEND_TOKEN"
+    token_file: Path | None = None
+    timeout_s: float = Field(30.0, gt=0)
+    verify_tls: bool = True
+
+
+class EmbeddedBackendSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token_env: str | None = None
+    database: Path | None = None
+
+
+class RelaySettings(_Section):
+    stable_age_s: float = Field(10.0, ge=0)
+    release_grace_s: float = Field(2.0, ge=0)
+    max_attempts: int = Field(10, ge=1)
+    base_backoff_s: float = Field(1.0, gt=0)
+    max_backoff_s: float = Field(300.0, gt=0)
+    concurrency: int = Field(4, ge=1)
+    poll_interval_s: float = Field(0.5, gt=0)
+    lease_s: float = Field(60.0, gt=0)
+
+
+class StateSettings(_Section):
+    url: str | None = None
+
+
+class AdminSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9100, ge=0, le=65535)
+
+
+class MappingSettings(_Section):
+    site_timezone: str | None = None
+    include_instances: bool = True
+    include_study_id: bool = False
+    operator_function: str = "SPRF"
+
+    @field_validator("site_timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        if v:
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"site_timezone {v!r} is not an IANA time zone name") from exc
+        return v or None
+
+
+class PatientSettings(_Section):
+    mode: Literal["logical", "lookup", "create"] = "logical"
+    default_system: str | None = None
+
+
+class EndpointSettings(_Section):
+    wado_rs_url: str | None = None
+
+
+class LogSettings(_Section):
+    level: str = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """Every setting of ``ingest``; see ``config/ingest.toml`` for what each key means."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix="INGEST_",
+        env_nested_delimiter="__",
+        toml_file=None,
+    )
+
+    data_dir: Path = Path("data")
+    listener: ListenerSettings = ListenerSettings()
+    watch: WatchSettings = WatchSettings()
+    backend: BackendSettings = BackendSettings()
+    embedded_backend: EmbeddedBackendSettings = EmbeddedBackendSettings()
+    relay: RelaySettings = RelaySettings()
+    state: StateSettings = StateSettings()
+    admin: AdminSettings = AdminSettings()
+    mapping: MappingSettings = MappingSettings()
+    patient: PatientSettings = PatientSettings()
+    endpoint: EndpointSettings = EndpointSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as a dict, safe to log (no secrets are held here, only their sources)."""
+        data = self.model_dump(mode="json")
+        url = data["state"].get("url")
+        if url:
+            data["state"]["url"] = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+        return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from ``config_file`` (if given), the environment, then ``overrides``.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing or a value is invalid; the message names the key.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+
+    class _Bound(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    try:
+        bound = _Bound(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    return bound

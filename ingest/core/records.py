@@ -1,0 +1,94 @@
+"""Frozen records that carry what the mapping needs from one DICOM instance.
+
+A pydicom ``Dataset`` never travels past :func:`ingest.core.extract.extract`; from there on only these
+small, JSON-serialisable records move (into the state store, across processes, into the mapping).
+Dates and times are kept as the raw DICOM strings (DA/TM/DT); the mapping normalises them, because the
+result depends on settings (site time zone). Person names are decoded to Unicode per component group.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["Code", "InstanceRecord", "PersonName"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PersonName(_Frozen):
+    """A DICOM PN value decoded with the dataset's Specific Character Set.
+
+    Each group keeps DICOM's ``^``-separated components
+    (family^given^middle^prefix^suffix), exactly as decoded.
+    """
+
+    alphabetic: str = ""
+    ideographic: str = ""
+    phonetic: str = ""
+
+
+class Code(_Frozen):
+    """A coded entry from a DICOM code sequence item."""
+
+    designator: str  # Coding Scheme Designator (0008,0102)
+    value: str  # Code Value (0008,0100) / Long Code Value / URN Code Value
+    meaning: str | None = None  # Code Meaning (0008,0104)
+    version: str | None = None  # Coding Scheme Version (0008,0103)
+
+
+class InstanceRecord(_Frozen):
+    """Everything ``ingest`` keeps from one accepted instance's header."""
+
+    # identity (acceptance: all four valid per the DICOM UID grammar)
+    study_uid: str  # (0020,000D)
+    series_uid: str  # (0020,000E)
+    sop_uid: str  # (0008,0018)
+    sop_class_uid: str  # (0008,0016)
+    transfer_syntax_uid: str | None = None  # (0002,0010)
+
+    # patient (PHI: never logged above DEBUG)
+    patient_id: str | None = None  # (0010,0020)
+    patient_id_issuer: str | None = None  # (0010,0021)
+    patient_id_issuer_uid: str | None = None  # (0010,0024) > Universal Entity ID (0040,0032)
+    patient_id_issuer_uid_type: str | None = None  # (0010,0024) > Universal Entity ID Type (0040,0033)
+    patient_name: PersonName | None = None  # (0010,0010)
+    patient_sex: str | None = None  # (0010,0040)
+    patient_birth_date: str | None = None  # (0010,0030) raw DA
+
+    # study
+    study_date: str | None = None  # (0008,0020) raw DA
+    study_time: str | None = None  # (0008,0030) raw TM
+    timezone_offset: str | None = None  # (0008,0201) raw "+HHMM"
+    accession_number: str | None = None  # (0008,0050)
+    accession_issuer_uid: str | None = None  # (0008,0051) > (0040,0032)
+    accession_issuer_uid_type: str | None = None  # (0008,0051) > (0040,0033)
+    accession_issuer_local: str | None = None  # (0008,0051) > Local Namespace Entity ID (0040,0031)
+    study_id: str | None = None  # (0020,0010)
+    study_description: str | None = None  # (0008,1030)
+    referring_physician: PersonName | None = None  # (0008,0090)
+    reading_physicians: tuple[PersonName, ...] = ()  # (0008,1060)
+    procedure_codes: tuple[Code, ...] = ()  # (0008,1032)
+    reason_text: str | None = None  # (0040,1002)
+    reason_codes: tuple[Code, ...] = ()  # (0040,100A)
+
+    # series
+    modality: str | None = None  # (0008,0060)
+    series_number: int | None = None  # (0020,0011)
+    series_description: str | None = None  # (0008,103E)
+    body_part: str | None = None  # (0018,0015)
+    laterality: str | None = None  # (0020,0060), else (0020,0062)
+    series_date: str | None = None  # (0008,0021) raw DA
+    series_time: str | None = None  # (0008,0031) raw TM
+    performing_physicians: tuple[PersonName, ...] = ()  # (0008,1050)
+    operators: tuple[PersonName, ...] = ()  # (0008,1070)
+
+    # instance
+    instance_number: int | None = None  # (0020,0013)
+    content_label: str | None = None  # (0070,0080)
+    concept_name: str | None = None  # (0040,A043) > (0008,0104), SR documents
+    number_of_frames: int | None = None  # (0028,0008)
+
+    # non-fatal problems found while reading optional tags (no patient data in them)
+    warnings: tuple[str, ...] = ()

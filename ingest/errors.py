@@ -1,0 +1,138 @@
+"""The whole exception tree of ``ingest``.
+
+Every edge maps the errors of the foreign system it wraps (pydicom, pynetdicom, sqlite3/psycopg,
+gql/aiohttp, the file system) into this tree, so the orchestrator only ever handles these::
+
+    IngestError
+    ├── ConfigError                  bad or missing settings; the process refuses to start
+    ├── HeaderError                  an instance is rejected (never retried); ``reason`` is a stable code
+    │   ├── NotDicomError            not DICOM at all, empty, or no readable dataset
+    │   ├── TruncatedError           a value or the dataset is cut short
+    │   ├── MissingTagError          a required tag is absent or empty
+    │   ├── InvalidUIDError          a UID breaks the DICOM UID grammar
+    │   ├── NestingTooDeepError      sequences nested deeper than pydicom can parse
+    │   ├── NotPatientInstanceError  DICOMDIR, Color Palette and other non-patient objects
+    │   └── InstanceConflictError    same SOP Instance UID with other content or in another study
+    ├── ArchiveError                 an archive or member refused (escape, link, bomb, unreadable)
+    ├── StoreError                   the state store failed
+    │   └── StoreUnavailableError    the store cannot be reached or written now (transient)
+    └── SinkError                    the backend failed
+        ├── RetryableSinkError       connection refused, timeout, HTTP 5xx/429, 401 after token reload
+        └── PermanentSinkError       GraphQL validation/execution errors, other 4xx
+            └── MultipleMatchesError two or more backend resources carry the study identifier
+
+Messages name the rule, the tag and the UID or path; they never contain patient data.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArchiveError",
+    "ConfigError",
+    "HeaderError",
+    "IngestError",
+    "InstanceConflictError",
+    "InvalidUIDError",
+    "MissingTagError",
+    "MultipleMatchesError",
+    "NestingTooDeepError",
+    "NotDicomError",
+    "NotPatientInstanceError",
+    "PermanentSinkError",
+    "RetryableSinkError",
+    "SinkError",
+    "StoreError",
+    "StoreUnavailableError",
+    "TruncatedError",
+]
+
+
+class IngestError(Exception):
+    """Base of every error ``ingest`` raises on purpose."""
+
+
+class ConfigError(IngestError):
+    """Settings are invalid or incomplete."""
+
+
+class HeaderError(IngestError):
+    """An instance is rejected.
+
+    Parameters
+    ----------
+    message:
+        What is wrong, naming the rule, the tag and the UID or path; no patient data.
+    reason:
+        Stable machine-readable code (used in quarantine side files, metrics and DICOM status).
+    tag:
+        The DICOM keyword concerned, if any.
+    uid:
+        The SOP Instance UID when known.
+    """
+
+    reason = "invalid_header"
+
+    def __init__(self, message: str, *, tag: str | None = None, uid: str | None = None) -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.uid = uid
+
+
+class NotDicomError(HeaderError):
+    reason = "not_dicom"
+
+
+class TruncatedError(HeaderError):
+    reason = "truncated"
+
+
+class MissingTagError(HeaderError):
+    reason = "missing_tag"
+
+
+class InvalidUIDError(HeaderError):
+    reason = "invalid_uid"
+
+
+class NestingTooDeepError(HeaderError):
+    reason = "nesting_too_deep"
+
+
+class NotPatientInstanceError(HeaderError):
+    reason = "not_patient_instance"
+
+
+class InstanceConflictError(HeaderError):
+    reason = "conflict"
+
+
+class ArchiveError(IngestError):
+    """An archive, or one of its members, is refused."""
+
+
+class StoreError(IngestError):
+    """The state store failed."""
+
+
+class StoreUnavailableError(StoreError):
+    """The state store cannot be reached or written right now; the caller may retry later."""
+
+
+class SinkError(IngestError):
+    """Writing to or reading from the FHIR backend failed."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RetryableSinkError(SinkError):
+    """Transient backend failure: retry with backoff."""
+
+
+class PermanentSinkError(SinkError):
+    """The backend refused the request; retrying the same request cannot succeed."""
+
+
+class MultipleMatchesError(PermanentSinkError):
+    """Two or more backend resources carry the same study identifier; never guess."""

@@ -1,0 +1,169 @@
+"""The seams between the orchestrator and the edges (state store, backend sink).
+
+Tests replace these with fakes, the way httpx uses ``MockTransport``. Concrete implementations live in
+``ingest.adapters``: ``state.SQLiteStateStore`` / ``state.PostgresStateStore`` and
+``graphql.GraphQLSink``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from ingest.core.records import InstanceRecord
+
+__all__ = [
+    "AddOutcome",
+    "Added",
+    "BackendStudy",
+    "Sink",
+    "StateStore",
+    "StudyClaim",
+    "StudyRow",
+    "StudyState",
+]
+
+
+class AddOutcome(enum.Enum):
+    ADDED = "added"  # new instance row committed
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same digest: nothing written
+    CONFLICT = "conflict"  # same SOP Instance UID, other content or other study: nothing written
+
+
+@dataclass(frozen=True)
+class Added:
+    outcome: AddOutcome
+    study_uid: str
+    detail: str = ""  # for CONFLICT: which rule (``other_content`` / ``other_study``)
+
+
+class StudyState(enum.Enum):
+    PENDING = "pending"  # has instances not yet pushed (dirty), or waiting for a retry
+    PUSHED = "pushed"  # the backend holds everything we know
+    DEAD = "dead"  # permanent failure; ``ingest retry`` re-drives it
+
+
+@dataclass(frozen=True)
+class StudyClaim:
+    """One due study handed to one writer (per-process lock or cluster-wide lease)."""
+
+    study_uid: str
+    generation: int  # increments with every instance added; a push clears ``dirty`` only if unchanged
+    backend_id: str | None
+    version_id: str | None
+    digest: str | None  # digest of what was last written
+    attempts: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """A study as ``ingest status`` shows it."""
+
+    study_uid: str
+    state: StudyState
+    instances: int
+    dirty: bool
+    attempts: int
+    backend_id: str | None
+    version_id: str | None
+    last_error: str | None
+    last_seen: datetime | None
+    due_at: datetime | None
+    next_attempt_at: datetime | None
+    pushed_at: datetime | None
+    lease_owner: str | None = None
+    lease_expires: datetime | None = None
+
+
+class StateStore(Protocol):
+    """Durable state: one row per accepted SOP instance, one row per study.
+
+    Every method is synchronous and thread-safe; the orchestrator calls it from worker threads.
+    Times are passed in (``now``), never read inside.
+    """
+
+    def add_instance(
+        self,
+        record: InstanceRecord,
+        *,
+        source: str,
+        spool_name: str | None,
+        digest: str,
+        now: datetime,
+        due_at: datetime,
+    ) -> Added:
+        """Insert an instance row and mark its study dirty and due at ``due_at``; durable on return.
+
+        Raises ``StoreUnavailableError`` when it cannot commit (the caller answers "out of resources").
+        """
+        ...
+
+    def add_instances(
+        self, items: Sequence[tuple[InstanceRecord, str, str | None, str]], *, now: datetime, due_at: datetime
+    ) -> list[Added]:
+        """Batch form of :meth:`add_instance` for (record, source, spool_name, digest); one transaction."""
+        ...
+
+    def mark_due(self, study_uids: Iterable[str], due_at: datetime) -> None:
+        """Bring the due time of dirty studies forward (end of a replay input, association released)."""
+        ...
+
+    def claim_due(self, now: datetime, limit: int, owner: str, lease_s: float) -> list[StudyClaim]:
+        """Claim up to ``limit`` studies that are dirty, due, past their next attempt and not leased."""
+        ...
+
+    def renew(self, claim: StudyClaim, now: datetime, lease_s: float) -> bool: ...
+
+    def release(self, claim: StudyClaim) -> None:
+        """Give a claim back without recording anything (shutdown)."""
+        ...
+
+    def instances(self, study_uid: str) -> list[InstanceRecord]: ...
+
+    def mark_pushed(
+        self, claim: StudyClaim, *, backend_id: str, version_id: str | None, digest: str, now: datetime
+    ) -> None:
+        """Record a successful write (or an unchanged check); clears dirty unless instances came since."""
+        ...
+
+    def schedule_retry(self, claim: StudyClaim, *, error: str, next_attempt_at: datetime) -> None: ...
+
+    def dead_letter(self, claim: StudyClaim, *, reason: str, error: str, now: datetime) -> None: ...
+
+    def retry_dead(self, study_uid: str | None, now: datetime) -> int:
+        """Move dead studies (one, or all with ``None``) back to pending and due now; returns how many."""
+        ...
+
+    def studies(self, state: StudyState | None = None) -> list[StudyRow]: ...
+
+    def study(self, study_uid: str) -> StudyRow | None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendStudy:
+    """An ImagingStudy as the backend holds it (FHIR JSON)."""
+
+    id: str
+    version_id: str | None
+    resource: dict[str, Any] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """A FHIR GraphQL backend holding ImagingStudy resources."""
+
+    async def find(self, study_uid: str, backend_id: str | None) -> BackendStudy | None:
+        """The backend copy: read ``backend_id`` if given (falling back to search if it is gone), else
+        search by the study identifier. Raises ``MultipleMatchesError`` for two or more matches."""
+        ...
+
+    async def create(self, resource: dict[str, Any]) -> BackendStudy: ...
+
+    async def update(self, backend_id: str, resource: dict[str, Any]) -> BackendStudy: ...
+
+    async def aclose(self) -> None: ...
