@@ -84,20 +84,20 @@ class TLSSettings(_Section):
 class ListenerSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(11112, ge=0, le=65535)
+    port: int = Field(default=11112, ge=0, le=65535)
     ae_title: str = "INGEST"
     allowed_calling_aes: tuple[CallingAE, ...] = ()
     accept_any_calling_ae: bool = False
     check_called_ae: bool = True
-    max_associations: int = Field(10, ge=1)
-    max_pdu: int = Field(262_144, ge=4096)
-    max_peer_pdu: int = Field(4 * 1024 * 1024, ge=4096)
-    max_instance_bytes: int = Field(2 * 1024**3, ge=1024)
+    max_associations: int = Field(default=10, ge=1)
+    max_pdu: int = Field(default=262_144, ge=4096)
+    max_peer_pdu: int = Field(default=4 * 1024 * 1024, ge=4096)
+    max_instance_bytes: int = Field(default=2 * 1024**3, ge=1024)
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
-    intake_size: int = Field(256, ge=1)
-    max_inflated_bytes: int = Field(64 * 1024**2, ge=1024)
+    intake_size: int = Field(default=256, ge=1)
+    max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
     tls: TLSSettings = TLSSettings()
 
     @field_validator("ae_title")
@@ -118,37 +118,37 @@ class ListenerSettings(_Section):
 class WatchSettings(_Section):
     folder: Path | None = None
     poll: bool = False
-    poll_interval_ms: int = Field(1000, ge=50)
-    settle_ms: int = Field(1000, ge=0)
+    poll_interval_ms: int = Field(default=1000, ge=50)
+    settle_ms: int = Field(default=1000, ge=0)
     after: Literal["move", "delete", "keep"] = "move"
     archive_dir: Path | None = None
-    jobs: int = Field(2, ge=1)
+    jobs: int = Field(default=2, ge=1)
 
 
 class BackendSettings(_Section):
     url: str | None = None
     token_env: str | None = "INGEST_BACKEND_TOKEN"
     token_file: Path | None = None
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)
     verify_tls: bool = True
 
 
 class EmbeddedBackendSettings(_Section):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)
     token_env: str | None = None
     database: Path | None = None
 
 
 class RelaySettings(_Section):
-    stable_age_s: float = Field(10.0, ge=0)
-    release_grace_s: float = Field(2.0, ge=0)
-    max_attempts: int = Field(10, ge=1)
-    base_backoff_s: float = Field(1.0, gt=0)
-    max_backoff_s: float = Field(300.0, gt=0)
-    concurrency: int = Field(4, ge=1)
-    poll_interval_s: float = Field(0.5, gt=0)
-    lease_s: float = Field(60.0, gt=0)
+    stable_age_s: float = Field(default=10.0, ge=0)
+    release_grace_s: float = Field(default=2.0, ge=0)
+    max_attempts: int = Field(default=10, ge=1)
+    base_backoff_s: float = Field(default=1.0, gt=0)
+    max_backoff_s: float = Field(default=300.0, gt=0)
+    concurrency: int = Field(default=4, ge=1)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    lease_s: float = Field(default=60.0, gt=0)
 
 
 class StateSettings(_Section):
@@ -158,7 +158,7 @@ class StateSettings(_Section):
 class AdminSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(9100, ge=0, le=65535)
+    port: int = Field(default=9100, ge=0, le=65535)
 
 
 class MappingSettings(_Section):

@@ -8,6 +8,7 @@ gql/aiohttp, the file system) into this tree, so the orchestrator only ever hand
     ├── HeaderError                  an instance is rejected (never retried); ``reason`` is a stable code
     │   ├── NotDicomError            not DICOM at all, empty, or no readable dataset
     │   ├── TruncatedError           a value or the dataset is cut short
+    │   ├── InflateCapError          a deflated dataset inflates beyond the configured cap
     │   ├── MissingTagError          a required tag is absent or empty
     │   ├── InvalidUIDError          a UID breaks the DICOM UID grammar
     │   ├── NestingTooDeepError      sequences nested deeper than pydicom can parse
@@ -30,6 +31,7 @@ __all__ = [
     "ArchiveError",
     "ConfigError",
     "HeaderError",
+    "InflateCapError",
     "IngestError",
     "InstanceConflictError",
     "InvalidUIDError",
@@ -86,6 +88,10 @@ class TruncatedError(HeaderError):
     reason = "truncated"
 
 
+class InflateCapError(HeaderError):
+    reason = "inflate_cap"
+
+
 class MissingTagError(HeaderError):
     reason = "missing_tag"
 
@@ -121,9 +127,10 @@ class StoreUnavailableError(StoreError):
 class SinkError(IngestError):
     """Writing to or reading from the FHIR backend failed."""
 
-    def __init__(self, message: str, *, code: int | None = None) -> None:
+    def __init__(self, message: str, *, code: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after = retry_after  # seconds the backend asked us to wait (HTTP Retry-After), a hint
 
 
 class RetryableSinkError(SinkError):

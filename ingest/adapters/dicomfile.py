@@ -1,0 +1,500 @@
+"""The DICOM file reader (edge): bytes → :class:`ParsedInstance`, and finding files under a folder.
+
+Reading a header costs one read of the bytes and one pass over them:
+
+1. Locate the dataset: after the 128-byte preamble and ``DICM``, after a file meta group without a
+   preamble, or at offset 0 (no file meta; the transfer syntax comes from the association, or is
+   guessed only when the first element looks like one).
+2. Inflate Deflated Explicit VR Little Endian with a cap (RELIABILITY.md: a 0.5 MiB file can inflate
+   to 1 GiB).
+3. Walk every element, including the skipped ones, pixel data and undefined-length sequences, and
+   check each declared length against the bytes there (pydicom reads truncated files silently).
+   Only the elements in :data:`ingest.core.tags.HEADER_TAGS` are kept, as pydicom
+   ``RawDataElement``\\ s, so pydicom decodes nothing else; pixel data is never read.
+4. :func:`ingest.core.extract.extract` turns that dataset into an ``InstanceRecord``.
+
+The digest is the SHA-256 of the bytes after the file meta group: the same instance read from a file
+or received over DIMSE in the same transfer syntax has the same digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import BaseTag
+
+from ingest.core.extract import extract
+from ingest.core.records import InstanceRecord
+from ingest.core.tags import HEADER_TAGS
+from ingest.errors import (
+    HeaderError,
+    InflateCapError,
+    NestingTooDeepError,
+    NotDicomError,
+    TruncatedError,
+)
+
+__all__ = [
+    "DEFAULT_MAX_INFLATED_BYTES",
+    "MAX_NESTING_DEPTH",
+    "ParsedInstance",
+    "iter_dicom_files",
+    "read_header",
+    "read_header_bytes",
+]
+
+#: Default cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
+DEFAULT_MAX_INFLATED_BYTES: Final = 64 * 1024 * 1024
+#: Deepest nesting of undefined-length sequence items accepted (real objects stay below ~10).
+MAX_NESTING_DEPTH: Final = 64
+
+_DEFLATED: Final = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_IMPLICIT_LE: Final = "1.2.840.10008.1.2"
+_EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
+_UNDEFINED: Final = 0xFFFFFFFF
+_ITEM: Final = 0xFFFEE000  # (FFFE,E000) Item
+_ITEM_END: Final = 0xFFFEE00D  # (FFFE,E00D) Item Delimitation Item
+_SEQ_END: Final = 0xFFFEE0DD  # (FFFE,E0DD) Sequence Delimitation Item
+_T_TRANSFER_SYNTAX: Final = 0x00020010  # (0002,0010)
+_T_MEDIA_SOP_CLASS: Final = 0x00020002  # (0002,0002)
+# Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2, Table 7.1-1)
+_LONG_VRS: Final = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_ALL_VRS: Final = _LONG_VRS | frozenset(
+    {
+        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
+        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    }
+)  # fmt: skip
+_WANTED: Final = frozenset(int(t) for t in HEADER_TAGS)
+
+_LE_HH = struct.Struct("<HH")
+_BE_HH = struct.Struct(">HH")
+_LE_L = struct.Struct("<L")
+_BE_L = struct.Struct(">L")
+_LE_H = struct.Struct("<H")
+_BE_H = struct.Struct(">H")
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    """One instance's header as read from bytes.
+
+    Attributes
+    ----------
+    record:
+        What the mapping needs, see :class:`~ingest.core.records.InstanceRecord`.
+    digest:
+        SHA-256 (hex) of the bytes after the file meta group (the dataset as encoded).
+    size:
+        Size in bytes of the input (file or received dataset).
+    """
+
+    record: InstanceRecord
+    digest: str
+    size: int
+
+
+def read_header(path: Path, *, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> ParsedInstance:
+    """Read a DICOM file's header (never its pixel data).
+
+    Parameters
+    ----------
+    path:
+        A DICOM file: Part 10 with preamble and file meta, file meta without preamble, or a bare
+        dataset whose first element shows its encoding.
+    max_inflated_bytes:
+        Cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
+
+    Returns
+    -------
+    ParsedInstance
+        The record, the dataset digest and the file size.
+
+    Raises
+    ------
+    HeaderError
+        The file is refused: :class:`NotDicomError`, :class:`TruncatedError`,
+        :class:`InflateCapError`, :class:`NestingTooDeepError`, or one of the acceptance errors of
+        :func:`~ingest.core.extract.extract`.
+    OSError
+        The file cannot be read.
+    """
+    data = path.read_bytes()
+    return read_header_bytes(data, source=str(path), max_inflated_bytes=max_inflated_bytes)
+
+
+def read_header_bytes(
+    data: bytes,
+    *,
+    source: str,
+    transfer_syntax_uid: str | None = None,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+) -> ParsedInstance:
+    """Read a header from bytes: a Part 10 file's content, or a dataset received over DIMSE.
+
+    Parameters
+    ----------
+    data:
+        The bytes. Whether they start with a preamble or file meta group is detected.
+    source:
+        Where they came from (a path, ``dimse:<AE>``, ``archive.zip!member``), for error messages.
+    transfer_syntax_uid:
+        The transfer syntax of a dataset without file meta (the presentation context's, for
+        C-STORE). Ignored when the bytes carry a file meta group with a Transfer Syntax UID.
+    max_inflated_bytes:
+        Cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
+
+    Returns
+    -------
+    ParsedInstance
+        The record, the dataset digest and ``len(data)``.
+
+    Raises
+    ------
+    NotDicomError
+        Empty, or the bytes do not hold a DICOM dataset.
+    TruncatedError
+        A declared length runs past the end of the data (an element, item or the deflate stream).
+    InflateCapError
+        The deflated dataset inflates to more than ``max_inflated_bytes``.
+    NestingTooDeepError
+        Sequence items nested deeper than :data:`MAX_NESTING_DEPTH`, or than pydicom can parse.
+    HeaderError
+        A malformed structure, or an acceptance error from :func:`~ingest.core.extract.extract`.
+    """
+    if not data:
+        raise NotDicomError(f"Empty input is not DICOM (source={source})")
+    meta_end, meta = _read_file_meta(data, source)
+    ts = meta.get(_T_TRANSFER_SYNTAX) or transfer_syntax_uid
+    body = memoryview(data)[meta_end:]
+    digest = hashlib.sha256(body).hexdigest()
+
+    guessed = ts is None
+    if ts is None:
+        implicit, little = _guess_encoding(body, source)
+    elif ts == _DEFLATED:
+        body = memoryview(_inflate(body, max_inflated_bytes, source))
+        implicit, little = False, True
+    else:
+        implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
+
+    scanner = _Scanner(body, implicit, little, source)
+    try:
+        elements = scanner.top_level()
+    except HeaderError as exc:
+        if guessed and not scanner.found and not isinstance(exc, NestingTooDeepError):
+            raise NotDicomError(
+                f"No DICOM dataset found: no file meta and no readable element (source={source})"
+            ) from exc
+        raise
+    if guessed and not elements:
+        raise NotDicomError(
+            f"No DICOM dataset found: none of the header attributes present (source={source})"
+        )
+
+    ds = Dataset(elements)
+    if meta:
+        file_meta = FileMetaDataset()
+        for tag, value in meta.items():
+            file_meta[tag] = RawDataElement(BaseTag(tag), "UI", len(value), value.encode(), 0, False, True)
+        ds.file_meta = file_meta
+    elif ts is not None:
+        file_meta = FileMetaDataset()
+        raw_ts = ts.encode()
+        file_meta[_T_TRANSFER_SYNTAX] = RawDataElement(
+            BaseTag(_T_TRANSFER_SYNTAX), "UI", len(raw_ts), raw_ts, 0, False, True
+        )
+        ds.file_meta = file_meta
+    record = extract(ds, source=source)
+    return ParsedInstance(record=record, digest=digest, size=len(data))
+
+
+def _read_file_meta(data: bytes, source: str) -> tuple[int, dict[int, str]]:
+    """Find the file meta group (PS3.10 7.1); return where the dataset starts and the UIDs read.
+
+    Returns ``(0, {})`` when there is no file meta group.
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        pos = 132
+    elif len(data) >= 8 and data[0:2] == b"\x02\x00" and data[4:6] in _ALL_VRS:
+        pos = 0  # file meta without the preamble
+    else:
+        return 0, {}
+    meta: dict[int, str] = {}
+    end = len(data)
+    while pos + 8 <= end:
+        group, elem = _LE_HH.unpack_from(data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > end:
+                raise TruncatedError(f"File meta element header cut short at byte {pos} (source={source})")
+            length = _LE_L.unpack_from(data, pos + 8)[0]
+            start = pos + 12
+        elif vr in _ALL_VRS:
+            length = _LE_H.unpack_from(data, pos + 6)[0]
+            start = pos + 8
+        else:  # non-conformant implicit VR file meta
+            length = _LE_L.unpack_from(data, pos + 4)[0]
+            start = pos + 8
+        if length == _UNDEFINED or start + length > end:
+            raise TruncatedError(
+                f"File meta element (0002,{elem:04X}) declares {length} bytes past the end of the data "
+                f"(source={source})",
+                tag=f"(0002,{elem:04X})",
+            )
+        tag = 0x00020000 | elem
+        if tag in (_T_TRANSFER_SYNTAX, _T_MEDIA_SOP_CLASS):
+            value = data[start : start + length].decode("latin-1").strip(" \0")
+            if value:
+                meta[tag] = value
+        pos = start + length
+    if pos >= len(data):
+        raise NotDicomError(f"File meta information but no dataset (source={source})")
+    return pos, meta
+
+
+def _guess_encoding(body: memoryview, source: str) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of a dataset without file meta, from its first element.
+
+    Only bytes that look like a DICOM element get this far (then ``force``-style reading is safe).
+    """
+    if len(body) < 8:
+        raise NotDicomError(f"No file meta and fewer than 8 bytes of dataset (source={source})")
+    vr = bytes(body[4:6])
+    group_le = _LE_H.unpack_from(body, 0)[0]
+    group_be = _BE_H.unpack_from(body, 0)[0]
+    if vr in _ALL_VRS:
+        if 0x0002 < group_le <= 0x00FF:  # small groups come first in a dataset
+            return False, True
+        if 0x0002 < group_be <= 0x00FF:
+            return False, False
+    length = _LE_L.unpack_from(body, 4)[0]
+    if 0x0002 < group_le <= 0x00FF and (length == _UNDEFINED or length <= len(body) - 8):
+        return True, True
+    raise NotDicomError(f"No file meta and the first bytes are not a DICOM element (source={source})")
+
+
+def _inflate(body: memoryview, cap: int, source: str) -> bytes:
+    """Inflate a deflated dataset (PS3.5 A.5, raw deflate) without ever holding more than *cap* bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, cap + 1)
+    except zlib.error as exc:
+        raise HeaderError(
+            f"Invalid deflate stream in a Deflated Explicit VR Little Endian dataset (source={source})"
+        ) from exc
+    if len(out) > cap or inflater.unconsumed_tail:
+        raise InflateCapError(
+            f"Deflated dataset inflates to more than the cap of {cap} bytes (source={source})"
+        )
+    if not inflater.eof:
+        raise TruncatedError(f"Deflate stream of the dataset is cut short (source={source})")
+    return out
+
+
+class _Scanner:
+    """One pass over an encoded dataset: checks every declared length, keeps the wanted elements."""
+
+    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool, source: str) -> None:
+        self.buf = buf
+        self.implicit = implicit
+        self.little = little
+        self.source = source
+        self.found = 0  # elements read so far (tells garbage from a truncated dataset)
+        self.hh = _LE_HH if little else _BE_HH
+        self.u32 = _LE_L if little else _BE_L
+        self.u16 = _LE_H if little else _BE_H
+
+    def _truncated(self, what: str, tag: int | None, pos: int) -> TruncatedError:
+        where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else "element header"
+        return TruncatedError(
+            f"Truncated: {what} {where} at byte {pos} runs past the end of the data "
+            f"({len(self.buf)} bytes; source={self.source})",
+            tag=where if tag is not None else None,
+        )
+
+    def _header(self, pos: int, end: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+        """Decode the element header at *pos*: (tag, explicit VR or None, length, value offset)."""
+        buf = self.buf
+        if pos + 8 > end:
+            raise self._truncated("element header", None, pos)
+        group, elem = self.hh.unpack_from(buf, pos)
+        tag = group << 16 | elem
+        if group == 0xFFFE:  # items and delimiters have no VR in any transfer syntax
+            return tag, None, self.u32.unpack_from(buf, pos + 4)[0], pos + 8
+        if implicit:
+            return tag, None, self.u32.unpack_from(buf, pos + 4)[0], pos + 8
+        vr = bytes(buf[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > end:
+                raise self._truncated("element header", tag, pos)
+            return tag, vr, self.u32.unpack_from(buf, pos + 8)[0], pos + 12
+        if vr in _ALL_VRS:
+            return tag, vr, self.u16.unpack_from(buf, pos + 6)[0], pos + 8
+        # not a VR: an implicit VR element inside explicit VR data (pydicom's assume_implicit_vr_switch)
+        return tag, None, self.u32.unpack_from(buf, pos + 4)[0], pos + 8
+
+    def top_level(self) -> dict[BaseTag, RawDataElement | DataElement]:
+        """Walk the whole dataset; return the wanted top-level elements as raw elements."""
+        wanted: dict[BaseTag, RawDataElement | DataElement] = {}
+        buf = self.buf
+        if self.implicit and len(buf) >= 8 and bytes(buf[4:6]) in _ALL_VRS:
+            # labelled implicit but encoded explicit (pydicom's _is_implicit_vr check does the same)
+            group = self.hh.unpack_from(buf, 0)[0]
+            if 0x0002 < group <= 0x00FF:
+                self.implicit = False
+        self._dataset(0, len(buf), self.implicit, 0, wanted)
+        return wanted
+
+    def _dataset(
+        self,
+        pos: int,
+        end: int,
+        implicit: bool,
+        depth: int,
+        wanted: dict[BaseTag, RawDataElement | DataElement] | None,
+    ) -> tuple[int, bool]:
+        """Walk elements from *pos* to *end*, or to an Item Delimitation Item.
+
+        Returns the next offset and whether an Item Delimitation Item ended the walk.
+        """
+        while pos < end:
+            tag, vr, length, start = self._header(pos, end, implicit)
+            if tag == _ITEM_END:
+                return start, True
+            if length == _UNDEFINED:
+                inner_implicit = implicit or vr == b"UN"  # PS3.5 6.2.2: UN of undefined length
+                value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag)
+            else:
+                value_end = next_pos = start + length
+                if value_end > end:
+                    raise self._truncated("value of", tag, pos)
+            self.found += 1
+            if wanted is not None and tag in _WANTED:
+                wanted[BaseTag(tag)] = self._raw(tag, vr, length, start, value_end, implicit)
+            pos = next_pos
+        return pos, False
+
+    def _items(self, pos: int, end: int, implicit: bool, depth: int, owner: int) -> tuple[int, int]:
+        """Walk the items of an undefined-length value (sequence or encapsulated pixel data).
+
+        Returns the offset of the Sequence Delimitation Item and the offset after it.
+        """
+        if depth > MAX_NESTING_DEPTH:
+            raise NestingTooDeepError(
+                f"Sequences nested deeper than {MAX_NESTING_DEPTH} levels in "
+                f"({owner >> 16:04X},{owner & 0xFFFF:04X}) (source={self.source})",
+                tag=f"({owner >> 16:04X},{owner & 0xFFFF:04X})",
+            )
+        while True:
+            if pos + 8 > end:
+                raise self._truncated("sequence of", owner, pos)
+            group, elem = self.hh.unpack_from(self.buf, pos)
+            tag = group << 16 | elem
+            length = self.u32.unpack_from(self.buf, pos + 4)[0]
+            if tag == _SEQ_END:
+                return pos, pos + 8
+            if tag != _ITEM:
+                raise HeaderError(
+                    f"Malformed sequence: expected an item or a sequence delimiter in "
+                    f"({owner >> 16:04X},{owner & 0xFFFF:04X}) at byte {pos} (source={self.source})",
+                    tag=f"({owner >> 16:04X},{owner & 0xFFFF:04X})",
+                )
+            if length == _UNDEFINED:
+                pos, delimited = self._dataset(pos + 8, end, implicit, depth, None)
+                if not delimited:  # the data ended before the item's delimiter
+                    raise self._truncated("item of", owner, pos)
+            else:
+                pos = pos + 8 + length
+                if pos > end:
+                    raise self._truncated("item of", owner, pos)
+
+    def _raw(
+        self, tag: int, vr: bytes | None, length: int, start: int, value_end: int, implicit: bool
+    ) -> RawDataElement:
+        """A pydicom raw element for a wanted tag (its value bytes, not yet decoded)."""
+        value = bytes(self.buf[start:value_end])
+        vr_text = vr.decode() if vr is not None else None
+        little = self.little
+        if vr_text == "UN":
+            try:
+                if dictionary_VR(tag) == "SQ":
+                    # a sequence sent as UN is encoded Implicit VR Little Endian (PS3.5 6.2.2)
+                    vr_text, implicit, little = "SQ", True, True
+            except KeyError:
+                pass
+        if length == _UNDEFINED and vr_text is None:
+            vr_text = "SQ"
+        return RawDataElement(BaseTag(tag), vr_text, length, value, start, implicit, little)
+
+
+def iter_dicom_files(root: Path) -> Iterator[Path]:
+    """Yield the candidate DICOM files under *root*, recursively, in sorted order.
+
+    Skips dot-files and dot-folders, ``*.part`` and ``*.tmp`` (files still being written), and
+    symbolic links whose target lies outside *root*; symlinked folders inside *root* are entered
+    once. A file given as *root* yields itself.
+
+    Parameters
+    ----------
+    root:
+        A folder or a file.
+
+    Yields
+    ------
+    Path
+        Paths of regular files (as found under *root*, not resolved).
+    """
+    if not root.is_dir():
+        if root.is_file():
+            yield root
+        return
+    real_root = root.resolve()
+    yield from _walk(root, real_root, {real_root})
+
+
+def _inside(path: Path, real_root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(real_root)
+    except (OSError, RuntimeError):  # dangling or looping link
+        return False
+
+
+def _walk(folder: Path, real_root: Path, seen: set[Path]) -> Iterator[Path]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") or name.endswith((".part", ".tmp")):
+            continue
+        path = folder / name
+        is_link = entry.is_symlink()
+        if is_link and not _inside(path, real_root):
+            continue
+        try:
+            if entry.is_dir():  # follows links; those are inside the root by now
+                real = path.resolve()
+                if real in seen:
+                    continue
+                seen.add(real)
+                yield from _walk(path, real_root, seen)
+            elif entry.is_file():
+                yield path
+        except OSError:
+            continue

@@ -1,0 +1,961 @@
+"""The GraphQL sink: the edge between ``ingest`` and a FHIR GraphQL backend (Medplum, the embedded one, ...).
+
+One :class:`GraphQLSink` holds one gql session (``AIOHTTPTransport``) for the life of the process. At
+:meth:`GraphQLSink.connect` it introspects the backend once and *fits* its documents to what it finds
+(:func:`fit_schema`):
+
+- the update mutation's ``res`` argument type is read from the schema (Medplum:
+  ``ImagingStudyUpdate(id: ID!, res: ImagingStudyCreate!)``; the FHIR GraphQL spec: ``res: ImagingStudy``),
+- the selection set that reads a *full* ImagingStudy is built from the output type (every field, object
+  fields recursively up to ``max_depth``; fields with required arguments, union/interface fields such as
+  ``Reference.resource`` and nested resources such as Medplum's reverse-lookup ``...List`` fields are
+  skipped),
+- resources are pruned to the fields the input type accepts before they are sent (:meth:`SchemaFit.prune`).
+
+Every document is validated locally against the introspected schema (gql does it once the client has
+a schema). Every foreign error (gql, aiohttp, asyncio timeouts, graphql-core validation) is mapped to
+:mod:`ingest.errors` in one place, :func:`_map_errors`; this is the only module that imports them.
+gql's own retries are off (a plain ``AsyncClientSession``): the relay owns the retry policy.
+
+Security: the bearer token comes from an environment variable or a file (re-read once on HTTP 401), is
+sent only as the ``Authorization`` header and never appears in a log line, an exception message or a
+repr. gql logs whole requests and responses (patient data) at DEBUG, so its loggers are capped at WARNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace, TracebackType
+from typing import Any, Final, NoReturn
+
+import aiohttp
+from gql import Client, GraphQLRequest
+from gql.client import AsyncClientSession
+from gql.transport.aiohttp import AIOHTTPTransport
+from gql.transport.exceptions import (
+    TransportClosed,
+    TransportConnectionFailed,
+    TransportError,
+    TransportProtocolError,
+    TransportQueryError,
+    TransportServerError,
+)
+from gql.utilities import build_client_schema, get_introspection_query_ast
+from graphql import (
+    DocumentNode,
+    GraphQLError,
+    GraphQLField,
+    GraphQLInputObjectType,
+    GraphQLInputType,
+    GraphQLList,
+    GraphQLNonNull,
+    GraphQLObjectType,
+    GraphQLSchema,
+    build_schema,
+    get_named_type,
+    is_input_object_type,
+    is_leaf_type,
+    is_object_type,
+    is_required_argument,
+    parse,
+    validate,
+)
+from yarl import URL
+
+from ingest.errors import ConfigError, MultipleMatchesError, PermanentSinkError, RetryableSinkError, SinkError
+from ingest.ports import BackendStudy
+
+__all__ = ["GraphQLSink", "SchemaFit", "TokenSource", "fit_schema", "study_identifier"]
+
+LOGGER = logging.getLogger(__name__)
+
+RESOURCE_TYPE: Final = "ImagingStudy"
+STUDY_SYSTEM: Final = "urn:dicom:uid"  # ImagingStudy.identifier.system for the Study Instance UID
+READ_FIELD: Final = "ImagingStudy"
+LIST_FIELD: Final = "ImagingStudyList"
+CREATE_FIELD: Final = "ImagingStudyCreate"
+UPDATE_FIELD: Final = "ImagingStudyUpdate"
+DEFAULT_MAX_DEPTH: Final = 7
+SEARCH_COUNT: Final = 2  # two are enough to tell "one" from "several"
+
+# gql logs full variables and responses (PHI) at DEBUG; these loggers never go below WARNING.
+_GQL_LOGGERS: Final = ("gql", "gql.client", "gql.transport", "gql.transport.aiohttp", "gql.dsl")
+
+# Meta elements a client may set (FHIR R4 Meta): kept so that an update does not strip security labels
+# or tags; everything else in ``meta`` (versionId, lastUpdated, server bookkeeping) is server-managed.
+_CLIENT_META: Final = frozenset({"profile", "security", "tag"})
+
+_NOT_FOUND_RE: Final = re.compile(r"\b(not found|gone|deleted)\b", re.IGNORECASE)
+# graphql-js: 'Variable "$res" got invalid value { ...the value... }; Field "x" ...' -- the value is PHI.
+_INVALID_VALUE_RE: Final = re.compile(r"(got invalid value ).*(?=; [A-Z])", re.DOTALL)
+
+
+def study_identifier(study_uid: str) -> str:
+    """The FHIR search token for a study: ``urn:dicom:uid|urn:oid:<uid>`` (ImagingStudy.identifier).
+
+    Parameters
+    ----------
+    study_uid:
+        Study Instance UID (0020,000D).
+    """
+    return f"{STUDY_SYSTEM}|urn:oid:{study_uid}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The bearer token
+
+
+class _Secret:
+    """A string that never shows itself in a repr, a str() or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where the backend bearer token comes from: a file (preferred when both are set) or an env variable.
+
+    Only the *names* are held here, never the token, so a repr is safe to log.
+
+    Parameters
+    ----------
+    env:
+        Name of the environment variable holding the token.
+    file:
+        Path of a file holding the token (surrounding whitespace is ignored); re-read on HTTP 401, so a
+        rotated token is picked up without a restart.
+    """
+
+    env: str | None = None
+    file: Path | None = None
+
+    def read(self) -> _Secret | None:
+        """Read the token now; ``None`` when no source holds one.
+
+        Raises
+        ------
+        ConfigError
+            When the token file cannot be read (the message names the file, never its content).
+        """
+        if self.file is not None:
+            try:
+                text = self.file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    f"cannot read the backend token file {self.file}: {type(exc).__name__}"
+                ) from None
+            if text:
+                return _Secret(text)
+        if self.env:
+            value = os.environ.get(self.env, "").strip()
+            if value:
+                return _Secret(value)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fitting the documents to the backend schema
+
+
+def _unwrap_nullable(t: Any) -> Any:
+    return t.of_type if isinstance(t, GraphQLNonNull) else t
+
+
+def _is_resource(t: GraphQLObjectType) -> bool:
+    """A FHIR resource type (has ``resourceType``): nested ones are reverse lookups or embedded resources."""
+    return "resourceType" in t.fields
+
+
+class _SelectionBuilder:
+    """Named fragments per (object type, remaining depth): linear in size, no fragment cycles."""
+
+    def __init__(self) -> None:
+        self.fragments: dict[str, str] = {}
+
+    def fragment(self, t: GraphQLObjectType, budget: int) -> str | None:
+        name = f"D{budget}_{t.name}"
+        if name in self.fragments:
+            return name
+        parts: list[str] = []
+        for fname, fdef in t.fields.items():
+            if fname.startswith("__") or any(is_required_argument(a) for a in fdef.args.values()):
+                continue  # e.g. Medplum's reverse lookups ``ObservationList(_reference: ...!)``
+            named = get_named_type(fdef.type)
+            if is_leaf_type(named):
+                parts.append(fname)
+            elif isinstance(named, GraphQLObjectType) and budget > 0 and not _is_resource(named):
+                sub = self.fragment(named, budget - 1)
+                if sub is not None:
+                    parts.append(f"{fname} {{ ...{sub} }}")
+            # union/interface fields (Reference.resource, contained) and nested resources are skipped
+        if not parts:
+            return None
+        self.fragments[name] = f"fragment {name} on {t.name} {{ {' '.join(parts)} }}"
+        return name
+
+
+@dataclass(frozen=True)
+class SchemaFit:
+    """The documents and input type fitted to one backend schema (built by :func:`fit_schema`).
+
+    Attributes
+    ----------
+    read:
+        ``ImagingStudy(id:)`` full read, or ``None`` when the backend has no read-by-id field.
+    search:
+        ``ImagingStudyList(identifier:[, _count:])`` returning full resources.
+    create, update:
+        The two mutations, ``res`` typed as the schema says.
+    input_type:
+        The input object type of the update's ``res`` argument (what :meth:`prune` keeps).
+    has_count:
+        Whether ``ImagingStudyList`` accepts ``_count``.
+    """
+
+    schema: GraphQLSchema
+    read: str | None
+    search: str
+    create: str
+    update: str
+    input_type: GraphQLInputObjectType
+    create_input_type: GraphQLInputObjectType
+    has_count: bool
+    documents: Mapping[str, DocumentNode] = field(repr=False)
+
+    @property
+    def update_res_type(self) -> str:
+        """The declared type of the update's ``$res`` variable (e.g. ``ImagingStudyCreate!``)."""
+        mutation = self.schema.mutation_type
+        assert mutation is not None
+        return str(mutation.fields[UPDATE_FIELD].args["res"].type)
+
+    def prune(
+        self, resource: Mapping[str, Any], *, for_create: bool = False
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Keep only what the input type accepts, recursively; ``None`` values are dropped.
+
+        Parameters
+        ----------
+        resource:
+            FHIR JSON of an ImagingStudy.
+        for_create:
+            Prune against the create mutation's input type instead of the update's.
+
+        Returns
+        -------
+        tuple
+            The pruned copy, and the sorted dotted paths that were dropped (names only, never values).
+        """
+        input_type = self.create_input_type if for_create else self.input_type
+        dropped: set[str] = set()
+        out: dict[str, Any] = {}
+        for key, value in resource.items():
+            if key == "meta" and isinstance(value, Mapping):  # ImagingStudy.meta: server-managed parts out
+                dropped.update(f"meta.{k}" for k in value if k not in _CLIENT_META)
+                value = {k: v for k, v in value.items() if k in _CLIENT_META}
+                if not value:
+                    continue
+            fdef = input_type.fields.get(key)
+            if fdef is None:
+                dropped.add(key)
+                continue
+            kept = _prune_value(value, fdef.type, key, dropped)
+            if kept is not None:
+                out[key] = kept
+        return out, sorted(dropped)
+
+
+def _prune_value(value: Any, t: GraphQLInputType, path: str, dropped: set[str]) -> Any:
+    t = _unwrap_nullable(t)
+    if value is None:
+        return None
+    if isinstance(t, GraphQLList):
+        if not isinstance(value, list):
+            return value  # let the backend say what is wrong with it
+        items = [_prune_value(v, t.of_type, f"{path}[]", dropped) for v in value]
+        return [v for v in items if v is not None]
+    if isinstance(t, GraphQLInputObjectType) and isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            fdef = t.fields.get(key)
+            if fdef is None:
+                dropped.add(f"{path}.{key}")
+                continue
+            kept = _prune_value(sub, fdef.type, f"{path}.{key}", dropped)
+            if kept is not None:
+                out[key] = kept
+        return out
+    return value
+
+
+def _field(parent: GraphQLObjectType | None, name: str, *, required: bool = True) -> GraphQLField | None:
+    f = parent.fields.get(name) if parent is not None else None
+    if f is None and required:
+        kind = "query" if name in (READ_FIELD, LIST_FIELD) else "mutation"
+        raise ConfigError(
+            f"the backend schema has no {kind} field {name}; ingest needs {LIST_FIELD}, {CREATE_FIELD} "
+            f"and {UPDATE_FIELD} (a FHIR GraphQL server exposing ImagingStudy)"
+        )
+    return f
+
+
+def _args_for(fdef: GraphQLField, fname: str, supplied: set[str]) -> None:
+    for aname in supplied:
+        if aname not in fdef.args:
+            raise ConfigError(f"the backend's {fname} has no argument {aname!r}; cannot fit the document")
+    for aname, arg in fdef.args.items():
+        if aname not in supplied and is_required_argument(arg):
+            raise ConfigError(
+                f"the backend's {fname} requires argument {aname!r}, which ingest cannot supply"
+            )
+
+
+def _input_object(fdef: GraphQLField, fname: str) -> GraphQLInputObjectType:
+    named = get_named_type(fdef.args["res"].type)
+    if not is_input_object_type(named):
+        raise ConfigError(f"the backend's {fname}(res:) is not an input object type ({named})")
+    assert isinstance(named, GraphQLInputObjectType)
+    return named
+
+
+def _object_of(fdef: GraphQLField, fname: str) -> GraphQLObjectType:
+    named = get_named_type(fdef.type)
+    if not is_object_type(named):
+        raise ConfigError(f"the backend's {fname} does not return an object type ({named})")
+    assert isinstance(named, GraphQLObjectType)
+    return named
+
+
+def fit_schema(schema: GraphQLSchema, *, max_depth: int = DEFAULT_MAX_DEPTH) -> SchemaFit:
+    """Build the documents for one backend schema; pure (no I/O).
+
+    Parameters
+    ----------
+    schema:
+        The backend schema (introspected or built from SDL).
+    max_depth:
+        How many levels of nested object types below ImagingStudy the full read selects.
+
+    Returns
+    -------
+    SchemaFit
+
+    Raises
+    ------
+    ConfigError
+        When the schema lacks ``ImagingStudyList``, ``ImagingStudyCreate`` or ``ImagingStudyUpdate``, their
+        arguments do not fit, or a built document does not validate against the schema.
+    """
+    query, mutation = schema.query_type, schema.mutation_type
+    list_f = _field(query, LIST_FIELD)
+    read_f = _field(query, READ_FIELD, required=False)
+    create_f = _field(mutation, CREATE_FIELD)
+    update_f = _field(mutation, UPDATE_FIELD)
+    assert list_f is not None and create_f is not None and update_f is not None
+
+    has_count = "_count" in list_f.args
+    _args_for(list_f, LIST_FIELD, {"identifier", "_count"} if has_count else {"identifier"})
+    _args_for(create_f, CREATE_FIELD, {"res"})
+    _args_for(update_f, UPDATE_FIELD, {"id", "res"})
+    if read_f is not None and "id" not in read_f.args:
+        read_f = None  # a read field we cannot call: search instead
+
+    builder = _SelectionBuilder()
+
+    def selection(fdef: GraphQLField, fname: str) -> str:
+        name = builder.fragment(_object_of(fdef, fname), max_depth)
+        if name is None:
+            raise ConfigError(f"the backend's {fname} returns a type without selectable fields")
+        return f"{{ ...{name} }}"
+
+    def arg_type(fdef: GraphQLField, aname: str) -> str:
+        return str(fdef.args[aname].type)
+
+    ops: dict[str, str] = {}
+    if read_f is not None:
+        ops["read"] = (
+            f"query ReadImagingStudy($id: {arg_type(read_f, 'id')}) "
+            f"{{ {READ_FIELD}(id: $id) {selection(read_f, READ_FIELD)} }}"
+        )
+    count_var = f", $count: {arg_type(list_f, '_count')}" if has_count else ""
+    count_arg = ", _count: $count" if has_count else ""
+    ops["search"] = (
+        f"query FindImagingStudy($identifier: {arg_type(list_f, 'identifier')}{count_var}) "
+        f"{{ {LIST_FIELD}(identifier: $identifier{count_arg}) {selection(list_f, LIST_FIELD)} }}"
+    )
+    ops["create"] = (
+        f"mutation CreateImagingStudy($res: {arg_type(create_f, 'res')}) "
+        f"{{ {CREATE_FIELD}(res: $res) {selection(create_f, CREATE_FIELD)} }}"
+    )
+    ops["update"] = (
+        f"mutation UpdateImagingStudy($id: {arg_type(update_f, 'id')}, $res: {arg_type(update_f, 'res')}) "
+        f"{{ {UPDATE_FIELD}(id: $id, res: $res) {selection(update_f, UPDATE_FIELD)} }}"
+    )
+
+    texts: dict[str, str] = {}
+    documents: dict[str, DocumentNode] = {}
+    for key, op in ops.items():
+        text = op + "\n" + "\n".join(_used_fragments(op, builder.fragments))
+        doc = parse(text)
+        errors = validate(schema, doc)
+        if errors:
+            raise ConfigError(f"the {key} document does not validate against the backend schema: {errors[0]}")
+        texts[key] = text
+        documents[key] = doc
+    return SchemaFit(
+        schema=schema,
+        read=texts.get("read"),
+        search=texts["search"],
+        create=texts["create"],
+        update=texts["update"],
+        input_type=_input_object(update_f, UPDATE_FIELD),
+        create_input_type=_input_object(create_f, CREATE_FIELD),
+        has_count=has_count,
+        documents=documents,
+    )
+
+
+def _used_fragments(text: str, fragments: Mapping[str, str]) -> list[str]:
+    """The fragment definitions ``text`` reaches (transitively); unused ones would fail validation."""
+    seen: list[str] = []
+    todo = re.findall(r"\.\.\.(\w+)", text)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.append(name)
+        todo.extend(re.findall(r"\.\.\.(\w+)", fragments[name]))
+    return [fragments[n] for n in sorted(seen)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Error mapping (the only place foreign errors become ingest errors)
+
+
+@dataclass
+class _Exchange:
+    """What one HTTP exchange showed us beyond what gql reports (filled in by hooks, per request)."""
+
+    status: int | None = None
+    retry_after: str | None = None
+    body: Any = None
+
+
+_EXCHANGE: ContextVar[_Exchange | None] = ContextVar("ingest_graphql_exchange", default=None)
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` that also keeps the decoded body for the error mapping (OperationOutcome on 400)."""
+    value = json.loads(text)
+    exchange = _EXCHANGE.get()
+    if exchange is not None:
+        exchange.body = value
+    return value
+
+
+async def _on_request_end(
+    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
+) -> None:
+    exchange = _EXCHANGE.get()
+    if exchange is not None:
+        exchange.status = params.response.status
+        exchange.retry_after = params.response.headers.get("Retry-After")
+
+
+class _QueryErrors(PermanentSinkError):
+    """HTTP 200 with ``errors[]``: the backend executed the request and refused it."""
+
+    def __init__(self, message: str, messages: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.messages = messages
+
+    @property
+    def not_found(self) -> bool:
+        return bool(self.messages) and all(_NOT_FOUND_RE.search(m) for m in self.messages)
+
+
+def _redact(message: str) -> str:
+    return _INVALID_VALUE_RE.sub(r"\1<value withheld>", message)
+
+
+def _graphql_messages(errors: Any) -> tuple[str, ...]:
+    out: list[str] = []
+    for err in errors if isinstance(errors, list) else [errors]:
+        msg = err.get("message") if isinstance(err, Mapping) else str(err)
+        out.append(_redact(str(msg)))
+    return tuple(out)
+
+
+def _outcome_text(body: Any) -> str | None:
+    """The issue texts of a FHIR OperationOutcome body, or ``None`` if it is not one."""
+    if not isinstance(body, Mapping) or body.get("resourceType") != "OperationOutcome":
+        return None
+    texts: list[str] = []
+    for issue in body.get("issue") or []:
+        if not isinstance(issue, Mapping):
+            continue
+        details = issue.get("details")
+        text = (details.get("text") if isinstance(details, Mapping) else None) or issue.get("diagnostics")
+        texts.append(_redact(str(text or issue.get("code") or "unspecified issue")))
+    return "; ".join(texts) or "OperationOutcome without issues"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """HTTP Retry-After: delta-seconds or an HTTP-date (RFC 9110 10.2.3), as seconds from now."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _http_error(what: str, code: int, exchange: _Exchange) -> SinkError:
+    outcome = _outcome_text(exchange.body)
+    detail = f": {outcome}" if outcome else ""
+    if code == 401:
+        return RetryableSinkError(f"{what}: backend answered HTTP 401 (unauthorized)", code=code)
+    if code == 429 or code == 408 or code >= 500:
+        hint = _retry_after(exchange.retry_after)
+        return RetryableSinkError(
+            f"{what}: backend answered HTTP {code}{detail}", code=code, retry_after=hint
+        )
+    return PermanentSinkError(f"{what}: backend refused the request (HTTP {code}){detail}", code=code)
+
+
+@contextlib.contextmanager
+def _map_errors(what: str, exchange: _Exchange, timeout_s: float) -> Iterator[None]:
+    """Turn every gql / aiohttp / asyncio / graphql-core error into :mod:`ingest.errors`.
+
+    Like httpx's ``map_httpcore_exceptions``: the one place where foreign errors are classified.
+    Retryable: connection refused/reset, DNS, timeouts, HTTP 401/408/429/5xx. Permanent: GraphQL
+    ``errors[]``, HTTP 400 (OperationOutcome) and other 4xx, non-GraphQL answers, documents that do not
+    validate locally.
+    """
+    try:
+        yield
+    except SinkError:
+        raise
+    except TransportQueryError as exc:
+        messages = _graphql_messages(exc.errors if exc.errors is not None else str(exc))
+        # not chained: the backend's messages may echo request values (patient data) in tracebacks
+        raise _QueryErrors(f"{what}: backend rejected the request: {'; '.join(messages)}", messages) from None
+    except TransportServerError as exc:
+        code = exc.code if exc.code is not None else exchange.status
+        if code is None:
+            raise RetryableSinkError(f"{what}: backend failed without an HTTP status") from exc
+        raise _http_error(what, code, exchange) from exc
+    except TransportProtocolError as exc:
+        status = exchange.status if exchange.status is not None else "?"
+        raise PermanentSinkError(
+            f"{what}: the backend's answer is not a GraphQL response (HTTP {status}); is the URL right?",
+            code=exchange.status,
+        ) from exc
+    except TransportConnectionFailed as exc:
+        cause = exc.__cause__
+        if isinstance(cause, TimeoutError):
+            raise RetryableSinkError(f"{what}: no answer within {timeout_s:g} s") from exc
+        if cause is None or isinstance(cause, aiohttp.ClientError | OSError):
+            raise RetryableSinkError(f"{what}: connection failed: {_describe(cause or exc)}") from exc
+        raise PermanentSinkError(f"{what}: could not send the request: {type(cause).__name__}") from exc
+    except TransportClosed as exc:
+        raise RetryableSinkError(f"{what}: the backend session is closed") from exc
+    except TransportError as exc:
+        raise RetryableSinkError(f"{what}: transport failed: {_describe(exc)}") from exc
+    except TimeoutError as exc:  # gql's execute_timeout (anyio.fail_after) and asyncio timeouts
+        raise RetryableSinkError(f"{what}: no answer within {timeout_s:g} s") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise RetryableSinkError(f"{what}: connection failed: {_describe(exc)}") from exc
+    except GraphQLError as exc:  # local validation of the document against the backend schema
+        raise PermanentSinkError(
+            f"{what}: the document does not validate against the backend schema: {exc.message}"
+        ) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------------
+# The sink
+
+
+def _strip_empty(value: Any) -> Any:
+    """FHIR JSON has no ``null``, ``[]`` or ``{}``; GraphQL answers null for every absent selected field."""
+    if isinstance(value, Mapping):
+        out = {k: v for k, v in ((k, _strip_empty(v)) for k, v in value.items()) if v is not None}
+        return out or None
+    if isinstance(value, list):
+        items = [v for v in (_strip_empty(v) for v in value) if v is not None]
+        return items or None
+    return value
+
+
+class GraphQLSink:
+    """A FHIR GraphQL backend holding ImagingStudy resources (implements :class:`ingest.ports.Sink`).
+
+    Parameters
+    ----------
+    url:
+        The GraphQL endpoint, e.g. ``https://medplum.example/fhir/R4/$graphql``.
+    token_source:
+        Where the bearer token comes from; ``None`` sends no ``Authorization`` header.
+    timeout_s:
+        Timeout of one HTTP request (connect + answer), seconds.
+    schema:
+        The backend schema as SDL, for backends that refuse introspection; introspected when ``None``.
+    max_depth:
+        Nesting depth of the full-read selection below ImagingStudy.
+
+    Examples
+    --------
+    >>> async with GraphQLSink(url, token_source=TokenSource(env="TOKEN"), timeout_s=30) as sink:
+    ...     found = await sink.find(study_uid, None)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token_source: TokenSource | None,
+        timeout_s: float,
+        schema: str | None = None,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ConfigError(f"backend timeout_s must be positive, got {timeout_s}")
+        self.url = url
+        self._token_source = token_source
+        self._timeout_s = float(timeout_s)
+        self._schema_sdl = schema
+        self._max_depth = max_depth
+        self._token: _Secret | None = None
+        self._client: Client | None = None
+        self._session: AsyncClientSession | None = None
+        self._fit: SchemaFit | None = None
+        _cap_gql_loggers()
+
+    def __repr__(self) -> str:
+        state = "connected" if self._session is not None else "closed"
+        return f"<GraphQLSink {_safe_url(self.url)} {state}>"
+
+    @property
+    def fit(self) -> SchemaFit:
+        """The documents fitted at :meth:`connect`."""
+        if self._fit is None:
+            raise RetryableSinkError("the GraphQL sink is not connected")
+        return self._fit
+
+    async def __aenter__(self) -> GraphQLSink:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def connect(self) -> None:
+        """Open the session, read the token, learn the schema and fit the documents.
+
+        Raises
+        ------
+        ConfigError
+            The token file is unreadable, the backend refuses introspection, or its schema lacks
+            ImagingStudyList / ImagingStudyCreate / ImagingStudyUpdate.
+        RetryableSinkError
+            The backend cannot be reached now.
+        """
+        if self._session is not None:
+            return
+        self._token = self._token_source.read() if self._token_source is not None else None
+        trace = aiohttp.TraceConfig()
+        trace.on_request_end.append(_on_request_end)
+        transport = AIOHTTPTransport(
+            url=self.url,
+            ssl=True,  # TLS verification stays on (RELIABILITY.md, Security)
+            json_deserialize=_loads,
+            client_session_args={
+                "timeout": aiohttp.ClientTimeout(total=self._timeout_s),
+                "trace_configs": [trace],
+            },
+        )
+        # plain AsyncClientSession (reconnecting=False): gql retries nothing, the relay owns retries
+        self._client = Client(transport=transport, execute_timeout=self._timeout_s + 1.0)
+        session = await self._client.connect_async(reconnecting=False)  # type: ignore[no-untyped-call]
+        assert isinstance(session, AsyncClientSession)
+        self._session = session
+        try:
+            schema = await self._load_schema()
+            self._client.schema = schema  # from now on gql validates every document locally
+            self._fit = fit_schema(schema, max_depth=self._max_depth)
+        except BaseException:
+            await self.aclose()
+            raise
+        LOGGER.info(
+            "GraphQL backend %s: update takes res: %s; _count %s",
+            _safe_url(self.url),
+            self._fit.update_res_type,
+            "supported" if self._fit.has_count else "not supported",
+        )
+
+    async def aclose(self) -> None:
+        """Close the session (idempotent)."""
+        client, self._client, self._session = self._client, None, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close_async()  # type: ignore[no-untyped-call]
+
+    async def _load_schema(self) -> GraphQLSchema:
+        if self._schema_sdl is not None:
+            try:
+                return build_schema(self._schema_sdl)
+            except (GraphQLError, TypeError) as exc:
+                raise ConfigError(f"the configured backend schema SDL is invalid: {exc}") from exc
+        request = GraphQLRequest(
+            get_introspection_query_ast(descriptions=False, input_value_deprecation=False)
+        )
+        try:
+            data = await self._execute(request, what="schema introspection")
+            return build_client_schema(data)  # type: ignore[arg-type]
+        except PermanentSinkError as exc:
+            raise ConfigError(
+                f"cannot learn the schema of {_safe_url(self.url)} by introspection: {exc} "
+                "(if the backend forbids introspection, give GraphQLSink its schema as SDL)"
+            ) from exc
+        except (TypeError, KeyError, GraphQLError) as exc:
+            raise ConfigError(
+                f"the introspection answer of {_safe_url(self.url)} is not a schema: {_describe(exc)}"
+            ) from exc
+
+    # -- the Sink protocol ---------------------------------------------------------------------------
+
+    async def find(self, study_uid: str, backend_id: str | None) -> BackendStudy | None:
+        """The backend copy of a study: read ``backend_id`` (search if it is gone), else search.
+
+        Parameters
+        ----------
+        study_uid:
+            Study Instance UID (0020,000D); searched as ``ImagingStudy.identifier``
+            ``urn:dicom:uid|urn:oid:<uid>``.
+        backend_id:
+            The ImagingStudy id stored from an earlier write, if any.
+
+        Returns
+        -------
+        BackendStudy or None
+            ``None`` when no resource carries the identifier.
+
+        Raises
+        ------
+        MultipleMatchesError
+            Two or more resources carry the identifier.
+        RetryableSinkError, PermanentSinkError
+        """
+        fit = self.fit
+        if backend_id is not None and fit.read is not None:
+            what = f"read ImagingStudy/{backend_id} (study {study_uid})"
+            try:
+                data = await self._execute(
+                    GraphQLRequest(fit.documents["read"], variable_values={"id": backend_id}), what=what
+                )
+            except _QueryErrors as exc:
+                if not exc.not_found:
+                    raise
+            else:
+                found = data.get(READ_FIELD)
+                if isinstance(found, Mapping):
+                    return self._backend_study(found, what)
+            LOGGER.info("ImagingStudy/%s is gone from the backend; searching study %s", backend_id, study_uid)
+        return await self._search(study_uid)
+
+    async def _search(self, study_uid: str) -> BackendStudy | None:
+        fit = self.fit
+        what = f"search ImagingStudy for study {study_uid}"
+        variables: dict[str, Any] = {"identifier": study_identifier(study_uid)}
+        if fit.has_count:
+            variables["count"] = SEARCH_COUNT
+        data = await self._execute(
+            GraphQLRequest(fit.documents["search"], variable_values=variables), what=what
+        )
+        found = data.get(LIST_FIELD)
+        if found is None:
+            return None  # Medplum answers null, not [], when nothing matches
+        if not isinstance(found, list):
+            raise PermanentSinkError(f"{what}: {LIST_FIELD} answered a {type(found).__name__}, not a list")
+        matches = [m for m in found if isinstance(m, Mapping)]
+        if len(matches) >= 2:
+            ids = ", ".join(str(m.get("id")) for m in matches)
+            raise MultipleMatchesError(
+                f"{what}: {len(matches)} or more ImagingStudy resources carry identifier "
+                f"{study_identifier(study_uid)} ({ids}); refusing to guess"
+            )
+        return self._backend_study(matches[0], what) if matches else None
+
+    async def create(self, resource: dict[str, Any]) -> BackendStudy:
+        """``ImagingStudyCreate(res:)``; returns the created resource as the backend holds it.
+
+        Raises
+        ------
+        RetryableSinkError, PermanentSinkError
+        """
+        res = self._prepare(resource, backend_id=None)
+        what = f"create ImagingStudy for {_uid_of(resource)}"
+        data = await self._execute(
+            GraphQLRequest(self.fit.documents["create"], variable_values={"res": res}), what=what
+        )
+        return self._written(data.get(CREATE_FIELD), what)
+
+    async def update(self, backend_id: str, resource: dict[str, Any]) -> BackendStudy:
+        """``ImagingStudyUpdate(id:, res:)`` with ``res.id = backend_id``; returns the new version.
+
+        Raises
+        ------
+        RetryableSinkError, PermanentSinkError
+        """
+        res = self._prepare(resource, backend_id=backend_id)
+        what = f"update ImagingStudy/{backend_id} ({_uid_of(resource)})"
+        data = await self._execute(
+            GraphQLRequest(self.fit.documents["update"], variable_values={"id": backend_id, "res": res}),
+            what=what,
+        )
+        return self._written(data.get(UPDATE_FIELD), what)
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _prepare(self, resource: Mapping[str, Any], *, backend_id: str | None) -> dict[str, Any]:
+        fit = self.fit
+        res, dropped = fit.prune(resource, for_create=backend_id is None)
+        input_type = fit.create_input_type if backend_id is None else fit.input_type
+        if "resourceType" in input_type.fields:
+            res["resourceType"] = RESOURCE_TYPE  # Medplum refuses res without it ("Invalid resourceType")
+        if backend_id is not None and "id" in input_type.fields:
+            res["id"] = backend_id  # Medplum: res.id must equal the id argument
+        if dropped:
+            LOGGER.debug(
+                "pruned %d field(s) that %s does not accept: %s",
+                len(dropped),
+                input_type.name,
+                ", ".join(dropped),
+            )
+        return res
+
+    def _written(self, found: Any, what: str) -> BackendStudy:
+        if not isinstance(found, Mapping):
+            raise PermanentSinkError(f"{what}: the backend answered without a resource")
+        return self._backend_study(found, what)
+
+    @staticmethod
+    def _backend_study(found: Mapping[str, Any], what: str) -> BackendStudy:
+        resource = _strip_empty(found) or {}
+        rid = resource.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise PermanentSinkError(f"{what}: the backend's ImagingStudy has no id")
+        resource.setdefault("resourceType", RESOURCE_TYPE)
+        meta = resource.get("meta")
+        version = meta.get("versionId") if isinstance(meta, Mapping) else None
+        return BackendStudy(
+            id=rid, version_id=str(version) if version is not None else None, resource=resource
+        )
+
+    def _headers(self, token: _Secret | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token.reveal()}"} if token is not None else {}
+
+    async def _execute(self, request: GraphQLRequest, *, what: str) -> dict[str, Any]:
+        """Send one request; on HTTP 401 re-read the token once and resend at once if it changed."""
+        for attempt in (1, 2):
+            if self._session is None:
+                raise RetryableSinkError(f"{what}: the GraphQL sink is not connected")
+            sent = self._token
+            exchange = _Exchange()
+            reset = _EXCHANGE.set(exchange)
+            try:
+                with _map_errors(what, exchange, self._timeout_s):
+                    result = await self._session.execute(request, extra_args={"headers": self._headers(sent)})
+                return result
+            except RetryableSinkError as exc:
+                if exc.code != 401:
+                    raise
+                if attempt == 1 and self._reload_token(sent):
+                    LOGGER.info("%s: HTTP 401, token re-read from its source; resending", what)
+                    continue
+                self._unauthorized(what, exc)
+            finally:
+                _EXCHANGE.reset(reset)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _unauthorized(what: str, exc: RetryableSinkError) -> NoReturn:
+        raise RetryableSinkError(
+            f"{what}: unauthorized (HTTP 401) even after re-reading the token", code=401
+        ) from exc
+
+    def _reload_token(self, sent: _Secret | None) -> bool:
+        """Re-read the token; ``True`` when the token to use now differs from the one just rejected."""
+        if self._token_source is None:
+            return False
+        try:
+            fresh = self._token_source.read()
+        except ConfigError as exc:
+            LOGGER.warning("cannot re-read the backend token: %s", exc)
+            return False
+        self._token = fresh
+        return fresh != sent
+
+
+def _uid_of(resource: Mapping[str, Any]) -> str:
+    """The Study Instance UID from ``ImagingStudy.identifier`` (for messages), or ``"unknown study"``."""
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, Mapping) and ident.get("system") == STUDY_SYSTEM:
+            return f"study {str(ident.get('value', '')).removeprefix('urn:oid:')}"
+    return "unknown study"
+
+
+def _safe_url(url: str) -> str:
+    """The URL without userinfo, query or fragment (they may carry credentials)."""
+    try:
+        u = URL(url)
+        return str(u.with_user(None).with_query(None).with_fragment(None))
+    except (ValueError, TypeError):
+        return "<backend url>"
+
+
+def _cap_gql_loggers() -> None:
+    for name in _GQL_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:  # NOTSET (0) included
+            logger.setLevel(logging.WARNING)

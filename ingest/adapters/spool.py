@@ -1,0 +1,464 @@
+"""Durable, private folders for received bytes: the spool and the quarantine.
+
+"Accepted" means durable (DESIGN.md, Durability): bytes are written to a temporary name in the same
+folder, ``fsync``'d, renamed to their final name and the folder itself is ``fsync``'d, so after a crash a
+file is either complete under its final name or absent. Names are random (``uuid4().hex``), never derived
+from DICOM values or AE titles, and every path handed out is checked to stay under the root
+(RELIABILITY.md, Security). Folders are created ``0700`` and files ``0600``.
+
+Every ``OSError`` (ENOSPC, EIO, EDQUOT, ...) becomes :class:`ingest.errors.StoreUnavailableError`; the
+message names the folder, never the data, and no temporary file is left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from ingest.errors import StoreUnavailableError
+
+__all__ = ["Quarantine", "Spool", "SpoolFile", "SpoolWriter"]
+
+LOGGER = logging.getLogger(__name__)
+
+_DIR_MODE: Final = 0o700
+_FILE_MODE: Final = 0o600
+_TMP_PREFIX: Final = ".tmp-"
+_NAME_RE: Final = re.compile(r"^[0-9a-f]{32}$")
+_SIDE_SUFFIX: Final = ".json"
+_COPY_CHUNK: Final = 1024 * 1024
+_OPEN_FLAGS: Final = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+)
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    """A file committed durably to a spool or quarantine folder.
+
+    Attributes
+    ----------
+    name:
+        The random file name (32 lowercase hex digits); what the state store records.
+    path:
+        Absolute path of the file, under the folder's root.
+    size:
+        Number of bytes written.
+    sha256:
+        Hex SHA-256 of the bytes written.
+    """
+
+    name: str
+    path: Path
+    size: int
+    sha256: str
+
+
+def _describe(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else "unknown"
+    return f"{code}: {exc.strerror or exc}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _PrivateFolder:
+    """A ``0700`` folder of ``0600`` files with random names, written atomically."""
+
+    _kind = "folder"
+
+    def __init__(self, root: Path, *, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        try:
+            root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(root, _DIR_MODE)  # an existing folder is tightened too
+            self.root = root.resolve(strict=True)
+            self._used = self._scan_used()
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"cannot prepare {self._kind} folder {root}: {_describe(exc)}"
+            ) from exc
+
+    # -- names and paths -------------------------------------------------------------------------------
+
+    def _scan_used(self) -> int:
+        total = 0
+        with os.scandir(self.root) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False) and not entry.name.startswith(_TMP_PREFIX):
+                    total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def _contained(self, name: str) -> Path:
+        """The path of ``name`` under the root; refuses anything that could leave it."""
+        candidate = self.root / name
+        if os.path.dirname(os.path.normpath(candidate)) != str(self.root) or not Path(
+            os.path.realpath(candidate)
+        ).is_relative_to(self.root):
+            raise ValueError(f"{self._kind} name {name!r} escapes {self.root}")
+        return candidate
+
+    def path(self, name: str) -> Path:
+        """The path of a committed file.
+
+        Parameters
+        ----------
+        name:
+            A name returned by this folder (32 lowercase hex digits).
+
+        Raises
+        ------
+        ValueError
+            When ``name`` is not such a name or would resolve outside the root.
+        """
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"{self._kind} name {name!r} is not a 32-hex-digit random name")
+        return self._contained(name)
+
+    def names(self) -> list[str]:
+        """Names of the committed files (temporary and side files excluded), sorted."""
+        try:
+            return sorted(p.name for p in self.root.iterdir() if _NAME_RE.fullmatch(p.name))
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot list {self._kind} {self.root}: {_describe(exc)}") from exc
+
+    def bytes_used(self) -> int:
+        """Bytes held by committed files, as tracked since this object was opened."""
+        with self._lock:
+            return self._used
+
+    def remove(self, name: str) -> None:
+        """Remove a committed file (and its side file, if any); a missing file is not an error.
+
+        Raises
+        ------
+        StoreUnavailableError
+            When the file system refuses.
+        """
+        target = self.path(name)
+        freed = 0
+        try:
+            for victim in (target, self._contained(name + _SIDE_SUFFIX)):
+                try:
+                    freed += victim.lstat().st_size
+                    victim.unlink()
+                except FileNotFoundError:
+                    continue
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"cannot remove a file from {self._kind} {self.root}: {_describe(exc)}"
+            ) from exc
+        finally:
+            with self._lock:
+                self._used = max(0, self._used - freed)
+
+    def sweep_temps(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary files left by a crash that are older than ``older_than_s``; returns how many."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        try:
+            with os.scandir(self.root) as it:
+                for entry in it:
+                    if (
+                        entry.name.startswith(_TMP_PREFIX)
+                        and entry.stat(follow_symlinks=False).st_mtime < cutoff
+                    ):
+                        os.unlink(entry.path)
+                        removed += 1
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot sweep {self._kind} {self.root}: {_describe(exc)}") from exc
+        return removed
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def _reserve(self, nbytes: int) -> None:
+        with self._lock:
+            if self.max_bytes is not None and self._used + nbytes > self.max_bytes:
+                raise StoreUnavailableError(
+                    f"{self._kind} {self.root} is over its quota of {self.max_bytes} bytes"
+                )
+            self._used += nbytes
+
+    def _unreserve(self, nbytes: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - nbytes)
+
+    def open_writer(self) -> SpoolWriter:
+        """Start a chunked write of one file (bounded memory for large objects).
+
+        Returns
+        -------
+        SpoolWriter
+            Call :meth:`SpoolWriter.write` per chunk and then :meth:`SpoolWriter.commit`; leaving its
+            ``with`` block without committing aborts it.
+
+        Raises
+        ------
+        StoreUnavailableError
+            When the temporary file cannot be created.
+        """
+        return SpoolWriter(self)
+
+    def write(self, data: bytes) -> SpoolFile:
+        """Write ``data`` durably under a new random name.
+
+        Raises
+        ------
+        StoreUnavailableError
+            Disk full, I/O error, quota exceeded...; nothing is left behind.
+        """
+        with self.open_writer() as writer:
+            writer.write(data)
+            return writer.commit()
+
+
+class SpoolWriter:
+    """One file being written: temp name, ``fsync``, ``rename``, ``fsync`` of the folder.
+
+    Not thread-safe: one writer belongs to one thread. Obtain it from ``open_writer()``.
+    """
+
+    def __init__(self, folder: _PrivateFolder) -> None:
+        self._folder = folder
+        self.name = uuid.uuid4().hex
+        self._tmp = folder._contained(f"{_TMP_PREFIX}{self.name}")
+        self._final = folder.path(self.name)
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._fd: int | None = None
+        self._done = False
+        try:
+            self._fd = os.open(self._tmp, _OPEN_FLAGS, _FILE_MODE)
+            os.fchmod(self._fd, _FILE_MODE)  # whatever the umask: rw for the owner only, never executable
+        except OSError as exc:
+            self._cleanup()
+            raise self._unavailable("cannot create a file in", exc) from exc
+
+    def _unavailable(self, what: str, exc: OSError) -> StoreUnavailableError:
+        return StoreUnavailableError(f"{what} {self._folder._kind} {self._folder.root}: {_describe(exc)}")
+
+    def _cleanup(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                LOGGER.warning("Closing a temporary file in %s failed", self._folder.root)
+            self._fd = None
+        try:
+            self._tmp.unlink(missing_ok=True)
+        except OSError:
+            LOGGER.warning("Could not remove temporary file %s", self._tmp)
+        self._folder._unreserve(self._size)
+        self._done = True
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._size
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Append ``chunk``.
+
+        Raises
+        ------
+        StoreUnavailableError
+            On any ``OSError`` or when the folder's quota would be exceeded; the writer is then aborted.
+        """
+        if self._done or self._fd is None:
+            raise ValueError("write() on a committed or aborted spool writer")
+        view = memoryview(chunk).cast("B")
+        try:
+            self._folder._reserve(len(view))
+        except StoreUnavailableError:
+            self._cleanup()
+            raise
+        self._size += len(view)
+        try:
+            offset = 0
+            while offset < len(view):
+                offset += os.write(self._fd, view[offset:])
+        except OSError as exc:
+            self._cleanup()
+            raise self._unavailable("cannot write to", exc) from exc
+        self._hash.update(view)
+
+    def commit(self) -> SpoolFile:
+        """Make the file durable under its final name and return it.
+
+        Raises
+        ------
+        StoreUnavailableError
+            When ``fsync``/``rename`` fails; the temporary file is removed.
+        """
+        if self._done or self._fd is None:
+            raise ValueError("commit() on a committed or aborted spool writer")
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.rename(self._tmp, self._final)
+        except OSError as exc:
+            self._cleanup()
+            raise self._unavailable("cannot commit a file to", exc) from exc
+        try:
+            _fsync_dir(self._folder.root)
+        except OSError as exc:
+            # The rename happened but may not survive a crash: not durable, so not accepted.
+            try:
+                self._final.unlink(missing_ok=True)
+            except OSError:
+                LOGGER.warning("Could not remove unsynced file %s", self._final)
+            self._cleanup()
+            raise self._unavailable("cannot sync the folder of", exc) from exc
+        self._done = True
+        return SpoolFile(self.name, self._final, self._size, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        """Discard what was written; idempotent."""
+        if not self._done:
+            self._cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.abort()
+
+
+class Spool(_PrivateFolder):
+    """Received instances, kept durably until the relay no longer needs them.
+
+    Parameters
+    ----------
+    root:
+        The spool folder (created ``0700``; an existing one is tightened to ``0700``).
+    max_bytes:
+        Optional quota; a write that would exceed it raises :class:`StoreUnavailableError` (the
+        listener answers 0xA700, Out of Resources).
+
+    Raises
+    ------
+    StoreUnavailableError
+        When the folder cannot be created or read.
+    """
+
+    _kind = "spool"
+
+
+class Quarantine(_PrivateFolder):
+    """Rejected or conflicting inputs, each with a ``<name>.json`` side file saying why.
+
+    The side file holds the reason code, the rule, the time, a detail message, the size and the SHA-256;
+    never patient data (callers pass messages built from UIDs and rules only).
+    """
+
+    _kind = "quarantine"
+
+    def put(self, data_or_path: bytes | Path, reason: str, rule: str, detail: str, now: datetime) -> str:
+        """Keep a copy of the bytes (or of the file at a path) and record why.
+
+        Parameters
+        ----------
+        data_or_path:
+            The bytes, or a file whose content is copied (the original is left in place).
+        reason:
+            Stable reason code (``HeaderError.reason``, ``"conflict"``, ...).
+        rule:
+            The rule that refused it (e.g. ``"other_content"``, ``"uid_grammar"``).
+        detail:
+            Human-readable message; no patient data.
+        now:
+            Timezone-aware time of the decision.
+
+        Returns
+        -------
+        str
+            The random name of the quarantined file.
+
+        Raises
+        ------
+        StoreUnavailableError
+            When the copy or the side file cannot be written durably (nothing is left behind).
+        """
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        with self.open_writer() as writer:
+            if isinstance(data_or_path, Path):
+                try:
+                    for chunk in _read_chunks(data_or_path):
+                        writer.write(chunk)
+                except OSError as exc:
+                    raise StoreUnavailableError(
+                        f"cannot read {data_or_path} into quarantine {self.root}: {_describe(exc)}"
+                    ) from exc
+            else:
+                writer.write(data_or_path)
+            kept = writer.commit()
+        side = {
+            "name": kept.name,
+            "reason": reason,
+            "rule": rule,
+            "time": now.astimezone(UTC).isoformat(),
+            "detail": detail,
+            "size": kept.size,
+            "sha256": kept.sha256,
+        }
+        try:
+            self._write_side(kept.name, json.dumps(side, indent=2, sort_keys=True).encode())
+        except StoreUnavailableError:
+            self.remove(kept.name)
+            raise
+        return kept.name
+
+    def _write_side(self, name: str, payload: bytes) -> None:
+        with self.open_writer() as writer:
+            writer.write(payload)
+            tmp_committed = writer.commit()
+        try:
+            os.rename(tmp_committed.path, self._contained(name + _SIDE_SUFFIX))
+            _fsync_dir(self.root)
+        except OSError as exc:
+            self.remove(tmp_committed.name)
+            raise StoreUnavailableError(
+                f"cannot write a side file in quarantine {self.root}: {_describe(exc)}"
+            ) from exc
+
+    def reason(self, name: str) -> dict[str, object]:
+        """The side file of a quarantined file, as a dict."""
+        side = self._contained(self.path(name).name + _SIDE_SUFFIX)
+        try:
+            loaded: dict[str, object] = json.loads(side.read_bytes())
+        except OSError as exc:
+            raise StoreUnavailableError(
+                f"cannot read a side file in quarantine {self.root}: {_describe(exc)}"
+            ) from exc
+        return loaded
+
+
+def _read_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        while chunk := fh.read(_COPY_CHUNK):
+            yield chunk

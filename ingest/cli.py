@@ -1,0 +1,300 @@
+"""Command line: ``ingest serve | replay | status | retry | backend``.
+
+Exit codes (all commands):
+
+  0  success
+  1  fatal error (bad configuration, unusable data dir or store, backend schema unusable)
+  2  some inputs were rejected (each named on stderr with its reason); everything else was processed
+  3  some studies could not be written (dead-lettered; see ``ingest status``)
+  130 interrupted
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any, TextIO
+
+from ingest import __version__
+from ingest.config import Settings, load_settings
+from ingest.errors import ConfigError, IngestError
+from ingest.logs import setup_logging
+
+__all__ = ["build_parser", "main", "run"]
+
+LOGGER = logging.getLogger("ingest.cli")
+
+EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_DEAD, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+_DEFAULT_CONFIG = Path("config/ingest.toml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ingest",
+        description="DICOM in (C-STORE listener, drop folder, archive replay), FHIR R4 ImagingStudy out.",
+        epilog=__doc__.split("Exit codes", 1)[1].join(["Exit codes", ""]) if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ingest {__version__}")
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help=f"settings file (default: {_DEFAULT_CONFIG} if it exists, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=None,
+        help="state database, spool, archive and quarantine (default ./data; env INGEST_DATA_DIR)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the service: listener, watcher, relay, admin, embedded backend")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "replay", help="ingest files, folders and archives, push their studies, print a summary",
+        description="Read DICOM files, folders (recursively) and .zip/.tar/.tar.gz archives; push every study "
+        "to the backend once its input has been read. Exit 0: all accepted and written; 2: some inputs "
+        "rejected; 3: some studies dead-lettered; 1: fatal error.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--dry-run", action="store_true", help="print the ImagingStudy JSON (NDJSON) instead of writing")
+    p.add_argument("--pretty", action="store_true", help="with --dry-run: indented JSON")
+    p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="header-parsing processes")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--study", action="append", default=[], metavar="UID", help="only this Study Instance UID")
+    p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                   help="only studies with a Study Date on or after this date")
+    p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("status", help="studies pending, pushed and dead (with the last error)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--state", choices=["pending", "pushed", "dead"], default=None)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("retry", help="re-drive dead-lettered studies")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--study", metavar="UID")
+    g.add_argument("--all", action="store_true")
+    p.add_argument("--now", action="store_true", help="push them now instead of leaving it to `ingest serve`")
+    p.set_defaults(func=_cmd_retry)
+
+    p = sub.add_parser("backend", help="run the embedded FHIR GraphQL backend alone")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=_cmd_backend)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    config = args.config
+    if config is None and _DEFAULT_CONFIG.is_file():
+        config = _DEFAULT_CONFIG
+    overrides: dict[str, Any] = {}
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    return load_settings(config, **overrides)
+
+
+def _log_effective(settings: Settings) -> None:
+    LOGGER.info("effective settings: %s", json.dumps(settings.masked(), sort_keys=True))
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log.level, settings.log.format, args.verbose - args.quiet)
+    _log_effective(settings)
+    result: int = await args.func(args, settings)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except ConfigError as exc:
+        print(f"ingest: configuration error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except IngestError as exc:
+        print(f"ingest: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.asynccontextmanager
+async def open_sink(settings: Settings, *, embedded_port: int | None = None) -> AsyncIterator[Any]:
+    """The configured backend, or the embedded one (started in-process) when no URL is configured."""
+    from ingest.adapters.graphql import GraphQLSink, TokenSource
+
+    async with contextlib.AsyncExitStack() as stack:
+        url = settings.backend.url
+        if url is None:
+            url = await stack.enter_async_context(embedded_backend(settings, port=embedded_port))
+            token_source = (
+                TokenSource(env=settings.embedded_backend.token_env, file=None)
+                if settings.embedded_backend.token_env
+                else None
+            )
+        else:
+            token_source = TokenSource(env=settings.backend.token_env, file=settings.backend.token_file)
+        sink = GraphQLSink(url, token_source=token_source, timeout_s=settings.backend.timeout_s)
+        await sink.connect()
+        stack.push_async_callback(sink.aclose)
+        yield sink
+
+
+@contextlib.asynccontextmanager
+async def embedded_backend(settings: Settings, *, port: int | None) -> AsyncIterator[str]:
+    """Start the embedded FHIR GraphQL backend; yields its GraphQL URL."""
+    from ingest.backend.server import start_backend
+
+    eb = settings.embedded_backend
+    db = eb.database or (settings.data_dir / "backend.sqlite3")
+    token = os.environ.get(eb.token_env) if eb.token_env else None
+    runner, bound = await start_backend(db, host=eb.host, port=eb.port if port is None else port, token=token)
+    try:
+        yield f"http://{eb.host}:{bound}/fhir/R4/$graphql"
+    finally:
+        await runner.cleanup()
+
+
+def _print_table(title: str, rows: list[tuple[str, Any]], out: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name, value in rows:
+        table.add_row(name, str(value))
+    Console(file=out).print(table)
+
+
+# --------------------------------------------------------------------------------------- commands
+
+
+async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.replay import ReplayOptions, run_replay
+
+    opts = ReplayOptions(
+        paths=list(args.paths),
+        dry_run=args.dry_run,
+        pretty=args.pretty,
+        jobs=max(1, args.jobs),
+        studies=frozenset(args.study),
+        since=args.since,
+    )
+    summary = await run_replay(settings, opts, stdout=sys.stdout, stderr=sys.stderr)
+    if args.json:
+        print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr if args.dry_run else sys.stdout)
+    elif not args.dry_run or sys.stderr.isatty():
+        _print_table("ingest replay", summary.rows(), sys.stderr if args.dry_run else sys.stdout)
+    return summary.exit_code()
+
+
+async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.adapters.state import open_state_store
+    from ingest.ports import StudyState
+
+    store = open_state_store(settings.state.url, settings.data_dir)
+    try:
+        rows = store.studies(StudyState(args.state) if args.state else None)
+    finally:
+        store.close()
+    counts = Counter(r.state.value for r in rows)
+    if args.json:
+        print(json.dumps({
+            "counts": {s.value: counts.get(s.value, 0) for s in StudyState},
+            "studies": [
+                {
+                    "study_uid": r.study_uid, "state": r.state.value, "instances": r.instances,
+                    "dirty": r.dirty, "attempts": r.attempts, "backend_id": r.backend_id,
+                    "version_id": r.version_id, "last_error": r.last_error,
+                    "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
+                    "pushed_at": r.pushed_at.isoformat() if r.pushed_at else None,
+                    "lease_owner": r.lease_owner,
+                }
+                for r in rows
+            ],
+        }, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ingest status — {sum(counts.values())} studies "
+                  + ", ".join(f"{s.value} {counts.get(s.value, 0)}" for s in StudyState))
+    for col in ("Study Instance UID", "state", "instances", "attempts", "backend id", "last error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.study_uid, r.state.value + (" (dirty)" if r.dirty else ""), str(r.instances),
+                      str(r.attempts), r.backend_id or "", (r.last_error or "")[:120])
+    Console().print(table)
+    return EXIT_OK
+
+
+async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.adapters.state import open_state_store
+    from ingest.pipeline import Relay, StudyBuilder, mapping_options, utcnow
+    from ingest.ports import StudyState
+
+    store = open_state_store(settings.state.url, settings.data_dir)
+    try:
+        dead = [r.study_uid for r in store.studies(StudyState.DEAD)
+                if args.all or r.study_uid == args.study]
+        if args.study and not dead:
+            print(f"ingest: study {args.study} is not dead-lettered", file=sys.stderr)
+            return EXIT_FATAL
+        n = store.retry_dead(None if args.all else args.study, utcnow())
+        print(f"{n} dead-lettered studies re-queued")
+        if not args.now or not n:
+            return EXIT_OK
+        async with open_sink(settings) as sink:
+            relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings)
+            await relay.drain(dead)
+        still = [u for u in dead if (row := store.study(u)) is not None and row.state is StudyState.DEAD]
+        for u in still:
+            row = store.study(u)
+            print(f"study {u}: still dead: {row.last_error if row else ''}", file=sys.stderr)
+        return EXIT_DEAD if still else EXIT_OK
+    finally:
+        store.close()
+
+
+async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:
+    stop = _stop_event()
+    async with embedded_backend(settings, port=args.port) as url:
+        LOGGER.info("embedded FHIR GraphQL backend listening on %s", url)
+        await stop.wait()
+    return EXIT_OK
+
+
+async def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.service import serve
+
+    return await serve(settings, _stop_event())
+
+
+def _stop_event() -> asyncio.Event:
+    """An event set on SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop

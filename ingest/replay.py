@@ -1,0 +1,284 @@
+"""``ingest replay``: a finite source through the same pipeline, flushed at the end of its input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from ingest.config import Settings
+from ingest.core.records import InstanceRecord
+from ingest.pipeline import Relay, StudyBuilder, mapping_options, utcnow
+from ingest.ports import AddOutcome, StateStore
+from ingest.sources import Item, Parsed, Rejected, expand_paths, parse_items
+
+__all__ = ["ReplayOptions", "ReplaySummary", "run_replay"]
+
+LOGGER = logging.getLogger(__name__)
+
+_STORE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    paths: list[Path]
+    dry_run: bool = False
+    pretty: bool = False
+    jobs: int = 1
+    studies: frozenset[str] = frozenset()
+    since: date | None = None
+
+
+@dataclass
+class ReplaySummary:
+    files: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    filtered: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    studies: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "instances": {
+                "accepted": self.accepted,
+                "duplicate": self.duplicate,
+                "filtered": self.filtered,
+                "rejected": sum(self.rejected.values()),
+                "rejected_by_reason": dict(sorted(self.rejected.items())),
+            },
+            "studies": {k: self.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead", "printed")},
+            "seconds": round(self.seconds, 3),
+        }
+
+    def rows(self) -> list[tuple[str, Any]]:
+        rows: list[tuple[str, Any]] = [("files read", self.files)]
+        for k in ("created", "updated", "unchanged", "dead", "printed"):
+            if self.studies.get(k) or k in ("created", "updated", "unchanged", "dead"):
+                rows.append((f"studies {k}", self.studies.get(k, 0)))
+        rows += [("instances accepted", self.accepted), ("instances duplicate", self.duplicate)]
+        if self.filtered:
+            rows.append(("instances filtered out", self.filtered))
+        rows.append(("instances rejected", sum(self.rejected.values())))
+        rows += [(f"  rejected: {reason}", n) for reason, n in sorted(self.rejected.items())]
+        rows.append(("seconds", f"{self.seconds:.2f}"))
+        return rows
+
+    def exit_code(self) -> int:
+        if self.studies.get("dead"):
+            return 3
+        if self.rejected:
+            return 2
+        return 0
+
+
+def _study_date(record: InstanceRecord) -> date | None:
+    raw = (record.study_date or "").replace(".", "")
+    try:
+        return date(int(raw[0:4]), int(raw[4:6]), int(raw[6:8])) if len(raw) == 8 else None
+    except ValueError:
+        return None
+
+
+def _wanted(record: InstanceRecord, opts: ReplayOptions) -> bool:
+    if opts.studies and record.study_uid not in opts.studies:
+        return False
+    if opts.since is not None:
+        d = _study_date(record)
+        if d is None or d < opts.since:
+            return False
+    return True
+
+
+class _Progress:
+    """A rich progress line on a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, stderr: TextIO, summary: ReplaySummary) -> None:
+        self.summary = summary
+        self.stderr = stderr
+        self.tty = stderr.isatty()
+        self.start = time.perf_counter()
+        self.last = self.start
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                console=Console(file=self.stderr), transient=True,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task("reading", total=None)
+        return self
+
+    def update(self, studies: int) -> None:
+        s = self.summary
+        now = time.perf_counter()
+        rate = s.files / max(now - self.start, 1e-6)
+        text = (f"{s.files} files ({rate:.0f}/s), {studies} studies, "
+                f"{sum(s.rejected.values())} rejected")
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+        elif now - self.last >= 5.0:
+            self.last = now
+            print(f"ingest replay: {text}", file=self.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+
+def _items(opts: ReplayOptions) -> Iterator[Item]:
+    from ingest import archives
+
+    for path in opts.paths:
+        if archives.is_archive(path):
+            yield from archives.iter_members(path)
+        else:
+            yield from expand_paths([path])
+
+
+def _report_rejected(r: Rejected, stderr: TextIO) -> None:
+    print(f"rejected: {r.label}: {r.reason}: {r.message}", file=stderr)
+
+
+async def run_replay(
+    settings: Settings, opts: ReplayOptions, *, stdout: TextIO, stderr: TextIO
+) -> ReplaySummary:
+    """Read every input, then push (or print, with ``dry_run``) every study it carried."""
+    summary = ReplaySummary()
+    started = time.perf_counter()
+    builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
+    if opts.dry_run:
+        await asyncio.to_thread(_dry_run, opts, builder, summary, stdout, stderr)
+    else:
+        await _replay(settings, opts, builder, summary, stderr)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _dry_run(
+    opts: ReplayOptions, builder: StudyBuilder, summary: ReplaySummary, stdout: TextIO, stderr: TextIO
+) -> None:
+    studies: dict[str, dict[str, tuple[str, InstanceRecord]]] = {}
+    owner: dict[str, str] = {}  # SOP Instance UID -> Study Instance UID
+    with _Progress(stderr, summary) as progress:
+        for result in parse_items(_items(opts), jobs=opts.jobs):
+            summary.files += 1
+            if isinstance(result, Rejected):
+                summary.rejected[result.reason] += 1
+                _report_rejected(result, stderr)
+            elif not _wanted(result.record, opts):
+                summary.filtered += 1
+            else:
+                _collect(studies, owner, result, summary, stderr)
+            progress.update(len(studies))
+    for uid in sorted(studies):
+        records = [rec for _, rec in studies[uid].values()]
+        resource = builder(records)
+        text = json.dumps(resource, ensure_ascii=False, indent=2 if opts.pretty else None)
+        stdout.write(text + "\n")
+        summary.studies["printed"] += 1
+    stdout.flush()
+
+
+def _collect(
+    studies: dict[str, dict[str, tuple[str, InstanceRecord]]],
+    owner: dict[str, str],
+    parsed: Parsed,
+    summary: ReplaySummary,
+    stderr: TextIO,
+) -> None:
+    rec = parsed.record
+    other_uid = owner.setdefault(rec.sop_uid, rec.study_uid)
+    if other_uid != rec.study_uid:
+        summary.rejected["conflict"] += 1
+        _report_rejected(Rejected(parsed.label, "conflict",
+                                  f"SOP Instance UID {rec.sop_uid} already seen in study {other_uid}"), stderr)
+        return
+    instances = studies.setdefault(rec.study_uid, {})
+    seen = instances.get(rec.sop_uid)
+    if seen is None:
+        instances[rec.sop_uid] = (parsed.digest, rec)
+        summary.accepted += 1
+    elif seen[0] == parsed.digest:
+        summary.duplicate += 1
+    else:
+        summary.rejected["conflict"] += 1
+        _report_rejected(Rejected(parsed.label, "conflict",
+                                  f"SOP Instance UID {rec.sop_uid} seen before with other content; kept the first"),
+                         stderr)
+
+
+def _store_batch(
+    store: StateStore, batch: list[Parsed], settings: Settings, summary: ReplaySummary, stderr: TextIO,
+    touched: set[str],
+) -> None:
+    now = utcnow()
+    results = store.add_instances(
+        [(p.record, f"file:{p.label}", None, p.digest) for p in batch],
+        now=now, due_at=now + timedelta(seconds=settings.relay.stable_age_s),
+    )
+    for parsed, added in zip(batch, results, strict=True):
+        touched.add(parsed.record.study_uid)
+        if added.outcome is AddOutcome.ADDED:
+            summary.accepted += 1
+        elif added.outcome is AddOutcome.DUPLICATE:
+            summary.duplicate += 1
+        else:
+            summary.rejected["conflict"] += 1
+            _report_rejected(Rejected(parsed.label, "conflict",
+                                      f"SOP Instance UID {parsed.record.sop_uid}: {added.detail}"), stderr)
+
+
+async def _replay(
+    settings: Settings, opts: ReplayOptions, builder: StudyBuilder, summary: ReplaySummary, stderr: TextIO
+) -> None:
+    from ingest.adapters.state import open_state_store
+    from ingest.cli import open_sink
+
+    store = open_state_store(settings.state.url, settings.data_dir)
+    touched: set[str] = set()
+    try:
+        def read_all() -> None:
+            batch: list[Parsed] = []
+            with _Progress(stderr, summary) as progress:
+                for result in parse_items(_items(opts), jobs=opts.jobs):
+                    summary.files += 1
+                    if isinstance(result, Rejected):
+                        summary.rejected[result.reason] += 1
+                        _report_rejected(result, stderr)
+                    elif not _wanted(result.record, opts):
+                        summary.filtered += 1
+                    else:
+                        batch.append(result)
+                        if len(batch) >= _STORE_BATCH:
+                            _store_batch(store, batch, settings, summary, stderr, touched)
+                            batch = []
+                    progress.update(len(touched))
+                if batch:
+                    _store_batch(store, batch, settings, summary, stderr, touched)
+
+        await asyncio.to_thread(read_all)
+        if not touched:
+            return
+        async with open_sink(settings, embedded_port=0) as sink:
+            relay = Relay(store, sink, builder, settings)
+            await relay.drain(touched)
+            summary.studies.update(relay.totals.results)
+            summary.studies.pop("retried", None)
+    finally:
+        store.close()

@@ -1,0 +1,306 @@
+"""Tests for ingest.core.merge: merge with the backend copy, digest, plan."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.imagingstudy import ImagingStudy as R4BImagingStudy
+
+from ingest.core.fhir import (
+    Coding,
+    Identifier,
+    ImagingStudy,
+    ImagingStudySeries,
+    ImagingStudySeriesInstance,
+    Reference,
+)
+from ingest.core.merge import Create, NoChange, Update, digest, merge, plan
+from ingest.ports import BackendStudy
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+STUDY = "1.2.826.0.1.3680043.8.498.7"
+MR_STORAGE = "urn:oid:1.2.840.10008.5.1.4.1.1.4"
+UID_IDENTIFIER = {"system": "urn:dicom:uid", "value": f"urn:oid:{STUDY}"}
+ACSN_TYPE = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
+
+
+def check(resource: dict[str, Any]) -> dict[str, Any]:
+    """Every ImagingStudy here must pass our strict model and the independent R4B model."""
+    ImagingStudy.from_fhir(resource)
+    R4BImagingStudy.model_validate(resource)
+    return resource
+
+
+def ours(series: dict[str, list[int]], *, modality: str = "MR", **extra: Any) -> dict[str, Any]:
+    """Our ImagingStudy built with the models: ``series`` maps series suffix -> instance numbers."""
+    built = ImagingStudy(
+        identifier=[
+            Identifier.model_validate(UID_IDENTIFIER),
+            Identifier.model_validate({"type": ACSN_TYPE, "value": "ACC-1"}),
+        ],
+        status="available",
+        modality=[Coding(system=DCM, code=modality)],
+        subject=Reference(
+            type="Patient", identifier=Identifier(system="urn:oid:1.2.3", value="PID-1"), display="Jane Doe"
+        ),
+        started="2024-05-01T10:15:00+02:00",
+        description="MR HEAD",
+        number_of_series=len(series),
+        number_of_instances=sum(len(v) for v in series.values()),
+        series=[
+            ImagingStudySeries(
+                uid=f"{STUDY}.{suffix}",
+                number=int(suffix),
+                modality=Coding(system=DCM, code=modality),
+                number_of_instances=len(numbers),
+                instance=[
+                    ImagingStudySeriesInstance(
+                        uid=f"{STUDY}.{suffix}.{n}", sop_class=Coding(code=MR_STORAGE), number=n
+                    )
+                    for n in numbers
+                ],
+            )
+            for suffix, numbers in series.items()
+        ],
+    )
+    return check(built.to_fhir() | extra)
+
+
+def stored(resource: dict[str, Any], backend_id: str = "bk-1", version: str = "1") -> dict[str, Any]:
+    """What a backend returns after storing ``resource``: id and meta added."""
+    return {
+        "resourceType": "ImagingStudy",
+        "id": backend_id,
+        "meta": {"versionId": version, "lastUpdated": "2024-05-01T10:20:00.000Z"},
+        **{k: v for k, v in resource.items() if k != "resourceType"},
+    }
+
+
+def series_uids(resource: dict[str, Any]) -> list[str]:
+    return [s["uid"] for s in resource["series"]]
+
+
+def instance_uids(resource: dict[str, Any], series_uid: str) -> list[str]:
+    series = next(s for s in resource["series"] if s["uid"] == series_uid)
+    return [i["uid"] for i in series.get("instance", [])]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_no_backend_copy_creates_ours() -> None:
+    mine = ours({"1": [1, 2]})
+    result = plan(mine, None)
+    assert isinstance(result, Create)
+    assert result.resource == mine
+    assert "meta" not in result.resource
+
+
+def test_partial_study_pushed_twice_is_a_union() -> None:
+    first = ours({"1": [1, 2]})
+    backend = stored(first)
+    second = ours({"2": [1, 2, 3]})  # e.g. another node saw only the second series
+    merged = check(merge(second, backend))
+    assert sorted(series_uids(merged)) == [f"{STUDY}.1", f"{STUDY}.2"]
+    assert merged["numberOfSeries"] == 2
+    assert merged["numberOfInstances"] == 5
+    assert [s["numberOfInstances"] for s in merged["series"]] == [3, 2]
+    assert merged["id"] == "bk-1"
+    assert "meta" not in merged
+
+
+def test_instances_of_a_series_are_a_union_and_ours_win_field_by_field() -> None:
+    backend = stored(ours({"1": [1, 2]}))
+    their_series = backend["series"][0]
+    their_series["instance"][0]["title"] = "kept: a field we never set"
+    their_series["instance"][0]["number"] = 99  # ours says 1
+    their_series["instance"].append({"uid": f"{STUDY}.1.77", "sopClass": {"code": MR_STORAGE}})
+    their_series["bodySite"] = {"system": "http://snomed.info/sct", "code": "69536005"}  # foreign field
+    their_series["description"] = "old description"
+    mine = ours({"1": [1, 3]})
+    mine["series"][0]["description"] = "new description"
+
+    merged = check(merge(mine, backend))
+    series = merged["series"][0]
+    assert sorted(instance_uids(merged, f"{STUDY}.1")) == sorted(
+        [f"{STUDY}.1.1", f"{STUDY}.1.2", f"{STUDY}.1.3", f"{STUDY}.1.77"]
+    )
+    first = next(i for i in series["instance"] if i["uid"] == f"{STUDY}.1.1")
+    assert first["number"] == 1
+    assert first["title"] == "kept: a field we never set"
+    assert series["bodySite"]["code"] == "69536005"
+    assert series["description"] == "new description"
+    assert series["numberOfInstances"] == 4
+    assert merged["numberOfInstances"] == 4
+
+
+def test_foreign_elements_are_kept() -> None:
+    backend = stored(ours({"1": [1]}))
+    backend["note"] = [{"text": "patient moved"}]
+    backend["basedOn"] = [{"reference": "ServiceRequest/sr-1"}]
+    backend["encounter"] = {"reference": "Encounter/e-1"}
+    backend["extension"] = [{"url": "http://example.org/x", "valueString": "y"}]
+    backend["identifier"].append({"system": "http://ris.example.org/id", "value": "R-9"})
+    backend["description"] = "edited on the backend"  # owned: ours wins
+
+    merged = check(merge(ours({"1": [1]}), backend))
+    assert merged["note"] == [{"text": "patient moved"}]
+    assert merged["basedOn"] == [{"reference": "ServiceRequest/sr-1"}]
+    assert merged["encounter"] == {"reference": "Encounter/e-1"}
+    assert merged["extension"] == [{"url": "http://example.org/x", "valueString": "y"}]
+    assert {"system": "http://ris.example.org/id", "value": "R-9"} in merged["identifier"]
+    assert UID_IDENTIFIER in merged["identifier"]
+    assert len(merged["identifier"]) == 3
+    assert merged["description"] == "MR HEAD"
+
+
+def test_owned_identifiers_come_from_ours() -> None:
+    backend = stored(ours({"1": [1]}))
+    backend["identifier"] = [
+        {"system": "urn:dicom:uid", "value": "urn:oid:9.9"},
+        {"type": ACSN_TYPE, "value": "OLD-ACC"},
+        {"system": "http://other", "value": "o"},
+    ]
+    merged = merge(ours({"1": [1]}), backend)
+    assert merged["identifier"] == [
+        UID_IDENTIFIER,
+        {"type": ACSN_TYPE, "value": "ACC-1"},
+        {"system": "http://other", "value": "o"},
+    ]
+
+
+@pytest.mark.parametrize("kept", ["cancelled", "entered-in-error"])
+def test_terminal_backend_status_is_kept(kept: str) -> None:
+    backend = stored(ours({"1": [1]}))
+    backend["status"] = kept
+    merged = merge(ours({"1": [1, 2]}), backend)
+    assert merged["status"] == kept
+
+
+@pytest.mark.parametrize("overwritten", ["registered", "available", "unknown", None])
+def test_other_backend_status_is_overwritten(overwritten: str | None) -> None:
+    backend = stored(ours({"1": [1]}))
+    backend["status"] = overwritten
+    assert merge(ours({"1": [1]}), backend)["status"] == "available"
+
+
+def test_literal_subject_reference_is_never_replaced_by_a_logical_one() -> None:
+    backend = stored(ours({"1": [1]}))
+    backend["subject"] = {"reference": "Patient/p-42"}
+    merged = check(merge(ours({"1": [1]}), backend))
+    assert merged["subject"] == {"reference": "Patient/p-42"}
+
+    # a logical reference on the backend is replaced by ours; a literal one of ours wins too
+    backend["subject"] = {"identifier": {"system": "urn:x", "value": "old"}}
+    assert merge(ours({"1": [1]}), backend)["subject"]["identifier"]["value"] == "PID-1"
+    backend["subject"] = {"reference": "Patient/p-42"}
+    mine = ours({"1": [1]}, subject={"reference": "Patient/p-43"})
+    assert merge(mine, backend)["subject"] == {"reference": "Patient/p-43"}
+
+
+def test_series_seen_only_by_the_backend_is_kept_with_its_modality() -> None:
+    backend = stored(ours({"9": [1, 2, 3]}, modality="CT"))
+    merged = check(merge(ours({"1": [1]}), backend))
+    assert series_uids(merged) == [f"{STUDY}.1", f"{STUDY}.9"]
+    assert instance_uids(merged, f"{STUDY}.9") == [f"{STUDY}.9.1", f"{STUDY}.9.2", f"{STUDY}.9.3"]
+    assert merged["numberOfInstances"] == 4
+    assert merged["numberOfSeries"] == 2
+    assert [c["code"] for c in merged["modality"]] == ["MR", "CT"]
+
+
+def test_without_instance_lists_our_counts_are_kept() -> None:
+    mine = ours({"1": [1, 2, 3], "2": [1]})
+    for series in mine["series"]:
+        del series["instance"]  # include_instances = false
+    backend = stored(ours({"1": [1]}))  # an older push with an instance list
+    merged = check(merge(mine, backend))
+    counts = {s["uid"]: s["numberOfInstances"] for s in merged["series"]}
+    assert counts == {f"{STUDY}.1": 3, f"{STUDY}.2": 1}
+    assert merged["numberOfInstances"] == 4
+    assert "instance" not in next(s for s in merged["series"] if s["uid"] == f"{STUDY}.2")
+
+
+def test_endpoint_only_replaced_when_ours_has_one() -> None:
+    backend = stored(ours({"1": [1]}), backend_id="b")
+    backend["endpoint"] = [{"reference": "Endpoint/theirs"}]
+    assert merge(ours({"1": [1]}), backend)["endpoint"] == [{"reference": "Endpoint/theirs"}]
+    mine = ours({"1": [1]}, endpoint=[{"reference": "Endpoint/ours"}])
+    assert merge(mine, backend)["endpoint"] == [{"reference": "Endpoint/ours"}]
+
+
+def test_merge_does_not_modify_its_inputs() -> None:
+    mine = ours({"1": [1, 2]})
+    backend = stored(ours({"1": [3], "2": [1]}))
+    backend["series"][0]["instance"].append(None)  # garbage and nulls from a GraphQL read
+    before_mine, before_backend = copy.deepcopy(mine), copy.deepcopy(backend)
+    merge(mine, backend)
+    assert mine == before_mine
+    assert backend == before_backend
+
+
+def test_unchanged_study_is_no_change() -> None:
+    mine = ours({"1": [1, 2], "2": [1]})
+    backend = BackendStudy(id="bk-1", version_id="3", resource=stored(mine, version="3"))
+    assert plan(mine, backend) == NoChange(backend_id="bk-1", version_id="3")
+
+
+def _reverse_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _reverse_keys(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [_reverse_keys(v) for v in value]
+    return value
+
+
+def test_key_order_series_order_and_nulls_from_the_backend_are_no_change() -> None:
+    mine = ours({"1": [1, 2], "2": [1, 2]})
+    copy_ = _reverse_keys(stored(mine))
+    copy_["series"].reverse()
+    for series in copy_["series"]:
+        series["instance"].reverse()
+        series["laterality"] = None  # GraphQL returns null for absent elements
+    copy_["note"] = None
+    copy_["text"] = {"status": "generated", "div": "<div>narrative from the server</div>"}
+    assert next(iter(copy_)) != "resourceType"
+    assert plan(mine, BackendStudy(id="bk-1", version_id="1", resource=copy_)) == NoChange("bk-1", "1")
+
+
+def test_a_new_instance_is_an_update_with_counts_recomputed() -> None:
+    backend = BackendStudy(id="bk-1", version_id="1", resource=stored(ours({"1": [1, 2]})))
+    result = plan(ours({"1": [1, 2, 3]}), backend)
+    assert isinstance(result, Update)
+    assert result.backend_id == "bk-1"
+    resource = check(result.resource)
+    assert list(resource)[:2] == ["resourceType", "id"]
+    assert resource["id"] == "bk-1"
+    assert "meta" not in resource
+    assert resource["numberOfInstances"] == 3
+    assert resource["series"][0]["numberOfInstances"] == 3
+    # applying the update makes the next plan a no-op
+    after = BackendStudy(id="bk-1", version_id="2", resource=stored(resource, version="2"))
+    assert plan(ours({"1": [1, 2, 3]}), after) == NoChange("bk-1", "2")
+
+
+def test_update_when_backend_changed_an_owned_element() -> None:
+    backend = stored(ours({"1": [1]}))
+    backend["started"] = "2020-01-01"
+    result = plan(ours({"1": [1]}), BackendStudy(id="bk-1", version_id="1", resource=backend))
+    assert isinstance(result, Update)
+    assert result.resource["started"] == "2024-05-01T10:15:00+02:00"
+
+
+def test_digest_ignores_id_meta_text_and_series_order_but_not_content() -> None:
+    base = ours({"1": [1, 2], "2": [1]})
+    assert len(digest(base)) == 64
+    assert digest(base) == digest(stored(base, backend_id="other", version="9") | {"text": {"div": "x"}})
+    shuffled = copy.deepcopy(base)
+    shuffled["series"].reverse()
+    assert digest(shuffled) == digest(base)
+    changed = copy.deepcopy(base)
+    changed["series"][0]["instance"][0]["number"] = 5
+    assert digest(changed) != digest(base)
+    reordered_identifiers = copy.deepcopy(base)
+    reordered_identifiers["identifier"].reverse()  # order of other arrays is content
+    assert digest(reordered_identifiers) != digest(base)
