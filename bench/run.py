@@ -326,6 +326,10 @@ def bench_replay_dry_run(ctx: BenchContext) -> list[Row]:
     return rows
 
 
+BENCHMARKS.extend(__import__("bench.watch", fromlist=["BENCHES"]).BENCHES)  # watcher/replay rows (issue 5)
+BENCHMARKS.extend(__import__("bench.e2e", fromlist=["BENCHES"]).BENCHES)  # replay end to end rows (issue 3)
+
+
 # --------------------------------------------------------------------------------------------------
 # Runner and output
 
@@ -420,6 +424,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (corpora, data dirs)")
     p.add_argument("--check", action="store_true", help="exit 1 if any row misses its target")
     p.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
+    p.add_argument(
+        "--scale", action="store_true", help="add the scale-out benchmark (bench/scale.py)"
+    )
     return p
 
 
@@ -430,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     (with ``--check``) missed its target.
     """
     args = _parser().parse_args(argv)
+    if args.scale and not any(name == "multinode-scale" for name, _ in BENCHMARKS):
+        from bench.scale import bench_scale
+
+        BENCHMARKS.append(("multinode-scale", bench_scale))
     if args.list:
         for name, fn in BENCHMARKS:
             print(f"{name}: {(fn.__doc__ or '').strip().splitlines()[0]}")

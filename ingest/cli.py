@@ -21,7 +21,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,8 +29,9 @@ from ingest import __version__
 from ingest.config import Settings, load_settings
 from ingest.errors import ConfigError, IngestError
 from ingest.logs import setup_logging
+from ingest.ports import StudyRow
 
-__all__ = ["build_parser", "main", "run"]
+__all__ = ["build_parser", "main", "node_summary", "run"]
 
 LOGGER = logging.getLogger("ingest.cli")
 
@@ -64,19 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "replay", help="ingest files, folders and archives, push their studies, print a summary",
-        description="Read DICOM files, folders (recursively) and .zip/.tar/.tar.gz archives; push every study "
-        "to the backend once its input has been read. Exit 0: all accepted and written; 2: some inputs "
+        description="Read DICOM files, folders (recursively) and .zip/.tar/.tar.gz archives; push every "
+        "study to the backend once its input has been read. Exit 0: all accepted and written; 2: some inputs "
         "rejected; 3: some studies dead-lettered; 1: fatal error.",
     )
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    p.add_argument("--dry-run", action="store_true", help="print the ImagingStudy JSON (NDJSON) instead of writing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the ImagingStudy JSON (NDJSON) instead of writing"
+    )
     p.add_argument("--pretty", action="store_true", help="with --dry-run: indented JSON")
-    p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="header-parsing processes")
+    p.add_argument(
+        "--jobs", "-j", type=int, default=os.cpu_count() or 1, help="header-parsing processes"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--study", action="append", default=[], metavar="UID", help="only this Study Instance UID")
     p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
                    help="only studies with a Study Date on or after this date")
     p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser(
+        "watch", help="watch a drop folder and push its studies (relay and backend as serve, no listener)",
+        description="Ingest every file dropped into DIR once it has settled (see [watch] in the config), "
+        "then move, delete or keep it; rejected files go to <data-dir>/quarantine with a side file. "
+        "Runs until SIGTERM or Ctrl-C.",
+    )
+    p.add_argument("folder", type=Path, metavar="DIR")
+    p.add_argument("--poll", action="store_true", default=None,
+                   help="poll instead of inotify (network shares where events do not arrive)")
+    p.add_argument("--after", choices=["move", "delete", "keep"], default=None,
+                   help="what to do with an ingested file (default: [watch] after)")
+    p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("status", help="studies pending, pushed and dead (with the last error)")
     p.add_argument("--json", action="store_true")
@@ -107,14 +125,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(config, **overrides)
 
 
-def _log_effective(settings: Settings) -> None:
-    LOGGER.info("effective settings: %s", json.dumps(settings.masked(), sort_keys=True))
+def _log_effective(settings: Settings, command: str) -> None:
+    # The service logs its effective settings at INFO; one-shot commands at DEBUG (stderr stays readable).
+    level = logging.INFO if command in ("serve", "backend") else logging.DEBUG
+    LOGGER.log(level, "effective settings: %s", json.dumps(settings.masked(), sort_keys=True))
 
 
 async def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log.level, settings.log.format, args.verbose - args.quiet)
-    _log_effective(settings)
+    _log_effective(settings, args.command)
     result: int = await args.func(args, settings)
     return result
 
@@ -154,9 +174,38 @@ async def open_sink(settings: Settings, *, embedded_port: int | None = None) -> 
         else:
             token_source = TokenSource(env=settings.backend.token_env, file=settings.backend.token_file)
         sink = GraphQLSink(url, token_source=token_source, timeout_s=settings.backend.timeout_s)
-        await sink.connect()
+        await _connect_with_backoff(sink, settings)
         stack.push_async_callback(sink.aclose)
         yield sink
+
+
+async def _connect_with_backoff(sink: Any, settings: Settings) -> None:
+    """Connect the sink; a backend that is down at start is retried like a push (``[relay]`` backoff).
+
+    Raises
+    ------
+    RetryableSinkError
+        Still unreachable after ``[relay] max_attempts`` attempts.
+    """
+    from ingest.errors import RetryableSinkError
+    from ingest.pipeline import backoff_delay
+
+    cfg = settings.relay
+    attempt = 0
+    while True:
+        try:
+            await sink.connect()
+            return
+        except RetryableSinkError as exc:
+            attempt += 1
+            if attempt >= cfg.max_attempts:
+                raise
+            delay = backoff_delay(attempt, cfg.base_backoff_s, cfg.max_backoff_s)
+            LOGGER.warning(
+                "backend unreachable at start (attempt %d of %d), next try in %.1f s: %s",
+                attempt, cfg.max_attempts, delay, exc,
+            )
+            await asyncio.sleep(delay)
 
 
 @contextlib.asynccontextmanager
@@ -215,20 +264,33 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     store = open_state_store(settings.state.url, settings.data_dir)
     try:
         rows = store.studies(StudyState(args.state) if args.state else None)
+        # the reason code of each dead letter (multiple_matches, rejected, ...), when the store keeps it
+        dead_reason = getattr(store, "dead_reason", None)
+        reasons: dict[str, str | None] = {
+            r.study_uid: dead_reason(r.study_uid) if callable(dead_reason) else None
+            for r in rows
+            if r.state is StudyState.DEAD
+        }
     finally:
         store.close()
     counts = Counter(r.state.value for r in rows)
+    now = datetime.now(UTC)
+    nodes = node_summary(rows, now)
     if args.json:
         print(json.dumps({
             "counts": {s.value: counts.get(s.value, 0) for s in StudyState},
+            "nodes": nodes,
             "studies": [
                 {
-                    "study_uid": r.study_uid, "state": r.state.value, "instances": r.instances,
+                    "study_uid": r.study_uid, "state": r.state.value, "reason": reasons.get(r.study_uid),
+                    "instances": r.instances,
                     "dirty": r.dirty, "attempts": r.attempts, "backend_id": r.backend_id,
                     "version_id": r.version_id, "last_error": r.last_error,
                     "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
                     "pushed_at": r.pushed_at.isoformat() if r.pushed_at else None,
                     "lease_owner": r.lease_owner,
+                    "lease_expires": r.lease_expires.isoformat() if r.lease_expires else None,
+                    "lease_active": _lease_active(r, now),
                 }
                 for r in rows
             ],
@@ -239,13 +301,65 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     table = Table(title=f"ingest status — {sum(counts.values())} studies "
                   + ", ".join(f"{s.value} {counts.get(s.value, 0)}" for s in StudyState))
-    for col in ("Study Instance UID", "state", "instances", "attempts", "backend id", "last error"):
+    for col in ("Study Instance UID", "state", "instances", "attempts", "node (lease)", "backend id",
+                "last error"):
         table.add_column(col)
     for r in rows:
+        holder = ""
+        if r.lease_owner:
+            holder = r.lease_owner + ("" if _lease_active(r, now) else " (expired)")
         table.add_row(r.study_uid, r.state.value + (" (dirty)" if r.dirty else ""), str(r.instances),
-                      str(r.attempts), r.backend_id or "", (r.last_error or "")[:120])
-    Console().print(table)
+                      str(r.attempts), holder, r.backend_id or "", (r.last_error or "")[:120])
+    console = Console()
+    console.print(table)
+    if nodes:
+        per_node = Table(title="nodes holding leases")
+        for col in ("node", "active leases", "expired leases", "lease ends"):
+            per_node.add_column(col)
+        for n in nodes:
+            per_node.add_row(n["node"], str(n["active_leases"]), str(n["expired_leases"]),
+                             n["lease_ends"] or "")
+        console.print(per_node)
     return EXIT_OK
+
+
+def _lease_active(row: StudyRow, now: datetime) -> bool:
+    return row.lease_owner is not None and row.lease_expires is not None and row.lease_expires > now
+
+
+def node_summary(rows: Sequence[StudyRow], now: datetime) -> list[dict[str, Any]]:
+    """Per-node activity in a (shared) state store, from the lease columns of ``rows``.
+
+    Parameters
+    ----------
+    rows:
+        Studies as :meth:`ingest.ports.StateStore.studies` returns them.
+    now:
+        The time leases are judged against (timezone-aware).
+
+    Returns
+    -------
+    list of dict
+        One entry per lease owner, sorted by name: ``node``, ``active_leases`` (studies it is pushing
+        now), ``expired_leases`` (claims it left behind, e.g. a node that died; other nodes take them
+        over) and ``lease_ends`` (ISO time of its latest active lease, or ``None``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.lease_owner is None:
+            continue
+        entry = out.setdefault(
+            r.lease_owner,
+            {"node": r.lease_owner, "active_leases": 0, "expired_leases": 0, "lease_ends": None},
+        )
+        if _lease_active(r, now):
+            assert r.lease_expires is not None
+            entry["active_leases"] += 1
+            ends = r.lease_expires.isoformat()
+            entry["lease_ends"] = max(entry["lease_ends"] or ends, ends)
+        else:
+            entry["expired_leases"] += 1
+    return [out[k] for k in sorted(out)]
 
 
 async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
@@ -265,7 +379,11 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         if not args.now or not n:
             return EXIT_OK
         async with open_sink(settings) as sink:
-            relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings)
+            from ingest.linked import prepare_links
+
+            links = await prepare_links(settings, sink)
+            options = mapping_options(settings, endpoint_reference=links.endpoint_reference)
+            relay = Relay(store, sink, StudyBuilder(options), settings, link=links.link)
             await relay.drain(dead)
         still = [u for u in dead if (row := store.study(u)) is not None and row.state is StudyState.DEAD]
         for u in still:
@@ -288,6 +406,15 @@ async def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.service import serve
 
     return await serve(settings, _stop_event())
+
+
+async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.service import serve
+
+    given = {"folder": args.folder, "poll": args.poll, "after": args.after}
+    watch = settings.watch.model_copy(update={k: v for k, v in given.items() if v is not None})
+    listener = settings.listener.model_copy(update={"enabled": False})
+    return await serve(settings.model_copy(update={"watch": watch, "listener": listener}), _stop_event())
 
 
 def _stop_event() -> asyncio.Event:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -153,6 +154,19 @@ class RelaySettings(_Section):
 
 class StateSettings(_Section):
     url: str | None = None
+    # This node's name in a shared store: lease owner and "received by" of its instances (ingest status).
+    # Unset: the relay picks ``<host>-<random>`` per process. Must be unique among running nodes.
+    node_id: str | None = None
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str | None) -> str | None:
+        v = (v or "").strip() or None
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9._:@-]{1,64}", v):
+            raise ValueError(
+                f"[state] node_id {v!r} must be 1-64 characters from A-Z a-z 0-9 . _ : @ -"
+            )
+        return v
 
 
 class AdminSettings(_Section):
@@ -182,9 +196,67 @@ class PatientSettings(_Section):
     mode: Literal["logical", "lookup", "create"] = "logical"
     default_system: str | None = None
 
+    @field_validator("default_system")
+    @classmethod
+    def _system(cls, v: str | None) -> str | None:
+        v = (v or "").strip() or None
+        is_uri = v is not None and v.startswith(("urn:", "http://", "https://"))
+        if v is not None and (not is_uri or any(c.isspace() for c in v)):
+            raise ValueError(
+                f"[patient] default_system {v!r} must be a URI without spaces (urn:oid:..., http(s)://...)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _system_needed(self) -> PatientSettings:
+        # lookup/create search PatientList(identifier: "<system>|<id>"): an identifier without a system
+        # could match another issuer's patient
+        if self.mode != "logical" and self.default_system is None:
+            raise ValueError(
+                f'[patient] mode "{self.mode}" needs default_system (the Patient ID system used when '
+                "the instances carry no usable Issuer of Patient ID)"
+            )
+        return self
+
 
 class EndpointSettings(_Section):
     wado_rs_url: str | None = None
+
+    @field_validator("wado_rs_url")
+    @classmethod
+    def _wado_rs(cls, v: str | None) -> str | None:
+        v = (v or "").strip() or None
+        if v is None:
+            return None
+        problem = _wado_rs_problem(v)
+        if problem:
+            shown = re.sub(r"//[^/@]*@", "//***@", v)  # never echo credentials
+            raise ValueError(f"[endpoint] wado_rs_url {shown!r} is not a WADO-RS base URL: {problem}")
+        return v
+
+
+def _wado_rs_problem(url: str) -> str | None:
+    """Why ``url`` is not a WADO-RS base URL (PS3.18 8.2: ``{base}/studies/...``), or ``None``."""
+    if any(c.isspace() for c in url):
+        return "it contains whitespace"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a bad port
+    except ValueError:
+        return "it cannot be parsed as a URL"
+    if parts.scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    if not parts.hostname:
+        return "it has no host"
+    if parts.username is not None or parts.password is not None:
+        return "it must not carry credentials (they would be stored in the Endpoint resource)"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "it must not have a query or a fragment"
+    if url.endswith("/"):
+        return "it must not end with a slash"
+    if any(seg.lower() == "studies" for seg in parts.path.split("/")):
+        return "give the base URL, without /studies (the viewer appends /studies/{uid})"
+    return None
 
 
 class LogSettings(_Section):

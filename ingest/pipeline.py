@@ -7,15 +7,15 @@ the backend sees is in ``ingest.core``; this module only moves records and resul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from tenacity import RetryCallState, wait_random_exponential
+from typing import TYPE_CHECKING, Any
 
 from ingest.config import Settings
 from ingest.core.aggregate import aggregate
@@ -27,15 +27,20 @@ from ingest.errors import (
     MultipleMatchesError,
     PermanentSinkError,
     RetryableSinkError,
+    StoreError,
     StoreUnavailableError,
 )
-from ingest.metrics import Metrics
 from ingest.ports import Sink, StateStore, StudyClaim, StudyState
 
+if TYPE_CHECKING:  # prometheus_client stays unimported in replay --dry-run
+    from ingest.metrics import Metrics
+
 __all__ = [
+    "LeaseKeeper",
     "Relay",
     "RelayTotals",
     "StudyBuilder",
+    "backoff_delay",
     "mapping_options",
     "utcnow",
 ]
@@ -75,11 +80,108 @@ class RelayTotals:
         self.results[result] += 1
 
 
-def _backoff(attempt: int, base_s: float, max_s: float) -> float:
-    """Full-jitter exponential backoff for the ``attempt``-th failure (tenacity computes it)."""
+def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
+    """Full-jitter exponential backoff for the ``attempt``-th failure (tenacity computes it).
+
+    Parameters
+    ----------
+    attempt:
+        How many attempts have failed so far (1 for the first failure).
+    base_s, max_s:
+        ``[relay] base_backoff_s`` and ``max_backoff_s``.
+
+    Returns
+    -------
+    float
+        Seconds, uniformly drawn from ``[0, min(max_s, base_s * 2 ** (attempt - 1))]``.
+    """
+    from tenacity import RetryCallState, wait_random_exponential  # lazily: not needed by replay --dry-run
+
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = max(1, attempt)
     return float(wait_random_exponential(multiplier=base_s, max=max_s)(state))
+
+
+class LeaseKeeper:
+    """Keeps the lease of one claimed study alive while it is pushed (DESIGN.md, "one writer per study").
+
+    A background task calls ``store.renew(claim, now, lease_s)`` every ``lease_s / 3`` seconds. The lease
+    counts as *lost* once a renewal answers ``False`` (another owner took it, or it is gone), or once its
+    last known expiry has passed without a successful renewal (the store was unreachable meanwhile).
+    A push checks :meth:`held` before it writes and before it records anything as the owner.
+
+    Parameters
+    ----------
+    store:
+        The state store that granted the claim.
+    claim:
+        The claimed study.
+    lease_s:
+        ``[relay] lease_s``: the length of the lease and of every renewal.
+    clock:
+        Source of "now".
+    claimed_at:
+        The ``now`` the claim was made with (its lease runs until ``claimed_at + lease_s``); default:
+        the clock's "now".
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        claim: StudyClaim,
+        lease_s: float,
+        clock: Callable[[], datetime],
+        claimed_at: datetime | None = None,
+    ) -> None:
+        self.store = store
+        self.claim = claim
+        self.lease_s = lease_s
+        self.clock = clock
+        self.expires = (claimed_at or clock()) + timedelta(seconds=lease_s)
+        self.lost = False
+        self.renewals = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start renewing (on the running loop); idempotent."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"lease-{self.claim.study_uid}")
+
+    async def stop(self) -> None:
+        """Stop renewing; the lease itself is released or kept by what the push recorded."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def held(self) -> bool:
+        """True while the lease is ours: never refused by the store and not past its known expiry."""
+        return not self.lost and self.clock() < self.expires
+
+    async def _run(self) -> None:
+        interval = self.lease_s / 3
+        uid = self.claim.study_uid
+        while not self.lost:
+            await asyncio.sleep(interval)
+            now = self.clock()
+            try:
+                ok = await asyncio.to_thread(self.store.renew, self.claim, now, self.lease_s)
+            except Exception as exc:  # StoreError is transient: the lease still runs until ``expires``
+                if not isinstance(exc, StoreError):
+                    LOGGER.exception("study %s: unexpected error renewing its lease", uid)
+                if self.clock() >= self.expires:
+                    self.lost = True
+                    LOGGER.warning("study %s: lease expired while the store was unreachable: %s", uid, exc)
+                    return
+                LOGGER.warning("study %s: lease renewal failed, retrying: %s", uid, exc)
+                continue
+            if not ok:
+                self.lost = True
+                LOGGER.warning("study %s: lease lost (now held by another node or released)", uid)
+                return
+            self.renewals += 1
+            self.expires = now + timedelta(seconds=self.lease_s)
 
 
 class Relay:
@@ -91,6 +193,10 @@ class Relay:
         The state store and the backend.
     build:
         Records of one study -> ImagingStudy JSON.
+    link:
+        Optional async step after ``build`` and before the backend lookup (``ingest.linked``: resolves
+        ``ImagingStudy.subject`` to a Patient); its ``SinkError`` s are retried / dead-lettered like the
+        sink's own.
     settings:
         ``[relay]`` settings.
     node:
@@ -109,12 +215,15 @@ class Relay:
         node: str | None = None,
         clock: Callable[[], datetime] = utcnow,
         metrics: Metrics | None = None,
+        link: Callable[[dict[str, Any], Sequence[InstanceRecord]], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.store = store
         self.sink = sink
         self.build = build
+        self.link = link
         self.cfg = settings.relay
-        self.node = node or f"node-{uuid.uuid4().hex[:12]}"
+        # the lease owner: ``[state] node_id`` if set (unique per running node), else unique per process
+        self.node = node or settings.state.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.clock = clock
         self.metrics = metrics
         self.totals = RelayTotals()
@@ -132,35 +241,81 @@ class Relay:
 
     async def run_once(self) -> int:
         """Claim the studies due now and push them; returns how many were claimed."""
+        now = self.clock()
         try:
             claims = await asyncio.to_thread(
-                self.store.claim_due, self.clock(), self.cfg.concurrency * 2, self.node, self.cfg.lease_s
+                self.store.claim_due, now, self.cfg.concurrency * 2, self.node, self.cfg.lease_s
             )
         except StoreUnavailableError as exc:
             LOGGER.warning("state store unavailable, relay waits: %s", exc)
             return 0
         if claims:
-            await asyncio.gather(*(self._push_guarded(c) for c in claims))
+            await asyncio.gather(*(self._push_guarded(c, now) for c in claims))
         return len(claims)
 
-    async def _push_guarded(self, claim: StudyClaim) -> None:
-        async with self._sem:
-            try:
-                await self.push(claim)
-            except Exception:  # the relay never dies for one study
-                LOGGER.exception("unexpected error pushing study %s", claim.study_uid)
-                await asyncio.to_thread(
-                    self.store.schedule_retry,
-                    claim,
-                    error="internal error (see log)",
-                    next_attempt_at=self.clock() + timedelta(seconds=self.cfg.max_backoff_s),
-                )
+    async def _push_guarded(self, claim: StudyClaim, claimed_at: datetime) -> None:
+        # renewal starts at once: a claim waiting for a free slot must not expire meanwhile
+        lease = LeaseKeeper(self.store, claim, self.cfg.lease_s, self.clock, claimed_at)
+        lease.start()
+        try:
+            async with self._sem:
+                try:
+                    await self.push(claim, lease=lease)
+                except Exception:  # the relay never dies for one study
+                    LOGGER.exception("unexpected error pushing study %s", claim.study_uid)
+                    if not self._lease_lost(lease, "its retry"):
+                        await asyncio.to_thread(
+                            self.store.schedule_retry,
+                            claim,
+                            error="internal error (see log)",
+                            next_attempt_at=self.clock() + timedelta(seconds=self.cfg.max_backoff_s),
+                        )
+        finally:
+            await lease.stop()
 
-    async def push(self, claim: StudyClaim) -> str:
-        """Push one claimed study; returns the result name (created/updated/unchanged/retried/dead)."""
+    def _lease_lost(self, lease: LeaseKeeper, what: str) -> bool:
+        """True (logged and counted) when the lease is no longer ours: ``what`` is not done/recorded."""
+        if lease.held():
+            return False
+        LOGGER.warning(
+            "study %s: lease of %s lost; %s is left to the node that holds it now",
+            lease.claim.study_uid, self.node, what,
+        )
+        self._count("lease_lost")
+        return True
+
+    async def push(self, claim: StudyClaim, *, lease: LeaseKeeper | None = None) -> str:
+        """Push one claimed study; returns the result name.
+
+        Parameters
+        ----------
+        claim:
+            The claimed study.
+        lease:
+            The keeper renewing the claim's lease; default: one is started for this push.
+
+        Returns
+        -------
+        str
+            ``created``, ``updated``, ``unchanged``, ``retried``, ``dead``, or ``lease_lost`` when the
+            lease was lost before the write or before the result could be recorded (nothing recorded;
+            the study stays due and its next owner re-checks the backend).
+        """
+        if lease is not None:
+            return await self._push(claim, lease)
+        own = LeaseKeeper(self.store, claim, self.cfg.lease_s, self.clock)
+        own.start()
+        try:
+            return await self._push(claim, own)
+        finally:
+            await own.stop()
+
+    async def _push(self, claim: StudyClaim, lease: LeaseKeeper) -> str:
         uid = claim.study_uid
         records = await asyncio.to_thread(self.store.instances, uid)
         if not records:
+            if self._lease_lost(lease, "the dead letter"):
+                return "lease_lost"
             await asyncio.to_thread(
                 self.store.dead_letter, claim, reason="no_instances", error="study has no instances",
                 now=self.clock(),
@@ -170,6 +325,8 @@ class Relay:
         try:
             ours = self.build(records)
         except IngestError as exc:
+            if self._lease_lost(lease, "the dead letter"):
+                return "lease_lost"
             await asyncio.to_thread(
                 self.store.dead_letter, claim, reason="mapping", error=str(exc), now=self.clock()
             )
@@ -177,6 +334,8 @@ class Relay:
             self._count("dead")
             return "dead"
         try:
+            if self.link is not None:
+                ours = await self.link(ours, records)
             backend = await self.sink.find(uid, claim.backend_id)
             decision = plan(ours, backend)
             if isinstance(decision, NoChange):
@@ -184,6 +343,8 @@ class Relay:
                 result, bid, ver, dig = "unchanged", decision.backend_id, decision.version_id, digest(
                     backend.resource
                 )
+            elif self._lease_lost(lease, "the write"):
+                return "lease_lost"
             elif isinstance(decision, Create):
                 written = await self.sink.create(decision.resource)
                 result, bid, ver, dig = "created", written.id, written.version_id, digest(decision.resource)
@@ -192,14 +353,18 @@ class Relay:
                 written = await self.sink.update(decision.backend_id, decision.resource)
                 result, bid, ver, dig = "updated", written.id, written.version_id, digest(decision.resource)
         except MultipleMatchesError as exc:
-            return await self._dead(claim, "multiple_matches", exc)
+            return await self._dead(claim, "multiple_matches", exc, lease)
         except PermanentSinkError as exc:
-            return await self._dead(claim, "rejected", exc)
+            return await self._dead(claim, "rejected", exc, lease)
         except RetryableSinkError as exc:
             attempts = claim.attempts + 1
             if attempts >= self.cfg.max_attempts:
-                return await self._dead(claim, "retries_exhausted", exc)
-            delay = _backoff(attempts, self.cfg.base_backoff_s, self.cfg.max_backoff_s)
+                return await self._dead(claim, "retries_exhausted", exc, lease)
+            if self._lease_lost(lease, "the retry"):
+                return "lease_lost"
+            delay = backoff_delay(attempts, self.cfg.base_backoff_s, self.cfg.max_backoff_s)
+            if exc.retry_after is not None:  # HTTP Retry-After (429/503): the backend's hint, capped
+                delay = max(delay, min(exc.retry_after, self.cfg.max_backoff_s))
             await asyncio.to_thread(
                 self.store.schedule_retry,
                 claim,
@@ -212,6 +377,8 @@ class Relay:
             )
             self._count("retried")
             return "retried"
+        if self._lease_lost(lease, f"recording the {result} result"):
+            return "lease_lost"
         await asyncio.to_thread(
             self.store.mark_pushed, claim, backend_id=bid, version_id=ver, digest=dig, now=self.clock()
         )
@@ -219,7 +386,9 @@ class Relay:
         self._count(result)
         return result
 
-    async def _dead(self, claim: StudyClaim, reason: str, exc: Exception) -> str:
+    async def _dead(self, claim: StudyClaim, reason: str, exc: Exception, lease: LeaseKeeper) -> str:
+        if self._lease_lost(lease, "the dead letter"):
+            return "lease_lost"
         await asyncio.to_thread(
             self.store.dead_letter, claim, reason=reason, error=str(exc), now=self.clock()
         )

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from ingest.config import Settings
 from ingest.core.records import InstanceRecord
+from ingest.errors import ArchiveError
 from ingest.pipeline import Relay, StudyBuilder, mapping_options, utcnow
 from ingest.ports import AddOutcome, StateStore
 from ingest.sources import Item, Parsed, Rejected, expand_paths, parse_items
@@ -56,7 +57,9 @@ class ReplaySummary:
                 "rejected": sum(self.rejected.values()),
                 "rejected_by_reason": dict(sorted(self.rejected.items())),
             },
-            "studies": {k: self.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead", "printed")},
+            "studies": {
+                k: self.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead", "printed")
+            },
             "seconds": round(self.seconds, 3),
         }
 
@@ -146,7 +149,10 @@ def _items(opts: ReplayOptions) -> Iterator[Item]:
 
     for path in opts.paths:
         if archives.is_archive(path):
-            yield from archives.iter_members(path)
+            try:
+                yield from archives.iter_members(path)
+            except ArchiveError as exc:  # a refused whole archive is one rejected input; others go on
+                yield Item(label=str(path), rejection=("archive_refused", str(exc)))
         else:
             yield from expand_paths([path])
 
@@ -206,8 +212,8 @@ def _collect(
     other_uid = owner.setdefault(rec.sop_uid, rec.study_uid)
     if other_uid != rec.study_uid:
         summary.rejected["conflict"] += 1
-        _report_rejected(Rejected(parsed.label, "conflict",
-                                  f"SOP Instance UID {rec.sop_uid} already seen in study {other_uid}"), stderr)
+        why = f"SOP Instance UID {rec.sop_uid} already seen in study {other_uid}"
+        _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
         return
     instances = studies.setdefault(rec.study_uid, {})
     seen = instances.get(rec.sop_uid)
@@ -218,9 +224,8 @@ def _collect(
         summary.duplicate += 1
     else:
         summary.rejected["conflict"] += 1
-        _report_rejected(Rejected(parsed.label, "conflict",
-                                  f"SOP Instance UID {rec.sop_uid} seen before with other content; kept the first"),
-                         stderr)
+        why = f"SOP Instance UID {rec.sop_uid} seen before with other content; kept the first"
+        _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
 
 
 def _store_batch(
@@ -276,9 +281,18 @@ async def _replay(
         if not touched:
             return
         async with open_sink(settings, embedded_port=0) as sink:
-            relay = Relay(store, sink, builder, settings)
+            from ingest.linked import prepare_links
+
+            links = await prepare_links(settings, sink)  # [endpoint] / [patient] need the backend
+            if links.endpoint_reference is not None:
+                builder = StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference))
+            relay = Relay(store, sink, builder, settings, link=links.link)
             await relay.drain(touched)
             summary.studies.update(relay.totals.results)
             summary.studies.pop("retried", None)
+            # Studies this input carried that needed no push at all (already pushed, nothing new) are
+            # unchanged too; the relay only counts the ones it had to check against the backend.
+            pushed = sum(summary.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead"))
+            summary.studies["unchanged"] += max(0, len(touched) - pushed)
     finally:
         store.close()

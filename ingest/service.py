@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from ingest.config import Settings
+from ingest.linked import prepare_links
 from ingest.metrics import Metrics
 from ingest.pipeline import Relay, StudyBuilder, mapping_options
 from ingest.ports import StateStore, StudyState
@@ -53,7 +54,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         async with contextlib.AsyncExitStack() as stack:
             sink = await stack.enter_async_context(open_sink(settings))
             health["backend"] = "ok"
-            relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings, metrics=metrics)
+            # [endpoint] / [patient]: the Endpoint is found or created now; subjects resolve per study
+            links = await prepare_links(settings, sink, metrics=metrics)
+            options = mapping_options(settings, endpoint_reference=links.endpoint_reference)
+            relay = Relay(store, sink, StudyBuilder(options), settings, metrics=metrics, link=links.link)
 
             if settings.admin.enabled:
                 runner = web.AppRunner(admin_app(metrics, store, health), access_log=None)

@@ -24,11 +24,16 @@ _BATCH = 128
 
 @dataclass(frozen=True)
 class Item:
-    """One file to read: a path on disk, or bytes (an archive member) with a label naming it."""
+    """One file to read: a path on disk, or bytes (an archive member) with a label naming it.
+
+    ``rejection`` is a refusal decided before parsing, as ``(reason, message)`` (an archive member that
+    escapes its root, a link...): :func:`parse_items` reports it as :class:`Rejected` without reading.
+    """
 
     label: str
     path: Path | None = None
     data: bytes | None = None
+    rejection: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ def expand_paths(paths: Iterable[Path]) -> Iterator[Item]:
 
 
 def _parse_one(item: Item, max_inflated_bytes: int) -> Parsed | Rejected:
+    if item.rejection is not None:
+        return Rejected(item.label, *item.rejection)
     try:
         if item.path is not None:
             parsed = read_header(item.path, max_inflated_bytes=max_inflated_bytes)

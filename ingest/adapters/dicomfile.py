@@ -10,8 +10,9 @@ Reading a header costs one read of the bytes and one pass over them:
 3. Walk every element, including the skipped ones, pixel data and undefined-length sequences, and
    check each declared length against the bytes there (pydicom reads truncated files silently).
    Only the elements in :data:`ingest.core.tags.HEADER_TAGS` are kept, as pydicom
-   ``RawDataElement``\\ s, so pydicom decodes nothing else; pixel data is never read.
-4. :func:`ingest.core.extract.extract` turns that dataset into an ``InstanceRecord``.
+   ``RawDataElement``\\ s in a plain ``{tag: element}`` dict (no pydicom ``Dataset``), so pydicom
+   decodes nothing else; pixel data is never read.
+4. :func:`ingest.core.extract.extract_elements` turns those elements into an ``InstanceRecord``.
 
 The digest is the SHA-256 of the bytes after the file meta group: the same instance read from a file
 or received over DIMSE in the same transfer syntax has the same digest.
@@ -29,11 +30,9 @@ from pathlib import Path
 from typing import Final
 
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.tag import BaseTag
+from pydicom.dataelem import RawDataElement
 
-from ingest.core.extract import extract
+from ingest.core.extract import extract_elements
 from ingest.core.records import InstanceRecord
 from ingest.core.tags import HEADER_TAGS
 from ingest.errors import (
@@ -78,6 +77,8 @@ _ALL_VRS: Final = _LONG_VRS | frozenset(
     }
 )  # fmt: skip
 _WANTED: Final = frozenset(int(t) for t in HEADER_TAGS)
+_VR_TEXT: Final = {vr: vr.decode() for vr in _ALL_VRS}
+_new_tuple = tuple.__new__  # builds a RawDataElement without its Python-level __new__ (hot path)
 
 _LE_HH = struct.Struct("<HH")
 _BE_HH = struct.Struct(">HH")
@@ -131,7 +132,8 @@ def read_header(path: Path, *, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BY
     OSError
         The file cannot be read.
     """
-    data = path.read_bytes()
+    with open(path, "rb", buffering=0) as file:  # unbuffered: one read of the whole file
+        data = file.readall()
     return read_header_bytes(data, source=str(path), max_inflated_bytes=max_inflated_bytes)
 
 
@@ -178,14 +180,14 @@ def read_header_bytes(
         raise NotDicomError(f"Empty input is not DICOM (source={source})")
     meta_end, meta = _read_file_meta(data, source)
     ts = meta.get(_T_TRANSFER_SYNTAX) or transfer_syntax_uid
-    body = memoryview(data)[meta_end:]
+    body = data[meta_end:] if meta_end else data  # a copy is cheaper than slicing a memoryview per element
     digest = hashlib.sha256(body).hexdigest()
 
     guessed = ts is None
     if ts is None:
-        implicit, little = _guess_encoding(body, source)
+        implicit, little = _guess_encoding(memoryview(body), source)
     elif ts == _DEFLATED:
-        body = memoryview(_inflate(body, max_inflated_bytes, source))
+        body = _inflate(memoryview(body), max_inflated_bytes, source)
         implicit, little = False, True
     else:
         implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
@@ -204,20 +206,13 @@ def read_header_bytes(
             f"No DICOM dataset found: none of the header attributes present (source={source})"
         )
 
-    ds = Dataset(elements)
-    if meta:
-        file_meta = FileMetaDataset()
-        for tag, value in meta.items():
-            file_meta[tag] = RawDataElement(BaseTag(tag), "UI", len(value), value.encode(), 0, False, True)
-        ds.file_meta = file_meta
-    elif ts is not None:
-        file_meta = FileMetaDataset()
-        raw_ts = ts.encode()
-        file_meta[_T_TRANSFER_SYNTAX] = RawDataElement(
-            BaseTag(_T_TRANSFER_SYNTAX), "UI", len(raw_ts), raw_ts, 0, False, True
-        )
-        ds.file_meta = file_meta
-    record = extract(ds, source=source)
+    if meta:  # the file's own meta group
+        meta_ts, meta_sop_class = meta.get(_T_TRANSFER_SYNTAX), meta.get(_T_MEDIA_SOP_CLASS)
+    else:  # a bare dataset: the transfer syntax it was read with
+        meta_ts, meta_sop_class = ts, None
+    record = extract_elements(
+        elements, transfer_syntax_uid=meta_ts, media_sop_class_uid=meta_sop_class, source=source
+    )
     return ParsedInstance(record=record, digest=digest, size=len(data))
 
 
@@ -234,7 +229,9 @@ def _read_file_meta(data: bytes, source: str) -> tuple[int, dict[int, str]]:
         return 0, {}
     meta: dict[int, str] = {}
     end = len(data)
-    while pos + 8 <= end:
+    while pos < end:
+        if pos + 8 > end:
+            raise TruncatedError(f"File meta element header cut short at byte {pos} (source={source})")
         group, elem = _LE_HH.unpack_from(data, pos)
         if group != 0x0002:
             break
@@ -309,7 +306,7 @@ def _inflate(body: memoryview, cap: int, source: str) -> bytes:
 class _Scanner:
     """One pass over an encoded dataset: checks every declared length, keeps the wanted elements."""
 
-    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool, source: str) -> None:
+    def __init__(self, buf: bytes, implicit: bool, little: bool, source: str) -> None:
         self.buf = buf
         self.implicit = implicit
         self.little = little
@@ -327,32 +324,11 @@ class _Scanner:
             tag=where if tag is not None else None,
         )
 
-    def _header(self, pos: int, end: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
-        """Decode the element header at *pos*: (tag, explicit VR or None, length, value offset)."""
-        buf = self.buf
-        if pos + 8 > end:
-            raise self._truncated("element header", None, pos)
-        group, elem = self.hh.unpack_from(buf, pos)
-        tag = group << 16 | elem
-        if group == 0xFFFE:  # items and delimiters have no VR in any transfer syntax
-            return tag, None, self.u32.unpack_from(buf, pos + 4)[0], pos + 8
-        if implicit:
-            return tag, None, self.u32.unpack_from(buf, pos + 4)[0], pos + 8
-        vr = bytes(buf[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
-            if pos + 12 > end:
-                raise self._truncated("element header", tag, pos)
-            return tag, vr, self.u32.unpack_from(buf, pos + 8)[0], pos + 12
-        if vr in _ALL_VRS:
-            return tag, vr, self.u16.unpack_from(buf, pos + 6)[0], pos + 8
-        # not a VR: an implicit VR element inside explicit VR data (pydicom's assume_implicit_vr_switch)
-        return tag, None, self.u32.unpack_from(buf, pos + 4)[0], pos + 8
-
-    def top_level(self) -> dict[BaseTag, RawDataElement | DataElement]:
+    def top_level(self) -> dict[int, RawDataElement]:
         """Walk the whole dataset; return the wanted top-level elements as raw elements."""
-        wanted: dict[BaseTag, RawDataElement | DataElement] = {}
+        wanted: dict[int, RawDataElement] = {}
         buf = self.buf
-        if self.implicit and len(buf) >= 8 and bytes(buf[4:6]) in _ALL_VRS:
+        if self.implicit and len(buf) >= 8 and buf[4:6] in _ALL_VRS:
             # labelled implicit but encoded explicit (pydicom's _is_implicit_vr check does the same)
             group = self.hh.unpack_from(buf, 0)[0]
             if 0x0002 < group <= 0x00FF:
@@ -366,28 +342,58 @@ class _Scanner:
         end: int,
         implicit: bool,
         depth: int,
-        wanted: dict[BaseTag, RawDataElement | DataElement] | None,
+        wanted: dict[int, RawDataElement] | None,
     ) -> tuple[int, bool]:
         """Walk elements from *pos* to *end*, or to an Item Delimitation Item.
 
         Returns the next offset and whether an Item Delimitation Item ended the walk.
         """
-        while pos < end:
-            tag, vr, length, start = self._header(pos, end, implicit)
-            if tag == _ITEM_END:
-                return start, True
-            if length == _UNDEFINED:
-                inner_implicit = implicit or vr == b"UN"  # PS3.5 6.2.2: UN of undefined length
-                value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag)
-            else:
-                value_end = next_pos = start + length
-                if value_end > end:
-                    raise self._truncated("value of", tag, pos)
-            self.found += 1
-            if wanted is not None and tag in _WANTED:
-                wanted[BaseTag(tag)] = self._raw(tag, vr, length, start, value_end, implicit)
-            pos = next_pos
-        return pos, False
+        buf = self.buf
+        hh = self.hh.unpack_from
+        u32 = self.u32.unpack_from
+        u16 = self.u16.unpack_from
+        found = 0
+        try:
+            while pos < end:
+                # the element header (PS3.5 7.1): tag, then VR and length (explicit) or length (implicit)
+                if pos + 8 > end:
+                    raise self._truncated("element header", None, pos)
+                group, elem = hh(buf, pos)
+                tag = group << 16 | elem
+                vr: bytes | None = None
+                if group == 0xFFFE or implicit:  # items and delimiters have no VR in any transfer syntax
+                    length = u32(buf, pos + 4)[0]
+                    start = pos + 8
+                else:
+                    vr = buf[pos + 4 : pos + 6]
+                    if vr in _LONG_VRS:
+                        if pos + 12 > end:
+                            raise self._truncated("element header", tag, pos)
+                        length = u32(buf, pos + 8)[0]
+                        start = pos + 12
+                    elif vr in _ALL_VRS:
+                        length = u16(buf, pos + 6)[0]
+                        start = pos + 8
+                    else:  # not a VR: an implicit VR element in explicit VR data (assume_implicit_vr_switch)
+                        vr = None
+                        length = u32(buf, pos + 4)[0]
+                        start = pos + 8
+                if tag == _ITEM_END:
+                    return start, True
+                if length == _UNDEFINED:
+                    inner_implicit = implicit or vr == b"UN"  # PS3.5 6.2.2: UN of undefined length
+                    value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag)
+                else:
+                    value_end = next_pos = start + length
+                    if value_end > end:
+                        raise self._truncated("value of", tag, pos)
+                found += 1
+                if wanted is not None and tag in _WANTED:
+                    wanted[tag] = self._raw(tag, vr, length, start, value_end, implicit)
+                pos = next_pos
+            return pos, False
+        finally:
+            self.found += found
 
     def _items(self, pos: int, end: int, implicit: bool, depth: int, owner: int) -> tuple[int, int]:
         """Walk the items of an undefined-length value (sequence or encapsulated pixel data).
@@ -426,9 +432,9 @@ class _Scanner:
     def _raw(
         self, tag: int, vr: bytes | None, length: int, start: int, value_end: int, implicit: bool
     ) -> RawDataElement:
-        """A pydicom raw element for a wanted tag (its value bytes, not yet decoded)."""
-        value = bytes(self.buf[start:value_end])
-        vr_text = vr.decode() if vr is not None else None
+        """A pydicom raw element for a wanted tag (its value bytes, not yet decoded; ``int`` tag)."""
+        value = self.buf[start:value_end]
+        vr_text = _VR_TEXT[vr] if vr is not None else None
         little = self.little
         if vr_text == "UN":
             try:
@@ -439,7 +445,9 @@ class _Scanner:
                 pass
         if length == _UNDEFINED and vr_text is None:
             vr_text = "SQ"
-        return RawDataElement(BaseTag(tag), vr_text, length, value, start, implicit, little)
+        # RawDataElement(tag, VR, length, value, value_tell, is_implicit_VR, is_little_endian,
+        # is_raw=True, is_buffered=False), built as the tuple it is
+        return _new_tuple(RawDataElement, (tag, vr_text, length, value, start, implicit, little, True, False))
 
 
 def iter_dicom_files(root: Path) -> Iterator[Path]:

@@ -68,6 +68,7 @@ from graphql import (
     is_object_type,
     is_required_argument,
     parse,
+    print_ast,
     validate,
 )
 from yarl import URL
@@ -75,7 +76,15 @@ from yarl import URL
 from ingest.errors import ConfigError, MultipleMatchesError, PermanentSinkError, RetryableSinkError, SinkError
 from ingest.ports import BackendStudy
 
-__all__ = ["GraphQLSink", "SchemaFit", "TokenSource", "fit_schema", "study_identifier"]
+__all__ = [
+    "GraphQLSink",
+    "ResourceFit",
+    "SchemaFit",
+    "TokenSource",
+    "fit_resource",
+    "fit_schema",
+    "study_identifier",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,6 +96,12 @@ CREATE_FIELD: Final = "ImagingStudyCreate"
 UPDATE_FIELD: Final = "ImagingStudyUpdate"
 DEFAULT_MAX_DEPTH: Final = 7
 SEARCH_COUNT: Final = 2  # two are enough to tell "one" from "several"
+_MAX_PRINTED: Final = 64  # query texts kept per sink (the fitted documents are a handful)
+_KEEPALIVE_S: Final = 2.0  # client keep-alive: shorter than common server idle timeouts (Node: 5 s)
+LINKED_TYPES: Final = ("Patient", "Endpoint")  # resources the linked-resource resolvers read and create
+# Patient/Endpoint are only searched and created, never merged: a shallow selection (identifier, name with
+# its extensions, address, ...) is enough and keeps the documents small (validation cost grows with size).
+LINKED_MAX_DEPTH: Final = 3
 
 # gql logs full variables and responses (PHI) at DEBUG; these loggers never go below WARNING.
 _GQL_LOGGERS: Final = ("gql", "gql.client", "gql.transport", "gql.transport.aiohttp", "gql.dsl")
@@ -193,6 +208,9 @@ def _is_resource(t: GraphQLObjectType) -> bool:
     return "resourceType" in t.fields
 
 
+_EXTENSION_BUDGET: Final = 2
+
+
 class _SelectionBuilder:
     """Named fragments per (object type, remaining depth): linear in size, no fragment cycles."""
 
@@ -211,7 +229,14 @@ class _SelectionBuilder:
             if is_leaf_type(named):
                 parts.append(fname)
             elif isinstance(named, GraphQLObjectType) and budget > 0 and not _is_resource(named):
-                sub = self.fragment(named, budget - 1)
+                sub_budget = budget - 1
+                if named.name == "Extension":
+                    # Every FHIR datatype has ``extension`` and Extension has ~50 value[x] datatypes: read
+                    # extensions only two levels deep (url, primitive values, codings, nested extension
+                    # urls/primitives), or the document grows to tens of kilobytes and every backend parse
+                    # and validation of it costs hundreds of milliseconds.
+                    sub_budget = min(sub_budget, _EXTENSION_BUDGET)
+                sub = self.fragment(named, sub_budget)
                 if sub is not None:
                     parts.append(f"{fname} {{ ...{sub} }}")
             # union/interface fields (Reference.resource, contained) and nested resources are skipped
@@ -290,6 +315,16 @@ class SchemaFit:
             if kept is not None:
                 out[key] = kept
         return out, sorted(dropped)
+
+
+def _prune_to(
+    resource: Mapping[str, Any], input_type: GraphQLInputObjectType
+) -> tuple[dict[str, Any], list[str]]:
+    """``resource`` without what ``input_type`` does not accept (and without server-managed ``meta``)."""
+    dropped: set[str] = set()
+    source = {k: v for k, v in resource.items() if k not in ("meta", "id")}
+    pruned = _prune_value(source, input_type, "", dropped)
+    return (pruned if isinstance(pruned, dict) else {}), sorted(p.lstrip(".") for p in dropped)
 
 
 def _prune_value(value: Any, t: GraphQLInputType, path: str, dropped: set[str]) -> Any:
@@ -453,6 +488,99 @@ def _used_fragments(text: str, fragments: Mapping[str, str]) -> list[str]:
         seen.append(name)
         todo.extend(re.findall(r"\.\.\.(\w+)", fragments[name]))
     return [fragments[n] for n in sorted(seen)]
+
+
+@dataclass(frozen=True)
+class ResourceFit:
+    """Search-by-identifier and create documents for one more resource type (Patient, Endpoint).
+
+    Built by :func:`fit_resource` the same way :func:`fit_schema` builds ImagingStudy's.
+
+    Attributes
+    ----------
+    resource_type:
+        The FHIR resource type, e.g. ``"Patient"``.
+    search, create:
+        ``<Type>List(identifier:[, _count:])`` and ``<Type>Create(res:)``, selecting full resources.
+    create_input_type:
+        The input object type of the create's ``res`` argument (what resources are pruned to).
+    has_count:
+        Whether ``<Type>List`` accepts ``_count``.
+    """
+
+    resource_type: str
+    search: DocumentNode = field(repr=False)
+    create: DocumentNode = field(repr=False)
+    create_input_type: GraphQLInputObjectType
+    has_count: bool
+
+
+def fit_resource(
+    schema: GraphQLSchema, resource_type: str, *, max_depth: int = LINKED_MAX_DEPTH
+) -> ResourceFit | None:
+    """Fit the identifier search and the create mutation of ``resource_type`` to a backend schema; pure.
+
+    Parameters
+    ----------
+    schema:
+        The backend schema (introspected or built from SDL).
+    resource_type:
+        A FHIR resource type the backend may expose, e.g. ``"Patient"`` or ``"Endpoint"``.
+    max_depth:
+        How many levels of nested object types the selection reads.
+
+    Returns
+    -------
+    ResourceFit or None
+        ``None`` when the schema has no ``<Type>List(identifier:)`` or ``<Type>Create(res:)``, or when
+        they take arguments ingest cannot supply; callers that need the type refuse to start then.
+    """
+    list_name, create_name = f"{resource_type}List", f"{resource_type}Create"
+    query, mutation = schema.query_type, schema.mutation_type
+    list_f = query.fields.get(list_name) if query is not None else None
+    create_f = mutation.fields.get(create_name) if mutation is not None else None
+    if list_f is None or create_f is None or "identifier" not in list_f.args:
+        return None
+    has_count = "_count" in list_f.args
+    try:
+        _args_for(list_f, list_name, {"identifier", "_count"} if has_count else {"identifier"})
+        _args_for(create_f, create_name, {"res"})
+        input_type = _input_object(create_f, create_name)
+        builder = _SelectionBuilder()
+        selected = builder.fragment(_object_of(list_f, list_name), max_depth)
+        created = builder.fragment(_object_of(create_f, create_name), max_depth)
+    except ConfigError as exc:
+        LOGGER.info("the backend's %s operations do not fit: %s", resource_type, exc)
+        return None
+    if selected is None or created is None:
+        return None
+    count_var = f", $count: {list_f.args['_count'].type}" if has_count else ""
+    count_arg = ", _count: $count" if has_count else ""
+    ops = {
+        "search": (
+            f"query Find{resource_type}($identifier: {list_f.args['identifier'].type}{count_var}) "
+            f"{{ {list_name}(identifier: $identifier{count_arg}) {{ ...{selected} }} }}"
+        ),
+        "create": (
+            f"mutation Create{resource_type}($res: {create_f.args['res'].type}) "
+            f"{{ {create_name}(res: $res) {{ ...{created} }} }}"
+        ),
+    }
+    documents: dict[str, DocumentNode] = {}
+    for key, op in ops.items():
+        doc = parse(op + "\n" + "\n".join(_used_fragments(op, builder.fragments)))
+        errors = validate(schema, doc)
+        if errors:
+            LOGGER.info("the %s %s document does not validate: %s", resource_type, key, errors[0])
+            return None
+        documents[key] = doc
+    return ResourceFit(
+        resource_type=resource_type,
+        search=documents["search"],
+        create=documents["create"],
+        create_input_type=input_type,
+        has_count=has_count,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -625,6 +753,56 @@ def _strip_empty(value: Any) -> Any:
     return value
 
 
+class _Client(Client):
+    """gql's ``Client`` that validates each document once, not on every request.
+
+    gql re-validates the document of every request against the schema; our documents are the few fixed
+    ones built (and validated) by :func:`fit_schema`, and validating the full-read selection costs
+    hundreds of milliseconds each time. Documents are kept (pinned) by identity, so an id is never reused.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._validated: dict[int, DocumentNode] = {}
+
+    def validate(self, request: GraphQLRequest) -> None:
+        doc = request.document
+        if self._validated.get(id(doc)) is doc:
+            return
+        super().validate(request)
+        self._validated[id(doc)] = doc
+
+
+class _PrintedRequest(GraphQLRequest):
+    """A request whose query text is printed once per document, not on every request.
+
+    gql prints the document AST (``print_ast``) for every request it sends; for the full-read selection
+    that costs ~0.1 s each time. ``cache`` maps a document's identity to (the document, its text); the
+    document is kept in the entry, so an id is never reused while its entry exists.
+    """
+
+    def __init__(self, request: GraphQLRequest, cache: dict[int, tuple[DocumentNode, str]]) -> None:
+        super().__init__(request)
+        doc = self.document
+        hit = cache.get(id(doc))
+        if hit is None or hit[0] is not doc:
+            if len(cache) >= _MAX_PRINTED:
+                cache.clear()
+            hit = cache[id(doc)] = (doc, print_ast(doc))
+        self._text = hit[1]
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {"query": self._text}
+        if self.operation_name:
+            payload["operationName"] = self.operation_name
+        if self.variable_values:
+            payload["variables"] = self.variable_values
+        if self.extensions:
+            payload["extensions"] = self.extensions
+        return payload
+
+
 class GraphQLSink:
     """A FHIR GraphQL backend holding ImagingStudy resources (implements :class:`ingest.ports.Sink`).
 
@@ -667,6 +845,8 @@ class GraphQLSink:
         self._client: Client | None = None
         self._session: AsyncClientSession | None = None
         self._fit: SchemaFit | None = None
+        self._printed: dict[int, tuple[DocumentNode, str]] = {}  # see _PrintedRequest
+        self._linked: dict[str, ResourceFit] = {}
         _cap_gql_loggers()
 
     def __repr__(self) -> str:
@@ -712,10 +892,14 @@ class GraphQLSink:
             client_session_args={
                 "timeout": aiohttp.ClientTimeout(total=self._timeout_s),
                 "trace_configs": [trace],
+                # idle connections are dropped before the server's keep-alive timeout (Node, and so
+                # Medplum: 5 s) can close them under us; a POST on such a socket fails with "Server
+                # disconnected" and is not retried by aiohttp
+                "connector": aiohttp.TCPConnector(keepalive_timeout=_KEEPALIVE_S),
             },
         )
         # plain AsyncClientSession (reconnecting=False): gql retries nothing, the relay owns retries
-        self._client = Client(transport=transport, execute_timeout=self._timeout_s + 1.0)
+        self._client = _Client(transport=transport, execute_timeout=self._timeout_s + 1.0)
         session = await self._client.connect_async(reconnecting=False)  # type: ignore[no-untyped-call]
         assert isinstance(session, AsyncClientSession)
         self._session = session
@@ -723,6 +907,12 @@ class GraphQLSink:
             schema = await self._load_schema()
             self._client.schema = schema  # from now on gql validates every document locally
             self._fit = fit_schema(schema, max_depth=self._max_depth)
+            self._linked = {
+                rt: fitted
+                for rt in LINKED_TYPES
+                if (fitted := fit_resource(schema, rt, max_depth=min(self._max_depth, LINKED_MAX_DEPTH)))
+                is not None
+            }
         except BaseException:
             await self.aclose()
             raise
@@ -855,6 +1045,101 @@ class GraphQLSink:
         )
         return self._written(data.get(UPDATE_FIELD), what)
 
+    # -- other resource types (Patient, Endpoint): ingest.linked -------------------------------------
+
+    def supports(self, resource_type: str) -> bool:
+        """Whether the backend schema offers ``<Type>List(identifier:)`` and ``<Type>Create(res:)``.
+
+        Parameters
+        ----------
+        resource_type:
+            ``"Patient"`` or ``"Endpoint"`` (the types fitted at :meth:`connect`).
+        """
+        return resource_type in self._linked
+
+    def _linked_fit(self, resource_type: str) -> ResourceFit:
+        _ = self.fit  # raises when not connected
+        fitted = self._linked.get(resource_type)
+        if fitted is None:
+            raise PermanentSinkError(
+                f"the backend schema has no usable {resource_type}List(identifier:) / "
+                f"{resource_type}Create(res:)"
+            )
+        return fitted
+
+    async def search_resources(
+        self, resource_type: str, *, identifier: str, count: int = SEARCH_COUNT
+    ) -> list[dict[str, Any]]:
+        """``<Type>List(identifier:[, _count:])``: the resources carrying a token ``system|value``.
+
+        Parameters
+        ----------
+        resource_type:
+            ``"Patient"`` or ``"Endpoint"``.
+        identifier:
+            A FHIR token search value (``system|value``, escaped as FHIR search requires). It may hold
+            patient data, so it never appears in a message.
+        count:
+            ``_count`` when the backend accepts it (at most this many resources are asked for).
+
+        Returns
+        -------
+        list of dict
+            FHIR JSON of each match (``[]`` when the backend answers ``null``).
+
+        Raises
+        ------
+        RetryableSinkError, PermanentSinkError
+        """
+        fitted = self._linked_fit(resource_type)
+        what = f"search {resource_type} by identifier"
+        variables: dict[str, Any] = {"identifier": identifier}
+        if fitted.has_count:
+            variables["count"] = count
+        data = await self._execute(GraphQLRequest(fitted.search, variable_values=variables), what=what)
+        found = data.get(f"{resource_type}List")
+        if found is None:
+            return []  # Medplum answers null, not [], when nothing matches
+        if not isinstance(found, list):
+            raise PermanentSinkError(f"{what}: {resource_type}List answered a {type(found).__name__}")
+        out: list[dict[str, Any]] = []
+        for item in found:
+            if isinstance(item, Mapping):
+                resource = _strip_empty(item) or {}
+                resource.setdefault("resourceType", resource_type)
+                out.append(resource)
+        return out
+
+    async def create_resource(self, resource_type: str, resource: Mapping[str, Any]) -> dict[str, Any]:
+        """``<Type>Create(res:)``; returns the created resource as the backend holds it.
+
+        Parameters
+        ----------
+        resource_type:
+            ``"Patient"`` or ``"Endpoint"``.
+        resource:
+            FHIR JSON; pruned to what the create input type accepts.
+
+        Raises
+        ------
+        RetryableSinkError, PermanentSinkError
+            Also when the backend answers without a resource id.
+        """
+        fitted = self._linked_fit(resource_type)
+        what = f"create {resource_type}"
+        res, dropped = _prune_to(resource, fitted.create_input_type)
+        if "resourceType" in fitted.create_input_type.fields:
+            res["resourceType"] = resource_type
+        if dropped:
+            LOGGER.debug("pruned %d field(s) from %s: %s", len(dropped), what, ", ".join(dropped))
+        data = await self._execute(GraphQLRequest(fitted.create, variable_values={"res": res}), what=what)
+        found = data.get(f"{resource_type}Create")
+        created = _strip_empty(found) if isinstance(found, Mapping) else None
+        if not isinstance(created, dict) or not isinstance(created.get("id"), str) or not created["id"]:
+            raise PermanentSinkError(f"{what}: the backend answered without a resource id")
+        created.setdefault("resourceType", resource_type)
+        return created
+
     # -- internals -----------------------------------------------------------------------------------
 
     def _prepare(self, resource: Mapping[str, Any], *, backend_id: str | None) -> dict[str, Any]:
@@ -897,6 +1182,7 @@ class GraphQLSink:
 
     async def _execute(self, request: GraphQLRequest, *, what: str) -> dict[str, Any]:
         """Send one request; on HTTP 401 re-read the token once and resend at once if it changed."""
+        request = _PrintedRequest(request, self._printed)
         for attempt in (1, 2):
             if self._session is None:
                 raise RetryableSinkError(f"{what}: the GraphQL sink is not connected")

@@ -4,7 +4,9 @@ Same tables and semantics as :class:`ingest.adapters.state.SQLiteStateStore`; ti
 ``claim_due`` selects with ``FOR UPDATE SKIP LOCKED`` and writes a lease in the same statement, so each
 due study has exactly one writer across nodes; an expired lease lets another node take over.
 
-Connections come from a small pool (idle connections are reused; a broken one is dropped), each in
+Connections come from a small pool (idle connections are reused; one the server has closed or written
+to while idle is dropped at checkout, and a connection failure drops every idle one, so a restarted
+server costs at most the one call that was in flight), each in
 autocommit mode with one explicit transaction per call, ``synchronous_commit = on`` and
 ``TimeZone = UTC``. The schema is versioned in ``ingest_schema`` and migrated under an advisory lock.
 
@@ -17,6 +19,7 @@ credentials.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -92,6 +95,21 @@ def _to_dt(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
 
 
+def _stale(conn: psycopg.Connection[Any]) -> bool:
+    """True when an idle connection cannot be reused: closed, broken, or the server wrote to it while idle.
+
+    An idle autocommit connection (no ``LISTEN``) receives nothing unless the server is terminating it
+    (restart, ``pg_terminate_backend``, crash: a FATAL message or EOF), so a readable socket means stale.
+    """
+    if conn.closed or conn.broken:
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
 def _label(url: str) -> str:
     try:
         info = conninfo_to_dict(url)
@@ -150,17 +168,29 @@ class PostgresStateStore(StateStore):
             if self._closed:
                 raise StoreError(f"state database {self.label}: {op} on a closed store")
             conn = self._idle.pop() if self._idle else None
+        while conn is not None and _stale(conn):
+            conn.close()
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
         try:
             if conn is None:
                 conn = self._connect()
             yield conn
         except psycopg.OperationalError as exc:
+            if conn is not None and (conn.broken or conn.closed):
+                self._drop_idle()  # the server went away: the other idle connections are dead too
             raise StoreUnavailableError(f"state database {self.label}: {op} failed: {exc}") from exc
         except psycopg.Error as exc:
             raise StoreError(f"state database {self.label}: {op} failed: {exc}") from exc
         finally:
             if conn is not None:
                 self._give_back(conn)
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def _give_back(self, conn: psycopg.Connection[Any]) -> None:
         with self._lock:

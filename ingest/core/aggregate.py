@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from operator import attrgetter
 from typing import TypeVar
 
 from ingest.core.records import InstanceRecord
@@ -24,6 +25,8 @@ from ingest.errors import InstanceConflictError
 __all__ = ["SeriesAggregate", "StudyAggregate", "add", "aggregate", "distinct", "pick"]
 
 T = TypeVar("T")
+
+_sop_uid: Callable[[InstanceRecord], str] = attrgetter("sop_uid")  # (0008,0018), the canonical order
 
 
 def _present(value: object) -> bool:
@@ -56,16 +59,22 @@ def pick(records: Iterable[InstanceRecord], get: Callable[[InstanceRecord], T | 
         ``None`` when no record has a value.
     """
     counts: dict[T, int] = {}
-    first: dict[T, int] = {}
-    for rank, record in enumerate(sorted(records, key=lambda r: r.sop_uid)):
+    for record in sorted(records, key=_sop_uid):
         value = get(record)
-        if value is None or not _present(value):
+        # inline _present(): this loop runs once per record and study/series-level attribute
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if not value.strip():
+                continue
+        elif isinstance(value, tuple) and not value:
             continue
         counts[value] = counts.get(value, 0) + 1
-        first.setdefault(value, rank)
     if not counts:
         return None
-    return min(counts, key=lambda v: (-counts[v], first[v]))
+    # a dict keeps insertion order (first seen in SOP Instance UID order), and among equally common
+    # values max() returns the first it meets: the most common value, ties to the one seen first
+    return max(counts, key=counts.__getitem__)
 
 
 def distinct(records: Iterable[InstanceRecord], get: Callable[[InstanceRecord], object]) -> int:

@@ -17,13 +17,18 @@ Rules (DESIGN.md "Acceptance", MAPPING.md):
 Raw (undecoded) elements are decoded here, with the dataset's Specific Character Set; this is both
 faster than pydicom's generic value conversion and free of pydicom's validation warnings, which may
 quote values (patient data) in log messages.
+
+Two entry points share one implementation: :func:`extract` takes a pydicom ``Dataset``;
+:func:`extract_elements` takes the plain ``{tag: RawDataElement}`` mapping the file reader builds
+(no ``Dataset`` is made for it, which is most of the per-file cost pydicom would add; pydicom still
+parses sequences, via a small ``Dataset`` made only for the sequence at hand).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, TypeAlias, TypeVar, cast
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataelem import DataElement, RawDataElement
@@ -44,9 +49,10 @@ from ingest.errors import (
     NotPatientInstanceError,
 )
 
-__all__ = ["extract", "valid_uid"]
+__all__ = ["extract", "extract_elements", "valid_uid"]
 
 _T = TypeVar("_T")
+_Element: TypeAlias = "DataElement | RawDataElement"
 
 # DICOM UID grammar (PS3.5 9.1; MAPPING.md "UID validity"): digits, no leading zeros, no empty component.
 _UID_RE: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", re.ASCII)
@@ -58,9 +64,37 @@ _CHARSET_VRS: Final = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
 _DEFAULT_ENCODINGS: Final = ("iso8859",)
 _ESC: Final = 0x1B
 
-_T_CHARSET: Final = tag_of("SpecificCharacterSet")
-_T_FILE_SET_ID: Final = tag_of("FileSetID")
-_T_DIRECTORY_RECORDS: Final = tag_of("DirectoryRecordSequence")
+_T_CHARSET: Final = int(tag_of("SpecificCharacterSet"))
+_T_FILE_SET_ID: Final = int(tag_of("FileSetID"))
+_T_DIRECTORY_RECORDS: Final = int(tag_of("DirectoryRecordSequence"))
+_MEDIA_STORAGE_DIRECTORY: Final = "1.2.840.10008.1.3.10"
+
+# keyword -> tag as a plain int (dict lookups with int keys never call BaseTag.__eq__)
+_KEYWORD_TAGS: dict[str, int] = {}
+# tag -> dictionary VR, for implicit VR and UN elements ("UN" when the dictionary has no entry)
+_DICTIONARY_VRS: dict[int, str] = {}
+
+
+def _tag(keyword: str) -> int:
+    """The tag of a DICOM keyword, as an int (cached)."""
+    tag = _KEYWORD_TAGS.get(keyword)
+    if tag is None:
+        tag = _KEYWORD_TAGS[keyword] = int(tag_of(keyword))
+    return tag
+
+
+def _dictionary_vr(tag: int) -> str:
+    """The PS3.6 dictionary VR of *tag*, ``"UN"`` when unknown (cached)."""
+    vr = _DICTIONARY_VRS.get(tag)
+    if vr is None:
+        from pydicom.datadict import dictionary_VR
+
+        try:
+            vr = str(dictionary_VR(tag))
+        except KeyError:
+            vr = "UN"
+        _DICTIONARY_VRS[tag] = vr
+    return vr
 
 
 def valid_uid(value: str) -> bool:
@@ -86,8 +120,8 @@ def _show(value: str) -> str:
     return repr(value if len(value) <= 80 else value[:77] + "...")
 
 
-def _tag_text(tag: BaseTag) -> str:
-    return f"({tag.group:04X},{tag.element:04X})"
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 class _OptionalDropped(Exception):
@@ -95,18 +129,42 @@ class _OptionalDropped(Exception):
 
 
 class _Reader:
-    """Reads text, names, integers and code items from one dataset level with its character set."""
+    """Reads text, names, integers and code items from one dataset level with its character set.
 
-    def __init__(self, ds: Dataset, encodings: Sequence[str], warnings: list[str]) -> None:
-        self.ds = ds
+    The level is a pydicom ``Dataset`` (sequence items, datasets built in memory) or the plain
+    ``{int tag: element}`` mapping of the file reader.
+    """
+
+    __slots__ = ("_ds", "_get", "_source", "encodings", "warnings")
+
+    def __init__(
+        self, source: Dataset | Mapping[int, _Element], encodings: Sequence[str], warnings: list[str]
+    ) -> None:
+        self._source = source
+        self._ds: Dataset | None
+        self._get: Callable[[int], _Element | None]
+        if isinstance(source, Dataset):
+            self._ds = source
+            self._get = cast("Callable[[int], _Element | None]", source.get_item)
+        else:
+            self._ds = None
+            self._get = source.get
         self.warnings = warnings
         self.encodings = self._own_encodings(encodings)
 
     # -- low level ---------------------------------------------------------------------------------
 
+    def element(self, tag: int) -> _Element | None:
+        """The element at *tag*, raw (undecoded) if not converted yet; ``None`` if absent."""
+        return self._get(tag)
+
+    def has(self, tag: int) -> bool:
+        """Whether the level holds an element at *tag*."""
+        return tag in self._source
+
     def _own_encodings(self, parent: Sequence[str]) -> Sequence[str]:
         """The encodings of this level: its own (0008,0005), else the parent's (PS3.5 6.1.2.5)."""
-        elem = _element(self.ds, _T_CHARSET)
+        elem = self._get(_T_CHARSET)
         if elem is None:
             return parent
         if isinstance(elem, RawDataElement):
@@ -138,28 +196,38 @@ class _Reader:
             except UnicodeDecodeError:
                 self.warnings.append(f"{keyword}: bytes invalid in the declared character set replaced")
                 return raw.decode(self.encodings[0], errors="replace")
+        key = (raw, tuple(self.encodings))
+        text = _ESCAPED_MEMO.get(key)
+        if text is not None:
+            return text
         try:
-            return decode_bytes(raw, self.encodings, TEXT_VR_DELIMS)  # ISO 2022 code extensions
+            text = decode_bytes(raw, self.encodings, TEXT_VR_DELIMS)  # ISO 2022 code extensions
         except Exception:  # pydicom warns (or raises when warnings are errors) on bad escape sequences
             self.warnings.append(f"{keyword}: invalid code extension sequence, characters replaced")
             return raw.decode(self.encodings[0], errors="replace")
+        if len(_ESCAPED_MEMO) >= _MEMO_MAX:
+            _ESCAPED_MEMO.clear()
+        _ESCAPED_MEMO[key] = text  # successes only: a failure is decoded (and reported) every time
+        return text
 
     def strings(self, keyword: str, *, split: bool = True) -> list[str] | None:
         """All values of a string element, each stripped of padding; ``None`` when absent.
 
         An element that is present but empty gives ``[]``.
         """
-        tag = tag_of(keyword)
-        elem = _element(self.ds, tag)
+        tag = _tag(keyword)
+        elem = self._get(tag)
         if elem is None:
             return None
         if isinstance(elem, RawDataElement):
             raw = elem.value
             if not raw:
                 return []
-            if not isinstance(raw, bytes):  # pragma: no cover - pydicom only stores bytes raw
+            if not isinstance(raw, bytes):  # pydicom only stores bytes raw; anything else is corrupt
                 raise TypeError(f"unexpected raw value type {type(raw).__name__}")
-            vr = _vr_of(elem, tag)
+            vr = elem.VR
+            if not vr or vr == "UN":  # implicit VR, or UN: the dictionary VR
+                vr = _dictionary_vr(tag)
             text = self.decode(raw.rstrip(b"\0 "), keyword, charset=vr in _CHARSET_VRS)
             parts = text.split("\\") if split else [text]
         else:
@@ -169,9 +237,11 @@ class _Reader:
     def text(self, keyword: str, *, split: bool = True) -> str | None:
         """The first non-empty value of a string element, else ``None``."""
         values = self.strings(keyword, split=split)
-        if not values:
-            return None
-        return next((v for v in values if v), None)
+        if values:
+            for value in values:
+                if value:
+                    return value
+        return None
 
     # -- typed readers ------------------------------------------------------------------------------
 
@@ -180,8 +250,7 @@ class _Reader:
         values = self.strings(keyword)
         if values is None:
             return None
-        tag = tag_of(keyword)
-        where = f"{keyword} {_tag_text(tag)}"
+        where = f"{keyword} {_tag_text(_tag(keyword))}"
         first = values[0] if values else ""
         if not first:
             raise _OptionalDropped(f"{where}: blank IS value dropped")
@@ -197,15 +266,15 @@ class _Reader:
 
     def names(self, keyword: str) -> tuple[PersonName, ...]:
         """All values of a PN element, split into the alphabetic/ideographic/phonetic groups."""
-        tag = tag_of(keyword)
-        elem = _element(self.ds, tag)
+        tag = _tag(keyword)
+        elem = self._get(tag)
         if elem is None:
             return ()
         if isinstance(elem, RawDataElement):
             raw = elem.value
             if not raw:
                 return ()
-            if not isinstance(raw, bytes):  # pragma: no cover - pydicom only stores bytes raw
+            if not isinstance(raw, bytes):  # pydicom only stores bytes raw; anything else is corrupt
                 raise TypeError(f"unexpected raw value type {type(raw).__name__}")
             values = self.decode(raw.rstrip(b"\0 "), keyword, charset=True).split("\\")
         else:
@@ -218,7 +287,7 @@ class _Reader:
             groups = [*groups[:3], "", ""][:3]
             if not any(g.strip("^ ") for g in groups):
                 continue
-            result.append(PersonName(alphabetic=groups[0], ideographic=groups[1], phonetic=groups[2]))
+            result.append(_person_name(groups[0], groups[1], groups[2]))
         return tuple(result)
 
     def name(self, keyword: str) -> PersonName | None:
@@ -226,21 +295,42 @@ class _Reader:
         names = self.names(keyword)
         return names[0] if names else None
 
+    def _sequence_value(self, tag: int) -> Any:
+        """The converted value of the sequence at *tag* (pydicom parses the bytes); ``None`` if absent."""
+        ds = self._ds
+        if ds is None:
+            elem = self._get(tag)
+            if elem is None:
+                return None
+            if not isinstance(elem, RawDataElement):
+                return elem.value
+            # only this sequence, with the level's character set, goes through pydicom
+            key = BaseTag(tag)
+            elements: dict[BaseTag, _Element] = {key: elem._replace(tag=key)}
+            charset = self._get(_T_CHARSET)
+            if charset is not None:
+                cs_key = BaseTag(_T_CHARSET)
+                if isinstance(charset, RawDataElement):
+                    charset = charset._replace(tag=cs_key)
+                elements[cs_key] = charset
+            ds = Dataset(elements)
+            return ds[key].value
+        if tag not in ds:
+            return None
+        return ds[tag].value
+
     def items(self, keyword: str) -> list[_Reader]:
         """Readers for the items of a sequence (decoded here; nested items inherit the character set)."""
-        tag = tag_of(keyword)
-        if tag not in self.ds:
-            return []
-        value = self.ds[tag].value  # pydicom parses the sequence bytes here
+        value = self._sequence_value(_tag(keyword))
         if value is None or value == "":
             return []
         if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-            raise TypeError(f"{keyword} {_tag_text(tag)} is not a sequence")
+            raise TypeError(f"{keyword} {_tag_text(_tag(keyword))} is not a sequence")
         return [_Reader(item, self.encodings, self.warnings) for item in value if isinstance(item, Dataset)]
 
     def codes(self, keyword: str) -> tuple[Code, ...]:
         """The code items of a code sequence (PS3.3 8.8); incomplete items dropped with a warning."""
-        tag = tag_of(keyword)
+        tag = _tag(keyword)
         result: list[Code] = []
         for index, item in enumerate(self.items(keyword)):
             value = item.text("CodeValue") or item.text("LongCodeValue") or item.text("URNCodeValue")
@@ -261,23 +351,170 @@ class _Reader:
             )
         return tuple(result)
 
+    # -- optional values: a failure drops the value with a warning instead of the instance ----------
 
-def _element(ds: Dataset, tag: int) -> DataElement | RawDataElement | None:
-    """The element at *tag*, raw (undecoded) if pydicom has not converted it yet; ``None`` if absent."""
-    return cast("DataElement | RawDataElement | None", ds.get_item(tag))
+    def _dropped(self, keyword: str, exc: Exception) -> None:
+        if isinstance(exc, _OptionalDropped):
+            self.warnings.append(str(exc))
+        else:
+            self.warnings.append(
+                f"{keyword} {_tag_text(_tag(keyword))}: undecodable value dropped ({type(exc).__name__})"
+            )
+
+    def opt_text(self, keyword: str, *, split: bool = True) -> str | None:
+        """:meth:`text`, or ``None`` with a warning when the value cannot be decoded.
+
+        The common case (a raw value that decodes without a warning, no code extensions) is handled
+        inline; everything else takes the general path, which gives the same result and warnings.
+        """
+        tag = _KEYWORD_TAGS.get(keyword) or _tag(keyword)
+        try:
+            elem = self._get(tag)
+        except Exception:  # a pydicom deferred read failing: the general path reports it
+            return self._opt_text(keyword, split)
+        if elem is None:
+            return None
+        if elem.__class__ is RawDataElement:
+            raw = elem.value
+            if raw.__class__ is bytes:
+                if not raw:
+                    return None
+                vr = elem.VR
+                if not vr or vr == "UN":  # implicit VR, or UN: the dictionary VR
+                    vr = _dictionary_vr(tag)
+                raw = raw.rstrip(b"\0 ")
+                text: str | None = None
+                if vr not in _CHARSET_VRS:
+                    text = raw.decode("latin-1")  # default repertoire (PS3.5 6.1.2.1)
+                elif _ESC not in raw:
+                    try:
+                        text = raw.decode(self.encodings[0])
+                    except (LookupError, UnicodeDecodeError):
+                        text = None  # the general path decodes it again, with its warning
+                if text is not None:
+                    if split and "\\" in text:  # the first non-empty value of a multi-valued element
+                        for part in text.split("\\"):
+                            part = part.strip(" \0")
+                            if part:
+                                return part
+                        return None
+                    return text.strip(" \0") or None
+        return self._opt_text(keyword, split)
+
+    def _opt_text(self, keyword: str, split: bool) -> str | None:
+        try:
+            return self.text(keyword, split=split)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            self._dropped(keyword, exc)
+            return None
+
+    def opt_integer(self, keyword: str) -> int | None:
+        """:meth:`integer`, or ``None`` with a warning when the value is unusable."""
+        try:
+            return self.integer(keyword)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            self._dropped(keyword, exc)
+            return None
+
+    def opt_names(self, keyword: str) -> tuple[PersonName, ...]:
+        """:meth:`names`, or ``()`` with a warning when the value cannot be decoded."""
+        try:
+            return self.names(keyword)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            self._dropped(keyword, exc)
+            return ()
+
+    def opt_name(self, keyword: str) -> PersonName | None:
+        """:meth:`name`, or ``None`` with a warning when the value cannot be decoded."""
+        try:
+            return self.name(keyword)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            self._dropped(keyword, exc)
+            return None
+
+    def opt_codes(self, keyword: str) -> tuple[Code, ...]:
+        """The code items of a code sequence, decoded once per distinct encoding (see
+        :func:`_memo_sequence`); ``()`` with a warning when the sequence cannot be parsed."""
+        try:
+            return _memo_sequence(self, keyword, lambda: self.codes(keyword))
+        except RecursionError:
+            raise
+        except Exception as exc:
+            self._dropped(keyword, exc)
+            return ()
+
+    def opt_first_item(self, keyword: str) -> _ItemTexts | None:
+        """The :data:`_ITEM_FIELDS` texts of a sequence's first item (memoised like codes)."""
+
+        def read() -> _ItemTexts | None:
+            items = self.items(keyword)
+            if not items:
+                return None
+            first = items[0]
+            return {field: first.opt_text(field, split=False) for field in _ITEM_FIELDS}
+
+        try:
+            return _memo_sequence(self, keyword, read)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            self._dropped(keyword, exc)
+            return None
 
 
-def _vr_of(elem: RawDataElement, tag: BaseTag) -> str:
-    """The element's VR: explicit from the file, else (implicit VR, or UN) the dictionary VR."""
-    vr = elem.VR
-    if vr and vr != "UN":
-        return str(vr)
-    from pydicom.datadict import dictionary_VR
+_ItemTexts = dict[str, str | None]
+# The item fields read from single-item sequences (issuer qualifiers, concept name).
+_ITEM_FIELDS: Final = ("UniversalEntityID", "UniversalEntityIDType", "LocalNamespaceEntityID", "CodeMeaning")
+_SEQ_MEMO: dict[tuple[Any, ...], tuple[Any, tuple[str, ...]]] = {}
+_SEQ_MEMO_MAX: Final = 4096
+_MEMO_MAX: Final = 4096
+# ISO 2022 text (code extensions) decoded by pydicom, keyed by the bytes and the encodings: names and
+# descriptions repeat across the instances of a study, and pydicom's decoder is slow.
+_ESCAPED_MEMO: dict[tuple[bytes, tuple[str, ...]], str] = {}
+# Decoded person names, shared between records (they are frozen): the instances of a study repeat
+# the same names, and shared objects pickle once per batch when records cross processes.
+_NAME_MEMO: dict[tuple[str, str, str], PersonName] = {}
 
-    try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return "UN"
+
+def _person_name(alphabetic: str, ideographic: str, phonetic: str) -> PersonName:
+    key = (alphabetic, ideographic, phonetic)
+    name = _NAME_MEMO.get(key)
+    if name is None:
+        if len(_NAME_MEMO) >= _MEMO_MAX:
+            _NAME_MEMO.clear()
+        name = _NAME_MEMO[key] = PersonName(alphabetic=alphabetic, ideographic=ideographic, phonetic=phonetic)
+    return name
+
+
+def _memo_sequence(reader: _Reader, keyword: str, compute: Callable[[], _T]) -> _T:
+    """Decode a sequence once per distinct encoding in this process.
+
+    The instances of a study repeat the same study- and series-level sequences byte for byte; parsing a
+    sequence is the costliest part of extraction, so the decoded result (and the warnings it produced) is
+    remembered, keyed by the raw bytes and everything that affects their meaning. Results are immutable.
+    """
+    elem = reader.element(_tag(keyword))
+    if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
+        return compute()
+    key = (keyword, elem.value, elem.is_implicit_VR, elem.is_little_endian, tuple(reader.encodings))
+    hit = _SEQ_MEMO.get(key)
+    if hit is not None:
+        reader.warnings.extend(hit[1])
+        return cast("_T", hit[0])
+    before = len(reader.warnings)
+    result = compute()
+    if len(_SEQ_MEMO) >= _SEQ_MEMO_MAX:
+        _SEQ_MEMO.clear()
+    _SEQ_MEMO[key] = (result, tuple(reader.warnings[before:]))
+    return result
 
 
 def _as_strings(value: Any) -> list[str]:
@@ -304,24 +541,9 @@ def _pn_strings(value: Any) -> list[str]:
     return str(value).split("\\")
 
 
-def _optional(warnings: list[str], default: _T, read: Callable[[], _T], keyword: str) -> _T:
-    """Run one optional read; a failure drops the value with a warning instead of the instance."""
-    try:
-        return read()
-    except _OptionalDropped as exc:
-        warnings.append(str(exc))
-    except RecursionError:
-        raise
-    except Exception as exc:
-        warnings.append(
-            f"{keyword} {_tag_text(tag_of(keyword))}: undecodable value dropped ({type(exc).__name__})"
-        )
-    return default
-
-
 def _check_uid(reader: _Reader, keyword: str, sop_uid: str | None, source: str) -> str:
     """Return a required UID, or raise MissingTagError / InvalidUIDError."""
-    tag = tag_of(keyword)
+    tag = _tag(keyword)
     where = f"SOPInstanceUID={sop_uid!r}" if sop_uid and keyword != "SOPInstanceUID" else "instance"
     values = reader.strings(keyword)
     if not values or not values[0]:
@@ -339,11 +561,6 @@ def _check_uid(reader: _Reader, keyword: str, sop_uid: str | None, source: str) 
             uid=sop_uid,
         )
     return value
-
-
-def _is_directory(ds: Dataset, sop_class: str | None) -> bool:
-    """A DICOMDIR: Media Storage Directory SOP class, or Basic Directory attributes (group 0004)."""
-    return sop_class == "1.2.840.10008.1.3.10" or _T_FILE_SET_ID in ds or _T_DIRECTORY_RECORDS in ds
 
 
 def extract(ds: Dataset, *, source: str = "") -> InstanceRecord:
@@ -377,25 +594,89 @@ def extract(ds: Dataset, *, source: str = "") -> InstanceRecord:
     HeaderError
         Any other decode failure of a required element.
     """
+
+    def meta() -> tuple[str | None, str | None]:
+        file_meta = getattr(ds, "file_meta", None)
+        if file_meta is None:
+            return None, None
+        # (0002,0010) Transfer Syntax UID, (0002,0002) Media Storage SOP Class UID
+        return _meta_text(file_meta, 0x00020010), _meta_text(file_meta, 0x00020002)
+
+    return _extract(ds, meta, source)
+
+
+def extract_elements(
+    elements: Mapping[int, DataElement | RawDataElement],
+    *,
+    transfer_syntax_uid: str | None = None,
+    media_sop_class_uid: str | None = None,
+    source: str = "",
+) -> InstanceRecord:
+    """Like :func:`extract`, for the top-level elements of a dataset held in a plain mapping.
+
+    This is the file reader's fast path: no pydicom ``Dataset`` is built for the instance. The
+    result, warnings and errors are those :func:`extract` gives for a ``Dataset`` of the same
+    elements with a file meta group holding the two UIDs.
+
+    Parameters
+    ----------
+    elements:
+        ``{tag: element}`` with ``int`` tags; elements are usually pydicom ``RawDataElement``\\ s
+        (undecoded bytes), as the reader in :mod:`ingest.adapters.dicomfile` makes them.
+    transfer_syntax_uid:
+        (0002,0010) Transfer Syntax UID of the file meta group, if any.
+    media_sop_class_uid:
+        (0002,0002) Media Storage SOP Class UID of the file meta group, if any (DICOMDIR detection).
+    source:
+        Where the dataset came from (a path, ``dimse:<AE>``), used in error messages only.
+
+    Returns
+    -------
+    InstanceRecord
+        As :func:`extract`.
+
+    Raises
+    ------
+    HeaderError
+        As :func:`extract`.
+    """
+
+    def meta() -> tuple[str | None, str | None]:
+        return _meta_value(transfer_syntax_uid), _meta_value(media_sop_class_uid)
+
+    return _extract(elements, meta, source)
+
+
+def _meta_value(value: str | None) -> str | None:
+    return None if value is None else value.strip(" \0") or None
+
+
+def _extract(
+    source_ds: Dataset | Mapping[int, _Element],
+    meta: Callable[[], tuple[str | None, str | None]],
+    source: str,
+) -> InstanceRecord:
+    """The body of :func:`extract` and :func:`extract_elements` (same rules, same messages)."""
     src = source or "<dataset>"
     warnings: list[str] = []
     keyword = "SOPInstanceUID"
     sop_uid: str | None = None
     try:
-        reader = _Reader(ds, _DEFAULT_ENCODINGS, warnings)
-        file_meta = getattr(ds, "file_meta", None)
-        meta_sop_class: str | None = None
-        transfer_syntax: str | None = None
-        if file_meta is not None:
-            transfer_syntax = _meta_text(file_meta, 0x00020010)  # (0002,0010) Transfer Syntax UID
-            meta_sop_class = _meta_text(file_meta, 0x00020002)  # (0002,0002) Media Storage SOP Class
+        reader = _Reader(source_ds, _DEFAULT_ENCODINGS, warnings)
+        transfer_syntax, meta_sop_class = meta()
 
         # (0008,0018) first, so every later message can name the instance
         raw_sop = reader.strings("SOPInstanceUID")
         sop_uid = raw_sop[0] if raw_sop else None
         keyword = "SOPClassUID"
         sop_class = reader.text("SOPClassUID") or meta_sop_class
-        if _is_directory(ds, sop_class) or (sop_class in NON_PATIENT_SOP_CLASSES):
+        # a DICOMDIR: Media Storage Directory SOP class, or Basic Directory attributes (group 0004)
+        is_directory = (
+            sop_class == _MEDIA_STORAGE_DIRECTORY
+            or reader.has(_T_FILE_SET_ID)
+            or reader.has(_T_DIRECTORY_RECORDS)
+        )
+        if is_directory or (sop_class in NON_PATIENT_SOP_CLASSES):
             raise NotPatientInstanceError(
                 f"Not a patient instance: SOP class {_show(sop_class or 'Media Storage Directory')} "
                 f"(DICOMDIR, Color Palette and other non-patient objects are not ingested; source={src})",
@@ -412,39 +693,19 @@ def extract(ds: Dataset, *, source: str = "") -> InstanceRecord:
         series_uid = _check_uid(reader, "SeriesInstanceUID", sop_uid, src)
         keyword = "optional attributes"
 
-        def opt(read: Callable[[], _T], kw: str, default: _T) -> _T:
-            return _optional(warnings, default, read, kw)
-
-        def text(kw: str, *, split: bool = True) -> str | None:
-            return opt(lambda: reader.text(kw, split=split), kw, None)
-
-        def names(kw: str) -> tuple[PersonName, ...]:
-            return opt(lambda: reader.names(kw), kw, ())
-
-        def integer(kw: str) -> int | None:
-            return opt(lambda: reader.integer(kw), kw, None)
-
-        def codes(kw: str) -> tuple[Code, ...]:
-            return opt(lambda: reader.codes(kw), kw, ())
-
-        def first_item(kw: str) -> _Reader | None:
-            none: list[_Reader] = []
-            items = opt(lambda: reader.items(kw), kw, none)
-            return items[0] if items else None
+        text = reader.opt_text
+        names = reader.opt_names
+        integer = reader.opt_integer
+        codes = reader.opt_codes
 
         # (0010,0024) Issuer of Patient ID Qualifiers > (0040,0032) / (0040,0033)
-        pid_issuer = first_item("IssuerOfPatientIDQualifiersSequence")
+        pid_issuer = reader.opt_first_item("IssuerOfPatientIDQualifiersSequence") or {}
         # (0008,0051) Issuer of Accession Number > (0040,0031) / (0040,0032) / (0040,0033)
-        acc_issuer = first_item("IssuerOfAccessionNumberSequence")
+        acc_issuer = reader.opt_first_item("IssuerOfAccessionNumberSequence") or {}
         # (0040,A043) Concept Name Code Sequence > (0008,0104) Code Meaning, for SR documents
-        concept = first_item("ConceptNameCodeSequence")
+        concept = reader.opt_first_item("ConceptNameCodeSequence") or {}
         # (0020,0060) Laterality, else (0020,0062) Image Laterality
         laterality = text("Laterality") or text("ImageLaterality")
-
-        def item_text(item: _Reader | None, kw: str) -> str | None:
-            if item is None:
-                return None
-            return opt(lambda: item.text(kw, split=False), kw, None)
 
         return InstanceRecord(
             study_uid=study_uid,
@@ -454,23 +715,21 @@ def extract(ds: Dataset, *, source: str = "") -> InstanceRecord:
             transfer_syntax_uid=transfer_syntax or None,
             patient_id=text("PatientID"),
             patient_id_issuer=text("IssuerOfPatientID"),
-            patient_id_issuer_uid=item_text(pid_issuer, "UniversalEntityID"),
-            patient_id_issuer_uid_type=item_text(pid_issuer, "UniversalEntityIDType"),
-            patient_name=opt(lambda: reader.name("PatientName"), "PatientName", None),
+            patient_id_issuer_uid=pid_issuer.get("UniversalEntityID"),
+            patient_id_issuer_uid_type=pid_issuer.get("UniversalEntityIDType"),
+            patient_name=reader.opt_name("PatientName"),
             patient_sex=text("PatientSex"),
             patient_birth_date=text("PatientBirthDate"),
             study_date=text("StudyDate"),
             study_time=text("StudyTime"),
             timezone_offset=text("TimezoneOffsetFromUTC"),
             accession_number=text("AccessionNumber"),
-            accession_issuer_uid=item_text(acc_issuer, "UniversalEntityID"),
-            accession_issuer_uid_type=item_text(acc_issuer, "UniversalEntityIDType"),
-            accession_issuer_local=item_text(acc_issuer, "LocalNamespaceEntityID"),
+            accession_issuer_uid=acc_issuer.get("UniversalEntityID"),
+            accession_issuer_uid_type=acc_issuer.get("UniversalEntityIDType"),
+            accession_issuer_local=acc_issuer.get("LocalNamespaceEntityID"),
             study_id=text("StudyID"),
             study_description=text("StudyDescription", split=False),
-            referring_physician=opt(
-                lambda: reader.name("ReferringPhysicianName"), "ReferringPhysicianName", None
-            ),
+            referring_physician=reader.opt_name("ReferringPhysicianName"),
             reading_physicians=names("NameOfPhysiciansReadingStudy"),
             procedure_codes=codes("ProcedureCodeSequence"),
             reason_text=text("ReasonForTheRequestedProcedure", split=False),
@@ -486,7 +745,7 @@ def extract(ds: Dataset, *, source: str = "") -> InstanceRecord:
             operators=names("OperatorsName"),
             instance_number=integer("InstanceNumber"),
             content_label=text("ContentLabel"),
-            concept_name=item_text(concept, "CodeMeaning"),
+            concept_name=concept.get("CodeMeaning"),
             number_of_frames=integer("NumberOfFrames"),
             warnings=tuple(dict.fromkeys(warnings)),
         )
@@ -509,7 +768,7 @@ def extract(ds: Dataset, *, source: str = "") -> InstanceRecord:
 
 def _meta_text(file_meta: Dataset, tag: int) -> str | None:
     """A UI value from the file meta group, raw or converted."""
-    elem = _element(file_meta, tag)
+    elem = cast("_Element | None", file_meta.get_item(tag))
     if elem is None:
         return None
     value: Iterable[str] | str

@@ -16,7 +16,7 @@ import pytest
 from pydicom.data import get_palette_files, get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from ingest.adapters.dicomfile import (
     ParsedInstance,
@@ -37,8 +37,15 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 UNDEFINED = 0xFFFFFFFF
 
 
+def bundled(name: str) -> str:
+    """Path of one of pydicom's bundled test files."""
+    path = get_testdata_file(name)
+    assert isinstance(path, str)
+    return path
+
+
 def data_of(name: str) -> bytes:
-    return Path(get_testdata_file(name)).read_bytes()
+    return Path(bundled(name)).read_bytes()
 
 
 def dataset_offset(data: bytes) -> int:
@@ -46,7 +53,7 @@ def dataset_offset(data: bytes) -> int:
     assert data[128:132] == b"DICM"
     assert data[132:136] == b"\x02\x00\x00\x00"
     (group_length,) = struct.unpack_from("<L", data, 140)
-    return 144 + group_length
+    return 144 + int(group_length)
 
 
 # -- reading real files ------------------------------------------------------------------------------
@@ -72,11 +79,11 @@ def dataset_offset(data: bytes) -> int:
         "rtstruct.dcm",
         "waveform_ecg.dcm",
         "liver_1frame.dcm",
-        "UN_sequence.dcm" if False else "reportsi.dcm",
+        "reportsi.dcm",
     ],
 )
 def test_fast_reader_agrees_with_pydicom(name: str) -> None:
-    path = Path(get_testdata_file(name))
+    path = Path(bundled(name))
     parsed = read_header(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -87,7 +94,7 @@ def test_fast_reader_agrees_with_pydicom(name: str) -> None:
 
 def test_same_study_in_four_encodings() -> None:
     records = [
-        read_header(Path(get_testdata_file(n))).record
+        read_header(Path(bundled(n))).record
         for n in ("MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm")
     ]
     assert len({(r.study_uid, r.series_uid, r.sop_uid, r.modality) for r in records}) == 1
@@ -127,11 +134,16 @@ def test_dimse_dataset_matches_the_file() -> None:
     )
 
 
-def test_implicit_dimse_dataset() -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    buffer = DicomBytesIO()
-    pydicom.filewriter.write_dataset(buffer, ds.copy(), ImplicitLE := None)  # type: ignore[arg-type]
-    del ImplicitLE
+@pytest.mark.parametrize(
+    ("name", "syntax"),
+    [("MR_small_implicit.dcm", "1.2.840.10008.1.2"), ("MR_small_bigendian.dcm", "1.2.840.10008.1.2.2")],
+)
+def test_dimse_dataset_in_other_transfer_syntaxes(name: str, syntax: str) -> None:
+    data = data_of(name)
+    from_file = read_header_bytes(data, source="file")
+    over_dimse = read_header_bytes(data[dataset_offset(data) :], source="dimse", transfer_syntax_uid=syntax)
+    assert over_dimse.record == from_file.record
+    assert over_dimse.digest == from_file.digest
 
 
 def test_file_meta_without_preamble() -> None:
@@ -140,7 +152,7 @@ def test_file_meta_without_preamble() -> None:
     assert parsed.record == read_header_bytes(data, source="full").record
 
 
-@pytest.mark.parametrize("path", [get_testdata_file("DICOMDIR"), *get_palette_files("*.dcm")[:2]])
+@pytest.mark.parametrize("path", [bundled("DICOMDIR"), *get_palette_files("*.dcm")[:2]])
 def test_non_patient_files_are_rejected(path: str) -> None:
     with pytest.raises(NotPatientInstanceError) as info:
         read_header(Path(path))
@@ -177,26 +189,31 @@ def test_empty_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["rtplan_truncated.dcm", "MR_truncated.dcm"])
 def test_truncated_test_files(name: str) -> None:
     with pytest.raises(TruncatedError) as info:
-        read_header(Path(get_testdata_file(name)))
+        read_header(Path(bundled(name)))
     assert info.value.reason == "truncated"
 
 
 def cut_points(name: str) -> list[int]:
     """Offsets inside element values (file meta, header elements, pixel data), found with pydicom."""
-    path = get_testdata_file(name)
+    path = bundled(name)
     ds = pydicom.dcmread(path)
     points = [150]  # inside the file meta group
-    for elem in ds.iterall():
+    for elem in ds:  # top level: items of parsed sequences carry offsets relative to the sequence
         tell = getattr(elem, "file_tell", None)
-        if tell is not None and elem.VR != "SQ" and isinstance(elem.value, str | bytes) and len(elem.value) > 2:
-            points.append(tell + 8 + len(elem.value) // 2)
+        if (
+            tell is not None
+            and elem.VR != "SQ"
+            and isinstance(elem.value, str | bytes)
+            and len(elem.value) > 2
+        ):
+            points.append(tell + len(elem.value) // 2)  # file_tell: where the value starts
     return sorted(set(points))
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
 def test_cut_short_anywhere_is_truncated(name: str) -> None:
     data = data_of(name)
-    points = cut_points(name) + [len(data) - 1, len(data) - 100]
+    points = [*cut_points(name), len(data) - 1, len(data) - 100]
     assert len(points) > 10
     for point in points:
         with pytest.raises(TruncatedError):
@@ -205,19 +222,19 @@ def test_cut_short_anywhere_is_truncated(name: str) -> None:
 
 def test_cut_points_come_from_element_values() -> None:
     # the oracle above depends on pydicom's file_tell; make sure it points into the file
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
     elem = ds["PatientName"]
     raw = data_of("CT_small.dcm")
     assert elem.file_tell is not None
-    assert raw[elem.file_tell + 8 : elem.file_tell + 8 + 21] == b"CompressedSamples^CT1"
+    assert raw[elem.file_tell : elem.file_tell + 21] == b"CompressedSamples^CT1"
 
 
 def deflated_file(payload_chunks: int, chunk: bytes) -> bytes:
     """A Part 10 file in Deflated Explicit VR LE whose dataset is *payload_chunks* x *chunk*."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    meta.TransferSyntaxUID = DEFLATED
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
+    meta.MediaStorageSOPInstanceUID = UID("1.2.3.4")
+    meta.TransferSyntaxUID = UID(DEFLATED)
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
     pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
@@ -227,8 +244,8 @@ def deflated_file(payload_chunks: int, chunk: bytes) -> bytes:
 
 
 def test_deflated_file_round_trip() -> None:
-    ds = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))
-    parsed = read_header(Path(get_testdata_file("image_dfl.dcm")))
+    ds = pydicom.dcmread(bundled("image_dfl.dcm"))
+    parsed = read_header(Path(bundled("image_dfl.dcm")))
     assert parsed.record.sop_uid == ds.SOPInstanceUID
     assert parsed.record.transfer_syntax_uid == DEFLATED
 
@@ -305,7 +322,16 @@ def test_iter_dicom_files(tmp_path: Path) -> None:
     (root / ".hidden").mkdir()
     outside = tmp_path / "outside"
     outside.mkdir()
-    for rel in ["a.dcm", "b/2.dcm", "b/10.dcm", "b/c/x", ".dot.dcm", "b/new.dcm.part", "b/x.tmp", ".hidden/h"]:
+    for rel in [
+        "a.dcm",
+        "b/2.dcm",
+        "b/10.dcm",
+        "b/c/x",
+        ".dot.dcm",
+        "b/new.dcm.part",
+        "b/x.tmp",
+        ".hidden/h",
+    ]:
         (root / rel).write_bytes(b"x")
     (outside / "secret.dcm").write_bytes(b"x")
     os.symlink(outside / "secret.dcm", root / "b" / "link_out.dcm")

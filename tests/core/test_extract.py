@@ -12,6 +12,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from ingest.core.extract import extract, valid_uid
 from ingest.core.records import Code, PersonName
@@ -29,6 +30,13 @@ SERIES = "1.2.826.0.1.3680043.2.1125.1.2"
 SOP = "1.2.826.0.1.3680043.2.1125.1.2.3"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECRET_NAME = "Secretperson^Patientname"
+
+
+def bundled(name: str) -> str:
+    """Path of one of pydicom's bundled test files."""
+    path = get_testdata_file(name)
+    assert isinstance(path, str)
+    return path
 
 
 def minimal(**extra: object) -> Dataset:
@@ -83,7 +91,9 @@ def test_invalid_uids(uid: str) -> None:
 # -- acceptance -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+@pytest.mark.parametrize(
+    "keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+)
 def test_missing_required_uid_is_rejected(keyword: str) -> None:
     ds = minimal(PatientName=SECRET_NAME)
     delattr(ds, keyword)
@@ -105,7 +115,9 @@ def test_empty_required_uid_is_missing() -> None:
 
 
 @pytest.mark.parametrize("bad", ["1..2", "1.2/3", "1.02.3", "1.2.", "1" * 65, "1.2.x"])
-@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"])
+@pytest.mark.parametrize(
+    "keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+)
 def test_invalid_required_uid_is_rejected(keyword: str, bad: str) -> None:
     ds = minimal(PatientName=SECRET_NAME)
     with warnings.catch_warnings():
@@ -130,7 +142,7 @@ def test_minimal_dataset_is_accepted_with_nothing_else() -> None:
 
 
 def test_ct_small_matches_pydicom_values() -> None:
-    path = get_testdata_file("CT_small.dcm")
+    path = bundled("CT_small.dcm")
     ds = read(path)
     reference = pydicom.dcmread(path)  # a second, independent parse for the oracle
     record = extract(ds, source=path)
@@ -149,14 +161,14 @@ def test_ct_small_matches_pydicom_values() -> None:
 
 
 def test_sr_concept_name_and_series() -> None:
-    record = extract(read(get_testdata_file("test-SR.dcm")))
+    record = extract(read(bundled("test-SR.dcm")))
     assert record.modality == "SR"
     assert record.concept_name == "Diagnosis"
     assert record.series_description == "Demonstration of SR Features"
 
 
 def test_dicomdir_is_not_a_patient_instance() -> None:
-    path = get_testdata_file("DICOMDIR")
+    path = bundled("DICOMDIR")
     with pytest.raises(NotPatientInstanceError) as info:
         extract(read(path), source=path)
     assert info.value.reason == "not_patient_instance"
@@ -185,7 +197,7 @@ def test_non_patient_sop_class_in_dataset_is_rejected() -> None:
 def test_file_meta_transfer_syntax_is_recorded() -> None:
     ds = minimal()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2")
     assert extract(ds).transfer_syntax_uid == "1.2.840.10008.1.2"
 
 
@@ -301,7 +313,10 @@ def test_raw_text_decoded_with_specific_character_set() -> None:
 
 def test_undecodable_bytes_are_replaced_with_a_warning() -> None:
     ds = minimal()
-    for keyword, vr, raw in [("SpecificCharacterSet", "CS", b"ISO_IR 192"), ("PatientName", "PN", b"A\xff^B")]:
+    for keyword, vr, raw in [
+        ("SpecificCharacterSet", "CS", b"ISO_IR 192"),
+        ("PatientName", "PN", b"A\xff^B"),
+    ]:
         tag = tag_of(keyword)
         ds._dict[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
     record = extract(ds)
