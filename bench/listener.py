@@ -31,10 +31,20 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_PDU = 262144
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports chosen by the OS (all held open while choosing)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return _free_ports(1)[0]
 
 
 def baseline_scp(port: int, out: Path) -> None:
@@ -137,7 +147,7 @@ def measure(work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study
     # (b) ingest serve
     for name, folder, n in (("small", small, n_small), ("ct", ct, n_ct)):
         data = Path(tempfile.mkdtemp(dir=work, prefix="serve-"))
-        port, bport = _free_port(), _free_port()
+        port, bport = _free_ports(2)
         env = dict(
             os.environ,
             INGEST_LISTENER__PORT=str(port),

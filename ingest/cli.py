@@ -261,7 +261,7 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.adapters.state import open_state_store
     from ingest.ports import StudyState
 
-    store = open_state_store(settings.state.url, settings.data_dir)
+    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
     try:
         rows = store.studies(StudyState(args.state) if args.state else None)
         # the reason code of each dead letter (multiple_matches, rejected, ...), when the store keeps it
@@ -367,7 +367,7 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.pipeline import Relay, StudyBuilder, mapping_options, utcnow
     from ingest.ports import StudyState
 
-    store = open_state_store(settings.state.url, settings.data_dir)
+    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
     try:
         dead = [r.study_uid for r in store.studies(StudyState.DEAD)
                 if args.all or r.study_uid == args.study]

@@ -11,14 +11,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ingest.config import Settings
 from ingest.core.records import InstanceRecord
 from ingest.errors import ArchiveError
-from ingest.pipeline import Relay, StudyBuilder, mapping_options, utcnow
 from ingest.ports import AddOutcome, StateStore
 from ingest.sources import Item, Parsed, Rejected, expand_paths, parse_items
+
+if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed, after parsing has started
+    from ingest.pipeline import StudyBuilder
 
 __all__ = ["ReplayOptions", "ReplaySummary", "run_replay"]
 
@@ -167,35 +169,64 @@ async def run_replay(
     """Read every input, then push (or print, with ``dry_run``) every study it carried."""
     summary = ReplaySummary()
     started = time.perf_counter()
-    builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
     if opts.dry_run:
-        await asyncio.to_thread(_dry_run, opts, builder, summary, stdout, stderr)
+        await asyncio.to_thread(_dry_run, settings, opts, summary, stdout, stderr)
     else:
+        from ingest.pipeline import StudyBuilder, mapping_options
+
+        builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
         await _replay(settings, opts, builder, summary, stderr)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
+# Dry run: a study that has had no new instance for this many files is mapped while parsing goes on
+# (its JSON is kept, and reused at the end if the study did not change since).
+_QUIET_FILES = 256
+_PROGRESS_EVERY = 32
+
+
 def _dry_run(
-    opts: ReplayOptions, builder: StudyBuilder, summary: ReplaySummary, stdout: TextIO, stderr: TextIO
+    settings: Settings, opts: ReplayOptions, summary: ReplaySummary, stdout: TextIO, stderr: TextIO
 ) -> None:
     studies: dict[str, dict[str, tuple[str, InstanceRecord]]] = {}
     owner: dict[str, str] = {}  # SOP Instance UID -> Study Instance UID
+    last_seen: dict[str, int] = {}  # Study Instance UID -> files read when it last grew (unmapped ones)
+    mapped: dict[str, tuple[int, str]] = {}  # Study Instance UID -> (instances, JSON) when mapped
+    builder: StudyBuilder | None = None
+
+    def to_json(uid: str) -> str:
+        nonlocal builder
+        if builder is None:
+            from ingest.pipeline import StudyBuilder, mapping_options
+
+            builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
+        records = [rec for _, rec in studies[uid].values()]
+        return json.dumps(builder(records), ensure_ascii=False, indent=2 if opts.pretty else None)
+
+    # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
+    results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True)
     with _Progress(stderr, summary) as progress:
-        for result in parse_items(_items(opts), jobs=opts.jobs):
+        for result in results:
             summary.files += 1
             if isinstance(result, Rejected):
                 summary.rejected[result.reason] += 1
                 _report_rejected(result, stderr)
             elif not _wanted(result.record, opts):
                 summary.filtered += 1
-            else:
-                _collect(studies, owner, result, summary, stderr)
-            progress.update(len(studies))
+            elif _collect(studies, owner, result, summary, stderr):
+                last_seen[result.record.study_uid] = summary.files
+            if summary.files % _QUIET_FILES == 0:  # map the studies that have stopped growing
+                for uid in [u for u, seen in last_seen.items() if summary.files - seen >= _QUIET_FILES]:
+                    del last_seen[uid]
+                    mapped[uid] = (len(studies[uid]), to_json(uid))
+            if summary.files % _PROGRESS_EVERY == 0:
+                progress.update(len(studies))
+        progress.update(len(studies))
     for uid in sorted(studies):
-        records = [rec for _, rec in studies[uid].values()]
-        resource = builder(records)
-        text = json.dumps(resource, ensure_ascii=False, indent=2 if opts.pretty else None)
+        done = mapped.get(uid)
+        # the mapping is a pure function of the study's records, which only ever grow
+        text = done[1] if done is not None and done[0] == len(studies[uid]) else to_json(uid)
         stdout.write(text + "\n")
         summary.studies["printed"] += 1
     stdout.flush()
@@ -207,31 +238,36 @@ def _collect(
     parsed: Parsed,
     summary: ReplaySummary,
     stderr: TextIO,
-) -> None:
+) -> bool:
+    """Add a dry run's parsed instance to its study; ``True`` when the study gained an instance."""
     rec = parsed.record
     other_uid = owner.setdefault(rec.sop_uid, rec.study_uid)
     if other_uid != rec.study_uid:
         summary.rejected["conflict"] += 1
         why = f"SOP Instance UID {rec.sop_uid} already seen in study {other_uid}"
         _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
-        return
+        return False
     instances = studies.setdefault(rec.study_uid, {})
     seen = instances.get(rec.sop_uid)
     if seen is None:
         instances[rec.sop_uid] = (parsed.digest, rec)
         summary.accepted += 1
-    elif seen[0] == parsed.digest:
+        return True
+    if seen[0] == parsed.digest:
         summary.duplicate += 1
     else:
         summary.rejected["conflict"] += 1
         why = f"SOP Instance UID {rec.sop_uid} seen before with other content; kept the first"
         _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
+    return False
 
 
 def _store_batch(
     store: StateStore, batch: list[Parsed], settings: Settings, summary: ReplaySummary, stderr: TextIO,
     touched: set[str],
 ) -> None:
+    from ingest.pipeline import utcnow
+
     now = utcnow()
     results = store.add_instances(
         [(p.record, f"file:{p.label}", None, p.digest) for p in batch],
@@ -254,8 +290,9 @@ async def _replay(
 ) -> None:
     from ingest.adapters.state import open_state_store
     from ingest.cli import open_sink
+    from ingest.pipeline import Relay, StudyBuilder, mapping_options
 
-    store = open_state_store(settings.state.url, settings.data_dir)
+    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
     touched: set[str] = set()
     try:
         def read_all() -> None:

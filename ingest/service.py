@@ -49,7 +49,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     metrics = Metrics()
     health: dict[str, Any] = {}
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = open_state_store(settings.state.url, settings.data_dir)
+    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
     try:
         async with contextlib.AsyncExitStack() as stack:
             sink = await stack.enter_async_context(open_sink(settings))
@@ -69,6 +69,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
                             settings.admin.host, settings.admin.port)
 
             tasks: list[asyncio.Task[Any]] = []
+            listener = None
             if settings.listener.enabled:
                 from ingest.adapters.listener import start_listener
 
@@ -86,10 +87,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             LOGGER.info("ingest serve running (node %s); SIGTERM or Ctrl-C stops it", relay.node)
             await stop.wait()
             LOGGER.info("stopping: no new associations, finishing in-flight work")
+            # 1. the listener stops accepting and lets in-flight stores finish (they are acknowledged
+            #    only once durable); 2. the watcher stops after its current file; 3. the relay finishes
+            #    its current writes. Whatever is left is in the state store for the next start.
+            if listener is not None:
+                await listener.aclose()
+            if tasks:
+                _, still = await asyncio.wait(tasks, timeout=10)
+                for t in still:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             await relay_task
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             totals = relay.totals.results
             LOGGER.info(
                 "shutdown ◆ %d created ◆ %d updated ◆ %d unchanged ◆ %d retried ◆ %d dead",

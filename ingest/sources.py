@@ -1,7 +1,8 @@
 """Finite sources of DICOM files (paths, folders) and parallel header parsing.
 
-Parsing runs in worker processes (``--jobs``) with a bounded number of batches in flight, so memory stays
-flat however large the input is. Each item comes back as :class:`Parsed` or :class:`Rejected`, in order.
+Parsing runs in worker processes (``--jobs``; for ``replay``, the calling process is one of them) with a
+bounded number of batches in flight, so memory stays flat however large the input is. Each item comes back
+as :class:`Parsed` or :class:`Rejected`, in order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from ingest.errors import HeaderError, IngestError
 
 __all__ = ["Item", "Parsed", "Rejected", "expand_paths", "parse_items"]
 
-_BATCH = 128
+_BATCH = 64  # items per task: small enough to balance the tail, large enough to amortise the IPC
+_MAX_WINDOW = 16  # batches held in order behind a slow one, at most (memory stays bounded)
 
 
 @dataclass(frozen=True)
@@ -82,22 +84,69 @@ def _parse_batch(items: list[Item], max_inflated_bytes: int) -> list[Parsed | Re
 
 
 def parse_items(
-    items: Iterable[Item], *, jobs: int = 1, max_inflated_bytes: int = 64 * 1024**2
+    items: Iterable[Item],
+    *,
+    jobs: int = 1,
+    max_inflated_bytes: int = 64 * 1024**2,
+    caller_parses: bool = False,
 ) -> Iterator[Parsed | Rejected]:
-    """Parse headers of ``items``, in input order, using ``jobs`` worker processes (1 = in process)."""
+    """Parse the headers of ``items``, yielding one result per item in input order.
+
+    Parameters
+    ----------
+    items:
+        The files to read (consumed lazily, a few batches ahead of the results).
+    jobs:
+        Processes that parse: ``1`` parses in the calling process. With ``caller_parses=False``,
+        ``jobs`` worker processes parse and the caller only collects; with ``caller_parses=True``,
+        ``jobs - 1`` workers parse and the caller parses too, whenever it would otherwise wait for
+        a worker (no process sits idle, and its results need no pickling). Use ``caller_parses``
+        only where the calling thread has nothing else to do (``replay``), not next to an event
+        loop that must stay responsive.
+    max_inflated_bytes:
+        Cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
+    caller_parses:
+        See ``jobs``.
+
+    Yields
+    ------
+    Parsed | Rejected
+        The header record, or why the item was refused.
+    """
     it = iter(items)
-    if jobs <= 1:
+    workers = jobs - 1 if caller_parses else jobs
+    if workers < 1:
         for item in it:
             yield _parse_one(item, max_inflated_bytes)
         return
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        pending: deque[Future[list[Parsed | Rejected]]] = deque()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        # in input order: batches sent to a worker (futures) and batches the caller parsed (lists)
+        window: deque[Future[list[Parsed | Rejected]] | list[Parsed | Rejected]] = deque()
+        in_pool = 0  # futures in the window
+        exhausted = False
         while True:
-            while len(pending) < jobs * 3:
+            while not exhausted and in_pool < workers * 2:  # keep every worker two batches ahead
                 batch = list(itertools.islice(it, _BATCH))
                 if not batch:
+                    exhausted = True
                     break
-                pending.append(pool.submit(_parse_batch, batch, max_inflated_bytes))
-            if not pending:
+                window.append(pool.submit(_parse_batch, batch, max_inflated_bytes))
+                in_pool += 1
+            if not window:
                 return
-            yield from pending.popleft().result()
+            head = window[0]
+            if isinstance(head, list):
+                window.popleft()
+                yield from head
+                continue
+            if caller_parses and not exhausted and not head.done() and len(window) < _MAX_WINDOW:
+                # rather than wait for the worker, parse the next batch here (it queues behind the head)
+                batch = list(itertools.islice(it, _BATCH))
+                if batch:
+                    window.append(_parse_batch(batch, max_inflated_bytes))
+                else:
+                    exhausted = True
+                continue
+            window.popleft()
+            in_pool -= 1
+            yield from head.result()

@@ -9,7 +9,9 @@ the backend itself: each study exactly once, with all its instances.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,8 +67,19 @@ async def test_backend_down_at_start_and_mid_replay_all_40_written_once(tmp_path
         created_at_outage: list[int] = []
         proxy.arm(Fault("delay", times=10_000, when=_counting(writes_seen), seconds=0.0))
 
+        def input_read() -> bool:  # the replay has stored all 40 studies: it now needs the backend
+            db = tmp_path / "data" / "state.sqlite3"
+            if not db.exists():
+                return False
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2)) as c:
+                    return int(c.execute("SELECT count(*) FROM studies").fetchone()[0]) >= 40
+            except sqlite3.Error:
+                return False
+
         async def outages() -> None:
-            await asyncio.sleep(1.5)
+            await _when(input_read, timeout=60)
+            await asyncio.sleep(1.5)  # the first connection attempts are refused
             await proxy.up()
             await _when(lambda: len(writes_seen) >= 12)  # about a third of the way through the pushes
             await proxy.down()  # "30 s" of the issue, shortened to 5 s: same shape, faster test

@@ -29,10 +29,12 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports() -> tuple[int, int]:
+    """Two distinct OS-chosen ports (both held open while choosing)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1])
 
 
 class Serve:
@@ -92,7 +94,7 @@ class Serve:
 
 @contextmanager
 def serve(data: Path) -> Iterator[Serve]:
-    s = Serve(data, _free_port(), _free_port())
+    s = Serve(data, *_free_ports())
     s.start()
     try:
         yield s
@@ -132,7 +134,7 @@ def test_echoscu_and_storescu_folder_become_imaging_studies(tmp_path: Path) -> N
 def test_sigkill_during_storescu_loses_nothing_acknowledged(tmp_path: Path) -> None:
     corpus = generate(tmp_path / "corpus", studies=4, files=500, seed=7, tiny=True)
     data = tmp_path / "data"
-    s = Serve(data, _free_port(), _free_port())
+    s = Serve(data, *_free_ports())
     s.start()
     store = subprocess.Popen(
         ["storescu", "-v", "-aec", "INGEST", "+sd", "+r", "127.0.0.1", str(s.dicom_port), str(corpus.root)],

@@ -80,6 +80,8 @@ _WANTED: Final = frozenset(int(t) for t in HEADER_TAGS)
 _VR_TEXT: Final = {vr: vr.decode() for vr in _ALL_VRS}
 _new_tuple = tuple.__new__  # builds a RawDataElement without its Python-level __new__ (hot path)
 
+_LE_HEAD = struct.Struct("<HH2sH")
+_BE_HEAD = struct.Struct(">HH2sH")
 _LE_HH = struct.Struct("<HH")
 _BE_HH = struct.Struct(">HH")
 _LE_L = struct.Struct("<L")
@@ -313,8 +315,8 @@ class _Scanner:
         self.source = source
         self.found = 0  # elements read so far (tells garbage from a truncated dataset)
         self.hh = _LE_HH if little else _BE_HH
+        self.head = _LE_HEAD if little else _BE_HEAD
         self.u32 = _LE_L if little else _BE_L
-        self.u16 = _LE_H if little else _BE_H
 
     def _truncated(self, what: str, tag: int | None, pos: int) -> TruncatedError:
         where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else "element header"
@@ -349,35 +351,32 @@ class _Scanner:
         Returns the next offset and whether an Item Delimitation Item ended the walk.
         """
         buf = self.buf
-        hh = self.hh.unpack_from
+        head = self.head.unpack_from  # tag group, tag element, explicit VR, 2-byte length
         u32 = self.u32.unpack_from
-        u16 = self.u16.unpack_from
+        little = self.little
         found = 0
         try:
             while pos < end:
                 # the element header (PS3.5 7.1): tag, then VR and length (explicit) or length (implicit)
                 if pos + 8 > end:
                     raise self._truncated("element header", None, pos)
-                group, elem = hh(buf, pos)
+                group, elem, vr, length = head(buf, pos)
                 tag = group << 16 | elem
-                vr: bytes | None = None
                 if group == 0xFFFE or implicit:  # items and delimiters have no VR in any transfer syntax
+                    vr = None
                     length = u32(buf, pos + 4)[0]
                     start = pos + 8
-                else:
-                    vr = buf[pos + 4 : pos + 6]
-                    if vr in _LONG_VRS:
-                        if pos + 12 > end:
-                            raise self._truncated("element header", tag, pos)
-                        length = u32(buf, pos + 8)[0]
-                        start = pos + 12
-                    elif vr in _ALL_VRS:
-                        length = u16(buf, pos + 6)[0]
-                        start = pos + 8
-                    else:  # not a VR: an implicit VR element in explicit VR data (assume_implicit_vr_switch)
-                        vr = None
-                        length = u32(buf, pos + 4)[0]
-                        start = pos + 8
+                elif vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise self._truncated("element header", tag, pos)
+                    length = u32(buf, pos + 8)[0]
+                    start = pos + 12
+                elif vr in _ALL_VRS:
+                    start = pos + 8
+                else:  # not a VR: an implicit VR element in explicit VR data (assume_implicit_vr_switch)
+                    vr = None
+                    length = u32(buf, pos + 4)[0]
+                    start = pos + 8
                 if tag == _ITEM_END:
                     return start, True
                 if length == _UNDEFINED:
@@ -389,7 +388,14 @@ class _Scanner:
                         raise self._truncated("value of", tag, pos)
                 found += 1
                 if wanted is not None and tag in _WANTED:
-                    wanted[tag] = self._raw(tag, vr, length, start, value_end, implicit)
+                    if vr is None or vr == b"UN" or length == _UNDEFINED:
+                        wanted[tag] = self._raw(tag, vr, length, start, value_end, implicit)
+                    else:  # the common case, inline: RawDataElement(tag, VR, length, value, value_tell,
+                        # is_implicit_VR, is_little_endian, is_raw, is_buffered) built as the tuple it is
+                        value = buf[start:value_end]
+                        wanted[tag] = _new_tuple(
+                            RawDataElement, (tag, _VR_TEXT[vr], length, value, start, implicit, little, True, False)
+                        )
                 pos = next_pos
             return pos, False
         finally:
