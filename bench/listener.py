@@ -60,6 +60,7 @@ def baseline_scp(port: int, out: Path) -> None:
     ae.maximum_pdu_size = MAX_PDU
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(str(cx.abstract_syntax), list(TRANSFER_SYNTAXES))
+    ae.add_supported_context("1.2.840.10008.1.1")  # Verification, for the readiness probe
     counter = [0]
 
     def on_store(event: Any) -> int:
@@ -166,7 +167,10 @@ def measure(work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study
                 stderr=log,
             )
         try:
-            _echo_ready(port)
+            try:
+                _echo_ready(port)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}: {(data / 'serve.log').read_text()[-1500:]}") from exc
             secs = _storescu(port, folder)
             last = time.perf_counter()
             rates[f"serve-{name}"] = (n / secs, _size(folder) / secs / 1e6)

@@ -21,7 +21,8 @@ from ingest.errors import HeaderError, IngestError
 __all__ = ["Item", "Parsed", "Rejected", "expand_paths", "parse_items"]
 
 _BATCH = 64  # items per task: small enough to balance the tail, large enough to amortise the IPC
-_MAX_WINDOW = 16  # batches held in order behind a slow one, at most (memory stays bounded)
+_AHEAD = 6  # batches queued per worker process
+_MAX_WINDOW = 32  # batches held in order behind a slow one, at most (memory stays bounded)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def parse_items(
         in_pool = 0  # futures in the window
         exhausted = False
         while True:
-            while not exhausted and in_pool < workers * 2:  # keep every worker two batches ahead
+            while not exhausted and in_pool < workers * _AHEAD:  # workers run ahead while the caller is busy
                 batch = list(itertools.islice(it, _BATCH))
                 if not batch:
                     exhausted = True

@@ -392,10 +392,11 @@ class _Scanner:
                         wanted[tag] = self._raw(tag, vr, length, start, value_end, implicit)
                     else:  # the common case, inline: RawDataElement(tag, VR, length, value, value_tell,
                         # is_implicit_VR, is_little_endian, is_raw, is_buffered) built as the tuple it is
-                        value = buf[start:value_end]
                         wanted[tag] = _new_tuple(
-                            RawDataElement, (tag, _VR_TEXT[vr], length, value, start, implicit, little, True, False)
-                        )
+                            RawDataElement,
+                            (tag, _VR_TEXT[vr], length, buf[start:value_end], start, implicit, little,
+                             True, False),
+                        )  # fmt: skip
                 pos = next_pos
             return pos, False
         finally:

@@ -276,9 +276,22 @@ class _Reader:
                 return ()
             if not isinstance(raw, bytes):  # pydicom only stores bytes raw; anything else is corrupt
                 raise TypeError(f"unexpected raw value type {type(raw).__name__}")
+            key = (raw, tuple(self.encodings))
+            memo = _NAMES_MEMO.get(key)
+            if memo is not None:
+                return memo
+            before = len(self.warnings)
             values = self.decode(raw.rstrip(b"\0 "), keyword, charset=True).split("\\")
-        else:
-            values = _pn_strings(elem.value)
+            result = self._split_names(keyword, tag, values)
+            if len(self.warnings) == before:  # remember warning-free results only (they need no message)
+                if len(_NAMES_MEMO) >= _MEMO_MAX:
+                    _NAMES_MEMO.clear()
+                _NAMES_MEMO[key] = result
+            return result
+        return self._split_names(keyword, tag, _pn_strings(elem.value))
+
+    def _split_names(self, keyword: str, tag: int, values: list[str]) -> tuple[PersonName, ...]:
+        """PN values (``alphabetic=ideographic=phonetic``) as :class:`PersonName`\\ s."""
         result: list[PersonName] = []
         for value in values:
             groups = value.split("=")
@@ -479,6 +492,8 @@ _MEMO_MAX: Final = 4096
 # ISO 2022 text (code extensions) decoded by pydicom, keyed by the bytes and the encodings: names and
 # descriptions repeat across the instances of a study, and pydicom's decoder is slow.
 _ESCAPED_MEMO: dict[tuple[bytes, tuple[str, ...]], str] = {}
+# PN values decoded and split, keyed like _ESCAPED_MEMO (a study repeats its names in every instance)
+_NAMES_MEMO: dict[tuple[bytes, tuple[str, ...]], tuple[PersonName, ...]] = {}
 # Decoded person names, shared between records (they are frozen): the instances of a study repeat
 # the same names, and shared objects pickle once per batch when records cross processes.
 _NAME_MEMO: dict[tuple[str, str, str], PersonName] = {}

@@ -14,6 +14,7 @@ Pure data and lookups; no I/O. Sources:
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Final, NamedTuple
 from urllib.parse import quote
 
@@ -323,6 +324,7 @@ def coding_system(designator: str | None) -> str | None:
     return known if known else "urn:dicom:csd:" + quote(name, safe="")
 
 
+@lru_cache(maxsize=1024)
 def sop_class_name(uid: str | None) -> str | None:
     """The SOP class name pydicom knows for ``uid`` (e.g. "CT Image Storage"), else ``None``.
 
