@@ -328,6 +328,7 @@ def bench_replay_dry_run(ctx: BenchContext) -> list[Row]:
 
 BENCHMARKS.extend(__import__("bench.watch", fromlist=["BENCHES"]).BENCHES)  # watcher/replay rows (issue 5)
 BENCHMARKS.extend(__import__("bench.e2e", fromlist=["BENCHES"]).BENCHES)  # replay end to end rows (issue 3)
+__import__("bench.listener")  # storescu -> listener rows (issue 4); registers itself with @benchmark
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,4 +483,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the canonical ``bench.run`` module, not this ``__main__`` copy: benchmark modules register into
+    # ``bench.run.BENCHMARKS`` when they import it.
+    from bench import run as _canonical
+
+    raise SystemExit(_canonical.main())

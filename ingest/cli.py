@@ -23,13 +23,16 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ingest import __version__
 from ingest.config import Settings, load_settings
 from ingest.errors import ConfigError, IngestError
 from ingest.logs import setup_logging
 from ingest.ports import StudyRow
+
+if TYPE_CHECKING:  # gql and aiohttp are imported only by the commands that talk to a backend
+    from ingest.adapters.graphql import GraphQLSink
 
 __all__ = ["build_parser", "main", "node_summary", "run"]
 
@@ -160,27 +163,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextlib.asynccontextmanager
 async def open_sink(settings: Settings, *, embedded_port: int | None = None) -> AsyncIterator[Any]:
     """The configured backend, or the embedded one (started in-process) when no URL is configured."""
-    from ingest.adapters.graphql import GraphQLSink, TokenSource
-
     async with contextlib.AsyncExitStack() as stack:
-        url = settings.backend.url
-        if url is None:
-            url = await stack.enter_async_context(embedded_backend(settings, port=embedded_port))
-            token_source = (
-                TokenSource(env=settings.embedded_backend.token_env, file=None)
-                if settings.embedded_backend.token_env
-                else None
-            )
-        else:
-            token_source = TokenSource(env=settings.backend.token_env, file=settings.backend.token_file)
-        sink = GraphQLSink(url, token_source=token_source, timeout_s=settings.backend.timeout_s)
-        await _connect_with_backoff(sink, settings)
-        stack.push_async_callback(sink.aclose)
+        sink = await start_sink(settings, stack, embedded_port=embedded_port)
+        await connect_with_backoff(sink, settings)
         yield sink
 
 
-async def _connect_with_backoff(sink: Any, settings: Settings) -> None:
+async def start_sink(
+    settings: Settings, stack: contextlib.AsyncExitStack, *, embedded_port: int | None = None
+) -> GraphQLSink:
+    """The sink of the configured backend, not connected yet; the embedded backend is started when no URL
+    is configured. ``stack`` closes both (the sink first).
+
+    Parameters
+    ----------
+    settings:
+        ``[backend]`` and ``[embedded_backend]``.
+    stack:
+        Where the backend and the sink are registered to be closed.
+    embedded_port:
+        Port of the embedded backend (``0``: chosen by the OS); default ``[embedded_backend] port``.
+
+    Returns
+    -------
+    GraphQLSink
+        Connect it with :func:`connect_with_backoff`.
+    """
+    from ingest.adapters.graphql import GraphQLSink, TokenSource
+
+    url = settings.backend.url
+    if url is None:
+        url = await stack.enter_async_context(embedded_backend(settings, port=embedded_port))
+        token_source = (
+            TokenSource(env=settings.embedded_backend.token_env, file=None)
+            if settings.embedded_backend.token_env
+            else None
+        )
+    else:
+        token_source = TokenSource(env=settings.backend.token_env, file=settings.backend.token_file)
+    sink = GraphQLSink(url, token_source=token_source, timeout_s=settings.backend.timeout_s)
+    stack.push_async_callback(sink.aclose)  # idempotent; a failed connect has closed it already
+    return sink
+
+
+async def connect_with_backoff(sink: Any, settings: Settings) -> None:
     """Connect the sink; a backend that is down at start is retried like a push (``[relay]`` backoff).
+
+    Returns at once when ``sink`` is connected already.
 
     Raises
     ------

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -20,6 +21,7 @@ from ingest.ports import AddOutcome, StateStore
 from ingest.sources import Item, Parsed, Rejected, expand_paths, parse_items
 
 if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed, after parsing has started
+    from ingest.adapters.graphql import GraphQLSink
     from ingest.pipeline import StudyBuilder
 
 __all__ = ["ReplayOptions", "ReplaySummary", "run_replay"]
@@ -172,10 +174,7 @@ async def run_replay(
     if opts.dry_run:
         await asyncio.to_thread(_dry_run, settings, opts, summary, stdout, stderr)
     else:
-        from ingest.pipeline import StudyBuilder, mapping_options
-
-        builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
-        await _replay(settings, opts, builder, summary, stderr)
+        await _replay(settings, opts, summary, stderr)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -266,9 +265,7 @@ def _store_batch(
     store: StateStore, batch: list[Parsed], settings: Settings, summary: ReplaySummary, stderr: TextIO,
     touched: set[str],
 ) -> None:
-    from ingest.pipeline import utcnow
-
-    now = utcnow()
+    now = datetime.now(UTC)  # ingest.pipeline.utcnow, without importing the pipeline into the reading thread
     results = store.add_instances(
         [(p.record, f"file:{p.label}", None, p.digest) for p in batch],
         now=now, due_at=now + timedelta(seconds=settings.relay.stable_age_s),
@@ -285,51 +282,99 @@ def _store_batch(
                                       f"SOP Instance UID {parsed.record.sop_uid}: {added.detail}"), stderr)
 
 
-async def _replay(
-    settings: Settings, opts: ReplayOptions, builder: StudyBuilder, summary: ReplaySummary, stderr: TextIO
-) -> None:
+async def _prepare_sink(
+    settings: Settings, stack: contextlib.AsyncExitStack, reading: asyncio.Event
+) -> GraphQLSink:
+    """Start the backend (when embedded) and try once to connect its sink, while the input is read.
+
+    Waits for ``reading`` first: the parsing processes are forked by then, not while this thread imports.
+    A backend that cannot be reached yet is retried (with backoff) once the input is read, as before.
+    """
+    await reading.wait()
+    from ingest.cli import start_sink
+    from ingest.errors import RetryableSinkError
+    from ingest.pipeline import StudyBuilder  # noqa: F401  (mapping, FHIR models: loaded meanwhile too)
+
+    sink = await start_sink(settings, stack, embedded_port=0)
+    with contextlib.suppress(RetryableSinkError):
+        await sink.connect()
+    return sink
+
+
+async def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for it; its outcome (result, error) is dropped."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: not reported as "never retrieved"
+
+
+async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummary, stderr: TextIO) -> None:
     from ingest.adapters.state import open_state_store
-    from ingest.cli import open_sink
-    from ingest.pipeline import Relay, StudyBuilder, mapping_options
 
     store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
     touched: set[str] = set()
+    loop = asyncio.get_running_loop()
+    reading = asyncio.Event()  # set once the first parsed file is back (the worker processes exist)
     try:
         def read_all() -> None:
             batch: list[Parsed] = []
-            with _Progress(stderr, summary) as progress:
-                for result in parse_items(_items(opts), jobs=opts.jobs):
-                    summary.files += 1
-                    if isinstance(result, Rejected):
-                        summary.rejected[result.reason] += 1
-                        _report_rejected(result, stderr)
-                    elif not _wanted(result.record, opts):
-                        summary.filtered += 1
-                    else:
-                        batch.append(result)
-                        if len(batch) >= _STORE_BATCH:
-                            _store_batch(store, batch, settings, summary, stderr, touched)
-                            batch = []
-                    progress.update(len(touched))
-                if batch:
-                    _store_batch(store, batch, settings, summary, stderr, touched)
+            try:
+                with _Progress(stderr, summary) as progress:
+                    for result in parse_items(_items(opts), jobs=opts.jobs):
+                        if not summary.files:
+                            loop.call_soon_threadsafe(reading.set)
+                        summary.files += 1
+                        if isinstance(result, Rejected):
+                            summary.rejected[result.reason] += 1
+                            _report_rejected(result, stderr)
+                        elif not _wanted(result.record, opts):
+                            summary.filtered += 1
+                        else:
+                            batch.append(result)
+                            if len(batch) >= _STORE_BATCH:
+                                _store_batch(store, batch, settings, summary, stderr, touched)
+                                batch = []
+                        progress.update(len(touched))
+                    if batch:
+                        _store_batch(store, batch, settings, summary, stderr, touched)
+            finally:
+                loop.call_soon_threadsafe(reading.set)
 
-        await asyncio.to_thread(read_all)
-        if not touched:
-            return
-        async with open_sink(settings, embedded_port=0) as sink:
-            from ingest.linked import prepare_links
-
-            links = await prepare_links(settings, sink)  # [endpoint] / [patient] need the backend
-            if links.endpoint_reference is not None:
-                builder = StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference))
-            relay = Relay(store, sink, builder, settings, link=links.link)
-            await relay.drain(touched)
-            summary.studies.update(relay.totals.results)
-            summary.studies.pop("retried", None)
-            # Studies this input carried that needed no push at all (already pushed, nothing new) are
-            # unchanged too; the relay only counts the ones it had to check against the backend.
-            pushed = sum(summary.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead"))
-            summary.studies["unchanged"] += max(0, len(touched) - pushed)
+        async with contextlib.AsyncExitStack() as stack:
+            # the backend and the sink's connection (introspection, fitted documents) are prepared on the
+            # loop while the input is read in a thread; nothing is written before the input is read
+            early = asyncio.ensure_future(_prepare_sink(settings, stack, reading))
+            try:
+                await asyncio.to_thread(read_all)
+            except BaseException:
+                await _abandon(early)
+                raise
+            if not touched:
+                await _abandon(early)
+                return
+            sink = await early
+            await _drain(settings, store, sink, touched, summary)
     finally:
         store.close()
+
+
+async def _drain(
+    settings: Settings, store: StateStore, sink: GraphQLSink, touched: set[str], summary: ReplaySummary
+) -> None:
+    """Push every study the input touched (the sink connects with backoff first, if it has not yet)."""
+    from ingest.cli import connect_with_backoff
+    from ingest.linked import prepare_links
+    from ingest.pipeline import Relay, StudyBuilder, mapping_options
+
+    await connect_with_backoff(sink, settings)
+    links = await prepare_links(settings, sink)  # [endpoint] / [patient] need the backend
+    builder = StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference))
+    relay = Relay(store, sink, builder, settings, link=links.link)
+    await relay.drain(touched)
+    summary.studies.update(relay.totals.results)
+    summary.studies.pop("retried", None)
+    # Studies this input carried that needed no push at all (already pushed, nothing new) are
+    # unchanged too; the relay only counts the ones it had to check against the backend.
+    pushed = sum(summary.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead"))
+    summary.studies["unchanged"] += max(0, len(touched) - pushed)

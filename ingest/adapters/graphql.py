@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -454,16 +454,16 @@ def fit_schema(schema: GraphQLSchema, *, max_depth: int = DEFAULT_MAX_DEPTH) -> 
         f"{{ {UPDATE_FIELD}(id: $id, res: $res) {selection(update_f, UPDATE_FIELD)} }}"
     )
 
-    texts: dict[str, str] = {}
-    documents: dict[str, DocumentNode] = {}
-    for key, op in ops.items():
-        text = op + "\n" + "\n".join(_used_fragments(op, builder.fragments))
-        doc = parse(text)
-        errors = validate(schema, doc)
-        if errors:
-            raise ConfigError(f"the {key} document does not validate against the backend schema: {errors[0]}")
-        texts[key] = text
-        documents[key] = doc
+    texts = {key: op + "\n" + "\n".join(_used_fragments(op, builder.fragments)) for key, op in ops.items()}
+    documents = _parse_and_validate(schema, ops, builder.fragments)
+    if documents is None:  # say which document does not validate
+        for key, text in texts.items():
+            errors = validate(schema, parse(text))
+            if errors:
+                raise ConfigError(
+                    f"the {key} document does not validate against the backend schema: {errors[0]}"
+                )
+        raise ConfigError("the fitted documents do not validate together against the backend schema")
     return SchemaFit(
         schema=schema,
         read=texts.get("read"),
@@ -477,8 +477,34 @@ def fit_schema(schema: GraphQLSchema, *, max_depth: int = DEFAULT_MAX_DEPTH) -> 
     )
 
 
-def _used_fragments(text: str, fragments: Mapping[str, str]) -> list[str]:
-    """The fragment definitions ``text`` reaches (transitively); unused ones would fail validation."""
+def _parse_and_validate(
+    schema: GraphQLSchema, ops: Mapping[str, str], fragments: Mapping[str, str]
+) -> dict[str, DocumentNode] | None:
+    """Each operation of ``ops`` as its own document (the operation, then the fragments it uses, sorted by
+    name, as :func:`_used_fragments` lists them); ``None`` when they do not validate against ``schema``.
+
+    The operations share most of their (large) fragments: all of them are parsed and validated as one
+    document, which costs about what one of them alone does. A document holding the operations (distinct
+    names) and exactly the fragments they use is valid if and only if each operation with the fragments
+    it uses is: every validation rule looks at one operation and what it reaches, or at names that are
+    unique in either case.
+    """
+    used = {key: _used_names(op, fragments) for key, op in ops.items()}
+    names = sorted(set().union(*used.values()))
+    combined = parse("\n".join([*ops.values(), *(fragments[n] for n in names)]))
+    if validate(schema, combined):
+        return None
+    definitions = list(combined.definitions)
+    operations = dict(zip(ops, definitions[: len(ops)], strict=True))
+    by_name = dict(zip(names, definitions[len(ops) :], strict=True))
+    return {
+        key: DocumentNode(definitions=(operations[key], *(by_name[n] for n in sorted(used[key]))))
+        for key in ops
+    }
+
+
+def _used_names(text: str, fragments: Mapping[str, str]) -> list[str]:
+    """The names of the fragments ``text`` reaches (transitively)."""
     seen: list[str] = []
     todo = re.findall(r"\.\.\.(\w+)", text)
     while todo:
@@ -487,7 +513,12 @@ def _used_fragments(text: str, fragments: Mapping[str, str]) -> list[str]:
             continue
         seen.append(name)
         todo.extend(re.findall(r"\.\.\.(\w+)", fragments[name]))
-    return [fragments[n] for n in sorted(seen)]
+    return seen
+
+
+def _used_fragments(text: str, fragments: Mapping[str, str]) -> list[str]:
+    """The fragment definitions ``text`` reaches (transitively); unused ones would fail validation."""
+    return [fragments[n] for n in sorted(_used_names(text, fragments))]
 
 
 @dataclass(frozen=True)
@@ -772,6 +803,12 @@ class _Client(Client):
         super().validate(request)
         self._validated[id(doc)] = doc
 
+    def trust(self, documents: Iterable[DocumentNode]) -> None:
+        """Record ``documents`` as valid: :func:`fit_schema` / :func:`fit_resource` validated them
+        against this client's schema already (the same ``graphql.validate`` gql would run again)."""
+        for doc in documents:
+            self._validated[id(doc)] = doc
+
 
 class _PrintedRequest(GraphQLRequest):
     """A request whose query text is printed once per document, not on every request.
@@ -842,11 +879,13 @@ class GraphQLSink:
         self._schema_sdl = schema
         self._max_depth = max_depth
         self._token: _Secret | None = None
-        self._client: Client | None = None
+        self._client: _Client | None = None
         self._session: AsyncClientSession | None = None
         self._fit: SchemaFit | None = None
         self._printed: dict[int, tuple[DocumentNode, str]] = {}  # see _PrintedRequest
-        self._linked: dict[str, ResourceFit] = {}
+        # Patient/Endpoint documents, fitted on first use (most configurations never link): type -> fit,
+        # ``None`` when the backend's schema does not offer that type's operations
+        self._linked: dict[str, ResourceFit | None] = {}
         _cap_gql_loggers()
 
     def __repr__(self) -> str:
@@ -907,12 +946,8 @@ class GraphQLSink:
             schema = await self._load_schema()
             self._client.schema = schema  # from now on gql validates every document locally
             self._fit = fit_schema(schema, max_depth=self._max_depth)
-            self._linked = {
-                rt: fitted
-                for rt in LINKED_TYPES
-                if (fitted := fit_resource(schema, rt, max_depth=min(self._max_depth, LINKED_MAX_DEPTH)))
-                is not None
-            }
+            self._client.trust(self._fit.documents.values())  # validated by fit_schema just now
+            self._linked = {}
         except BaseException:
             await self.aclose()
             raise
@@ -1055,11 +1090,23 @@ class GraphQLSink:
         resource_type:
             ``"Patient"`` or ``"Endpoint"`` (the types fitted at :meth:`connect`).
         """
-        return resource_type in self._linked
+        return self._fit is not None and self._fitted(resource_type) is not None
+
+    def _fitted(self, resource_type: str) -> ResourceFit | None:
+        """The fit of a linked type, built on first use from the schema learnt at :meth:`connect`."""
+        if resource_type not in LINKED_TYPES:
+            return None
+        if resource_type not in self._linked:
+            depth = min(self._max_depth, LINKED_MAX_DEPTH)
+            fitted = fit_resource(self.fit.schema, resource_type, max_depth=depth)
+            if fitted is not None and self._client is not None:
+                self._client.trust((fitted.search, fitted.create))  # validated by fit_resource
+            self._linked[resource_type] = fitted
+        return self._linked[resource_type]
 
     def _linked_fit(self, resource_type: str) -> ResourceFit:
         _ = self.fit  # raises when not connected
-        fitted = self._linked.get(resource_type)
+        fitted = self._fitted(resource_type)
         if fitted is None:
             raise PermanentSinkError(
                 f"the backend schema has no usable {resource_type}List(identifier:) / "

@@ -135,6 +135,16 @@ class GuardedSocket(AssociationSocket):
         self._oversized = False
         self.refused_pdu_length: int | None = None  # set when a declared length was refused
 
+    def _shutdown_socket(self) -> None:
+        """Shut down and close the socket; close it even when the peer already went away.
+
+        pynetdicom closes only if ``shutdown()`` succeeds, so a socket whose peer closed first (ENOTCONN)
+        stays open until the garbage collector finds it.
+        """
+        sock = self.socket
+        if sock is not None:
+            _close(sock)
+
     def take_oversized(self) -> bool:
         """Whether the last received message's data set exceeded the cap; resets the flag."""
         flagged, self._oversized = self._oversized, False

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import resource
 import shutil
 import socket
@@ -12,7 +14,9 @@ import subprocess
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -216,15 +220,46 @@ def _client_ctx(pki: Path, cert: str | None) -> ssl.SSLContext:
     return ctx
 
 
+@contextlib.contextmanager
+def _quiet_client_transport() -> Iterator[None]:
+    """Keep pynetdicom's SCU from logging the expected refused handshakes as errors with tracebacks."""
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _tls_echo(port: int, ctx: ssl.SSLContext) -> bool:
     ae = scu()
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="INGEST", tls_args=(ctx, "127.0.0.1"))
+    with _quiet_client_transport():
+        assoc = ae.associate("127.0.0.1", port, ae_title="INGEST", tls_args=(ctx, "127.0.0.1"))
     if not assoc.is_established:
+        _close_client_socket(assoc)
         return False
     ok = bool(assoc.send_c_echo().Status == 0x0000)
     assoc.release()
+    _close_client_socket(assoc)
     return ok
+
+
+def _close_client_socket(assoc: Any) -> None:
+    """Close the SCU's SSL socket once its threads are done.
+
+    pynetdicom's client closes a socket only when ``shutdown()`` succeeded; an SSL socket whose peer went
+    first stays open until the garbage collector finds it, and its ResourceWarning would surface in
+    whichever test runs next.
+    """
+    for thread in (assoc, assoc.dul):
+        if thread.is_alive():
+            thread.join(5)
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.close()
+    gc.collect()
 
 
 # pynetdicom's SCU leaks its SSLSocket when the server refuses the handshake (transport.py
