@@ -234,6 +234,10 @@ class Relay:
         """Ask the relay loop to look for due studies now (thread-safe only from the loop thread)."""
         self._wake.set()
 
+    def _request(self, operation: str) -> None:
+        if self.metrics is not None:
+            self.metrics.backend_requests.labels(operation=operation).inc()
+
     def _count(self, result: str) -> None:
         self.totals.add(result)
         if self.metrics is not None:
@@ -336,6 +340,7 @@ class Relay:
         try:
             if self.link is not None:
                 ours = await self.link(ours, records)
+            self._request("find")
             backend = await self.sink.find(uid, claim.backend_id)
             decision = plan(ours, backend)
             if isinstance(decision, NoChange):
@@ -346,10 +351,12 @@ class Relay:
             elif self._lease_lost(lease, "the write"):
                 return "lease_lost"
             elif isinstance(decision, Create):
+                self._request("create")
                 written = await self.sink.create(decision.resource)
                 result, bid, ver, dig = "created", written.id, written.version_id, digest(decision.resource)
             else:
                 assert isinstance(decision, Update)
+                self._request("update")
                 written = await self.sink.update(decision.backend_id, decision.resource)
                 result, bid, ver, dig = "updated", written.id, written.version_id, digest(decision.resource)
         except MultipleMatchesError as exc:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,17 +30,18 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_ports() -> tuple[int, int]:
-    """Two distinct OS-chosen ports (both held open while choosing)."""
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        return int(a.getsockname()[1]), int(b.getsockname()[1])
+def _free_ports() -> tuple[int, int, int]:
+    """Three distinct OS-chosen ports (all held open while choosing)."""
+    with socket.socket() as a, socket.socket() as b, socket.socket() as c:
+        for sock in (a, b, c):
+            sock.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1]), int(c.getsockname()[1])
 
 
 class Serve:
-    def __init__(self, data: Path, dicom_port: int, backend_port: int) -> None:
+    def __init__(self, data: Path, dicom_port: int, backend_port: int, admin_port: int) -> None:
         self.data, self.dicom_port, self.backend_port = data, dicom_port, backend_port
+        self.admin_port = admin_port
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -48,7 +50,7 @@ class Serve:
             "INGEST_LISTENER__PORT": str(self.dicom_port),
             "INGEST_LISTENER__ACCEPT_ANY_CALLING_AE": "true",
             "INGEST_EMBEDDED_BACKEND__PORT": str(self.backend_port),
-            "INGEST_ADMIN__ENABLED": "false",
+            "INGEST_ADMIN__PORT": str(self.admin_port),
             "INGEST_RELAY__RELEASE_GRACE_S": "0.5",
             "INGEST_RELAY__STABLE_AGE_S": "2",
             "INGEST_RELAY__POLL_INTERVAL_S": "0.2",
@@ -83,6 +85,13 @@ class Serve:
         with urllib.request.urlopen(req, timeout=10) as rsp:
             body: dict[str, object] = json.loads(rsp.read())
         return body
+
+    def admin(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10) as rsp:
+                return int(rsp.status), rsp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode()
 
     def studies(self, study_uid: str) -> list[dict[str, object]]:
         q = (f'{{ ImagingStudyList(identifier: "urn:dicom:uid|urn:oid:{study_uid}", _count: 5) '
@@ -129,6 +138,28 @@ def test_echoscu_and_storescu_folder_become_imaging_studies(tmp_path: Path) -> N
             return True
 
         assert _wait_for(all_there, 30), (tmp_path / "data" / "serve.log").read_text()[-3000:]
+
+        # the admin endpoint: healthy, and the counters say what happened
+        status, body = s.admin("/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        status, text = s.admin("/metrics")
+        assert status == 200
+        samples = _prometheus(text)
+        assert samples['ingest_instances_accepted_total{source="dimse"}'] == 30
+        assert samples['ingest_studies_total{result="created"}'] == 3
+        assert samples['ingest_associations_total{outcome="accepted"}'] >= 2  # echoscu + storescu
+        assert samples['ingest_backend_requests_total{operation="create"}'] == 3
+        assert samples["ingest_relay_queue_depth"] == 0
+
+
+def _prometheus(text: str) -> dict[str, float]:
+    """Sample name with labels -> value, from the Prometheus text format."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def test_sigkill_during_storescu_loses_nothing_acknowledged(tmp_path: Path) -> None:
