@@ -29,7 +29,7 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -154,8 +154,7 @@ class SQLiteStateStore(SQLStateStore):
             raise StoreError(f"state database {self.path}: synchronous is {sync}, not FULL (2)")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        with self._transaction(conn):
-            cur = conn.cursor()
+        with self._transaction(conn), closing(conn.cursor()) as cur:
             version = int(cur.execute("PRAGMA user_version").fetchone()[0])
             # PRAGMA takes no parameters; the version is an int we computed
             self._apply_migrations(
