@@ -9,12 +9,15 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.pdu import P_DATA_TF
+
+from ingest.adapters.state import SQLiteStateStore
 
 from .listener_helpers import CT_IMAGE, instance, make_settings, running_listener, scu
 
@@ -110,3 +113,49 @@ def test_eight_concurrent_associations_all_stored_with_bounded_memory(tmp_path: 
             assert len(run.store.instances(f"1.2.8.{k}")) == per
         assert len(run.listener.spool.names()) == n_assoc * per
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before < 100
+
+
+def test_full_intake_answers_out_of_resources_and_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every intake slot taken by a store still in progress, the next C-STORE gets 0xA700 at once."""
+    store = SQLiteStateStore(tmp_path / "state.sqlite3", node="test")
+    entered, proceed = threading.Event(), threading.Event()
+    real_add = store.add_instance
+
+    def slow_add(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        proceed.wait(20)  # holds the only intake slot
+        return real_add(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_instance", slow_add)
+
+    def send(ds: Dataset) -> int | None:
+        ae = scu()
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.is_established
+        try:
+            status = getattr(assoc.send_c_store(_with_meta(ds)), "Status", None)
+        finally:
+            assoc.release()
+        return int(status) if status is not None else None
+
+    try:
+        with running_listener(make_settings(tmp_path, intake_size=1), store) as run:
+            first: list[int | None] = []
+            sender = threading.Thread(target=lambda: first.append(send(instance("1.2.9.3.1"))))
+            sender.start()
+            assert entered.wait(10), "the first C-STORE never reached the store"
+            started = time.monotonic()
+            second = send(instance("1.2.9.3.2"))
+            answered_in = time.monotonic() - started
+            proceed.set()
+            sender.join(20)
+        assert second == 0xA700
+        assert answered_in < 5  # refused at once, not queued behind the slow store
+        assert first == [0x0000]
+        assert [r.sop_uid for r in store.instances("1.2.3.4.5.1")] == ["1.2.9.3.1"]
+    finally:
+        proceed.set()
+        store.close()
