@@ -16,6 +16,11 @@ Reading a header costs one read of the bytes and one pass over them:
 
 The digest is the SHA-256 of the bytes after the file meta group: the same instance read from a file
 or received over DIMSE in the same transfer syntax has the same digest.
+
+Files larger than :data:`LARGE_FILE_BYTES` are not read into memory: the same walk runs over a small
+read window that moves through the file (element and item headers, wanted values), values it skips
+(pixel data) are never read, and the digest is computed in 1 MiB reads. Record, digest and errors are
+those of the in-memory path; memory stays bounded by the header, not the file.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ingest.errors import (
 
 __all__ = [
     "DEFAULT_MAX_INFLATED_BYTES",
+    "LARGE_FILE_BYTES",
     "MAX_NESTING_DEPTH",
     "ParsedInstance",
     "iter_dicom_files",
@@ -54,6 +60,12 @@ __all__ = [
 
 #: Default cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
 DEFAULT_MAX_INFLATED_BYTES: Final = 64 * 1024 * 1024
+#: Files larger than this are read through a moving window, never whole (bounded memory).
+LARGE_FILE_BYTES: Final = 32 * 1024 * 1024
+#: Size of the digest reads of a large file.
+_HASH_CHUNK: Final = 1024 * 1024
+#: Smallest read of the moving window (a header region is read in pieces of this size).
+_WINDOW_READ: Final = 64 * 1024
 #: Deepest nesting of undefined-length sequence items accepted (real objects stay below ~10).
 MAX_NESTING_DEPTH: Final = 64
 
@@ -88,6 +100,8 @@ _LE_L = struct.Struct("<L")
 _BE_L = struct.Struct(">L")
 _LE_H = struct.Struct("<H")
 _BE_H = struct.Struct(">H")
+_LE_ITEM = struct.Struct("<HHL")  # item tag group, element, 4-byte length
+_BE_ITEM = struct.Struct(">HHL")
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,13 @@ class ParsedInstance:
     size: int
 
 
-def read_header(path: Path, *, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> ParsedInstance:
+def read_header(
+    path: Path,
+    *,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    media_sop_class: bool = True,
+    large_file_bytes: int | None = None,
+) -> ParsedInstance:
     """Read a DICOM file's header (never its pixel data).
 
     Parameters
@@ -119,6 +139,13 @@ def read_header(path: Path, *, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BY
         dataset whose first element shows its encoding.
     max_inflated_bytes:
         Cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
+    media_sop_class:
+        Whether (0002,0002) Media Storage SOP Class UID stands in for a missing (0008,0016) SOP Class
+        UID. ``False`` for a file whose meta group the receiver wrote from a C-STORE command (the
+        dataset must then carry its own SOP Class UID, as :func:`read_header_bytes` requires).
+    large_file_bytes:
+        Files larger than this are read through a moving window with a chunked digest (bounded
+        memory); default :data:`LARGE_FILE_BYTES`. Both ways give the same result.
 
     Returns
     -------
@@ -134,8 +161,14 @@ def read_header(path: Path, *, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BY
     OSError
         The file cannot be read.
     """
+    threshold = LARGE_FILE_BYTES if large_file_bytes is None else large_file_bytes
     with open(path, "rb", buffering=0) as file:  # unbuffered: one read of the whole file
+        size = os.fstat(file.fileno()).st_size
+        if size > threshold and size > 0:
+            return _read_large(file.fileno(), size, str(path), max_inflated_bytes, media_sop_class)
         data = file.readall()
+    if not media_sop_class:
+        return _read_parts(data, str(path), None, max_inflated_bytes, media_sop_class=False)
     return read_header_bytes(data, source=str(path), max_inflated_bytes=max_inflated_bytes)
 
 
@@ -178,6 +211,18 @@ def read_header_bytes(
     HeaderError
         A malformed structure, or an acceptance error from :func:`~ingest.core.extract.extract`.
     """
+    return _read_parts(data, source, transfer_syntax_uid, max_inflated_bytes, media_sop_class=True)
+
+
+def _read_parts(
+    data: bytes,
+    source: str,
+    transfer_syntax_uid: str | None,
+    max_inflated_bytes: int,
+    *,
+    media_sop_class: bool,
+) -> ParsedInstance:
+    """The body of :func:`read_header_bytes` (in memory)."""
     if not data:
         raise NotDicomError(f"Empty input is not DICOM (source={source})")
     meta_end, meta = _read_file_meta(data, source)
@@ -194,7 +239,21 @@ def read_header_bytes(
     else:
         implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
 
-    scanner = _Scanner(body, implicit, little, source)
+    record = _scan_extract(
+        _Scanner(body, implicit, little, source), guessed, meta, ts, source, media_sop_class
+    )
+    return ParsedInstance(record=record, digest=digest, size=len(data))
+
+
+def _scan_extract(
+    scanner: _Scanner,
+    guessed: bool,
+    meta: dict[int, str],
+    ts: str | None,
+    source: str,
+    media_sop_class: bool,
+) -> InstanceRecord:
+    """Walk the dataset and extract the record (shared by the in-memory and the windowed reads)."""
     try:
         elements = scanner.top_level()
     except HeaderError as exc:
@@ -212,10 +271,12 @@ def read_header_bytes(
         meta_ts, meta_sop_class = meta.get(_T_TRANSFER_SYNTAX), meta.get(_T_MEDIA_SOP_CLASS)
     else:  # a bare dataset: the transfer syntax it was read with
         meta_ts, meta_sop_class = ts, None
-    record = extract_elements(
-        elements, transfer_syntax_uid=meta_ts, media_sop_class_uid=meta_sop_class, source=source
+    return extract_elements(
+        elements,
+        transfer_syntax_uid=meta_ts,
+        media_sop_class_uid=meta_sop_class if media_sop_class else None,
+        source=source,
     )
-    return ParsedInstance(record=record, digest=digest, size=len(data))
 
 
 def _read_file_meta(data: bytes, source: str) -> tuple[int, dict[int, str]]:
@@ -266,12 +327,14 @@ def _read_file_meta(data: bytes, source: str) -> tuple[int, dict[int, str]]:
     return pos, meta
 
 
-def _guess_encoding(body: memoryview, source: str) -> tuple[bool, bool]:
+def _guess_encoding(body: memoryview, source: str, total: int | None = None) -> tuple[bool, bool]:
     """(implicit VR, little endian) of a dataset without file meta, from its first element.
 
     Only bytes that look like a DICOM element get this far (then ``force``-style reading is safe).
+    *total* is the dataset's length when *body* holds only its start (a large file).
     """
-    if len(body) < 8:
+    size = len(body) if total is None else total
+    if size < 8:
         raise NotDicomError(f"No file meta and fewer than 8 bytes of dataset (source={source})")
     vr = bytes(body[4:6])
     group_le = _LE_H.unpack_from(body, 0)[0]
@@ -282,7 +345,7 @@ def _guess_encoding(body: memoryview, source: str) -> tuple[bool, bool]:
         if 0x0002 < group_be <= 0x00FF:
             return False, False
     length = _LE_L.unpack_from(body, 4)[0]
-    if 0x0002 < group_le <= 0x00FF and (length == _UNDEFINED or length <= len(body) - 8):
+    if 0x0002 < group_le <= 0x00FF and (length == _UNDEFINED or length <= size - 8):
         return True, True
     raise NotDicomError(f"No file meta and the first bytes are not a DICOM element (source={source})")
 
@@ -455,6 +518,231 @@ class _Scanner:
         # RawDataElement(tag, VR, length, value, value_tell, is_implicit_VR, is_little_endian,
         # is_raw=True, is_buffered=False), built as the tuple it is
         return _new_tuple(RawDataElement, (tag, vr_text, length, value, start, implicit, little, True, False))
+
+
+def _read_large(
+    fd: int, size: int, source: str, max_inflated_bytes: int, media_sop_class: bool
+) -> ParsedInstance:
+    """:func:`read_header` for a large file: a moving read window, a chunked digest, bounded memory."""
+    prefix = os.pread(fd, min(size, _WINDOW_READ), 0)
+    while True:  # the file meta group: grow the prefix until it holds the whole group
+        try:
+            meta_end, meta = _read_file_meta(prefix, source)
+            break
+        except (TruncatedError, NotDicomError):
+            if len(prefix) >= size:
+                raise
+            prefix = os.pread(fd, min(size, len(prefix) * 4), 0)
+    if len(prefix) < min(size, _WINDOW_READ):
+        raise TruncatedError(f"The file changed while it was read (source={source})")
+    ts = meta.get(_T_TRANSFER_SYNTAX)  # a file carries no transfer syntax but its own
+    body_len = size - meta_end
+    digest = _digest(fd, meta_end, size, source)
+
+    guessed = ts is None
+    scanner: _Scanner
+    if ts is None:
+        implicit, little = _guess_encoding(memoryview(prefix)[meta_end:], source, total=body_len)
+    elif ts == _DEFLATED:
+        inflated = _inflate_file(fd, meta_end, size, max_inflated_bytes, source)
+        record = _scan_extract(
+            _Scanner(inflated, False, True, source), guessed, meta, ts, source, media_sop_class
+        )
+        return ParsedInstance(record=record, digest=digest, size=size)
+    else:
+        implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
+    scanner = _WindowScanner(_Window(fd, meta_end, body_len, source), implicit, little, source)
+    record = _scan_extract(scanner, guessed, meta, ts, source, media_sop_class)
+    return ParsedInstance(record=record, digest=digest, size=size)
+
+
+def _digest(fd: int, start: int, size: int, source: str) -> str:
+    """SHA-256 of the file's bytes from *start* to *size*, read in :data:`_HASH_CHUNK` pieces."""
+    sha = hashlib.sha256()
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    pos = start
+    while pos < size:
+        n = os.preadv(fd, [view[: min(_HASH_CHUNK, size - pos)]], pos)
+        if n <= 0:
+            raise TruncatedError(f"The file changed while it was read (source={source})")
+        sha.update(view[:n])
+        pos += n
+    return sha.hexdigest()
+
+
+def _inflate_file(fd: int, start: int, size: int, cap: int, source: str) -> bytes:
+    """:func:`_inflate` over a file's bytes from *start*, read in chunks (same results and errors)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pieces: list[bytes] = []
+    total = 0
+    pos = start
+    while pos < size and not inflater.eof:
+        chunk = os.pread(fd, min(_HASH_CHUNK, size - pos), pos)
+        if not chunk:
+            raise TruncatedError(f"The file changed while it was read (source={source})")
+        pos += len(chunk)
+        try:
+            piece = inflater.decompress(chunk, cap + 1 - total)
+        except zlib.error as exc:
+            raise HeaderError(
+                f"Invalid deflate stream in a Deflated Explicit VR Little Endian dataset (source={source})"
+            ) from exc
+        pieces.append(piece)
+        total += len(piece)
+        if total > cap or inflater.unconsumed_tail:
+            raise InflateCapError(
+                f"Deflated dataset inflates to more than the cap of {cap} bytes (source={source})"
+            )
+    if not inflater.eof:
+        raise TruncatedError(f"Deflate stream of the dataset is cut short (source={source})")
+    return b"".join(pieces)
+
+
+class _Window:
+    """Read-only access to a file's dataset bytes ``[base, base + length)`` through one small cached block.
+
+    Offsets are relative to *base* (the start of the dataset), as in the in-memory walk; slicing
+    returns ``bytes``. Only the bytes asked for (element and item headers, kept values) are read.
+    """
+
+    def __init__(self, fd: int, base: int, length: int, source: str) -> None:
+        self.fd = fd
+        self.base = base
+        self.length = length
+        self.source = source
+        self.lo = 0
+        self.block = b""
+
+    def __len__(self) -> int:
+        return self.length
+
+    def get(self, pos: int, n: int) -> bytes:
+        """``n`` bytes at *pos* (the caller checked ``pos + n <= len(self)``)."""
+        off = pos - self.lo
+        if off >= 0 and off + n <= len(self.block):
+            return self.block[off : off + n]
+        want = min(max(n, _WINDOW_READ), self.length - pos)
+        self.block = os.pread(self.fd, want, self.base + pos)
+        self.lo = pos
+        if len(self.block) < n:
+            raise TruncatedError(f"The file changed while it was read (source={self.source})")
+        return self.block[:n]
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop = key.start or 0, min(key.stop, self.length)
+        return self.get(start, max(0, stop - start))
+
+
+class _WindowScanner(_Scanner):
+    """:class:`_Scanner` over a :class:`_Window`: the same walk, checks and messages, file-backed."""
+
+    def __init__(self, window: _Window, implicit: bool, little: bool, source: str) -> None:
+        super().__init__(b"", implicit, little, source)
+        self.win = window
+        self.buf = window  # type: ignore[assignment]  # sliced by _raw and measured by _truncated
+
+    def top_level(self) -> dict[int, RawDataElement]:
+        """Walk the whole dataset; return the wanted top-level elements as raw elements."""
+        wanted: dict[int, RawDataElement] = {}
+        win = self.win
+        if self.implicit and len(win) >= 8 and win.get(4, 2) in _ALL_VRS:
+            group = self.hh.unpack(win.get(0, 4))[0]
+            if 0x0002 < group <= 0x00FF:
+                self.implicit = False
+        self._dataset(0, len(win), self.implicit, 0, wanted)
+        return wanted
+
+    def _dataset(
+        self,
+        pos: int,
+        end: int,
+        implicit: bool,
+        depth: int,
+        wanted: dict[int, RawDataElement] | None,
+    ) -> tuple[int, bool]:
+        win = self.win
+        little = self.little
+        found = 0
+        try:
+            while pos < end:
+                if pos + 8 > end:
+                    raise self._truncated("element header", None, pos)
+                head = win.get(pos, min(12, end - pos))
+                group, elem, vr, length = self.head.unpack_from(head, 0)
+                tag = group << 16 | elem
+                if group == 0xFFFE or implicit:
+                    vr = None
+                    length = self.u32.unpack_from(head, 4)[0]
+                    start = pos + 8
+                elif vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise self._truncated("element header", tag, pos)
+                    length = self.u32.unpack_from(head, 8)[0]
+                    start = pos + 12
+                elif vr in _ALL_VRS:
+                    start = pos + 8
+                else:
+                    vr = None
+                    length = self.u32.unpack_from(head, 4)[0]
+                    start = pos + 8
+                if tag == _ITEM_END:
+                    return start, True
+                if length == _UNDEFINED:
+                    inner_implicit = implicit or vr == b"UN"
+                    value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag)
+                else:
+                    value_end = next_pos = start + length
+                    if value_end > end:
+                        raise self._truncated("value of", tag, pos)
+                found += 1
+                if wanted is not None and tag in _WANTED:
+                    if vr is None or vr == b"UN" or length == _UNDEFINED:
+                        wanted[tag] = self._raw(tag, vr, length, start, value_end, implicit)
+                    else:
+                        wanted[tag] = _new_tuple(
+                            RawDataElement,
+                            (tag, _VR_TEXT[vr], length, win.get(start, value_end - start), start,
+                             implicit, little, True, False),
+                        )  # fmt: skip
+                pos = next_pos
+            return pos, False
+        finally:
+            self.found += found
+
+    def _items(self, pos: int, end: int, implicit: bool, depth: int, owner: int) -> tuple[int, int]:
+        if depth > MAX_NESTING_DEPTH:
+            raise NestingTooDeepError(
+                f"Sequences nested deeper than {MAX_NESTING_DEPTH} levels in "
+                f"({owner >> 16:04X},{owner & 0xFFFF:04X}) (source={self.source})",
+                tag=f"({owner >> 16:04X},{owner & 0xFFFF:04X})",
+            )
+        win = self.win
+        while True:
+            if pos + 8 > end:
+                raise self._truncated("sequence of", owner, pos)
+            group, elem, length = self._item_head.unpack(win.get(pos, 8))
+            tag = group << 16 | elem
+            if tag == _SEQ_END:
+                return pos, pos + 8
+            if tag != _ITEM:
+                raise HeaderError(
+                    f"Malformed sequence: expected an item or a sequence delimiter in "
+                    f"({owner >> 16:04X},{owner & 0xFFFF:04X}) at byte {pos} (source={self.source})",
+                    tag=f"({owner >> 16:04X},{owner & 0xFFFF:04X})",
+                )
+            if length == _UNDEFINED:
+                pos, delimited = self._dataset(pos + 8, end, implicit, depth, None)
+                if not delimited:
+                    raise self._truncated("item of", owner, pos)
+            else:
+                pos = pos + 8 + length
+                if pos > end:
+                    raise self._truncated("item of", owner, pos)
+
+    @property
+    def _item_head(self) -> struct.Struct:
+        return _LE_ITEM if self.little else _BE_ITEM
 
 
 def iter_dicom_files(root: Path) -> Iterator[Path]:

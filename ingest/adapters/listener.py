@@ -24,6 +24,15 @@ only told that something arrived (``relay.wake`` through ``loop.call_soon_thread
 the loop's queue stays bounded). When an association that stored instances is released, their studies
 become due after ``relay.release_grace_s``; otherwise ``relay.stable_age_s`` applies.
 
+Large data sets (more than :data:`LARGE_INSTANCE_BYTES`) are received to disk, not memory: once a
+C-STORE's data set grows past the threshold, the bytes received so far and every later fragment go
+into a spool temporary file (random name, ``0600``, already headed by the preamble and file meta), so
+only the threshold plus one PDU is ever held. The handler then commits that file (fsync, rename,
+fsync dir), reads its header through :func:`read_header` (bounded memory as well), checks the UIDs and
+commits the row; on every failure path the temporary or committed file is removed. Smaller data sets
+keep the in-memory path (pynetdicom's process-wide ``STORE_RECV_CHUNKED_DATASET`` writes every
+instance to a file in the system temp folder and measured 4-23 % slower for 512 KB instances).
+
 Association checks (A-ASSOCIATE-RJ, PS3.8 9.3.4): calling AE not allowed (or not from its pinned host)
 -> (1,1,3); called AE not ours -> (1,1,7); over ``max_associations`` -> (2,3,2).
 """
@@ -41,7 +50,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, Final
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     JPEG2000,
@@ -60,17 +69,21 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from ingest.adapters.dicomfile import read_header_bytes
+from ingest.adapters.dicomfile import ParsedInstance, read_header, read_header_bytes
 from ingest.adapters.netguard import GuardedRequestHandler, GuardedServer, GuardedSocket, tls_context
-from ingest.adapters.spool import Quarantine, Spool
+from ingest.adapters.spool import Quarantine, Spool, SpoolFile, SpoolWriter
 from ingest.config import ListenerSettings, Settings
 from ingest.errors import HeaderError, NestingTooDeepError, StoreError
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome, StateStore
 
 __all__ = [
+    "LARGE_INSTANCE_BYTES",
     "STATUS_TABLE",
     "TRANSFER_SYNTAXES",
     "Intake",
@@ -81,6 +94,9 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
+
+#: C-STORE data sets larger than this are received into a spool file instead of memory.
+LARGE_INSTANCE_BYTES: Final = 16 * 1024 * 1024
 
 #: Transfer syntaxes offered for every storage SOP class; Deflated is safe because
 #: :func:`read_header_bytes` inflates with ``max_inflated_bytes`` as a cap.
@@ -208,6 +224,63 @@ class Intake:
         self._on_loop()
 
 
+class _Spill:
+    """A large C-STORE data set being received into a spool temporary file.
+
+    pynetdicom's DIMSE decoder writes each later data-set fragment with ``write()`` and then calls
+    ``file.flush()``; after the C-STORE handler it closes and unlinks a truthy ``_dataset_file``. Once
+    the handler has taken this object it is falsy, so pynetdicom leaves the file to the handler. A
+    write error (disk full, quota) is remembered, later fragments are dropped, and the handler answers
+    0xA700; the association itself goes on.
+    """
+
+    def __init__(self, writer: SpoolWriter | None, failed: StoreError | None = None) -> None:
+        self.writer = writer
+        self.failed = failed
+        self.file = self  # pynetdicom calls ``_dataset_file.file.flush()``
+        self._lock = threading.Lock()
+        self._taken = False
+        self._closed = writer is None
+
+    def __bool__(self) -> bool:
+        return not self._taken
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append a fragment (errors are kept for the handler, never raised into pynetdicom)."""
+        with self._lock:
+            if self._closed or self.writer is None:
+                return len(data)
+            try:
+                self.writer.write(data)
+            except StoreError as exc:
+                self.failed = exc
+                self._closed = True
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to do: writes go straight to the file; the handler fsyncs on commit."""
+
+    def close(self) -> None:
+        """Nothing to do (see :meth:`discard`)."""
+
+    def take(self) -> bool:
+        """Hand the file to the C-STORE handler; ``False`` when the association already discarded it."""
+        with self._lock:
+            if self._taken or (self._closed and self.failed is None):
+                return False
+            self._taken = True
+            return True
+
+    def discard(self, *, force: bool = False) -> None:
+        """Remove the temporary file unless the handler owns it (``force``: the handler itself)."""
+        with self._lock:
+            if self._taken and not force:
+                return
+            self._closed = True
+            if self.writer is not None:
+                self.writer.abort()
+
+
 def _peer(event: Any) -> tuple[str, str]:
     """(calling AE title, peer address) of an event's association."""
     requestor = event.assoc.requestor
@@ -246,6 +319,8 @@ class Listener:
         self.quarantine = Quarantine(settings.data_dir / "quarantine")
         self.spool.sweep_temps()
         self._studies: dict[int, set[str]] = {}  # id(association) -> studies it stored into
+        self._spills: dict[int, list[_Spill]] = {}  # id(association) -> large data sets on disk
+        self.large_instance_bytes = LARGE_INSTANCE_BYTES
         self._lock = threading.Lock()
         self._allowed: dict[str, set[str | None]] = {}
         for entry in self.cfg.allowed_calling_aes:
@@ -302,6 +377,7 @@ class Listener:
         server.max_pdu_bytes = self.cfg.max_peer_pdu
         server.max_message_bytes = self.cfg.max_instance_bytes
         server.io_timeout_s = self.cfg.network_timeout_s
+        server.on_association = self._receive_large_to_disk
         tls = self.cfg.tls
         if tls.enabled:
             server.tls = tls_context(tls)
@@ -379,6 +455,64 @@ class Listener:
     def _on_ended(self, event: Any) -> None:
         with self._lock:
             self._studies.pop(id(event.assoc), None)
+            spills = self._spills.pop(id(event.assoc), [])
+        for spill in spills:  # a data set cut off by an abort or a closed connection
+            spill.discard()
+
+    # -- large data sets to disk -------------------------------------------------------------------------
+
+    def _receive_large_to_disk(self, assoc: Association) -> None:
+        """Wrap the association's DIMSE receiver: a C-STORE data set past the threshold goes to disk.
+
+        Runs on the association's DUL thread, in order with the decoding of each P-DATA primitive, so
+        the data set's bytes so far are exactly those in the message's buffer.
+        """
+        dimse = assoc.dimse
+        receive = dimse.receive_primitive
+        threshold = self.large_instance_bytes
+
+        def receive_primitive(primitive: Any) -> None:
+            receive(primitive)
+            msg = dimse.message  # the message still being received (None once complete)
+            if (
+                msg is not None
+                and msg._data_set_file is None
+                and isinstance(msg, C_STORE_RQ)
+                and isinstance(msg.data_set, BytesIO)
+                and msg.data_set.tell() > threshold
+            ):
+                self._start_spill(assoc, msg)
+
+        dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
+
+    def _start_spill(self, assoc: Association, msg: Any) -> None:
+        """Move a C-STORE data set in progress to a spool temporary file; never raises."""
+        head: BytesIO = msg.data_set
+        spill: _Spill
+        try:
+            cs = msg.command_set
+            cx = assoc._accepted_cx[msg.context_id]
+            prefix = _part10_prefix_for(
+                create_file_meta(
+                    sop_class_uid=cs.AffectedSOPClassUID,  # (0000,0002) -> (0002,0002)
+                    sop_instance_uid=cs.AffectedSOPInstanceUID,  # (0000,1000) -> (0002,0003)
+                    transfer_syntax=cx.transfer_syntax[0],  # (0002,0010) of the context
+                )
+            )
+            writer = self.spool.open_writer()
+            spill = _Spill(writer)
+            spill.write(prefix)
+            spill.write(head.getbuffer())
+        except StoreError as exc:
+            spill = _Spill(None, failed=exc)
+        except Exception as exc:  # never into pynetdicom's DUL thread
+            LOGGER.exception("could not move a large data set to disk")
+            spill = _Spill(None, failed=StoreError(f"could not receive a large data set: {exc}"))
+        msg.data_set = BytesIO()  # the memory of the bytes so far is released
+        msg._data_set_file = spill
+        msg._data_set_path = None
+        with self._lock:
+            self._spills.setdefault(id(assoc), []).append(spill)
 
     # -- C-STORE ---------------------------------------------------------------------------------------
 
@@ -391,7 +525,7 @@ class Listener:
             self.metrics.instances_rejected.labels(reason="internal").inc()
             return _answer("internal")
 
-    def _reject(self, outcome: str, data: bytes | None, detail: str, rule: str = "") -> Dataset:
+    def _reject(self, outcome: str, data: bytes | Path | None, detail: str, rule: str = "") -> Dataset:
         self.metrics.instances_rejected.labels(reason=outcome).inc()
         if data:
             try:
@@ -408,10 +542,15 @@ class Listener:
         cmd_sop = str(req.AffectedSOPInstanceUID or "").strip()  # (0000,1000)
         cmd_class = str(req.AffectedSOPClassUID or "").strip()  # (0000,0002)
         sock = event.assoc.dul.socket
+        spill = getattr(req, "_dataset_file", None)
         if isinstance(sock, GuardedSocket) and sock.take_oversized():
             LOGGER.warning("C-STORE %s from %s exceeds max_instance_bytes: 0xA700", cmd_sop, calling)
             self.metrics.instances_rejected.labels(reason="too_large").inc()
+            if isinstance(spill, _Spill):
+                self._forget_spill(event.assoc, spill)
             return _answer("too_large")
+        if isinstance(spill, _Spill):
+            return self._store_spilled(event, spill, cmd_sop, cmd_class, source)
         stream: BytesIO = req.DataSet
         data = stream.getvalue()
         if len(data) > self.cfg.max_instance_bytes:
@@ -449,6 +588,83 @@ class Listener:
         finally:
             self.intake.leave()
 
+    def _forget_spill(self, assoc: Any, spill: _Spill) -> None:
+        spill.discard(force=True)
+        with self._lock:
+            spills = self._spills.get(id(assoc), [])
+            if spill in spills:
+                spills.remove(spill)
+
+    def _store_spilled(self, event: Any, spill: _Spill, cmd_sop: str, cmd_class: str, source: str) -> Dataset:
+        """A C-STORE whose data set was received into a spool temporary file (see the module doc)."""
+        calling = source.removeprefix("dimse:")
+        if not spill.take():  # the association ended and removed it
+            self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
+            return _answer("out_of_resources")
+        try:
+            if spill.failed is not None or spill.writer is None:
+                LOGGER.error("spool write failed, C-STORE %s answered 0xA700: %s", cmd_sop, spill.failed)
+                self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
+                return _answer("out_of_resources")
+            if not self.intake.enter():
+                LOGGER.warning(
+                    "intake full (%d in flight): C-STORE %s answered 0xA700", self.intake.size, cmd_sop
+                )
+                self.metrics.instances_rejected.labels(reason="intake_full").inc()
+                return _answer("intake_full")
+            try:
+                self.metrics.intake_depth.set(self.intake.busy)
+                try:
+                    kept = spill.writer.commit()
+                except StoreError as exc:
+                    LOGGER.error("spool write failed, C-STORE %s answered 0xA700: %s", cmd_sop, exc)
+                    self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
+                    return _answer("out_of_resources")
+                try:
+                    return self._accept_spooled(event, kept, cmd_sop, cmd_class, source, calling)
+                except BaseException:
+                    self._discard(kept.name)
+                    raise
+            finally:
+                self.intake.leave()
+        finally:
+            self._forget_spill(event.assoc, spill)
+
+    def _accept_spooled(
+        self, event: Any, kept: SpoolFile, cmd_sop: str, cmd_class: str, source: str, calling: str
+    ) -> Dataset:
+        """Header, UID check and row for a data set already committed to the spool as ``kept``."""
+        parsed: ParsedInstance | None = None
+        try:
+            parsed = read_header(
+                kept.path, max_inflated_bytes=self.cfg.max_inflated_bytes, media_sop_class=False
+            )
+        except HeaderError as exc:
+            LOGGER.warning("C-STORE %s from %s rejected (%s): %s", cmd_sop, calling, exc.reason, exc)
+            answer = self._reject(exc.reason, kept.path, str(exc))
+        except RecursionError:
+            exc2 = NestingTooDeepError(f"Sequences nested too deep to parse (source={source})")
+            LOGGER.warning("C-STORE %s from %s rejected (%s)", cmd_sop, calling, exc2.reason)
+            answer = self._reject(exc2.reason, kept.path, str(exc2))
+        except OSError as exc:
+            LOGGER.error("cannot read back spooled C-STORE %s, answered 0xA700: %s", cmd_sop, exc)
+            self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
+            answer = _answer("out_of_resources")
+        if parsed is None:
+            self._discard(kept.name)
+            return answer
+        record = parsed.record
+        if record.sop_uid != cmd_sop or record.sop_class_uid != cmd_class:
+            detail = (
+                f"dataset SOP Instance/Class UID {record.sop_uid}/{record.sop_class_uid} differ from "
+                f"the command's {cmd_sop}/{cmd_class} (source={source})"
+            )
+            LOGGER.warning("C-STORE from %s rejected: %s", calling, detail)
+            answer = self._reject("uid_mismatch", kept.path, detail)
+            self._discard(kept.name)
+            return answer
+        return self._commit_row(event, kept, parsed.digest, record, source, kept.path)
+
     def _durable(self, event: Any, data: bytes, digest: str, record: Any, source: str) -> Dataset:
         """Spool (fsync'd) then commit the row; success only when both are durable."""
         try:
@@ -460,6 +676,12 @@ class Listener:
             LOGGER.error("spool write failed, C-STORE %s answered 0xA700: %s", record.sop_uid, exc)
             self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
             return _answer("out_of_resources")
+        return self._commit_row(event, kept, digest, record, source, data)
+
+    def _commit_row(
+        self, event: Any, kept: SpoolFile, digest: str, record: Any, source: str, data: bytes | Path
+    ) -> Dataset:
+        """Commit the instance row for a spooled file; success only when it is durable."""
         now = self.clock()
         try:
             added = self.store.add_instance(
@@ -484,13 +706,14 @@ class Listener:
             LOGGER.debug("identical duplicate of %s acknowledged", record.sop_uid)
             return _answer("duplicate")
         if added.outcome is AddOutcome.CONFLICT:
-            self._discard(kept.name)
             detail = (
                 f"SOP Instance UID {record.sop_uid} already stored with {added.detail.replace('_', ' ')}; "
                 f"the first is kept (source={source})"
             )
             LOGGER.warning("conflicting duplicate quarantined: %s", detail)
-            return self._reject("conflict", data, detail, rule=added.detail)
+            answer = self._reject("conflict", data, detail, rule=added.detail)
+            self._discard(kept.name)
+            return answer
         with self._lock:
             self._studies.setdefault(id(event.assoc), set()).add(record.study_uid)
         self.metrics.instances_accepted.labels(source="dimse").inc()
@@ -536,9 +759,14 @@ class Listener:
 
 def _part10_prefix(event: Any) -> bytes:
     """Preamble, ``DICM`` and the File Meta group (PS3.10 7.1) for the received data set."""
+    return _part10_prefix_for(event.file_meta)
+
+
+def _part10_prefix_for(file_meta: FileMetaDataset) -> bytes:
+    """Preamble, ``DICM`` and ``file_meta`` encoded (PS3.10 7.1)."""
     buf = BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, event.file_meta, enforce_standard=True)  # type: ignore[arg-type]
+    write_file_meta_info(buf, file_meta, enforce_standard=True)  # type: ignore[arg-type]
     return buf.getvalue()
 
 

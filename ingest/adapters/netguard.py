@@ -14,6 +14,8 @@ and it sets neither ``TCP_NODELAY`` nor ``TCP_QUICKACK``. This module fixes thos
 - :class:`GuardedServer` accepts without wrapping, then performs the TLS handshake in the
   per-connection thread with a timeout, so a silent client cannot stall other associations.
 - :func:`tls_context` builds the server context: TLS 1.2 or newer, optional client certificates.
+- :attr:`GuardedServer.on_association` lets the listener adapt each new acceptor association before
+  it starts (the listener uses it to receive large data sets to disk).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from pathlib import Path
@@ -265,6 +268,8 @@ class GuardedRequestHandler(RequestHandler):
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
         assoc.acceptor.supported_contexts = deepcopy(server.contexts)
         assoc.requestor.address_info = AddressInformation.from_tuple(self.client_address)
+        if server.on_association is not None:
+            server.on_association(assoc)
         for event, bound in server._handlers.items():
             if event.is_intervention and bound:
                 assoc.bind(event, *bound)
@@ -280,7 +285,8 @@ class GuardedServer(ThreadedAssociationServer):
 
     Set these after construction (:func:`ingest.adapters.listener.start_listener` does):
     ``max_pdu_bytes``, ``max_message_bytes``, ``tls`` (an :class:`ssl.SSLContext` or ``None``),
-    ``handshake_timeout_s`` and ``io_timeout_s`` (socket timeout for reads after the handshake).
+    ``handshake_timeout_s``, ``io_timeout_s`` (socket timeout for reads after the handshake) and
+    ``on_association`` (called with each new acceptor association before its thread starts).
     """
 
     daemon_threads = True
@@ -293,6 +299,7 @@ class GuardedServer(ThreadedAssociationServer):
         self.io_timeout_s: float | None = None
         self.closing = threading.Event()
         self.handshake_failures = 0
+        self.on_association: Callable[[Association], None] | None = None
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
