@@ -47,6 +47,11 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
+# A drain (end of a replay) claims up to this many times ``[relay] concurrency`` studies per round: the
+# claims wait for a free push slot (their leases renewed meanwhile), so the slots never idle while a
+# round's slowest push finishes; still at most ``concurrency`` pushes run at once.
+_DRAIN_CLAIMS_PER_SLOT = 16
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -243,12 +248,23 @@ class Relay:
         if self.metrics is not None:
             self.metrics.studies.labels(result=result).inc()
 
-    async def run_once(self) -> int:
-        """Claim the studies due now and push them; returns how many were claimed."""
+    async def run_once(self, limit: int | None = None) -> int:
+        """Claim the studies due now and push them; returns how many were claimed.
+
+        Parameters
+        ----------
+        limit:
+            Claim at most this many studies; default twice ``[relay] concurrency``. At most
+            ``concurrency`` of them are pushed at once either way.
+        """
         now = self.clock()
         try:
             claims = await asyncio.to_thread(
-                self.store.claim_due, now, self.cfg.concurrency * 2, self.node, self.cfg.lease_s
+                self.store.claim_due,
+                now,
+                self.cfg.concurrency * 2 if limit is None else limit,
+                self.node,
+                self.cfg.lease_s,
             )
         except StoreUnavailableError as exc:
             LOGGER.warning("state store unavailable, relay waits: %s", exc)
@@ -424,7 +440,7 @@ class Relay:
             return
         await asyncio.to_thread(self.store.mark_due, wanted, self.clock())
         while True:
-            await self.run_once()
+            await self.run_once(limit=self.cfg.concurrency * _DRAIN_CLAIMS_PER_SLOT)
             pending = [
                 row
                 for row in await asyncio.to_thread(self.store.studies, StudyState.PENDING)
