@@ -169,7 +169,8 @@ async def test_replay_waits_for_a_backend_that_comes_up_after_the_input_is_read(
     settings = Settings(
         data_dir=tmp_path / "data",
         backend=BackendSettings(url=f"http://127.0.0.1:{port}/fhir/R4/$graphql", timeout_s=2),
-        relay=RelaySettings(max_attempts=6, base_backoff_s=0.3, max_backoff_s=0.3),
+        # full jitter: enough attempts and backoff that the retries outlast the backend's late start
+        relay=RelaySettings(max_attempts=12, base_backoff_s=0.5, max_backoff_s=1.0),
     )
     from aiohttp import web
 
