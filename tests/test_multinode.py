@@ -474,7 +474,7 @@ async def test_node_killed_while_holding_leases_is_taken_over(
             "node-a",
             pg=pg,
             backend_url=proxy.graphql_url,
-            INGEST_RELAY__LEASE_S="1.5",
+            INGEST_RELAY__LEASE_S="3",
             INGEST_BACKEND__TIMEOUT_S="120",
         )
         corpus = generate(tmp_path / "corpus", studies=3, files=9, seed=64, tiny=True)
@@ -502,7 +502,9 @@ async def test_node_killed_while_holding_leases_is_taken_over(
             await asyncio.sleep(0.3)
         else:
             raise AssertionError(f"node-a never held all leases: {status}")
-        await asyncio.sleep(2.0)  # longer than the lease: node A is renewing while its writes hang
+        # longer than the lease (3 s, renewed every 1 s; long enough that a loaded CI machine delaying one
+        # renewal does not lose it): node A is renewing while its writes hang
+        await asyncio.sleep(3.5)
         status = await asyncio.to_thread(leases)
         assert [(n["node"], n["active_leases"]) for n in status["nodes"]] == [("node-a", len(want))]
         assert all(s["lease_owner"] == "node-a" and s["lease_active"] for s in status["studies"])
@@ -516,7 +518,7 @@ async def test_node_killed_while_holding_leases_is_taken_over(
             "node-b",
             pg=pg,
             backend_url=url,
-            INGEST_RELAY__LEASE_S="1.5",
+            INGEST_RELAY__LEASE_S="3",
         )
         await asyncio.to_thread(wait_until, lambda: complete(url, want), 30, "node B finishing A's studies")
     finally:
@@ -631,8 +633,10 @@ async def test_a_write_longer_than_the_lease_keeps_it_by_renewal(tmp_path: Path)
 
     store = _one_study_store(tmp_path)
     try:
-        sink = _SlowSink(0.9)  # three lease lengths
-        relay = _relay(store, sink, lease_s=0.3)
+        # 2.5 lease lengths; a lease of 1 s (renewed every 1/3 s) so that a loaded machine delaying one
+        # renewal thread does not lose it
+        sink = _SlowSink(2.5)
+        relay = _relay(store, sink, lease_s=1.0)
         assert await relay.run_once() == 1
         row = store.study("1.2.3")
         assert (row.state, row.dirty, row.backend_id, row.lease_owner) == (
