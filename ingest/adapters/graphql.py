@@ -430,6 +430,16 @@ def fit_schema(schema: GraphQLSchema, *, max_depth: int = DEFAULT_MAX_DEPTH) -> 
             raise ConfigError(f"the backend's {fname} returns a type without selectable fields")
         return f"{{ ...{name} }}"
 
+    def written_selection(fdef: GraphQLField, fname: str) -> str:
+        # A write only needs the new id and version back (the content is what we sent); asking for the
+        # whole resource makes the backend serialise it again for nothing.
+        out = _object_of(fdef, fname)
+        meta = get_named_type(out.fields["meta"].type) if "meta" in out.fields else None
+        if "id" in out.fields and isinstance(meta, GraphQLObjectType) and "versionId" in meta.fields:
+            last = " lastUpdated" if "lastUpdated" in meta.fields else ""
+            return f"{{ id meta {{ versionId{last} }} }}"
+        return selection(fdef, fname)
+
     def arg_type(fdef: GraphQLField, aname: str) -> str:
         return str(fdef.args[aname].type)
 
@@ -447,11 +457,11 @@ def fit_schema(schema: GraphQLSchema, *, max_depth: int = DEFAULT_MAX_DEPTH) -> 
     )
     ops["create"] = (
         f"mutation CreateImagingStudy($res: {arg_type(create_f, 'res')}) "
-        f"{{ {CREATE_FIELD}(res: $res) {selection(create_f, CREATE_FIELD)} }}"
+        f"{{ {CREATE_FIELD}(res: $res) {written_selection(create_f, CREATE_FIELD)} }}"
     )
     ops["update"] = (
         f"mutation UpdateImagingStudy($id: {arg_type(update_f, 'id')}, $res: {arg_type(update_f, 'res')}) "
-        f"{{ {UPDATE_FIELD}(id: $id, res: $res) {selection(update_f, UPDATE_FIELD)} }}"
+        f"{{ {UPDATE_FIELD}(id: $id, res: $res) {written_selection(update_f, UPDATE_FIELD)} }}"
     )
 
     texts = {key: op + "\n" + "\n".join(_used_fragments(op, builder.fragments)) for key, op in ops.items()}
@@ -1063,7 +1073,7 @@ class GraphQLSink:
         data = await self._execute(
             GraphQLRequest(self.fit.documents["create"], variable_values={"res": res}), what=what
         )
-        return self._written(data.get(CREATE_FIELD), what)
+        return self._written(res, data.get(CREATE_FIELD), what)
 
     async def update(self, backend_id: str, resource: dict[str, Any]) -> BackendStudy:
         """``ImagingStudyUpdate(id:, res:)`` with ``res.id = backend_id``; returns the new version.
@@ -1078,7 +1088,7 @@ class GraphQLSink:
             GraphQLRequest(self.fit.documents["update"], variable_values={"id": backend_id, "res": res}),
             what=what,
         )
-        return self._written(data.get(UPDATE_FIELD), what)
+        return self._written(res, data.get(UPDATE_FIELD), what)
 
     # -- other resource types (Patient, Endpoint): ingest.linked -------------------------------------
 
@@ -1206,10 +1216,11 @@ class GraphQLSink:
             )
         return res
 
-    def _written(self, found: Any, what: str) -> BackendStudy:
+    def _written(self, sent: Mapping[str, Any], found: Any, what: str) -> BackendStudy:
+        """What the backend now holds: the resource we sent with the id and meta it answered."""
         if not isinstance(found, Mapping):
             raise PermanentSinkError(f"{what}: the backend answered without a resource")
-        return self._backend_study(found, what)
+        return self._backend_study({**sent, **found}, what)
 
     @staticmethod
     def _backend_study(found: Mapping[str, Any], what: str) -> BackendStudy:
