@@ -7,6 +7,7 @@ as :class:`Parsed` or :class:`Rejected`, in order.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -90,6 +91,7 @@ def parse_items(
     jobs: int = 1,
     max_inflated_bytes: int = 64 * 1024**2,
     caller_parses: bool = False,
+    pool: ProcessPoolExecutor | None = None,
 ) -> Iterator[Parsed | Rejected]:
     """Parse the headers of ``items``, yielding one result per item in input order.
 
@@ -108,6 +110,9 @@ def parse_items(
         Cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
     caller_parses:
         See ``jobs``.
+    pool:
+        A long-lived pool of ``jobs`` (or ``jobs - 1``) workers to use instead of starting one for this
+        call (the watcher keeps one, so each burst does not pay for starting processes).
 
     Yields
     ------
@@ -120,7 +125,7 @@ def parse_items(
         for item in it:
             yield _parse_one(item, max_inflated_bytes)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with contextlib.nullcontext(pool) if pool is not None else ProcessPoolExecutor(workers) as pool:
         # in input order: batches sent to a worker (futures) and batches the caller parsed (lists)
         window: deque[Future[list[Parsed | Rejected]] | list[Parsed | Rejected]] = deque()
         in_pool = 0  # futures in the window

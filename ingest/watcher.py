@@ -44,6 +44,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -224,6 +225,7 @@ class DropFolder:
         self._excluded = [p for p in (data_dir, self.archive.root if self.archive else None) if p is not None]
         self._seen: dict[Path, _Seen] = {}
         self._halt = threading.Event()
+        self._pool: ProcessPoolExecutor | None = None  # header-parsing processes for bursts
 
     # -- which files -------------------------------------------------------------------------------------
 
@@ -327,8 +329,13 @@ class DropFolder:
             else:
                 items.append(Item(str(path), path=path))
         jobs = self.cfg.jobs if len(items) >= _PARALLEL_FROM else 1
+        if jobs > 1 and self._pool is None:  # started at the first burst, kept for the next ones
+            self._pool = ProcessPoolExecutor(jobs)
         copied: list[_Copied] = []
-        for result in parse_items(items, jobs=jobs, max_inflated_bytes=self.max_inflated):
+        results = parse_items(
+            items, jobs=jobs, max_inflated_bytes=self.max_inflated, pool=self._pool if jobs > 1 else None
+        )
+        for result in results:
             path = Path(result.label)
             before = stats[result.label]
             if self.metrics is not None:
@@ -369,7 +376,7 @@ class DropFolder:
                 if self._changed(path, before):
                     self._defer(path)
                     return None  # leaving the block aborts the writer
-                spooled = writer.commit()
+                spooled = writer.commit(sync_dir=False)  # the chunk's folder fsync comes in _commit
         except StoreUnavailableError as exc:
             LOGGER.warning("watch: cannot spool %s, will try again at the next rescan: %s", path, exc)
             self.totals.deferred += 1
@@ -377,6 +384,15 @@ class DropFolder:
         return _Copied(path, parsed, spooled.name, spooled.sha256, before.st_size, before.st_mtime_ns)
 
     def _commit(self, copied: list[_Copied]) -> int:
+        try:
+            self.spool.sync()  # one folder fsync for the chunk: the spool files are durable from here
+        except StoreUnavailableError as exc:
+            LOGGER.warning("watch: cannot sync the spool, %d files wait for the next rescan: %s",
+                           len(copied), exc)
+            for c in copied:
+                self._forget_spooled(c.spool_name)
+            self.totals.deferred += len(copied)
+            return 0
         now = self.clock()
         try:
             results = self.store.add_instances(
@@ -478,9 +494,12 @@ class DropFolder:
         _fsync_dir(archive.root)
 
     def close(self) -> None:
-        """Release the watch database, if open."""
+        """Release the watch database, if open, and the parsing processes."""
         if self.kept is not None:
             self.kept.close()
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
 
 async def _watch_events(

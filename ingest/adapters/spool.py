@@ -220,6 +220,19 @@ class _PrivateFolder:
         """
         return SpoolWriter(self)
 
+    def sync(self) -> None:
+        """Make the names of files committed with ``sync_dir=False`` durable (one folder fsync).
+
+        Raises
+        ------
+        StoreUnavailableError
+            When the folder cannot be synced; those files must then be treated as not stored.
+        """
+        try:
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot sync the folder {self.root}: {_describe(exc)}") from exc
+
     def write(self, data: bytes) -> SpoolFile:
         """Write ``data`` durably under a new random name.
 
@@ -303,8 +316,14 @@ class SpoolWriter:
             raise self._unavailable("cannot write to", exc) from exc
         self._hash.update(view)
 
-    def commit(self) -> SpoolFile:
+    def commit(self, *, sync_dir: bool = True) -> SpoolFile:
         """Make the file durable under its final name and return it.
+
+        Parameters
+        ----------
+        sync_dir:
+            ``False`` leaves the folder's fsync to the caller, who commits a batch of files and then calls
+            :meth:`Spool.sync` once (the files are durable only after that call).
 
         Raises
         ------
@@ -322,7 +341,8 @@ class SpoolWriter:
             self._cleanup()
             raise self._unavailable("cannot commit a file to", exc) from exc
         try:
-            _fsync_dir(self._folder.root)
+            if sync_dir:
+                _fsync_dir(self._folder.root)
         except OSError as exc:
             # The rename happened but may not survive a crash: not durable, so not accepted.
             try:

@@ -131,6 +131,38 @@ def test_write_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert spool.bytes_used() == len(b"earlier")
 
 
+def test_batch_commit_syncs_the_folder_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    spool = Spool(tmp_path / "spool")
+    names = []
+    for i in range(3):
+        with spool.open_writer() as writer:
+            writer.write(b"x" * (i + 1))
+            names.append(writer.commit(sync_dir=False).name)
+    assert events == ["fsync-file"] * 3  # each file's data, no folder sync yet
+    spool.sync()
+    assert events == ["fsync-file"] * 3 + ["fsync-dir"]
+    assert sorted(names) == spool.names()
+
+
+def test_folder_sync_error_is_out_of_resources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool")
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(StoreUnavailableError, match="cannot sync the folder"):
+        spool.sync()
+
+
 def test_fsync_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path / "spool")
 
