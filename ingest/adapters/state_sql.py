@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
@@ -99,6 +100,10 @@ def study_row(values: Sequence[Any], to_dt: Callable[[Any], datetime | None]) ->
         lease_owner=values[12],
         lease_expires=to_dt(values[13]),
     )
+
+
+# Rows per multi-row INSERT (9 parameters each: well under SQLite's and PostgreSQL's limits).
+_INSERT_ROWS = 256
 
 
 class SQLStateStore(StateStore):
@@ -180,60 +185,79 @@ class SQLStateStore(StateStore):
 
     # -- instances ---------------------------------------------------------------------------------------
 
-    def _add(
-        self,
-        cur: Cursor,
-        record: InstanceRecord,
-        source: str,
-        spool_name: str | None,
-        digest: str,
-        now: object,
-        due_at: object,
-    ) -> Added:
-        inserted = cur.execute(
-            self._q(
-                "INSERT INTO instances (sop_uid, study_uid, series_uid, digest, source, spool_name, node, "
-                "record_json, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (sop_uid) DO NOTHING RETURNING sop_uid"
-            ),
-            (
-                record.sop_uid,  # (0008,0018) SOP Instance UID
-                record.study_uid,  # (0020,000D) Study Instance UID
-                record.series_uid,  # (0020,000E) Series Instance UID
-                digest,
-                source,
-                spool_name,
-                self.node,
-                record.model_dump_json(),
-                now,
-            ),
-        ).fetchall()
-        if not inserted:
+    def _insert_batch(
+        self, cur: Cursor, items: Sequence[tuple[InstanceRecord, str, str | None, str]], now: object
+    ) -> list[Added]:
+        """Insert instance rows in one statement; rows whose SOP Instance UID exists are checked after.
+
+        An existing row with the same study and digest makes a duplicate, otherwise a conflict. The same
+        SOP Instance UID twice in one batch: the first is added, the second compared with it.
+        """
+        inserted: set[str] = set()
+        for start in range(0, len(items), _INSERT_ROWS):
+            chunk = items[start : start + _INSERT_ROWS]
+            values: list[object] = []
+            for record, source, spool_name, digest in chunk:
+                values += [
+                    record.sop_uid,  # (0008,0018) SOP Instance UID
+                    record.study_uid,  # (0020,000D) Study Instance UID
+                    record.series_uid,  # (0020,000E) Series Instance UID
+                    digest,
+                    source,
+                    spool_name,
+                    self.node,
+                    record.model_dump_json(),
+                    now,
+                ]
+            rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            inserted.update(
+                str(row[0])
+                for row in cur.execute(
+                    self._q(
+                        "INSERT INTO instances (sop_uid, study_uid, series_uid, digest, source, spool_name, "
+                        f"node, record_json, added_at) VALUES {rows} "
+                        "ON CONFLICT (sop_uid) DO NOTHING RETURNING sop_uid"
+                    ),
+                    values,
+                ).fetchall()
+            )
+        results: list[Added] = []
+        for record, _source, _spool, digest in items:
+            if record.sop_uid in inserted:
+                inserted.discard(record.sop_uid)  # a second copy in this batch is compared below
+                results.append(Added(AddOutcome.ADDED, record.study_uid))
+                continue
             found = cur.execute(
                 self._q("SELECT study_uid, digest FROM instances WHERE sop_uid = ?"), (record.sop_uid,)
             ).fetchone()
             if found is None:  # pragma: no cover - deleted concurrently; nothing in ingest deletes rows
                 raise StoreUnavailableError(f"instance {record.sop_uid} vanished during add; retry")
             if found[0] != record.study_uid:
-                return Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_STUDY)
-            if found[1] != digest:
-                return Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_CONTENT)
-            return Added(AddOutcome.DUPLICATE, record.study_uid)
-        # A new instance makes the study dirty and pending again (a dead study is revived: the new
-        # content may cure it; attempts restart). A pending retry keeps its backoff.
+                results.append(Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_STUDY))
+            elif found[1] != digest:
+                results.append(Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_CONTENT))
+            else:
+                results.append(Added(AddOutcome.DUPLICATE, record.study_uid))
+        return results
+
+    def _touch_study(self, cur: Cursor, study_uid: str, added: int, now: object, due_at: object) -> None:
+        """``added`` new instances make the study dirty and pending again, due at ``due_at``.
+
+        A dead study is revived (the new content may cure it; attempts restart); a pending retry keeps its
+        backoff. The generation grows by ``added``, so a push that started before sees the change.
+        """
         cur.execute(
             self._q(
                 "INSERT INTO studies AS s (study_uid, generation, dirty, last_seen, due_at, state) "
-                "VALUES (?, 1, true, ?, ?, 'pending') "
-                "ON CONFLICT (study_uid) DO UPDATE SET generation = s.generation + 1, dirty = true, "
-                "last_seen = excluded.last_seen, due_at = excluded.due_at, "
+                "VALUES (?, ?, true, ?, ?, 'pending') "
+                "ON CONFLICT (study_uid) DO UPDATE SET generation = s.generation + excluded.generation, "
+                "dirty = true, last_seen = excluded.last_seen, due_at = excluded.due_at, "
                 "attempts = CASE WHEN s.state = 'dead' THEN 0 ELSE s.attempts END, "
                 "next_attempt_at = CASE WHEN s.state = 'dead' THEN NULL ELSE s.next_attempt_at END, "
                 "dead_reason = NULL, state = 'pending'"
             ),
-            (record.study_uid, now, due_at),
+            (study_uid, added, now, due_at),
         )
-        return Added(AddOutcome.ADDED, record.study_uid)
 
     def add_instance(
         self,
@@ -283,7 +307,11 @@ class SQLStateStore(StateStore):
         """Batch :meth:`add_instance` of ``(record, source, spool_name, digest)`` in one transaction."""
         now_v, due_v = self._time(now), self._time(due_at)
         with self._write("add_instances") as cur:
-            return [self._add(cur, rec, src, spool, dig, now_v, due_v) for rec, src, spool, dig in items]
+            results = self._insert_batch(cur, items, now_v)
+            added = Counter(r.study_uid for r in results if r.outcome is AddOutcome.ADDED)
+            for study_uid in sorted(added):  # one update per study; a fixed order avoids lock cycles
+                self._touch_study(cur, study_uid, added[study_uid], now_v, due_v)
+            return results
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         """The records of a study's instances, ordered by series and SOP Instance UID."""

@@ -128,6 +128,23 @@ def test_batch_is_one_transaction_and_sees_its_own_rows(store: StateStore) -> No
     assert claim.generation == 2
 
 
+def test_large_batch_counts_every_instance_once(store: StateStore) -> None:
+    items = [
+        (rec(f"1.2.{k}", f"1.2.{k}.1", f"1.2.{k}.1.{i}"), "t", None, f"d{k}.{i}")
+        for k in (3, 4, 5)
+        for i in range(1, 201)
+    ]
+    results = store.add_instances(items, now=T0, due_at=s(10))
+    assert [r.outcome for r in results] == [AddOutcome.ADDED] * 600
+    again = store.add_instances(items[::-1], now=s(1), due_at=s(11))
+    assert {r.outcome for r in again} == {AddOutcome.DUPLICATE}
+    for k in (3, 4, 5):
+        row = store.study(f"1.2.{k}")
+        assert row is not None and row.instances == 200
+    claims = {c.study_uid: c.generation for c in store.claim_due(s(10), 5, "n1", 60)}
+    assert claims == {"1.2.3": 200, "1.2.4": 200, "1.2.5": 200}
+
+
 # -- due logic -------------------------------------------------------------------------------------------
 
 
