@@ -127,10 +127,14 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.dcm"))
 
 
-def measure(work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study: str) -> list[Row]:
-    """Run both receivers on both corpora; return the rows."""
+def measure(
+    work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study: str,
+    ct2: tuple[Path, int] | None = None,
+) -> list[Row]:
+    """Run both receivers on both corpora (and ``ingest serve`` on a 2x CT series); return the rows."""
     rows: list[Row] = []
     rates: dict[str, tuple[float, float]] = {}
+    peaks: dict[str, float] = {}
     # (a) bare baseline
     for name, folder, n in (("small", small, n_small), ("ct", ct, n_ct)):
         port = _free_port()
@@ -146,7 +150,8 @@ def measure(work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study
             child.wait(30)
         rates[f"bare-{name}"] = (n / secs, _size(folder) / secs / 1e6)
     # (b) ingest serve
-    for name, folder, n in (("small", small, n_small), ("ct", ct, n_ct)):
+    runs = [("small", small, n_small), ("ct", ct, n_ct)] + ([("ct2", ct2[0], ct2[1])] if ct2 else [])
+    for name, folder, n in runs:
         data = Path(tempfile.mkdtemp(dir=work, prefix="serve-"))
         port, bport = _free_ports(2)
         env = dict(
@@ -174,8 +179,10 @@ def measure(work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study
             secs = _storescu(port, folder)
             last = time.perf_counter()
             rates[f"serve-{name}"] = (n / secs, _size(folder) / secs / 1e6)
+            if name == "ct2":
+                peaks[name] = _peak_rss_mb(child.pid)
             if name == "ct":
-                rss = _peak_rss_mb(child.pid)
+                rss = peaks[name] = _peak_rss_mb(child.pid)
                 while _study_count(bport, ct_study) < 1 and time.perf_counter() - last < 60:
                     time.sleep(0.05)
                 visible = time.perf_counter() - last
@@ -200,6 +207,18 @@ def measure(work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study
         finally:
             child.send_signal(signal.SIGTERM)
             child.wait(60)
+    if "ct2" in peaks and "ct" in peaks:
+        growth = peaks["ct2"] - peaks["ct"]
+        rows.append(
+            Row(
+                "listener: peak RSS growth with a 2x CT series",
+                growth,
+                "MB",
+                note=f"{ct2[1] if ct2 else 0} images: {peaks['ct2']:.1f} MB vs {n_ct}: {peaks['ct']:.1f} MB; "
+                "target: no growth (within 10 MB)",
+                status="pass" if growth <= 10 else "fail",
+            )
+        )
     for name in ("small", "ct"):
         b_rate, b_mb = rates[f"bare-{name}"]
         s_rate, s_mb = rates[f"serve-{name}"]
@@ -221,7 +240,9 @@ def bench_listener(ctx: BenchContext) -> list[Row]:
     """storescu -> bare pynetdicom SCP vs ``ingest serve`` (small corpus and CT series)."""
     small = ctx.corpus("small", studies=30, files=ctx.scale(5000, 600))
     ct = ctx.corpus("ct400", studies=0, files=0, ct_series=ctx.scale(400, 80))
-    return measure(ctx.work, small.root, small.files, ct.root, ct.files, ct.study_uids[-1])
+    ct2 = ctx.corpus("ct800", studies=0, files=0, ct_series=ctx.scale(800, 160))
+    return measure(ctx.work, small.root, small.files, ct.root, ct.files, ct.study_uids[-1],
+                   ct2=(ct2.root, ct2.files))
 
 
 def main(argv: list[str] | None = None) -> int:
