@@ -131,7 +131,6 @@ class BackendSettings(_Section):
     token_env: str | None = "INGEST_BACKEND_TOKEN"
     token_file: Path | None = None
     timeout_s: float = Field(default=30.0, gt=0)
-    verify_tls: bool = True
 
 
 class EmbeddedBackendSettings(_Section):
