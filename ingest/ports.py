@@ -142,6 +142,10 @@ class StateStore(Protocol):
 
     def study(self, study_uid: str) -> StudyRow | None: ...
 
+    def referenced_spool_names(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` some instance row records as its spool file (orphan sweep at start)."""
+        ...
+
     def close(self) -> None: ...
 
 

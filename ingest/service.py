@@ -9,11 +9,13 @@ from typing import Any
 
 from aiohttp import web
 
+from ingest.adapters.spool import Spool
 from ingest.config import Settings
 from ingest.linked import prepare_links
 from ingest.metrics import Metrics
 from ingest.pipeline import Relay, StudyBuilder, mapping_options
 from ingest.ports import StateStore, StudyState
+from ingest.sweep import sweep_orphans
 
 __all__ = ["admin_app", "serve"]
 
@@ -51,6 +53,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
     try:
+        # crash leftovers: spool files no instance row points at (before any listener/watcher writes)
+        spool_dir = settings.data_dir / "spool"
+        if spool_dir.is_dir():
+            await asyncio.to_thread(sweep_orphans, Spool(spool_dir), store)
         async with contextlib.AsyncExitStack() as stack:
             sink = await stack.enter_async_context(open_sink(settings))
             health["backend"] = "ok"

@@ -85,6 +85,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX studies_due ON studies (state, dirty, due_at)",
         "CREATE INDEX studies_state ON studies (state)",
     ),
+    # 2: the start-up sweep looks spool names up (sweep_orphans)
+    ("CREATE INDEX instances_spool ON instances (spool_name)",),
 )
 
 

@@ -82,6 +82,8 @@ PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # claim_due: pending + dirty studies in due order
         "CREATE INDEX studies_due ON studies (state, dirty, due_at)",
     ),
+    # 2: the start-up sweep looks spool names up (sweep_orphans)
+    ("CREATE INDEX instances_spool ON instances (spool_name)",),
 )
 
 

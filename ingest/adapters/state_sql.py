@@ -104,6 +104,8 @@ def study_row(values: Sequence[Any], to_dt: Callable[[Any], datetime | None]) ->
 
 # Rows per multi-row INSERT (9 parameters each: well under SQLite's and PostgreSQL's limits).
 _INSERT_ROWS = 256
+# Names per ``IN (...)`` lookup (under SQLite's 999-variable floor on old builds).
+_IN_CHUNK = 500
 
 
 class SQLStateStore(StateStore):
@@ -333,6 +335,38 @@ class SQLStateStore(StateStore):
                 (study_uid,),
             ).fetchall()
         return [row[0] for row in rows]
+
+    def referenced_spool_names(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` some instance row records as its spool file.
+
+        Parameters
+        ----------
+        names:
+            Spool file names (random, 32 hex digits); duplicates are harmless.
+
+        Returns
+        -------
+        set[str]
+            The subset of ``names`` that an ``instances.spool_name`` holds; files not in it are orphans
+            (a crash between the spool rename and the row's commit).
+
+        Raises
+        ------
+        StoreUnavailableError
+            When the database cannot be read.
+        """
+        wanted = sorted(set(names))
+        found: set[str] = set()
+        with self._use("referenced_spool_names") as cur:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ", ".join(["?"] * len(chunk))
+                rows = cur.execute(
+                    self._q(f"SELECT DISTINCT spool_name FROM instances WHERE spool_name IN ({marks})"),
+                    chunk,
+                ).fetchall()
+                found.update(str(row[0]) for row in rows)
+        return found
 
     # -- due, claims and leases --------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from ingest.adapters.state import SQLiteStateStore, open_state_store
+from ingest.adapters.state import MIGRATIONS, SQLiteStateStore, open_state_store
 from ingest.core.records import InstanceRecord
 from ingest.errors import ConfigError, StoreError, StoreUnavailableError
 from ingest.ports import AddOutcome, StateStore, StudyState
@@ -348,7 +348,7 @@ def test_sqlite_runs_wal_and_full(tmp_path: Path) -> None:
     with SQLiteStateStore(db) as store:
         assert store._conn is not None
         assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert store.schema_version == 1
+        assert store.schema_version == len(MIGRATIONS)
     assert _pragma(db, "journal_mode") == "wal"  # persistent in the file
 
 
@@ -379,11 +379,30 @@ def test_sqlite_refuses_when_wal_cannot_be_set(tmp_path: Path) -> None:
         other.close()
 
 
+def test_sqlite_upgrades_a_version_1_database_keeping_its_rows(tmp_path: Path) -> None:
+    db = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(db)
+    for statement in MIGRATIONS[0]:  # the schema as version 1 shipped it
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO instances (sop_uid, study_uid, series_uid, digest, source, spool_name, node, "
+        "record_json, added_at) VALUES ('1.2.3.1.1', '1.2.3', '1.2.3.1', 'd', 't', 'abc', 'n', '{}', 'x')"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with SQLiteStateStore(db) as store:
+        assert store.schema_version == 2
+        assert store.referenced_spool_names(["abc", "zzz"]) == {"abc"}
+    indexes = {r[1] for r in sqlite3.connect(db).execute("PRAGMA index_list(instances)")}
+    assert "instances_spool" in indexes
+
+
 def test_sqlite_migrates_an_empty_file(tmp_path: Path) -> None:
     db = tmp_path / "empty.sqlite3"
     db.write_bytes(b"")
     with SQLiteStateStore(db) as store:
-        assert store.schema_version == 1
+        assert store.schema_version == len(MIGRATIONS)
         add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1"))
     conn = sqlite3.connect(db)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -459,12 +478,12 @@ def test_open_state_store(tmp_path: Path) -> None:
 
 
 def test_open_state_store_postgresql(postgres_url: str) -> None:
-    from ingest.adapters.state_pg import PostgresStateStore
+    from ingest.adapters.state_pg import PG_MIGRATIONS, PostgresStateStore
 
     store = open_state_store(postgres_url, Path("/nonexistent-data-dir"))
     try:
         assert isinstance(store, PostgresStateStore)
-        assert store.schema_version == 1
+        assert store.schema_version == len(PG_MIGRATIONS)
         assert "ingest@" not in store.label  # no credentials in messages
     finally:
         store.close()
