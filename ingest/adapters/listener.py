@@ -40,10 +40,11 @@ Association checks (A-ASSOCIATE-RJ, PS3.8 9.3.4): calling AE not allowed (or not
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
@@ -557,17 +558,39 @@ class Listener:
             self.metrics.instances_rejected.labels(reason="too_large").inc()
             return _answer("too_large")
         ts = str(event.context.transfer_syntax)
-        try:
-            parsed = read_header_bytes(
+        outcome = self._accepted_header(
+            lambda: read_header_bytes(
                 data, source=source, transfer_syntax_uid=ts, max_inflated_bytes=self.cfg.max_inflated_bytes
-            )
+            ),
+            data, cmd_sop, cmd_class, source,
+        )
+        if not isinstance(outcome, ParsedInstance):
+            return outcome
+        with self._intake_slot(cmd_sop) as admitted:
+            if not admitted:
+                return _answer("intake_full")
+            return self._durable(event, data, outcome.digest, outcome.record, source)
+
+    def _accepted_header(
+        self,
+        read: Callable[[], ParsedInstance],
+        body: bytes | Path,
+        cmd_sop: str,
+        cmd_class: str,
+        source: str,
+    ) -> ParsedInstance | Dataset:
+        """Read the header with ``read``; a refused header, or a data set whose SOP UIDs differ from the
+        C-STORE command's (0xA900), gets its answer here, with ``body`` quarantined."""
+        calling = source.removeprefix("dimse:")
+        try:
+            parsed = read()
         except HeaderError as exc:
             LOGGER.warning("C-STORE %s from %s rejected (%s): %s", cmd_sop, calling, exc.reason, exc)
-            return self._reject(exc.reason, data, str(exc))
+            return self._reject(exc.reason, body, str(exc))
         except RecursionError:
-            exc2 = NestingTooDeepError(f"Sequences nested too deep to parse (source={source})")
-            LOGGER.warning("C-STORE %s from %s rejected (%s)", cmd_sop, calling, exc2.reason)
-            return self._reject(exc2.reason, data, str(exc2))
+            nested = NestingTooDeepError(f"Sequences nested too deep to parse (source={source})")
+            LOGGER.warning("C-STORE %s from %s rejected (%s)", cmd_sop, calling, nested.reason)
+            return self._reject(nested.reason, body, str(nested))
         record = parsed.record
         if record.sop_uid != cmd_sop or record.sop_class_uid != cmd_class:
             detail = (
@@ -575,18 +598,29 @@ class Listener:
                 f"the command's {cmd_sop}/{cmd_class} (source={source})"
             )
             LOGGER.warning("C-STORE from %s rejected: %s", calling, detail)
-            return self._reject("uid_mismatch", data, detail)
+            return self._reject("uid_mismatch", body, detail)
+        return parsed
+
+    @contextlib.contextmanager
+    def _intake_slot(self, cmd_sop: str) -> Iterator[bool]:
+        """An intake slot for making one C-STORE durable; ``False`` (answer 0xA700) when all are taken."""
         if not self.intake.enter():
             LOGGER.warning(
                 "intake full (%d in flight): C-STORE %s answered 0xA700", self.intake.size, cmd_sop
             )
             self.metrics.instances_rejected.labels(reason="intake_full").inc()
-            return _answer("intake_full")
+            yield False
+            return
         try:
             self.metrics.intake_depth.set(self.intake.busy)
-            return self._durable(event, data, parsed.digest, record, source)
+            yield True
         finally:
             self.intake.leave()
+
+    def _out_of_resources(self, what: str, cmd_sop: str, cause: object) -> Dataset:
+        LOGGER.error("%s, C-STORE %s answered 0xA700: %s", what, cmd_sop, cause)
+        self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
+        return _answer("out_of_resources")
 
     def _forget_spill(self, assoc: Any, spill: _Spill) -> None:
         spill.discard(force=True)
@@ -597,73 +631,44 @@ class Listener:
 
     def _store_spilled(self, event: Any, spill: _Spill, cmd_sop: str, cmd_class: str, source: str) -> Dataset:
         """A C-STORE whose data set was received into a spool temporary file (see the module doc)."""
-        calling = source.removeprefix("dimse:")
         if not spill.take():  # the association ended and removed it
             self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
             return _answer("out_of_resources")
         try:
             if spill.failed is not None or spill.writer is None:
-                LOGGER.error("spool write failed, C-STORE %s answered 0xA700: %s", cmd_sop, spill.failed)
-                self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
-                return _answer("out_of_resources")
-            if not self.intake.enter():
-                LOGGER.warning(
-                    "intake full (%d in flight): C-STORE %s answered 0xA700", self.intake.size, cmd_sop
-                )
-                self.metrics.instances_rejected.labels(reason="intake_full").inc()
-                return _answer("intake_full")
-            try:
-                self.metrics.intake_depth.set(self.intake.busy)
+                return self._out_of_resources("spool write failed", cmd_sop, spill.failed)
+            with self._intake_slot(cmd_sop) as admitted:
+                if not admitted:
+                    return _answer("intake_full")
                 try:
                     kept = spill.writer.commit()
                 except StoreError as exc:
-                    LOGGER.error("spool write failed, C-STORE %s answered 0xA700: %s", cmd_sop, exc)
-                    self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
-                    return _answer("out_of_resources")
+                    return self._out_of_resources("spool write failed", cmd_sop, exc)
                 try:
-                    return self._accept_spooled(event, kept, cmd_sop, cmd_class, source, calling)
+                    return self._accept_spooled(event, kept, cmd_sop, cmd_class, source)
                 except BaseException:
                     self._discard(kept.name)
                     raise
-            finally:
-                self.intake.leave()
         finally:
             self._forget_spill(event.assoc, spill)
 
     def _accept_spooled(
-        self, event: Any, kept: SpoolFile, cmd_sop: str, cmd_class: str, source: str, calling: str
+        self, event: Any, kept: SpoolFile, cmd_sop: str, cmd_class: str, source: str
     ) -> Dataset:
         """Header, UID check and row for a data set already committed to the spool as ``kept``."""
-        parsed: ParsedInstance | None = None
         try:
-            parsed = read_header(
-                kept.path, max_inflated_bytes=self.cfg.max_inflated_bytes, media_sop_class=False
+            outcome = self._accepted_header(
+                lambda: read_header(
+                    kept.path, max_inflated_bytes=self.cfg.max_inflated_bytes, media_sop_class=False
+                ),
+                kept.path, cmd_sop, cmd_class, source,
             )
-        except HeaderError as exc:
-            LOGGER.warning("C-STORE %s from %s rejected (%s): %s", cmd_sop, calling, exc.reason, exc)
-            answer = self._reject(exc.reason, kept.path, str(exc))
-        except RecursionError:
-            exc2 = NestingTooDeepError(f"Sequences nested too deep to parse (source={source})")
-            LOGGER.warning("C-STORE %s from %s rejected (%s)", cmd_sop, calling, exc2.reason)
-            answer = self._reject(exc2.reason, kept.path, str(exc2))
         except OSError as exc:
-            LOGGER.error("cannot read back spooled C-STORE %s, answered 0xA700: %s", cmd_sop, exc)
-            self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
-            answer = _answer("out_of_resources")
-        if parsed is None:
+            outcome = self._out_of_resources("cannot read back the spooled data set", cmd_sop, exc)
+        if not isinstance(outcome, ParsedInstance):
             self._discard(kept.name)
-            return answer
-        record = parsed.record
-        if record.sop_uid != cmd_sop or record.sop_class_uid != cmd_class:
-            detail = (
-                f"dataset SOP Instance/Class UID {record.sop_uid}/{record.sop_class_uid} differ from "
-                f"the command's {cmd_sop}/{cmd_class} (source={source})"
-            )
-            LOGGER.warning("C-STORE from %s rejected: %s", calling, detail)
-            answer = self._reject("uid_mismatch", kept.path, detail)
-            self._discard(kept.name)
-            return answer
-        return self._commit_row(event, kept, parsed.digest, record, source, kept.path)
+            return outcome
+        return self._commit_row(event, kept, outcome.digest, outcome.record, source, kept.path)
 
     def _durable(self, event: Any, data: bytes, digest: str, record: Any, source: str) -> Dataset:
         """Spool (fsync'd) then commit the row; success only when both are durable."""
@@ -673,9 +678,7 @@ class Listener:
                 writer.write(data)
                 kept = writer.commit()
         except StoreError as exc:
-            LOGGER.error("spool write failed, C-STORE %s answered 0xA700: %s", record.sop_uid, exc)
-            self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
-            return _answer("out_of_resources")
+            return self._out_of_resources("spool write failed", record.sop_uid, exc)
         return self._commit_row(event, kept, digest, record, source, data)
 
     def _commit_row(
@@ -694,9 +697,7 @@ class Listener:
             )
         except StoreError as exc:
             self._discard(kept.name)
-            LOGGER.error("state store failed, C-STORE %s answered 0xA700: %s", record.sop_uid, exc)
-            self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
-            return _answer("out_of_resources")
+            return self._out_of_resources("state store failed", record.sop_uid, exc)
         except BaseException:
             self._discard(kept.name)
             raise
@@ -804,8 +805,3 @@ async def start_listener(settings: Settings, store: StateStore, relay: Any, metr
     listener = Listener(settings, store, metrics, intake, wake=relay.wake)
     await asyncio.to_thread(listener.start)
     return listener
-
-
-def spool_root(settings: Settings) -> Path:
-    """Where the listener spools accepted bytes."""
-    return settings.data_dir / "spool"
