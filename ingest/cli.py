@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ingest import __version__
 from ingest.config import Settings, load_settings
 from ingest.errors import ConfigError, IngestError
+from ingest.exitcodes import ExitCode
 from ingest.logs import setup_logging
 from ingest.ports import StudyRow
 
@@ -37,8 +38,6 @@ if TYPE_CHECKING:  # gql and aiohttp are imported only by the commands that talk
 __all__ = ["build_parser", "main", "node_summary", "run"]
 
 LOGGER = logging.getLogger("ingest.cli")
-
-EXIT_OK, EXIT_FATAL, EXIT_REJECTED, EXIT_DEAD, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 _DEFAULT_CONFIG = Path("config/ingest.toml")
 
@@ -149,16 +148,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run(args))
     except ConfigError as exc:
         print(f"ingest: configuration error: {exc}", file=sys.stderr)
-        return EXIT_FATAL
+        return ExitCode.FATAL
     except IngestError as exc:
         print(f"ingest: {exc}", file=sys.stderr)
-        return EXIT_FATAL
+        return ExitCode.FATAL
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except BrokenPipeError:  # `ingest replay --dry-run | head`: the reader left; stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_FATAL
+        return ExitCode.FATAL
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -328,7 +327,7 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                 for r in rows
             ],
         }, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     from rich.console import Console
     from rich.table import Table
 
@@ -353,7 +352,7 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             per_node.add_row(n["node"], str(n["active_leases"]), str(n["expired_leases"]),
                              n["lease_ends"] or "")
         console.print(per_node)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _lease_active(row: StudyRow, now: datetime) -> bool:
@@ -406,11 +405,11 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
                 if args.all or r.study_uid == args.study]
         if args.study and not dead:
             print(f"ingest: study {args.study} is not dead-lettered", file=sys.stderr)
-            return EXIT_FATAL
+            return ExitCode.FATAL
         n = store.retry_dead(None if args.all else args.study, utcnow())
         print(f"{n} dead-lettered studies re-queued")
         if not args.now or not n:
-            return EXIT_OK
+            return ExitCode.OK
         async with open_sink(settings) as sink:
             from ingest.linked import prepare_links
 
@@ -422,7 +421,7 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         for u in still:
             row = store.study(u)
             print(f"study {u}: still dead: {row.last_error if row else ''}", file=sys.stderr)
-        return EXIT_DEAD if still else EXIT_OK
+        return ExitCode.DEAD if still else ExitCode.OK
     finally:
         store.close()
 
@@ -432,7 +431,7 @@ async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:
     async with embedded_backend(settings, port=args.port) as url:
         LOGGER.info("embedded FHIR GraphQL backend listening on %s", url)
         await stop.wait()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 async def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ingest.config import Settings
 from ingest.core.records import InstanceRecord
 from ingest.errors import ArchiveError
+from ingest.exitcodes import ExitCode
 from ingest.ports import AddOutcome, StateStore
 from ingest.sources import Item, Parsed, Rejected, expand_paths, parse_items
 
@@ -80,12 +81,12 @@ class ReplaySummary:
         rows.append(("seconds", f"{self.seconds:.2f}"))
         return rows
 
-    def exit_code(self) -> int:
+    def exit_code(self) -> ExitCode:
         if self.studies.get("dead"):
-            return 3
+            return ExitCode.DEAD
         if self.rejected:
-            return 2
-        return 0
+            return ExitCode.REJECTED
+        return ExitCode.OK
 
 
 def _study_date(record: InstanceRecord) -> date | None:

@@ -324,18 +324,6 @@ class SQLStateStore(StateStore):
             ).fetchall()
         return [InstanceRecord.model_validate_json(row[0]) for row in rows]
 
-    def spool_names(self, study_uid: str) -> list[str]:
-        """Spool names recorded for a study's instances (for clean-up after a push)."""
-        with self._use("spool_names") as cur:
-            rows = cur.execute(
-                self._q(
-                    "SELECT spool_name FROM instances WHERE study_uid = ? AND spool_name IS NOT NULL "
-                    "ORDER BY sop_uid"
-                ),
-                (study_uid,),
-            ).fetchall()
-        return [row[0] for row in rows]
-
     def referenced_spool_names(self, names: Sequence[str]) -> set[str]:
         """Which of ``names`` some instance row records as its spool file.
 

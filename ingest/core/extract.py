@@ -761,7 +761,6 @@ def _extract(
             instance_number=integer("InstanceNumber"),
             content_label=text("ContentLabel"),
             concept_name=concept.get("CodeMeaning"),
-            number_of_frames=integer("NumberOfFrames"),
             warnings=tuple(dict.fromkeys(warnings)),
         )
     except IngestError:

@@ -88,7 +88,6 @@ class InstanceRecord(_Frozen):
     instance_number: int | None = None  # (0020,0013)
     content_label: str | None = None  # (0070,0080)
     concept_name: str | None = None  # (0040,A043) > (0008,0104), SR documents
-    number_of_frames: int | None = None  # (0028,0008)
 
     # non-fatal problems found while reading optional tags (no patient data in them)
     warnings: tuple[str, ...] = ()

@@ -144,7 +144,6 @@ TAGS: Final[tuple[TagSpec, ...]] = (
     TagSpec("InstanceNumber", _I, False, "instance_number"),  # (0020,0013)
     TagSpec("ContentLabel", _I, False, "content_label"),  # (0070,0080)
     TagSpec("ConceptNameCodeSequence", _I, False, "concept_name"),  # (0040,A043), SR documents
-    TagSpec("NumberOfFrames", _I, False, "number_of_frames"),  # (0028,0008)
     # marker of a DICOMDIR (Basic Directory IOD), which carries no SOP Class UID in its dataset
     TagSpec("FileSetID", _I, False, ""),  # (0004,1130)
 )
