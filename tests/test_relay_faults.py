@@ -49,6 +49,14 @@ async def _assert_all_written_once(backend_graphql: str, corpus: GeneratedCorpus
         assert found[0]["numberOfSeries"] == len(s.series)
 
 
+async def _replay(tmp_path: Path, corpus: Any, env: dict[str, str], timeout: float = 60) -> Any:
+    """``ingest replay <corpus> --jobs 1 --json`` on the test's data dir."""
+    return await run_ingest(
+        tmp_path / "data", "replay", str(corpus.root), "--jobs", "1", "--json", env=env, cwd=tmp_path,
+        timeout=timeout,
+    )
+
+
 async def _when(predicate: Any, timeout: float = 30.0) -> None:
     """Wait until ``predicate()`` holds (polling the proxy's counters)."""
     loop = asyncio.get_running_loop()
@@ -88,17 +96,7 @@ async def test_backend_down_at_start_and_mid_replay_all_40_written_once(tmp_path
             await proxy.up()
 
         scenario = asyncio.ensure_future(outages())
-        run = await run_ingest(
-            tmp_path / "data",
-            "replay",
-            str(corpus.root),
-            "--jobs",
-            "1",
-            "--json",
-            env=ingest_env(proxy.graphql_url),
-            cwd=tmp_path,
-            timeout=60,
-        )
+        run = await _replay(tmp_path, corpus, ingest_env(proxy.graphql_url))
         await scenario
         assert run.returncode == 0, run.stderr
         summary = run.json()
@@ -124,16 +122,7 @@ async def test_http_500_and_429_are_retried(tmp_path: Path) -> None:
     async with running_backend(tmp_path / "backend.sqlite3") as base, fault_proxy(base) as proxy:
         f500 = proxy.arm(Fault("status", times=3, when=is_create, status=500))
         f429 = proxy.arm(Fault("status", times=2, status=429, headers={"Retry-After": "0"}))
-        run = await run_ingest(
-            tmp_path / "data",
-            "replay",
-            str(corpus.root),
-            "--jobs",
-            "1",
-            "--json",
-            env=ingest_env(proxy.graphql_url),
-            cwd=tmp_path,
-        )
+        run = await _replay(tmp_path, corpus, ingest_env(proxy.graphql_url))
         assert run.returncode == 0, run.stderr
         assert (f500.hits, f429.hits) == (3, 2)
         assert run.json()["studies"]["created"] == 3
@@ -159,9 +148,7 @@ async def test_validation_error_dead_letter_then_retry_succeeds(tmp_path: Path) 
             return is_create(body) and bad.study_uid in str(body.get("variables"))
 
         broken = proxy.arm(Fault("mutate", times=1, when=is_bad_create, change=_bad_started))
-        run = await run_ingest(
-            tmp_path / "data", "replay", str(corpus.root), "--jobs", "1", "--json", env=env, cwd=tmp_path
-        )
+        run = await _replay(tmp_path, corpus, env)
         assert broken.hits == 1
         assert run.returncode == 3, run.stderr
         assert run.json()["studies"]["dead"] == 1
@@ -187,16 +174,7 @@ async def test_response_lost_after_commit_still_one_resource(tmp_path: Path) -> 
     corpus = generate(tmp_path / "corpus", studies=2, files=4, seed=204, tiny=True)
     async with running_backend(tmp_path / "backend.sqlite3") as base, fault_proxy(base) as proxy:
         lost = proxy.arm(Fault("drop_after_commit", times=2, when=is_create))
-        run = await run_ingest(
-            tmp_path / "data",
-            "replay",
-            str(corpus.root),
-            "--jobs",
-            "1",
-            "--json",
-            env=ingest_env(proxy.graphql_url),
-            cwd=tmp_path,
-        )
+        run = await _replay(tmp_path, corpus, ingest_env(proxy.graphql_url))
         assert lost.hits == 2
         assert run.returncode == 0, run.stderr
         summary = run.json()["studies"]
@@ -235,9 +213,7 @@ async def test_kill_9_mid_replay_rerun_completes_without_duplicates(tmp_path: Pa
         assert 0 < written_before < len(corpus.studies)
 
         slow.times = 0  # the backend is fast again
-        rerun = await run_ingest(
-            tmp_path / "data", "replay", str(corpus.root), "--jobs", "1", "--json", env=env, cwd=tmp_path
-        )
+        rerun = await _replay(tmp_path, corpus, env)
         assert rerun.returncode == 0, rerun.stderr
         summary = rerun.json()
         assert summary["instances"]["duplicate"] == corpus.files  # every instance was durable before the kill
