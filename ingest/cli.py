@@ -396,7 +396,7 @@ def node_summary(rows: Sequence[StudyRow], now: datetime) -> list[dict[str, Any]
 
 async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.adapters.state import open_state_store
-    from ingest.pipeline import Relay, StudyBuilder, mapping_options, utcnow
+    from ingest.pipeline import utcnow, wired_relay
     from ingest.ports import StudyState
 
     store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
@@ -411,11 +411,7 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         if not args.now or not n:
             return ExitCode.OK
         async with open_sink(settings) as sink:
-            from ingest.linked import prepare_links
-
-            links = await prepare_links(settings, sink)
-            options = mapping_options(settings, endpoint_reference=links.endpoint_reference)
-            relay = Relay(store, sink, StudyBuilder(options), settings, link=links.link)
+            relay = await wired_relay(settings, store, sink)
             await relay.drain(dead)
         still = [u for u in dead if (row := store.study(u)) is not None and row.state is StudyState.DEAD]
         for u in still:

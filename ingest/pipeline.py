@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ingest.config import Settings
 from ingest.core.aggregate import aggregate
@@ -33,7 +33,11 @@ from ingest.errors import (
 from ingest.ports import Sink, StateStore, StudyClaim, StudyState
 
 if TYPE_CHECKING:  # prometheus_client stays unimported in replay --dry-run
+    from ingest.linked import LinkedBackend
     from ingest.metrics import Metrics
+
+    class LinkedSink(Sink, LinkedBackend, Protocol):
+        """A sink that can also find and create Patient and Endpoint resources (the GraphQL sink)."""
 
 __all__ = [
     "LeaseKeeper",
@@ -43,6 +47,7 @@ __all__ = [
     "backoff_delay",
     "mapping_options",
     "utcnow",
+    "wired_relay",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -456,3 +461,24 @@ class Relay:
             ]
             delay = min([self.cfg.poll_interval_s, *[w for w in waits if w > 0]]) if waits else 0.05
             await asyncio.sleep(max(0.02, min(delay, self.cfg.poll_interval_s)))
+
+
+async def wired_relay(
+    settings: Settings,
+    store: StateStore,
+    sink: LinkedSink,
+    *,
+    metrics: Metrics | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> Relay:
+    """The relay as every command wires it, over a connected sink.
+
+    ``[endpoint]``: the Endpoint is found or created now and referenced from every ImagingStudy;
+    ``[patient]``: subjects are resolved per study by the link hook.
+    """
+    from ingest.linked import prepare_links
+
+    links = await prepare_links(settings, sink, metrics=metrics)
+    builder = StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference))
+    return Relay(store, sink, builder, settings, clock=clock, metrics=metrics, link=links.link)
+

@@ -365,13 +365,10 @@ async def _drain(
 ) -> None:
     """Push every study the input touched (the sink connects with backoff first, if it has not yet)."""
     from ingest.cli import connect_with_backoff
-    from ingest.linked import prepare_links
-    from ingest.pipeline import Relay, StudyBuilder, mapping_options
+    from ingest.pipeline import wired_relay
 
     await connect_with_backoff(sink, settings)
-    links = await prepare_links(settings, sink)  # [endpoint] / [patient] need the backend
-    builder = StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference))
-    relay = Relay(store, sink, builder, settings, link=links.link)
+    relay = await wired_relay(settings, store, sink)  # [endpoint] / [patient] need the backend
     await relay.drain(touched)
     summary.studies.update(relay.totals.results)
     summary.studies.pop("retried", None)

@@ -11,9 +11,8 @@ from aiohttp import web
 
 from ingest.adapters.spool import Spool
 from ingest.config import Settings
-from ingest.linked import prepare_links
 from ingest.metrics import Metrics
-from ingest.pipeline import Relay, StudyBuilder, mapping_options
+from ingest.pipeline import wired_relay
 from ingest.ports import StateStore, StudyState
 from ingest.sweep import sweep_orphans
 
@@ -61,9 +60,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             sink = await stack.enter_async_context(open_sink(settings))
             health["backend"] = "ok"
             # [endpoint] / [patient]: the Endpoint is found or created now; subjects resolve per study
-            links = await prepare_links(settings, sink, metrics=metrics)
-            options = mapping_options(settings, endpoint_reference=links.endpoint_reference)
-            relay = Relay(store, sink, StudyBuilder(options), settings, metrics=metrics, link=links.link)
+            relay = await wired_relay(settings, store, sink, metrics=metrics)
 
             if settings.admin.enabled:
                 runner = web.AppRunner(admin_app(metrics, store, health), access_log=None)

@@ -31,7 +31,7 @@ from ingest.core.extract import extract
 from ingest.core.records import InstanceRecord, PersonName
 from ingest.linked import NAME_REPRESENTATION_URL, URI_SYSTEM, prepare_links, search_token
 from ingest.metrics import Metrics
-from ingest.pipeline import Relay, StudyBuilder, mapping_options
+from ingest.pipeline import wired_relay
 
 SYSTEM = "urn:oid:1.2.826.0.1.3680043.2.1143.77"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -96,11 +96,7 @@ async def push(
     for rec in records:
         digest = hashlib.sha256(rec.model_dump_json().encode()).hexdigest()
         store.add_instance(rec, source="interop", spool_name=None, digest=digest, now=NOW, due_at=NOW)
-    links = await prepare_links(settings, sink, metrics=metrics)
-    options = mapping_options(settings, endpoint_reference=links.endpoint_reference)
-    relay = Relay(
-        store, sink, StudyBuilder(options), settings, clock=lambda: NOW, metrics=metrics, link=links.link
-    )
+    relay = await wired_relay(settings, store, sink, metrics=metrics, clock=lambda: NOW)
     await relay.run_once()
     return dict(relay.totals.results)
 
