@@ -635,7 +635,14 @@ class _Window:
 
 
 class _WindowScanner(_Scanner):
-    """:class:`_Scanner` over a :class:`_Window`: the same walk, checks and messages, file-backed."""
+    """:class:`_Scanner` over a :class:`_Window`: the same walk, checks and messages, file-backed.
+
+    ``_dataset`` and ``_items`` repeat the in-memory walk with window reads instead of direct buffer
+    access on purpose: routing the in-memory walk through an accessor call per element (one shared
+    walk) measured about 4 % slower on ``replay --dry-run --jobs 1`` (0.99x -> 0.95x of dcmread, same
+    minute). A change to one walk must be made to both; ``tests/adapters/test_large_instances.py``
+    checks they agree on every pydicom test file and cut-short copies.
+    """
 
     def __init__(self, window: _Window, implicit: bool, little: bool, source: str) -> None:
         super().__init__(b"", implicit, little, source)
