@@ -1,6 +1,6 @@
 """The embedded FHIR GraphQL backend, over HTTP, against the shapes Medplum 4.5.2 answers with.
 
-Expected answers come from /work/shared/reference/medplum/probe-results.md and the FHIR R4 search
+Expected answers come from tests/fixtures/medplum/probe-results.md and the FHIR R4 search
 rules, not from the code under test.
 """
 

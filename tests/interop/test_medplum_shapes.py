@@ -2,9 +2,10 @@
 
 These tests talk plain HTTP (aiohttp) to ``server.mjs`` (Medplum 4.5.2 FhirRouter over MemoryRepository,
 writes checked by ``validateResource``) and pin the response shapes that the project's GraphQL sink must
-handle. The expectations come from /work/shared/reference/medplum/probe-results.md and the checked-in
-SDL excerpt, not from the project's code. Each test uses its own random study UID (``2.25.<uuid>``), so
-tests do not depend on each other or on order, even though they share one server per session.
+handle. The expectations come from the Medplum 4.5.2 captures in tests/fixtures/medplum/
+(probe-results.md, imagingstudy-sdl.graphql) and the checked-in SDL excerpt, not from the project's
+code. Each test uses its own random study UID (``2.25.<uuid>``), so tests do not depend on each other or
+on order, even though they share one server per session.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from graphql import (
 )
 from multidict import CIMultiDict
 
-# Captured from exactly this setup (see README.md); outside the repository, so its test skips without it.
-REFERENCE_SDL = Path("/work/shared/reference/medplum/imagingstudy-sdl.graphql")
+# Captured from exactly this setup (see README.md), checked in with a note on its origin.
+REFERENCE_SDL = Path(__file__).resolve().parents[1] / "fixtures" / "medplum" / "imagingstudy-sdl.graphql"
 SCHEMA_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "medplum_schema.graphql"
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -671,9 +672,7 @@ async def _served_types(url: str, names: list[str]) -> dict[str, dict[str, str]]
 
 
 async def test_served_schema_is_the_probed_one(medplum_url: str) -> None:
-    """Every type in reference/medplum/imagingstudy-sdl.graphql is served exactly (root types: its fields)."""
-    if not REFERENCE_SDL.is_file():
-        pytest.skip(f"{REFERENCE_SDL} is not available here; the checked-in fixture test still runs")
+    """Every type of the captured Medplum SDL is served exactly (root types: its fields)."""
     expected = _sdl_types(REFERENCE_SDL)
 
     served = await _served_types(medplum_url, list(expected))
