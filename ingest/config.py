@@ -97,8 +97,18 @@ class ListenerSettings(_Section):
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    # Before the AE check (ingest.adapters.netguard): a connection must deliver its whole A-ASSOCIATE-RQ
+    # within associate_rq_timeout_s of being accepted, at most max_associate_rq_bytes long; connections
+    # still waiting for theirs are capped per source address and in total, and hold no association slot.
+    associate_rq_timeout_s: float = Field(default=5.0, gt=0)
+    max_associate_rq_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_pending_per_host: int = Field(default=8, ge=1)
+    max_pending_connections: int = Field(default=64, ge=1)
     intake_size: int = Field(default=256, ge=1)
     max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    # Storage SOP classes neither pydicom nor pynetdicom knows: "refuse" their presentation contexts,
+    # or "accept" well-formed UIDs under the storage root or a private root (like storescp -pm).
+    unknown_storage_classes: Literal["refuse", "accept"] = "refuse"
     tls: TLSSettings = TLSSettings()
 
     @field_validator("ae_title")
@@ -126,11 +136,24 @@ class WatchSettings(_Section):
     jobs: int = Field(default=2, ge=1)
 
 
+class QuarantineSettings(_Section):
+    # Bytes of rejected input kept in <data_dir>/quarantine (listener and watcher); past it, and for
+    # input over max_instance_bytes, only a side file describing it is written.
+    max_bytes: int = Field(default=1024**3, ge=0)
+
+
 class BackendSettings(_Section):
     url: str | None = None
     token_env: str | None = "INGEST_BACKEND_TOKEN"
     token_file: Path | None = None
     timeout_s: float = Field(default=30.0, gt=0)
+    # PEM CA bundle the backend's TLS certificate is verified against, instead of the system CA store.
+    ca: Path | None = None
+    # SDL file of the backend's schema, for backends that refuse introspection (``[backend] schema``; the
+    # attribute has another name because ``schema`` is taken on pydantic models).
+    schema_file: Path | None = Field(default=None, alias="schema")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
 
 
 class EmbeddedBackendSettings(_Section):
@@ -138,6 +161,13 @@ class EmbeddedBackendSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     token_env: str | None = None
     database: Path | None = None
+    # Cost limits of one request, checked before it runs (ingest.backend.limits.QueryLimits): body size,
+    # selection depth, field selections, aliases (fragments expanded), requests executed at once.
+    max_body_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    max_query_depth: int = Field(default=15, ge=1)
+    max_query_fields: int = Field(default=1000, ge=1)
+    max_query_aliases: int = Field(default=100, ge=0)
+    max_concurrent_requests: int = Field(default=4, ge=1)
 
 
 class RelaySettings(_Section):
@@ -149,6 +179,10 @@ class RelaySettings(_Section):
     concurrency: int = Field(default=4, ge=1)
     poll_interval_s: float = Field(default=0.5, gt=0)
     lease_s: float = Field(default=60.0, gt=0)
+    # Recording a result the backend already holds: retried in place on a short schedule (no new write).
+    record_retry_base_s: float = Field(default=0.5, gt=0)
+    record_retry_max_s: float = Field(default=10.0, gt=0)
+    record_attempts: int = Field(default=8, ge=1)
 
 
 class StateSettings(_Section):
@@ -172,6 +206,8 @@ class AdminSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9100, ge=0, le=65535)
+    # /healthz answers 503 ("disk: low") when the spool's file system has fewer free bytes than this.
+    min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
 
 
 class MappingSettings(_Section):
@@ -277,6 +313,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     listener: ListenerSettings = ListenerSettings()
     watch: WatchSettings = WatchSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()
     backend: BackendSettings = BackendSettings()
     embedded_backend: EmbeddedBackendSettings = EmbeddedBackendSettings()
     relay: RelaySettings = RelaySettings()

@@ -29,7 +29,8 @@ class Metrics:
             "ingest_instances_rejected", "Instances rejected, by reason", ["reason"], registry=r
         )
         self.studies = Counter(
-            "ingest_studies", "Study pushes by result (created, updated, unchanged, retried, dead)",
+            "ingest_studies",
+            "Study pushes by result (created, updated, unchanged, retried, dead, unrecorded, lease_lost)",
             ["result"], registry=r,
         )
         self.backend_requests = Counter(
@@ -43,6 +44,15 @@ class Metrics:
         self.patient_fallbacks = Counter(
             "ingest_patient_fallbacks",
             "Patient lookups that fell back to a logical reference, by cause", ["cause"], registry=r,
+        )
+        self.connections_refused = Counter(
+            "ingest_connections_refused",
+            "Listener connections refused or closed before the AE check, by reason", ["reason"], registry=r,
+        )
+        self.presentation_contexts_refused = Counter(
+            "ingest_presentation_contexts_refused",
+            "Presentation contexts the listener refused at association negotiation, by reason",
+            ["reason"], registry=r,
         )
 
     def render(self) -> bytes:

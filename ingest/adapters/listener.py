@@ -5,7 +5,7 @@ and for Verification. Connections go through :mod:`ingest.adapters.netguard` (PD
 connection TLS handshake with a timeout, ``TCP_NODELAY`` and quick ACKs, a per-instance size cap that
 drops the excess bytes instead of buffering them).
 
-Answering a C-STORE (RELIABILITY.md, "C-STORE answers"; every code is in :data:`STATUS_TABLE`):
+Answering a C-STORE (``docs/reliability.md``, "C-STORE answers"; every code is in :data:`STATUS_TABLE`):
 
 1. The data set's header is read from the received bytes (:func:`read_header_bytes`: one pass that
    checks every declared length; deflate inflated with a cap). A header error -> its own 0xC0xx code
@@ -35,22 +35,36 @@ instance to a file in the system temp folder and measured 4-23 % slower for 512 
 
 Association checks (A-ASSOCIATE-RJ, PS3.8 9.3.4): calling AE not allowed (or not from its pinned host)
 -> (1,1,3); called AE not ours -> (1,1,7); over ``max_associations`` -> (2,3,2).
+
+Presentation contexts: every class of :func:`storage_sop_classes` (pydicom's and pynetdicom's storage
+classes, retired ones included, as ``ingest replay`` reads them; non-patient classes excluded) in
+:data:`TRANSFER_SYNTAXES`, and Verification. pynetdicom has no service class for some of them (the
+retired Ultrasound Image Storage, 1.2.840.10008.5.1.4.1.1.6, among others); EVT_SOP_COMMON routes
+those to its Storage Service Class for each association (:func:`_storage_routes`). With
+``[listener] unknown_storage_classes = "accept"``, classes known to neither library are supported for
+the association that requests them (EVT_REQUESTED, before negotiation). Every refused presentation
+context is logged in one warning per association and counted in
+``ingest_presentation_contexts_refused_total{reason}`` (EVT_ACCEPTED).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Final
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
@@ -73,12 +87,19 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dsutils import create_file_meta
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.pdu_primitives import SOPClassCommonExtendedNegotiation
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    uid_to_service_class,
+)
 
 from ingest.adapters.dicomfile import ParsedInstance, read_header, read_header_bytes
 from ingest.adapters.netguard import GuardedRequestHandler, GuardedServer, GuardedSocket, tls_context
 from ingest.adapters.spool import Quarantine, Spool, SpoolFile, SpoolWriter
 from ingest.config import ListenerSettings, Settings
+from ingest.core.tags import NON_PATIENT_SOP_CLASSES
 from ingest.errors import HeaderError, NestingTooDeepError, StoreError
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome, StateStore
@@ -90,8 +111,10 @@ __all__ = [
     "Intake",
     "Listener",
     "StatusEntry",
+    "classify_abstract_syntax",
     "start_listener",
     "status_for",
+    "storage_sop_classes",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -117,6 +140,99 @@ TRANSFER_SYNTAXES: Final = (
     RLELossless,
 )
 
+#: The Storage Service Class (PS3.4 B.5; PS3.6 Annex A).
+STORAGE_SERVICE_CLASS: Final = "1.2.840.10008.4.2"
+_DICOM_ROOT: Final = "1.2.840.10008."
+_STORAGE_ROOT: Final = "1.2.840.10008.5.1.4.1.1."
+_UID_RE: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")  # PS3.5 9.1
+
+
+@functools.cache
+def storage_sop_classes() -> frozenset[str]:
+    """Every storage SOP class the listener accepts (what ``ingest replay`` reads), retired ones too.
+
+    pydicom's UID dictionary (PS3.6 Annex A: "SOP Class" entries named "... Storage", "... Storage -
+    For Presentation", "... Storage - Trial", retired or not; Storage Commitment is a service, not a
+    storage class) united with pynetdicom's storage classes, less the non-patient classes that a
+    C-STORE would only answer with 0xC006. pynetdicom limits the contexts an SCU *requests* to 128,
+    not those an AE *supports*.
+
+    Returns
+    -------
+    frozenset of str
+        The SOP Class UIDs.
+    """
+    named = {
+        str(uid)
+        for uid, (name, kind, *_rest) in UID_dictionary.items()
+        if kind == "SOP Class" and "Storage" in name.split() and not name.startswith("Storage Commitment")
+    }
+    known = named | {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    return frozenset(known - NON_PATIENT_SOP_CLASSES)
+
+
+def classify_abstract_syntax(uid: str) -> str:
+    """What a requested abstract syntax is, for negotiation and for refusal reasons.
+
+    Returns
+    -------
+    str
+        ``"storage"`` (in :func:`storage_sop_classes`), ``"non_patient"``, ``"invalid_uid"`` (not a
+        well-formed UID, PS3.5 9.1), ``"not_storage"`` (a known UID of another kind, or an unknown UID
+        under the DICOM root outside the storage root ``1.2.840.10008.5.1.4.1.1``), or ``"unknown"``
+        (under the storage root or a private root, known to neither pydicom nor pynetdicom).
+    """
+    if uid in storage_sop_classes():
+        return "storage"
+    if uid in NON_PATIENT_SOP_CLASSES:
+        return "non_patient"
+    if len(uid) > 64 or not _UID_RE.fullmatch(uid):
+        return "invalid_uid"
+    if uid in UID_dictionary or uid == Verification or _pynetdicom_service(uid) is not None:
+        return "not_storage"
+    if uid.startswith(_DICOM_ROOT) and not uid.startswith(_STORAGE_ROOT):
+        return "not_storage"
+    return "unknown"
+
+
+def _pynetdicom_service(uid: str) -> type[ServiceClass] | None:
+    """The pynetdicom service class serving ``uid``; ``None`` when pynetdicom has none for it."""
+    service = uid_to_service_class(uid)
+    return None if service is ServiceClass else service
+
+
+def _storage_routes(uids: Iterable[str]) -> dict[str, SOPClassCommonExtendedNegotiation]:
+    """SOP Class Common Extended items routing ``uids`` to the Storage Service Class.
+
+    Stands in for ``pynetdicom.sop_class.uid_to_service_class``, which maps retired and unknown SOP
+    classes to its base ``ServiceClass`` (no SCP: the association would be aborted on the first
+    C-STORE). pynetdicom's ``Association._serve_request`` looks the SOP class up in
+    ``acceptor.accepted_common_extended`` first, so answering EVT_SOP_COMMON with an item naming
+    1.2.840.10008.4.2 (what a requestor may declare itself, PS3.7 D.3.3.6; no item goes back in the
+    A-ASSOCIATE-AC) routes the class to ``StorageServiceClass`` for this association only; the
+    process-wide pynetdicom registry is not changed.
+    """
+    routes: dict[str, SOPClassCommonExtendedNegotiation] = {}
+    for uid in uids:
+        service = _pynetdicom_service(uid)
+        if service is not None and issubclass(service, StorageServiceClass):
+            continue
+        item = SOPClassCommonExtendedNegotiation()
+        item.sop_class_uid = uid
+        item.service_class_uid = STORAGE_SERVICE_CLASS
+        routes[uid] = item
+    return routes
+
+
+def _esc(text: str, limit: int = 80) -> str:
+    """``text`` for a log line: control and non-ASCII characters escaped, at most ``limit`` characters."""
+    shown = ascii(text[:limit])[1:-1]
+    return shown + ("..." if len(text) > limit else "")
+
+
+#: Refusal reasons by the presentation context result of the A-ASSOCIATE-AC (PS3.8 9.3.3.2).
+_REFUSAL_BY_RESULT: Final = {0x01: "user_rejection", 0x02: "no_reason", 0x04: "transfer_syntax"}
+
 
 @dataclass(frozen=True)
 class StatusEntry:
@@ -126,8 +242,8 @@ class StatusEntry:
     comment: str
 
 
-#: Every C-STORE answer, by outcome (RELIABILITY.md table). Keys of the ``HeaderError.reason`` kind name
-#: header problems; the others are listener outcomes. Error Comments are at most 64 characters (LO).
+#: Every C-STORE answer, by outcome (``docs/reliability.md`` table). Keys of the ``HeaderError.reason``
+#: kind name header problems; the others are listener outcomes. Error Comments are at most 64 characters (LO).
 STATUS_TABLE: Final[dict[str, StatusEntry]] = {
     "stored": StatusEntry(0x0000, ""),
     "duplicate": StatusEntry(0x0000, ""),
@@ -317,13 +433,16 @@ class Listener:
         self._wake = wake
         self.clock = clock or (lambda: datetime.now(UTC))
         self.spool = Spool(settings.data_dir / "spool")
-        self.quarantine = Quarantine(settings.data_dir / "quarantine")
+        self.quarantine = Quarantine(
+            settings.data_dir / "quarantine", max_bytes=settings.quarantine.max_bytes
+        )
         self.spool.sweep_temps()
         self._studies: dict[int, set[str]] = {}  # id(association) -> studies it stored into
         self._spills: dict[int, list[_Spill]] = {}  # id(association) -> large data sets on disk
         self.large_instance_bytes = LARGE_INSTANCE_BYTES
         self._lock = threading.Lock()
         self._allowed: dict[str, set[str | None]] = {}
+        self._admitted: weakref.WeakSet[Association] = weakref.WeakSet()  # passed _on_requested
         for entry in self.cfg.allowed_calling_aes:
             self._allowed.setdefault(entry.ae, set()).add(entry.host)
         self.ae = self._make_ae()
@@ -340,12 +459,17 @@ class Listener:
         ae.dimse_timeout = cfg.dimse_timeout_s
         ae.network_timeout = cfg.network_timeout_s
         ae.maximum_pdu_size = cfg.max_pdu
-        ae.maximum_associations = cfg.max_associations
+        # The limit is ours (_on_requested counts admitted associations only); pynetdicom's own count
+        # also includes requests still being checked, so it gets the pending cap as headroom.
+        ae.maximum_associations = cfg.max_associations + cfg.max_pending_connections
         # The calling/called AE checks are ours (EVT_REQUESTED: they need the peer's address too).
         ae.require_calling_aet = []
         ae.require_called_aet = False
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(str(cx.abstract_syntax), list(TRANSFER_SYNTAXES))
+        # Retired and other classes pynetdicom has no service for are routed per association
+        # (_on_sop_common); [listener] unknown_storage_classes = "accept" adds unknown ones per
+        # association too (_admit_unknown), so this process-wide AE stays as built here.
+        for uid in sorted(storage_sop_classes()):
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
 
@@ -362,6 +486,8 @@ class Listener:
         pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_SOP_COMMON, self._on_sop_common),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
@@ -378,6 +504,11 @@ class Listener:
         server.max_pdu_bytes = self.cfg.max_peer_pdu
         server.max_message_bytes = self.cfg.max_instance_bytes
         server.io_timeout_s = self.cfg.network_timeout_s
+        server.rq_timeout_s = self.cfg.associate_rq_timeout_s
+        server.max_rq_bytes = self.cfg.max_associate_rq_bytes
+        server.max_pending = self.cfg.max_pending_connections
+        server.max_pending_per_host = self.cfg.max_pending_per_host
+        server.on_refused = lambda why: self.metrics.connections_refused.labels(reason=why).inc()
         server.on_association = self._receive_large_to_disk
         tls = self.cfg.tls
         if tls.enabled:
@@ -420,18 +551,89 @@ class Listener:
         if reason is None and self.cfg.check_called_ae and called != self.cfg.ae_title:
             reason, why = (0x01, 0x01, 0x07), f"called AE {called!r} is not {self.cfg.ae_title!r}"
         if reason is None and self.server is not None:
-            active = [a for a in self.server.active_associations if a.is_acceptor]
-            if len(active) > self.cfg.max_associations:
-                reason, why = (0x02, 0x03, 0x02), f"over the limit of {self.cfg.max_associations}"
+            with self._lock:  # only associations that passed these checks hold a slot
+                admitted = [a for a in self.server.active_associations if a in self._admitted]
+                if len(admitted) >= self.cfg.max_associations:
+                    reason, why = (0x02, 0x03, 0x02), f"over the limit of {self.cfg.max_associations}"
+                else:
+                    self._admitted.add(assoc)
         if reason is None:
             self.metrics.associations.labels(outcome="accepted").inc()
             LOGGER.info("association from %s (%s) to %s", calling, host, called)
+            self._admit_unknown(assoc)
             return
         LOGGER.warning("association from %s (%s) to %s rejected %s: %s", calling, host, called, reason, why)
         self.metrics.associations.labels(outcome="rejected").inc()
         assoc.acse.send_reject(*reason)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
+
+    def _requested_syntaxes(self, assoc: Any) -> list[str]:
+        """The abstract syntaxes of the A-ASSOCIATE-RQ's presentation contexts, in order, once each."""
+        contexts = assoc.requestor.primitive.presentation_context_definition_list or []
+        return list(dict.fromkeys(str(cx.abstract_syntax) for cx in contexts))
+
+    def _admit_unknown(self, assoc: Any) -> None:
+        """With ``unknown_storage_classes = "accept"``, support this association's unknown classes.
+
+        Runs in EVT_REQUESTED, before pynetdicom negotiates the presentation contexts against
+        ``assoc.acceptor.supported_contexts`` (a per-association copy of the AE's): only this
+        association sees the added contexts. A class is added when :func:`classify_abstract_syntax`
+        calls it ``"unknown"`` (a well-formed UID under the storage root or a private root).
+        """
+        if self.cfg.unknown_storage_classes != "accept":
+            return
+        requested = self._requested_syntaxes(assoc)
+        unknown = [uid for uid in requested if classify_abstract_syntax(uid) == "unknown"]
+        if not unknown:
+            return
+        added = []
+        for uid in unknown:
+            cx = PresentationContext()
+            cx.abstract_syntax = uid
+            cx.transfer_syntax = list(TRANSFER_SYNTAXES)
+            added.append(cx)
+        assoc.acceptor.supported_contexts = [*assoc.acceptor.supported_contexts, *added]
+        LOGGER.info(
+            "association from %s: accepting unknown storage SOP classes %s",
+            _esc(str(assoc.requestor.primitive.calling_ae_title).strip()),
+            ", ".join(_esc(uid) for uid in unknown),
+        )
+
+    def _on_sop_common(self, event: Any) -> dict[str, SOPClassCommonExtendedNegotiation]:
+        """EVT_SOP_COMMON: route this association's storage classes pynetdicom has no service for.
+
+        Items the requestor sent are not honoured (pynetdicom's default answer); see
+        :func:`_storage_routes`.
+        """
+        accept_unknown = self.cfg.unknown_storage_classes == "accept"
+        ours = [
+            uid
+            for uid in self._requested_syntaxes(event.assoc)
+            if (kind := classify_abstract_syntax(uid)) == "storage" or (accept_unknown and kind == "unknown")
+        ]
+        return _storage_routes(ours)
+
+    def _on_accepted(self, event: Any) -> None:
+        """EVT_ACCEPTED: log (one line) and count every presentation context that was refused."""
+        refused = event.assoc.rejected_contexts
+        if not refused:
+            return
+        shown = []
+        for cx in refused:
+            uid = str(cx.abstract_syntax)
+            if cx.result == 0x03:  # abstract syntax not supported
+                kind = classify_abstract_syntax(uid)
+                reason = "unknown_sop_class" if kind == "unknown" else kind
+            else:
+                reason = _REFUSAL_BY_RESULT.get(int(cx.result or 0), "no_reason")
+            self.metrics.presentation_contexts_refused.labels(reason=reason).inc()
+            shown.append(f"{_esc(uid)} ({reason})")
+        calling, host = _peer(event)
+        LOGGER.warning(
+            "association from %s (%s): %d presentation context(s) refused: %s",
+            _esc(calling), _esc(host), len(refused), ", ".join(shown),
+        )
 
     def _on_echo(self, event: Any) -> int:
         return 0x0000
