@@ -14,18 +14,40 @@ Reading a header costs one read of the bytes and one pass over them:
    decodes nothing else; pixel data is never read.
 4. :func:`ingest.core.extract.extract_elements` turns those elements into an ``InstanceRecord``.
 
-The digest is the SHA-256 of the bytes after the file meta group: the same instance read from a file
-or received over DIMSE in the same transfer syntax has the same digest.
+The digest is of the dataset's content, not of its encoding, and is computed in the same walk (see
+:func:`read_header_bytes`): the same instance read from a file or received over DIMSE, in Implicit or
+Explicit VR Little Endian, Explicit VR Big Endian or Deflated, has the same digest, so a sender that
+changes its transfer syntax on a retry sends a duplicate, not a conflict. Every data element outside
+group 0002, except group lengths (gggg,0000) and Data Set Trailing Padding (FFFC,FFFC), enters it as
+Implicit VR Little Endian would encode it (tag, 4-byte length, value, PS3.5 7.1.3):
+
+- values of binary VRs read from Big Endian are byte-swapped to little endian (PS3.5 7.3);
+- values of standard text attributes lose trailing spaces and NULs (PS3.5 6.2), decided by the tag
+  from the data dictionary, so an Implicit VR copy (no VRs) is treated the same. Private attributes
+  (odd groups) are compared byte for byte: their VR is unknown in an Implicit VR copy;
+- sequences and items are hashed structurally, as undefined lengths with delimiters, so defined and
+  undefined lengths agree; a sequence without items is hashed as an empty value. A defined-length
+  value of unknown VR (Implicit VR private, UN) is hashed as a sequence when it parses as one;
+  anything in a defined-length sequence or item that does not parse is hashed as its bytes;
+- encapsulated pixel data is hashed fragment by fragment (PS3.5 A.4), so it identifies the
+  compressed stream: the same pixels native and compressed, or compressed twice, stay different;
+- values of :data:`_BIG_VALUE` bytes or more (pixel data) enter as their own SHA-256; text values of
+  that size are not stripped. Pixel data is hashed, never decoded.
+
+The digest is prefixed with its scheme, :data:`CONTENT_DIGEST_SCHEME` (``c1:``), so it never equals
+the older 64-hex-digit digest of the encoded bytes; the state store compares records when the schemes
+differ (see :mod:`ingest.adapters.state_sql`).
 
 Files larger than :data:`LARGE_FILE_BYTES` are not read into memory: the same walk runs over a small
 read window that moves through the file (element and item headers, wanted values), values it skips
-(pixel data) are never read, and the digest is computed in 1 MiB reads. Record, digest and errors are
+(pixel data) are read only for the digest, in 1 MiB reads. Record, digest and errors are
 those of the in-memory path; memory stays bounded by the header, not the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import struct
 import zlib
@@ -34,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from pydicom._dicom_dict import DicomDictionary, RepeatersDictionary
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 
@@ -49,6 +72,7 @@ from ingest.errors import (
 )
 
 __all__ = [
+    "CONTENT_DIGEST_SCHEME",
     "DEFAULT_MAX_INFLATED_BYTES",
     "LARGE_FILE_BYTES",
     "MAX_NESTING_DEPTH",
@@ -68,6 +92,10 @@ _HASH_CHUNK: Final = 1024 * 1024
 _WINDOW_READ: Final = 64 * 1024
 #: Deepest nesting of undefined-length sequence items accepted (real objects stay below ~10).
 MAX_NESTING_DEPTH: Final = 64
+#: Prefix of a content digest (:attr:`ParsedInstance.digest`); older digests have no prefix.
+CONTENT_DIGEST_SCHEME: Final = "c1:"
+#: Values at least this long enter the content digest as their own SHA-256 (no copy of pixel data).
+_BIG_VALUE: Final = 64 * 1024
 
 _DEFLATED: Final = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 _IMPLICIT_LE: Final = "1.2.840.10008.1.2"
@@ -78,6 +106,9 @@ _ITEM_END: Final = 0xFFFEE00D  # (FFFE,E00D) Item Delimitation Item
 _SEQ_END: Final = 0xFFFEE0DD  # (FFFE,E0DD) Sequence Delimitation Item
 _T_TRANSFER_SYNTAX: Final = 0x00020010  # (0002,0010)
 _T_MEDIA_SOP_CLASS: Final = 0x00020002  # (0002,0002)
+_T_PADDING: Final = 0xFFFCFFFC  # (FFFC,FFFC) Data Set Trailing Padding
+_ITEM_LE: Final = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item in little endian
+_PADS: Final = frozenset({b" ", b"\0"})  # trailing padding of text values (PS3.5 6.2)
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2, Table 7.1-1)
 _LONG_VRS: Final = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -89,6 +120,38 @@ _ALL_VRS: Final = _LONG_VRS | frozenset(
     }
 )  # fmt: skip
 _WANTED: Final = frozenset(int(t) for t in HEADER_TAGS)
+# Byte-swap width of the binary VRs, for Explicit VR Big Endian values (PS3.5 7.3); OB/UN/text: none
+_SWAP_WIDTH: Final = {
+    b"AT": 2, b"OW": 2, b"SS": 2, b"US": 2, b"FL": 4, b"OF": 4, b"OL": 4, b"SL": 4, b"UL": 4,
+    b"FD": 8, b"OD": 8, b"OV": 8, b"SV": 8, b"UV": 8,
+}  # fmt: skip
+_TEXT_VR_NAMES: Final = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+
+
+def _text_tags() -> frozenset[int]:
+    """The standard attributes with a text VR, repeating groups expanded (50xx, 60xx: even groups)."""
+    tags = {tag for tag, entry in DicomDictionary.items() if entry[0] in _TEXT_VR_NAMES}
+    for mask, entry in RepeatersDictionary.items():
+        if entry[0] not in _TEXT_VR_NAMES:
+            continue
+        slots = [i for i, c in enumerate(mask) if c == "x"]
+        for digits in itertools.product("0123456789ABCDEF", repeat=len(slots)):
+            chars = list(mask)
+            for i, d in zip(slots, digits, strict=True):
+                chars[i] = d
+            tag = int("".join(chars), 16)
+            if not tag >> 16 & 1:  # odd groups are private
+                tags.add(tag)
+    return frozenset(tags)
+
+
+_TEXT_TAGS: Final = _text_tags()
+# Canonical item, item end and sequence end of the content digest
+_C_ITEM: Final = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+_C_ITEM_END: Final = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+_C_SEQ_END: Final = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
 _VR_TEXT: Final = {vr: vr.decode() for vr in _ALL_VRS}
 _new_tuple = tuple.__new__  # builds a RawDataElement without its Python-level __new__ (hot path)
 
@@ -113,7 +176,8 @@ class ParsedInstance:
     record:
         What the mapping needs, see :class:`~ingest.core.records.InstanceRecord`.
     digest:
-        SHA-256 (hex) of the bytes after the file meta group (the dataset as encoded).
+        Content digest of the dataset, independent of its transfer syntax: :data:`CONTENT_DIGEST_SCHEME`
+        and a SHA-256 in hex (see the module docstring).
     size:
         Size in bytes of the input (file or received dataset).
     """
@@ -228,7 +292,6 @@ def _read_parts(
     meta_end, meta = _read_file_meta(data, source)
     ts = meta.get(_T_TRANSFER_SYNTAX) or transfer_syntax_uid
     body = data[meta_end:] if meta_end else data  # a copy is cheaper than slicing a memoryview per element
-    digest = hashlib.sha256(body).hexdigest()
 
     guessed = ts is None
     if ts is None:
@@ -239,7 +302,7 @@ def _read_parts(
     else:
         implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
 
-    record = _scan_extract(
+    record, digest = _scan_extract(
         _Scanner(body, implicit, little, source), guessed, meta, ts, source, media_sop_class
     )
     return ParsedInstance(record=record, digest=digest, size=len(data))
@@ -252,8 +315,8 @@ def _scan_extract(
     ts: str | None,
     source: str,
     media_sop_class: bool,
-) -> InstanceRecord:
-    """Walk the dataset and extract the record (shared by the in-memory and the windowed reads)."""
+) -> tuple[InstanceRecord, str]:
+    """Walk the dataset; the record and the content digest (shared by the in-memory and windowed reads)."""
     try:
         elements = scanner.top_level()
     except HeaderError as exc:
@@ -271,12 +334,13 @@ def _scan_extract(
         meta_ts, meta_sop_class = meta.get(_T_TRANSFER_SYNTAX), meta.get(_T_MEDIA_SOP_CLASS)
     else:  # a bare dataset: the transfer syntax it was read with
         meta_ts, meta_sop_class = ts, None
-    return extract_elements(
+    record = extract_elements(
         elements,
         transfer_syntax_uid=meta_ts,
         media_sop_class_uid=meta_sop_class if media_sop_class else None,
         source=source,
     )
+    return record, CONTENT_DIGEST_SCHEME + hashlib.sha256(b"".join(scanner.parts)).hexdigest()
 
 
 def _read_file_meta(data: bytes, source: str) -> tuple[int, dict[int, str]]:
@@ -368,8 +432,28 @@ def _inflate(body: memoryview, cap: int, source: str) -> bytes:
     return out
 
 
+def _close_sequence(dig: list[bytes], mark: int, group: int, elem: int) -> None:
+    """End a sequence opened at ``dig[mark]``: a delimiter, or an empty value if it had no items."""
+    if len(dig) == mark + 1:
+        dig[mark] = _LE_ITEM.pack(group, elem, 0)
+    else:
+        dig.append(_C_SEQ_END)
+
+
+def _swapped(value: bytes, width: int) -> bytes:
+    """*value* with each *width*-byte unit byte-swapped (Big Endian to Little Endian); a remainder kept."""
+    n = len(value) - len(value) % width
+    out = bytearray(value)
+    for i in range(width):
+        out[i:n:width] = value[width - 1 - i : n : width]
+    return bytes(out)
+
+
 class _Scanner:
-    """One pass over an encoded dataset: checks every declared length, keeps the wanted elements."""
+    """One pass over an encoded dataset: checks every declared length, keeps the wanted elements.
+
+    It also collects the content digest's canonical form in :attr:`parts` (see the module docstring).
+    """
 
     def __init__(self, buf: bytes, implicit: bool, little: bool, source: str) -> None:
         self.buf = buf
@@ -380,6 +464,7 @@ class _Scanner:
         self.hh = _LE_HH if little else _BE_HH
         self.head = _LE_HEAD if little else _BE_HEAD
         self.u32 = _LE_L if little else _BE_L
+        self.parts: list[bytes] = []  # the canonical form, hashed once at the end
 
     def _truncated(self, what: str, tag: int | None, pos: int) -> TruncatedError:
         where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else "element header"
@@ -398,7 +483,7 @@ class _Scanner:
             group = self.hh.unpack_from(buf, 0)[0]
             if 0x0002 < group <= 0x00FF:
                 self.implicit = False
-        self._dataset(0, len(buf), self.implicit, 0, wanted)
+        self._dataset(0, len(buf), self.implicit, 0, wanted, self.parts)
         return wanted
 
     def _dataset(
@@ -408,14 +493,17 @@ class _Scanner:
         implicit: bool,
         depth: int,
         wanted: dict[int, RawDataElement] | None,
+        dig: list[bytes] | None,
     ) -> tuple[int, bool]:
         """Walk elements from *pos* to *end*, or to an Item Delimitation Item.
 
-        Returns the next offset and whether an Item Delimitation Item ended the walk.
+        Returns the next offset and whether an Item Delimitation Item ended the walk. Appends the
+        elements' canonical form to *dig* (``None``: not digested).
         """
         buf = self.buf
         head = self.head.unpack_from  # tag group, tag element, explicit VR, 2-byte length
         u32 = self.u32.unpack_from
+        pack = _LE_ITEM.pack  # canonical element header: tag and 4-byte length, little endian
         little = self.little
         found = 0
         try:
@@ -442,13 +530,37 @@ class _Scanner:
                     start = pos + 8
                 if tag == _ITEM_END:
                     return start, True
+                # the content digest leaves out file meta, group lengths and trailing padding
+                out = dig if (elem and group != 0x0002 and tag != _T_PADDING) else None
                 if length == _UNDEFINED:
                     inner_implicit = implicit or vr == b"UN"  # PS3.5 6.2.2: UN of undefined length
-                    value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag)
+                    if out is None:
+                        value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag, None)
+                    else:
+                        mark = len(out)
+                        out.append(pack(group, elem, _UNDEFINED))
+                        frag = vr is not None and vr != b"SQ" and vr != b"UN"  # encapsulated pixel data
+                        value_end, next_pos = self._items(
+                            start, end, inner_implicit, depth + 1, tag, out, frag=frag
+                        )
+                        _close_sequence(out, mark, group, elem)
                 else:
                     value_end = next_pos = start + length
                     if value_end > end:
                         raise self._truncated("value of", tag, pos)
+                    if out is None:
+                        pass
+                    elif vr == b"SQ" or (
+                        (vr is None or vr == b"UN") and length >= 8 and buf[start : start + 4] == _ITEM_LE
+                    ):
+                        self._defined_sequence(out, tag, vr, start, value_end, implicit, depth)
+                    elif length < _BIG_VALUE and (little or vr not in _SWAP_WIDTH):
+                        value = buf[start:value_end]
+                        if value[-1:] in _PADS and tag in _TEXT_TAGS:  # text: trailing padding dropped
+                            value = value.rstrip(b" \0")
+                        out += (pack(group, elem, len(value)), value)
+                    else:
+                        self._value(out, tag, vr, start, value_end)
                 found += 1
                 if wanted is not None and tag in _WANTED:
                     if vr is None or vr == b"UN" or length == _UNDEFINED:
@@ -465,10 +577,23 @@ class _Scanner:
         finally:
             self.found += found
 
-    def _items(self, pos: int, end: int, implicit: bool, depth: int, owner: int) -> tuple[int, int]:
+    def _items(
+        self,
+        pos: int,
+        end: int,
+        implicit: bool,
+        depth: int,
+        owner: int,
+        dig: list[bytes] | None,
+        *,
+        frag: bool = False,
+        defined: bool = False,
+    ) -> tuple[int, int]:
         """Walk the items of an undefined-length value (sequence or encapsulated pixel data).
 
-        Returns the offset of the Sequence Delimitation Item and the offset after it.
+        Returns the offset of the Sequence Delimitation Item and the offset after it. *dig* gets the
+        items' canonical form: *frag* for fragments of encapsulated pixel data (hashed as values).
+        *defined*: the items of a defined-length value ending at *end* (no delimitation item).
         """
         if depth > MAX_NESTING_DEPTH:
             raise NestingTooDeepError(
@@ -477,12 +602,14 @@ class _Scanner:
                 tag=f"({owner >> 16:04X},{owner & 0xFFFF:04X})",
             )
         while True:
+            if defined and pos == end:
+                return pos, pos
             if pos + 8 > end:
                 raise self._truncated("sequence of", owner, pos)
             group, elem = self.hh.unpack_from(self.buf, pos)
             tag = group << 16 | elem
             length = self.u32.unpack_from(self.buf, pos + 4)[0]
-            if tag == _SEQ_END:
+            if tag == _SEQ_END and not defined:
                 return pos, pos + 8
             if tag != _ITEM:
                 raise HeaderError(
@@ -491,13 +618,77 @@ class _Scanner:
                     tag=f"({owner >> 16:04X},{owner & 0xFFFF:04X})",
                 )
             if length == _UNDEFINED:
-                pos, delimited = self._dataset(pos + 8, end, implicit, depth, None)
+                if dig is not None:
+                    dig.append(_C_ITEM)
+                pos, delimited = self._dataset(pos + 8, end, implicit, depth, None, dig)
                 if not delimited:  # the data ended before the item's delimiter
                     raise self._truncated("item of", owner, pos)
+                if dig is not None:
+                    dig.append(_C_ITEM_END)
             else:
-                pos = pos + 8 + length
+                start, pos = pos + 8, pos + 8 + length
                 if pos > end:
                     raise self._truncated("item of", owner, pos)
+                if dig is None:
+                    pass
+                elif frag:
+                    self._value(dig, _ITEM, None, start, pos)
+                else:
+                    self._defined_item(dig, start, pos, implicit, depth)
+
+    def _defined_sequence(
+        self, dig: list[bytes], tag: int, vr: bytes | None, start: int, end: int, implicit: bool, depth: int
+    ) -> None:
+        """Digest a defined-length sequence item by item; as a plain value if it does not parse."""
+        mark = len(dig)
+        group, elem = tag >> 16, tag & 0xFFFF
+        dig.append(_LE_ITEM.pack(group, elem, _UNDEFINED))
+        try:
+            self._items(start, end, implicit or vr != b"SQ", depth + 1, tag, dig, defined=True)
+        except HeaderError:
+            del dig[mark:]
+            self._value(dig, tag, None, start, end)
+            return
+        _close_sequence(dig, mark, group, elem)
+
+    def _defined_item(self, dig: list[bytes], start: int, end: int, implicit: bool, depth: int) -> None:
+        """Digest a defined-length item's elements; as a plain value if they do not parse."""
+        mark = len(dig)
+        dig.append(_C_ITEM)
+        try:
+            pos, _ = self._dataset(start, end, implicit, depth, None, dig)
+            if pos != end:
+                raise HeaderError("an item delimiter inside a defined-length item")
+        except HeaderError:
+            del dig[mark:]
+            self._value(dig, _ITEM, None, start, end)
+            return
+        dig.append(_C_ITEM_END)
+
+    def _value(self, dig: list[bytes], tag: int, vr: bytes | None, start: int, end: int) -> None:
+        """Digest a value that is not the common case: text, Big Endian binary, or big."""
+        width = None if self.little or vr is None else _SWAP_WIDTH.get(vr)
+        if end - start >= _BIG_VALUE:
+            dig.append(_LE_ITEM.pack(tag >> 16, tag & 0xFFFF, end - start))
+            dig.append(self._big_digest(start, end, width))
+            return
+        value = self._bytes(start, end)
+        if tag in _TEXT_TAGS:
+            value = value.rstrip(b" \0")
+        elif width:
+            value = _swapped(value, width)
+        dig.append(_LE_ITEM.pack(tag >> 16, tag & 0xFFFF, len(value)))
+        dig.append(value)
+
+    def _bytes(self, start: int, end: int) -> bytes:
+        """The bytes ``[start, end)`` of the dataset (checked to be there)."""
+        return self.buf[start:end]
+
+    def _big_digest(self, start: int, end: int, width: int | None) -> bytes:
+        """SHA-256 of a big value ``[start, end)``, byte-swapped by *width* first if given."""
+        if width:
+            return hashlib.sha256(_swapped(self.buf[start:end], width)).digest()
+        return hashlib.sha256(memoryview(self.buf)[start:end]).digest()
 
     def _raw(
         self, tag: int, vr: bytes | None, length: int, start: int, value_end: int, implicit: bool
@@ -523,7 +714,7 @@ class _Scanner:
 def _read_large(
     fd: int, size: int, source: str, max_inflated_bytes: int, media_sop_class: bool
 ) -> ParsedInstance:
-    """:func:`read_header` for a large file: a moving read window, a chunked digest, bounded memory."""
+    """:func:`read_header` for a large file: a moving read window, chunked hashing, bounded memory."""
     prefix = os.pread(fd, min(size, _WINDOW_READ), 0)
     while True:  # the file meta group: grow the prefix until it holds the whole group
         try:
@@ -537,7 +728,6 @@ def _read_large(
         raise TruncatedError(f"The file changed while it was read (source={source})")
     ts = meta.get(_T_TRANSFER_SYNTAX)  # a file carries no transfer syntax but its own
     body_len = size - meta_end
-    digest = _digest(fd, meta_end, size, source)
 
     guessed = ts is None
     scanner: _Scanner
@@ -545,30 +735,15 @@ def _read_large(
         implicit, little = _guess_encoding(memoryview(prefix)[meta_end:], source, total=body_len)
     elif ts == _DEFLATED:
         inflated = _inflate_file(fd, meta_end, size, max_inflated_bytes, source)
-        record = _scan_extract(
+        record, digest = _scan_extract(
             _Scanner(inflated, False, True, source), guessed, meta, ts, source, media_sop_class
         )
         return ParsedInstance(record=record, digest=digest, size=size)
     else:
         implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
     scanner = _WindowScanner(_Window(fd, meta_end, body_len, source), implicit, little, source)
-    record = _scan_extract(scanner, guessed, meta, ts, source, media_sop_class)
+    record, digest = _scan_extract(scanner, guessed, meta, ts, source, media_sop_class)
     return ParsedInstance(record=record, digest=digest, size=size)
-
-
-def _digest(fd: int, start: int, size: int, source: str) -> str:
-    """SHA-256 of the file's bytes from *start* to *size*, read in :data:`_HASH_CHUNK` pieces."""
-    sha = hashlib.sha256()
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    pos = start
-    while pos < size:
-        n = os.preadv(fd, [view[: min(_HASH_CHUNK, size - pos)]], pos)
-        if n <= 0:
-            raise TruncatedError(f"The file changed while it was read (source={source})")
-        sha.update(view[:n])
-        pos += n
-    return sha.hexdigest()
 
 
 def _inflate_file(fd: int, start: int, size: int, cap: int, source: str) -> bytes:
@@ -657,7 +832,7 @@ class _WindowScanner(_Scanner):
             group = self.hh.unpack(win.get(0, 4))[0]
             if 0x0002 < group <= 0x00FF:
                 self.implicit = False
-        self._dataset(0, len(win), self.implicit, 0, wanted)
+        self._dataset(0, len(win), self.implicit, 0, wanted, self.parts)
         return wanted
 
     def _dataset(
@@ -667,8 +842,10 @@ class _WindowScanner(_Scanner):
         implicit: bool,
         depth: int,
         wanted: dict[int, RawDataElement] | None,
+        dig: list[bytes] | None,
     ) -> tuple[int, bool]:
         win = self.win
+        pack = _LE_ITEM.pack
         little = self.little
         found = 0
         try:
@@ -695,13 +872,36 @@ class _WindowScanner(_Scanner):
                     start = pos + 8
                 if tag == _ITEM_END:
                     return start, True
+                out = dig if (elem and group != 0x0002 and tag != _T_PADDING) else None
                 if length == _UNDEFINED:
                     inner_implicit = implicit or vr == b"UN"
-                    value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag)
+                    if out is None:
+                        value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag, None)
+                    else:
+                        mark = len(out)
+                        out.append(pack(group, elem, _UNDEFINED))
+                        frag = vr is not None and vr != b"SQ" and vr != b"UN"
+                        value_end, next_pos = self._items(
+                            start, end, inner_implicit, depth + 1, tag, out, frag=frag
+                        )
+                        _close_sequence(out, mark, group, elem)
                 else:
                     value_end = next_pos = start + length
                     if value_end > end:
                         raise self._truncated("value of", tag, pos)
+                    if out is None:
+                        pass
+                    elif vr == b"SQ" or (
+                        (vr is None or vr == b"UN") and length >= 8 and win.get(start, 4) == _ITEM_LE
+                    ):
+                        self._defined_sequence(out, tag, vr, start, value_end, implicit, depth)
+                    elif length < _BIG_VALUE and (little or vr not in _SWAP_WIDTH):
+                        value = win.get(start, length)
+                        if value[-1:] in _PADS and tag in _TEXT_TAGS:  # text: trailing padding dropped
+                            value = value.rstrip(b" \0")
+                        out += (pack(group, elem, len(value)), value)
+                    else:
+                        self._value(out, tag, vr, start, value_end)
                 found += 1
                 if wanted is not None and tag in _WANTED:
                     if vr is None or vr == b"UN" or length == _UNDEFINED:
@@ -717,7 +917,18 @@ class _WindowScanner(_Scanner):
         finally:
             self.found += found
 
-    def _items(self, pos: int, end: int, implicit: bool, depth: int, owner: int) -> tuple[int, int]:
+    def _items(
+        self,
+        pos: int,
+        end: int,
+        implicit: bool,
+        depth: int,
+        owner: int,
+        dig: list[bytes] | None,
+        *,
+        frag: bool = False,
+        defined: bool = False,
+    ) -> tuple[int, int]:
         if depth > MAX_NESTING_DEPTH:
             raise NestingTooDeepError(
                 f"Sequences nested deeper than {MAX_NESTING_DEPTH} levels in "
@@ -726,11 +937,13 @@ class _WindowScanner(_Scanner):
             )
         win = self.win
         while True:
+            if defined and pos == end:
+                return pos, pos
             if pos + 8 > end:
                 raise self._truncated("sequence of", owner, pos)
             group, elem, length = self._item_head.unpack(win.get(pos, 8))
             tag = group << 16 | elem
-            if tag == _SEQ_END:
+            if tag == _SEQ_END and not defined:
                 return pos, pos + 8
             if tag != _ITEM:
                 raise HeaderError(
@@ -739,13 +952,40 @@ class _WindowScanner(_Scanner):
                     tag=f"({owner >> 16:04X},{owner & 0xFFFF:04X})",
                 )
             if length == _UNDEFINED:
-                pos, delimited = self._dataset(pos + 8, end, implicit, depth, None)
+                if dig is not None:
+                    dig.append(_C_ITEM)
+                pos, delimited = self._dataset(pos + 8, end, implicit, depth, None, dig)
                 if not delimited:
                     raise self._truncated("item of", owner, pos)
+                if dig is not None:
+                    dig.append(_C_ITEM_END)
             else:
-                pos = pos + 8 + length
+                start, pos = pos + 8, pos + 8 + length
                 if pos > end:
                     raise self._truncated("item of", owner, pos)
+                if dig is None:
+                    pass
+                elif frag:
+                    self._value(dig, _ITEM, None, start, pos)
+                else:
+                    self._defined_item(dig, start, pos, implicit, depth)
+
+    def _bytes(self, start: int, end: int) -> bytes:
+        return self.win.get(start, end - start)
+
+    def _big_digest(self, start: int, end: int, width: int | None) -> bytes:
+        """SHA-256 of a big value read from the file in :data:`_HASH_CHUNK` pieces (a multiple of 8)."""
+        sha = hashlib.sha256()
+        win = self.win
+        pos = start
+        while pos < end:
+            n = min(_HASH_CHUNK, end - pos)
+            chunk = os.pread(win.fd, n, win.base + pos)
+            if len(chunk) < n:
+                raise TruncatedError(f"The file changed while it was read (source={self.source})")
+            sha.update(_swapped(chunk, width) if width else chunk)
+            pos += n
+        return sha.digest()
 
     @property
     def _item_head(self) -> struct.Struct:

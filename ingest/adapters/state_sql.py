@@ -108,6 +108,31 @@ _INSERT_ROWS = 256
 _IN_CHUNK = 500
 
 
+def _digest_scheme(digest: str) -> str:
+    """The scheme prefix of a digest (``"c1"``), or ``""`` for an older digest without one."""
+    scheme, sep, _ = digest.partition(":")
+    return scheme if sep else ""
+
+
+def _same_record_other_scheme(stored: str, digest: str, stored_json: object, record: InstanceRecord) -> bool:
+    """Whether a row whose digest is of another scheme holds the same instance as *record*.
+
+    Digests of different schemes never match, so a store written before the content digest
+    (``ingest.adapters.dicomfile``: ``c1:``) would call every re-sent instance a conflict. Then the
+    stored record decides: equal but for the transfer syntax (the content digest makes a re-encoded
+    copy a duplicate) is the same instance; a record that does not parse is not.
+    """
+    if _digest_scheme(stored) == _digest_scheme(digest):
+        return False
+    try:
+        old = InstanceRecord.model_validate_json(str(stored_json))
+    except ValueError:
+        return False
+    return old.model_copy(update={"transfer_syntax_uid": None}) == record.model_copy(
+        update={"transfer_syntax_uid": None}
+    )
+
+
 class SQLStateStore(StateStore):
     """:class:`ingest.ports.StateStore` on the ``instances`` / ``studies`` schema, for any SQL dialect.
 
@@ -192,8 +217,10 @@ class SQLStateStore(StateStore):
     ) -> list[Added]:
         """Insert instance rows in one statement; rows whose SOP Instance UID exists are checked after.
 
-        An existing row with the same study and digest makes a duplicate, otherwise a conflict. The same
-        SOP Instance UID twice in one batch: the first is added, the second compared with it.
+        An existing row with the same study and digest makes a duplicate, otherwise a conflict; a row whose
+        digest is of another scheme (an older byte digest) is compared by its record instead, see
+        :func:`_same_record_other_scheme`. The same SOP Instance UID twice in one batch: the first is
+        added, the second compared with it.
         """
         inserted: set[str] = set()
         for start in range(0, len(items), _INSERT_ROWS):
@@ -230,13 +257,16 @@ class SQLStateStore(StateStore):
                 results.append(Added(AddOutcome.ADDED, record.study_uid))
                 continue
             found = cur.execute(
-                self._q("SELECT study_uid, digest FROM instances WHERE sop_uid = ?"), (record.sop_uid,)
+                self._q("SELECT study_uid, digest, record_json FROM instances WHERE sop_uid = ?"),
+                (record.sop_uid,),
             ).fetchone()
             if found is None:  # pragma: no cover - deleted concurrently; nothing in ingest deletes rows
                 raise StoreUnavailableError(f"instance {record.sop_uid} vanished during add; retry")
             if found[0] != record.study_uid:
                 results.append(Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_STUDY))
-            elif found[1] != digest:
+            elif found[1] != digest and not _same_record_other_scheme(
+                str(found[1]), digest, found[2], record
+            ):
                 results.append(Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_CONTENT))
             else:
                 results.append(Added(AddOutcome.DUPLICATE, record.study_uid))
@@ -282,7 +312,9 @@ class SQLStateStore(StateStore):
         spool_name:
             The spool file holding the bytes, if spooled.
         digest:
-            Content digest; identical digest for the same SOP Instance UID is a duplicate.
+            Content digest; identical digest for the same SOP Instance UID is a duplicate. Against a
+            row holding a digest of another scheme (``c1:...`` versus an older prefix-less one), an
+            equal record (but for the transfer syntax) is a duplicate.
         now, due_at:
             Timezone-aware times: when it arrived, and when its study becomes due.
 

@@ -113,11 +113,12 @@ def test_dicomdir_tree() -> None:
     assert len({p.digest for p in parsed}) == len(paths)
 
 
-def test_digest_is_of_the_dataset_bytes() -> None:
+def test_digest_is_a_content_digest_not_of_the_encoded_bytes() -> None:
     data = data_of("CT_small.dcm")
     start = dataset_offset(data)
     parsed = read_header_bytes(data, source="file")
-    assert parsed.digest == hashlib.sha256(data[start:]).hexdigest()
+    assert parsed.digest.startswith("c1:") and len(parsed.digest) == 3 + 64
+    assert parsed.digest[3:] != hashlib.sha256(data[start:]).hexdigest()
     assert parsed.size == len(data)
 
 

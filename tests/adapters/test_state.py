@@ -109,6 +109,39 @@ def test_same_sop_in_another_study_is_a_conflict(store: StateStore) -> None:
     assert store.instances("1.2.4") == []
 
 
+LEGACY = "ab" * 32  # a byte digest as stores before the content digest hold it (64 hex digits, no prefix)
+
+
+def test_legacy_digest_and_equal_record_is_a_duplicate(store: StateStore) -> None:
+    first = rec(
+        "1.2.3", "1.2.3.1", "1.2.3.1.1", series_description="s", transfer_syntax_uid="1.2.840.10008.1.2"
+    )
+    assert add(store, first, digest=LEGACY) is AddOutcome.ADDED
+    # the same instance re-sent in another transfer syntax, now with a content digest
+    again = first.model_copy(update={"transfer_syntax_uid": "1.2.840.10008.1.2.1"})
+    assert add(store, again, digest="c1:" + "cd" * 32, now=s(1)) is AddOutcome.DUPLICATE
+    assert store.instances("1.2.3") == [first]
+
+
+def test_legacy_digest_and_other_record_is_a_conflict(store: StateStore) -> None:
+    first = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", series_description="first")
+    assert add(store, first, digest=LEGACY) is AddOutcome.ADDED
+    second = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", series_description="second")
+    added = store.add_instance(
+        second, source="t", spool_name=None, digest="c1:" + "cd" * 32, now=s(1), due_at=s(11)
+    )
+    assert (added.outcome, added.detail) == (AddOutcome.CONFLICT, "other_content")
+    assert store.instances("1.2.3") == [first]
+
+
+def test_same_scheme_other_digest_stays_a_conflict_with_an_equal_record(store: StateStore) -> None:
+    first = rec("1.2.3", "1.2.3.1", "1.2.3.1.1")
+    assert add(store, first, digest="c1:" + "ab" * 32) is AddOutcome.ADDED
+    # equal header record, other content (pixel data): only another scheme makes the record decide
+    assert add(store, first, digest="c1:" + "cd" * 32, now=s(1)) is AddOutcome.CONFLICT
+    assert add(store, first, digest=LEGACY, now=s(2)) is AddOutcome.DUPLICATE
+
+
 def test_batch_is_one_transaction_and_sees_its_own_rows(store: StateStore) -> None:
     a, b = rec("1.2.3", "1.2.3.1", "1.2.3.1.1"), rec("1.2.3", "1.2.3.1", "1.2.3.1.2")
     results = store.add_instances(
