@@ -2,8 +2,8 @@
 
 Each member's bytes become an :class:`~ingest.sources.Item` labelled ``<archive>!<member>``; nothing is
 written to disk, so a hostile member name can never land outside a target folder. The members are still
-checked as if they were to be extracted (RELIABILITY.md, Security), so that a refusal is reported, not
-silently ignored:
+checked as if they were to be extracted (``docs/reliability.md``, Security), so that a refusal is
+reported, not silently ignored:
 
 - a name that escapes the root (``../x``, ``/etc/x``, ``C:\\x``) -> rule ``unsafe_path``;
 - a symbolic or hard link member -> rule ``link``;
@@ -23,6 +23,11 @@ members (:attr:`ArchiveLimits.max_members`), too many bytes in total
 :attr:`ArchiveLimits.max_ratio` times its size on disk. A zip's central directory is checked before any
 member is read; a tar stream is checked as it is read, so members before the breach were already
 yielded.
+
+Members are read in bounded chunks and judged after each one, whatever their headers claim: a member
+stops at ``max_member_bytes``, and the ratio of bytes inflated so far to compressed bytes consumed so far
+(for zip, the member's part of the file; for a compressed tar, the whole stream's position) is checked
+while streaming, so a bomb is refused after about one chunk past the rule, never after inflating it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import posixpath
 import stat
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
@@ -47,6 +52,9 @@ MEMBER_REASON: Final = "archive_member"
 #: Ratios are only judged above this size: tiny members compress oddly without being bombs.
 _RATIO_FLOOR: Final = 1024 * 1024
 _READ_CHUNK: Final = 1024 * 1024
+#: Zip members are read in smaller chunks: ``ZipExtFile`` reads ahead about one chunk of compressed
+#: bytes, and the ratio judged while streaming must not wait for hundreds of MiB of output.
+_ZIP_CHUNK: Final = 64 * 1024
 #: A destination that is never created, only used to let ``tarfile.data_filter`` judge member names.
 _VIRTUAL_ROOT: Final = "/nonexistent-ingest-archive-root"
 
@@ -164,10 +172,15 @@ def _zip_mode(info: zipfile.ZipInfo) -> int:
 
 def _zip_members(path: Path, limits: ArchiveLimits) -> Iterator[Item]:
     try:
-        zf = zipfile.ZipFile(path)
+        raw = path.open("rb")
+    except OSError as exc:
+        raise ArchiveError(f"archive {path} refused (rule readable): {exc.strerror or exc}") from exc
+    try:
+        zf = zipfile.ZipFile(raw)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raw.close()
         raise ArchiveError(f"archive {path} refused (rule readable): not a readable zip file: {exc}") from exc
-    with zf:
+    with raw, zf:
         infos = zf.infolist()
         if len(infos) > limits.max_members:
             raise _too_many(path, len(infos), limits)
@@ -198,14 +211,39 @@ def _zip_members(path: Path, limits: ArchiveLimits) -> Iterator[Item]:
                                f"{info.file_size} bytes from {info.compress_size} compressed: ratio over "
                                f"{limits.max_ratio:g}")
             else:
-                try:
-                    # ZipExtFile stops at the declared file_size and checks the CRC at the end
-                    with zf.open(info) as fh:
-                        data = fh.read(limits.max_member_bytes + 1)
-                except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
-                    yield _refused(path, name, "readable", f"cannot read member: {exc}")
-                    continue
-                yield Item(label=f"{path}!{name}", data=data)
+                yield _zip_read(path, zf, raw, info, limits)
+
+
+def _zip_read(path: Path, zf: zipfile.ZipFile, raw: IO[bytes], info: zipfile.ZipInfo,
+              limits: ArchiveLimits) -> Item:
+    """Read one zip member in bounded chunks, judging its size and ratio as it inflates.
+
+    ``ZipExtFile`` stops at the declared ``file_size`` and checks the CRC at the end, but one large
+    ``read()`` inflates everything the compressed bytes hold first; small reads keep the memory bounded
+    whatever the headers claim. The compressed bytes consumed so far are the position of ``raw`` past the
+    member's data start (read-ahead makes that an over-estimate, so a real member is never judged
+    early).
+    """
+    name = info.filename
+    parts: list[bytes] = []
+    out = 0
+    try:
+        with zf.open(info) as fh:
+            start = raw.tell()  # just past the local header: the first compressed byte
+            while chunk := fh.read(_ZIP_CHUNK):
+                out += len(chunk)
+                if out > limits.max_member_bytes:
+                    return _refused(path, name, "member_size",
+                                    f"inflates past the cap of {limits.max_member_bytes} bytes")
+                consumed = min(max(raw.tell() - start, 1), max(info.compress_size, 1))
+                if out > _RATIO_FLOOR and out > limits.max_ratio * consumed:
+                    return _refused(path, name, "compression_ratio",
+                                    f"{out} bytes inflated from {consumed} compressed: ratio over "
+                                    f"{limits.max_ratio:g}")
+                parts.append(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
+        return _refused(path, name, "readable", f"cannot read member: {exc}")
+    return Item(label=f"{path}!{name}", data=b"".join(parts))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,31 +326,42 @@ def _tar_stream(
             yield _refused(path, name, "member_size",
                            f"{member.size} bytes, over the cap of {limits.max_member_bytes}")
             continue
-        total += member.size
-        if total > limits.max_total_bytes:
-            raise _too_big(path, total, limits)
+        if total + member.size > limits.max_total_bytes:
+            raise _too_big(path, total + member.size, limits)
+
+        def judge(out: int, member_name: str = name, before: int = total) -> None:
+            # bytes inflated so far (earlier members and this one's chunks) against the stream read
+            inflated = before + out
+            if compressed and inflated > _RATIO_FLOOR and inflated > limits.max_ratio * max(
+                counter.consumed, 1
+            ):
+                raise ArchiveError(
+                    f"archive {path} refused (rule compression_ratio): member {member_name!r}: "
+                    f"{inflated} bytes inflated from {counter.consumed} read, ratio over "
+                    f"{limits.max_ratio:g}"
+                )
+
         try:
             fh = tf.extractfile(member)
-            data = b"" if fh is None else _read_all(fh, member.size)
+            data = b"" if fh is None else _read_all(fh, member.size, judge)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ArchiveError(f"archive {path} refused (rule readable): member {name!r} is cut short: "
                                f"{exc}") from exc
-        if compressed and total > _RATIO_FLOOR and total > limits.max_ratio * max(counter.consumed, 1):
-            raise ArchiveError(
-                f"archive {path} refused (rule compression_ratio): {total} bytes inflated from "
-                f"{counter.consumed} read, ratio over {limits.max_ratio:g}"
-            )
+        total += member.size
         yield Item(label=f"{path}!{name}", data=data)
 
 
-def _read_all(fh: IO[bytes], size: int) -> bytes:
+def _read_all(fh: IO[bytes], size: int, judge: Callable[[int], None]) -> bytes:
+    """Read ``size`` bytes in bounded chunks, calling ``judge(bytes_so_far)`` after each (it raises to
+    stop: a bomb is refused after one chunk past the rule, never after inflating the whole member)."""
     parts: list[bytes] = []
     left = size
     while left > 0:
         chunk = fh.read(min(left, _READ_CHUNK))
         if not chunk:
             raise EOFError(f"expected {size} bytes, got {size - left}")
-        parts.append(chunk)
         left -= len(chunk)
+        judge(size - left)
+        parts.append(chunk)
     return b"".join(parts)
 

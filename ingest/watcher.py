@@ -18,7 +18,11 @@ How a file travels (DESIGN.md, Durability; RELIABILITY.md):
 
 A file that is refused (not DICOM, empty, truncated, bad UIDs...) or conflicts with an instance already
 stored (same SOP Instance UID, other content or other study) is copied into ``<data_dir>/quarantine``
-with a side file (reason code, rule, time; no patient data) and removed from the folder. An identical
+with a side file (reason code, rule, time; no patient data) and removed from the folder. A file over
+``max_instance_bytes`` is never copied, and neither is one that would take the quarantine past
+``[quarantine] max_bytes``: the quarantine gets only a side file describing it, and the file stays in
+the folder (it is the only copy), remembered by size and mtime so it is not reported again until it
+changes or the watcher restarts. An identical
 duplicate (a restart after a crash between commit and move) is answered by the store's digest check:
 nothing is added twice, and the file gets its after-action.
 
@@ -65,6 +69,7 @@ LOGGER = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES: Final = (".part", ".tmp")
 _SOURCE: Final = "watch"
+_TOO_LARGE: Final = "too_large"
 #: Files per store transaction (and per parse call).
 _CHUNK: Final = 256
 #: Below this many settled files, headers are parsed in process (starting workers costs more).
@@ -83,6 +88,7 @@ class WatchTotals:
     duplicate: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     deferred: int = 0  # changed while being read, or the store/folders were unavailable: tried again later
+    not_kept: int = 0  # rejected, recorded by a quarantine side file only (over the size cap, quota full)
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,9 @@ class DropFolder:
         self.totals = WatchTotals()
         data_dir = settings.data_dir.resolve()
         self.spool = Spool(data_dir / "spool")
-        self.quarantine = Quarantine(data_dir / "quarantine")
+        self.quarantine = Quarantine(data_dir / "quarantine", max_bytes=settings.quarantine.max_bytes)
+        # rejected files left in place (their bytes not kept): path -> (size, mtime_ns) when refused
+        self._left_in_place: dict[Path, tuple[int, int]] = {}
         self.archive: Spool | None = None
         self.kept: _KeptFiles | None = None
         if cfg.after == "move":
@@ -263,6 +271,8 @@ class DropFolder:
                     self.note(iter_dicom_files(path))
                 continue
             if self.kept is not None and self.kept.unchanged(path, st.st_size, st.st_mtime_ns):
+                continue
+            if self._left_in_place.get(path) == (st.st_size, st.st_mtime_ns):
                 continue
             self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
 
@@ -325,7 +335,7 @@ class DropFolder:
             stats[str(path)] = st
             if st.st_size > self.max_bytes:
                 why = f"{st.st_size} bytes, over max_instance_bytes {self.max_bytes} (source={path})"
-                items.append(Item(str(path), rejection=("too_large", why)))
+                items.append(Item(str(path), rejection=(_TOO_LARGE, why)))
             else:
                 items.append(Item(str(path), path=path))
         jobs = self.cfg.jobs if len(items) >= _PARALLEL_FROM else 1
@@ -343,6 +353,8 @@ class DropFolder:
             if isinstance(result, Rejected):
                 if self._changed(path, before):
                     self._defer(path)
+                elif result.reason == _TOO_LARGE:
+                    self._reject(path, result.reason, "max_instance_bytes", result.message, over_cap=before)
                 else:
                     self._reject(path, result.reason, "dicom_header", result.message)
                 continue
@@ -442,16 +454,37 @@ class DropFolder:
 
     # -- outcomes ----------------------------------------------------------------------------------------
 
-    def _reject(self, path: Path, reason: str, rule: str, detail: str) -> None:
-        """Quarantine ``path`` with why, then remove it from the folder."""
+    def _reject(
+        self, path: Path, reason: str, rule: str, detail: str, *, over_cap: os.stat_result | None = None
+    ) -> None:
+        """Quarantine ``path`` with why, then remove it from the folder.
+
+        ``over_cap`` (the file's stat) marks a file over the size cap: it is described by a side file,
+        never copied. A file whose bytes the quarantine did not keep (over the cap, or quarantine full)
+        stays in the folder and is remembered until it changes.
+        """
         self.totals.rejected[reason] += 1
         if self.metrics is not None:
             self.metrics.instances_rejected.labels(reason=reason).inc()
+        source = str(path)
         try:
-            name = self.quarantine.put(path, reason, rule, detail, self.clock())
+            if over_cap is not None:
+                name = self.quarantine.describe(over_cap.st_size, reason, rule, detail, self.clock(),
+                                                source=source)
+            else:
+                name = self.quarantine.put(path, reason, rule, detail, self.clock(), source=source)
+            held = over_cap is None and self.quarantine.holds(name)
         except StoreUnavailableError as exc:
             LOGGER.warning("watch: %s rejected (%s) but cannot be quarantined, left in place: %s",
                            path, reason, exc)
+            return
+        if not held:
+            self.totals.not_kept += 1
+            st = over_cap or self._stat(path)
+            if st is not None:
+                self._left_in_place[path] = (st.st_size, st.st_mtime_ns)
+            LOGGER.warning("watch: %s rejected (%s, rule %s), left in place; quarantine side file %s.json "
+                           "only: %s", path, reason, rule, name, detail)
             return
         LOGGER.warning("watch: %s rejected (%s, rule %s), quarantined as %s: %s",
                        path, reason, rule, name, detail)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -185,3 +188,99 @@ def test_truncated_tar_gz_is_refused(tmp_path: Path, corpus: Path) -> None:
     archive.write_bytes(data[: len(data) // 2])
     with pytest.raises(ArchiveError, match="refused"):
         list(iter_members(archive))
+
+
+# -- archive bombs, with the peak memory of a real `ingest replay` measured in the child -------------------
+
+_BOMB_BYTES = 512 * 1024**2
+_MAX_PEAK_RSS = 200 * 1024**2
+_ZERO_CHUNK = bytes(1024 * 1024)
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes as a readable stream (the fixture is built without holding them)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self.left)
+        buffer[:n] = _ZERO_CHUNK[:n] if n <= len(_ZERO_CHUNK) else bytes(n)
+        self.left -= n
+        return n
+
+
+# Runs ``python -m ingest`` and, at exit, writes the process's own VmHWM (peak resident set of its
+# memory map, which starts afresh at exec) to the file named by argv[1]. ``ru_maxrss`` from wait4 would
+# not do: Linux carries the forking parent's peak over exec, so under a large pytest worker it measures
+# the worker.
+_MEASURED_MAIN = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+def _peak():
+    with open("/proc/self/status") as status, open(out, "w") as fh:
+        fh.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(_peak)
+sys.argv[0] = "ingest"
+runpy.run_module("ingest", run_name="__main__")
+"""
+
+
+def _replay_peak_rss(tmp_path: Path, archive: Path) -> tuple[int, str, int]:
+    """Run ``ingest replay --dry-run --jobs 1`` on ``archive`` in a child (every byte read and parsed in
+    that one process); (exit code, stderr, peak RSS bytes)."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    peak_path = tmp_path / "peak_kib.txt"
+    child = subprocess.run(
+        [sys.executable, "-c", _MEASURED_MAIN, str(peak_path), "-q", "--data-dir", str(tmp_path / "data"),
+         "replay", "--dry-run", "--jobs", "1", str(archive)],
+        cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=50, check=False,
+    )
+    return child.returncode, child.stderr.decode(), int(peak_path.read_text()) * 1024  # VmHWM is in kB
+
+
+@pytest.mark.timeout(60)
+def test_replay_refuses_a_tar_gz_bomb_in_bounded_memory(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=6) as tf:  # zeros deflate ~1000:1
+        info = tarfile.TarInfo("zeros.dcm")
+        info.size = _BOMB_BYTES  # under max_member_bytes: only the ratio refuses it
+        tf.addfile(info, io.BufferedReader(_Zeros(info.size), 1024 * 1024))
+    assert archive.stat().st_size < 2 * 1024 * 1024
+    code, stderr, peak = _replay_peak_rss(tmp_path, archive)
+    assert code == 2, stderr
+    assert "rule compression_ratio" in stderr and "'zeros.dcm'" in stderr and str(archive) in stderr
+    assert peak < _MAX_PEAK_RSS, f"peak RSS {peak / 2**20:.0f} MiB"
+
+
+def _lie_about_size(archive: Path, claimed: int) -> None:
+    """Patch the uncompressed size of the single member in both its local and central headers."""
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        (info,) = zf.infolist()
+        central = zf.start_dir
+    local = info.header_offset
+    assert data[local : local + 4] == b"PK\x03\x04" and data[central : central + 4] == b"PK\x01\x02"
+    data[local + 22 : local + 26] = claimed.to_bytes(4, "little")  # APPNOTE 4.3.7: uncompressed size
+    data[central + 24 : central + 28] = claimed.to_bytes(4, "little")  # APPNOTE 4.3.12
+    archive.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(60)
+def test_replay_refuses_a_zip_whose_headers_lie_about_the_size_in_bounded_memory(tmp_path: Path) -> None:
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("zeros.dcm", "w") as fh:
+        for _ in range(256):  # 256 MiB inflated, ~256 KiB on disk
+            fh.write(_ZERO_CHUNK)
+    _lie_about_size(archive, 1000)
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.getinfo("zeros.dcm").file_size == 1000
+    code, stderr, peak = _replay_peak_rss(tmp_path, archive)
+    assert code == 2, stderr
+    assert "'zeros.dcm' refused" in stderr and str(archive) in stderr and "rule readable" in stderr
+    assert peak < _MAX_PEAK_RSS, f"peak RSS {peak / 2**20:.0f} MiB"

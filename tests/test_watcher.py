@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from ingest.adapters.dicomfile import read_header
 from ingest.adapters.spool import Quarantine
 from ingest.adapters.state import SQLiteStateStore
-from ingest.config import RelaySettings, Settings, WatchSettings
+from ingest.config import ListenerSettings, QuarantineSettings, RelaySettings, Settings, WatchSettings
 from ingest.metrics import Metrics
 from ingest.pipeline import utcnow
 from ingest.watcher import DropFolder, StepResult, run_watcher
@@ -389,3 +389,77 @@ async def test_ingest_watch_command_pushes_dropped_files_to_the_backend(tmp_path
             proc.kill()
             raise
     assert rc == 0, log.read_text()
+
+
+# -- bounded quarantine ------------------------------------------------------------------------------------
+
+
+def _drop_folder(tmp_path: Path, **sections: Any) -> tuple[DropFolder, SQLiteStateStore, list[float]]:
+    """A synchronous DropFolder with a hand-driven settle clock (``clock[0]``)."""
+    settings = make_settings(tmp_path).model_copy(update=sections)
+    assert settings.watch.folder is not None
+    settings.watch.folder.mkdir(parents=True)
+    settings.data_dir.mkdir(parents=True)
+    store = SQLiteStateStore(settings.data_dir / "state.sqlite3", node="test")
+    clock = [0.0]
+    return DropFolder(settings, store, monotonic=lambda: clock[0]), store, clock
+
+
+def _settle(drop: DropFolder, clock: list[float]) -> None:
+    drop.step([], rescan=True)
+    clock[0] += 10.0
+    drop.step([], rescan=True)
+
+
+def _quarantine_entries(drop: DropFolder) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in drop.quarantine.root.iterdir()}
+
+
+def test_an_over_cap_sparse_file_is_described_not_copied_and_stays_in_the_folder(tmp_path: Path) -> None:
+    listener = ListenerSettings(max_instance_bytes=10 * 1024**2)
+    drop, store, clock = _drop_folder(tmp_path, listener=listener)
+    try:
+        big = drop.folder / "huge.dcm"
+        with big.open("wb") as fh:
+            fh.truncate(50 * 1024**2)  # sparse: 50 MB that take no disk
+        _settle(drop, clock)
+        entries = _quarantine_entries(drop)
+        assert len(entries) == 1
+        (side_name, side_size), = entries.items()
+        assert side_name.endswith(".json") and side_size < 4096
+        side = drop.quarantine.reason(side_name.removesuffix(".json"))
+        assert side["kept"] is False and side["not_kept"] == "over the size cap"
+        assert side["size"] == 50 * 1024**2 and side["source"] == str(big)
+        assert side["reason"] == "too_large" and side["sha256"] is None
+        assert big.stat().st_size == 50 * 1024**2  # the only copy is left where it was
+        assert drop.totals.rejected["too_large"] == 1 and drop.totals.not_kept == 1
+        # not reported again while unchanged
+        _settle(drop, clock)
+        assert len(_quarantine_entries(drop)) == 1 and drop.totals.rejected["too_large"] == 1
+    finally:
+        store.close()
+
+
+def test_past_the_quarantine_quota_only_a_side_file_is_written(tmp_path: Path) -> None:
+    drop, store, clock = _drop_folder(tmp_path, quarantine=QuarantineSettings(max_bytes=1000))
+    try:
+        small = drop.folder / "small.txt.dcm"
+        small.write_bytes(b"not dicom " * 10)  # 100 bytes: kept
+        _settle(drop, clock)
+        (kept,) = [n for n in _quarantine_entries(drop) if HEX_NAME.match(n)]
+        assert (drop.quarantine.root / kept).read_bytes() == b"not dicom " * 10
+        assert not small.exists()
+        large = drop.folder / "large.txt.dcm"
+        large.write_bytes(b"not dicom " * 200)  # 2000 bytes: over the quota
+        _settle(drop, clock)
+        entries = _quarantine_entries(drop)
+        assert [n for n in entries if HEX_NAME.match(n)] == [kept]  # no second copy
+        assert len(entries) == 3
+        (side_name,) = [n for n in entries if n.endswith(".json") and n != f"{kept}.json"]
+        side = drop.quarantine.reason(side_name.removesuffix(".json"))
+        assert side["kept"] is False and side["not_kept"] == "quarantine full"
+        assert side["size"] == 2000 and side["reason"] == "not_dicom"
+        assert large.exists()  # its bytes were not kept, so it is not removed
+        assert drop.totals.not_kept == 1 and drop.quarantine.not_kept == 1
+    finally:
+        store.close()

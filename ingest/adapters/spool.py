@@ -1,10 +1,14 @@
 """Durable, private folders for received bytes: the spool and the quarantine.
 
-"Accepted" means durable (DESIGN.md, Durability): bytes are written to a temporary name in the same
-folder, ``fsync``'d, renamed to their final name and the folder itself is ``fsync``'d, so after a crash a
-file is either complete under its final name or absent. Names are random (``uuid4().hex``), never derived
-from DICOM values or AE titles, and every path handed out is checked to stay under the root
-(RELIABILITY.md, Security). Folders are created ``0700`` and files ``0600``.
+"Accepted" means durable (``docs/reliability.md``, Durability): bytes are written to a temporary name in
+the same folder, ``fsync``'d, renamed to their final name and the folder itself is ``fsync``'d, so after a
+crash a file is either complete under its final name or absent. Names are random (``uuid4().hex``), never
+derived from DICOM values or AE titles, and every path handed out is checked to stay under the root
+(``docs/reliability.md``, Security). Folders are created ``0700`` and files ``0600``.
+
+The quarantine is bounded: it holds at most ``max_bytes`` (``[quarantine] max_bytes``, 1 GiB by
+default) of kept bytes. Past that, and for any input refused for its size, only the side file is written
+(``"kept": false`` and why); side files themselves are small and always written.
 
 Every ``OSError`` (ENOSPC, EIO, EDQUOT, ...) becomes :class:`ingest.errors.StoreUnavailableError`; the
 message names the folder, never the data, and no temporary file is left behind.
@@ -30,7 +34,9 @@ from typing import Final, Self
 
 from ingest.errors import StoreUnavailableError
 
-__all__ = ["Quarantine", "Spool", "SpoolFile", "SpoolWriter"]
+__all__ = [
+    "DEFAULT_QUARANTINE_BYTES", "Quarantine", "QuotaExceededError", "Spool", "SpoolFile", "SpoolWriter",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -40,6 +46,11 @@ _TMP_PREFIX: Final = ".tmp-"
 _NAME_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 _SIDE_SUFFIX: Final = ".json"
 _COPY_CHUNK: Final = 1024 * 1024
+#: The default quota of the quarantine (``[quarantine] max_bytes``).
+DEFAULT_QUARANTINE_BYTES: Final = 1024**3
+#: Why bytes were not kept in the quarantine (the side file's ``not_kept``).
+QUARANTINE_FULL: Final = "quarantine full"
+OVER_SIZE_CAP: Final = "over the size cap"
 _OPEN_FLAGS: Final = (
     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 )
@@ -65,6 +76,10 @@ class SpoolFile:
     path: Path
     size: int
     sha256: str
+
+
+class QuotaExceededError(StoreUnavailableError):
+    """A write would take a folder past its ``max_bytes`` quota (nothing was written)."""
 
 
 def _describe(exc: OSError) -> str:
@@ -174,7 +189,11 @@ class _PrivateFolder:
                 self._used = max(0, self._used - freed)
 
     def sweep_temps(self, older_than_s: float = 3600.0) -> int:
-        """Remove temporary files left by a crash that are older than ``older_than_s``; returns how many."""
+        """Remove temporary files left by a crash that are older than ``older_than_s``; returns how many.
+
+        ``older_than_s=0`` removes every temporary file: only safe when no writer of this folder is
+        running, i.e. at start while holding the data dir's lock (:mod:`ingest.adapters.datadir`).
+        """
         cutoff = time.time() - older_than_s
         removed = 0
         try:
@@ -182,7 +201,7 @@ class _PrivateFolder:
                 for entry in it:
                     if (
                         entry.name.startswith(_TMP_PREFIX)
-                        and entry.stat(follow_symlinks=False).st_mtime < cutoff
+                        and (older_than_s <= 0 or entry.stat(follow_symlinks=False).st_mtime < cutoff)
                     ):
                         os.unlink(entry.path)
                         removed += 1
@@ -192,10 +211,10 @@ class _PrivateFolder:
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def _reserve(self, nbytes: int) -> None:
+    def _reserve(self, nbytes: int, *, quota: bool = True) -> None:
         with self._lock:
-            if self.max_bytes is not None and self._used + nbytes > self.max_bytes:
-                raise StoreUnavailableError(
+            if quota and self.max_bytes is not None and self._used + nbytes > self.max_bytes:
+                raise QuotaExceededError(
                     f"{self._kind} {self.root} is over its quota of {self.max_bytes} bytes"
                 )
             self._used += nbytes
@@ -219,6 +238,10 @@ class _PrivateFolder:
             When the temporary file cannot be created.
         """
         return SpoolWriter(self)
+
+    def _would_exceed(self, nbytes: int) -> bool:
+        with self._lock:
+            return self.max_bytes is not None and self._used + nbytes > self.max_bytes
 
     def sync(self) -> None:
         """Make the names of files committed with ``sync_dir=False`` durable (one folder fsync).
@@ -252,8 +275,9 @@ class SpoolWriter:
     Not thread-safe: one writer belongs to one thread. Obtain it from ``open_writer()``.
     """
 
-    def __init__(self, folder: _PrivateFolder) -> None:
+    def __init__(self, folder: _PrivateFolder, *, quota: bool = True) -> None:
         self._folder = folder
+        self._quota = quota
         self.name = uuid.uuid4().hex
         self._tmp = folder._contained(f"{_TMP_PREFIX}{self.name}")
         self._final = folder.path(self.name)
@@ -302,7 +326,7 @@ class SpoolWriter:
             raise ValueError("write() on a committed or aborted spool writer")
         view = memoryview(chunk).cast("B")
         try:
-            self._folder._reserve(len(view))
+            self._folder._reserve(len(view), quota=self._quota)
         except StoreUnavailableError:
             self._cleanup()
             raise
@@ -391,14 +415,44 @@ class Spool(_PrivateFolder):
 class Quarantine(_PrivateFolder):
     """Rejected or conflicting inputs, each with a ``<name>.json`` side file saying why.
 
-    The side file holds the reason code, the rule, the time, a detail message, the size and the SHA-256;
-    never patient data (callers pass messages built from UIDs and rules only).
+    The side file holds the reason code, the rule, the time, a detail message, the size, the SHA-256 (when
+    the bytes were read), the source and whether the bytes were kept; never patient data (callers pass
+    messages built from UIDs and rules only).
+
+    Parameters
+    ----------
+    root:
+        The quarantine folder (created ``0700``; an existing one is tightened to ``0700``).
+    max_bytes:
+        The quota of kept bytes (``[quarantine] max_bytes``); ``None`` for none. Past it, :meth:`put`
+        writes the side file only (``"not_kept": "quarantine full"``).
+
+    Attributes
+    ----------
+    not_kept:
+        How many inputs this object recorded by side file only, since it was opened.
     """
 
     _kind = "quarantine"
 
-    def put(self, data_or_path: bytes | Path, reason: str, rule: str, detail: str, now: datetime) -> str:
+    def __init__(self, root: Path, *, max_bytes: int | None = DEFAULT_QUARANTINE_BYTES) -> None:
+        super().__init__(root, max_bytes=max_bytes)
+        self.not_kept = 0
+
+    def put(
+        self,
+        data_or_path: bytes | Path,
+        reason: str,
+        rule: str,
+        detail: str,
+        now: datetime,
+        *,
+        source: str | None = None,
+    ) -> str:
         """Keep a copy of the bytes (or of the file at a path) and record why.
+
+        When the copy would take the folder past its quota, the bytes are not kept: only the side file
+        is written, with ``"kept": false`` and ``"not_kept": "quarantine full"``, and a warning is logged.
 
         Parameters
         ----------
@@ -412,11 +466,13 @@ class Quarantine(_PrivateFolder):
             Human-readable message; no patient data.
         now:
             Timezone-aware time of the decision.
+        source:
+            Where the input came from (a drop-folder path, ``dimse:<calling AE>``), for the side file.
 
         Returns
         -------
         str
-            The random name of the quarantined file.
+            The random name of the quarantined file (see :meth:`holds` for whether its bytes were kept).
 
         Raises
         ------
@@ -425,36 +481,109 @@ class Quarantine(_PrivateFolder):
         """
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
-        with self.open_writer() as writer:
-            if isinstance(data_or_path, Path):
-                try:
-                    for chunk in _read_chunks(data_or_path):
-                        writer.write(chunk)
-                except OSError as exc:
-                    raise StoreUnavailableError(
-                        f"cannot read {data_or_path} into quarantine {self.root}: {_describe(exc)}"
-                    ) from exc
-            else:
-                writer.write(data_or_path)
-            kept = writer.commit()
-        side = {
-            "name": kept.name,
-            "reason": reason,
-            "rule": rule,
-            "time": now.astimezone(UTC).isoformat(),
-            "detail": detail,
-            "size": kept.size,
-            "sha256": kept.sha256,
-        }
+        if isinstance(data_or_path, Path):
+            try:
+                size = data_or_path.stat().st_size
+            except OSError as exc:
+                raise StoreUnavailableError(
+                    f"cannot read {data_or_path} into quarantine {self.root}: {_describe(exc)}"
+                ) from exc
+        else:
+            size = len(data_or_path)
+        if self._would_exceed(size):
+            return self._side_only(size, reason, rule, detail, now, source, QUARANTINE_FULL)
         try:
-            self._write_side(kept.name, json.dumps(side, indent=2, sort_keys=True).encode())
+            with self.open_writer() as writer:
+                if isinstance(data_or_path, Path):
+                    try:
+                        for chunk in _read_chunks(data_or_path):
+                            writer.write(chunk)
+                    except OSError as exc:
+                        raise StoreUnavailableError(
+                            f"cannot read {data_or_path} into quarantine {self.root}: {_describe(exc)}"
+                        ) from exc
+                else:
+                    writer.write(data_or_path)
+                kept = writer.commit()
+        except QuotaExceededError:  # other writers filled it meanwhile, or the file grew
+            return self._side_only(size, reason, rule, detail, now, source, QUARANTINE_FULL)
+        side = self._side(kept.name, reason, rule, detail, now, source, kept.size, kept.sha256, None)
+        try:
+            self._write_side(kept.name, side)
         except StoreUnavailableError:
             self.remove(kept.name)
             raise
         return kept.name
 
+    def describe(
+        self, size: int, reason: str, rule: str, detail: str, now: datetime, *, source: str | None = None
+    ) -> str:
+        """Record an input refused for its size by a side file only: its bytes are never copied.
+
+        Parameters
+        ----------
+        size:
+            The input's size in bytes.
+        reason, rule, detail, now, source:
+            As for :meth:`put`.
+
+        Returns
+        -------
+        str
+            The random name the side file is recorded under (``<name>.json``; no ``<name>`` file).
+
+        Raises
+        ------
+        StoreUnavailableError
+            When the side file cannot be written durably.
+        """
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        return self._side_only(size, reason, rule, detail, now, source, OVER_SIZE_CAP)
+
+    def holds(self, name: str) -> bool:
+        """Whether the bytes of ``name`` were kept (``False`` for a side-file-only record)."""
+        return self.path(name).is_file()
+
+    def _side_only(
+        self, size: int, reason: str, rule: str, detail: str, now: datetime, source: str | None, why: str
+    ) -> str:
+        name = uuid.uuid4().hex
+        self._write_side(name, self._side(name, reason, rule, detail, now, source, size, None, why))
+        self.not_kept += 1
+        LOGGER.warning("quarantine: a rejected input (%s, rule %s, %d bytes) is not kept (%s), only its "
+                       "side file %s.json", reason, rule, size, why, name)
+        return name
+
+    @staticmethod
+    def _side(
+        name: str,
+        reason: str,
+        rule: str,
+        detail: str,
+        now: datetime,
+        source: str | None,
+        size: int,
+        sha256: str | None,
+        not_kept: str | None,
+    ) -> bytes:
+        side: dict[str, object] = {
+            "name": name,
+            "reason": reason,
+            "rule": rule,
+            "time": now.astimezone(UTC).isoformat(),
+            "detail": detail,
+            "size": size,
+            "sha256": sha256,
+            "source": source,
+            "kept": not_kept is None,
+            "not_kept": not_kept,
+        }
+        return json.dumps(side, indent=2, sort_keys=True).encode()
+
     def _write_side(self, name: str, payload: bytes) -> None:
-        with self.open_writer() as writer:
+        # side files are small and always written, past the quota too: they say what was not kept
+        with SpoolWriter(self, quota=False) as writer:
             writer.write(payload)
             tmp_committed = writer.commit()
         try:

@@ -325,3 +325,44 @@ def test_quarantine_refuses_naive_time(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         q.put(b"x", "r", "r", "d", datetime(2024, 1, 1))
     assert _entries(q.root) == []
+
+
+def test_quarantine_quota_keeps_only_a_side_file_once_full(tmp_path: Path) -> None:
+    q = Quarantine(tmp_path / "quarantine", max_bytes=4096)
+    now = datetime.now(UTC)
+    first = q.put(b"a" * 1000, "not_dicom", "preamble", "first", now, source="dimse:SENDER")
+    assert q.holds(first) and q.reason(first)["kept"] is True and q.reason(first)["source"] == "dimse:SENDER"
+    second = q.put(b"b" * 4000, "not_dicom", "preamble", "second", now)
+    assert not q.holds(second) and not (q.root / second).exists()
+    side = q.reason(second)
+    assert side["kept"] is False and side["not_kept"] == "quarantine full"
+    assert side["size"] == 4000 and side["sha256"] is None and side["detail"] == "second"
+    assert _mode(q.root / f"{second}.json") == 0o600
+    assert q.names() == [first] and q.not_kept == 1
+    # a file path is judged by its size before anything is copied
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"c" * 5000)
+    third = q.put(big, "conflict", "other_content", "third", now)
+    assert not q.holds(third) and q.names() == [first] and q.not_kept == 2
+    assert big.read_bytes() == b"c" * 5000
+    assert Quarantine(tmp_path / "other").max_bytes == 1024**3  # the default quota
+
+
+def test_quarantine_describe_writes_a_side_file_and_never_reads_the_input(tmp_path: Path) -> None:
+    q = Quarantine(tmp_path / "quarantine")
+    name = q.describe(50 * 1024**2, "too_large", "max_instance_bytes", "50 MB over the cap",
+                      datetime.now(UTC), source="/drop/huge.dcm")
+    assert _entries(q.root) == [f"{name}.json"]
+    side = q.reason(name)
+    assert side["kept"] is False and side["not_kept"] == "over the size cap"
+    assert side["size"] == 50 * 1024**2 and side["source"] == "/drop/huge.dcm"
+    q.remove(name)
+    assert _entries(q.root) == []
+
+
+def test_sweep_temps_with_zero_age_removes_fresh_temporary_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    fresh = spool.root / ".tmp-0123456789abcdef0123456789abcdef"
+    fresh.write_bytes(b"left by a kill -9")
+    assert spool.sweep_temps() == 0 and fresh.exists()  # the default keeps young ones
+    assert spool.sweep_temps(older_than_s=0) == 1 and not fresh.exists()
