@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from ingest.backend.store import (
     DEFAULT_COUNT,
     FHIR_ID,
+    MAX_COUNT,
     PARAMETERS,
     BackendRequestError,
     NotFoundError,
@@ -67,14 +68,31 @@ class BackendContext:
         The resource store (blocking; called through ``asyncio.to_thread``).
     stats:
         Counters by name (:data:`STAT_NAMES`), incremented by the resolvers.
+    max_resources:
+        Resources one request may read, searches (their page size) and reads together; ``None``: no
+        limit. Aliases could otherwise ask for the same page of a thousand resources many times over.
     """
 
     store: ResourceStore
     stats: MutableMapping[str, int] = field(default_factory=lambda: dict.fromkeys(STAT_NAMES, 0))
+    max_resources: int | None = None
+    resources: int = 0
 
     def count(self, name: str) -> None:
         """Increment one counter."""
         self.stats[name] = self.stats.get(name, 0) + 1
+
+    def take(self, resources: int) -> None:
+        """Reserve ``resources`` of the request's read budget before reading them.
+
+        Raises
+        ------
+        BackendRequestError
+            The request would read more than ``max_resources`` (nothing is reserved).
+        """
+        if self.max_resources is not None and self.resources + resources > self.max_resources:
+            raise BackendRequestError(f"Too many resources in one request (at most {self.max_resources})")
+        self.resources += resources
 
 
 def schema_sdl() -> str:
@@ -202,6 +220,7 @@ def _resolvers(resource_type: str) -> dict[str, Resolver]:
     async def read(_root: Any, info: Info, id: str) -> dict[str, Any]:
         ctx = info.context
         ctx.count("reads")
+        ctx.take(1)
         found = await asyncio.to_thread(ctx.store.read, resource_type, id)
         if found is None:
             raise NotFoundError
@@ -218,6 +237,7 @@ def _resolvers(resource_type: str) -> dict[str, Resolver]:
             offset=0 if offset is None else int(offset),
             sort=args.get("_sort"),
         )
+        ctx.take(request.count if 0 <= request.count <= MAX_COUNT else 0)  # the store refuses other sizes
         found = await asyncio.to_thread(ctx.store.search, resource_type, request)
         return found or None  # Medplum answers null, not [], when nothing matches
 
