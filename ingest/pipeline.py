@@ -23,6 +23,7 @@ from ingest.core.mapping import MappingOptions, build_imaging_study
 from ingest.core.merge import Create, NoChange, Update, digest, plan
 from ingest.core.records import InstanceRecord
 from ingest.errors import (
+    ConfigError,
     IngestError,
     MultipleMatchesError,
     PermanentSinkError,
@@ -33,20 +34,25 @@ from ingest.errors import (
 from ingest.ports import Sink, StateStore, StudyClaim, StudyState
 
 if TYPE_CHECKING:  # prometheus_client stays unimported in replay --dry-run
-    from ingest.linked import LinkedBackend
+    from ingest.linked import LinkedBackend, Links
     from ingest.metrics import Metrics
 
     class LinkedSink(Sink, LinkedBackend, Protocol):
         """A sink that can also find and create Patient and Endpoint resources (the GraphQL sink)."""
 
 __all__ = [
+    "BackendHealth",
     "LeaseKeeper",
     "Relay",
     "RelayTotals",
     "StudyBuilder",
     "backoff_delay",
     "mapping_options",
+    "record_delay",
+    "run_relay",
+    "short_reason",
     "utcnow",
+    "wait_for_backend",
     "wired_relay",
 ]
 
@@ -112,8 +118,99 @@ def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
     return float(wait_random_exponential(multiplier=base_s, max=max_s)(state))
 
 
+def record_delay(attempt: int, base_s: float, max_s: float) -> float:
+    """Delay before the next try to record a result in the state store (no jitter).
+
+    Recording a push that the backend already holds is retried on this short schedule, in place, instead
+    of the push's own backoff: ``base_s * 2 ** (attempt - 1)`` capped at ``max_s`` (with the defaults
+    0.5, 1, 2, 4, 8, 10, 10 ... seconds).
+
+    Parameters
+    ----------
+    attempt:
+        How many attempts to record have failed so far (1 for the first failure).
+    base_s, max_s:
+        ``[relay] record_retry_base_s`` and ``record_retry_max_s``.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
+    return float(min(max_s, base_s * 2 ** (max(1, attempt) - 1)))
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """A one-line reason for ``/healthz`` and log lines: no response bodies, no control characters.
+
+    A backend error that carries an HTTP status is shown as ``HTTP <status>`` only (its body may echo
+    what was sent); other errors by their message, which names the operation and the address but never
+    patient data (see :mod:`ingest.errors`).
+    """
+    code = getattr(exc, "code", None)
+    text = f"HTTP {code}" if isinstance(code, int) else (str(exc).strip() or type(exc).__name__)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class BackendHealth:
+    """What ``ingest`` last learnt about the backend, for ``/healthz`` (see ``docs/reliability.md``).
+
+    States: ``connecting`` (no attempt finished yet), ``unavailable`` (the connection at start keeps
+    failing; studies wait as pending), ``ok`` (connected, and the last request got an answer),
+    ``failing`` (connected, but the last pushes failed transiently; ``failures`` counts them) and
+    ``fatal`` (the backend cannot be used as configured: schema unusable, a token is required and none is
+    configured; retried at ``[relay] max_backoff_s`` until fixed).
+    """
+
+    def __init__(self) -> None:
+        self.state = "connecting"
+        self.reason = ""
+        self.failures = 0
+
+    def _set(self, state: str, reason: str = "") -> None:
+        self.state, self.reason = state, reason
+
+    def connect_failed(self, reason: str) -> None:
+        """A connection attempt at start failed transiently."""
+        self.failures += 1
+        self._set("unavailable", reason)
+
+    def unusable(self, reason: str) -> None:
+        """The backend answered, but cannot be used as configured."""
+        self.failures += 1
+        self._set("fatal", reason)
+
+    def answered(self) -> None:
+        """The backend answered a request (connected, or a push got its answer)."""
+        self.failures = 0
+        self._set("ok")
+
+    def push_failed(self, reason: str) -> None:
+        """A push failed transiently (connection, timeout, HTTP 5xx/429...)."""
+        self.failures += 1
+        self._set("failing", reason)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+    def describe(self) -> str:
+        """``ok``, or ``<state>: <reason>`` (never patient data)."""
+        if self.state == "ok":
+            return "ok"
+        if self.state == "connecting":
+            return "unavailable: not connected yet"
+        if self.state == "unavailable":
+            return f"unavailable: {self.reason} ({self.failures} failed attempts)"
+        if self.state == "failing":
+            return f"failing: {self.failures} consecutive failures, last: {self.reason}"
+        return f"fatal: {self.reason}"
+
+
 class LeaseKeeper:
-    """Keeps the lease of one claimed study alive while it is pushed (DESIGN.md, "one writer per study").
+    """Keeps the lease of one claimed study alive while it is pushed ("one writer per study",
+    ``docs/architecture.md``).
 
     A background task calls ``store.renew(claim, now, lease_s)`` every ``lease_s / 3`` seconds. The lease
     counts as *lost* once a renewal answers ``False`` (another owner took it, or it is gone), or once its
@@ -237,8 +334,19 @@ class Relay:
         self.clock = clock
         self.metrics = metrics
         self.totals = RelayTotals()
+        self.backend = BackendHealth()
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._wake = asyncio.Event()
+
+    def use_links(
+        self,
+        build: Callable[[Sequence[InstanceRecord]], dict[str, Any]],
+        link: Callable[[dict[str, Any], Sequence[InstanceRecord]], Awaitable[dict[str, Any]]] | None,
+    ) -> None:
+        """Replace ``build`` and ``link`` once the backend is known (``ingest serve`` builds the relay
+        before the backend can be reached, so that intake never waits for it); call before pushing."""
+        self.build = build
+        self.link = link
 
     def wake(self) -> None:
         """Ask the relay loop to look for due studies now (thread-safe only from the loop thread)."""
@@ -289,12 +397,18 @@ class Relay:
                 except Exception:  # the relay never dies for one study
                     LOGGER.exception("unexpected error pushing study %s", claim.study_uid)
                     if not self._lease_lost(lease, "its retry"):
-                        await asyncio.to_thread(
-                            self.store.schedule_retry,
-                            claim,
-                            error="internal error (see log)",
-                            next_attempt_at=self.clock() + timedelta(seconds=self.cfg.max_backoff_s),
-                        )
+                        try:
+                            await asyncio.to_thread(
+                                self.store.schedule_retry,
+                                claim,
+                                error="internal error (see log)",
+                                next_attempt_at=self.clock() + timedelta(seconds=self.cfg.max_backoff_s),
+                            )
+                        except StoreError as exc:  # the claim's lease expires; the study stays due
+                            LOGGER.warning(
+                                "study %s: could not schedule its retry, the lease runs out instead: %s",
+                                claim.study_uid, exc,
+                            )
         finally:
             await lease.stop()
 
@@ -324,7 +438,10 @@ class Relay:
         str
             ``created``, ``updated``, ``unchanged``, ``retried``, ``dead``, or ``lease_lost`` when the
             lease was lost before the write or before the result could be recorded (nothing recorded;
-            the study stays due and its next owner re-checks the backend).
+            the study stays due and its next owner re-checks the backend), or ``unrecorded`` when the
+            backend holds the result but the state store refused to record it ``[relay]
+            record_attempts`` times (the study stays claimed until its lease runs out, then due; the
+            next push finds the backend's copy and writes nothing new).
         """
         if lease is not None:
             return await self._push(claim, lease)
@@ -380,11 +497,15 @@ class Relay:
                 self._request("update")
                 written = await self.sink.update(decision.backend_id, decision.resource)
                 result, bid, ver, dig = "updated", written.id, written.version_id, digest(decision.resource)
+            self.backend.answered()
         except MultipleMatchesError as exc:
+            self.backend.answered()
             return await self._dead(claim, "multiple_matches", exc, lease)
         except PermanentSinkError as exc:
+            self.backend.answered()
             return await self._dead(claim, "rejected", exc, lease)
         except RetryableSinkError as exc:
+            self.backend.push_failed(short_reason(exc))
             attempts = claim.attempts + 1
             if attempts >= self.cfg.max_attempts:
                 return await self._dead(claim, "retries_exhausted", exc, lease)
@@ -405,14 +526,48 @@ class Relay:
             )
             self._count("retried")
             return "retried"
-        if self._lease_lost(lease, f"recording the {result} result"):
-            return "lease_lost"
-        await asyncio.to_thread(
-            self.store.mark_pushed, claim, backend_id=bid, version_id=ver, digest=dig, now=self.clock()
-        )
+        recorded = await self._record_pushed(claim, lease, result, bid, ver, dig)
+        if recorded != "recorded":
+            return recorded
         LOGGER.info("study %s %s (ImagingStudy/%s, %d instances)", uid, result, bid, len(records))
         self._count(result)
         return result
+
+    async def _record_pushed(
+        self, claim: StudyClaim, lease: LeaseKeeper, result: str, bid: str, ver: str | None, dig: str
+    ) -> str:
+        """Record what the backend now holds; a state-store error is retried here, on the short
+        :func:`record_delay` schedule, without writing to the backend again.
+
+        Returns ``recorded``, ``lease_lost`` (counted) or ``unrecorded`` (counted; logged as an error).
+        """
+        what = f"recording the {result} result"
+        failures = 0
+        while True:
+            if self._lease_lost(lease, what):
+                return "lease_lost"
+            try:
+                await asyncio.to_thread(
+                    self.store.mark_pushed, claim, backend_id=bid, version_id=ver, digest=dig,
+                    now=self.clock(),
+                )
+                return "recorded"
+            except StoreError as exc:
+                failures += 1
+                if failures >= self.cfg.record_attempts:
+                    LOGGER.error(
+                        "study %s: %s (ImagingStudy/%s) failed %d times, left for the next push "
+                        "(its lease runs out; the backend's copy is found then): %s",
+                        claim.study_uid, what, bid, failures, exc,
+                    )
+                    self._count("unrecorded")
+                    return "unrecorded"
+                delay = record_delay(failures, self.cfg.record_retry_base_s, self.cfg.record_retry_max_s)
+                LOGGER.warning(
+                    "study %s: %s failed (attempt %d of %d), again in %.1f s: %s",
+                    claim.study_uid, what, failures, self.cfg.record_attempts, delay, exc,
+                )
+                await asyncio.sleep(delay)
 
     async def _dead(self, claim: StudyClaim, reason: str, exc: Exception, lease: LeaseKeeper) -> str:
         if self._lease_lost(lease, "the dead letter"):
@@ -482,3 +637,150 @@ async def wired_relay(
     builder = StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference))
     return Relay(store, sink, builder, settings, clock=clock, metrics=metrics, link=links.link)
 
+
+async def _unless_stopped(step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
+    """Run ``step``; ``False`` (``step`` cancelled) when ``stop`` is set first, e.g. during a connect
+    that waits for its timeout."""
+    running = asyncio.ensure_future(step())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the waiting task itself was cancelled
+        running.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if not running.done():
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await running
+        return False
+    running.result()  # raises what the step raised
+    return True
+
+
+async def wait_for_backend(
+    step: Callable[[], Awaitable[None]],
+    settings: Settings,
+    stop: asyncio.Event,
+    health: BackendHealth,
+    *,
+    what: str,
+    token_configured: bool,
+) -> bool:
+    """Run ``step`` (connect, or wire the links) until it succeeds or ``stop`` is set; never gives up.
+
+    ``ingest serve`` only: intake runs meanwhile and studies wait as pending (``docs/reliability.md``).
+    A transient failure is retried with the ``[relay]`` backoff (capped at ``max_backoff_s``, with no
+    attempt limit); a backend that cannot be used as configured (schema unusable, HTTP 401 while no
+    token is configured, Patient/Endpoint operations missing) is logged as an ERROR, reported as
+    ``fatal`` and retried every ``max_backoff_s``. ``ingest replay`` keeps its bounded
+    ``connect_with_backoff``.
+
+    Parameters
+    ----------
+    step:
+        The coroutine function to run.
+    settings:
+        ``[relay] base_backoff_s`` and ``max_backoff_s``.
+    stop:
+        Set to stop waiting.
+    health:
+        Updated after every attempt.
+    what:
+        What ``step`` does, for log lines.
+    token_configured:
+        Whether a bearer token is configured (an HTTP 401 without one cannot heal by itself).
+
+    Returns
+    -------
+    bool
+        ``True`` once ``step`` succeeded, ``False`` when ``stop`` was set first.
+    """
+    cfg = settings.relay
+    attempt = 0
+    while not stop.is_set():
+        attempt += 1
+        try:
+            if not await _unless_stopped(step, stop):
+                return False
+        except RetryableSinkError as exc:
+            if exc.code == 401 and not token_configured:
+                delay = cfg.max_backoff_s
+                health.unusable("the backend requires a token (HTTP 401) and none is configured")
+                LOGGER.error("%s: %s; intake continues, studies wait; next try in %.0f s",
+                             what, health.reason, delay)
+            else:
+                delay = backoff_delay(attempt, cfg.base_backoff_s, cfg.max_backoff_s)
+                health.connect_failed(short_reason(exc))
+                LOGGER.warning(
+                    "%s: backend unavailable (attempt %d), intake continues, studies wait; "
+                    "next try in %.1f s: %s", what, attempt, delay, short_reason(exc, 400),
+                )
+        except (ConfigError, PermanentSinkError) as exc:
+            delay = cfg.max_backoff_s
+            health.unusable(short_reason(exc))
+            LOGGER.error("%s: the backend cannot be used as configured; intake continues, studies wait; "
+                         "next try in %.0f s: %s", what, delay, short_reason(exc, 400))
+        except Exception:
+            delay = cfg.max_backoff_s
+            health.unusable("internal error (see log)")
+            LOGGER.exception("%s: unexpected error; next try in %.0f s", what, delay)
+        else:
+            health.answered()
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+    return False
+
+
+async def run_relay(
+    relay: Relay,
+    settings: Settings,
+    sink: LinkedSink,
+    connect: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    metrics: Metrics | None = None,
+    token_configured: bool = False,
+) -> None:
+    """``ingest serve``'s relay task: wait for the backend, wire the links, then push until ``stop``.
+
+    Nothing is claimed before the backend is connected and ``[endpoint]`` / ``[patient]`` are wired, so
+    studies received meanwhile stay pending (no attempts counted) and are pushed once it is up.
+
+    Parameters
+    ----------
+    relay:
+        Built over ``sink`` (not connected yet); its ``backend`` health is kept up to date.
+    settings:
+        The settings.
+    sink:
+        The backend.
+    connect:
+        Connects ``sink`` (e.g. ``sink.connect``); returns at once when it is connected.
+    stop:
+        Set to stop.
+    metrics:
+        Where Patient fallbacks are counted.
+    token_configured:
+        Whether a bearer token is configured (see :func:`wait_for_backend`).
+    """
+    from ingest.linked import prepare_links
+
+    if not await wait_for_backend(connect, settings, stop, relay.backend, what="backend connection",
+                                  token_configured=token_configured):
+        return
+    links: list[Links] = []
+
+    async def prepare() -> None:
+        links.append(await prepare_links(settings, sink, metrics=metrics))
+
+    if not await wait_for_backend(prepare, settings, stop, relay.backend, what="Endpoint/Patient wiring",
+                                  token_configured=token_configured):
+        return
+    wired = links[-1]
+    relay.use_links(StudyBuilder(mapping_options(settings, endpoint_reference=wired.endpoint_reference)),
+                    wired.link)
+    LOGGER.info("relay connected to the backend; pushing pending studies")
+    await relay.run_forever(stop)

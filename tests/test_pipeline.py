@@ -7,6 +7,7 @@ by the study identifier ``urn:dicom:uid|urn:oid:<uid>`` like a FHIR server would
 from __future__ import annotations
 
 import copy
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -19,8 +20,8 @@ import pytest
 from ingest.adapters.state import SQLiteStateStore
 from ingest.config import RelaySettings, Settings
 from ingest.core.records import InstanceRecord
-from ingest.errors import MultipleMatchesError, PermanentSinkError, RetryableSinkError
-from ingest.pipeline import Relay, StudyBuilder, backoff_delay, mapping_options
+from ingest.errors import MultipleMatchesError, PermanentSinkError, RetryableSinkError, StoreUnavailableError
+from ingest.pipeline import Relay, StudyBuilder, backoff_delay, mapping_options, record_delay
 from ingest.ports import BackendStudy, StudyState
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"  # SOP Class UID (0008,0016): CT Image Storage
@@ -411,3 +412,97 @@ async def test_retry_after_hint_is_honoured_within_the_cap(
         (row.next_attempt_at - clock()).total_seconds() for row in store.studies() if row.next_attempt_at
     )
     assert waits == [20.0, 30.0]
+
+
+# -- recording a push that the backend already holds ------------------------------------------------------
+
+
+class FlakyStore:
+    """The real store, except that the methods named in ``failing`` raise ``StoreUnavailableError`` for
+    their first ``times`` calls (``None``: always), like a locked or unreachable database would."""
+
+    def __init__(self, inner: SQLiteStateStore, failing: set[str], times: int | None) -> None:
+        self.inner = inner
+        self.failing = failing
+        self.times = times
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+        if name not in self.failing:
+            return method
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            if self.times is None or self.calls[name] <= self.times:
+                raise StoreUnavailableError(f"{name}: database is locked")
+            return method(*args, **kwargs)
+
+        return flaky
+
+
+def test_record_delay_is_short_doubling_and_capped_at_ten_seconds() -> None:
+    defaults = RelaySettings()
+    schedule = [
+        record_delay(n, defaults.record_retry_base_s, defaults.record_retry_max_s) for n in range(1, 9)
+    ]
+    assert schedule == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+
+
+async def test_recording_failure_is_retried_in_place_within_seconds_backend_written_once(
+    store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
+) -> None:
+    flaky = FlakyStore(store, {"mark_pushed"}, times=2)
+    relay = Relay(flaky, sink, StudyBuilder(mapping_options(settings)), settings, node="r", clock=clock)
+    add(store, clock, settings, record(STUDY_A, 1, 1))
+    clock.advance(10)
+    started = time.monotonic()
+    assert await relay.run_once() == 1
+    elapsed = time.monotonic() - started
+    assert elapsed < 4.0  # default schedule: 0.5 s + 1 s, not [relay] max_backoff_s (30 s here)
+    assert flaky.calls["mark_pushed"] == 3
+    row = store.study(STUDY_A)
+    assert row is not None and row.state is StudyState.PUSHED and not row.dirty
+    assert row.backend_id == next(iter(sink.resources))
+    assert sink.calls == Counter(find=1, create=1)  # recorded without writing to the backend again
+    assert relay.totals.results == Counter(created=1)
+
+
+async def test_recording_that_keeps_failing_leaves_the_study_for_the_next_push_no_duplicate(
+    store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
+) -> None:
+    cfg = settings.model_copy(update={"relay": settings.relay.model_copy(
+        update={"record_attempts": 3, "record_retry_base_s": 0.01, "record_retry_max_s": 0.02}
+    )})
+    flaky = FlakyStore(store, {"mark_pushed"}, times=3)
+    relay = Relay(flaky, sink, StudyBuilder(mapping_options(cfg)), cfg, node="r", clock=clock)
+    add(store, clock, cfg, record(STUDY_A, 1, 1))
+    clock.advance(10)
+    assert await relay.run_once() == 1
+    assert relay.totals.results == Counter(unrecorded=1)
+    row = store.study(STUDY_A)
+    assert row is not None and row.state is StudyState.PENDING and row.dirty and row.backend_id is None
+    assert sink.calls == Counter(find=1, create=1)
+
+    clock.advance(5)
+    assert await relay.run_once() == 0  # still claimed: its lease has not run out
+    clock.advance(cfg.relay.lease_s)
+    assert await relay.run_once() == 1  # the store works again: the backend's copy is found
+    assert relay.totals.results == Counter(unrecorded=1, unchanged=1)
+    assert sink.calls == Counter(find=2, create=1) and len(sink.resources) == 1
+    row = store.study(STUDY_A)
+    assert row is not None and row.state is StudyState.PUSHED and row.backend_id == next(iter(sink.resources))
+
+
+async def test_relay_survives_a_store_that_cannot_even_schedule_the_retry(
+    store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
+) -> None:
+    flaky = FlakyStore(store, {"instances", "schedule_retry"}, times=None)
+    relay = Relay(flaky, sink, StudyBuilder(mapping_options(settings)), settings, node="r", clock=clock)
+    add(store, clock, settings, record(STUDY_A, 1, 1))
+    clock.advance(10)
+    assert await relay.run_once() == 1  # no exception out of the relay loop
+    assert flaky.calls["schedule_retry"] == 1
+    row = store.study(STUDY_A)
+    assert row is not None and row.state is StudyState.PENDING and row.dirty
+    assert not sink.calls
