@@ -1,7 +1,8 @@
 """The GraphQL sink: the edge between ``ingest`` and a FHIR GraphQL backend (Medplum, the embedded one, ...).
 
 One :class:`GraphQLSink` holds one gql session (``AIOHTTPTransport``) for the life of the process. At
-:meth:`GraphQLSink.connect` it introspects the backend once and *fits* its documents to what it finds
+:meth:`GraphQLSink.connect` it introspects the backend once (or, for a backend that refuses
+introspection, reads the SDL given as ``[backend] schema``) and *fits* its documents to what it finds
 (:func:`fit_schema`):
 
 - the update mutation's ``res`` argument type is read from the schema (Medplum:
@@ -20,6 +21,15 @@ gql's own retries are off (a plain ``AsyncClientSession``): the relay owns the r
 Security: the bearer token comes from an environment variable or a file (re-read once on HTTP 401), is
 sent only as the ``Authorization`` header and never appears in a log line, an exception message or a
 repr. gql logs whole requests and responses (patient data) at DEBUG, so its loggers are capped at WARNING.
+TLS certificates are always verified, against the system CA store or, with ``[backend] ca``, against
+that PEM bundle only (:func:`load_ca_bundle`).
+
+Backend messages may quote the request, i.e. patient data (graphql-js "got invalid value", HAPI's
+"Error was: ...", Jackson's "from String ...", servers that echo the query and its variables). They
+reach a log line above DEBUG, an exception message (and so the state store's ``last_error`` and
+``ingest status``) only through :func:`redact_backend_message`, an allow-list that keeps rule words,
+codes, element paths and schema names and withholds everything else; the whole message is logged at
+DEBUG only (see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -30,7 +40,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import ssl
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -83,6 +94,10 @@ __all__ = [
     "TokenSource",
     "fit_resource",
     "fit_schema",
+    "load_ca_bundle",
+    "load_schema_file",
+    "redact_backend_message",
+    "schema_names",
     "study_identifier",
 ]
 
@@ -102,6 +117,7 @@ LINKED_TYPES: Final = ("Patient", "Endpoint")  # resources the linked-resource r
 # Patient/Endpoint are only searched and created, never merged: a shallow selection (identifier, name with
 # its extensions, address, ...) is enough and keeps the documents small (validation cost grows with size).
 LINKED_MAX_DEPTH: Final = 3
+_PROBE: Final = parse("query IngestProbe { __typename }")
 
 # gql logs full variables and responses (PHI) at DEBUG; these loggers never go below WARNING.
 _GQL_LOGGERS: Final = ("gql", "gql.client", "gql.transport", "gql.transport.aiohttp", "gql.dsl")
@@ -111,8 +127,6 @@ _GQL_LOGGERS: Final = ("gql", "gql.client", "gql.transport", "gql.transport.aioh
 _CLIENT_META: Final = frozenset({"profile", "security", "tag"})
 
 _NOT_FOUND_RE: Final = re.compile(r"\b(not found|gone|deleted)\b", re.IGNORECASE)
-# graphql-js: 'Variable "$res" got invalid value { ...the value... }; Field "x" ...' -- the value is PHI.
-_INVALID_VALUE_RE: Final = re.compile(r"(got invalid value ).*(?=; [A-Z])", re.DOTALL)
 
 
 def study_identifier(study_uid: str) -> str:
@@ -670,29 +684,285 @@ class _QueryErrors(PermanentSinkError):
         return bool(self.messages) and all(_NOT_FOUND_RE.search(m) for m in self.messages)
 
 
-def _redact(message: str) -> str:
-    return _INVALID_VALUE_RE.sub(r"\1<value withheld>", message)
+# --------------------------------------------------------------------------------------------------------
+# Backend messages: an allow-list redaction (they may quote the request, i.e. patient data)
+
+#: What stands in for everything in a backend message that is not known to be safe.
+PLACEHOLDER: Final = "«…»"
+_MAX_REDACTED: Final = 400  # characters of one redacted message (``ingest status`` shows 120)
+
+# Words a backend's error wording is made of (compared lower-cased; an ALL-CAPS token must be in
+# _UPPER_WORDS instead, so a DICOM name like DOE or a code like MRI never matches). Nothing here is a
+# plausible value of a patient, a study or a physician on its own.
+_RULE_WORDS_TEXT: Final = """
+    a about accept accepted accepts after against allowed already also an and any are argument arguments
+    array as at attribute attributes bad be been before body boolean both but by can cannot can't
+    canonical cardinality character characters class code coding column comma constraint constraints
+    contain contained contains content could data date datetime decimal declared defined deleted
+    deserialize did didn't directive disabled does doesn't either element elements empty encoded end
+    endpoint entries enum error errors exceeds executing expected expecting expression extension
+    extensions failed failure false field fields for forbidden format found from gone got graphql has
+    have id identifier imagingstudy in incorrect input instant integer internal introspection invalid
+    invariant is isn't it its json length line list match matches maximum mean met minimum missing more
+    must mutation no non non-null not null number object of on one only operation operationoutcome or
+    out parse parsing parameter path patient positiveint position processing profile property provided
+    query reason reference referenced represent request required requested resource resourcetype rule
+    schema separate server should source string structure such supported syntax than that the this time
+    to token type types unexpected unknown unrecognized unterminated unsignedint unsupported uri url uuid
+    valid validation value values variable variables was were when which while with without you
+"""
+_RULE_WORDS: Final = frozenset(_RULE_WORDS_TEXT.split())
+_UPPER_WORDS: Final = frozenset({"FHIR", "HTTP", "ID", "JSON", "UNKNOWN", "URI", "URL", "UTF-8", "XML"})
+# A quoted string right after one of these words names a part of the request (a field, a type, a path),
+# not a value: kept when it also looks like a name.
+_NAMING_WORDS: Final = frozenset(
+    {
+        "argument", "attribute", "class", "directive", "element", "enum", "field", "fields", "input",
+        "mean", "operation", "parameter", "property", "type", "variable",
+    }
+)
+_NUMBER_WORDS: Final = frozenset({"column", "line", "offset", "position"})  # "line: 1, column: 57"
+# Java packages, for Jackson's "value of type `java.lang.String`" wording
+_JAVA_ROOTS: Final = frozenset({"ca", "com", "io", "jakarta", "java", "javax", "org"})
+
+_SEGMENT: Final = r"[^\W\d][\w^]*(?:-[\w^]+)*(?:\[(?:\d+|x|\*)?\])*"
+_TOKEN_RE: Final = re.compile(
+    r"(?P<ws>\s+)"
+    r"|(?P<quoted>\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|`[^`]*`|“[^”]*”|‘[^’]*’)"
+    r"|(?P<open>[\"'`“‘].*)"  # an unterminated quote: everything after it is withheld
+    r"|(?P<brace>\{)"
+    rf"|(?P<word>\$?{_SEGMENT}(?:\.{_SEGMENT})*(?:'[a-z]{{1,2}}\b)?)"
+    r"|(?P<number>\d[\w.:/+^-]*)"
+    r"|(?P<punct>[.,;:!?()\[\]<>=|/+*&#%@~—–-])"
+    r"|(?P<other>.)",
+    re.DOTALL,
+)
+_NAME_RE: Final = re.compile(r"^\[*\$?[_A-Za-z][_0-9A-Za-z]*(?:\.[_A-Za-z][_0-9A-Za-z]*)*[!\]]*$")
+_ELEMENT_RE: Final = re.compile(r"^[a-z][A-Za-z0-9]*(?:\[(?:\d+|x|\*)?\])*$")
+# Where a path may start when the schema is not known yet (or in any case): GraphQL argument names
+# ingest uses, the root types, and the resource types ingest writes
+_PATH_HEADS: Final = frozenset(
+    {"res", "input", "Query", "QueryType", "Mutation", "MutationType", "ImagingStudy", "Patient", "Endpoint"}
+)
+_RULE_KEY_RE: Final = re.compile(r"^(?:[a-z]{2,5}-\d{1,2}|HAPI-\d{3,5})$")  # ext-1, img-3; HAPI-0450
+_CODE_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_SEVERITIES: Final = frozenset({"fatal", "error", "warning", "information"})
+_PLACEHOLDERS_RE: Final = re.compile(rf"{re.escape(PLACEHOLDER)}(?:[\s,;]*{re.escape(PLACEHOLDER)})+")
 
 
-def _graphql_messages(errors: Any) -> tuple[str, ...]:
+def _bare(segment: str) -> str:
+    return segment.split("[", 1)[0]
+
+
+def _is_path(token: str, names: Collection[str]) -> bool:
+    """A FHIRPath / GraphQL path (``ImagingStudy.series[0].modality``, ``res.started``) or a qualified name
+    (``MutationType.ImagingStudyUpdate``, ``java.lang.String``): made of names only, never of values."""
+    segments = token.lstrip("$").split(".")
+    if len(segments) < 2:
+        return False
+    head, rest = _bare(segments[0]), segments[1:]
+    if head in _JAVA_ROOTS and all(_NAME_RE.match(s) for s in rest):
+        return True
+    if head not in names and head not in _PATH_HEADS:
+        return False
+    return all(_bare(s) in names or _ELEMENT_RE.match(s) for s in rest)
+
+
+def _keep_word(token: str, names: Collection[str]) -> bool:
+    """Whether an unquoted token of a backend message is a rule word, a name or a path (never a value)."""
+    if "." in token:
+        return _is_path(token, names)
+    base = token.lstrip("$")
+    if token.startswith("$"):
+        return bool(_NAME_RE.match(base))  # a GraphQL variable: ingest named it
+    if _RULE_KEY_RE.match(token) or token in names or token in _UPPER_WORDS:
+        return True
+    if len(token) > 1 and token.isupper():
+        return False  # DOE, MRI, ACC123: only the ALL-CAPS words above
+    return _bare(token).lower() in _RULE_WORDS
+
+
+def _keep_quoted(content: str, previous: str, names: Collection[str]) -> bool:
+    """Whether a quoted part of a backend message names something (``Field "subject"``) or is a path."""
+    if not _NAME_RE.match(content) and not _is_path(content, names):
+        return False
+    if content.startswith("$") or content in names or _is_path(content, names):
+        return True
+    return previous in _NAMING_WORDS
+
+
+def _brace_end(text: str, start: int) -> int:
+    """The index after the ``}`` that closes the ``{`` at ``start`` (quotes respected), or ``len(text)``."""
+    depth, i, quote = 0, start, ""
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return len(text)
+
+
+def redact_backend_message(text: str, *, names: Collection[str] = ()) -> str:
+    """A backend's error message with every value withheld: safe for a log line above DEBUG, an
+    exception message and the state store's ``last_error``.
+
+    An allow-list, not a deny-list: rule words (``Invalid``, ``Constraint``, ``not``, ``met``, ...), rule
+    keys (``ext-1``, ``HAPI-0450``), GraphQL variables (``$res``), paths made of names
+    (``ImagingStudy.series[0].modality``) and quoted names after a naming word (``Field "subject"``) are
+    kept; every other quoted string, JSON or GraphQL ``{...}`` fragment, number (unless a line or column)
+    and word becomes ``«…»``. Whitespace (line breaks included) becomes one space, so the result is one
+    line without control characters.
+
+    Parameters
+    ----------
+    text:
+        The backend's message (GraphQL ``errors[].message``, OperationOutcome ``details.text`` /
+        ``diagnostics``, ...).
+    names:
+        Names of the backend schema (types, fields, arguments): kept wherever they appear.
+
+    Returns
+    -------
+    str
+        At most 400 characters.
+
+    Examples
+    --------
+    >>> redact_backend_message("Invalid dateTime format (ImagingStudy.started): 'May 1st 2024'")
+    'Invalid dateTime format (ImagingStudy.started): «…»'
+    """
+    out: list[str] = []
+    previous = ""  # the last word (lower-cased) before the current token, "" after punctuation
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN_RE.match(text, pos)
+        assert m is not None  # the last alternative matches any character
+        kind, token = m.lastgroup, m.group()
+        pos = m.end()
+        if kind == "ws":
+            out.append(" ")
+            continue
+        if kind == "quoted":
+            content = token[1:-1]
+            out.append(token if _keep_quoted(content, previous, names) else PLACEHOLDER)
+        elif kind == "brace":
+            pos = _brace_end(text, m.start())
+            out.append(PLACEHOLDER)
+        elif kind == "word":
+            out.append(token if _keep_word(token, names) else PLACEHOLDER)
+        elif kind == "number":
+            out.append(token if previous in _NUMBER_WORDS and token.isdigit() else PLACEHOLDER)
+        elif kind == "punct":
+            out.append(token)
+            if (token == ":" and previous in _NUMBER_WORDS) or (token == "=" and previous in _NAMING_WORDS):
+                continue  # "line: 1", HAPI's [element="family"]
+        else:  # "open" (the rest of the text) and any other character
+            out.append(PLACEHOLDER)
+        previous = token.lower() if kind == "word" else ""
+    redacted = _PLACEHOLDERS_RE.sub(PLACEHOLDER, "".join(out)).strip()
+    if len(redacted) > _MAX_REDACTED:
+        redacted = redacted[: _MAX_REDACTED - 1].rstrip() + "…"
+    return redacted
+
+
+def schema_names(schema: GraphQLSchema) -> frozenset[str]:
+    """The names a backend schema defines (types, their fields and arguments, input fields): the
+    vocabulary :func:`redact_backend_message` keeps, so messages still say which element failed."""
+    out: set[str] = set()
+    for tname, t in schema.type_map.items():
+        if tname.startswith("__"):
+            continue
+        out.add(tname)
+        if isinstance(t, GraphQLObjectType):
+            for fname, fdef in t.fields.items():
+                out.add(fname)
+                out.update(fdef.args)
+        elif isinstance(t, GraphQLInputObjectType):
+            out.update(t.fields)
+    return frozenset(out)
+
+
+def _path_text(path: Any) -> str | None:
+    """A GraphQL error ``path`` (response keys and list indices) as ``ImagingStudyCreate.series[0]``."""
+    if not isinstance(path, list) or not path:
+        return None
+    text = ""
+    for part in path:
+        if isinstance(part, int) and not isinstance(part, bool):
+            text += f"[{part}]"
+        elif isinstance(part, str) and _NAME_RE.match(part):
+            text += f".{part}" if text else part
+        else:
+            text += f".{PLACEHOLDER}"
+    return text
+
+
+def _graphql_messages(errors: Any, names: Collection[str] = ()) -> tuple[str, ...]:
+    """Each GraphQL error redacted, with its ``extensions.code`` and ``path`` (names only)."""
     out: list[str] = []
     for err in errors if isinstance(errors, list) else [errors]:
-        msg = err.get("message") if isinstance(err, Mapping) else str(err)
-        out.append(_redact(str(msg)))
+        if not isinstance(err, Mapping):
+            out.append(redact_backend_message(str(err), names=names))
+            continue
+        text = redact_backend_message(str(err.get("message") or "no message"), names=names)
+        extras: list[str] = []
+        extensions = err.get("extensions")
+        if isinstance(extensions, Mapping):
+            code = extensions.get("code")
+            if isinstance(code, str) and _CODE_RE.match(code):
+                extras.append(f"code {code}")
+            outcome = _outcome_text(extensions.get("outcome"), names)
+            if outcome:
+                extras.append(outcome)
+        path = _path_text(err.get("path"))
+        if path:
+            extras.append(f"path {path}")
+        out.append(f"{text} [{'; '.join(extras)}]" if extras else text)
     return tuple(out)
 
 
-def _outcome_text(body: Any) -> str | None:
-    """The issue texts of a FHIR OperationOutcome body, or ``None`` if it is not one."""
+def _outcome_text(body: Any, names: Collection[str] = ()) -> str | None:
+    """The issues of a FHIR OperationOutcome body, redacted, or ``None`` if it is not one.
+
+    Each issue as ``<severity> <code> at <expression>: <details.text or diagnostics>``: severity and
+    code are kept when they are codes, expressions when they are paths, the texts are redacted.
+    """
     if not isinstance(body, Mapping) or body.get("resourceType") != "OperationOutcome":
         return None
     texts: list[str] = []
     for issue in body.get("issue") or []:
         if not isinstance(issue, Mapping):
             continue
+        head: list[str] = []
+        severity, code = issue.get("severity"), issue.get("code")
+        if isinstance(severity, str) and severity in _SEVERITIES:
+            head.append(severity)
+        if isinstance(code, str) and _CODE_RE.match(code):
+            head.append(code)
+        expressions = issue.get("expression") or issue.get("location") or []
+        paths = [
+            redact_backend_message(e, names=names)
+            for e in (expressions if isinstance(expressions, list) else [expressions])
+            if isinstance(e, str)
+        ]
+        if paths:
+            head.append("at " + ", ".join(paths))
         details = issue.get("details")
         text = (details.get("text") if isinstance(details, Mapping) else None) or issue.get("diagnostics")
-        texts.append(_redact(str(text or issue.get("code") or "unspecified issue")))
+        body_text = redact_backend_message(str(text), names=names) if text else ""
+        summary = " ".join(head) or "issue"
+        texts.append(f"{summary}: {body_text}" if body_text else summary)
     return "; ".join(texts) or "OperationOutcome without issues"
 
 
@@ -712,8 +982,10 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _http_error(what: str, code: int, exchange: _Exchange) -> SinkError:
-    outcome = _outcome_text(exchange.body)
+def _http_error(what: str, code: int, exchange: _Exchange, names: Collection[str]) -> SinkError:
+    outcome = _outcome_text(exchange.body, names)
+    if exchange.body is not None:
+        LOGGER.debug("%s: HTTP %d body (unredacted): %s", what, code, _debug_json(exchange.body))
     detail = f": {outcome}" if outcome else ""
     if code == 401:
         return RetryableSinkError(f"{what}: backend answered HTTP 401 (unauthorized)", code=code)
@@ -725,48 +997,96 @@ def _http_error(what: str, code: int, exchange: _Exchange) -> SinkError:
     return PermanentSinkError(f"{what}: backend refused the request (HTTP {code}){detail}", code=code)
 
 
+def _debug_json(value: Any) -> str:
+    """``value`` as one escaped line for a DEBUG record (the only place a backend message is kept whole)."""
+    try:
+        return json.dumps(value, ensure_ascii=True, default=str)[:8000]
+    except (TypeError, ValueError):
+        return repr(value)[:8000]
+
+
+class _CertificateError(RetryableSinkError):
+    """The backend's TLS certificate does not verify (at :meth:`GraphQLSink.connect`: a ConfigError)."""
+
+
+def _certificate_error(what: str, cause: BaseException, ca: Path | None) -> _CertificateError:
+    cert = getattr(cause, "certificate_error", cause)  # aiohttp.ClientConnectorCertificateError
+    reason = str(getattr(cert, "verify_message", None) or getattr(cert, "reason", None) or "unverified")
+    reason = "".join(ch if ch.isprintable() else "?" for ch in reason)[:200]  # OpenSSL's words, one line
+    if ca is None:
+        hint = (
+            "verified against the system CA store; if the backend's certificate comes from a private CA, "
+            "set [backend] ca to that CA's PEM bundle"
+        )
+    else:
+        hint = f"verified against [backend] ca {ca} only; is it the CA that signed the backend's certificate?"
+    return _CertificateError(f"{what}: the backend's TLS certificate is not trusted ({reason}): {hint}")
+
+
+def _is_certificate_error(exc: BaseException | None) -> bool:
+    return isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError)
+
+
 @contextlib.contextmanager
-def _map_errors(what: str, exchange: _Exchange, timeout_s: float) -> Iterator[None]:
+def _map_errors(
+    what: str,
+    exchange: _Exchange,
+    timeout_s: float,
+    *,
+    names: Collection[str] = (),
+    ca: Path | None = None,
+) -> Iterator[None]:
     """Turn every gql / aiohttp / asyncio / graphql-core error into :mod:`ingest.errors`.
 
     Like httpx's ``map_httpcore_exceptions``: the one place where foreign errors are classified.
-    Retryable: connection refused/reset, DNS, timeouts, HTTP 401/408/429/5xx. Permanent: GraphQL
-    ``errors[]``, HTTP 400 (OperationOutcome) and other 4xx, non-GraphQL answers, documents that do not
-    validate locally.
+    Retryable: connection refused/reset, DNS, timeouts, HTTP 401/408/429/5xx, an untrusted TLS
+    certificate (a :class:`_CertificateError`). Permanent: GraphQL ``errors[]``, HTTP 400
+    (OperationOutcome) and other 4xx, non-GraphQL answers, documents that do not validate locally.
+
+    Backend messages only reach an exception message through :func:`redact_backend_message` (``names``:
+    the schema's names it keeps); the whole message is logged at DEBUG only. Exceptions that carry the
+    backend's words are not chained, so no traceback shows them either.
     """
     try:
         yield
     except SinkError:
         raise
     except TransportQueryError as exc:
-        messages = _graphql_messages(exc.errors if exc.errors is not None else str(exc))
-        # not chained: the backend's messages may echo request values (patient data) in tracebacks
+        raw = exc.errors if exc.errors is not None else str(exc)
+        LOGGER.debug("%s: backend errors (unredacted): %s", what, _debug_json(raw))
+        messages = _graphql_messages(raw, names)
         raise _QueryErrors(f"{what}: backend rejected the request: {'; '.join(messages)}", messages) from None
     except TransportServerError as exc:
         code = exc.code if exc.code is not None else exchange.status
         if code is None:
-            raise RetryableSinkError(f"{what}: backend failed without an HTTP status") from exc
-        raise _http_error(what, code, exchange) from exc
+            raise RetryableSinkError(f"{what}: backend failed without an HTTP status") from None
+        raise _http_error(what, code, exchange, names) from None
     except TransportProtocolError as exc:
+        LOGGER.debug("%s: not a GraphQL answer (unredacted): %s", what, _debug_json(str(exc)))
         status = exchange.status if exchange.status is not None else "?"
         raise PermanentSinkError(
             f"{what}: the backend's answer is not a GraphQL response (HTTP {status}); is the URL right?",
             code=exchange.status,
-        ) from exc
+        ) from None
     except TransportConnectionFailed as exc:
         cause = exc.__cause__
         if isinstance(cause, TimeoutError):
             raise RetryableSinkError(f"{what}: no answer within {timeout_s:g} s") from exc
+        if _is_certificate_error(cause):
+            assert cause is not None
+            raise _certificate_error(what, cause, ca) from exc
         if cause is None or isinstance(cause, aiohttp.ClientError | OSError):
             raise RetryableSinkError(f"{what}: connection failed: {_describe(cause or exc)}") from exc
         raise PermanentSinkError(f"{what}: could not send the request: {type(cause).__name__}") from exc
     except TransportClosed as exc:
         raise RetryableSinkError(f"{what}: the backend session is closed") from exc
     except TransportError as exc:
-        raise RetryableSinkError(f"{what}: transport failed: {_describe(exc)}") from exc
+        raise RetryableSinkError(f"{what}: transport failed: {type(exc).__name__}") from None
     except TimeoutError as exc:  # gql's execute_timeout (anyio.fail_after) and asyncio timeouts
         raise RetryableSinkError(f"{what}: no answer within {timeout_s:g} s") from exc
     except (aiohttp.ClientError, OSError) as exc:
+        if _is_certificate_error(exc):
+            raise _certificate_error(what, exc, ca) from exc
         raise RetryableSinkError(f"{what}: connection failed: {_describe(exc)}") from exc
     except GraphQLError as exc:  # local validation of the document against the backend schema
         raise PermanentSinkError(
@@ -862,9 +1182,13 @@ class GraphQLSink:
     timeout_s:
         Timeout of one HTTP request (connect + answer), seconds.
     schema:
-        The backend schema as SDL, for backends that refuse introspection; introspected when ``None``.
+        The backend schema as SDL, for backends that refuse introspection (``[backend] schema``, read by
+        :func:`load_schema_file`); introspected when ``None``.
     max_depth:
         Nesting depth of the full-read selection below ImagingStudy.
+    ca:
+        A PEM CA bundle (``[backend] ca``) that the backend's TLS certificate is verified against *instead
+        of* the system CA store; ``None``: the system store. Verification is never turned off.
 
     Examples
     --------
@@ -880,10 +1204,14 @@ class GraphQLSink:
         timeout_s: float,
         schema: str | None = None,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        ca: Path | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ConfigError(f"backend timeout_s must be positive, got {timeout_s}")
         self.url = url
+        self._ca = ca
+        self._ssl: ssl.SSLContext | bool = load_ca_bundle(ca) if ca is not None else True
+        self._names: frozenset[str] = frozenset()  # the schema's names (see redact_backend_message)
         self._token_source = token_source
         self._timeout_s = float(timeout_s)
         self._schema_sdl = schema
@@ -936,7 +1264,7 @@ class GraphQLSink:
         trace.on_request_end.append(_on_request_end)
         transport = AIOHTTPTransport(
             url=self.url,
-            ssl=True,  # TLS verification stays on (RELIABILITY.md, Security)
+            ssl=self._ssl,  # verification stays on; [backend] ca only replaces the trust store
             json_deserialize=_loads,
             client_session_args={
                 "timeout": aiohttp.ClientTimeout(total=self._timeout_s),
@@ -954,6 +1282,7 @@ class GraphQLSink:
         self._session = session
         try:
             schema = await self._load_schema()
+            self._names = schema_names(schema)
             self._client.schema = schema  # from now on gql validates every document locally
             self._fit = fit_schema(schema, max_depth=self._max_depth)
             self._client.trust(self._fit.documents.values())  # validated by fit_schema just now
@@ -978,24 +1307,39 @@ class GraphQLSink:
     async def _load_schema(self) -> GraphQLSchema:
         if self._schema_sdl is not None:
             try:
-                return build_schema(self._schema_sdl)
+                schema = build_schema(self._schema_sdl)
             except (GraphQLError, TypeError) as exc:
                 raise ConfigError(f"the configured backend schema SDL is invalid: {exc}") from exc
+            await self._probe()
+            return schema
         request = GraphQLRequest(
             get_introspection_query_ast(descriptions=False, input_value_deprecation=False)
         )
         try:
             data = await self._execute(request, what="schema introspection")
             return build_client_schema(data)  # type: ignore[arg-type]
+        except _CertificateError as exc:
+            raise ConfigError(str(exc)) from None
         except PermanentSinkError as exc:
             raise ConfigError(
                 f"cannot learn the schema of {_safe_url(self.url)} by introspection: {exc} "
-                "(if the backend forbids introspection, give GraphQLSink its schema as SDL)"
-            ) from exc
+                "(if the backend refuses introspection, set [backend] schema to a file with its schema "
+                "as SDL)"
+            ) from None
         except (TypeError, KeyError, GraphQLError) as exc:
             raise ConfigError(
                 f"the introspection answer of {_safe_url(self.url)} is not a schema: {_describe(exc)}"
             ) from exc
+
+    async def _probe(self) -> None:
+        """One ``{ __typename }`` request when the schema was given: a wrong URL, CA or network shows at
+        start, not at the first push. A backend that refuses the probe itself is only logged."""
+        try:
+            await self._execute(GraphQLRequest(_PROBE), what="backend probe")
+        except _CertificateError as exc:
+            raise ConfigError(str(exc)) from None
+        except PermanentSinkError as exc:
+            LOGGER.warning("the backend refused the start-up probe (continuing): %s", exc)
 
     # -- the Sink protocol ---------------------------------------------------------------------------
 
@@ -1054,7 +1398,7 @@ class GraphQLSink:
             raise PermanentSinkError(f"{what}: {LIST_FIELD} answered a {type(found).__name__}, not a list")
         matches = [m for m in found if isinstance(m, Mapping)]
         if len(matches) >= 2:
-            ids = ", ".join(str(m.get("id")) for m in matches)
+            ids = ", ".join(_safe_id(m.get("id")) for m in matches)
             raise MultipleMatchesError(
                 f"{what}: {len(matches)} or more ImagingStudy resources carry identifier "
                 f"{study_identifier(study_uid)} ({ids}); refusing to guess"
@@ -1248,7 +1592,7 @@ class GraphQLSink:
             exchange = _Exchange()
             reset = _EXCHANGE.set(exchange)
             try:
-                with _map_errors(what, exchange, self._timeout_s):
+                with _map_errors(what, exchange, self._timeout_s, names=self._names, ca=self._ca):
                     result = await self._session.execute(request, extra_args={"headers": self._headers(sent)})
                 return result
             except RetryableSinkError as exc:
@@ -1281,12 +1625,74 @@ class GraphQLSink:
         return fresh != sent
 
 
+def load_ca_bundle(path: Path) -> ssl.SSLContext:
+    """A client TLS context that trusts exactly the CAs in ``path`` (``[backend] ca``).
+
+    The bundle replaces the system CA store for the backend connection (a private CA is pinned; a public
+    CA does not vouch for the hospital's backend); certificate and host name verification stay on.
+
+    Parameters
+    ----------
+    path:
+        A PEM file with one or more CA certificates.
+
+    Raises
+    ------
+    ConfigError
+        The file does not exist, cannot be read or holds no PEM certificate (the message names
+        ``[backend] ca``).
+    """
+    if not path.is_file():
+        raise ConfigError(f"[backend] ca: {path} does not exist or is not a file")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"[backend] ca: {path} is not a PEM CA bundle ({type(exc).__name__})") from None
+    if not context.cert_store_stats().get("x509"):
+        raise ConfigError(f"[backend] ca: {path} holds no certificate")
+    return context
+
+
+def load_schema_file(path: Path) -> str:
+    """The SDL in ``path`` (``[backend] schema``), checked to parse as a GraphQL schema.
+
+    Parameters
+    ----------
+    path:
+        An SDL file, e.g. the backend's schema printed by an admin who may introspect it.
+
+    Raises
+    ------
+    ConfigError
+        The file does not exist, cannot be read, or is not a GraphQL schema (the message names
+        ``[backend] schema``).
+    """
+    try:
+        sdl = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"[backend] schema: cannot read {path} ({type(exc).__name__})") from None
+    try:
+        build_schema(sdl)
+    except (GraphQLError, TypeError) as exc:
+        detail = exc.message if isinstance(exc, GraphQLError) else str(exc)
+        raise ConfigError(f"[backend] schema: {path} is not a GraphQL schema (SDL): {detail}") from None
+    return sdl
+
+
 def _uid_of(resource: Mapping[str, Any]) -> str:
     """The Study Instance UID from ``ImagingStudy.identifier`` (for messages), or ``"unknown study"``."""
     for ident in resource.get("identifier") or []:
         if isinstance(ident, Mapping) and ident.get("system") == STUDY_SYSTEM:
             return f"study {str(ident.get('value', '')).removeprefix('urn:oid:')}"
     return "unknown study"
+
+
+_FHIR_ID_RE: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 id datatype
+
+
+def _safe_id(value: Any) -> str:
+    """A resource id the backend answered, for a message: only when it is a FHIR id (untrusted text)."""
+    return value if isinstance(value, str) and _FHIR_ID_RE.match(value) else PLACEHOLDER
 
 
 def _safe_url(url: str) -> str:

@@ -504,7 +504,7 @@ async def test_forbidden_introspection_is_a_config_error(server: TestServer, bac
     }
     backend.canned.append(canned_json(forbidden, 403))
     sink = GraphQLSink(url_of(server), token_source=None, timeout_s=2.0)
-    with pytest.raises(ConfigError, match=r"introspection.*HTTP 403.*Forbidden"):
+    with pytest.raises(ConfigError, match=r"introspection.*HTTP 403.*Forbidden.*set \[backend\] schema"):
         await sink.connect()
     # with the schema given as SDL the sink starts without introspecting
     async with GraphQLSink(url_of(server), token_source=None, timeout_s=2.0, schema=MEDPLUM_SDL) as ok:
