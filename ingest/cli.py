@@ -29,7 +29,7 @@ from ingest import __version__
 from ingest.config import Settings, load_settings
 from ingest.errors import ConfigError, IngestError
 from ingest.exitcodes import ExitCode
-from ingest.logs import setup_logging
+from ingest.logs import markup_safe, printable, setup_logging
 from ingest.ports import StudyRow
 
 if TYPE_CHECKING:  # gql and aiohttp are imported only by the commands that talk to a backend
@@ -134,9 +134,21 @@ def _log_effective(settings: Settings, command: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from ingest.adapters.datadir import private_umask, tighten
+
+    # Before anything is created: the data dir holds patient data (state store, backend, spool), so
+    # every file this process creates is 0600 and every folder 0700 from the start, SQLite's -wal/-shm
+    # included, with no window where a chmod has not happened yet.
+    private_umask()
     settings = _settings(args)
     setup_logging(settings.log.level, settings.log.format, args.verbose - args.quiet)
     _log_effective(settings, args.command)
+    try:
+        tighten(settings.data_dir)  # what an earlier version or a restore left readable by others
+    except OSError as exc:
+        raise ConfigError(
+            f"data dir {settings.data_dir}: cannot make it private: {exc.strerror or exc}"
+        ) from exc
     result: int = await args.func(args, settings)
     return result
 
@@ -147,10 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(run(args))
     except ConfigError as exc:
-        print(f"ingest: configuration error: {exc}", file=sys.stderr)
+        print(f"ingest: configuration error: {printable(exc)}", file=sys.stderr)
         return ExitCode.FATAL
     except IngestError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
+        print(f"ingest: {printable(exc)}", file=sys.stderr)
         return ExitCode.FATAL
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
@@ -192,9 +204,11 @@ async def start_sink(
     GraphQLSink
         Connect it with :func:`connect_with_backoff`.
     """
-    from ingest.adapters.graphql import GraphQLSink, TokenSource
+    from ingest.adapters.graphql import GraphQLSink, TokenSource, load_schema_file
 
     url = settings.backend.url
+    schema: str | None = None
+    ca: Path | None = None
     if url is None:
         url = await stack.enter_async_context(embedded_backend(settings, port=embedded_port))
         token_source = (
@@ -204,7 +218,13 @@ async def start_sink(
         )
     else:
         token_source = TokenSource(env=settings.backend.token_env, file=settings.backend.token_file)
-    sink = GraphQLSink(url, token_source=token_source, timeout_s=settings.backend.timeout_s)
+        # [backend] ca / schema apply to the configured backend; both files are checked here, at start
+        ca = settings.backend.ca
+        if settings.backend.schema_file is not None:
+            schema = load_schema_file(settings.backend.schema_file)
+    sink = GraphQLSink(
+        url, token_source=token_source, timeout_s=settings.backend.timeout_s, schema=schema, ca=ca
+    )
     stack.push_async_callback(sink.aclose)  # idempotent; a failed connect has closed it already
     return sink
 
@@ -243,12 +263,23 @@ async def connect_with_backoff(sink: Any, settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def embedded_backend(settings: Settings, *, port: int | None) -> AsyncIterator[str]:
     """Start the embedded FHIR GraphQL backend; yields its GraphQL URL."""
-    from ingest.backend.server import start_backend
+    from ingest.backend.server import QueryLimits, start_backend
 
     eb = settings.embedded_backend
     db = eb.database or (settings.data_dir / "backend.sqlite3")
     token = os.environ.get(eb.token_env) if eb.token_env else None
-    runner, bound = await start_backend(db, host=eb.host, port=eb.port if port is None else port, token=token)
+    if eb.token_env and not (token or "").strip():  # asked for a token: never start open instead
+        raise ConfigError(f"[embedded_backend] token_env names {eb.token_env}, which is not set or empty")
+    limits = QueryLimits(
+        max_body_bytes=eb.max_body_bytes,
+        max_depth=eb.max_query_depth,
+        max_fields=eb.max_query_fields,
+        max_aliases=eb.max_query_aliases,
+        max_concurrent_requests=eb.max_concurrent_requests,
+    )
+    runner, bound = await start_backend(
+        db, host=eb.host, port=eb.port if port is None else port, token=token, limits=limits
+    )
     try:
         yield f"http://{eb.host}:{bound}/fhir/R4/$graphql"
     finally:
@@ -263,7 +294,7 @@ def _print_table(title: str, rows: list[tuple[str, Any]], out: TextIO) -> None:
     table.add_column("what")
     table.add_column("count", justify="right")
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(markup_safe(name), markup_safe(value))
     Console(file=out).print(table)
 
 
@@ -340,8 +371,10 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         holder = ""
         if r.lease_owner:
             holder = r.lease_owner + ("" if _lease_active(r, now) else " (expired)")
-        table.add_row(r.study_uid, r.state.value + (" (dirty)" if r.dirty else ""), str(r.instances),
-                      str(r.attempts), holder, r.backend_id or "", (r.last_error or "")[:120])
+        # untrusted text (backend messages, node names): escaped, and rich markup in it shown as is
+        table.add_row(markup_safe(r.study_uid), r.state.value + (" (dirty)" if r.dirty else ""),
+                      str(r.instances), str(r.attempts), markup_safe(holder), markup_safe(r.backend_id or ""),
+                      markup_safe((r.last_error or "")[:120]))
     console = Console()
     console.print(table)
     if nodes:
@@ -349,7 +382,7 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         for col in ("node", "active leases", "expired leases", "lease ends"):
             per_node.add_column(col)
         for n in nodes:
-            per_node.add_row(n["node"], str(n["active_leases"]), str(n["expired_leases"]),
+            per_node.add_row(markup_safe(n["node"]), str(n["active_leases"]), str(n["expired_leases"]),
                              n["lease_ends"] or "")
         console.print(per_node)
     return ExitCode.OK
@@ -404,7 +437,7 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         dead = [r.study_uid for r in store.studies(StudyState.DEAD)
                 if args.all or r.study_uid == args.study]
         if args.study and not dead:
-            print(f"ingest: study {args.study} is not dead-lettered", file=sys.stderr)
+            print(f"ingest: study {printable(args.study)} is not dead-lettered", file=sys.stderr)
             return ExitCode.FATAL
         n = store.retry_dead(None if args.all else args.study, utcnow())
         print(f"{n} dead-lettered studies re-queued")
@@ -416,7 +449,8 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         still = [u for u in dead if (row := store.study(u)) is not None and row.state is StudyState.DEAD]
         for u in still:
             row = store.study(u)
-            print(f"study {u}: still dead: {row.last_error if row else ''}", file=sys.stderr)
+            why = printable(row.last_error if row else "")
+            print(f"study {printable(u)}: still dead: {why}", file=sys.stderr)
         return ExitCode.DEAD if still else ExitCode.OK
     finally:
         store.close()

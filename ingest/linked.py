@@ -47,6 +47,7 @@ from ingest.core.fhir import (
     HumanName,
     Identifier,
     Patient,
+    strip_controls,
 )
 from ingest.core.mapping import person_display
 from ingest.core.records import InstanceRecord, PersonName
@@ -132,7 +133,7 @@ def search_token(system: str, value: str) -> str:
 
 def _components(group: str) -> list[str]:
     # PN component group: family^given^middle^prefix^suffix (PS3.5 6.2)
-    parts = [" ".join(p.split()) for p in group.split("^")]
+    parts = [" ".join(strip_controls(p).split()) for p in group.split("^")]
     return (parts + [""] * 5)[:5]
 
 
@@ -188,7 +189,7 @@ def human_names(name: PersonName | None) -> list[HumanName]:
 
 
 def _text(value: str | None) -> str | None:
-    return (value or "").strip() or None
+    return strip_controls(value or "").strip() or None
 
 
 def patient_resource(system: str, value: str, records: Sequence[InstanceRecord]) -> dict[str, Any]:

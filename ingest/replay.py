@@ -18,6 +18,7 @@ from ingest.config import Settings
 from ingest.core.records import InstanceRecord
 from ingest.errors import ArchiveError
 from ingest.exitcodes import ExitCode
+from ingest.logs import printable
 from ingest.ports import AddOutcome, StateStore
 from ingest.sources import Item, Parsed, Rejected, expand_paths, parse_items
 
@@ -163,7 +164,8 @@ def _items(opts: ReplayOptions) -> Iterator[Item]:
 
 
 def _report_rejected(r: Rejected, stderr: TextIO) -> None:
-    print(f"rejected: {r.label}: {r.reason}: {r.message}", file=stderr)
+    # file and member names, and messages quoting them, are untrusted: one escaped line per input
+    print(f"rejected: {printable(r.label)}: {printable(r.reason)}: {printable(r.message)}", file=stderr)
 
 
 async def run_replay(

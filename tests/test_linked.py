@@ -138,6 +138,12 @@ def test_all_components_and_empty_groups() -> None:
     assert human_names(None) == [] and human_names(PersonName()) == []
 
 
+def test_control_characters_are_dropped_from_patient_names() -> None:
+    # FHIR strings may not hold C0 controls other than tab/CR/LF: the name is kept, cleaned, not dropped
+    name = PersonName(alphabetic="Ad\x1bams^Jo\x00hn\x01")
+    assert names_json(name) == [{"text": "John Adams", "family": "Adams", "given": ["John"]}]
+
+
 @pytest.mark.parametrize(
     ("sex", "gender"),
     [("M", "male"), ("F", "female"), ("O", "other"), ("o", "other"), ("U", None), (None, None)],

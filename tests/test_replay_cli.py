@@ -173,3 +173,22 @@ def test_same_folder_replayed_twice_writes_nothing_the_second_time(tmp_path: Pat
     s3 = json.loads(third.stdout)
     assert s3["studies"]["created"] == 0 and s3["studies"]["updated"] == 0
     assert s3["instances"]["duplicate"] == corpus.files
+
+
+def test_rejected_file_names_are_printed_escaped(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "evil\nname\x1b[31m.dcm").write_bytes(b"not DICOM at all\n\x1b[2J")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingest", "-q", "--data-dir", str(tmp_path / "data"), "replay", "--dry-run",
+         "--jobs", "1", str(folder)],
+        cwd=work, env=env, capture_output=True, timeout=100,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert b"\x1b" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(b"rejected: " + str(folder).encode() + b"/evil\\nname\\x1b[31m.dcm: ")

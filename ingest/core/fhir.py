@@ -74,6 +74,7 @@ __all__ = [
     "UnsignedInt",
     "Uri",
     "prune_empty",
+    "strip_controls",
     "validate_resource",
 ]
 
@@ -96,6 +97,27 @@ _URI_RE = re.compile(r"\S+")  # R4 says \S*; an empty uri is an empty value and 
 _STRING_RE = re.compile(r"[ \r\n\t\S]+")
 
 _INT32_MAX = 2_147_483_647
+
+# Characters a FHIR string must not carry (R4 datatypes, "string": no Unicode character below U+0020
+# other than tab, CR and LF): the other C0 controls, and DEL and the C1 controls (U+007F-U+009F).
+_FORBIDDEN_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def strip_controls(value: str) -> str:
+    """``value`` without the control characters a FHIR string may not contain.
+
+    Parameters
+    ----------
+    value:
+        Decoded text (a DICOM value).
+
+    Returns
+    -------
+    str
+        ``value`` with every C0 control character except tab, CR and LF removed, and DEL and the C1
+        controls (U+007F-U+009F) removed; everything else is kept exactly.
+    """
+    return _FORBIDDEN_CONTROLS.sub("", value)
 
 
 def _calendar_ok(value: str) -> bool:

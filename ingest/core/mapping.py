@@ -32,6 +32,7 @@ from ingest.core.fhir import (
     ImagingStudySeriesInstance,
     ImagingStudySeriesPerformer,
     Reference,
+    strip_controls,
 )
 from ingest.core.records import Code, InstanceRecord, PersonName
 from ingest.core.terminology import (
@@ -116,19 +117,24 @@ class MappingOptions:
 # --------------------------------------------------------------------------------------------------
 
 
+# Every DICOM text that reaches the resource goes through _text, _token or person_display, which drop
+# the control characters FHIR strings may not contain (strip_controls) before anything else.
+
+
 def _text(value: str | None) -> str | None:
-    """A DICOM string as a FHIR string: stripped, ``None`` when blank."""
+    """A DICOM string as a FHIR string: forbidden controls dropped, stripped, ``None`` when blank."""
     if value is None:
         return None
-    value = value.strip()
+    value = strip_controls(value).strip()
     return value or None
 
 
 def _token(value: str | None) -> str | None:
-    """A value as a FHIR ``code``: whitespace collapsed to single spaces, ``None`` when blank."""
+    """A value as a FHIR ``code``: controls dropped, whitespace collapsed to single spaces, ``None`` when
+    blank."""
     if value is None:
         return None
-    return " ".join(value.split()) or None
+    return " ".join(strip_controls(value).split()) or None
 
 
 def _is_uri(value: str) -> bool:
@@ -179,7 +185,8 @@ def person_display(name: PersonName | None) -> str | None:
     The alphabetic group ``Family^Given^Middle^Prefix^Suffix`` becomes
     ``"Prefix Given Middle Family Suffix"``; without an alphabetic group, the ideographic one
     (then the phonetic one) is written family name first: ``"Prefix Family Given Middle Suffix"``.
-    Blank components are skipped and runs of spaces collapsed.
+    Blank components are skipped and runs of spaces collapsed; control characters a FHIR string may
+    not contain are dropped.
 
     Returns
     -------
@@ -190,7 +197,7 @@ def person_display(name: PersonName | None) -> str | None:
         return None
 
     def components(group: str) -> list[str]:
-        parts = [p.strip() for p in group.split("^")]
+        parts = [p.strip() for p in strip_controls(group).split("^")]
         return (parts + [""] * 5)[:5]
 
     family, given, middle, prefix, suffix = components(name.alphabetic)

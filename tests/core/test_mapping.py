@@ -511,3 +511,80 @@ def test_issuer_system_uuid() -> None:
         issuer_system("0F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0", "UUID")
         == "urn:uuid:0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
     )
+
+
+# FHIR R4 datatypes, "string": no character below U+0020 except tab, CR and LF; C1 and DEL dropped too
+_FORBIDDEN = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]} - {"\t", "\r", "\n"}
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string (keys and values) in FHIR JSON."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (k, *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def _dataset_with_controls() -> Dataset:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = f"{STUDY}.1.1"
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = f"{STUDY}.1"
+    ds.Modality = "CT"
+    ds.PatientID = "PID\x00-1\x1b"
+    ds.StudyDescription = "CT\x00 Th\x1bor\x7fax\x85"
+    ds.SeriesDescription = "Lung\x0b\x0c 1mm\x9f\ttab"
+    ds.PatientName = "Doe\x01^Jane\x1b"
+    ds.ReferringPhysicianName = "\x02^\x03\x1b"  # nothing left: no referrer
+    ds.AccessionNumber = "\x01\x02"  # nothing left: no accession identifier
+    return ds
+
+
+@pytest.mark.parametrize("source", ["file", "memory"])
+def test_control_characters_never_reach_fhir_strings(source: str) -> None:
+    import io
+
+    from ingest.core.extract import extract
+
+    ds = _dataset_with_controls()
+    if source == "file":  # raw elements, decoded by the extractor (the file and listener path)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        ds = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    resource, _ = build([extract(ds)])
+    assert not {ch for s in _strings(resource) for ch in s} & _FORBIDDEN
+    assert resource["description"] == "CT Thorax"
+    assert resource["series"][0]["description"] == "Lung 1mm\ttab"  # tab is allowed in a FHIR string
+    assert resource["series"][0]["instance"][0]["title"] == "Lung 1mm\ttab"
+    assert resource["subject"]["display"] == "Jane Doe"
+    assert resource["subject"]["identifier"]["value"] == "PID-1"
+    assert "referrer" not in resource
+    assert [i["system"] for i in resource["identifier"]] == ["urn:dicom:uid"]
+
+
+def test_control_characters_are_dropped_from_codes_and_people() -> None:
+    record = rec(
+        "1", "1",
+        modality="C\x01T",
+        procedure_codes=(Code(designator="LN", value="2462\x007-2", meaning="CT\x1b Chest", version="\x01"),),
+        performing_physicians=(PersonName(alphabetic="Perf\x7f^Paula"),),
+        reading_physicians=(PersonName(ideographic="\x1b$B\x85"),),
+        reason_text="\x9b31m",
+    )
+    resource, _ = build([record])
+    assert not {ch for s in _strings(resource) for ch in s} & _FORBIDDEN
+    assert resource["modality"] == [{"system": DCM, "code": "CT"}]
+    assert resource["procedureCode"] == [{
+        "coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}],
+        "text": "CT Chest",
+    }]
+    assert resource["series"][0]["performer"][0]["actor"] == {"display": "Paula Perf"}
+    assert resource["interpreter"] == [{"display": "$B"}]
+    assert resource["reasonCode"] == [{"text": "31m"}]
