@@ -1,4 +1,4 @@
-"""End-to-end benchmark (issue 3): ``ingest replay`` into the embedded backend vs a raw ``dcmread`` loop.
+"""End-to-end benchmark: ``ingest replay`` into the embedded backend vs a raw ``dcmread`` loop.
 
 Registered in ``bench/run.py`` through :data:`BENCHES`; the function takes the harness's ``BenchContext``
 and builds rows with the harness's own ``Row`` (looked up through the context's module, so this file

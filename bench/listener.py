@@ -52,8 +52,8 @@ def baseline_scp(port: int, out: Path) -> None:
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom import _config as cfg
 
-    from ingest.adapters.listener import TRANSFER_SYNTAXES
-    from ingest.adapters.netguard import GuardedRequestHandler, GuardedServer
+    from ingest.sources.dimse.listener import TRANSFER_SYNTAXES
+    from ingest.sources.dimse.netguard import GuardedRequestHandler, GuardedServer
 
     cfg.LOG_HANDLER_LEVEL = "none"
     ae = AE("INGEST")

@@ -326,9 +326,9 @@ def bench_replay_dry_run(ctx: BenchContext) -> list[Row]:
     return rows
 
 
-BENCHMARKS.extend(__import__("bench.watch", fromlist=["BENCHES"]).BENCHES)  # watcher/replay rows (issue 5)
-BENCHMARKS.extend(__import__("bench.e2e", fromlist=["BENCHES"]).BENCHES)  # replay end to end rows (issue 3)
-__import__("bench.listener")  # storescu -> listener rows (issue 4); registers itself with @benchmark
+BENCHMARKS.extend(__import__("bench.watch", fromlist=["BENCHES"]).BENCHES)  # watcher/replay rows
+BENCHMARKS.extend(__import__("bench.e2e", fromlist=["BENCHES"]).BENCHES)  # replay end to end rows
+__import__("bench.listener")  # storescu -> listener rows; registers itself with @benchmark
 
 
 # --------------------------------------------------------------------------------------------------

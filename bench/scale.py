@@ -1,4 +1,4 @@
-"""Scale-out benchmark (issue 6): one replay split over 2 processes on PostgreSQL vs 1 process on SQLite.
+"""Scale-out benchmark: one replay split over 2 processes on PostgreSQL vs 1 process on SQLite.
 
 ``python -m bench.run --scale`` adds it to the run (``--scale --only multinode`` runs it alone). Rows
 are built with the harness's own ``Row`` (looked up through the context's module, so this file works

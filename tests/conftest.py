@@ -106,7 +106,7 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     """Opens stores on one fresh database (SQLite file, or a fresh PostgreSQL schema); closes them all."""
     opened: list[StateStore] = []
     if request.param == "sqlite":
-        from ingest.adapters.state import SQLiteStateStore
+        from ingest.adapters.state.sqlite import SQLiteStateStore
 
         db = tmp_path / "state" / "state.sqlite3"
 
@@ -117,7 +117,7 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     else:
         import psycopg
 
-        from ingest.adapters.state_pg import PostgresStateStore
+        from ingest.adapters.state.postgres import PostgresStateStore
 
         server: str = request.getfixturevalue("postgres_url")
         schema = f"t_{uuid.uuid4().hex}"

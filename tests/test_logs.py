@@ -22,6 +22,7 @@ from ingest.logs import (
     setup_logging,
     warning_kind,
 )
+from tests import REPO
 
 FORGED = "AE\nFORGED 2026-01-01 00:00:00,000 ERROR ingest: fake\x1b[31m"
 
@@ -240,7 +241,8 @@ import sys, warnings
 from pathlib import Path
 warnings.simplefilter("default")
 from ingest.logs import setup_logging
-from ingest.sources import Item, parse_items
+from ingest.sources.parse import Item, parse_items
+from tests import REPO
 setup_logging("INFO")
 path = Path(sys.argv[1])
 items = [Item(label=str(path), path=path)]
@@ -265,7 +267,7 @@ def test_warnings_in_parsing_processes_go_through_logging(tmp_path: Path) -> Non
     path = tmp_path / "esc.dcm"
     ds.save_as(path, enforce_file_format=True)
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, timeout=60,
-                          cwd=Path(__file__).parent.parent)
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == b"Parsed"
     err = proc.stderr

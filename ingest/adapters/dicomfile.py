@@ -5,7 +5,7 @@ Reading a header costs one read of the bytes and one pass over them:
 1. Locate the dataset: after the 128-byte preamble and ``DICM``, after a file meta group without a
    preamble, or at offset 0 (no file meta; the transfer syntax comes from the association, or is
    guessed only when the first element looks like one).
-2. Inflate Deflated Explicit VR Little Endian with a cap (RELIABILITY.md: a 0.5 MiB file can inflate
+2. Inflate Deflated Explicit VR Little Endian with a cap (docs/reliability.md; a 0.5 MiB file can inflate
    to 1 GiB).
 3. Walk every element, including the skipped ones, pixel data and undefined-length sequences, and
    check each declared length against the bytes there (pydicom reads truncated files silently).
@@ -36,7 +36,7 @@ Implicit VR Little Endian would encode it (tag, 4-byte length, value, PS3.5 7.1.
 
 The digest is prefixed with its scheme, :data:`CONTENT_DIGEST_SCHEME` (``c1:``), so it never equals
 the older 64-hex-digit digest of the encoded bytes; the state store compares records when the schemes
-differ (see :mod:`ingest.adapters.state_sql`).
+differ (see :mod:`ingest.adapters.state.sql`).
 
 Files larger than :data:`LARGE_FILE_BYTES` are not read into memory: the same walk runs over a small
 read window that moves through the file (element and item headers, wanted values), values it skips

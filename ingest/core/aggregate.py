@@ -1,4 +1,4 @@
-"""Instance records -> one study aggregate (pure; DESIGN.md "Pure core", STYLE.md R9).
+"""Instance records -> one study aggregate (pure; docs/architecture.md).
 
 A :class:`StudyAggregate` is the set of a study's :class:`~ingest.core.records.InstanceRecord`\\ s,
 keyed by SOP Instance UID (0008,0018) and grouped into series by Series Instance UID (0020,000E).

@@ -1,4 +1,4 @@
-"""DICOM DA/TM (+ Timezone Offset From UTC) -> FHIR ``dateTime``, per MAPPING.md "Encoding rules".
+"""DICOM DA/TM (+ Timezone Offset From UTC) -> FHIR ``dateTime``, per docs/mapping.md "Encoding rules".
 
 FHIR ``dateTime`` is ``YYYY[-MM[-DD[Thh:mm:ss[.ffffff](Z|+hh:mm|-hh:mm)]]]``: a time needs seconds and
 a zone. The zone comes from Timezone Offset From UTC (0008,0201); without it from the configured site

@@ -2,9 +2,9 @@
 
 The only core module besides :mod:`ingest.core.tags` that imports pydicom. pydicom decodes lazily, so
 :func:`extract` reads every element the record needs up front, inside one ``try``; after it returns,
-nothing can fail later on a half-read dataset (STYLE.md R4).
+nothing can fail later on a half-read dataset.
 
-Rules (DESIGN.md "Acceptance", MAPPING.md):
+Rules (docs/architecture.md "Acceptance", docs/mapping.md):
 
 - Study/Series/SOP Instance/SOP Class UIDs must be present (:class:`MissingTagError`) and follow the
   DICOM UID grammar (:class:`InvalidUIDError`).
@@ -54,7 +54,7 @@ __all__ = ["extract", "extract_elements", "valid_uid"]
 _T = TypeVar("_T")
 _Element: TypeAlias = "DataElement | RawDataElement"
 
-# DICOM UID grammar (PS3.5 9.1; MAPPING.md "UID validity"): digits, no leading zeros, no empty component.
+# DICOM UID grammar (PS3.5 9.1; docs/mapping.md "UID validity"): digits, no leading zeros, no empty component.
 _UID_RE: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", re.ASCII)
 _UID_MAX_LEN: Final = 64
 # unsignedInt / positiveInt upper bound (FHIR R4 datatypes)

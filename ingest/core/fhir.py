@@ -18,7 +18,7 @@ Conventions
   ``from_fhir(data, lenient=True)``, which *drops* those elements. Because that is lossy, the merge
   (:mod:`ingest.core.merge`) works on FHIR JSON dicts, not on these models.
 - ``to_fhir()`` gives FHIR JSON: ``resourceType`` first, JSON names, and no ``null``, ``""``, ``[]`` or
-  ``{}`` anywhere (MAPPING.md, "Empty values").
+  ``{}`` anywhere (docs/mapping.md, "Empty values").
 - Validation errors never echo the offending value (``hide_input_in_errors``): a value may be patient
   data (a birth date, a name) and error messages end up in logs.
 """

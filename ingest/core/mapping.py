@@ -1,4 +1,4 @@
-"""Study aggregate -> FHIR R4 ImagingStudy, per MAPPING.md (study, series and instance levels).
+"""Study aggregate -> FHIR R4 ImagingStudy, per docs/mapping.md (study, series and instance levels).
 
 Pure and deterministic: the same aggregate and options give an equal resource, field for field.
 Problems with optional values never fail the mapping; they drop the element and add a warning.
@@ -479,7 +479,7 @@ def _series(series: SeriesAggregate, options: MappingOptions, warnings: _Warning
 
 
 def build_imaging_study(agg: StudyAggregate, settings: MappingOptions) -> tuple[ImagingStudy, list[str]]:
-    """Map a study aggregate to a FHIR R4 ImagingStudy (MAPPING.md, every row).
+    """Map a study aggregate to a FHIR R4 ImagingStudy (docs/mapping.md, every row).
 
     Parameters
     ----------

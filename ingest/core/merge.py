@@ -1,4 +1,4 @@
-"""Merge our ImagingStudy with the backend's copy, and decide what to write (MAPPING.md, "Merge").
+"""Merge our ImagingStudy with the backend's copy, and decide what to write (docs/mapping.md, "Merge").
 
 Everything here works on FHIR JSON dicts rather than on :mod:`ingest.core.fhir` models: the backend's
 copy may carry elements we do not model (extensions on primitives, newer elements, server additions),
@@ -207,7 +207,7 @@ def _merge_modality(
 
 
 def merge(ours: Mapping[str, Any], theirs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Merge our ImagingStudy into the backend's copy, per MAPPING.md "Merge".
+    """Merge our ImagingStudy into the backend's copy, per docs/mapping.md "Merge".
 
     Parameters
     ----------

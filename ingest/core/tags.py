@@ -1,6 +1,6 @@
 """The declarative tag table: every DICOM attribute :class:`~ingest.core.records.InstanceRecord` needs.
 
-One row per attribute (STYLE.md R5): keyword, information-model level, whether a missing or invalid
+One row per attribute: keyword, information-model level, whether a missing or invalid
 value rejects the instance, and the record field it fills. :data:`HEADER_TAGS` is derived from the
 table and handed to the reader (``dcmread(specific_tags=...)`` or the fast reader in
 :mod:`ingest.adapters.dicomfile`), so nothing outside this table is ever decoded.
@@ -102,7 +102,7 @@ _P, _ST, _SE, _I = Level.PATIENT, Level.STUDY, Level.SERIES, Level.INSTANCE
 
 TAGS: Final[tuple[TagSpec, ...]] = (
     # keyword                                       level required record field
-    # identity: acceptance needs all four (DESIGN.md "Acceptance")
+    # identity: acceptance needs all four (docs/architecture.md "Acceptance")
     TagSpec("StudyInstanceUID", _ST, True, "study_uid"),  # (0020,000D)
     TagSpec("SeriesInstanceUID", _SE, True, "series_uid"),  # (0020,000E)
     TagSpec("SOPInstanceUID", _I, True, "sop_uid"),  # (0008,0018)
@@ -164,7 +164,7 @@ ITEM_TAGS: Final[tuple[str, ...]] = (
 #: The top-level tags to read; everything else is skipped unread (pass to ``specific_tags``).
 HEADER_TAGS: Final[frozenset[BaseTag]] = frozenset(spec.tag for spec in TAGS)
 
-#: SOP classes whose objects are not instances of a patient's study (DESIGN.md "Acceptance").
+#: SOP classes whose objects are not instances of a patient's study (docs/architecture.md "Acceptance").
 NON_PATIENT_SOP_CLASSES: Final[frozenset[str]] = frozenset(
     {
         "1.2.840.10008.1.3.10",  # Media Storage Directory Storage (DICOMDIR)

@@ -104,7 +104,7 @@ ACQUISITION_MODALITIES: Final[dict[str, str]] = {
 }
 
 # DICOM PS3.16 Annex L: Body Part Examined (0018,0015) defined term -> SNOMED CT (code, meaning).
-# CHEST follows MAPPING.md (the project's contract): 51185008 "Thorax".
+# CHEST follows docs/mapping.md: 51185008 "Thorax".
 BODY_PARTS: Final[dict[str, tuple[str, str]]] = {
     "ABDOMEN": ("818981001", "Abdomen"),
     "ABDOMENPELVIS": ("818982008", "Abdomen and Pelvis"),

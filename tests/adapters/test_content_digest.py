@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
 from ingest.adapters.dicomfile import read_header, read_header_bytes
-from tests.adapters.listener_helpers import make_settings, running_listener
+from tests.sources.dimse.listener_helpers import make_settings, running_listener
 
 IMPLICIT, EXPLICIT, BIG, DEFLATED = (
     "1.2.840.10008.1.2",

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from ingest import cli
 from ingest.adapters.datadir import LOCK_NAME, DataDirLock, tighten
 from ingest.adapters.spool import Spool
-from ingest.adapters.state import SQLiteStateStore
+from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.app import cli
 from ingest.config import AdminSettings, EmbeddedBackendSettings, ListenerSettings, Settings
 from samples.generate import generate
 
@@ -189,7 +189,7 @@ def _serve_settings(data: Path) -> Settings:
 
 
 async def _serve_once(data: Path) -> None:
-    from ingest.service import serve
+    from ingest.app.serve import serve
 
     stop = asyncio.Event()
     stop.set()  # serve starts every part, then stops at once

@@ -21,11 +21,11 @@ from aiohttp.test_utils import TestClient
 from gql.utilities import get_introspection_query_ast
 from graphql import get_introspection_query, print_ast
 
-from ingest.adapters.graphql import fit_resource, fit_schema, study_identifier
+from ingest.adapters.graphql.sink import fit_resource, fit_schema, study_identifier
+from ingest.app.cli import embedded_backend
 from ingest.backend.limits import QueryLimits
 from ingest.backend.schema import build_backend_schema
 from ingest.backend.server import GRAPHQL_PATH, create_app, start_backend
-from ingest.cli import embedded_backend
 from ingest.config import EmbeddedBackendSettings, Settings
 from ingest.errors import ConfigError
 from tests.backend.test_backend import CREATE, LIST_IDS, READ, ROOT, study

@@ -1,4 +1,4 @@
-"""DA/TM/offset -> FHIR dateTime (MAPPING.md "Encoding rules", dateTime row)."""
+"""DA/TM/offset -> FHIR dateTime (docs/mapping.md "Encoding rules", dateTime row)."""
 
 from __future__ import annotations
 

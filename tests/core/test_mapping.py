@@ -1,4 +1,4 @@
-"""Study aggregate -> FHIR R4 ImagingStudy (MAPPING.md), validated with fhir.resources' R4B model."""
+"""Study aggregate -> FHIR R4 ImagingStudy (docs/mapping.md), validated with fhir.resources' R4B model."""
 
 from __future__ import annotations
 

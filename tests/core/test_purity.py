@@ -1,4 +1,4 @@
-"""The core stays pure: no I/O, clock, asyncio, networking or logging configuration (STYLE.md R13)."""
+"""The core stays pure: no I/O, clock, asyncio, networking or logging configuration."""
 
 from __future__ import annotations
 

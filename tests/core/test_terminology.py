@@ -1,4 +1,4 @@
-"""Terminology tables, checked against pydicom's copy of PS3.16 (an independent source) and MAPPING.md."""
+"""Terminology tables, checked against pydicom's copy of PS3.16 (independent) and docs/mapping.md."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_body_part_codes_agree_with_pydicom_snomed_concepts() -> None:
     for by_code in concepts["SCT"].values():
         for code, (meaning, _cids) in by_code.items():
             meanings.setdefault(code, set()).add(meaning.lower())
-    # CHEST: MAPPING.md fixes 51185008 "Thorax"; CALF: pydicom holds only the fully specified name.
+    # CHEST: docs/mapping.md fixes 51185008 "Thorax"; CALF: pydicom holds only the fully specified name.
     exceptions = {"CHEST", "CALF"}
     for term, (code, display) in BODY_PARTS.items():
         assert code in meanings, term

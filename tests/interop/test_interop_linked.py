@@ -24,14 +24,14 @@ import pytest
 import pytest_asyncio
 from pydicom.data import get_charset_files
 
-from ingest.adapters.graphql import GraphQLSink
-from ingest.adapters.state import SQLiteStateStore
+from ingest.adapters.graphql.sink import GraphQLSink
+from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.config import EndpointSettings, PatientSettings, RelaySettings, Settings
 from ingest.core.extract import extract
 from ingest.core.records import InstanceRecord, PersonName
-from ingest.linked import NAME_REPRESENTATION_URL, URI_SYSTEM, prepare_links, search_token
 from ingest.metrics import Metrics
-from ingest.pipeline import wired_relay
+from ingest.relay.links import NAME_REPRESENTATION_URL, URI_SYSTEM, prepare_links, search_token
+from ingest.relay.relay import wired_relay
 
 SYSTEM = "urn:oid:1.2.826.0.1.3680043.2.1143.77"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

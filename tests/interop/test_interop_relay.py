@@ -20,12 +20,12 @@ from typing import Any
 import pydicom
 import pytest
 
-from ingest.adapters.graphql import GraphQLSink
-from ingest.adapters.state import SQLiteStateStore
+from ingest.adapters.graphql.sink import GraphQLSink
+from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.config import RelaySettings, Settings
-from ingest.pipeline import Relay, StudyBuilder, mapping_options, utcnow
 from ingest.ports import StudyState
-from ingest.sources import Parsed, expand_paths, parse_items
+from ingest.relay.relay import Relay, StudyBuilder, mapping_options, utcnow
+from ingest.sources.parse import Parsed, expand_paths, parse_items
 from samples.generate import GeneratedCorpus, generate
 from tests.faultproxy import gql, ingest_env, run_ingest, studies_with_identifier
 

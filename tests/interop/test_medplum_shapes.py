@@ -28,9 +28,11 @@ from graphql import (
 )
 from multidict import CIMultiDict
 
+from tests import FIXTURES
+
 # Captured from exactly this setup (see README.md), checked in with a note on its origin.
-REFERENCE_SDL = Path(__file__).resolve().parents[1] / "fixtures" / "medplum" / "imagingstudy-sdl.graphql"
-SCHEMA_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "medplum_schema.graphql"
+REFERENCE_SDL = FIXTURES / "medplum" / "imagingstudy-sdl.graphql"
+SCHEMA_FIXTURE = FIXTURES / "medplum_schema.graphql"
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -63,7 +65,7 @@ def new_study_uid() -> str:
 
 
 def study_identifier(study_uid: str) -> dict[str, str]:
-    # ImagingStudy.identifier <- (0020,000D) StudyInstanceUID, as urn:oid (MAPPING.md, DicomCast style)
+    # ImagingStudy.identifier <- (0020,000D) StudyInstanceUID, as urn:oid (docs/mapping.md)
     return {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}
 
 

@@ -1,0 +1,593 @@
+"""The state store logic shared by the SQLite and PostgreSQL stores; each dialect fills in a few hooks.
+
+:class:`SQLStateStore` holds every query and rule of :class:`ingest.ports.StateStore` once: the instance
+insert with its duplicate and conflict checks, the study upsert (dirty, due, a dead study revived), due
+claims and leases, push / retry / dead-letter outcomes, and the status queries. A dialect subclass
+(``state.sqlite.SQLiteStateStore``, ``state.postgres.PostgresStateStore``) supplies:
+
+- :meth:`~SQLStateStore._use` / :meth:`~SQLStateStore._write`: a cursor, with the driver's errors mapped
+  to :class:`ingest.errors.StoreError` / :class:`ingest.errors.StoreUnavailableError`; ``_write`` inside one
+  transaction committed on exit (SQLite ``BEGIN IMMEDIATE``, PostgreSQL ``conn.transaction()``);
+- :meth:`~SQLStateStore._q`: the shared SQL is written with ``?`` placeholders; a dialect rewrites them;
+- :meth:`~SQLStateStore._time` / :meth:`~SQLStateStore._from_time`: how an instant is stored (SQLite
+  fixed-width UTC ISO strings, PostgreSQL ``timestamptz``);
+- :attr:`~SQLStateStore._CLAIM_LOCK`: appended to the claim ``SELECT`` (``FOR UPDATE SKIP LOCKED`` on
+  PostgreSQL; nothing on SQLite, whose ``BEGIN IMMEDIATE`` already serialises writers);
+- :meth:`~SQLStateStore.close` and the schema (migrations, :attr:`schema_version`).
+
+Booleans are written as ``true`` / ``false``: a ``boolean`` on PostgreSQL, the integers 1 / 0 on SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, Final, Protocol, Self
+
+from ingest.core.records import InstanceRecord
+from ingest.errors import StoreError, StoreUnavailableError
+from ingest.ports import Added, AddOutcome, StateStore, StudyClaim, StudyRow, StudyState
+
+__all__ = [
+    "CONFLICT_OTHER_CONTENT",
+    "CONFLICT_OTHER_STUDY",
+    "Cursor",
+    "SQLStateStore",
+    "study_row",
+    "utc",
+]
+
+CONFLICT_OTHER_CONTENT: Final = "other_content"
+CONFLICT_OTHER_STUDY: Final = "other_study"
+
+_STUDY_COLUMNS: Final = (
+    "s.study_uid, s.state, COALESCE(n.instances, 0), s.dirty, s.attempts, s.backend_id, s.version_id, "
+    "s.last_error, s.last_seen, s.due_at, s.next_attempt_at, s.pushed_at, s.lease_owner, s.lease_expires"
+)
+_STUDY_FROM: Final = (
+    "FROM studies s LEFT JOIN (SELECT study_uid, COUNT(*) AS instances FROM instances GROUP BY study_uid) n "
+    "ON n.study_uid = s.study_uid"
+)
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor the shared queries use (``sqlite3.Cursor``, ``psycopg.Cursor``)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Self: ...
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> object: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+def utc(dt: datetime) -> datetime:
+    """``dt`` converted to UTC; refuses naive datetimes (their zone would be a guess).
+
+    Raises
+    ------
+    ValueError
+        When ``dt`` has no time zone.
+    """
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"datetime {dt.isoformat()} must be timezone-aware")
+    return dt.astimezone(UTC)
+
+
+def study_row(values: Sequence[Any], to_dt: Callable[[Any], datetime | None]) -> StudyRow:
+    """Build a :class:`StudyRow` from the columns of ``_STUDY_COLUMNS``, reading times with ``to_dt``."""
+    return StudyRow(
+        study_uid=values[0],
+        state=StudyState(values[1]),
+        instances=int(values[2]),
+        dirty=bool(values[3]),
+        attempts=int(values[4]),
+        backend_id=values[5],
+        version_id=values[6],
+        last_error=values[7],
+        last_seen=to_dt(values[8]),
+        due_at=to_dt(values[9]),
+        next_attempt_at=to_dt(values[10]),
+        pushed_at=to_dt(values[11]),
+        lease_owner=values[12],
+        lease_expires=to_dt(values[13]),
+    )
+
+
+# Rows per multi-row INSERT (9 parameters each: well under SQLite's and PostgreSQL's limits).
+_INSERT_ROWS = 256
+# Names per ``IN (...)`` lookup (under SQLite's 999-variable floor on old builds).
+_IN_CHUNK = 500
+
+
+def _digest_scheme(digest: str) -> str:
+    """The scheme prefix of a digest (``"c1"``), or ``""`` for an older digest without one."""
+    scheme, sep, _ = digest.partition(":")
+    return scheme if sep else ""
+
+
+def _same_record_other_scheme(stored: str, digest: str, stored_json: object, record: InstanceRecord) -> bool:
+    """Whether a row whose digest is of another scheme holds the same instance as *record*.
+
+    Digests of different schemes never match, so a store written before the content digest
+    (``ingest.adapters.dicomfile``: ``c1:``) would call every re-sent instance a conflict. Then the
+    stored record decides: equal but for the transfer syntax (the content digest makes a re-encoded
+    copy a duplicate) is the same instance; a record that does not parse is not.
+    """
+    if _digest_scheme(stored) == _digest_scheme(digest):
+        return False
+    try:
+        old = InstanceRecord.model_validate_json(str(stored_json))
+    except ValueError:
+        return False
+    return old.model_copy(update={"transfer_syntax_uid": None}) == record.model_copy(
+        update={"transfer_syntax_uid": None}
+    )
+
+
+class SQLStateStore(StateStore):
+    """:class:`ingest.ports.StateStore` on the ``instances`` / ``studies`` schema, for any SQL dialect.
+
+    Subclasses set :attr:`node` (recorded with each instance) and :attr:`_where` (how error messages
+    name the database, never with credentials), and implement the hooks below.
+    """
+
+    node: str
+    _where: str
+
+    #: Appended to the claim ``SELECT`` to lock the picked rows against other claimers.
+    _CLAIM_LOCK: ClassVar[str] = ""
+
+    # -- dialect hooks -----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _use(self, op: str) -> AbstractContextManager[Cursor]:
+        """A cursor with errors mapped (``op`` names the operation in messages); no transaction."""
+
+    @abstractmethod
+    def _write(self, op: str) -> AbstractContextManager[Cursor]:
+        """A cursor inside one write transaction, committed on a normal exit, rolled back otherwise."""
+
+    def _q(self, sql: str) -> str:
+        """``sql`` (written with ``?`` placeholders) in the driver's parameter style."""
+        return sql
+
+    @abstractmethod
+    def _time(self, dt: datetime) -> object:
+        """The stored form of the timezone-aware instant ``dt``; raises ``ValueError`` when naive."""
+
+    @abstractmethod
+    def _from_time(self, value: Any) -> datetime | None:
+        """A stored instant (or NULL) back as a UTC datetime."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection(s); idempotent."""
+
+    @property
+    def _log(self) -> logging.Logger:
+        """The logger of the dialect's module (``state.sqlite``, ``state.postgres``)."""
+        return logging.getLogger(type(self).__module__)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ------------------------------------------------------------------------------------------
+
+    def _apply_migrations(
+        self,
+        cur: Cursor,
+        migrations: Sequence[Sequence[str]],
+        version: int,
+        set_version: Callable[[int], object],
+    ) -> None:
+        """Run ``migrations[version:]`` in order, recording each new version with ``set_version``.
+
+        Raises
+        ------
+        StoreError
+            When the database's schema ``version`` is newer than ``migrations`` know.
+        """
+        if version > len(migrations):
+            raise StoreError(
+                f"state database {self._where} has schema version {version}; "
+                f"this program knows up to {len(migrations)}"
+            )
+        for number in range(version, len(migrations)):
+            for statement in migrations[number]:
+                cur.execute(statement)  # constant SQL text
+            set_version(number + 1)
+            self._log.info("State database %s migrated to schema version %d", self._where, number + 1)
+
+    # -- instances ---------------------------------------------------------------------------------------
+
+    def _insert_batch(
+        self, cur: Cursor, items: Sequence[tuple[InstanceRecord, str, str | None, str]], now: object
+    ) -> list[Added]:
+        """Insert instance rows in one statement; rows whose SOP Instance UID exists are checked after.
+
+        An existing row with the same study and digest makes a duplicate, otherwise a conflict; a row whose
+        digest is of another scheme (an older byte digest) is compared by its record instead, see
+        :func:`_same_record_other_scheme`. The same SOP Instance UID twice in one batch: the first is
+        added, the second compared with it.
+        """
+        inserted: set[str] = set()
+        for start in range(0, len(items), _INSERT_ROWS):
+            chunk = items[start : start + _INSERT_ROWS]
+            values: list[object] = []
+            for record, source, spool_name, digest in chunk:
+                values += [
+                    record.sop_uid,  # (0008,0018) SOP Instance UID
+                    record.study_uid,  # (0020,000D) Study Instance UID
+                    record.series_uid,  # (0020,000E) Series Instance UID
+                    digest,
+                    source,
+                    spool_name,
+                    self.node,
+                    record.model_dump_json(),
+                    now,
+                ]
+            rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            inserted.update(
+                str(row[0])
+                for row in cur.execute(
+                    self._q(
+                        "INSERT INTO instances (sop_uid, study_uid, series_uid, digest, source, spool_name, "
+                        f"node, record_json, added_at) VALUES {rows} "
+                        "ON CONFLICT (sop_uid) DO NOTHING RETURNING sop_uid"
+                    ),
+                    values,
+                ).fetchall()
+            )
+        results: list[Added] = []
+        for record, _source, _spool, digest in items:
+            if record.sop_uid in inserted:
+                inserted.discard(record.sop_uid)  # a second copy in this batch is compared below
+                results.append(Added(AddOutcome.ADDED, record.study_uid))
+                continue
+            found = cur.execute(
+                self._q("SELECT study_uid, digest, record_json FROM instances WHERE sop_uid = ?"),
+                (record.sop_uid,),
+            ).fetchone()
+            if found is None:  # pragma: no cover - deleted concurrently; nothing in ingest deletes rows
+                raise StoreUnavailableError(f"instance {record.sop_uid} vanished during add; retry")
+            if found[0] != record.study_uid:
+                results.append(Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_STUDY))
+            elif found[1] != digest and not _same_record_other_scheme(
+                str(found[1]), digest, found[2], record
+            ):
+                results.append(Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_CONTENT))
+            else:
+                results.append(Added(AddOutcome.DUPLICATE, record.study_uid))
+        return results
+
+    def _touch_study(self, cur: Cursor, study_uid: str, added: int, now: object, due_at: object) -> None:
+        """``added`` new instances make the study dirty and pending again, due at ``due_at``.
+
+        A dead study is revived (the new content may cure it; attempts restart); a pending retry keeps its
+        backoff. The generation grows by ``added``, so a push that started before sees the change.
+        """
+        cur.execute(
+            self._q(
+                "INSERT INTO studies AS s (study_uid, generation, dirty, last_seen, due_at, state) "
+                "VALUES (?, ?, true, ?, ?, 'pending') "
+                "ON CONFLICT (study_uid) DO UPDATE SET generation = s.generation + excluded.generation, "
+                "dirty = true, last_seen = excluded.last_seen, due_at = excluded.due_at, "
+                "attempts = CASE WHEN s.state = 'dead' THEN 0 ELSE s.attempts END, "
+                "next_attempt_at = CASE WHEN s.state = 'dead' THEN NULL ELSE s.next_attempt_at END, "
+                "dead_reason = NULL, state = 'pending'"
+            ),
+            (study_uid, added, now, due_at),
+        )
+
+    def add_instance(
+        self,
+        record: InstanceRecord,
+        *,
+        source: str,
+        spool_name: str | None,
+        digest: str,
+        now: datetime,
+        due_at: datetime,
+    ) -> Added:
+        """Insert an instance row and mark its study dirty and due at ``due_at``; durable on return.
+
+        Parameters
+        ----------
+        record:
+            The extracted header.
+        source:
+            Where it came from (``dimse:<AE>``, ``watch``, ``replay``); kept for diagnostics.
+        spool_name:
+            The spool file holding the bytes, if spooled.
+        digest:
+            Content digest; identical digest for the same SOP Instance UID is a duplicate. Against a
+            row holding a digest of another scheme (``c1:...`` versus an older prefix-less one), an
+            equal record (but for the transfer syntax) is a duplicate.
+        now, due_at:
+            Timezone-aware times: when it arrived, and when its study becomes due.
+
+        Returns
+        -------
+        Added
+            ``ADDED``; ``DUPLICATE`` (nothing written); or ``CONFLICT`` with ``detail``
+            ``"other_content"`` / ``"other_study"`` (nothing written).
+
+        Raises
+        ------
+        StoreUnavailableError
+            When the row cannot be committed (locked too long, disk full, I/O error, connection lost).
+        """
+        return self.add_instances([(record, source, spool_name, digest)], now=now, due_at=due_at)[0]
+
+    def add_instances(
+        self,
+        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        *,
+        now: datetime,
+        due_at: datetime,
+    ) -> list[Added]:
+        """Batch :meth:`add_instance` of ``(record, source, spool_name, digest)`` in one transaction."""
+        now_v, due_v = self._time(now), self._time(due_at)
+        with self._write("add_instances") as cur:
+            results = self._insert_batch(cur, items, now_v)
+            added = Counter(r.study_uid for r in results if r.outcome is AddOutcome.ADDED)
+            for study_uid in sorted(added):  # one update per study; a fixed order avoids lock cycles
+                self._touch_study(cur, study_uid, added[study_uid], now_v, due_v)
+            return results
+
+    def instances(self, study_uid: str) -> list[InstanceRecord]:
+        """The records of a study's instances, ordered by series and SOP Instance UID."""
+        with self._use("instances") as cur:
+            rows = cur.execute(
+                self._q("SELECT record_json FROM instances WHERE study_uid = ? ORDER BY series_uid, sop_uid"),
+                (study_uid,),
+            ).fetchall()
+        return [InstanceRecord.model_validate_json(row[0]) for row in rows]
+
+    def referenced_spool_names(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` some instance row records as its spool file.
+
+        Parameters
+        ----------
+        names:
+            Spool file names (random, 32 hex digits); duplicates are harmless.
+
+        Returns
+        -------
+        set[str]
+            The subset of ``names`` that an ``instances.spool_name`` holds; files not in it are orphans
+            (a crash between the spool rename and the row's commit).
+
+        Raises
+        ------
+        StoreUnavailableError
+            When the database cannot be read.
+        """
+        wanted = sorted(set(names))
+        found: set[str] = set()
+        with self._use("referenced_spool_names") as cur:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ", ".join(["?"] * len(chunk))
+                rows = cur.execute(
+                    self._q(f"SELECT DISTINCT spool_name FROM instances WHERE spool_name IN ({marks})"),
+                    chunk,
+                ).fetchall()
+                found.update(str(row[0]) for row in rows)
+        return found
+
+    # -- due, claims and leases --------------------------------------------------------------------------
+
+    def mark_due(self, study_uids: Iterable[str], due_at: datetime) -> None:
+        """Bring the due time of dirty studies forward to ``due_at`` (never later)."""
+        due_v = self._time(due_at)
+        uids = list(study_uids)
+        with self._write("mark_due") as cur:
+            if uids:
+                cur.executemany(
+                    self._q(
+                        "UPDATE studies SET due_at = ? WHERE study_uid = ? AND dirty = true "
+                        "AND (due_at IS NULL OR due_at > ?)"
+                    ),
+                    [(due_v, uid, due_v) for uid in uids],
+                )
+
+    def claim_due(self, now: datetime, limit: int, owner: str, lease_s: float) -> list[StudyClaim]:
+        """Claim up to ``limit`` studies that are dirty, due, past their next attempt and not leased.
+
+        The lease (``owner`` until ``now + lease_s``) is taken in the same transaction as the selection,
+        whose rows are locked against other claimers (:attr:`_CLAIM_LOCK`), so two claimers never get the
+        same study. Claims come in due order.
+        """
+        if limit <= 0:
+            return []
+        now_v = self._time(now)
+        expires = self._time(now + timedelta(seconds=lease_s))
+        with self._write("claim_due") as cur:
+            rows = cur.execute(
+                self._q(
+                    "SELECT study_uid, generation, backend_id, version_id, digest, attempts FROM studies "
+                    "WHERE state = 'pending' AND dirty = true AND due_at <= ? "
+                    "AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+                    "AND (lease_owner IS NULL OR lease_expires IS NULL OR lease_expires <= ?) "
+                    "ORDER BY due_at, study_uid LIMIT ?" + self._CLAIM_LOCK
+                ),
+                (now_v, now_v, now_v, limit),
+            ).fetchall()
+            if rows:
+                cur.executemany(
+                    self._q("UPDATE studies SET lease_owner = ?, lease_expires = ? WHERE study_uid = ?"),
+                    [(owner, expires, row[0]) for row in rows],
+                )
+        return [
+            StudyClaim(
+                study_uid=row[0],
+                generation=int(row[1]),
+                backend_id=row[2],
+                version_id=row[3],
+                digest=row[4],
+                attempts=int(row[5]),
+                owner=owner,
+            )
+            for row in rows
+        ]
+
+    def renew(self, claim: StudyClaim, now: datetime, lease_s: float) -> bool:
+        """Extend the lease of ``claim``; ``False`` when the lease is no longer held by its owner."""
+        expires = self._time(now + timedelta(seconds=lease_s))
+        with self._write("renew") as cur:
+            cur.execute(
+                self._q("UPDATE studies SET lease_expires = ? WHERE study_uid = ? AND lease_owner = ?"),
+                (expires, claim.study_uid, claim.owner),
+            )
+            return cur.rowcount == 1
+
+    def release(self, claim: StudyClaim) -> None:
+        """Give a claim back without recording anything (shutdown)."""
+        with self._write("release") as cur:
+            cur.execute(
+                self._q(
+                    "UPDATE studies SET lease_owner = NULL, lease_expires = NULL "
+                    "WHERE study_uid = ? AND lease_owner = ?"
+                ),
+                (claim.study_uid, claim.owner),
+            )
+
+    # -- outcomes ----------------------------------------------------------------------------------------
+
+    def mark_pushed(
+        self, claim: StudyClaim, *, backend_id: str, version_id: str | None, digest: str, now: datetime
+    ) -> None:
+        """Record a successful write (or an unchanged check).
+
+        ``dirty`` is cleared and the state becomes ``pushed`` only if no instance arrived since the claim
+        (generation unchanged); otherwise the study stays dirty, pending and due. The lease is released
+        if ``claim.owner`` still holds it.
+
+        Raises
+        ------
+        StoreError
+            When the study is not in the store.
+        """
+        now_v = self._time(now)
+        with self._write("mark_pushed") as cur:
+            cur.execute(
+                self._q(
+                    "UPDATE studies SET backend_id = ?, version_id = ?, digest = ?, pushed_at = ?, "
+                    "attempts = 0, last_error = NULL, next_attempt_at = NULL, dead_reason = NULL, "
+                    "dirty = CASE WHEN generation = ? THEN false ELSE true END, "
+                    "state = CASE WHEN generation = ? THEN 'pushed' ELSE 'pending' END, "
+                    "lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END, "
+                    "lease_expires = CASE WHEN lease_owner = ? THEN NULL ELSE lease_expires END "
+                    "WHERE study_uid = ?"
+                ),
+                (
+                    backend_id,
+                    version_id,
+                    digest,
+                    now_v,
+                    claim.generation,
+                    claim.generation,
+                    claim.owner,
+                    claim.owner,
+                    claim.study_uid,
+                ),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"mark_pushed: study {claim.study_uid} is not in the state store")
+
+    def _outcome(self, claim: StudyClaim, op: str, sql: str, args: tuple[Any, ...]) -> None:
+        """Run ``sql`` (an ``UPDATE ... SET ...``) on the claimed study unless another owner leases it."""
+        with self._write(op) as cur:
+            cur.execute(
+                self._q(f"{sql} WHERE study_uid = ? AND (lease_owner IS NULL OR lease_owner = ?)"),
+                (*args, claim.study_uid, claim.owner),
+            )
+            if cur.rowcount != 1:
+                self._log.warning(
+                    "%s for study %s ignored: its lease is now held by another owner", op, claim.study_uid
+                )
+
+    def schedule_retry(self, claim: StudyClaim, *, error: str, next_attempt_at: datetime) -> None:
+        """Count a failed attempt, keep the error, and hold the study until ``next_attempt_at``.
+
+        Ignored (with a warning) when another owner has taken the lease since.
+        """
+        self._outcome(
+            claim,
+            "schedule_retry",
+            "UPDATE studies SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
+            "lease_owner = NULL, lease_expires = NULL",
+            (self._time(next_attempt_at), error),
+        )
+
+    def dead_letter(self, claim: StudyClaim, *, reason: str, error: str, now: datetime) -> None:
+        """Park the study in the ``dead`` state with ``reason`` and the backend's message.
+
+        ``ingest retry`` (:meth:`retry_dead`) re-drives it; other studies continue. Ignored (with a
+        warning) when another owner has taken the lease since.
+        """
+        utc(now)  # refuses a naive time, like every other method
+        self._outcome(
+            claim,
+            "dead_letter",
+            "UPDATE studies SET state = 'dead', dead_reason = ?, last_error = ?, "
+            "next_attempt_at = NULL, lease_owner = NULL, lease_expires = NULL",
+            (reason, error),
+        )
+
+    def retry_dead(self, study_uid: str | None, now: datetime) -> int:
+        """Move dead studies (one, or all with ``None``) back to pending and due now; returns how many."""
+        now_v = self._time(now)
+        sql = (
+            "UPDATE studies SET state = 'pending', dirty = true, due_at = ?, attempts = 0, "
+            "next_attempt_at = NULL, dead_reason = NULL WHERE state = 'dead'"
+        )
+        with self._write("retry_dead") as cur:
+            if study_uid is None:
+                cur.execute(self._q(sql), (now_v,))
+            else:
+                cur.execute(self._q(f"{sql} AND study_uid = ?"), (now_v, study_uid))
+            return int(cur.rowcount)
+
+    # -- status ------------------------------------------------------------------------------------------
+
+    def studies(self, state: StudyState | None = None) -> list[StudyRow]:
+        """All studies (or those in ``state``), ordered by Study Instance UID."""
+        with self._use("studies") as cur:
+            if state is None:
+                rows = cur.execute(f"SELECT {_STUDY_COLUMNS} {_STUDY_FROM} ORDER BY s.study_uid").fetchall()
+            else:
+                rows = cur.execute(
+                    self._q(f"SELECT {_STUDY_COLUMNS} {_STUDY_FROM} WHERE s.state = ? ORDER BY s.study_uid"),
+                    (state.value,),
+                ).fetchall()
+        return [study_row(row, self._from_time) for row in rows]
+
+    def study(self, study_uid: str) -> StudyRow | None:
+        """One study, or ``None`` when unknown."""
+        with self._use("study") as cur:
+            row = cur.execute(
+                self._q(f"SELECT {_STUDY_COLUMNS} {_STUDY_FROM} WHERE s.study_uid = ?"), (study_uid,)
+            ).fetchone()
+        return None if row is None else study_row(row, self._from_time)
+
+    def dead_reason(self, study_uid: str) -> str | None:
+        """The reason code a dead study was parked with (``multiple_matches``, ``rejected``...)."""
+        with self._use("dead_reason") as cur:
+            row = cur.execute(
+                self._q("SELECT dead_reason FROM studies WHERE study_uid = ?"), (study_uid,)
+            ).fetchone()
+        return None if row is None else row[0]

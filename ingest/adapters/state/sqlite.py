@@ -1,0 +1,261 @@
+"""The durable state store: one row per accepted SOP instance, one row per study.
+
+:class:`SQLiteStateStore` is the embedded default; ``state.postgres.PostgresStateStore`` is the
+same schema for several nodes sharing one store. Both implement :class:`ingest.ports.StateStore`; their
+queries and rules live once in :class:`ingest.adapters.state.sql.SQLStateStore`, and this module holds
+only what is SQLite's: the connection, its pragmas, the schema version and the time format.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` (both read back at open; the store refuses to run
+otherwise), so a call that returned has been fsync'd: an acknowledged instance survives a crash. A
+database created elsewhere in another journal mode (``delete``, ``truncate``...) is switched to WAL at
+open; if it cannot be switched (another connection holds it), opening fails with ``StoreError``.
+
+The schema is versioned with ``PRAGMA user_version`` and numbered migrations (:data:`MIGRATIONS`); a later
+version appends a migration, never edits one. Times are stored as fixed-width UTC ISO-8601 strings
+(``2024-01-02T03:04:05.000006+00:00``), which sort like the instants they name; datetimes going in and
+out are timezone-aware UTC.
+
+Thread safety: one connection guarded by a lock; every method is one short transaction. Across
+processes, write transactions start with ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout_s``.
+
+Error mapping: ``sqlite3.OperationalError`` (locked too long, disk full, I/O error, cannot open) becomes
+:class:`StoreUnavailableError` (transient: the listener answers 0xA700); any other ``sqlite3.Error``
+becomes :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from ingest.adapters.state.sql import SQLStateStore, utc
+from ingest.errors import ConfigError, StoreError, StoreUnavailableError
+from ingest.ports import StateStore
+
+__all__ = [
+    "MIGRATIONS",
+    "SQLiteStateStore",
+    "open_state_store",
+]
+
+#: Numbered schema migrations; ``MIGRATIONS[i]`` brings ``user_version`` from ``i`` to ``i + 1``.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """
+        CREATE TABLE instances (
+            sop_uid     TEXT PRIMARY KEY,         -- (0008,0018)
+            study_uid   TEXT NOT NULL,            -- (0020,000D)
+            series_uid  TEXT NOT NULL,            -- (0020,000E)
+            digest      TEXT NOT NULL,
+            source      TEXT NOT NULL,
+            spool_name  TEXT,
+            node        TEXT,
+            record_json TEXT NOT NULL,
+            added_at    TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX instances_study ON instances (study_uid)",
+        """
+        CREATE TABLE studies (
+            study_uid       TEXT PRIMARY KEY,     -- (0020,000D)
+            generation      INTEGER NOT NULL DEFAULT 0,
+            dirty           INTEGER NOT NULL DEFAULT 0,
+            last_seen       TEXT,
+            due_at          TEXT,
+            state           TEXT NOT NULL DEFAULT 'pending',
+            backend_id      TEXT,
+            version_id      TEXT,
+            digest          TEXT,
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT,
+            last_error      TEXT,
+            dead_reason     TEXT,
+            pushed_at       TEXT,
+            lease_owner     TEXT,
+            lease_expires   TEXT
+        )
+        """,
+        # claim_due: pending + dirty studies in due order
+        "CREATE INDEX studies_due ON studies (state, dirty, due_at)",
+        "CREATE INDEX studies_state ON studies (state)",
+    ),
+    # 2: the start-up sweep looks spool names up (sweep_orphans)
+    ("CREATE INDEX instances_spool ON instances (spool_name)",),
+)
+
+
+def _ts(dt: datetime) -> str:
+    return utc(dt).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value).astimezone(UTC)
+
+
+class SQLiteStateStore(SQLStateStore):
+    """:class:`ingest.ports.StateStore` on one SQLite file (WAL, ``synchronous=FULL``).
+
+    Parameters
+    ----------
+    path:
+        The database file; its folder is created ``0700`` if missing.
+    node:
+        Name recorded with each instance (which node's spool holds the bytes); default: the host name.
+    busy_timeout_s:
+        How long a write waits for another process's lock before ``StoreUnavailableError``.
+
+    Raises
+    ------
+    StoreUnavailableError
+        When the file cannot be opened or is locked for longer than ``busy_timeout_s``.
+    StoreError
+        When WAL or ``synchronous=FULL`` cannot be set, the file is not a database, or its schema is
+        newer than this program knows.
+    """
+
+    def __init__(self, path: Path, *, node: str | None = None, busy_timeout_s: float = 10.0) -> None:
+        self.path = path
+        self._where = str(path)
+        self.node = node if node is not None else socket.gethostname()
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        with self._mapped("open"):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn = conn
+            try:
+                self._configure(conn, busy_timeout_s)
+                self._migrate(conn)
+            except BaseException:
+                self._conn = None
+                conn.close()
+                raise
+
+    # -- connection and schema ---------------------------------------------------------------------------
+
+    def _configure(self, conn: sqlite3.Connection, busy_timeout_s: float) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]  # read back: WAL may be refused
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"state database {self.path}: journal_mode is {mode!r}, not 'wal' "
+                "(the file system or another connection refuses WAL)"
+            )
+        conn.execute("PRAGMA synchronous = FULL")
+        sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+        if int(sync) != 2:  # 2 = FULL
+            raise StoreError(f"state database {self.path}: synchronous is {sync}, not FULL (2)")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        with self._transaction(conn), closing(conn.cursor()) as cur:
+            version = int(cur.execute("PRAGMA user_version").fetchone()[0])
+            # PRAGMA takes no parameters; the version is an int we computed
+            self._apply_migrations(
+                cur, MIGRATIONS, version, lambda number: cur.execute(f"PRAGMA user_version = {number}")
+            )
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        with self._use("schema_version") as cur:
+            return int(cur.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _mapped(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailableError(f"state database {self.path}: {op} failed: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"state database {self.path}: {op} failed: {exc}") from exc
+        except OSError as exc:
+            raise StoreUnavailableError(f"state database {self.path}: {op} failed: {exc}") from exc
+
+    @staticmethod
+    @contextmanager
+    def _transaction(conn: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[None]:
+        conn.execute(f"BEGIN {kind}")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def _use(self, op: str) -> Iterator[sqlite3.Cursor]:
+        """A cursor on the connection, under the lock, with errors mapped; no transaction."""
+        with self._lock, self._mapped(op):
+            if self._conn is None:
+                raise StoreError(f"state database {self.path}: {op} on a closed store")
+            cur = self._conn.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
+
+    @contextmanager
+    def _write(self, op: str) -> Iterator[sqlite3.Cursor]:
+        """A cursor inside a ``BEGIN IMMEDIATE`` transaction committed on exit."""
+        with self._use(op) as cur, self._transaction(cur.connection):
+            yield cur
+
+    # -- times: fixed-width UTC ISO-8601 strings ---------------------------------------------------------
+
+    def _time(self, dt: datetime) -> str:
+        return _ts(dt)
+
+    def _from_time(self, value: Any) -> datetime | None:
+        return _dt(value)
+
+    def close(self) -> None:
+        """Close the connection; idempotent. A WAL checkpoint runs as SQLite closes the last connection."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error as exc:
+                    raise StoreError(f"state database {self.path}: close failed: {exc}") from exc
+
+
+def open_state_store(url: str | None, data_dir: Path, *, node: str | None = None) -> StateStore:
+    """Open the configured state store (``[state] url``).
+
+    Parameters
+    ----------
+    url:
+        ``None`` (SQLite at ``data_dir/state.sqlite3``), ``sqlite:///path`` or ``postgresql://...``
+        (PostgreSQL, imported lazily).
+    data_dir:
+        The data directory (``--data-dir``).
+    node:
+        Name recorded with instances this node accepted; default: the host name.
+
+    Raises
+    ------
+    ConfigError
+        For an unsupported URL scheme.
+    StoreError, StoreUnavailableError
+        When the store cannot be opened.
+    """
+    if url is None or url == "":
+        return SQLiteStateStore(data_dir / "state.sqlite3", node=node)
+    if url.startswith("sqlite:///"):
+        return SQLiteStateStore(Path(url.removeprefix("sqlite:///")), node=node)
+    if url.startswith(("postgresql://", "postgres://")):
+        from ingest.adapters.state.postgres import PostgresStateStore
+
+        return PostgresStateStore(url, node=node)
+    scheme = url.split(":", 1)[0]
+    raise ConfigError(f"[state] url: unsupported scheme {scheme!r} (use postgresql://... or leave unset)")

@@ -1,0 +1,380 @@
+"""``ingest replay``: a finite source through the same pipeline, flushed at the end of its input."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from ingest.config import Settings
+from ingest.core.records import InstanceRecord
+from ingest.errors import ArchiveError
+from ingest.exitcodes import ExitCode
+from ingest.logs import printable
+from ingest.ports import AddOutcome, StateStore
+from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
+
+if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed, after parsing has started
+    from ingest.adapters.graphql.sink import GraphQLSink
+    from ingest.relay.relay import StudyBuilder
+
+__all__ = ["ReplayOptions", "ReplaySummary", "run_replay"]
+
+LOGGER = logging.getLogger(__name__)
+
+_STORE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    paths: list[Path]
+    dry_run: bool = False
+    pretty: bool = False
+    jobs: int = 1
+    studies: frozenset[str] = frozenset()
+    since: date | None = None
+
+
+@dataclass
+class ReplaySummary:
+    files: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    filtered: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    studies: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "instances": {
+                "accepted": self.accepted,
+                "duplicate": self.duplicate,
+                "filtered": self.filtered,
+                "rejected": sum(self.rejected.values()),
+                "rejected_by_reason": dict(sorted(self.rejected.items())),
+            },
+            "studies": {
+                k: self.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead", "printed")
+            },
+            "seconds": round(self.seconds, 3),
+        }
+
+    def rows(self) -> list[tuple[str, Any]]:
+        rows: list[tuple[str, Any]] = [("files read", self.files)]
+        for k in ("created", "updated", "unchanged", "dead", "printed"):
+            if self.studies.get(k) or k in ("created", "updated", "unchanged", "dead"):
+                rows.append((f"studies {k}", self.studies.get(k, 0)))
+        rows += [("instances accepted", self.accepted), ("instances duplicate", self.duplicate)]
+        if self.filtered:
+            rows.append(("instances filtered out", self.filtered))
+        rows.append(("instances rejected", sum(self.rejected.values())))
+        rows += [(f"  rejected: {reason}", n) for reason, n in sorted(self.rejected.items())]
+        rows.append(("seconds", f"{self.seconds:.2f}"))
+        return rows
+
+    def exit_code(self) -> ExitCode:
+        if self.studies.get("dead"):
+            return ExitCode.DEAD
+        if self.rejected:
+            return ExitCode.REJECTED
+        return ExitCode.OK
+
+
+def _study_date(record: InstanceRecord) -> date | None:
+    raw = (record.study_date or "").replace(".", "")
+    try:
+        return date(int(raw[0:4]), int(raw[4:6]), int(raw[6:8])) if len(raw) == 8 else None
+    except ValueError:
+        return None
+
+
+def _wanted(record: InstanceRecord, opts: ReplayOptions) -> bool:
+    if opts.studies and record.study_uid not in opts.studies:
+        return False
+    if opts.since is not None:
+        d = _study_date(record)
+        if d is None or d < opts.since:
+            return False
+    return True
+
+
+class _Progress:
+    """A rich progress line on a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, stderr: TextIO, summary: ReplaySummary) -> None:
+        self.summary = summary
+        self.stderr = stderr
+        self.tty = stderr.isatty()
+        self.start = time.perf_counter()
+        self.last = self.start
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                console=Console(file=self.stderr), transient=True,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task("reading", total=None)
+        return self
+
+    def update(self, studies: int) -> None:
+        s = self.summary
+        now = time.perf_counter()
+        rate = s.files / max(now - self.start, 1e-6)
+        text = (f"{s.files} files ({rate:.0f}/s), {studies} studies, "
+                f"{sum(s.rejected.values())} rejected")
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+        elif now - self.last >= 5.0:
+            self.last = now
+            print(f"ingest replay: {text}", file=self.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+
+def _items(opts: ReplayOptions) -> Iterator[Item]:
+    from ingest.sources import archives
+
+    for path in opts.paths:
+        if archives.is_archive(path):
+            try:
+                yield from archives.iter_members(path)
+            except ArchiveError as exc:  # a refused whole archive is one rejected input; others go on
+                yield Item(label=str(path), rejection=("archive_refused", str(exc)))
+        else:
+            yield from expand_paths([path])
+
+
+def _report_rejected(r: Rejected, stderr: TextIO) -> None:
+    # file and member names, and messages quoting them, are untrusted: one escaped line per input
+    print(f"rejected: {printable(r.label)}: {printable(r.reason)}: {printable(r.message)}", file=stderr)
+
+
+async def run_replay(
+    settings: Settings, opts: ReplayOptions, *, stdout: TextIO, stderr: TextIO
+) -> ReplaySummary:
+    """Read every input, then push (or print, with ``dry_run``) every study it carried."""
+    summary = ReplaySummary()
+    started = time.perf_counter()
+    if opts.dry_run:
+        await asyncio.to_thread(_dry_run, settings, opts, summary, stdout, stderr)
+    else:
+        await _replay(settings, opts, summary, stderr)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+# Dry run: a study that has had no new instance for this many files is mapped while parsing goes on
+# (its JSON is kept, and reused at the end if the study did not change since).
+_QUIET_FILES = 256
+_PROGRESS_EVERY = 32
+
+
+def _dry_run(
+    settings: Settings, opts: ReplayOptions, summary: ReplaySummary, stdout: TextIO, stderr: TextIO
+) -> None:
+    studies: dict[str, dict[str, tuple[str, InstanceRecord]]] = {}
+    owner: dict[str, str] = {}  # SOP Instance UID -> Study Instance UID
+    last_seen: dict[str, int] = {}  # Study Instance UID -> files read when it last grew (unmapped ones)
+    mapped: dict[str, tuple[int, str]] = {}  # Study Instance UID -> (instances, JSON) when mapped
+    builder: StudyBuilder | None = None
+
+    def to_json(uid: str) -> str:
+        nonlocal builder
+        if builder is None:
+            from ingest.relay.relay import StudyBuilder, mapping_options
+
+            builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
+        records = [rec for _, rec in studies[uid].values()]
+        return json.dumps(builder(records), ensure_ascii=False, indent=2 if opts.pretty else None)
+
+    # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
+    results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True)
+    with _Progress(stderr, summary) as progress:
+        for result in results:
+            summary.files += 1
+            if isinstance(result, Rejected):
+                summary.rejected[result.reason] += 1
+                _report_rejected(result, stderr)
+            elif not _wanted(result.record, opts):
+                summary.filtered += 1
+            elif _collect(studies, owner, result, summary, stderr):
+                last_seen[result.record.study_uid] = summary.files
+            if summary.files % _QUIET_FILES == 0:  # map the studies that have stopped growing
+                for uid in [u for u, seen in last_seen.items() if summary.files - seen >= _QUIET_FILES]:
+                    del last_seen[uid]
+                    mapped[uid] = (len(studies[uid]), to_json(uid))
+            if summary.files % _PROGRESS_EVERY == 0:
+                progress.update(len(studies))
+        progress.update(len(studies))
+    for uid in sorted(studies):
+        done = mapped.get(uid)
+        # the mapping is a pure function of the study's records, which only ever grow
+        text = done[1] if done is not None and done[0] == len(studies[uid]) else to_json(uid)
+        stdout.write(text + "\n")
+        summary.studies["printed"] += 1
+    stdout.flush()
+
+
+def _collect(
+    studies: dict[str, dict[str, tuple[str, InstanceRecord]]],
+    owner: dict[str, str],
+    parsed: Parsed,
+    summary: ReplaySummary,
+    stderr: TextIO,
+) -> bool:
+    """Add a dry run's parsed instance to its study; ``True`` when the study gained an instance."""
+    rec = parsed.record
+    other_uid = owner.setdefault(rec.sop_uid, rec.study_uid)
+    if other_uid != rec.study_uid:
+        summary.rejected["conflict"] += 1
+        why = f"SOP Instance UID {rec.sop_uid} already seen in study {other_uid}"
+        _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
+        return False
+    instances = studies.setdefault(rec.study_uid, {})
+    seen = instances.get(rec.sop_uid)
+    if seen is None:
+        instances[rec.sop_uid] = (parsed.digest, rec)
+        summary.accepted += 1
+        return True
+    if seen[0] == parsed.digest:
+        summary.duplicate += 1
+    else:
+        summary.rejected["conflict"] += 1
+        why = f"SOP Instance UID {rec.sop_uid} seen before with other content; kept the first"
+        _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
+    return False
+
+
+def _store_batch(
+    store: StateStore, batch: list[Parsed], settings: Settings, summary: ReplaySummary, stderr: TextIO,
+    touched: set[str],
+) -> None:
+    now = datetime.now(UTC)  # as relay.utcnow, without importing the relay into the reading thread
+    results = store.add_instances(
+        [(p.record, f"file:{p.label}", None, p.digest) for p in batch],
+        now=now, due_at=now + timedelta(seconds=settings.relay.stable_age_s),
+    )
+    for parsed, added in zip(batch, results, strict=True):
+        touched.add(parsed.record.study_uid)
+        if added.outcome is AddOutcome.ADDED:
+            summary.accepted += 1
+        elif added.outcome is AddOutcome.DUPLICATE:
+            summary.duplicate += 1
+        else:
+            summary.rejected["conflict"] += 1
+            _report_rejected(Rejected(parsed.label, "conflict",
+                                      f"SOP Instance UID {parsed.record.sop_uid}: {added.detail}"), stderr)
+
+
+async def _prepare_sink(
+    settings: Settings, stack: contextlib.AsyncExitStack, reading: asyncio.Event
+) -> GraphQLSink:
+    """Start the backend (when embedded) and try once to connect its sink, while the input is read.
+
+    Waits for ``reading`` first: the parsing processes are forked by then, not while this thread imports.
+    A backend that cannot be reached yet is retried (with backoff) once the input is read, as before.
+    """
+    await reading.wait()
+    from ingest.app.cli import start_sink
+    from ingest.errors import RetryableSinkError
+    from ingest.relay.relay import StudyBuilder  # noqa: F401  (mapping, FHIR models: loaded meanwhile too)
+
+    sink = await start_sink(settings, stack, embedded_port=0)
+    with contextlib.suppress(RetryableSinkError):
+        await sink.connect()
+    return sink
+
+
+async def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for it; its outcome (result, error) is dropped."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: not reported as "never retrieved"
+
+
+async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummary, stderr: TextIO) -> None:
+    from ingest.adapters.state.sqlite import open_state_store
+
+    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
+    touched: set[str] = set()
+    loop = asyncio.get_running_loop()
+    reading = asyncio.Event()  # set once the first parsed file is back (the worker processes exist)
+    try:
+        def read_all() -> None:
+            batch: list[Parsed] = []
+            try:
+                with _Progress(stderr, summary) as progress:
+                    for result in parse_items(_items(opts), jobs=opts.jobs):
+                        if not summary.files:
+                            loop.call_soon_threadsafe(reading.set)
+                        summary.files += 1
+                        if isinstance(result, Rejected):
+                            summary.rejected[result.reason] += 1
+                            _report_rejected(result, stderr)
+                        elif not _wanted(result.record, opts):
+                            summary.filtered += 1
+                        else:
+                            batch.append(result)
+                            if len(batch) >= _STORE_BATCH:
+                                _store_batch(store, batch, settings, summary, stderr, touched)
+                                batch = []
+                        progress.update(len(touched))
+                    if batch:
+                        _store_batch(store, batch, settings, summary, stderr, touched)
+            finally:
+                loop.call_soon_threadsafe(reading.set)
+
+        async with contextlib.AsyncExitStack() as stack:
+            # the backend and the sink's connection (introspection, fitted documents) are prepared on the
+            # loop while the input is read in a thread; nothing is written before the input is read
+            early = asyncio.ensure_future(_prepare_sink(settings, stack, reading))
+            try:
+                await asyncio.to_thread(read_all)
+            except BaseException:
+                await _abandon(early)
+                raise
+            if not touched:
+                await _abandon(early)
+                return
+            sink = await early
+            await _drain(settings, store, sink, touched, summary)
+    finally:
+        store.close()
+
+
+async def _drain(
+    settings: Settings, store: StateStore, sink: GraphQLSink, touched: set[str], summary: ReplaySummary
+) -> None:
+    """Push every study the input touched (the sink connects with backoff first, if it has not yet)."""
+    from ingest.app.cli import connect_with_backoff
+    from ingest.relay.relay import wired_relay
+
+    await connect_with_backoff(sink, settings)
+    relay = await wired_relay(settings, store, sink)  # [endpoint] / [patient] need the backend
+    await relay.drain(touched)
+    summary.studies.update(relay.totals.results)
+    summary.studies.pop("retried", None)
+    # Studies this input carried that needed no push at all (already pushed, nothing new) are
+    # unchanged too; the relay only counts the ones it had to check against the backend.
+    pushed = sum(summary.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead"))
+    summary.studies["unchanged"] += max(0, len(touched) - pushed)

@@ -1,0 +1,194 @@
+"""End-to-end tests of ``ingest replay`` as a user runs it: folders and archives, filters, twice over."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from samples.generate import GeneratedCorpus, generate
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _ingest(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``ingest`` in a clean folder (no config/ingest.toml there), with its own data dir."""
+    work = tmp / "work"
+    work.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    return subprocess.run(
+        [sys.executable, "-m", "ingest", "-q", "--data-dir", str(tmp / "data"), *args],
+        cwd=work, env=env, capture_output=True, text=True, timeout=100,
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> GeneratedCorpus:
+    return generate(tmp_path_factory.mktemp("corpus") / "c", studies=3, files=12, seed=11)
+
+
+@pytest.fixture(scope="module")
+def archives(corpus: GeneratedCorpus, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("archives")
+    made = {"zip": out / "c.zip", "tar.gz": out / "c.tar.gz", "tar": out / "c.tar"}
+    with zipfile.ZipFile(made["zip"], "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in corpus.paths():
+            zf.write(p, p.relative_to(corpus.root).as_posix())
+    for kind in ("tar.gz", "tar"):
+        with tarfile.open(made[kind], "w:gz" if kind == "tar.gz" else "w") as tf:
+            tf.add(corpus.root, arcname="c")
+    return made
+
+
+def _dry_run(tmp: Path, *paths: Path, jobs: int = 1, study: str | None = None,
+             since: date | None = None) -> tuple[int, str, dict[str, Any]]:
+    """``replay --dry-run`` in process (no interpreter start-up): exit code, stdout, summary."""
+    from ingest.app.replay import ReplayOptions, run_replay
+    from ingest.config import Settings
+
+    opts = ReplayOptions(paths=list(paths), dry_run=True, jobs=jobs,
+                         studies=frozenset([study] if study else []), since=since)
+    out, err = io.StringIO(), io.StringIO()
+    summary = asyncio.run(run_replay(Settings(data_dir=tmp / "data"), opts, stdout=out, stderr=err))
+    return summary.exit_code(), out.getvalue(), summary.as_dict()
+
+
+def _studies(stdout: str) -> dict[str, dict[str, Any]]:
+    """The printed ImagingStudies keyed by their Study Instance UID identifier."""
+    out = {}
+    for line in stdout.splitlines():
+        res = json.loads(line)
+        uid = next(i["value"] for i in res["identifier"] if i["system"] == "urn:dicom:uid")
+        out[uid.removeprefix("urn:oid:")] = res
+    return out
+
+
+def test_folder_zip_and_tar_gz_give_identical_imaging_studies(
+    tmp_path: Path, corpus: GeneratedCorpus, archives: dict[str, Path]
+) -> None:
+    outputs = {}
+    for name, src in [("folder", corpus.root), *archives.items()]:
+        rc, stdout, _ = _dry_run(tmp_path, src, jobs=2 if name == "folder" else 1)
+        assert rc == 0
+        outputs[name] = stdout
+    assert len(set(outputs.values())) == 1, "the same study must map the same from every container"
+    studies = _studies(outputs["folder"])
+    assert set(studies) == set(corpus.study_uids)
+    for uid, (n_series, n_instances) in corpus.expected.items():
+        assert studies[uid]["numberOfSeries"] == n_series
+        assert studies[uid]["numberOfInstances"] == n_instances
+
+
+def test_zip_with_escaping_and_link_members_is_refused_without_writing_outside(
+    tmp_path: Path, corpus: GeneratedCorpus
+) -> None:
+    good = corpus.paths()[0]
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../evil.dcm", good.read_bytes())
+        zf.writestr("/tmp/ingest-abs-evil.dcm", good.read_bytes())
+        link = zipfile.ZipInfo("link.dcm")
+        link.create_system = 3
+        link.external_attr = (0o120777) << 16  # S_IFLNK
+        zf.writestr(link, "../../etc/passwd")
+        zf.writestr("ok/inst.dcm", good.read_bytes())
+    before = set(tmp_path.parent.rglob("*"))
+    run = _ingest(tmp_path, "replay", str(archive), "--dry-run", "--json")
+    assert run.returncode == 2, run.stderr  # some inputs rejected, the rest processed
+    assert not Path("/tmp/ingest-abs-evil.dcm").exists()
+    new = set(tmp_path.parent.rglob("*")) - before
+    assert not any(p.name.endswith("evil.dcm") for p in new)
+    for member, rule in (("../evil.dcm", "unsafe_path"), ("/tmp/ingest-abs-evil.dcm", "unsafe_path"),
+                         ("link.dcm", "link")):
+        line = next(ln for ln in run.stderr.splitlines() if f"!{member}:" in ln)
+        assert str(archive) in line and f"rule {rule}" in line
+    summary = json.loads(run.stderr.strip().splitlines()[-1])
+    assert summary["instances"]["rejected_by_reason"] == {"archive_member": 3}
+    assert summary["instances"]["accepted"] == 1
+    assert len(_studies(run.stdout)) == 1
+
+
+def test_refused_whole_archive_is_one_rejected_input_and_others_go_on(tmp_path: Path,
+                                                                     corpus: GeneratedCorpus) -> None:
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"not gzip" * 100)
+    run = _ingest(tmp_path, "replay", str(broken), str(corpus.root), "--dry-run", "--json")
+    assert run.returncode == 2
+    assert f"rejected: {broken}: archive_refused:" in run.stderr
+    summary = json.loads(run.stderr.strip().splitlines()[-1])
+    assert summary["instances"]["rejected_by_reason"] == {"archive_refused": 1}
+    assert summary["instances"]["accepted"] == corpus.files
+
+
+def test_study_and_since_filters(tmp_path: Path, corpus: GeneratedCorpus) -> None:
+    wanted = corpus.study_uids[1]
+    rc, stdout, _ = _dry_run(tmp_path, corpus.root, study=wanted)
+    assert rc == 0
+    assert set(_studies(stdout)) == {wanted}
+    # --since: computed from the files themselves, independently of ingest
+    dates = {}
+    for p in corpus.paths():
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        dates[str(ds.StudyInstanceUID)] = str(ds.StudyDate)
+    cutoff = sorted(dates.values())[1]  # keeps every study but the oldest
+    since = date(int(cutoff[:4]), int(cutoff[4:6]), int(cutoff[6:]))
+    rc, stdout, summary = _dry_run(tmp_path, corpus.root, since=since)
+    assert rc == 0
+    assert set(_studies(stdout)) == {uid for uid, d in dates.items() if d >= cutoff}
+    oldest = min(dates, key=lambda u: dates[u])
+    assert summary["instances"]["filtered"] == corpus.expected[oldest][1]
+
+
+def test_same_folder_replayed_twice_writes_nothing_the_second_time(tmp_path: Path,
+                                                                   corpus: GeneratedCorpus) -> None:
+    first = _ingest(tmp_path, "replay", str(corpus.root), "--jobs", "2", "--json")
+    assert first.returncode == 0, first.stderr
+    s1 = json.loads(first.stdout)
+    assert s1["studies"]["created"] == len(corpus.studies)
+    assert s1["instances"]["accepted"] == corpus.files
+    second = _ingest(tmp_path, "replay", str(corpus.root), "--jobs", "1", "--json")
+    assert second.returncode == 0, second.stderr
+    s2 = json.loads(second.stdout)
+    assert s2["studies"]["created"] == 0 and s2["studies"]["updated"] == 0
+    assert s2["instances"] == {"accepted": 0, "duplicate": corpus.files, "filtered": 0, "rejected": 0,
+                               "rejected_by_reason": {}}
+    # the same files as an archive are the same instances: still nothing new
+    archive = tmp_path / "again.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in corpus.paths():
+            zf.write(p, p.relative_to(corpus.root).as_posix())
+    third = _ingest(tmp_path, "replay", str(archive), "--jobs", "1", "--json")
+    assert third.returncode == 0, third.stderr
+    s3 = json.loads(third.stdout)
+    assert s3["studies"]["created"] == 0 and s3["studies"]["updated"] == 0
+    assert s3["instances"]["duplicate"] == corpus.files
+
+
+def test_rejected_file_names_are_printed_escaped(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "evil\nname\x1b[31m.dcm").write_bytes(b"not DICOM at all\n\x1b[2J")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingest", "-q", "--data-dir", str(tmp_path / "data"), "replay", "--dry-run",
+         "--jobs", "1", str(folder)],
+        cwd=work, env=env, capture_output=True, timeout=100,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert b"\x1b" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(b"rejected: " + str(folder).encode() + b"/evil\\nname\\x1b[31m.dcm: ")

@@ -1,0 +1,669 @@
+"""Tests for ingest.relay.links: Patient subject resolution and the DICOMweb Endpoint.
+
+Pure parts (names, the Patient and Endpoint resources, settings validation) run without I/O; the modes
+run end to end through the relay against the embedded backend on 127.0.0.1 (port chosen by the OS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import pytest_asyncio
+from pydicom.data import get_charset_files, get_testdata_file
+
+from ingest.adapters.graphql.sink import GraphQLSink
+from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.backend.server import start_backend
+from ingest.backend.store import ResourceStore, SearchRequest
+from ingest.config import EndpointSettings, PatientSettings, RelaySettings, Settings, load_settings
+from ingest.core.extract import extract
+from ingest.core.records import InstanceRecord, PersonName
+from ingest.errors import ConfigError, PermanentSinkError, RetryableSinkError
+from ingest.metrics import Metrics
+from ingest.relay.links import (
+    CONNECTION_TYPE_SYSTEM,
+    NAME_REPRESENTATION_URL,
+    URI_SYSTEM,
+    EndpointResolver,
+    PatientResolver,
+    endpoint_resource,
+    human_names,
+    patient_resource,
+    prepare_links,
+    search_token,
+)
+from ingest.relay.relay import Relay, StudyBuilder, mapping_options
+from tests.faultproxy import ingest_env, run_ingest
+
+SYSTEM = "urn:oid:1.2.826.0.1.3680043.2.1143.99"
+WADO = "https://pacs.example.org/dicom-web"
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+IDE = {"url": NAME_REPRESENTATION_URL, "valueCode": "IDE"}
+SYL = {"url": NAME_REPRESENTATION_URL, "valueCode": "SYL"}
+
+
+def charset_record(name: str) -> InstanceRecord:
+    """Extract one of pydicom's character-set test files."""
+    [path] = get_charset_files(name)
+    return extract(pydicom.dcmread(path, stop_before_pixels=True), source=name)
+
+
+def record(study: str, sop: str, patient_id: str | None = "PID-1", **fields: Any) -> InstanceRecord:
+    return InstanceRecord(
+        study_uid=study,
+        series_uid=f"{study}.1",
+        sop_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        modality="CT",
+        patient_id=patient_id,
+        **fields,
+    )
+
+
+def names_json(name: PersonName | None) -> list[dict[str, Any]]:
+    return [h.model_dump(mode="json", by_alias=True, exclude_defaults=True) for h in human_names(name)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Names, Patient and Endpoint resources (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_japanese_three_group_name_becomes_three_human_names() -> None:
+    # PS3.5 H.3.1: Yamada^Tarou=山田^太郎=やまだ^たろう (ISO 2022 IR 87)
+    rec = charset_record("chrH31.dcm")
+    assert names_json(rec.patient_name) == [
+        {"text": "Tarou Yamada", "family": "Yamada", "given": ["Tarou"]},
+        {"extension": [IDE], "text": "山田 太郎", "family": "山田", "given": ["太郎"]},
+        {"extension": [SYL], "text": "やまだ たろう", "family": "やまだ", "given": ["たろう"]},
+    ]
+
+
+def test_japanese_half_width_katakana_alphabetic_group() -> None:
+    # PS3.5 H.3.2: the alphabetic group in JIS X 0201 katakana (ISO 2022 IR 13)
+    rec = charset_record("chrH32.dcm")
+    names = names_json(rec.patient_name)
+    assert names[0] == {"text": "ﾀﾛｳ ﾔﾏﾀﾞ", "family": "ﾔﾏﾀﾞ", "given": ["ﾀﾛｳ"]}
+    assert [n.get("extension") for n in names] == [None, [IDE], [SYL]]
+    assert names[1]["family"] == "山田" and names[2]["family"] == "やまだ"
+
+
+def test_korean_three_group_name_becomes_three_human_names() -> None:
+    # PS3.5 I.2: Hong^Gildong=洪^吉洞=홍^길동 (ISO 2022 IR 149)
+    rec = charset_record("chrI2.dcm")
+    assert names_json(rec.patient_name) == [
+        {"text": "Gildong Hong", "family": "Hong", "given": ["Gildong"]},
+        {"extension": [IDE], "text": "洪 吉洞", "family": "洪", "given": ["吉洞"]},
+        {"extension": [SYL], "text": "홍 길동", "family": "홍", "given": ["길동"]},
+    ]
+
+
+def test_korean_single_group_patient_from_charset_file() -> None:
+    rec = charset_record("chrKoreanMulti.dcm")
+    patient = patient_resource(SYSTEM, "2008-3", [rec])
+    assert patient == {
+        "resourceType": "Patient",
+        "identifier": [{"system": SYSTEM, "value": "2008-3"}],
+        "name": [{"text": "김희중", "family": "김희중"}],
+        "gender": "male",  # (0010,0040) M
+        "birthDate": "1800-01-01",  # (0010,0030) 18000101
+    }
+
+
+def test_japanese_single_group_patient_from_charset_file() -> None:
+    rec = charset_record("chrJapMulti.dcm")
+    patient = patient_resource(SYSTEM, "2008-4", [rec])
+    assert patient["name"] == [{"text": "たろう やまだ", "family": "やまだ", "given": ["たろう"]}]
+    assert patient["gender"] == "male" and patient["birthDate"] == "1800-01-01"
+
+
+def test_all_components_and_empty_groups() -> None:
+    name = PersonName(alphabetic="Adams^John Robert Quincy^B^Rev.^B.A. M.Div.", ideographic="", phonetic="^")
+    assert names_json(name) == [
+        {
+            "text": "Rev. John Robert Quincy B Adams B.A. M.Div.",
+            "family": "Adams",
+            "given": ["John Robert Quincy", "B"],
+            "prefix": ["Rev."],
+            "suffix": ["B.A. M.Div."],
+        }
+    ]
+    assert human_names(None) == [] and human_names(PersonName()) == []
+
+
+def test_control_characters_are_dropped_from_patient_names() -> None:
+    # FHIR strings may not hold C0 controls other than tab/CR/LF: the name is kept, cleaned, not dropped
+    name = PersonName(alphabetic="Ad\x1bams^Jo\x00hn\x01")
+    assert names_json(name) == [{"text": "John Adams", "family": "Adams", "given": ["John"]}]
+
+
+@pytest.mark.parametrize(
+    ("sex", "gender"),
+    [("M", "male"), ("F", "female"), ("O", "other"), ("o", "other"), ("U", None), (None, None)],
+)
+def test_gender_mapping(sex: str | None, gender: str | None) -> None:
+    patient = patient_resource(SYSTEM, "X", [record("1.2.3", "1.2.3.1", "X", patient_sex=sex)])
+    assert patient.get("gender") == gender
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("19800229", "1980-02-29"), ("19810229", None), ("1980", None), ("", None)]
+)
+def test_birth_date_valid_or_dropped(raw: str, expected: str | None) -> None:
+    patient = patient_resource(SYSTEM, "X", [record("1.2.3", "1.2.3.1", "X", patient_birth_date=raw)])
+    assert patient.get("birthDate") == expected
+    assert patient["identifier"] == [{"system": SYSTEM, "value": "X"}]
+
+
+def test_demographics_come_from_the_subjects_instances() -> None:
+    records = [
+        record("1.2.3", "1.2.3.1", "OTHER", patient_sex="F", patient_name=PersonName(alphabetic="Wrong^One")),
+        record("1.2.3", "1.2.3.2", "X", patient_sex="M", patient_name=PersonName(alphabetic="Right^One")),
+    ]
+    patient = patient_resource(SYSTEM, "X", records)
+    assert patient["gender"] == "male"
+    assert patient["name"][0]["family"] == "Right"
+
+
+def test_search_token_escapes_fhir_search_characters() -> None:
+    assert search_token("urn:oid:1.2", "A|B,C$D\\E") == "urn:oid:1.2|A\\|B\\,C\\$D\\\\E"
+    assert search_token(URI_SYSTEM, WADO) == f"{URI_SYSTEM}|{WADO}"
+
+
+def test_endpoint_resource_shape() -> None:
+    assert endpoint_resource(WADO) == {
+        "resourceType": "Endpoint",
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": WADO}],
+        "status": "active",
+        "connectionType": {
+            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+            "code": "dicom-wado-rs",
+        },
+        "name": "DICOMweb WADO-RS",
+        "payloadType": [{"text": "DICOM WADO-RS"}],
+        "payloadMimeType": ["application/dicom"],
+        "address": WADO,
+    }
+    assert CONNECTION_TYPE_SYSTEM == "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings validation
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://pacs.example.org/dicom-web/studies", "/studies"),
+        ("https://pacs.example.org/dicom-web/studies/1.2.3", "/studies"),
+        ("https://pacs.example.org/dicom-web/", "slash"),
+        ("https://pacs.example.org/", "slash"),
+        ("ftp://pacs.example.org/dicom-web", "http or https"),
+        ("pacs.example.org/dicom-web", "http or https"),
+        ("https:///dicom-web", "no host"),
+        ("https://pacs.example.org/dicom-web?x=1", "query"),
+        ("https://pacs.example.org/dicom web", "whitespace"),
+    ],
+)
+def test_invalid_wado_rs_url_is_refused_naming_the_key(url: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(endpoint={"wado_rs_url": url})
+    assert "endpoint.wado_rs_url" in str(info.value)
+    assert why in str(info.value)
+
+
+def test_wado_rs_url_credentials_are_refused_and_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(endpoint={"wado_rs_url": "https://user:s3cret@pacs.example.org/dicom-web"})
+    assert "credentials" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_invalid_wado_rs_url_from_config_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "ingest.toml"
+    config.write_text(f'[endpoint]\nwado_rs_url = "{WADO}/"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"endpoint\.wado_rs_url.*slash"):
+        load_settings(config)
+    monkeypatch.setenv("INGEST_ENDPOINT__WADO_RS_URL", f"{WADO}/studies")
+    with pytest.raises(ConfigError, match=r"endpoint\.wado_rs_url.*studies"):
+        load_settings()
+
+
+def test_valid_wado_rs_urls_are_kept() -> None:
+    assert load_settings(endpoint={"wado_rs_url": WADO}).endpoint.wado_rs_url == WADO
+    assert (
+        EndpointSettings(wado_rs_url="http://10.0.0.5:8042/dicom-web").wado_rs_url
+        == "http://10.0.0.5:8042/dicom-web"
+    )
+    assert EndpointSettings(wado_rs_url="  ").wado_rs_url is None
+
+
+@pytest.mark.parametrize("mode", ["lookup", "create"])
+def test_resolving_modes_need_default_system(mode: str) -> None:
+    with pytest.raises(ConfigError, match=r"patient.*default_system"):
+        load_settings(patient={"mode": mode})
+    assert load_settings(patient={"mode": mode, "default_system": SYSTEM}).patient.mode == mode
+
+
+def test_default_system_must_be_a_uri() -> None:
+    with pytest.raises(ConfigError, match=r"patient\.default_system"):
+        load_settings(patient={"mode": "logical", "default_system": "HOSPITAL A"})
+    assert load_settings().patient == PatientSettings(mode="logical", default_system=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolver units with a fake backend (errors, cache, locks)
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeBackend:
+    """In-memory LinkedBackend: search yields to the loop first, like a real round trip."""
+
+    def __init__(self, *, supports: bool = True) -> None:
+        self.resources: dict[str, list[dict[str, Any]]] = {"Patient": [], "Endpoint": []}
+        self.searches = 0
+        self.search_error: Exception | None = None
+        self.create_error: Exception | None = None
+        self._supports = supports
+
+    def supports(self, resource_type: str) -> bool:
+        return self._supports
+
+    async def search_resources(
+        self, resource_type: str, *, identifier: str, count: int = 2
+    ) -> list[dict[str, Any]]:
+        self.searches += 1
+        await asyncio.sleep(0.01)
+        if self.search_error is not None:
+            raise self.search_error
+        system, value = identifier.split("|", 1)
+        found = [
+            r
+            for r in self.resources[resource_type]
+            if any(i.get("system") == system and i.get("value") == value for i in r.get("identifier", []))
+        ]
+        return found[:count]
+
+    async def create_resource(self, resource_type: str, resource: Mapping[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        if self.create_error is not None:
+            raise self.create_error
+        created = {**resource, "id": f"{resource_type.lower()}-{len(self.resources[resource_type]) + 1}"}
+        self.resources[resource_type].append(created)
+        return created
+
+
+def logical_study(value: str = "PID-1", display: str | None = "Tarou Yamada") -> dict[str, Any]:
+    subject: dict[str, Any] = {"type": "Patient", "identifier": {"system": SYSTEM, "value": value}}
+    if display:
+        subject["display"] = display
+    return {"resourceType": "ImagingStudy", "status": "available", "subject": subject}
+
+
+def fallbacks(metrics: Metrics, cause: str) -> float:
+    value = metrics.registry.get_sample_value("ingest_patient_fallbacks_total", {"cause": cause})
+    return value or 0.0
+
+
+async def test_lookup_fallback_is_cached_until_it_expires() -> None:
+    backend, metrics, clock = FakeBackend(), Metrics(), [100.0]
+    resolver = PatientResolver(backend, "lookup", metrics=metrics, negative_ttl_s=30, clock=lambda: clock[0])
+    recs = [record("1.2.3", "1.2.3.1")]
+    assert await resolver(logical_study(), recs) == logical_study()
+    assert await resolver(logical_study(), recs) == logical_study()
+    assert backend.searches == 1 and fallbacks(metrics, "not_found") == 2
+    backend.resources["Patient"].append(
+        {"resourceType": "Patient", "id": "p9", "identifier": [{"system": SYSTEM, "value": "PID-1"}]}
+    )
+    clock[0] += 31
+    resolved = await resolver(logical_study(), recs)
+    assert resolved["subject"]["reference"] == "Patient/p9" and backend.searches == 2
+
+
+async def test_several_matches_fall_back_to_logical() -> None:
+    backend, metrics = FakeBackend(), Metrics()
+    for pid in ("a", "b"):
+        backend.resources["Patient"].append({"id": pid, "identifier": [{"system": SYSTEM, "value": "PID-1"}]})
+    resolver = PatientResolver(backend, "create", metrics=metrics)
+    assert await resolver(logical_study(), [record("1.2.3", "1.2.3.1")]) == logical_study()
+    assert fallbacks(metrics, "multiple") == 1 and len(backend.resources["Patient"]) == 2
+
+
+async def test_match_without_the_identifier_is_not_trusted() -> None:
+    """A backend that ignores the search argument must not link the study to somebody else."""
+
+    class Ignoring(FakeBackend):
+        async def search_resources(
+            self, resource_type: str, *, identifier: str, count: int = 2
+        ) -> list[dict[str, Any]]:
+            return [{"id": "stranger", "identifier": [{"system": SYSTEM, "value": "SOMEONE-ELSE"}]}]
+
+    metrics = Metrics()
+    resolver = PatientResolver(Ignoring(), "lookup", metrics=metrics)
+    assert await resolver(logical_study(), [record("1.2.3", "1.2.3.1")]) == logical_study()
+    assert fallbacks(metrics, "not_found") == 1
+
+
+async def test_subject_without_identifier_falls_back() -> None:
+    metrics = Metrics()
+    study = {"resourceType": "ImagingStudy", "subject": {"type": "Patient", "display": "X"}}
+    resolver = PatientResolver(FakeBackend(), "create", metrics=metrics)
+    assert await resolver(study, [record("1.2.3", "1.2.3.1", None)]) == study
+    assert fallbacks(metrics, "no_identifier") == 1
+
+
+async def test_retryable_search_error_propagates_and_permanent_falls_back() -> None:
+    backend, metrics = FakeBackend(), Metrics()
+    resolver = PatientResolver(backend, "create", metrics=metrics)
+    backend.search_error = RetryableSinkError("search Patient by identifier: connection refused")
+    with pytest.raises(RetryableSinkError):
+        await resolver(logical_study(), [record("1.2.3", "1.2.3.1")])
+    backend.search_error = PermanentSinkError("search Patient by identifier: rejected")
+    assert await resolver(logical_study(), [record("1.2.3", "1.2.3.1")]) == logical_study()
+    assert fallbacks(metrics, "search_failed") == 1
+
+
+async def test_refused_create_falls_back_and_is_tried_again() -> None:
+    backend, metrics = FakeBackend(), Metrics()
+    resolver = PatientResolver(backend, "create", metrics=metrics)
+    backend.create_error = PermanentSinkError("create Patient: invalid")
+    assert await resolver(logical_study(), [record("1.2.3", "1.2.3.1")]) == logical_study()
+    assert fallbacks(metrics, "create_failed") == 1
+    backend.create_error = None
+    resolved = await resolver(logical_study(), [record("1.2.3", "1.2.3.1")])
+    assert resolved["subject"] == {
+        "reference": "Patient/patient-1",
+        "type": "Patient",
+        "identifier": {"system": SYSTEM, "value": "PID-1"},
+        "display": "Tarou Yamada",
+    }
+
+
+async def test_concurrent_studies_of_one_new_patient_create_one_patient_fake() -> None:
+    backend = FakeBackend()
+    resolver = PatientResolver(backend, "create")
+    results = await asyncio.gather(
+        *(resolver(logical_study(), [record(f"1.2.{n}", f"1.2.{n}.1")]) for n in range(5))
+    )
+    assert len(backend.resources["Patient"]) == 1
+    assert {r["subject"]["reference"] for r in results} == {"Patient/patient-1"}
+    assert resolver._locks == {}  # locks are released with their last user
+
+
+async def test_missing_backend_support_refuses_to_start() -> None:
+    settings = Settings(patient=PatientSettings(mode="lookup", default_system=SYSTEM))
+    with pytest.raises(ConfigError, match="PatientList"):
+        await prepare_links(settings, FakeBackend(supports=False))
+    with pytest.raises(ConfigError, match="EndpointList"):
+        await EndpointResolver(FakeBackend(supports=False), WADO).reference()
+    links = await prepare_links(
+        Settings(), FakeBackend(supports=False)
+    )  # logical, no endpoint: nothing needed
+    assert links.link is None and links.endpoint_reference is None
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: relay -> embedded backend
+# --------------------------------------------------------------------------------------------------
+
+
+# One embedded backend and one sink for the end-to-end tests of this module (start-up and the first use
+# of each document cost seconds on a busy machine); every test uses its own patients and studies.
+e2e = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sink(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GraphQLSink]:
+    runner, port = await start_backend(tmp_path_factory.mktemp("backend") / "backend.sqlite3", port=0)
+    try:
+        async with GraphQLSink(
+            f"http://127.0.0.1:{port}/fhir/R4/$graphql", token_source=None, timeout_s=10
+        ) as s:
+            yield s
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStateStore]:
+    opened = SQLiteStateStore(tmp_path / "state.sqlite3", node="test")
+    yield opened
+    opened.close()
+
+
+def settings_for(mode: str, wado: str | None = None) -> Settings:
+    return Settings(
+        patient=PatientSettings(mode=mode, default_system=SYSTEM),  # type: ignore[arg-type]
+        endpoint=EndpointSettings(wado_rs_url=wado),
+        relay=RelaySettings(stable_age_s=0, concurrency=4),
+    )
+
+
+async def push(
+    store: SQLiteStateStore,
+    sink: Any,
+    settings: Settings,
+    records: Sequence[InstanceRecord],
+    *,
+    metrics: Metrics | None = None,
+    links: Any = None,
+) -> dict[str, int]:
+    """Add ``records`` and run the relay once, wired exactly as ``ingest serve`` wires it."""
+    for rec in records:
+        digest = hashlib.sha256(rec.model_dump_json().encode()).hexdigest()
+        store.add_instance(rec, source="test", spool_name=None, digest=digest, now=NOW, due_at=NOW)
+    links = links or await prepare_links(settings, sink, metrics=metrics)
+    options = mapping_options(settings, endpoint_reference=links.endpoint_reference)
+    relay = Relay(
+        store, sink, StudyBuilder(options), settings, clock=lambda: NOW, metrics=metrics, link=links.link
+    )
+    await relay.run_once()
+    return dict(relay.totals.results)
+
+
+async def patients(sink: GraphQLSink, value: str) -> list[dict[str, Any]]:
+    return await sink.search_resources("Patient", identifier=search_token(SYSTEM, value), count=10)
+
+
+async def subject_of(sink: GraphQLSink, study_uid: str) -> dict[str, Any]:
+    found = await sink.find(study_uid, None)
+    assert found is not None
+    subject: dict[str, Any] = found.resource["subject"]
+    return subject
+
+
+@e2e
+async def test_logical_mode_writes_a_logical_subject(sink: GraphQLSink, store: SQLiteStateStore) -> None:
+    rec = charset_record("chrH31.dcm")
+    assert await push(store, sink, settings_for("logical"), [rec]) == {"created": 1}
+    assert await subject_of(sink, rec.study_uid) == {
+        "type": "Patient",
+        "identifier": {"system": SYSTEM, "value": "H31EXAMPLE"},
+        "display": "Tarou Yamada",
+    }
+    assert await patients(sink, "H31EXAMPLE") == []
+
+
+@e2e
+async def test_lookup_mode_against_embedded_backend(sink: GraphQLSink, store: SQLiteStateStore) -> None:
+    metrics = Metrics()
+    first = record("1.2.40.1", "1.2.40.1.1", "LOOK-1", patient_name=PersonName(alphabetic="Doe^Jane"))
+    await push(store, sink, settings_for("lookup"), [first], metrics=metrics)
+    assert "reference" not in await subject_of(sink, "1.2.40.1")
+    assert fallbacks(metrics, "not_found") == 1
+    assert await patients(sink, "LOOK-1") == []  # lookup never creates
+
+    existing = await sink.create_resource(
+        "Patient", {"resourceType": "Patient", "identifier": [{"system": SYSTEM, "value": "LOOK-1"}]}
+    )
+    second = record("1.2.40.2", "1.2.40.2.1", "LOOK-1", patient_name=PersonName(alphabetic="Doe^Jane"))
+    await push(store, sink, settings_for("lookup"), [second])
+    assert await subject_of(sink, "1.2.40.2") == {
+        "reference": f"Patient/{existing['id']}",
+        "type": "Patient",
+        "identifier": {"system": SYSTEM, "value": "LOOK-1"},
+        "display": "Jane Doe",
+    }
+
+
+@e2e
+async def test_create_mode_creates_patient_with_korean_names(
+    sink: GraphQLSink, store: SQLiteStateStore
+) -> None:
+    rec = charset_record("chrI2.dcm")
+    assert await push(store, sink, settings_for("create"), [rec]) == {"created": 1}
+    [patient] = await patients(sink, "I2EXAMPLE")
+    assert patient["name"] == [
+        {"text": "Gildong Hong", "family": "Hong", "given": ["Gildong"]},
+        {"extension": [IDE], "text": "洪 吉洞", "family": "洪", "given": ["吉洞"]},
+        {"extension": [SYL], "text": "홍 길동", "family": "홍", "given": ["길동"]},
+    ]
+    assert (await subject_of(sink, rec.study_uid))["reference"] == f"Patient/{patient['id']}"
+
+
+@e2e
+async def test_create_mode_never_updates_an_existing_patient(
+    sink: GraphQLSink, store: SQLiteStateStore
+) -> None:
+    existing = await sink.create_resource(
+        "Patient",
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": SYSTEM, "value": "2008-4"}],
+            "name": [{"family": "Registered", "given": ["Name"]}],
+            "gender": "unknown",
+        },
+    )
+    rec = charset_record("chrJapMulti.dcm")  # PatientID 2008-4, sex M, another name
+    await push(store, sink, settings_for("create"), [rec])
+    [patient] = await patients(sink, "2008-4")
+    assert patient["id"] == existing["id"]
+    assert patient["meta"]["versionId"] == existing["meta"]["versionId"]
+    assert patient["name"] == [{"family": "Registered", "given": ["Name"]}] and patient["gender"] == "unknown"
+    assert (await subject_of(sink, rec.study_uid))["reference"] == f"Patient/{existing['id']}"
+
+
+@e2e
+async def test_two_studies_of_one_new_patient_pushed_concurrently_create_one_patient(
+    sink: GraphQLSink, store: SQLiteStateStore
+) -> None:
+    records = [
+        record(f"1.2.50.{n}", f"1.2.50.{n}.1", "NEW-1", patient_sex="F", patient_birth_date="19700101")
+        for n in (1, 2, 3)
+    ]
+    assert await push(store, sink, settings_for("create"), records) == {"created": 3}  # one relay pass
+    [patient] = await patients(sink, "NEW-1")
+    assert patient["gender"] == "female" and patient["birthDate"] == "1970-01-01"
+    for n in (1, 2, 3):
+        assert (await subject_of(sink, f"1.2.50.{n}"))["reference"] == f"Patient/{patient['id']}"
+
+
+@e2e
+async def test_existing_literal_subject_survives_a_later_logical_push(
+    sink: GraphQLSink, store: SQLiteStateStore
+) -> None:
+    first = record("1.2.60.1", "1.2.60.1.1", "LIT-1")
+    await push(store, sink, settings_for("create"), [first])
+    literal = (await subject_of(sink, "1.2.60.1"))["reference"]
+    assert literal.startswith("Patient/")
+
+    # a later instance of the same study pushed by a node in logical mode: the study is updated ...
+    later = record("1.2.60.1", "1.2.60.1.2", "LIT-1")
+    assert await push(store, sink, settings_for("logical"), [later]) == {"updated": 1}
+    found = await sink.find("1.2.60.1", None)
+    assert found is not None and found.resource["numberOfInstances"] == 2
+    # ... and its literal subject is kept
+    assert found.resource["subject"]["reference"] == literal
+
+
+@e2e
+async def test_endpoint_found_or_created_once_and_referenced(
+    sink: GraphQLSink, store: SQLiteStateStore
+) -> None:
+    settings = settings_for("logical", wado=WADO)
+    links = await prepare_links(settings, sink)
+    assert links.endpoint_reference is not None and links.endpoint_reference.startswith("Endpoint/")
+    again = await prepare_links(settings, sink)  # a restart: found by identifier, not created again
+    assert again.endpoint_reference == links.endpoint_reference
+    found = await sink.search_resources("Endpoint", identifier=search_token(URI_SYSTEM, WADO), count=10)
+    assert len(found) == 1
+    [endpoint] = found
+    assert endpoint["address"] == WADO and endpoint["status"] == "active"
+    assert endpoint["connectionType"]["code"] == "dicom-wado-rs"
+    assert endpoint["payloadMimeType"] == ["application/dicom"]
+
+    await push(store, sink, settings, [record("1.2.70.1", "1.2.70.1.1")], links=links)
+    study = await sink.find("1.2.70.1", None)
+    assert study is not None and study.resource["endpoint"] == [{"reference": links.endpoint_reference}]
+
+    other = await prepare_links(
+        settings_for("logical", wado=WADO + "2"), sink
+    )  # another URL, another Endpoint
+    assert other.endpoint_reference != links.endpoint_reference
+
+
+def test_ct_small_patient_resource_is_valid_fhir() -> None:
+    """A real file's demographics pass the strict R4 model the embedded backend validates with."""
+    from ingest.core.fhir import validate_resource
+
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    rec = extract(pydicom.dcmread(path, stop_before_pixels=True), source="CT_small")
+    assert rec.patient_id
+    resource = patient_resource(SYSTEM, rec.patient_id, [rec])
+    validate_resource(resource)
+    assert resource["name"][0]["family"] == "CompressedSamples"
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI: wiring and refusal at start
+# --------------------------------------------------------------------------------------------------
+
+
+async def test_replay_cli_refuses_invalid_endpoint_url_at_start(tmp_path: Path) -> None:
+    env = ingest_env(None)
+    env["INGEST_ENDPOINT__WADO_RS_URL"] = f"{WADO}/studies"
+    run = await run_ingest(tmp_path / "data", "replay", str(tmp_path), env=env, cwd=tmp_path)
+    assert run.returncode == 1
+    assert "configuration error" in run.stderr and "endpoint.wado_rs_url" in run.stderr
+    assert not (tmp_path / "data" / "backend.sqlite3").exists()  # refused before anything started
+
+
+async def test_replay_cli_wires_patient_and_endpoint(tmp_path: Path) -> None:
+    path = get_charset_files("chrI2.dcm")[0]  # Hong^Gildong=洪^吉洞=홍^길동
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "one.dcm").write_bytes(Path(path).read_bytes())
+    env = ingest_env(None)  # the embedded backend, started by the replay in data/backend.sqlite3
+    env.update(
+        {
+            "INGEST_PATIENT__MODE": "create",
+            "INGEST_PATIENT__DEFAULT_SYSTEM": SYSTEM,
+            "INGEST_ENDPOINT__WADO_RS_URL": WADO,
+        }
+    )
+    data = tmp_path / "data"
+    run = await run_ingest(data, "replay", str(folder), "--jobs", "1", "--json", env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.json()["studies"]["created"] == 1
+
+    db = ResourceStore(data / "backend.sqlite3")
+    try:
+        [patient] = db.search("Patient", SearchRequest({"identifier": search_token(SYSTEM, "I2EXAMPLE")}))
+        [endpoint] = db.search("Endpoint", SearchRequest({"identifier": search_token(URI_SYSTEM, WADO)}))
+        [imaging] = db.search("ImagingStudy", SearchRequest({"patient": f"Patient/{patient['id']}"}))
+    finally:
+        db.close()
+    assert [n.get("text") for n in patient["name"]] == ["Gildong Hong", "洪 吉洞", "홍 길동"]
+    assert imaging["endpoint"] == [{"reference": f"Endpoint/{endpoint['id']}"}]
+    assert imaging["subject"]["display"] == "Gildong Hong"

@@ -1,0 +1,179 @@
+"""The C-STORE listener: real pynetdicom SCUs on loopback against ``start_listener``."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from ingest.adapters.dicomfile import read_header
+from ingest.sources.dimse.listener import STATUS_TABLE
+
+from .listener_helpers import (
+    CT_IMAGE,
+    encode,
+    instance,
+    make_settings,
+    raw_file,
+    running_listener,
+    scu,
+    send_raw,
+)
+
+CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
+
+
+def test_status_table_codes_are_distinct_per_rejection_reason() -> None:
+    failures = {k: v.status for k, v in STATUS_TABLE.items() if 0xC000 <= v.status <= 0xCFFF}
+    assert len(set(failures.values())) == len(failures)
+    assert STATUS_TABLE["uid_mismatch"].status == 0xA900
+    assert all(len(v.comment) <= 64 for v in STATUS_TABLE.values())
+
+
+def test_echo(tmp_path: Path) -> None:
+    with running_listener(make_settings(tmp_path)) as run:
+        ae = scu()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+
+
+def test_store_is_durable_then_acknowledged_and_duplicates_are_quiet(tmp_path: Path) -> None:
+    ds = dcmread(CT_SMALL)
+    with running_listener(make_settings(tmp_path)) as run:
+        ae = scu()
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assert assoc.send_c_store(ds).Status == 0x0000  # identical duplicate
+        assoc.release()
+        rows = run.store.instances(ds.StudyInstanceUID)
+        assert [r.sop_uid for r in rows] == [ds.SOPInstanceUID]
+        spooled = run.listener.spool.names()
+        assert len(spooled) == 1  # the duplicate's copy was not kept
+        # the spool holds a readable Part 10 file of the received instance
+        parsed = read_header(run.listener.spool.path(spooled[0]))
+        assert parsed.record.sop_uid == ds.SOPInstanceUID
+        assert run.relay.woken.wait(5)
+
+
+def test_conflicting_duplicate_keeps_first_and_quarantines_second(tmp_path: Path) -> None:
+    first = instance()
+    second = instance(SeriesDescription="other content")
+    for ds in (first, second):
+        ds.file_meta = Dataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with running_listener(make_settings(tmp_path)) as run:
+        ae = scu()
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.send_c_store(first).Status == 0x0000
+        rsp = assoc.send_c_store(second)
+        assoc.release()
+        assert rsp.Status == STATUS_TABLE["conflict"].status
+        assert "ErrorComment" in rsp
+        rows = run.store.instances(first.StudyInstanceUID)
+        assert len(rows) == 1 and rows[0].series_description is None
+        names = run.listener.quarantine.names()
+        assert len(names) == 1
+        assert run.listener.quarantine.reason(names[0])["reason"] == "conflict"
+
+
+def test_release_brings_studies_forward_abort_does_not(tmp_path: Path) -> None:
+    with running_listener(make_settings(tmp_path)) as run:
+        ae = scu()
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        a = instance("1.2.9.1.3", study="1.2.9.1", series="1.2.9.1.2")
+        b = instance("1.2.9.2.3", study="1.2.9.2", series="1.2.9.2.2")
+        for ds in (a, b):
+            ds.file_meta = Dataset()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.send_c_store(a).Status == 0x0000
+        assoc.release()
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.send_c_store(b).Status == 0x0000
+        assoc.abort()
+        now = datetime.now(UTC)
+        row_a, row_b = run.store.study("1.2.9.1"), run.store.study("1.2.9.2")
+        assert row_a is not None and row_b is not None
+        assert row_a.due_at is not None and row_a.due_at < now + timedelta(seconds=5)  # grace = 1 s
+        assert row_b.due_at is not None and row_b.due_at > now + timedelta(seconds=500)  # stable_age 600
+
+
+def _deep(levels: int) -> Dataset:
+    inner = Dataset()
+    inner.CodeValue = "X"
+    for _ in range(levels):
+        inner.is_undefined_length_sequence_item = True  # delimited items, as most modalities write
+        outer = Dataset()
+        outer.ContentSequence = Sequence([inner])
+        outer["ContentSequence"].is_undefined_length = True
+        inner = outer
+    return inner
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing_study_uid", STATUS_TABLE["missing_tag"].status),
+        ("dotdot_uid", STATUS_TABLE["invalid_uid"].status),
+        ("mismatch", 0xA900),
+        ("truncated", STATUS_TABLE["truncated"].status),
+        ("deep_nesting", STATUS_TABLE["nesting_too_deep"].status),
+        ("garbage", None),
+    ],
+)
+def test_bad_data_gets_its_status_and_the_server_stays_up(
+    tmp_path: Path, case: str, expected: int | None
+) -> None:
+    sop = "1.2.3.4.5.3"
+    ds = instance(sop)
+    if case == "missing_study_uid":
+        del ds.StudyInstanceUID
+        body = encode(ds)
+    elif case == "dotdot_uid":
+        ds.SeriesInstanceUID = "1.2.33"  # same length, patched below (pydicom warns on writing "..")
+        body = encode(ds).replace(b"1.2.33", b"1.2..3")
+    elif case == "mismatch":
+        body = encode(instance("1.2.3.4.5.99"))
+    elif case == "truncated":
+        ds.ImageComments = "x" * 200  # (0020,4000) LT
+        body = encode(ds)[:-50]
+    elif case == "deep_nesting":
+        deep = _deep(100)
+        for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            setattr(deep, k, getattr(ds, k))
+        body = encode(deep)
+    else:
+        body = b"\x01\x02" * 100
+    path = raw_file(tmp_path / "raw", body, sop_class=CT_IMAGE, sop_uid=sop)
+    with running_listener(make_settings(tmp_path / "data")) as run:
+        rsp = send_raw(run.port, path)
+        assert rsp is not None
+        if expected is None:  # unparseable bytes: some 0xC0xx "cannot understand"
+            assert 0xC000 <= rsp.Status <= 0xCFFF
+        else:
+            assert rsp.Status == expected
+        assert rsp.ErrorComment
+        assert run.store.studies() == []
+        names = run.listener.quarantine.names()
+        assert len(names) == 1
+        side = run.listener.quarantine.reason(names[0])
+        assert json.dumps(side)  # a reason side file exists and is JSON
+        # still serving
+        good = raw_file(
+            tmp_path / "raw", encode(instance("1.2.3.4.6.3")), sop_class=CT_IMAGE, sop_uid="1.2.3.4.6.3"
+        )
+        assert send_raw(run.port, good).Status == 0x0000
+        assert len(run.store.instances("1.2.3.4.5.1")) == 1

@@ -1,0 +1,161 @@
+"""Listener faults: spool write errors, aborted transfers, many concurrent associations."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.pdu import P_DATA_TF
+
+from ingest.adapters.state.sqlite import SQLiteStateStore
+
+from .listener_helpers import CT_IMAGE, instance, make_settings, running_listener, scu
+
+
+def _with_meta(ds: Dataset) -> Dataset:
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_spool_write_error_answers_out_of_resources_and_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_listener(make_settings(tmp_path)) as run:
+        real_write = os.write
+
+        def failing_write(fd: int, data: bytes) -> int:
+            if threading.current_thread().name.startswith("AcceptorThread"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", failing_write)
+        ae = scu()
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        rsp = assoc.send_c_store(_with_meta(instance()))
+        monkeypatch.setattr(os, "write", real_write)
+        assert rsp.Status == 0xA700
+        assert run.store.studies() == []
+        assert run.listener.spool.names() == []
+        assert [p for p in run.listener.spool.root.iterdir()] == []  # no temporary file left either
+        assert assoc.send_c_store(_with_meta(instance())).Status == 0x0000  # recovers once the disk does
+        assoc.release()
+
+
+def test_association_aborted_mid_transfer_leaves_nothing_half_stored(tmp_path: Path) -> None:
+    big = _with_meta(instance())
+    big.PixelData = b"\0" * (8 * 1024 * 1024)  # (7FE0,0010): many PDUs
+    big["PixelData"].VR = "OB"
+    sent = [0]
+
+    def cut_after_a_few(event: evt.Event) -> None:  # the connection dies mid-transfer
+        if isinstance(event.pdu, P_DATA_TF):
+            sent[0] += 1
+            if sent[0] == 5:
+                event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+    with running_listener(make_settings(tmp_path)) as run:
+        ae = scu()
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST",
+                             evt_handlers=[(evt.EVT_PDU_SENT, cut_after_a_few)])
+        assoc.send_c_store(big)
+        assert sent[0] >= 5
+        time.sleep(0.5)
+        assert run.store.studies() == []
+        assert run.listener.spool.names() == []
+        assert [p for p in run.listener.spool.root.iterdir()] == []
+
+
+def test_eight_concurrent_associations_all_stored_with_bounded_memory(tmp_path: Path) -> None:
+    n_assoc, per = 8, 200
+    errors: list[str] = []
+
+    def send(k: int, port: int) -> None:
+        ae = scu()
+        # 1,600 fsync'd stores from 8 threads of one process: on a loaded CI machine a response may take
+        # longer than the helper's 10 s default; this test is about completeness and memory, not latency.
+        ae.dimse_timeout = ae.network_timeout = 120
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="INGEST")
+        if not assoc.is_established:
+            errors.append(f"assoc {k} not established")
+            return
+        for i in range(per):
+            ds = _with_meta(instance(f"1.2.8.{k}.3.{i}", study=f"1.2.8.{k}", series=f"1.2.8.{k}.2"))
+            rsp = assoc.send_c_store(ds)
+            status = getattr(rsp, "Status", None)  # an empty Dataset when no response came
+            if status != 0x0000:
+                errors.append(f"{k}/{i}: status {status}")
+                break
+        assoc.release()
+
+    with running_listener(make_settings(tmp_path, max_associations=8)) as run:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        threads = [threading.Thread(target=send, args=(k, run.port)) for k in range(n_assoc)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        for k in range(n_assoc):
+            assert len(run.store.instances(f"1.2.8.{k}")) == per
+        assert len(run.listener.spool.names()) == n_assoc * per
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before < 100
+
+
+def test_full_intake_answers_out_of_resources_and_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every intake slot taken by a store still in progress, the next C-STORE gets 0xA700 at once."""
+    store = SQLiteStateStore(tmp_path / "state.sqlite3", node="test")
+    entered, proceed = threading.Event(), threading.Event()
+    real_add = store.add_instance
+
+    def slow_add(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        proceed.wait(20)  # holds the only intake slot
+        return real_add(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_instance", slow_add)
+
+    def send(ds: Dataset) -> int | None:
+        ae = scu()
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.is_established
+        try:
+            status = getattr(assoc.send_c_store(_with_meta(ds)), "Status", None)
+        finally:
+            assoc.release()
+        return int(status) if status is not None else None
+
+    try:
+        with running_listener(make_settings(tmp_path, intake_size=1), store) as run:
+            first: list[int | None] = []
+            sender = threading.Thread(target=lambda: first.append(send(instance("1.2.9.3.1"))))
+            sender.start()
+            assert entered.wait(10), "the first C-STORE never reached the store"
+            started = time.monotonic()
+            second = send(instance("1.2.9.3.2"))
+            answered_in = time.monotonic() - started
+            proceed.set()
+            sender.join(20)
+        assert second == 0xA700
+        assert answered_in < 5  # refused at once, not queued behind the slow store
+        assert first == [0x0000]
+        assert [r.sop_uid for r in store.instances("1.2.3.4.5.1")] == ["1.2.9.3.1"]
+    finally:
+        proceed.set()
+        store.close()

@@ -1,0 +1,188 @@
+"""netguard's pre-association checks as units: A-ASSOCIATE-RQ validation, command-set repair, deadlines."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from pydicom.uid import UID
+
+from ingest.sources.dimse.netguard import (
+    Refusal,
+    check_associate_rq,
+    read_associate_rq,
+    repair_command_set,
+)
+
+from .raw_ul import (
+    CT_IMAGE,
+    IMPLICIT_LE,
+    VERIFICATION,
+    associate_rq,
+    c_store_rq,
+    element,
+    item,
+    parse_command,
+    pdu,
+)
+
+
+def _refusal(rq: bytes) -> Refusal:
+    with pytest.raises(Refusal) as info:
+        check_associate_rq(rq)
+    return info.value
+
+
+def test_a_well_formed_request_passes() -> None:
+    check_associate_rq(
+        associate_rq(contexts=((1, VERIFICATION, (IMPLICIT_LE,)), (3, CT_IMAGE, (IMPLICIT_LE,))))
+    )
+    check_associate_rq(associate_rq(calling=b" PADDED", called=b"INGEST"))  # leading spaces: not significant
+
+
+@pytest.mark.parametrize(
+    "bad", [b"TEST\nSCU", b"TESTSCU\n", b"TEST\0SCU", b"\x1b[31mRED", b"BACK\\SLASH", b"CAF\xc9"]
+)
+def test_invalid_calling_ae_is_rejected_1_1_3_and_escaped(bad: bytes) -> None:
+    refusal = _refusal(associate_rq(calling=bad))
+    assert refusal.reject == (1, 1, 3)
+    assert refusal.answer() == bytes([0x03, 0, 0, 0, 0, 4, 0, 1, 1, 3])  # A-ASSOCIATE-RJ PDU (PS3.8 9.3.4)
+    assert all(ch.isprintable() for ch in refusal.message)
+
+
+def test_invalid_or_blank_called_ae_is_rejected_1_1_7() -> None:
+    assert _refusal(associate_rq(called=b"ING\x07EST")).reject == (1, 1, 7)
+    assert _refusal(associate_rq(called=b"")).reject == (1, 1, 7)  # 16 spaces
+
+
+def test_calling_ae_is_checked_before_called_ae() -> None:
+    assert _refusal(associate_rq(calling=b"A\nB", called=b"C\nD")).reject == (1, 1, 3)
+
+
+@pytest.mark.parametrize("cx_id", [0, 2, 254])
+def test_even_presentation_context_id_is_rejected(cx_id: int) -> None:
+    refusal = _refusal(
+        associate_rq(contexts=((1, VERIFICATION, (IMPLICIT_LE,)), (cx_id, CT_IMAGE, (IMPLICIT_LE,))))
+    )
+    assert refusal.reason == "even_context_id"
+    assert refusal.reject == (1, 2, 1)
+
+
+def test_over_long_or_unprintable_syntax_uids_are_rejected() -> None:
+    long_uid = b"1.2." + b"3" * 70
+    assert _refusal(associate_rq(contexts=((1, long_uid, (IMPLICIT_LE,)),))).reject == (1, 2, 1)
+    assert _refusal(associate_rq(contexts=((1, VERIFICATION, (b"1.2\n840",)),))).reject == (1, 2, 1)
+    user = item(0x51, struct.pack(">L", 16384)) + item(0x52, long_uid)
+    assert _refusal(associate_rq(user_info=user)).reason == "invalid_uid"
+    # NUL padding of an odd-length UID is not part of the value (PS3.5 9.1)
+    check_associate_rq(associate_rq(contexts=((1, b"1.2.840.10008.1.1\0", (IMPLICIT_LE + b"\0",)),)))
+
+
+def test_broken_framing_and_unknown_items_are_aborted() -> None:
+    rq = associate_rq()
+    truncated = pdu(0x01, rq[6:] + b"\x20\x00\x00\x40\x01")  # an item claiming 64 bytes, 1 present
+    assert _refusal(truncated).abort == 0x06
+    unknown = associate_rq(extra_items=item(0x77, b"x"))
+    refusal = _refusal(unknown)
+    assert refusal.abort == 0x04
+    assert refusal.answer() == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 4])  # A-ABORT, source 2 (PS3.8 9.3.8)
+    assert _refusal(pdu(0x01, b"\0" * 20)).abort == 0x06  # shorter than the fixed fields
+    assert _refusal(associate_rq(contexts=())).reject == (1, 2, 1)
+
+
+def test_a_valid_command_set_is_left_alone() -> None:
+    assert repair_command_set(c_store_rq(CT_IMAGE, b"1.2.3.4.5")) is None
+
+
+@pytest.mark.parametrize("element_no", [0x1000, 0x0002])
+def test_an_over_long_command_uid_is_replaced_by_a_fresh_valid_uid(element_no: int) -> None:
+    long_uid = b"1.2." + b"3" * 70
+    cmd = c_store_rq(
+        long_uid if element_no == 0x0002 else CT_IMAGE, long_uid if element_no == 0x1000 else b"1.2.3"
+    )
+    repaired = repair_command_set(cmd)
+    assert repaired is not None
+    elements = parse_command(repaired)
+    uid = UID(elements[element_no].rstrip(b"\0").decode("ascii"))
+    assert uid.is_valid and uid.startswith("2.25.") and len(uid) <= 64
+    (group_length,) = struct.unpack("<L", elements[0x0000])
+    assert group_length == len(repaired) - 12  # everything after (0000,0000) itself (PS3.7 E.1)
+    assert elements[0x0110] == struct.pack("<H", 1)  # the other elements are kept
+    again = repair_command_set(cmd)
+    assert again is not None and parse_command(again)[element_no] != elements[element_no]  # fresh each time
+
+
+def test_an_invalid_move_originator_ae_is_dropped() -> None:
+    cmd = c_store_rq(CT_IMAGE, b"1.2.3", extra=element(0x1030, b"EVIL\nAE "))
+    repaired = repair_command_set(cmd)
+    assert repaired is not None
+    assert 0x1030 not in parse_command(repaired)
+    assert repair_command_set(c_store_rq(CT_IMAGE, b"1.2.3", extra=element(0x1030, b"GOODAE"))) is None
+
+
+# -- reading against a deadline ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    server, client = socket.socketpair()
+    try:
+        yield server, client
+    finally:
+        server.close()
+        client.close()
+
+
+def test_a_trickle_does_not_extend_the_deadline(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    rq = associate_rq()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in rq[:-1]:
+            if stop.wait(0.1):
+                return
+            client.send(bytes([byte]))
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Refusal) as info:
+            read_associate_rq(server, deadline=started + 0.8, max_bytes=65536)
+    finally:
+        stop.set()
+        sender.join()
+    elapsed = time.monotonic() - started
+    assert info.value.reason == "rq_timeout"
+    assert 0.7 < elapsed < 1.5  # a byte every 0.1 s would reset a per-recv timeout forever
+
+
+def test_a_declared_length_over_the_cap_is_refused_unread(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    client.sendall(struct.pack(">BBL", 0x01, 0, 4 * 1024 * 1024) + b"\0" * 100)
+    started = time.monotonic()
+    with pytest.raises(Refusal) as info:
+        read_associate_rq(server, deadline=started + 5, max_bytes=65536)
+    assert info.value.reason == "rq_too_large"
+    assert info.value.answer() == b""  # just closed
+    assert time.monotonic() - started < 1  # not waiting for the 4 MiB
+
+
+def test_a_first_pdu_other_than_a_request_is_aborted(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    client.sendall(pdu(0x04, b"\0" * 10))  # P-DATA-TF before associating
+    with pytest.raises(Refusal) as info:
+        read_associate_rq(server, deadline=time.monotonic() + 2, max_bytes=65536)
+    assert info.value.abort == 0x02  # unexpected PDU
+
+
+def test_a_complete_valid_request_is_returned_whole(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    rq = associate_rq()
+    client.sendall(rq)
+    assert read_associate_rq(server, deadline=time.monotonic() + 2, max_bytes=65536) == rq
