@@ -24,6 +24,7 @@ test: $(STAMP) interop-deps
 lint: $(STAMP)
 	$(BIN)/ruff check ingest tests samples bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -50,12 +50,11 @@ def _free_port() -> int:
 def baseline_scp(port: int, out: Path) -> None:
     """The bare SCP (run in a child process): write each dataset's bytes to a file, answer success."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
-    from pynetdicom import _config as cfg
 
     from ingest.sources.dimse.listener import TRANSFER_SYNTAXES
-    from ingest.sources.dimse.netguard import GuardedRequestHandler, GuardedServer
+    from ingest.sources.dimse.netguard import GuardedRequestHandler, GuardedServer, quiet_pynetdicom_logging
 
-    cfg.LOG_HANDLER_LEVEL = "none"
+    quiet_pynetdicom_logging()
     ae = AE("INGEST")
     ae.maximum_pdu_size = MAX_PDU
     for cx in AllStoragePresentationContexts:

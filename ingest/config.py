@@ -208,6 +208,32 @@ class AdminSettings(_Section):
     port: int = Field(default=9100, ge=0, le=65535)
     # /healthz answers 503 ("disk: low") when the spool's file system has fewer free bytes than this.
     min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
+    # The status page (/, ingest.app.admin): patient names, IDs and birth dates only when true.
+    show_patient: bool = False
+    # Bearer token for the status page and its actions (/healthz and /metrics stay open), from an
+    # environment variable or a file; required when host is not a loopback address.
+    token_env: str | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> AdminSettings:
+        if self.enabled and not _is_loopback(self.host) and not (self.token_env or self.token_file):
+            raise ValueError(
+                f"[admin] host {self.host!r} is not a loopback address: set token_env or token_file"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names only loopback addresses (``127.0.0.0/8``, ``::1``, ``localhost``)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class MappingSettings(_Section):
@@ -215,6 +241,7 @@ class MappingSettings(_Section):
     include_instances: bool = True
     include_study_id: bool = False
     operator_function: str = "SPRF"
+    narrative: bool = True  # ImagingStudy.text, docs/mapping.md "Narrative"
 
     @field_validator("site_timezone")
     @classmethod

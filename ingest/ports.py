@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from ingest.core.records import InstanceRecord
+from ingest.core.records import BackendStudy, InstanceRecord
 
 __all__ = [
     "AddOutcome",
     "Added",
     "BackendStudy",
+    "RecentStudy",
+    "SeriesGroup",
     "Sink",
     "StateStore",
     "StudyClaim",
@@ -77,6 +79,9 @@ class StudyRow:
     pushed_at: datetime | None
     lease_owner: str | None = None
     lease_expires: datetime | None = None
+    #: the reason code of a dead letter (``multiple_matches``, ``rejected``, ``retries_exhausted``...);
+    #: ``None`` unless ``state`` is ``DEAD``
+    dead_reason: str | None = None
 
 
 class StateStore(Protocol):
@@ -148,14 +153,23 @@ class StateStore(Protocol):
 
     def close(self) -> None: ...
 
+    # -- the status page (ingest.app.admin) -------------------------------------------------------------
 
-@dataclass(frozen=True)
-class BackendStudy:
-    """An ImagingStudy as the backend holds it (FHIR JSON)."""
+    def recent_studies(self, limit: int, offset: int = 0) -> list[RecentStudy]:
+        """Studies newest first (by the last instance received), ``limit`` from ``offset``."""
+        ...
 
-    id: str
-    version_id: str | None
-    resource: dict[str, Any] = field(default_factory=dict)
+    def study_counts(self) -> dict[StudyState, int]:
+        """How many studies are in each state (states with none are left out)."""
+        ...
+
+    def series_groups(self, study_uids: Sequence[str]) -> list[SeriesGroup]:
+        """The instance rows of these studies by study, series and source (one sample record each)."""
+        ...
+
+    def minute_counts(self, since: datetime, minutes: int) -> tuple[list[int], list[int]]:
+        """Per minute from ``since``: instances received, and studies whose last push fell in it."""
+        ...
 
 
 class Sink(Protocol):
@@ -171,3 +185,24 @@ class Sink(Protocol):
     async def update(self, backend_id: str, resource: dict[str, Any]) -> BackendStudy: ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RecentStudy:
+    """A study as the status page lists it: its row and, when dead, the reason code it was parked with."""
+
+    row: StudyRow
+    dead_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesGroup:
+    """The instance rows of one series that came from one source (status page summaries)."""
+
+    study_uid: str
+    series_uid: str
+    source: str
+    instances: int
+    first_added: datetime | None
+    last_added: datetime | None
+    sample: InstanceRecord  # one of the group's header records (the least by its JSON text)

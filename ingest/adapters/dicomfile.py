@@ -77,6 +77,7 @@ __all__ = [
     "LARGE_FILE_BYTES",
     "MAX_NESTING_DEPTH",
     "ParsedInstance",
+    "ignored_name",
     "iter_dicom_files",
     "read_header",
     "read_header_bytes",
@@ -992,10 +993,20 @@ class _WindowScanner(_Scanner):
         return _LE_ITEM if self.little else _BE_ITEM
 
 
+#: Names of files still being written (by a copy tool, a sender): never read (:func:`ignored_name`).
+_IN_PROGRESS_SUFFIXES: Final = (".part", ".tmp")
+
+
+def ignored_name(name: str) -> bool:
+    """Whether a file or folder named ``name`` is skipped by every reader of folders (the walk of
+    :func:`iter_dicom_files`, the drop-folder watcher): a dot-file or dot-folder, ``*.part``, ``*.tmp``."""
+    return name.startswith(".") or name.endswith(_IN_PROGRESS_SUFFIXES)
+
+
 def iter_dicom_files(root: Path) -> Iterator[Path]:
     """Yield the candidate DICOM files under *root*, recursively, in sorted order.
 
-    Skips dot-files and dot-folders, ``*.part`` and ``*.tmp`` (files still being written), and
+    Skips the names of :func:`ignored_name` (dot-files and dot-folders, ``*.part`` and ``*.tmp``), and
     symbolic links whose target lies outside *root*; symlinked folders inside *root* are entered
     once. A file given as *root* yields itself.
 
@@ -1031,7 +1042,7 @@ def _walk(folder: Path, real_root: Path, seen: set[Path]) -> Iterator[Path]:
         return
     for entry in entries:
         name = entry.name
-        if name.startswith(".") or name.endswith((".part", ".tmp")):
+        if ignored_name(name):
             continue
         path = folder / name
         is_link = entry.is_symlink()

@@ -36,6 +36,7 @@ from ingest.errors import StoreUnavailableError
 
 __all__ = [
     "DEFAULT_QUARANTINE_BYTES", "Quarantine", "QuotaExceededError", "Spool", "SpoolFile", "SpoolWriter",
+    "fsync_dir",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -87,7 +88,14 @@ def _describe(exc: OSError) -> str:
     return f"{code}: {exc.strerror or exc}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """``fsync`` the folder ``path`` itself, so the names renamed into it survive a power loss.
+
+    Raises
+    ------
+    OSError
+        When the folder cannot be opened or synced.
+    """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -252,7 +260,7 @@ class _PrivateFolder:
             When the folder cannot be synced; those files must then be treated as not stored.
         """
         try:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             raise StoreUnavailableError(f"cannot sync the folder {self.root}: {_describe(exc)}") from exc
 
@@ -366,7 +374,7 @@ class SpoolWriter:
             raise self._unavailable("cannot commit a file to", exc) from exc
         try:
             if sync_dir:
-                _fsync_dir(self._folder.root)
+                fsync_dir(self._folder.root)
         except OSError as exc:
             # The rename happened but may not survive a crash: not durable, so not accepted.
             try:
@@ -588,7 +596,7 @@ class Quarantine(_PrivateFolder):
             tmp_committed = writer.commit()
         try:
             os.rename(tmp_committed.path, self._contained(name + _SIDE_SUFFIX))
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             self.remove(tmp_committed.name)
             raise StoreUnavailableError(

@@ -19,23 +19,18 @@ import logging
 import os
 import signal
 import sys
-from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, date, datetime
+from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from ingest import __version__
 from ingest.config import Settings, load_settings
 from ingest.errors import ConfigError, IngestError
 from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe, printable, setup_logging
-from ingest.ports import StudyRow
 
-if TYPE_CHECKING:  # gql and aiohttp are imported only by the commands that talk to a backend
-    from ingest.adapters.graphql.sink import GraphQLSink
-
-__all__ = ["build_parser", "main", "node_summary", "run"]
+__all__ = ["build_parser", "main", "run"]
 
 LOGGER = logging.getLogger("ingest.app.cli")
 
@@ -175,117 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------- helpers
 
 
-@contextlib.asynccontextmanager
-async def open_sink(settings: Settings, *, embedded_port: int | None = None) -> AsyncIterator[Any]:
-    """The configured backend, or the embedded one (started in-process) when no URL is configured."""
-    async with contextlib.AsyncExitStack() as stack:
-        sink = await start_sink(settings, stack, embedded_port=embedded_port)
-        await connect_with_backoff(sink, settings)
-        yield sink
-
-
-async def start_sink(
-    settings: Settings, stack: contextlib.AsyncExitStack, *, embedded_port: int | None = None
-) -> GraphQLSink:
-    """The sink of the configured backend, not connected yet; the embedded backend is started when no URL
-    is configured. ``stack`` closes both (the sink first).
-
-    Parameters
-    ----------
-    settings:
-        ``[backend]`` and ``[embedded_backend]``.
-    stack:
-        Where the backend and the sink are registered to be closed.
-    embedded_port:
-        Port of the embedded backend (``0``: chosen by the OS); default ``[embedded_backend] port``.
-
-    Returns
-    -------
-    GraphQLSink
-        Connect it with :func:`connect_with_backoff`.
-    """
-    from ingest.adapters.graphql.sink import GraphQLSink, TokenSource, load_schema_file
-
-    url = settings.backend.url
-    schema: str | None = None
-    ca: Path | None = None
-    if url is None:
-        url = await stack.enter_async_context(embedded_backend(settings, port=embedded_port))
-        token_source = (
-            TokenSource(env=settings.embedded_backend.token_env, file=None)
-            if settings.embedded_backend.token_env
-            else None
-        )
-    else:
-        token_source = TokenSource(env=settings.backend.token_env, file=settings.backend.token_file)
-        # [backend] ca / schema apply to the configured backend; both files are checked here, at start
-        ca = settings.backend.ca
-        if settings.backend.schema_file is not None:
-            schema = load_schema_file(settings.backend.schema_file)
-    sink = GraphQLSink(
-        url, token_source=token_source, timeout_s=settings.backend.timeout_s, schema=schema, ca=ca
-    )
-    stack.push_async_callback(sink.aclose)  # idempotent; a failed connect has closed it already
-    return sink
-
-
-async def connect_with_backoff(sink: Any, settings: Settings) -> None:
-    """Connect the sink; a backend that is down at start is retried like a push (``[relay]`` backoff).
-
-    Returns at once when ``sink`` is connected already.
-
-    Raises
-    ------
-    RetryableSinkError
-        Still unreachable after ``[relay] max_attempts`` attempts.
-    """
-    from ingest.errors import RetryableSinkError
-    from ingest.relay.relay import backoff_delay
-
-    cfg = settings.relay
-    attempt = 0
-    while True:
-        try:
-            await sink.connect()
-            return
-        except RetryableSinkError as exc:
-            attempt += 1
-            if attempt >= cfg.max_attempts:
-                raise
-            delay = backoff_delay(attempt, cfg.base_backoff_s, cfg.max_backoff_s)
-            LOGGER.warning(
-                "backend unreachable at start (attempt %d of %d), next try in %.1f s: %s",
-                attempt, cfg.max_attempts, delay, exc,
-            )
-            await asyncio.sleep(delay)
-
-
-@contextlib.asynccontextmanager
-async def embedded_backend(settings: Settings, *, port: int | None) -> AsyncIterator[str]:
-    """Start the embedded FHIR GraphQL backend; yields its GraphQL URL."""
-    from ingest.backend.server import QueryLimits, start_backend
-
-    eb = settings.embedded_backend
-    db = eb.database or (settings.data_dir / "backend.sqlite3")
-    token = os.environ.get(eb.token_env) if eb.token_env else None
-    if eb.token_env and not (token or "").strip():  # asked for a token: never start open instead
-        raise ConfigError(f"[embedded_backend] token_env names {eb.token_env}, which is not set or empty")
-    limits = QueryLimits(
-        max_body_bytes=eb.max_body_bytes,
-        max_depth=eb.max_query_depth,
-        max_fields=eb.max_query_fields,
-        max_aliases=eb.max_query_aliases,
-        max_concurrent_requests=eb.max_concurrent_requests,
-    )
-    runner, bound = await start_backend(
-        db, host=eb.host, port=eb.port if port is None else port, token=token, limits=limits
-    )
-    try:
-        yield f"http://{eb.host}:{bound}/fhir/R4/$graphql"
-    finally:
-        await runner.cleanup()
-
-
 def _print_table(title: str, rows: list[tuple[str, Any]], out: TextIO) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -321,118 +205,17 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.adapters.state.sqlite import open_state_store
-    from ingest.ports import StudyState
+    from ingest.app.status import run_status
 
-    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
-    try:
-        rows = store.studies(StudyState(args.state) if args.state else None)
-        # the reason code of each dead letter (multiple_matches, rejected, ...), when the store keeps it
-        dead_reason = getattr(store, "dead_reason", None)
-        reasons: dict[str, str | None] = {
-            r.study_uid: dead_reason(r.study_uid) if callable(dead_reason) else None
-            for r in rows
-            if r.state is StudyState.DEAD
-        }
-    finally:
-        store.close()
-    counts = Counter(r.state.value for r in rows)
-    now = datetime.now(UTC)
-    nodes = node_summary(rows, now)
-    if args.json:
-        print(json.dumps({
-            "counts": {s.value: counts.get(s.value, 0) for s in StudyState},
-            "nodes": nodes,
-            "studies": [
-                {
-                    "study_uid": r.study_uid, "state": r.state.value, "reason": reasons.get(r.study_uid),
-                    "instances": r.instances,
-                    "dirty": r.dirty, "attempts": r.attempts, "backend_id": r.backend_id,
-                    "version_id": r.version_id, "last_error": r.last_error,
-                    "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
-                    "pushed_at": r.pushed_at.isoformat() if r.pushed_at else None,
-                    "lease_owner": r.lease_owner,
-                    "lease_expires": r.lease_expires.isoformat() if r.lease_expires else None,
-                    "lease_active": _lease_active(r, now),
-                }
-                for r in rows
-            ],
-        }, indent=2))
-        return ExitCode.OK
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"ingest status — {sum(counts.values())} studies "
-                  + ", ".join(f"{s.value} {counts.get(s.value, 0)}" for s in StudyState))
-    for col in ("Study Instance UID", "state", "instances", "attempts", "node (lease)", "backend id",
-                "last error"):
-        table.add_column(col)
-    for r in rows:
-        holder = ""
-        if r.lease_owner:
-            holder = r.lease_owner + ("" if _lease_active(r, now) else " (expired)")
-        # untrusted text (backend messages, node names): escaped, and rich markup in it shown as is
-        table.add_row(markup_safe(r.study_uid), r.state.value + (" (dirty)" if r.dirty else ""),
-                      str(r.instances), str(r.attempts), markup_safe(holder), markup_safe(r.backend_id or ""),
-                      markup_safe((r.last_error or "")[:120]))
-    console = Console()
-    console.print(table)
-    if nodes:
-        per_node = Table(title="nodes holding leases")
-        for col in ("node", "active leases", "expired leases", "lease ends"):
-            per_node.add_column(col)
-        for n in nodes:
-            per_node.add_row(markup_safe(n["node"]), str(n["active_leases"]), str(n["expired_leases"]),
-                             n["lease_ends"] or "")
-        console.print(per_node)
-    return ExitCode.OK
-
-
-def _lease_active(row: StudyRow, now: datetime) -> bool:
-    return row.lease_owner is not None and row.lease_expires is not None and row.lease_expires > now
-
-
-def node_summary(rows: Sequence[StudyRow], now: datetime) -> list[dict[str, Any]]:
-    """Per-node activity in a (shared) state store, from the lease columns of ``rows``.
-
-    Parameters
-    ----------
-    rows:
-        Studies as :meth:`ingest.ports.StateStore.studies` returns them.
-    now:
-        The time leases are judged against (timezone-aware).
-
-    Returns
-    -------
-    list of dict
-        One entry per lease owner, sorted by name: ``node``, ``active_leases`` (studies it is pushing
-        now), ``expired_leases`` (claims it left behind, e.g. a node that died; other nodes take them
-        over) and ``lease_ends`` (ISO time of its latest active lease, or ``None``).
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        if r.lease_owner is None:
-            continue
-        entry = out.setdefault(
-            r.lease_owner,
-            {"node": r.lease_owner, "active_leases": 0, "expired_leases": 0, "lease_ends": None},
-        )
-        if _lease_active(r, now):
-            assert r.lease_expires is not None
-            entry["active_leases"] += 1
-            ends = r.lease_expires.isoformat()
-            entry["lease_ends"] = max(entry["lease_ends"] or ends, ends)
-        else:
-            entry["expired_leases"] += 1
-    return [out[k] for k in sorted(out)]
+    return await run_status(settings, state=args.state, as_json=args.json)
 
 
 async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.adapters.state.sqlite import open_state_store
+    from ingest.app.wiring import open_sink, open_store, wired_relay
     from ingest.ports import StudyState
-    from ingest.relay.relay import utcnow, wired_relay
+    from ingest.relay.relay import utcnow
 
-    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
+    store = open_store(settings)
     try:
         dead = [r.study_uid for r in store.studies(StudyState.DEAD)
                 if args.all or r.study_uid == args.study]
@@ -457,6 +240,8 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.wiring import embedded_backend
+
     stop = _stop_event()
     async with embedded_backend(settings, port=args.port) as url:
         LOGGER.info("embedded FHIR GraphQL backend listening on %s", url)

@@ -10,21 +10,24 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ingest.config import Settings
+from ingest.core.admission import CONFLICT_OTHER_STUDY, Existing, Verdict, decide
+from ingest.core.datetimes import parse_da
 from ingest.core.records import InstanceRecord
 from ingest.errors import ArchiveError
 from ingest.exitcodes import ExitCode
+from ingest.intake.admit import Admission, Candidate
 from ingest.logs import printable
 from ingest.ports import AddOutcome, StateStore
 from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
 
 if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed, after parsing has started
     from ingest.adapters.graphql.sink import GraphQLSink
-    from ingest.relay.relay import StudyBuilder
+    from ingest.relay.build import StudyBuilder
 
 __all__ = ["ReplayOptions", "ReplaySummary", "run_replay"]
 
@@ -90,19 +93,11 @@ class ReplaySummary:
         return ExitCode.OK
 
 
-def _study_date(record: InstanceRecord) -> date | None:
-    raw = (record.study_date or "").replace(".", "")
-    try:
-        return date(int(raw[0:4]), int(raw[4:6]), int(raw[6:8])) if len(raw) == 8 else None
-    except ValueError:
-        return None
-
-
 def _wanted(record: InstanceRecord, opts: ReplayOptions) -> bool:
     if opts.studies and record.study_uid not in opts.studies:
         return False
     if opts.since is not None:
-        d = _study_date(record)
+        d = parse_da(record.study_date or "")
         if d is None or d < opts.since:
             return False
     return True
@@ -200,7 +195,8 @@ def _dry_run(
     def to_json(uid: str) -> str:
         nonlocal builder
         if builder is None:
-            from ingest.relay.relay import StudyBuilder, mapping_options
+            from ingest.app.wiring import mapping_options
+            from ingest.relay.build import StudyBuilder
 
             builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
         records = [rec for _, rec in studies[uid].values()]
@@ -241,26 +237,32 @@ def _collect(
     summary: ReplaySummary,
     stderr: TextIO,
 ) -> bool:
-    """Add a dry run's parsed instance to its study; ``True`` when the study gained an instance."""
+    """Add a dry run's parsed instance to its study; ``True`` when the study gained an instance.
+
+    What is new, a duplicate or a conflict is decided as the state store decides it
+    (:func:`ingest.core.admission.decide`), against the instances collected so far.
+    """
     rec = parsed.record
-    other_uid = owner.setdefault(rec.sop_uid, rec.study_uid)
-    if other_uid != rec.study_uid:
-        summary.rejected["conflict"] += 1
-        why = f"SOP Instance UID {rec.sop_uid} already seen in study {other_uid}"
-        _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
-        return False
-    instances = studies.setdefault(rec.study_uid, {})
-    seen = instances.get(rec.sop_uid)
-    if seen is None:
-        instances[rec.sop_uid] = (parsed.digest, rec)
+    held_in = owner.get(rec.sop_uid)  # the study holding this SOP Instance UID, if any
+    found = None
+    if held_in is not None:
+        digest, record = studies[held_in][rec.sop_uid]
+        found = Existing(held_in, digest, record)
+    decision = decide(found, rec, parsed.digest)
+    if decision.verdict is Verdict.ADDED:
+        owner[rec.sop_uid] = rec.study_uid
+        studies.setdefault(rec.study_uid, {})[rec.sop_uid] = (parsed.digest, rec)
         summary.accepted += 1
         return True
-    if seen[0] == parsed.digest:
+    if decision.verdict is Verdict.DUPLICATE:
         summary.duplicate += 1
+        return False
+    summary.rejected["conflict"] += 1
+    if decision.detail == CONFLICT_OTHER_STUDY:
+        why = f"SOP Instance UID {rec.sop_uid} already seen in study {held_in}"
     else:
-        summary.rejected["conflict"] += 1
         why = f"SOP Instance UID {rec.sop_uid} seen before with other content; kept the first"
-        _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
+    _report_rejected(Rejected(parsed.label, "conflict", why), stderr)
     return False
 
 
@@ -268,21 +270,25 @@ def _store_batch(
     store: StateStore, batch: list[Parsed], settings: Settings, summary: ReplaySummary, stderr: TextIO,
     touched: set[str],
 ) -> None:
-    now = datetime.now(UTC)  # as relay.utcnow, without importing the relay into the reading thread
-    results = store.add_instances(
-        [(p.record, f"file:{p.label}", None, p.digest) for p in batch],
-        now=now, due_at=now + timedelta(seconds=settings.relay.stable_age_s),
-    )
-    for parsed, added in zip(batch, results, strict=True):
+    # no spool (the input files stay where they are), no quarantine, nothing to wake: the relay drains
+    # what the input touched once it is read
+    admission = Admission(store, spool=None, quarantine=None, metrics=None,
+                          stable_age_s=settings.relay.stable_age_s, wake=_no_wake, label="replay")
+    results = admission.admit([Candidate(p.record, p.digest, f"file:{p.label}") for p in batch])
+    for parsed, admitted in zip(batch, results, strict=True):
         touched.add(parsed.record.study_uid)
-        if added.outcome is AddOutcome.ADDED:
+        if admitted.outcome is AddOutcome.ADDED:
             summary.accepted += 1
-        elif added.outcome is AddOutcome.DUPLICATE:
+        elif admitted.outcome is AddOutcome.DUPLICATE:
             summary.duplicate += 1
         else:
             summary.rejected["conflict"] += 1
             _report_rejected(Rejected(parsed.label, "conflict",
-                                      f"SOP Instance UID {parsed.record.sop_uid}: {added.detail}"), stderr)
+                                      f"SOP Instance UID {parsed.record.sop_uid}: {admitted.rule}"), stderr)
+
+
+def _no_wake() -> None:
+    """Replay wakes no relay while reading: its studies are drained at the end of the input."""
 
 
 async def _prepare_sink(
@@ -294,9 +300,9 @@ async def _prepare_sink(
     A backend that cannot be reached yet is retried (with backoff) once the input is read, as before.
     """
     await reading.wait()
-    from ingest.app.cli import start_sink
+    from ingest.app.wiring import start_sink
     from ingest.errors import RetryableSinkError
-    from ingest.relay.relay import StudyBuilder  # noqa: F401  (mapping, FHIR models: loaded meanwhile too)
+    from ingest.relay.build import StudyBuilder  # noqa: F401  (mapping, FHIR models: loaded meanwhile too)
 
     sink = await start_sink(settings, stack, embedded_port=0)
     with contextlib.suppress(RetryableSinkError):
@@ -313,9 +319,9 @@ async def _abandon(task: asyncio.Future[Any]) -> None:
 
 
 async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummary, stderr: TextIO) -> None:
-    from ingest.adapters.state.sqlite import open_state_store
+    from ingest.app.wiring import open_store
 
-    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
+    store = open_store(settings)
     touched: set[str] = set()
     loop = asyncio.get_running_loop()
     reading = asyncio.Event()  # set once the first parsed file is back (the worker processes exist)
@@ -366,8 +372,7 @@ async def _drain(
     settings: Settings, store: StateStore, sink: GraphQLSink, touched: set[str], summary: ReplaySummary
 ) -> None:
     """Push every study the input touched (the sink connects with backoff first, if it has not yet)."""
-    from ingest.app.cli import connect_with_backoff
-    from ingest.relay.relay import wired_relay
+    from ingest.app.wiring import connect_with_backoff, wired_relay
 
     await connect_with_backoff(sink, settings)
     relay = await wired_relay(settings, store, sink)  # [endpoint] / [patient] need the backend

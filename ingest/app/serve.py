@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -26,13 +27,14 @@ from typing import Any
 from aiohttp import web
 
 from ingest.adapters.datadir import DataDirLock
+from ingest.app.wiring import open_store, relay_before_backend, start_sink, token_configured, wire_links
 from ingest.config import Settings
 from ingest.errors import StoreError
 from ingest.exitcodes import ExitCode
 from ingest.intake.sweep import sweep_at_start
 from ingest.metrics import Metrics
 from ingest.ports import StateStore, StudyState
-from ingest.relay.relay import BackendHealth, Relay, StudyBuilder, mapping_options, run_relay, short_reason
+from ingest.relay.relay import BackendHealth, run_relay, short_reason
 
 __all__ = ["Health", "admin_app", "serve"]
 
@@ -230,25 +232,13 @@ def admin_app(metrics: Metrics, store: StateStore, health: Health) -> web.Applic
     return app
 
 
-def _token_configured(settings: Settings) -> bool:
-    """Whether a bearer token is configured for the backend the relay talks to."""
-    if settings.backend.url is None:
-        env = settings.embedded_backend.token_env
-        return bool(env and os.environ.get(env))
-    env = settings.backend.token_env
-    return bool((env and os.environ.get(env)) or settings.backend.token_file)
-
-
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
     """Run until ``stop`` is set; returns the process exit code."""
-    from ingest.adapters.state.sqlite import open_state_store
-    from ingest.app.cli import start_sink
-
     metrics = Metrics()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # one service per data dir: the lock's holder may remove every temporary file at start
     owner = DataDirLock(settings.data_dir)
-    store = open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
+    store = open_store(settings)
     code = ExitCode.OK
     try:
         # crash leftovers (before any listener/watcher writes): spool files no instance row points at,
@@ -258,16 +248,20 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             # the embedded backend (when no URL is set) starts here; nothing talks to a backend yet
             sink = await start_sink(settings, stack)
             # [endpoint] / [patient] are wired by the relay task once the backend answers
-            relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings, metrics=metrics)
+            relay = relay_before_backend(settings, store, sink, metrics=metrics)
             health = Health(settings, store, relay.backend)
 
             if settings.admin.enabled:
-                runner = web.AppRunner(admin_app(metrics, store, health), access_log=None)
+                from ingest.app.admin import mount_status  # the status page at / (README "Status page")
+
+                app = admin_app(metrics, store, health)
+                mount_status(app, settings, store, health, metrics, node=relay.node, builder=relay.build)
+                runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
                 site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
                 await site.start()
                 stack.push_async_callback(runner.cleanup)
-                LOGGER.info("admin endpoint on http://%s:%d (/healthz, /metrics)",
+                LOGGER.info("admin endpoint on http://%s:%d (/, /healthz, /metrics)",
                             settings.admin.host, settings.admin.port)
 
             tasks: list[asyncio.Task[Any]] = []
@@ -275,20 +269,20 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             if settings.listener.enabled:
                 from ingest.sources.dimse.listener import start_listener
 
-                listener = await start_listener(settings, store, relay, metrics)
+                listener = await start_listener(settings, store, relay.wake, metrics)
                 stack.push_async_callback(listener.aclose)
                 health.listener = listener
             if settings.watch.folder is not None:
                 from ingest.sources.dropfolder import run_watcher
 
-                watcher = asyncio.create_task(run_watcher(settings, store, relay, metrics, stop))
+                watcher = asyncio.create_task(run_watcher(settings, store, relay.wake, metrics, stop))
                 watcher.add_done_callback(_log_if_failed("the watcher"))
                 tasks.append(watcher)
                 health.watcher = watcher
 
             relay_task = asyncio.create_task(run_relay(
-                relay, settings, sink, sink.connect, stop,
-                metrics=metrics, token_configured=_token_configured(settings),
+                relay, sink.connect, functools.partial(wire_links, settings, sink, metrics=metrics), stop,
+                token_configured=token_configured(settings),
             ))
             relay_task.add_done_callback(_log_if_failed("the relay"))
             health.relay = relay_task

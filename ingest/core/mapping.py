@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from ingest.core.aggregate import SeriesAggregate, StudyAggregate, distinct, pick
 from ingest.core.datetimes import fhir_datetime
@@ -45,9 +45,6 @@ from ingest.core.terminology import (
     sop_class_name,
 )
 
-if TYPE_CHECKING:
-    from ingest.config import Settings
-
 __all__ = [
     "ACSN_SYSTEM",
     "PARTICIPATION_SYSTEM",
@@ -58,6 +55,7 @@ __all__ = [
     "person_display",
 ]
 
+#: ImagingStudy.identifier.system of the Study Instance UID (``urn:dicom:uid|urn:oid:<uid>``).
 STUDY_UID_SYSTEM: Final = "urn:dicom:uid"
 ACSN_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v2-0203"
 PARTICIPATION_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
@@ -70,7 +68,8 @@ _URI_PREFIXES: Final = ("urn:", "http://", "https://")
 
 @dataclass(frozen=True)
 class MappingOptions:
-    """What the mapping needs from the settings.
+    """What the mapping needs from the settings (built from ``[mapping]`` and ``[patient]`` by the
+    composition root, ``ingest.app.wiring.mapping_options``; the core never reads settings).
 
     Parameters
     ----------
@@ -86,6 +85,9 @@ class MappingOptions:
         ``subject.identifier.system`` when the instances carry no usable issuer.
     endpoint_reference:
         Literal reference to the study's Endpoint (e.g. ``"Endpoint/wado"``), or ``None``.
+    narrative:
+        ``[mapping] narrative``: write the generated ``text`` (docs/mapping.md "Narrative"); it is
+        attached after the merge, ``ingest.core.merge.plan(..., narrative=...)``.
     """
 
     site_timezone: str | None = None
@@ -94,22 +96,7 @@ class MappingOptions:
     operator_function: str | None = "SPRF"
     patient_default_system: str | None = None
     endpoint_reference: str | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, endpoint_reference: str | None = None) -> MappingOptions:
-        """Options from ``[mapping]`` and ``[patient]`` of :class:`ingest.config.Settings`.
-
-        ``endpoint_reference`` is the id of the Endpoint resource, known only once it exists in the
-        backend, hence passed separately.
-        """
-        return cls(
-            site_timezone=settings.mapping.site_timezone,
-            include_instances=settings.mapping.include_instances,
-            include_study_id=settings.mapping.include_study_id,
-            operator_function=settings.mapping.operator_function or None,
-            patient_default_system=settings.patient.default_system or None,
-            endpoint_reference=endpoint_reference,
-        )
+    narrative: bool = True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from ingest.core.fhir import ImagingStudy, ImagingStudySeries, ImagingStudySeriesInstance, prune_empty
-from ingest.ports import BackendStudy
+from ingest.core.mapping import ACSN_SYSTEM, STUDY_UID_SYSTEM
+from ingest.core.records import BackendStudy
 
 __all__ = ["Create", "NoChange", "Plan", "Update", "digest", "merge", "plan"]
 
-DICOM_UID_SYSTEM = "urn:dicom:uid"
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 # ImagingStudy elements the pipeline recomputes on every push; ours replaces theirs, and an element
 # absent from ours is absent from the result. (identifier, subject, status, endpoint, series and the
@@ -111,14 +110,14 @@ def _ordered(element: Mapping[str, Any], order: Sequence[str]) -> dict[str, Any]
 
 def _is_study_uid_identifier(identifier: Mapping[str, Any]) -> bool:
     # ImagingStudy.identifier with system urn:dicom:uid <- Study Instance UID (0020,000D)
-    return identifier.get("system") == DICOM_UID_SYSTEM
+    return identifier.get("system") == STUDY_UID_SYSTEM
 
 
 def _is_accession_identifier(identifier: Mapping[str, Any]) -> bool:
     # ImagingStudy.identifier with type v2-0203#ACSN <- Accession Number (0008,0050)
     type_ = identifier.get("type")
     codings = _dicts(type_.get("coding")) if isinstance(type_, Mapping) else []
-    return any(c.get("system") == V2_0203 and c.get("code") == "ACSN" for c in codings)
+    return any(c.get("system") == ACSN_SYSTEM and c.get("code") == "ACSN" for c in codings)
 
 
 def _is_owned_identifier(identifier: Mapping[str, Any]) -> bool:

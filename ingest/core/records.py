@@ -8,9 +8,12 @@ result depends on settings (site time zone). Person names are decoded to Unicode
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Code", "InstanceRecord", "PersonName"]
+__all__ = ["BackendStudy", "Code", "InstanceRecord", "PersonName"]
 
 
 class _Frozen(BaseModel):
@@ -91,3 +94,13 @@ class InstanceRecord(_Frozen):
 
     # non-fatal problems found while reading optional tags (no patient data in them)
     warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackendStudy:
+    """An ImagingStudy as the backend holds it (FHIR JSON); what the merge plans against and what the
+    ``Sink`` port (:mod:`ingest.ports`) returns."""
+
+    id: str
+    version_id: str | None
+    resource: dict[str, Any] = field(default_factory=dict)

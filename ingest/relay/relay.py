@@ -1,7 +1,10 @@
-"""The orchestrator: sources -> state store; relay: due studies -> FHIR backend.
+"""The relay: claims due studies from the state store and pushes them to the FHIR backend.
 
-Listener, watcher and replay are the same pipeline with different sources. Everything that decides what
-the backend sees is in ``ingest.core``; this module only moves records and results between the edges.
+Listener, watcher and replay feed the same state store; the relay is the one writer per study
+(docs/architecture.md, "Writing the backend"). Everything that decides what the backend sees is in
+``ingest.core`` (built by :mod:`ingest.relay.build`); this module only moves records and results between
+the ports. It receives its own ``[relay]`` section and ready-made build / link steps; the composition
+root (``ingest.app.wiring``) builds those from the settings.
 """
 
 from __future__ import annotations
@@ -15,11 +18,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from ingest.config import Settings
-from ingest.core.aggregate import aggregate
-from ingest.core.mapping import MappingOptions, build_imaging_study
+from ingest.config import RelaySettings
 from ingest.core.merge import Create, NoChange, Update, digest, plan
 from ingest.core.records import InstanceRecord
 from ingest.errors import (
@@ -35,25 +36,25 @@ from ingest.ports import Sink, StateStore, StudyClaim, StudyState
 
 if TYPE_CHECKING:  # prometheus_client stays unimported in replay --dry-run
     from ingest.metrics import Metrics
-    from ingest.relay.links import LinkedBackend, Links
 
-    class LinkedSink(Sink, LinkedBackend, Protocol):
-        """A sink that can also find and create Patient and Endpoint resources (the GraphQL sink)."""
+#: Records of one study -> ImagingStudy JSON (:class:`ingest.relay.build.StudyBuilder`).
+Build: TypeAlias = Callable[[Sequence[InstanceRecord]], dict[str, Any]]
+#: Optional async step between build and the backend lookup (:class:`ingest.relay.links.PatientResolver`).
+Link: TypeAlias = Callable[[dict[str, Any], Sequence[InstanceRecord]], Awaitable[dict[str, Any]]]
 
 __all__ = [
     "BackendHealth",
+    "Build",
     "LeaseKeeper",
+    "Link",
     "Relay",
     "RelayTotals",
-    "StudyBuilder",
     "backoff_delay",
-    "mapping_options",
     "record_delay",
     "run_relay",
     "short_reason",
     "utcnow",
     "wait_for_backend",
-    "wired_relay",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -66,24 +67,6 @@ _DRAIN_CLAIMS_PER_SLOT = 16
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def mapping_options(settings: Settings, endpoint_reference: str | None = None) -> MappingOptions:
-    """The pure mapping's options, taken from the settings."""
-    return MappingOptions.from_settings(settings, endpoint_reference=endpoint_reference)
-
-
-class StudyBuilder:
-    """Instance records of one study -> FHIR ImagingStudy JSON (pure core, wrapped)."""
-
-    def __init__(self, options: MappingOptions) -> None:
-        self.options = options
-
-    def __call__(self, records: Sequence[InstanceRecord]) -> dict[str, Any]:
-        study, warnings = build_imaging_study(aggregate(records), self.options)
-        for w in warnings:
-            LOGGER.debug("mapping warning for study %s: %s", records[0].study_uid if records else "?", w)
-        return study.to_fhir()
 
 
 @dataclass
@@ -299,15 +282,16 @@ class Relay:
     store, sink:
         The state store and the backend.
     build:
-        Records of one study -> ImagingStudy JSON.
+        Records of one study -> ImagingStudy JSON (:class:`ingest.relay.build.StudyBuilder`).
     link:
         Optional async step after ``build`` and before the backend lookup (``ingest.relay.links``: resolves
         ``ImagingStudy.subject`` to a Patient); its ``SinkError`` s are retried / dead-lettered like the
         sink's own.
     settings:
-        ``[relay]`` settings.
+        ``[relay]``.
     node:
-        This process's id, used as the claim owner.
+        This process's id, used as the claim owner (``[state] node_id`` when set); default
+        ``<host>-<random>``, unique per process.
     clock:
         Source of "now" (tests inject one).
     """
@@ -316,21 +300,21 @@ class Relay:
         self,
         store: StateStore,
         sink: Sink,
-        build: Callable[[Sequence[InstanceRecord]], dict[str, Any]],
-        settings: Settings,
+        build: Build,
+        settings: RelaySettings,
         *,
         node: str | None = None,
         clock: Callable[[], datetime] = utcnow,
         metrics: Metrics | None = None,
-        link: Callable[[dict[str, Any], Sequence[InstanceRecord]], Awaitable[dict[str, Any]]] | None = None,
+        link: Link | None = None,
     ) -> None:
         self.store = store
         self.sink = sink
         self.build = build
         self.link = link
-        self.cfg = settings.relay
+        self.cfg = settings
         # the lease owner: ``[state] node_id`` if set (unique per running node), else unique per process
-        self.node = node or settings.state.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.node = node or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.clock = clock
         self.metrics = metrics
         self.totals = RelayTotals()
@@ -338,11 +322,7 @@ class Relay:
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._wake = asyncio.Event()
 
-    def use_links(
-        self,
-        build: Callable[[Sequence[InstanceRecord]], dict[str, Any]],
-        link: Callable[[dict[str, Any], Sequence[InstanceRecord]], Awaitable[dict[str, Any]]] | None,
-    ) -> None:
+    def use_links(self, build: Build, link: Link | None) -> None:
         """Replace ``build`` and ``link`` once the backend is known (``ingest serve`` builds the relay
         before the backend can be reached, so that intake never waits for it); call before pushing."""
         self.build = build
@@ -618,26 +598,6 @@ class Relay:
             await asyncio.sleep(max(0.02, min(delay, self.cfg.poll_interval_s)))
 
 
-async def wired_relay(
-    settings: Settings,
-    store: StateStore,
-    sink: LinkedSink,
-    *,
-    metrics: Metrics | None = None,
-    clock: Callable[[], datetime] = utcnow,
-) -> Relay:
-    """The relay as every command wires it, over a connected sink.
-
-    ``[endpoint]``: the Endpoint is found or created now and referenced from every ImagingStudy;
-    ``[patient]``: subjects are resolved per study by the link hook.
-    """
-    from ingest.relay.links import prepare_links
-
-    links = await prepare_links(settings, sink, metrics=metrics)
-    builder = StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference))
-    return Relay(store, sink, builder, settings, clock=clock, metrics=metrics, link=links.link)
-
-
 async def _unless_stopped(step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
     """Run ``step``; ``False`` (``step`` cancelled) when ``stop`` is set first, e.g. during a connect
     that waits for its timeout."""
@@ -661,7 +621,7 @@ async def _unless_stopped(step: Callable[[], Awaitable[None]], stop: asyncio.Eve
 
 async def wait_for_backend(
     step: Callable[[], Awaitable[None]],
-    settings: Settings,
+    settings: RelaySettings,
     stop: asyncio.Event,
     health: BackendHealth,
     *,
@@ -682,7 +642,7 @@ async def wait_for_backend(
     step:
         The coroutine function to run.
     settings:
-        ``[relay] base_backoff_s`` and ``max_backoff_s``.
+        ``[relay]``: ``base_backoff_s`` and ``max_backoff_s``.
     stop:
         Set to stop waiting.
     health:
@@ -697,7 +657,7 @@ async def wait_for_backend(
     bool
         ``True`` once ``step`` succeeded, ``False`` when ``stop`` was set first.
     """
-    cfg = settings.relay
+    cfg = settings
     attempt = 0
     while not stop.is_set():
         attempt += 1
@@ -736,12 +696,10 @@ async def wait_for_backend(
 
 async def run_relay(
     relay: Relay,
-    settings: Settings,
-    sink: LinkedSink,
     connect: Callable[[], Awaitable[None]],
+    wire: Callable[[], Awaitable[tuple[Build, Link | None]]],
     stop: asyncio.Event,
     *,
-    metrics: Metrics | None = None,
     token_configured: bool = False,
 ) -> None:
     """``ingest serve``'s relay task: wait for the backend, wire the links, then push until ``stop``.
@@ -752,35 +710,29 @@ async def run_relay(
     Parameters
     ----------
     relay:
-        Built over ``sink`` (not connected yet); its ``backend`` health is kept up to date.
-    settings:
-        The settings.
-    sink:
-        The backend.
+        Built over the sink (not connected yet); its ``backend`` health is kept up to date, and its
+        ``[relay]`` backoff is used for both waits.
     connect:
-        Connects ``sink`` (e.g. ``sink.connect``); returns at once when it is connected.
+        Connects the sink (e.g. ``sink.connect``); returns at once when it is connected.
+    wire:
+        Resolves ``[endpoint]`` / ``[patient]`` over the connected sink and returns the build and link
+        steps to use from then on (``ingest.app.wiring.wire_links``).
     stop:
         Set to stop.
-    metrics:
-        Where Patient fallbacks are counted.
     token_configured:
         Whether a bearer token is configured (see :func:`wait_for_backend`).
     """
-    from ingest.relay.links import prepare_links
-
-    if not await wait_for_backend(connect, settings, stop, relay.backend, what="backend connection",
+    if not await wait_for_backend(connect, relay.cfg, stop, relay.backend, what="backend connection",
                                   token_configured=token_configured):
         return
-    links: list[Links] = []
+    wired: list[tuple[Build, Link | None]] = []
 
     async def prepare() -> None:
-        links.append(await prepare_links(settings, sink, metrics=metrics))
+        wired.append(await wire())
 
-    if not await wait_for_backend(prepare, settings, stop, relay.backend, what="Endpoint/Patient wiring",
+    if not await wait_for_backend(prepare, relay.cfg, stop, relay.backend, what="Endpoint/Patient wiring",
                                   token_configured=token_configured):
         return
-    wired = links[-1]
-    relay.use_links(StudyBuilder(mapping_options(settings, endpoint_reference=wired.endpoint_reference)),
-                    wired.link)
+    relay.use_links(*wired[-1])
     LOGGER.info("relay connected to the backend; pushing pending studies")
     await relay.run_forever(stop)

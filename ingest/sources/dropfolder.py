@@ -11,8 +11,9 @@ How a file travels (docs/architecture.md, Durability; docs/reliability.md):
 3. **Parsed**: headers in ``[watch] jobs`` worker processes for bursts
    (:func:`ingest.sources.parse.parse_items`).
 4. **Accepted**: the bytes are copied into the spool (fsync'd under a random name: the row points at
-   bytes we own, whatever the user later does to the folder), then the instance row is committed with
-   its study due at ``now + stable_age_s``, and the relay is woken.
+   bytes we own, whatever the user later does to the folder), then the chunk is admitted
+   (:class:`ingest.intake.admit.Admission`: rows committed, studies due, duplicates and conflicts
+   settled, the relay woken).
 5. **After**: only then ``after = "move"`` (to ``archive_dir``, default ``<data_dir>/archive``, under a
    random name, mode 0600), ``"delete"``, or ``"keep"`` (remembered by path, size, mtime and SHA-256
    in ``<data_dir>/watch.sqlite3``, never read again while unchanged).
@@ -51,24 +52,23 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from ingest.adapters.dicomfile import iter_dicom_files
-from ingest.adapters.spool import Quarantine, Spool
-from ingest.config import Settings
+from ingest.adapters.dicomfile import ignored_name, iter_dicom_files
+from ingest.adapters.spool import Quarantine, Spool, fsync_dir
+from ingest.config import Settings, WatchSettings
 from ingest.errors import ConfigError, StoreError, StoreUnavailableError
+from ingest.intake.admit import Admission, Admitted, Candidate, utcnow
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome, StateStore
-from ingest.relay.relay import Relay, utcnow
 from ingest.sources.parse import Item, Parsed, Rejected, parse_items
 
-__all__ = ["DropFolder", "StepResult", "WatchTotals", "run_watcher"]
+__all__ = ["DropFolder", "StepResult", "WatchTotals", "open_drop_folder", "run_watcher"]
 
 LOGGER = logging.getLogger(__name__)
 
-_IGNORED_SUFFIXES: Final = (".part", ".tmp")
 _SOURCE: Final = "watch"
 _TOO_LARGE: Final = "too_large"
 #: Files per store transaction (and per parse call).
@@ -157,14 +157,6 @@ class _KeptFiles:
             self._conn.close()
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class DropFolder:
     """The synchronous half of the watcher: which files settled, and ingesting them.
 
@@ -173,15 +165,21 @@ class DropFolder:
 
     Parameters
     ----------
-    settings:
-        ``[watch]`` (``folder`` must be set), ``[relay] stable_age_s``, ``data_dir`` and the listener's
-        ``max_instance_bytes`` / ``max_inflated_bytes`` caps.
-    store:
-        The state store rows are committed to.
+    cfg:
+        ``[watch]`` (``folder`` must be set).
+    admission:
+        Commits the rows of a chunk (and settles duplicates and conflicts, wakes the relay).
+    spool, quarantine:
+        Where files are copied before their rows are committed, and where refused files go (the
+        admission's own).
+    data_dir:
+        The data dir (never watched; ``archive`` and ``watch.sqlite3`` live there).
+    max_instance_bytes, max_inflated_bytes:
+        The listener's caps, applied to files too.
     metrics:
         Counters to increment (``source="watch"``), if any.
     clock:
-        Wall-clock "now" for rows, side files and due times.
+        Wall-clock "now" for side files and the kept-files record (the admission's clock).
     monotonic:
         Clock for settle times.
 
@@ -190,19 +188,23 @@ class DropFolder:
     ConfigError
         When ``[watch] folder`` is not set.
     StoreUnavailableError
-        When the spool, quarantine, archive or watch database cannot be prepared.
+        When the archive or watch database cannot be prepared.
     """
 
     def __init__(
         self,
-        settings: Settings,
-        store: StateStore,
+        cfg: WatchSettings,
+        admission: Admission,
         *,
+        spool: Spool,
+        quarantine: Quarantine,
+        data_dir: Path,
+        max_instance_bytes: int,
+        max_inflated_bytes: int,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        cfg = settings.watch
         if cfg.folder is None:
             raise ConfigError("[watch] folder is not set")
         try:
@@ -211,17 +213,16 @@ class DropFolder:
             raise ConfigError(f"[watch] folder {cfg.folder}: cannot create: {exc.strerror or exc}") from exc
         self.folder = cfg.folder.resolve()
         self.cfg = cfg
-        self.stable_age = timedelta(seconds=settings.relay.stable_age_s)
-        self.max_bytes = settings.listener.max_instance_bytes
-        self.max_inflated = settings.listener.max_inflated_bytes
-        self.store = store
+        self.admission = admission
+        self.max_bytes = max_instance_bytes
+        self.max_inflated = max_inflated_bytes
         self.metrics = metrics
         self.clock = clock
         self.monotonic = monotonic
         self.totals = WatchTotals()
-        data_dir = settings.data_dir.resolve()
-        self.spool = Spool(data_dir / "spool")
-        self.quarantine = Quarantine(data_dir / "quarantine", max_bytes=settings.quarantine.max_bytes)
+        data_dir = data_dir.resolve()
+        self.spool = spool
+        self.quarantine = quarantine
         # rejected files left in place (their bytes not kept): path -> (size, mtime_ns) when refused
         self._left_in_place: dict[Path, tuple[int, int]] = {}
         self.archive: Spool | None = None
@@ -239,15 +240,13 @@ class DropFolder:
     # -- which files -------------------------------------------------------------------------------------
 
     def wanted(self, path: Path) -> bool:
-        """Whether ``path`` (under the folder) is a name the watcher reads: no dot-file or dot-folder,
-        no ``*.part`` / ``*.tmp``, not inside the data or archive folder."""
+        """Whether ``path`` (under the folder) is a name the watcher reads: no part of it an ignored name
+        (:func:`ingest.adapters.dicomfile.ignored_name`), not inside the data or archive folder."""
         try:
             rel = path.relative_to(self.folder)
         except ValueError:
             return False
-        if not rel.parts or any(part.startswith(".") for part in rel.parts):
-            return False
-        if path.name.endswith(_IGNORED_SUFFIXES):
+        if not rel.parts or any(ignored_name(part) for part in rel.parts):
             return False
         return not any(path == ex or path.is_relative_to(ex) for ex in self._excluded)
 
@@ -406,43 +405,29 @@ class DropFolder:
                 self._forget_spooled(c.spool_name)
             self.totals.deferred += len(copied)
             return 0
-        now = self.clock()
         try:
-            results = self.store.add_instances(
-                [(c.parsed.record, _SOURCE, c.spool_name, c.parsed.digest) for c in copied],
-                now=now,
-                due_at=now + self.stable_age,
+            results = self.admission.admit(
+                [Candidate(c.parsed.record, c.parsed.digest, _SOURCE, spool_name=c.spool_name, body=c.path,
+                           origin=str(c.path)) for c in copied]
             )
-        except StoreError as exc:
+        except StoreError as exc:  # the admission removed the spool copies
             LOGGER.warning("watch: state store unavailable, %d files wait for the next rescan: %s",
                            len(copied), exc)
-            for c in copied:
-                self._forget_spooled(c.spool_name)
             self.totals.deferred += len(copied)
             return 0
         accepted = 0
-        for c, added in zip(copied, results, strict=True):
-            if added.outcome is AddOutcome.ADDED:
+        for c, admitted in zip(copied, results, strict=True):
+            now = admitted.now
+            if admitted.outcome is AddOutcome.ADDED:
                 accepted += 1
                 self.totals.accepted += 1
-                if self.metrics is not None:
-                    self.metrics.instances_accepted.labels(source=_SOURCE).inc()
                 LOGGER.debug("watch: accepted %s as SOP Instance %s", c.path, c.parsed.record.sop_uid)
                 self._after(c, now)
-            elif added.outcome is AddOutcome.DUPLICATE:
+            elif admitted.outcome is AddOutcome.DUPLICATE:
                 self.totals.duplicate += 1
-                if self.metrics is not None:
-                    self.metrics.instances_duplicate.inc()
-                self._forget_spooled(c.spool_name)
                 self._after(c, now)
             else:
-                self._forget_spooled(c.spool_name)
-                rec = c.parsed.record
-                detail = (
-                    f"SOP Instance UID {rec.sop_uid} of study {rec.study_uid} is already stored "
-                    f"({added.detail}); kept the first (source={c.path})"
-                )
-                self._reject(c.path, "conflict", added.detail or "conflict", detail)
+                self._conflicted(c.path, admitted)
         if copied:
             LOGGER.info("watch: %d files read, %d accepted", len(copied), accepted)
         return accepted
@@ -458,11 +443,10 @@ class DropFolder:
     def _reject(
         self, path: Path, reason: str, rule: str, detail: str, *, over_cap: os.stat_result | None = None
     ) -> None:
-        """Quarantine ``path`` with why, then remove it from the folder.
+        """Quarantine ``path`` with why, then remove it from the folder (see :meth:`_quarantined`).
 
         ``over_cap`` (the file's stat) marks a file over the size cap: it is described by a side file,
-        never copied. A file whose bytes the quarantine did not keep (over the cap, or quarantine full)
-        stays in the folder and is remembered until it changes.
+        never copied.
         """
         self.totals.rejected[reason] += 1
         if self.metrics is not None:
@@ -474,11 +458,27 @@ class DropFolder:
                                                 source=source)
             else:
                 name = self.quarantine.put(path, reason, rule, detail, self.clock(), source=source)
-            held = over_cap is None and self.quarantine.holds(name)
         except StoreUnavailableError as exc:
             LOGGER.warning("watch: %s rejected (%s) but cannot be quarantined, left in place: %s",
                            path, reason, exc)
             return
+        self._quarantined(path, reason, rule, detail, name, over_cap=over_cap)
+
+    def _conflicted(self, path: Path, admitted: Admitted) -> None:
+        """A file the admission refused as a conflict (counted and quarantined there)."""
+        self.totals.rejected["conflict"] += 1
+        if admitted.quarantined is None:
+            LOGGER.warning("watch: %s rejected (conflict) but cannot be quarantined, left in place", path)
+            return
+        self._quarantined(path, "conflict", admitted.rule, admitted.detail, admitted.quarantined)
+
+    def _quarantined(
+        self, path: Path, reason: str, rule: str, detail: str, name: str,
+        *, over_cap: os.stat_result | None = None,
+    ) -> None:
+        """Remove a quarantined file from the folder; a file whose bytes the quarantine did not keep
+        (over the cap, or quarantine full) stays in the folder and is remembered until it changes."""
+        held = over_cap is None and self.quarantine.holds(name)
         if not held:
             self.totals.not_kept += 1
             st = over_cap or self._stat(path)
@@ -525,7 +525,7 @@ class DropFolder:
             path.unlink()
             return
         os.chmod(target, _FILE_MODE)
-        _fsync_dir(archive.root)
+        fsync_dir(archive.root)
 
     def close(self) -> None:
         """Release the watch database, if open, and the parsing processes."""
@@ -563,10 +563,57 @@ async def _watch_events(
         LOGGER.error("watch: file events stopped (%s); relying on the periodic rescan", exc)
 
 
+def open_drop_folder(
+    settings: Settings,
+    store: StateStore,
+    *,
+    metrics: Metrics | None = None,
+    wake: Callable[[], None] = lambda: None,
+    clock: Callable[[], datetime] = utcnow,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> DropFolder:
+    """A :class:`DropFolder` over ``data_dir``'s spool and quarantine, with its :class:`Admission`.
+
+    Parameters
+    ----------
+    settings:
+        ``[watch]`` (``folder`` must be set), ``[quarantine] max_bytes``, ``[relay] stable_age_s``,
+        ``data_dir`` and the listener's ``max_instance_bytes`` / ``max_inflated_bytes`` caps.
+    store:
+        The state store rows are committed to.
+    metrics:
+        Counters to increment (``source="watch"``), if any.
+    wake:
+        Called (from the thread ingesting a chunk) whenever instances were accepted.
+    clock, monotonic:
+        Wall-clock "now" (rows, due times, side files) and the clock for settle times.
+
+    Raises
+    ------
+    ConfigError
+        When ``[watch] folder`` is not set.
+    StoreUnavailableError
+        When the spool, quarantine, archive or watch database cannot be prepared.
+    """
+    data_dir = settings.data_dir.resolve()
+    spool = Spool(data_dir / "spool")
+    quarantine = Quarantine(data_dir / "quarantine", max_bytes=settings.quarantine.max_bytes)
+    admission = Admission(
+        store, spool=spool, quarantine=quarantine, metrics=metrics,
+        stable_age_s=settings.relay.stable_age_s, wake=wake, clock=clock, label=_SOURCE,
+    )
+    return DropFolder(
+        settings.watch, admission, spool=spool, quarantine=quarantine, data_dir=data_dir,
+        max_instance_bytes=settings.listener.max_instance_bytes,
+        max_inflated_bytes=settings.listener.max_inflated_bytes,
+        metrics=metrics, clock=clock, monotonic=monotonic,
+    )
+
+
 async def run_watcher(
     settings: Settings,
     store: StateStore,
-    relay: Relay,
+    wake: Callable[[], None],
     metrics: Metrics | None,
     stop: asyncio.Event,
     *,
@@ -579,11 +626,11 @@ async def run_watcher(
     Parameters
     ----------
     settings:
-        ``[watch]``, ``[relay]`` and ``data_dir``.
+        As for :func:`open_drop_folder`.
     store:
         The state store.
-    relay:
-        Woken (``relay.wake()``) whenever instances were accepted.
+    wake:
+        The relay's ``wake()``; called on the running loop whenever instances were accepted.
     metrics:
         Counters, if any.
     stop:
@@ -602,13 +649,20 @@ async def run_watcher(
     StoreUnavailableError
         When the spool, quarantine, archive or watch database cannot be prepared.
     """
-    drop = await asyncio.to_thread(DropFolder, settings, store, metrics=metrics, clock=clock)
+    loop = asyncio.get_running_loop()
+
+    def wake_on_loop() -> None:  # the admission runs in the step's thread
+        loop.call_soon_threadsafe(wake)
+
+    drop = await asyncio.to_thread(
+        open_drop_folder, settings, store, metrics=metrics, wake=wake_on_loop, clock=clock
+    )
     LOGGER.info("watching %s (%s, settle %d ms, after %s)", drop.folder,
                 "polling" if drop.cfg.poll else "inotify", drop.cfg.settle_ms, drop.cfg.after)
     changed: set[Path] = set()
-    wake = asyncio.Event()
+    seen = asyncio.Event()  # file events arrived
     events_stop = asyncio.Event()
-    events = asyncio.create_task(_watch_events(drop.folder, drop, changed, wake, events_stop))
+    events = asyncio.create_task(_watch_events(drop.folder, drop, changed, seen, events_stop))
     tick_s = max(0.05, min(drop.cfg.settle_ms / 4000.0, 0.25))
     next_rescan = 0.0  # scan at start
     step: asyncio.Future[StepResult] | None = None
@@ -620,16 +674,14 @@ async def run_watcher(
                 next_rescan = now + rescan_s
             batch = list(changed)
             changed.clear()
-            wake.clear()
+            seen.clear()
             step = asyncio.ensure_future(asyncio.to_thread(drop.step, batch, rescan))
             result = await asyncio.shield(step)
-            if result.accepted:
-                relay.wake()
             if on_step is not None:
                 on_step(drop, result)
             timeout = tick_s if result.pending or changed else max(0.0, next_rescan - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(stop, wake), timeout=timeout)
+                await asyncio.wait_for(_first(stop, seen), timeout=timeout)
     finally:
         drop.halt()
         events_stop.set()

@@ -624,7 +624,7 @@ def _relay(store: Any, sink: Any, lease_s: float) -> Any:
         store,
         sink,
         lambda records: {"resourceType": "ImagingStudy", "status": "available"},
-        settings,
+        settings.relay,
         node="node-a",
     )
 
@@ -679,41 +679,3 @@ async def test_a_lost_lease_records_nothing(tmp_path: Path) -> None:
         assert relay.totals.results == Counter({"lease_lost": 1})
     finally:
         store.close()
-
-
-def test_node_summary_counts_active_and_expired_leases() -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from ingest.app.cli import node_summary
-    from ingest.ports import StudyRow, StudyState
-
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def row(uid: str, owner: str | None, expires_in: float | None) -> StudyRow:
-        return StudyRow(
-            study_uid=uid,
-            state=StudyState.PENDING,
-            instances=1,
-            dirty=True,
-            attempts=0,
-            backend_id=None,
-            version_id=None,
-            last_error=None,
-            last_seen=None,
-            due_at=None,
-            next_attempt_at=None,
-            pushed_at=None,
-            lease_owner=owner,
-            lease_expires=None if expires_in is None else now + timedelta(seconds=expires_in),
-        )
-
-    rows = [row("1", "node-b", 30), row("2", "node-a", -1), row("3", "node-b", 10), row("4", None, None)]
-    assert node_summary(rows, now) == [
-        {"node": "node-a", "active_leases": 0, "expired_leases": 1, "lease_ends": None},
-        {
-            "node": "node-b",
-            "active_leases": 2,
-            "expired_leases": 0,
-            "lease_ends": "2026-01-01T00:00:30+00:00",
-        },
-    ]

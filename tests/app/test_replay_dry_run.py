@@ -2,7 +2,6 @@
 
 - :func:`ingest.core.extract.extract_elements` (plain mapping of raw elements) vs
   :func:`ingest.core.extract.extract` on a pydicom ``Dataset`` read by pydicom itself;
-- :func:`ingest.sources.parse.parse_items` with the caller parsing too vs in-process parsing (order, results);
 - the dry run mapping quiet studies while parsing goes on vs mapping everything at the end.
 """
 
@@ -23,7 +22,7 @@ from ingest.app import replay
 from ingest.config import load_settings
 from ingest.core.extract import extract
 from ingest.errors import HeaderError
-from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
+from ingest.sources.parse import expand_paths
 from samples.generate import generate
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,28 +47,6 @@ def test_file_reader_matches_extract_of_a_pydicom_dataset(name: str) -> None:
             read_header(path)
         return
     assert read_header(path).record == expected
-
-
-def _outcome(result: Parsed | Rejected) -> tuple[str, tuple[Any, ...]]:
-    if isinstance(result, Parsed):
-        return result.label, (result.record, result.digest, result.size)
-    return result.label, (result.reason, result.message)
-
-
-def test_caller_parsing_keeps_input_order_and_results(tmp_path: Path) -> None:
-    junk = tmp_path / "junk.dcm"
-    junk.write_bytes(b"not dicom at all")
-    items = [Item(label=name, path=Path(name)) for name in _FILES * 6]  # > several batches
-    items.insert(7, Item(label=str(junk), path=junk))
-    items.insert(3, Item(label="refused", rejection=("archive_refused", "refused before reading")))
-    plain = [_outcome(r) for r in parse_items(items, jobs=1)]
-    parallel = [_outcome(r) for r in parse_items(items, jobs=2, caller_parses=True)]
-    workers_only = [_outcome(r) for r in parse_items(items, jobs=2)]
-    assert [label for label, _ in plain] == [item.label for item in items]
-    assert parallel == plain
-    assert workers_only == plain
-    assert dict(plain)["refused"] == ("archive_refused", "refused before reading")
-    assert dict(plain)[str(junk)][0] == "not_dicom"
 
 
 def _dry_run(roots: list[Path], jobs: int) -> tuple[str, dict[str, Any]]:

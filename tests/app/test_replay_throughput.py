@@ -19,12 +19,15 @@ from typing import Any
 import pytest
 from graphql import build_schema, parse, print_ast, validate
 
-from ingest.adapters.graphql.sink import GraphQLSink, _parse_and_validate, fit_schema
+from ingest.adapters.graphql.fit import _parse_and_validate, fit_schema
+from ingest.adapters.graphql.sink import GraphQLSink
 from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.app.replay import ReplayOptions, run_replay
+from ingest.app.wiring import mapping_options
 from ingest.backend.schema import build_backend_schema
 from ingest.config import BackendSettings, RelaySettings, Settings
-from ingest.relay.relay import Relay, StudyBuilder, mapping_options
+from ingest.relay.build import StudyBuilder
+from ingest.relay.relay import Relay
 from tests import FIXTURES
 from tests.faultproxy import running_backend
 from tests.relay.test_relay import FakeSink, record
@@ -112,7 +115,7 @@ def _relay(tmp_path: Path, store: SQLiteStateStore, sink: FakeSink, studies: int
     for uid in uids:
         store.add_instance(record(uid, 1, 1), source="test", spool_name=None, digest=f"d-{uid}",
                            now=now - timedelta(seconds=5), due_at=now - timedelta(seconds=1))
-    relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings, node="relay-1")
+    relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings.relay, node="relay-1")
     return relay, uids
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import socket
 import time
@@ -354,8 +355,8 @@ async def test_watcher_task_dead_is_503_relay_task_dead_is_degraded(tmp_path: Pa
 # -- waiting for the backend -------------------------------------------------------------------------------
 
 
-def _relay_settings() -> Settings:
-    return Settings(relay=RelaySettings(base_backoff_s=0.01, max_backoff_s=0.05, max_attempts=2))
+def _relay_settings() -> RelaySettings:
+    return RelaySettings(base_backoff_s=0.01, max_backoff_s=0.05, max_attempts=2)
 
 
 async def test_wait_for_backend_keeps_trying_past_max_attempts() -> None:
@@ -411,7 +412,7 @@ async def test_wait_for_backend_returns_promptly_on_stop() -> None:
     async def connect() -> None:
         raise RetryableSinkError("connection refused")
 
-    settings = Settings(relay=RelaySettings(base_backoff_s=30, max_backoff_s=300))
+    settings = RelaySettings(base_backoff_s=30, max_backoff_s=300)
     waiting = asyncio.create_task(
         wait_for_backend(connect, settings, stop, BackendHealth(), what="t", token_configured=False)
     )
@@ -424,8 +425,10 @@ async def test_relay_claims_nothing_until_connected_and_wired_then_uses_the_wiri
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ingest.relay.links
+    from ingest.app.wiring import mapping_options, wire_links
+    from ingest.relay.build import StudyBuilder
     from ingest.relay.links import Links
-    from ingest.relay.relay import Relay, StudyBuilder, mapping_options, run_relay
+    from ingest.relay.relay import Relay, run_relay
     from tests.relay.test_relay import FakeSink, record
 
     settings = Settings(data_dir=tmp_path, relay=RelaySettings(
@@ -440,7 +443,7 @@ async def test_relay_claims_nothing_until_connected_and_wired_then_uses_the_wiri
         if len(connects) < 3:
             raise RetryableSinkError("connection refused")
 
-    async def prepare_links(_settings: Any, _sink: Any, *, metrics: Any = None) -> Links:
+    async def prepare_links(_patient: Any, _endpoint: Any, _sink: Any, *, metrics: Any = None) -> Links:
         wirings.append("try")
         assert sink.calls["find"] == 0  # nothing pushed before the wiring is done
         if len(wirings) < 3:
@@ -452,9 +455,10 @@ async def test_relay_claims_nothing_until_connected_and_wired_then_uses_the_wiri
     with SQLiteStateStore(tmp_path / "state.sqlite3", node="t") as store:
         now = datetime.now(UTC)
         store.add_instance(record(uid, 1, 1), source="test", spool_name=None, digest="d", now=now, due_at=now)
-        relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings, metrics=None)
+        relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings.relay, metrics=None)
         stop = asyncio.Event()
-        task = asyncio.create_task(run_relay(relay, settings, sink, connect, stop))  # type: ignore[arg-type]
+        wire = functools.partial(wire_links, settings, sink)  # type: ignore[arg-type]
+        task = asyncio.create_task(run_relay(relay, connect, wire, stop))
         try:
             await until(lambda: sink.resources, 5.0, "study pushed")
         finally:

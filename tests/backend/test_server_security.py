@@ -21,13 +21,13 @@ from aiohttp.test_utils import TestClient
 from gql.utilities import get_introspection_query_ast
 from graphql import get_introspection_query, print_ast
 
-from ingest.adapters.graphql.sink import fit_resource, fit_schema, study_identifier
-from ingest.app.cli import embedded_backend
+from ingest.adapters.graphql.fit import fit_resource, fit_schema
+from ingest.adapters.graphql.sink import study_identifier
+from ingest.app.wiring import embedded_backend
 from ingest.backend.limits import QueryLimits
 from ingest.backend.schema import build_backend_schema
 from ingest.backend.server import GRAPHQL_PATH, create_app, start_backend
 from ingest.config import EmbeddedBackendSettings, Settings
-from ingest.errors import ConfigError
 from tests.backend.test_backend import CREATE, LIST_IDS, READ, ROOT, study
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
@@ -193,20 +193,6 @@ async def test_configured_token_is_required(tmp_path: Path, monkeypatch: pytest.
         check = {"query": LIST_IDS, "variables": {"i": f"urn:dicom:uid|urn:oid:{ROOT}.105"}}
         async with s.post(url, json=check, headers={"Authorization": f"Bearer {secret}"}) as resp:
             assert resp.status == 200 and (await resp.json())["data"]["ImagingStudyList"] is None
-
-
-async def test_token_env_without_a_value_does_not_start_an_open_backend(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    variable = f"INGEST_TEST_TOKEN_{uuid.uuid4().hex}"
-    monkeypatch.delenv(variable, raising=False)
-    with pytest.raises(ConfigError, match=variable):
-        async with embedded_backend(_settings(tmp_path, variable), port=0):
-            pass
-    monkeypatch.setenv(variable, "  ")
-    with pytest.raises(ConfigError):
-        async with embedded_backend(_settings(tmp_path, variable), port=0):
-            pass
 
 
 # ------------------------------------------------------------------------------------------- cost

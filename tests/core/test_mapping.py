@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataset import Dataset
 
-from ingest.config import MappingSettings, PatientSettings, Settings
 from ingest.core.aggregate import aggregate
 from ingest.core.mapping import MappingOptions, build_imaging_study, issuer_system, person_display
 from ingest.core.records import Code, InstanceRecord, PersonName
@@ -486,24 +485,6 @@ def test_output_is_deterministic(order: list[InstanceRecord]) -> None:
     resource, warnings = build(order, site_timezone="Europe/Berlin")
     assert json.dumps(resource) == json.dumps(expected)
     assert warnings == expected_warnings
-
-
-def test_options_from_settings() -> None:
-    settings_ = Settings(
-        mapping=MappingSettings(
-            site_timezone="Europe/Berlin", include_instances=False, operator_function="SPRF"
-        ),
-        patient=PatientSettings(default_system="urn:oid:1.2.3"),
-    )
-    options = MappingOptions.from_settings(settings_, endpoint_reference="Endpoint/1")
-    assert options == MappingOptions(
-        site_timezone="Europe/Berlin",
-        include_instances=False,
-        include_study_id=False,
-        operator_function="SPRF",
-        patient_default_system="urn:oid:1.2.3",
-        endpoint_reference="Endpoint/1",
-    )
 
 
 def test_issuer_system_uuid() -> None:

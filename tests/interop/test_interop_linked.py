@@ -26,12 +26,13 @@ from pydicom.data import get_charset_files
 
 from ingest.adapters.graphql.sink import GraphQLSink
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.app.wiring import wired_relay
 from ingest.config import EndpointSettings, PatientSettings, RelaySettings, Settings
 from ingest.core.extract import extract
+from ingest.core.linked import NAME_REPRESENTATION_URL, URI_SYSTEM, search_token
 from ingest.core.records import InstanceRecord, PersonName
 from ingest.metrics import Metrics
-from ingest.relay.links import NAME_REPRESENTATION_URL, URI_SYSTEM, prepare_links, search_token
-from ingest.relay.relay import wired_relay
+from ingest.relay.links import prepare_links
 
 SYSTEM = "urn:oid:1.2.826.0.1.3680043.2.1143.77"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -227,8 +228,8 @@ async def test_endpoint_found_by_identifier_and_referenced(
 ) -> None:
     wado = f"https://pacs-{uuid.uuid4().hex[:8]}.example.org/dicom-web"
     settings = settings_for("logical", wado=wado)
-    first = await prepare_links(settings, sink)
-    again = await prepare_links(settings, sink)
+    first = await prepare_links(settings.patient, settings.endpoint, sink)
+    again = await prepare_links(settings.patient, settings.endpoint, sink)
     assert first.endpoint_reference == again.endpoint_reference
     assert first.endpoint_reference is not None
     [endpoint] = await sink.search_resources("Endpoint", identifier=search_token(URI_SYSTEM, wado), count=10)

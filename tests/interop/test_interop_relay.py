@@ -22,9 +22,11 @@ import pytest
 
 from ingest.adapters.graphql.sink import GraphQLSink
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.app.wiring import mapping_options
 from ingest.config import RelaySettings, Settings
 from ingest.ports import StudyState
-from ingest.relay.relay import Relay, StudyBuilder, mapping_options, utcnow
+from ingest.relay.build import StudyBuilder
+from ingest.relay.relay import Relay, utcnow
 from ingest.sources.parse import Parsed, expand_paths, parse_items
 from samples.generate import GeneratedCorpus, generate
 from tests.faultproxy import gql, ingest_env, run_ingest, studies_with_identifier
@@ -124,7 +126,7 @@ async def test_pipeline_scenarios_against_medplum(medplum_url: str, tmp_path: Pa
     ]
     async with GraphQLSink(medplum_url, token_source=None, timeout_s=10) as sink:
         with SQLiteStateStore(tmp_path / "state.sqlite3") as store:
-            relay = Relay(store, sink, builder, settings, node="interop-1")
+            relay = Relay(store, sink, builder, settings.relay, node="interop-1")
             await relay.drain(accept(store, first_roots))
             assert relay.totals.results == {"created": 2, "dead": 1}
             assert store.dead_reason(fresh[clash.study_uid]) == "multiple_matches"
@@ -133,7 +135,7 @@ async def test_pipeline_scenarios_against_medplum(medplum_url: str, tmp_path: Pa
             # the same input through a fresh state store: found on Medplum, equal, not written again
             [before] = await studies_with_identifier(medplum_url, fresh[rerun.study_uid])
             with SQLiteStateStore(tmp_path / "state2.sqlite3") as store2:
-                relay2 = Relay(store2, sink, builder, settings, node="interop-2")
+                relay2 = Relay(store2, sink, builder, settings.relay, node="interop-2")
                 await relay2.drain(accept(store2, [corpus.root / rerun.directory]))
                 assert relay2.totals.results == {"unchanged": 1}
             [after] = await studies_with_identifier(medplum_url, fresh[rerun.study_uid])
@@ -146,7 +148,7 @@ async def test_pipeline_scenarios_against_medplum(medplum_url: str, tmp_path: Pa
             edited.update(note=[{"text": "reviewed by radiology QA"}], status="cancelled")
             answer = await gql(medplum_url, UPDATE, {"id": current.id, "res": edited})
             assert not answer.get("errors"), answer
-            relay3 = Relay(store, sink, builder, settings, node="interop-3")
+            relay3 = Relay(store, sink, builder, settings.relay, node="interop-3")
             await relay3.drain(accept(store, [corpus.root / d for d in later]))
             assert relay3.totals.results == {"updated": 1}
             row = store.study(fresh[grown.study_uid])

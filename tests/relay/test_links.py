@@ -1,6 +1,6 @@
 """Tests for ingest.relay.links: Patient subject resolution and the DICOMweb Endpoint.
 
-Pure parts (names, the Patient and Endpoint resources, settings validation) run without I/O; the modes
+Pure parts (names, the Patient and Endpoint resources) run without I/O; the modes
 run end to end through the relay against the embedded backend on 127.0.0.1 (port chosen by the OS).
 """
 
@@ -13,252 +13,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 import pytest_asyncio
-from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.data import get_charset_files
 
 from ingest.adapters.graphql.sink import GraphQLSink
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.app.wiring import mapping_options
 from ingest.backend.server import start_backend
 from ingest.backend.store import ResourceStore, SearchRequest
-from ingest.config import EndpointSettings, PatientSettings, RelaySettings, Settings, load_settings
-from ingest.core.extract import extract
+from ingest.config import EndpointSettings, PatientSettings, RelaySettings, Settings
+from ingest.core.linked import URI_SYSTEM, search_token
 from ingest.core.records import InstanceRecord, PersonName
 from ingest.errors import ConfigError, PermanentSinkError, RetryableSinkError
 from ingest.metrics import Metrics
-from ingest.relay.links import (
-    CONNECTION_TYPE_SYSTEM,
-    NAME_REPRESENTATION_URL,
-    URI_SYSTEM,
-    EndpointResolver,
-    PatientResolver,
-    endpoint_resource,
-    human_names,
-    patient_resource,
-    prepare_links,
-    search_token,
-)
-from ingest.relay.relay import Relay, StudyBuilder, mapping_options
+from ingest.relay.build import StudyBuilder
+from ingest.relay.links import EndpointResolver, PatientResolver, prepare_links
+from ingest.relay.relay import Relay
+from tests.core.test_linked import IDE, SYL, SYSTEM, WADO, charset_record, record
 from tests.faultproxy import ingest_env, run_ingest
 
-SYSTEM = "urn:oid:1.2.826.0.1.3680043.2.1143.99"
-WADO = "https://pacs.example.org/dicom-web"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-IDE = {"url": NAME_REPRESENTATION_URL, "valueCode": "IDE"}
-SYL = {"url": NAME_REPRESENTATION_URL, "valueCode": "SYL"}
-
-
-def charset_record(name: str) -> InstanceRecord:
-    """Extract one of pydicom's character-set test files."""
-    [path] = get_charset_files(name)
-    return extract(pydicom.dcmread(path, stop_before_pixels=True), source=name)
-
-
-def record(study: str, sop: str, patient_id: str | None = "PID-1", **fields: Any) -> InstanceRecord:
-    return InstanceRecord(
-        study_uid=study,
-        series_uid=f"{study}.1",
-        sop_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        modality="CT",
-        patient_id=patient_id,
-        **fields,
-    )
-
-
-def names_json(name: PersonName | None) -> list[dict[str, Any]]:
-    return [h.model_dump(mode="json", by_alias=True, exclude_defaults=True) for h in human_names(name)]
-
-
-# --------------------------------------------------------------------------------------------------
-# Names, Patient and Endpoint resources (pure)
-# --------------------------------------------------------------------------------------------------
-
-
-def test_japanese_three_group_name_becomes_three_human_names() -> None:
-    # PS3.5 H.3.1: Yamada^Tarou=山田^太郎=やまだ^たろう (ISO 2022 IR 87)
-    rec = charset_record("chrH31.dcm")
-    assert names_json(rec.patient_name) == [
-        {"text": "Tarou Yamada", "family": "Yamada", "given": ["Tarou"]},
-        {"extension": [IDE], "text": "山田 太郎", "family": "山田", "given": ["太郎"]},
-        {"extension": [SYL], "text": "やまだ たろう", "family": "やまだ", "given": ["たろう"]},
-    ]
-
-
-def test_japanese_half_width_katakana_alphabetic_group() -> None:
-    # PS3.5 H.3.2: the alphabetic group in JIS X 0201 katakana (ISO 2022 IR 13)
-    rec = charset_record("chrH32.dcm")
-    names = names_json(rec.patient_name)
-    assert names[0] == {"text": "ﾀﾛｳ ﾔﾏﾀﾞ", "family": "ﾔﾏﾀﾞ", "given": ["ﾀﾛｳ"]}
-    assert [n.get("extension") for n in names] == [None, [IDE], [SYL]]
-    assert names[1]["family"] == "山田" and names[2]["family"] == "やまだ"
-
-
-def test_korean_three_group_name_becomes_three_human_names() -> None:
-    # PS3.5 I.2: Hong^Gildong=洪^吉洞=홍^길동 (ISO 2022 IR 149)
-    rec = charset_record("chrI2.dcm")
-    assert names_json(rec.patient_name) == [
-        {"text": "Gildong Hong", "family": "Hong", "given": ["Gildong"]},
-        {"extension": [IDE], "text": "洪 吉洞", "family": "洪", "given": ["吉洞"]},
-        {"extension": [SYL], "text": "홍 길동", "family": "홍", "given": ["길동"]},
-    ]
-
-
-def test_korean_single_group_patient_from_charset_file() -> None:
-    rec = charset_record("chrKoreanMulti.dcm")
-    patient = patient_resource(SYSTEM, "2008-3", [rec])
-    assert patient == {
-        "resourceType": "Patient",
-        "identifier": [{"system": SYSTEM, "value": "2008-3"}],
-        "name": [{"text": "김희중", "family": "김희중"}],
-        "gender": "male",  # (0010,0040) M
-        "birthDate": "1800-01-01",  # (0010,0030) 18000101
-    }
-
-
-def test_japanese_single_group_patient_from_charset_file() -> None:
-    rec = charset_record("chrJapMulti.dcm")
-    patient = patient_resource(SYSTEM, "2008-4", [rec])
-    assert patient["name"] == [{"text": "たろう やまだ", "family": "やまだ", "given": ["たろう"]}]
-    assert patient["gender"] == "male" and patient["birthDate"] == "1800-01-01"
-
-
-def test_all_components_and_empty_groups() -> None:
-    name = PersonName(alphabetic="Adams^John Robert Quincy^B^Rev.^B.A. M.Div.", ideographic="", phonetic="^")
-    assert names_json(name) == [
-        {
-            "text": "Rev. John Robert Quincy B Adams B.A. M.Div.",
-            "family": "Adams",
-            "given": ["John Robert Quincy", "B"],
-            "prefix": ["Rev."],
-            "suffix": ["B.A. M.Div."],
-        }
-    ]
-    assert human_names(None) == [] and human_names(PersonName()) == []
-
-
-def test_control_characters_are_dropped_from_patient_names() -> None:
-    # FHIR strings may not hold C0 controls other than tab/CR/LF: the name is kept, cleaned, not dropped
-    name = PersonName(alphabetic="Ad\x1bams^Jo\x00hn\x01")
-    assert names_json(name) == [{"text": "John Adams", "family": "Adams", "given": ["John"]}]
-
-
-@pytest.mark.parametrize(
-    ("sex", "gender"),
-    [("M", "male"), ("F", "female"), ("O", "other"), ("o", "other"), ("U", None), (None, None)],
-)
-def test_gender_mapping(sex: str | None, gender: str | None) -> None:
-    patient = patient_resource(SYSTEM, "X", [record("1.2.3", "1.2.3.1", "X", patient_sex=sex)])
-    assert patient.get("gender") == gender
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"), [("19800229", "1980-02-29"), ("19810229", None), ("1980", None), ("", None)]
-)
-def test_birth_date_valid_or_dropped(raw: str, expected: str | None) -> None:
-    patient = patient_resource(SYSTEM, "X", [record("1.2.3", "1.2.3.1", "X", patient_birth_date=raw)])
-    assert patient.get("birthDate") == expected
-    assert patient["identifier"] == [{"system": SYSTEM, "value": "X"}]
-
-
-def test_demographics_come_from_the_subjects_instances() -> None:
-    records = [
-        record("1.2.3", "1.2.3.1", "OTHER", patient_sex="F", patient_name=PersonName(alphabetic="Wrong^One")),
-        record("1.2.3", "1.2.3.2", "X", patient_sex="M", patient_name=PersonName(alphabetic="Right^One")),
-    ]
-    patient = patient_resource(SYSTEM, "X", records)
-    assert patient["gender"] == "male"
-    assert patient["name"][0]["family"] == "Right"
-
-
-def test_search_token_escapes_fhir_search_characters() -> None:
-    assert search_token("urn:oid:1.2", "A|B,C$D\\E") == "urn:oid:1.2|A\\|B\\,C\\$D\\\\E"
-    assert search_token(URI_SYSTEM, WADO) == f"{URI_SYSTEM}|{WADO}"
-
-
-def test_endpoint_resource_shape() -> None:
-    assert endpoint_resource(WADO) == {
-        "resourceType": "Endpoint",
-        "identifier": [{"system": "urn:ietf:rfc:3986", "value": WADO}],
-        "status": "active",
-        "connectionType": {
-            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
-            "code": "dicom-wado-rs",
-        },
-        "name": "DICOMweb WADO-RS",
-        "payloadType": [{"text": "DICOM WADO-RS"}],
-        "payloadMimeType": ["application/dicom"],
-        "address": WADO,
-    }
-    assert CONNECTION_TYPE_SYSTEM == "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings validation
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "why"),
-    [
-        ("https://pacs.example.org/dicom-web/studies", "/studies"),
-        ("https://pacs.example.org/dicom-web/studies/1.2.3", "/studies"),
-        ("https://pacs.example.org/dicom-web/", "slash"),
-        ("https://pacs.example.org/", "slash"),
-        ("ftp://pacs.example.org/dicom-web", "http or https"),
-        ("pacs.example.org/dicom-web", "http or https"),
-        ("https:///dicom-web", "no host"),
-        ("https://pacs.example.org/dicom-web?x=1", "query"),
-        ("https://pacs.example.org/dicom web", "whitespace"),
-    ],
-)
-def test_invalid_wado_rs_url_is_refused_naming_the_key(url: str, why: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_settings(endpoint={"wado_rs_url": url})
-    assert "endpoint.wado_rs_url" in str(info.value)
-    assert why in str(info.value)
-
-
-def test_wado_rs_url_credentials_are_refused_and_not_echoed() -> None:
-    with pytest.raises(ConfigError) as info:
-        load_settings(endpoint={"wado_rs_url": "https://user:s3cret@pacs.example.org/dicom-web"})
-    assert "credentials" in str(info.value)
-    assert "s3cret" not in str(info.value)
-
-
-def test_invalid_wado_rs_url_from_config_file_and_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = tmp_path / "ingest.toml"
-    config.write_text(f'[endpoint]\nwado_rs_url = "{WADO}/"\n', encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"endpoint\.wado_rs_url.*slash"):
-        load_settings(config)
-    monkeypatch.setenv("INGEST_ENDPOINT__WADO_RS_URL", f"{WADO}/studies")
-    with pytest.raises(ConfigError, match=r"endpoint\.wado_rs_url.*studies"):
-        load_settings()
-
-
-def test_valid_wado_rs_urls_are_kept() -> None:
-    assert load_settings(endpoint={"wado_rs_url": WADO}).endpoint.wado_rs_url == WADO
-    assert (
-        EndpointSettings(wado_rs_url="http://10.0.0.5:8042/dicom-web").wado_rs_url
-        == "http://10.0.0.5:8042/dicom-web"
-    )
-    assert EndpointSettings(wado_rs_url="  ").wado_rs_url is None
-
-
-@pytest.mark.parametrize("mode", ["lookup", "create"])
-def test_resolving_modes_need_default_system(mode: str) -> None:
-    with pytest.raises(ConfigError, match=r"patient.*default_system"):
-        load_settings(patient={"mode": mode})
-    assert load_settings(patient={"mode": mode, "default_system": SYSTEM}).patient.mode == mode
-
-
-def test_default_system_must_be_a_uri() -> None:
-    with pytest.raises(ConfigError, match=r"patient\.default_system"):
-        load_settings(patient={"mode": "logical", "default_system": "HOSPITAL A"})
-    assert load_settings().patient == PatientSettings(mode="logical", default_system=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,11 +178,11 @@ async def test_concurrent_studies_of_one_new_patient_create_one_patient_fake() -
 async def test_missing_backend_support_refuses_to_start() -> None:
     settings = Settings(patient=PatientSettings(mode="lookup", default_system=SYSTEM))
     with pytest.raises(ConfigError, match="PatientList"):
-        await prepare_links(settings, FakeBackend(supports=False))
+        await prepare_links(settings.patient, settings.endpoint, FakeBackend(supports=False))
     with pytest.raises(ConfigError, match="EndpointList"):
         await EndpointResolver(FakeBackend(supports=False), WADO).reference()
     links = await prepare_links(
-        Settings(), FakeBackend(supports=False)
+        Settings().patient, Settings().endpoint, FakeBackend(supports=False)
     )  # logical, no endpoint: nothing needed
     assert links.link is None and links.endpoint_reference is None
 
@@ -462,10 +237,11 @@ async def push(
     for rec in records:
         digest = hashlib.sha256(rec.model_dump_json().encode()).hexdigest()
         store.add_instance(rec, source="test", spool_name=None, digest=digest, now=NOW, due_at=NOW)
-    links = links or await prepare_links(settings, sink, metrics=metrics)
+    links = links or await prepare_links(settings.patient, settings.endpoint, sink, metrics=metrics)
     options = mapping_options(settings, endpoint_reference=links.endpoint_reference)
     relay = Relay(
-        store, sink, StudyBuilder(options), settings, clock=lambda: NOW, metrics=metrics, link=links.link
+        store, sink, StudyBuilder(options), settings.relay, clock=lambda: NOW, metrics=metrics,
+        link=links.link,
     )
     await relay.run_once()
     return dict(relay.totals.results)
@@ -591,9 +367,10 @@ async def test_endpoint_found_or_created_once_and_referenced(
     sink: GraphQLSink, store: SQLiteStateStore
 ) -> None:
     settings = settings_for("logical", wado=WADO)
-    links = await prepare_links(settings, sink)
+    links = await prepare_links(settings.patient, settings.endpoint, sink)
     assert links.endpoint_reference is not None and links.endpoint_reference.startswith("Endpoint/")
-    again = await prepare_links(settings, sink)  # a restart: found by identifier, not created again
+    # a restart: found by identifier, not created again
+    again = await prepare_links(settings.patient, settings.endpoint, sink)
     assert again.endpoint_reference == links.endpoint_reference
     found = await sink.search_resources("Endpoint", identifier=search_token(URI_SYSTEM, WADO), count=10)
     assert len(found) == 1
@@ -606,23 +383,11 @@ async def test_endpoint_found_or_created_once_and_referenced(
     study = await sink.find("1.2.70.1", None)
     assert study is not None and study.resource["endpoint"] == [{"reference": links.endpoint_reference}]
 
+    elsewhere = settings_for("logical", wado=WADO + "2")
     other = await prepare_links(
-        settings_for("logical", wado=WADO + "2"), sink
+        elsewhere.patient, elsewhere.endpoint, sink
     )  # another URL, another Endpoint
     assert other.endpoint_reference != links.endpoint_reference
-
-
-def test_ct_small_patient_resource_is_valid_fhir() -> None:
-    """A real file's demographics pass the strict R4 model the embedded backend validates with."""
-    from ingest.core.fhir import validate_resource
-
-    path = get_testdata_file("CT_small.dcm")
-    assert path is not None
-    rec = extract(pydicom.dcmread(path, stop_before_pixels=True), source="CT_small")
-    assert rec.patient_id
-    resource = patient_resource(SYSTEM, rec.patient_id, [rec])
-    validate_resource(resource)
-    assert resource["name"][0]["family"] == "CompressedSamples"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,11 +18,13 @@ from typing import Any
 import pytest
 
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.app.wiring import mapping_options
 from ingest.config import RelaySettings, Settings
 from ingest.core.records import InstanceRecord
 from ingest.errors import MultipleMatchesError, PermanentSinkError, RetryableSinkError, StoreUnavailableError
 from ingest.ports import BackendStudy, StudyState
-from ingest.relay.relay import Relay, StudyBuilder, backoff_delay, mapping_options, record_delay
+from ingest.relay.build import StudyBuilder
+from ingest.relay.relay import Relay, backoff_delay, record_delay
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"  # SOP Class UID (0008,0016): CT Image Storage
 STUDY_A = "1.2.826.0.1.3680043.8.498.1"
@@ -146,7 +148,9 @@ def sink() -> FakeSink:
 
 @pytest.fixture
 def relay(store: SQLiteStateStore, sink: FakeSink, settings: Settings, clock: Clock) -> Relay:
-    return Relay(store, sink, StudyBuilder(mapping_options(settings)), settings, node="relay-1", clock=clock)
+    return Relay(
+        store, sink, StudyBuilder(mapping_options(settings)), settings.relay, node="relay-1", clock=clock
+    )
 
 
 def add(store: SQLiteStateStore, clock: Clock, settings: Settings, *records: InstanceRecord) -> None:
@@ -212,7 +216,7 @@ async def test_state_lost_backend_unchanged_no_write(
         add(fresh, clock, settings, *records)
         clock.advance(10)
         other = Relay(
-            fresh, sink, StudyBuilder(mapping_options(settings)), settings, node="relay-2", clock=clock
+            fresh, sink, StudyBuilder(mapping_options(settings)), settings.relay, node="relay-2", clock=clock
         )
         assert await other.run_once() == 1
         assert other.totals.results == Counter(unchanged=1)
@@ -245,7 +249,7 @@ async def test_transient_failure_backs_off_with_persisted_next_attempt(
         again = reopened.study(STUDY_A)
         assert again is not None and again.next_attempt_at == row.next_attempt_at
         relay2 = Relay(
-            reopened, sink, StudyBuilder(mapping_options(settings)), settings, node="r2", clock=clock
+            reopened, sink, StudyBuilder(mapping_options(settings)), settings.relay, node="r2", clock=clock
         )
         if row.next_attempt_at > clock():
             assert await relay2.run_once() == 0  # not before its next attempt
@@ -381,7 +385,7 @@ async def test_drain_pushes_at_once_and_waits_out_a_retry(
 
     ticking = Ticking()
     cfg = settings.model_copy(update={"relay": settings.relay.model_copy(update={"max_backoff_s": 2.0})})
-    relay = Relay(store, sink, StudyBuilder(mapping_options(cfg)), cfg, node="drainer", clock=ticking)
+    relay = Relay(store, sink, StudyBuilder(mapping_options(cfg)), cfg.relay, node="drainer", clock=ticking)
     for r in (record(STUDY_A, 1, 1), record(STUDY_B, 1, 1)):
         store.add_instance(
             r,
@@ -453,7 +457,7 @@ async def test_recording_failure_is_retried_in_place_within_seconds_backend_writ
     store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
 ) -> None:
     flaky = FlakyStore(store, {"mark_pushed"}, times=2)
-    relay = Relay(flaky, sink, StudyBuilder(mapping_options(settings)), settings, node="r", clock=clock)
+    relay = Relay(flaky, sink, StudyBuilder(mapping_options(settings)), settings.relay, node="r", clock=clock)
     add(store, clock, settings, record(STUDY_A, 1, 1))
     clock.advance(10)
     started = time.monotonic()
@@ -475,7 +479,7 @@ async def test_recording_that_keeps_failing_leaves_the_study_for_the_next_push_n
         update={"record_attempts": 3, "record_retry_base_s": 0.01, "record_retry_max_s": 0.02}
     )})
     flaky = FlakyStore(store, {"mark_pushed"}, times=3)
-    relay = Relay(flaky, sink, StudyBuilder(mapping_options(cfg)), cfg, node="r", clock=clock)
+    relay = Relay(flaky, sink, StudyBuilder(mapping_options(cfg)), cfg.relay, node="r", clock=clock)
     add(store, clock, cfg, record(STUDY_A, 1, 1))
     clock.advance(10)
     assert await relay.run_once() == 1
@@ -498,7 +502,7 @@ async def test_relay_survives_a_store_that_cannot_even_schedule_the_retry(
     store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
 ) -> None:
     flaky = FlakyStore(store, {"instances", "schedule_retry"}, times=None)
-    relay = Relay(flaky, sink, StudyBuilder(mapping_options(settings)), settings, node="r", clock=clock)
+    relay = Relay(flaky, sink, StudyBuilder(mapping_options(settings)), settings.relay, node="r", clock=clock)
     add(store, clock, settings, record(STUDY_A, 1, 1))
     clock.advance(10)
     assert await relay.run_once() == 1  # no exception out of the relay loop

@@ -23,7 +23,7 @@ from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.config import ListenerSettings, QuarantineSettings, RelaySettings, Settings, WatchSettings
 from ingest.metrics import Metrics
 from ingest.relay.relay import utcnow
-from ingest.sources.dropfolder import DropFolder, StepResult, run_watcher
+from ingest.sources.dropfolder import DropFolder, StepResult, open_drop_folder, run_watcher
 from samples.generate import generate
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
@@ -108,7 +108,7 @@ async def watching(settings: Settings, rescan_s: float = 30.0) -> AsyncIterator[
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = SQLiteStateStore(settings.data_dir / "state.sqlite3", node="test")
     run = Running(settings, store)
-    task = asyncio.create_task(run_watcher(settings, store, run.relay, run.metrics, run.stop,  # type: ignore[arg-type]
+    task = asyncio.create_task(run_watcher(settings, store, run.relay.wake, run.metrics, run.stop,
                                            rescan_s=rescan_s, on_step=run.on_step))
     try:
         await run.until(lambda: run.steps >= 1 or task.done())
@@ -215,7 +215,11 @@ async def test_bad_files_end_in_quarantine_with_their_reason_and_the_watcher_kee
         sub = run.folder / "sub"
         sub.mkdir()
         (sub / "cut.dcm").write_bytes(data[: len(data) // 2])  # cut inside pixel data
-        await run.until(lambda: len(run.quarantined()) == 3)
+        q = settings.data_dir / "quarantine"  # each copy is followed by its side file: wait for both
+        await run.until(
+            lambda: len(run.quarantined()) == 3
+            and all((q / f"{name}.json").exists() for name in run.quarantined())
+        )
         quarantine = Quarantine(settings.data_dir / "quarantine")
         sides = [quarantine.reason(name) for name in run.quarantined()]
         reasons = sorted(str(side["reason"]) for side in sides)
@@ -343,7 +347,7 @@ def test_watch_folder_must_be_set(tmp_path: Path) -> None:
     from ingest.errors import ConfigError
 
     with SQLiteStateStore(tmp_path / "s.sqlite3") as store, pytest.raises(ConfigError, match="folder"):
-        DropFolder(Settings(data_dir=tmp_path), store)
+        open_drop_folder(Settings(data_dir=tmp_path), store)
 
 
 async def test_ingest_watch_command_pushes_dropped_files_to_the_backend(tmp_path: Path) -> None:
@@ -402,7 +406,7 @@ def _drop_folder(tmp_path: Path, **sections: Any) -> tuple[DropFolder, SQLiteSta
     settings.data_dir.mkdir(parents=True)
     store = SQLiteStateStore(settings.data_dir / "state.sqlite3", node="test")
     clock = [0.0]
-    return DropFolder(settings, store, monotonic=lambda: clock[0]), store, clock
+    return open_drop_folder(settings, store, monotonic=lambda: clock[0]), store, clock
 
 
 def _settle(drop: DropFolder, clock: list[float]) -> None:

@@ -28,9 +28,19 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Final, Protocol, Self
 
+from ingest.core.admission import CONFLICT_OTHER_CONTENT, CONFLICT_OTHER_STUDY, Existing, decide
 from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError, StoreUnavailableError
-from ingest.ports import Added, AddOutcome, StateStore, StudyClaim, StudyRow, StudyState
+from ingest.ports import (
+    Added,
+    AddOutcome,
+    RecentStudy,
+    SeriesGroup,
+    StateStore,
+    StudyClaim,
+    StudyRow,
+    StudyState,
+)
 
 __all__ = [
     "CONFLICT_OTHER_CONTENT",
@@ -41,12 +51,10 @@ __all__ = [
     "utc",
 ]
 
-CONFLICT_OTHER_CONTENT: Final = "other_content"
-CONFLICT_OTHER_STUDY: Final = "other_study"
-
 _STUDY_COLUMNS: Final = (
     "s.study_uid, s.state, COALESCE(n.instances, 0), s.dirty, s.attempts, s.backend_id, s.version_id, "
-    "s.last_error, s.last_seen, s.due_at, s.next_attempt_at, s.pushed_at, s.lease_owner, s.lease_expires"
+    "s.last_error, s.last_seen, s.due_at, s.next_attempt_at, s.pushed_at, s.lease_owner, s.lease_expires, "
+    "s.dead_reason"
 )
 _STUDY_FROM: Final = (
     "FROM studies s LEFT JOIN (SELECT study_uid, COUNT(*) AS instances FROM instances GROUP BY study_uid) n "
@@ -99,6 +107,7 @@ def study_row(values: Sequence[Any], to_dt: Callable[[Any], datetime | None]) ->
         pushed_at=to_dt(values[11]),
         lease_owner=values[12],
         lease_expires=to_dt(values[13]),
+        dead_reason=values[14],
     )
 
 
@@ -106,31 +115,6 @@ def study_row(values: Sequence[Any], to_dt: Callable[[Any], datetime | None]) ->
 _INSERT_ROWS = 256
 # Names per ``IN (...)`` lookup (under SQLite's 999-variable floor on old builds).
 _IN_CHUNK = 500
-
-
-def _digest_scheme(digest: str) -> str:
-    """The scheme prefix of a digest (``"c1"``), or ``""`` for an older digest without one."""
-    scheme, sep, _ = digest.partition(":")
-    return scheme if sep else ""
-
-
-def _same_record_other_scheme(stored: str, digest: str, stored_json: object, record: InstanceRecord) -> bool:
-    """Whether a row whose digest is of another scheme holds the same instance as *record*.
-
-    Digests of different schemes never match, so a store written before the content digest
-    (``ingest.adapters.dicomfile``: ``c1:``) would call every re-sent instance a conflict. Then the
-    stored record decides: equal but for the transfer syntax (the content digest makes a re-encoded
-    copy a duplicate) is the same instance; a record that does not parse is not.
-    """
-    if _digest_scheme(stored) == _digest_scheme(digest):
-        return False
-    try:
-        old = InstanceRecord.model_validate_json(str(stored_json))
-    except ValueError:
-        return False
-    return old.model_copy(update={"transfer_syntax_uid": None}) == record.model_copy(
-        update={"transfer_syntax_uid": None}
-    )
 
 
 class SQLStateStore(StateStore):
@@ -217,10 +201,9 @@ class SQLStateStore(StateStore):
     ) -> list[Added]:
         """Insert instance rows in one statement; rows whose SOP Instance UID exists are checked after.
 
-        An existing row with the same study and digest makes a duplicate, otherwise a conflict; a row whose
-        digest is of another scheme (an older byte digest) is compared by its record instead, see
-        :func:`_same_record_other_scheme`. The same SOP Instance UID twice in one batch: the first is
-        added, the second compared with it.
+        A row that exists is judged by :func:`ingest.core.admission.decide` (duplicate or conflict, the
+        rule for a digest of another scheme included). The same SOP Instance UID twice in one batch: the
+        first is added, the second compared with it.
         """
         inserted: set[str] = set()
         for start in range(0, len(items), _INSERT_ROWS):
@@ -262,14 +245,8 @@ class SQLStateStore(StateStore):
             ).fetchone()
             if found is None:  # pragma: no cover - deleted concurrently; nothing in ingest deletes rows
                 raise StoreUnavailableError(f"instance {record.sop_uid} vanished during add; retry")
-            if found[0] != record.study_uid:
-                results.append(Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_STUDY))
-            elif found[1] != digest and not _same_record_other_scheme(
-                str(found[1]), digest, found[2], record
-            ):
-                results.append(Added(AddOutcome.CONFLICT, record.study_uid, CONFLICT_OTHER_CONTENT))
-            else:
-                results.append(Added(AddOutcome.DUPLICATE, record.study_uid))
+            decision = decide(Existing(str(found[0]), str(found[1]), str(found[2])), record, digest)
+            results.append(Added(AddOutcome(decision.verdict.value), record.study_uid, decision.detail))
         return results
 
     def _touch_study(self, cur: Cursor, study_uid: str, added: int, now: object, due_at: object) -> None:
@@ -585,9 +562,93 @@ class SQLStateStore(StateStore):
         return None if row is None else study_row(row, self._from_time)
 
     def dead_reason(self, study_uid: str) -> str | None:
-        """The reason code a dead study was parked with (``multiple_matches``, ``rejected``...)."""
-        with self._use("dead_reason") as cur:
-            row = cur.execute(
-                self._q("SELECT dead_reason FROM studies WHERE study_uid = ?"), (study_uid,)
-            ).fetchone()
-        return None if row is None else row[0]
+        """The reason code a dead study was parked with (``multiple_matches``, ``rejected``...): its
+        :attr:`ingest.ports.StudyRow.dead_reason`."""
+        row = self.study(study_uid)
+        return None if row is None else row.dead_reason
+
+    # -- the status page (ingest.app.admin) --------------------------------------------------------------
+
+    def recent_studies(self, limit: int, offset: int = 0) -> list[RecentStudy]:
+        """Studies newest first by their last instance received (``last_seen``), ``limit`` from ``offset``.
+
+        The instance count is a correlated count over ``instances_study``, so only the page's studies are
+        counted.
+        """
+        with self._use("recent_studies") as cur:
+            rows = cur.execute(
+                self._q(
+                    "SELECT s.study_uid, s.state, "
+                    "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid), s.dirty, "
+                    "s.attempts, s.backend_id, s.version_id, s.last_error, s.last_seen, s.due_at, "
+                    "s.next_attempt_at, s.pushed_at, s.lease_owner, s.lease_expires, s.dead_reason "
+                    "FROM studies s ORDER BY (CASE WHEN s.last_seen IS NULL THEN 1 ELSE 0 END), "
+                    "s.last_seen DESC, s.study_uid LIMIT ? OFFSET ?"
+                ),
+                (max(0, limit), max(0, offset)),
+            ).fetchall()
+        return [RecentStudy(study_row(row, self._from_time), row[14]) for row in rows]
+
+    def study_counts(self) -> dict[StudyState, int]:
+        """How many studies are in each state (states with none are left out)."""
+        with self._use("study_counts") as cur:
+            rows = cur.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
+        return {StudyState(row[0]): int(row[1]) for row in rows}
+
+    def series_groups(self, study_uids: Sequence[str]) -> list[SeriesGroup]:
+        """The instance rows of ``study_uids`` grouped by study, series and source.
+
+        Each group carries its count, first and last ``added_at`` and one sample header record (the least
+        ``record_json``), from which the page takes accession, modality and descriptions.
+        """
+        wanted = sorted(set(study_uids))
+        groups: list[SeriesGroup] = []
+        with self._use("series_groups") as cur:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ", ".join(["?"] * len(chunk))
+                rows = cur.execute(
+                    self._q(
+                        "SELECT study_uid, series_uid, source, COUNT(*), MIN(added_at), MAX(added_at), "
+                        f"MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
+                        "GROUP BY study_uid, series_uid, source ORDER BY study_uid, series_uid, source"
+                    ),
+                    chunk,
+                ).fetchall()
+                groups += [
+                    SeriesGroup(
+                        study_uid=row[0],
+                        series_uid=row[1],
+                        source=row[2],
+                        instances=int(row[3]),
+                        first_added=self._from_time(row[4]),
+                        last_added=self._from_time(row[5]),
+                        sample=InstanceRecord.model_validate_json(row[6]),
+                    )
+                    for row in rows
+                ]
+        return groups
+
+    def minute_counts(self, since: datetime, minutes: int) -> tuple[list[int], list[int]]:
+        """Per minute from ``since`` (``minutes`` buckets, at most 240): instances received (``added_at``)
+        and studies whose last push (``pushed_at``) fell in it; one query each, portable SQL.
+
+        ``instances.added_at`` has no index: the instance query scans the table (the page caches it).
+        """
+        minutes = max(1, min(240, minutes))
+        edges = [self._time(since + timedelta(minutes=m)) for m in range(minutes + 1)]
+        bounds: list[object] = []
+        for m in range(minutes):
+            bounds += [edges[m], edges[m + 1]]
+        counts: list[list[int]] = []
+        with self._use("minute_counts") as cur:
+            for table, column in (("instances", "added_at"), ("studies", "pushed_at")):
+                sums = ", ".join(
+                    [f"SUM(CASE WHEN {column} >= ? AND {column} < ? THEN 1 ELSE 0 END)"] * minutes
+                )
+                row = cur.execute(
+                    self._q(f"SELECT {sums} FROM {table} WHERE {column} >= ? AND {column} < ?"),
+                    [*bounds, edges[0], edges[-1]],
+                ).fetchone()
+                counts.append([int(v or 0) for v in (row or [0] * minutes)])
+        return counts[0], counts[1]

@@ -35,13 +35,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from ingest.adapters.state.sql import SQLStateStore, utc
-from ingest.errors import ConfigError, StoreError, StoreUnavailableError
-from ingest.ports import StateStore
+from ingest.errors import StoreError, StoreUnavailableError
 
 __all__ = [
     "MIGRATIONS",
     "SQLiteStateStore",
-    "open_state_store",
 ]
 
 #: Numbered schema migrations; ``MIGRATIONS[i]`` brings ``user_version`` from ``i`` to ``i + 1``.
@@ -227,35 +225,3 @@ class SQLiteStateStore(SQLStateStore):
                     conn.close()
                 except sqlite3.Error as exc:
                     raise StoreError(f"state database {self.path}: close failed: {exc}") from exc
-
-
-def open_state_store(url: str | None, data_dir: Path, *, node: str | None = None) -> StateStore:
-    """Open the configured state store (``[state] url``).
-
-    Parameters
-    ----------
-    url:
-        ``None`` (SQLite at ``data_dir/state.sqlite3``), ``sqlite:///path`` or ``postgresql://...``
-        (PostgreSQL, imported lazily).
-    data_dir:
-        The data directory (``--data-dir``).
-    node:
-        Name recorded with instances this node accepted; default: the host name.
-
-    Raises
-    ------
-    ConfigError
-        For an unsupported URL scheme.
-    StoreError, StoreUnavailableError
-        When the store cannot be opened.
-    """
-    if url is None or url == "":
-        return SQLiteStateStore(data_dir / "state.sqlite3", node=node)
-    if url.startswith("sqlite:///"):
-        return SQLiteStateStore(Path(url.removeprefix("sqlite:///")), node=node)
-    if url.startswith(("postgresql://", "postgres://")):
-        from ingest.adapters.state.postgres import PostgresStateStore
-
-        return PostgresStateStore(url, node=node)
-    scheme = url.split(":", 1)[0]
-    raise ConfigError(f"[state] url: unsupported scheme {scheme!r} (use postgresql://... or leave unset)")

@@ -3,9 +3,12 @@
 One pynetdicom AE is the SCP for every storage SOP class (headers only; pixel data is never decoded)
 and for Verification. Connections go through :mod:`ingest.sources.dimse.netguard` (PDU-size cap, per
 connection TLS handshake with a timeout, ``TCP_NODELAY`` and quick ACKs, a per-instance size cap that
-drops the excess bytes instead of buffering them).
+drops the excess bytes instead of buffering them), which also holds every hook into pynetdicom
+internals: this module uses pynetdicom's public API (AE, events, presentation contexts, SOP classes,
+Dataset answers) and those hooks only.
 
-Answering a C-STORE (``docs/reliability.md``, "C-STORE answers"; every code is in :data:`STATUS_TABLE`):
+Answering a C-STORE (``docs/reliability.md``, "C-STORE answers"; every code is in
+:data:`ingest.sources.dimse.status.STATUS_TABLE`):
 
 1. The data set's header is read from the received bytes (:func:`read_header_bytes`: one pass that
    checks every declared length; deflate inflated with a cap). A header error -> its own 0xC0xx code
@@ -40,7 +43,7 @@ Presentation contexts: every class of :func:`storage_sop_classes` (pydicom's and
 classes, retired ones included, as ``ingest replay`` reads them; non-patient classes excluded) in
 :data:`TRANSFER_SYNTAXES`, and Verification. pynetdicom has no service class for some of them (the
 retired Ultrasound Image Storage, 1.2.840.10008.5.1.4.1.1.6, among others); EVT_SOP_COMMON routes
-those to its Storage Service Class for each association (:func:`_storage_routes`). With
+those to its Storage Service Class for each association (netguard's :func:`route_storage_classes`). With
 ``[listener] unknown_storage_classes = "accept"``, classes known to neither library are supported for
 the association that requests them (EVT_REQUESTED, before negotiation). Every refused presentation
 context is logged in one warning per association and counted in
@@ -57,9 +60,8 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Final
@@ -83,37 +85,41 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import SOPClassCommonExtendedNegotiation
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import ServiceClass, StorageServiceClass
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    Verification,
-    uid_to_service_class,
-)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ingest.adapters.dicomfile import ParsedInstance, read_header, read_header_bytes
 from ingest.adapters.spool import Quarantine, Spool, SpoolFile, SpoolWriter
 from ingest.config import ListenerSettings, Settings
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES
 from ingest.errors import HeaderError, NestingTooDeepError, StoreError
+from ingest.intake.admit import Admission, Candidate, utcnow
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome, StateStore
-from ingest.sources.dimse.netguard import GuardedRequestHandler, GuardedServer, GuardedSocket, tls_context
+from ingest.sources.dimse.netguard import (
+    GuardedRequestHandler,
+    GuardedServer,
+    divert_large_data_sets,
+    message_was_oversized,
+    quiet_pynetdicom_logging,
+    received_data_set_file,
+    register_server,
+    reject_association,
+    route_storage_classes,
+    service_class_for,
+    tls_context,
+)
+from ingest.sources.dimse.status import answer as _answer
 
 __all__ = [
     "LARGE_INSTANCE_BYTES",
-    "STATUS_TABLE",
     "TRANSFER_SYNTAXES",
     "Intake",
     "Listener",
-    "StatusEntry",
     "classify_abstract_syntax",
     "start_listener",
-    "status_for",
     "storage_sop_classes",
 ]
 
@@ -140,8 +146,6 @@ TRANSFER_SYNTAXES: Final = (
     RLELossless,
 )
 
-#: The Storage Service Class (PS3.4 B.5; PS3.6 Annex A).
-STORAGE_SERVICE_CLASS: Final = "1.2.840.10008.4.2"
 _DICOM_ROOT: Final = "1.2.840.10008."
 _STORAGE_ROOT: Final = "1.2.840.10008.5.1.4.1.1."
 _UID_RE: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")  # PS3.5 9.1
@@ -188,40 +192,11 @@ def classify_abstract_syntax(uid: str) -> str:
         return "non_patient"
     if len(uid) > 64 or not _UID_RE.fullmatch(uid):
         return "invalid_uid"
-    if uid in UID_dictionary or uid == Verification or _pynetdicom_service(uid) is not None:
+    if uid in UID_dictionary or uid == Verification or service_class_for(uid) is not None:
         return "not_storage"
     if uid.startswith(_DICOM_ROOT) and not uid.startswith(_STORAGE_ROOT):
         return "not_storage"
     return "unknown"
-
-
-def _pynetdicom_service(uid: str) -> type[ServiceClass] | None:
-    """The pynetdicom service class serving ``uid``; ``None`` when pynetdicom has none for it."""
-    service = uid_to_service_class(uid)
-    return None if service is ServiceClass else service
-
-
-def _storage_routes(uids: Iterable[str]) -> dict[str, SOPClassCommonExtendedNegotiation]:
-    """SOP Class Common Extended items routing ``uids`` to the Storage Service Class.
-
-    Stands in for ``pynetdicom.sop_class.uid_to_service_class``, which maps retired and unknown SOP
-    classes to its base ``ServiceClass`` (no SCP: the association would be aborted on the first
-    C-STORE). pynetdicom's ``Association._serve_request`` looks the SOP class up in
-    ``acceptor.accepted_common_extended`` first, so answering EVT_SOP_COMMON with an item naming
-    1.2.840.10008.4.2 (what a requestor may declare itself, PS3.7 D.3.3.6; no item goes back in the
-    A-ASSOCIATE-AC) routes the class to ``StorageServiceClass`` for this association only; the
-    process-wide pynetdicom registry is not changed.
-    """
-    routes: dict[str, SOPClassCommonExtendedNegotiation] = {}
-    for uid in uids:
-        service = _pynetdicom_service(uid)
-        if service is not None and issubclass(service, StorageServiceClass):
-            continue
-        item = SOPClassCommonExtendedNegotiation()
-        item.sop_class_uid = uid
-        item.service_class_uid = STORAGE_SERVICE_CLASS
-        routes[uid] = item
-    return routes
 
 
 def _esc(text: str, limit: int = 80) -> str:
@@ -232,50 +207,6 @@ def _esc(text: str, limit: int = 80) -> str:
 
 #: Refusal reasons by the presentation context result of the A-ASSOCIATE-AC (PS3.8 9.3.3.2).
 _REFUSAL_BY_RESULT: Final = {0x01: "user_rejection", 0x02: "no_reason", 0x04: "transfer_syntax"}
-
-
-@dataclass(frozen=True)
-class StatusEntry:
-    """One C-STORE answer: the Status (0000,0900) and the Error Comment (0000,0902) sent with it."""
-
-    status: int
-    comment: str
-
-
-#: Every C-STORE answer, by outcome (``docs/reliability.md`` table). Keys of the ``HeaderError.reason``
-#: kind name header problems; the others are listener outcomes. Error Comments are at most 64 characters (LO).
-STATUS_TABLE: Final[dict[str, StatusEntry]] = {
-    "stored": StatusEntry(0x0000, ""),
-    "duplicate": StatusEntry(0x0000, ""),
-    "out_of_resources": StatusEntry(0xA700, "Out of resources: not stored, retry later"),
-    "too_large": StatusEntry(0xA700, "Instance exceeds the size cap"),
-    "intake_full": StatusEntry(0xA700, "Receiver busy: not stored, retry later"),
-    "uid_mismatch": StatusEntry(0xA900, "Dataset SOP Class/Instance UID differs from command"),
-    "not_dicom": StatusEntry(0xC000, "Cannot parse the dataset"),
-    "truncated": StatusEntry(0xC001, "Dataset truncated: a value runs past the end"),
-    "missing_tag": StatusEntry(0xC002, "Required UID missing"),
-    "invalid_uid": StatusEntry(0xC003, "Invalid UID"),
-    "nesting_too_deep": StatusEntry(0xC004, "Sequences nested too deep"),
-    "inflate_cap": StatusEntry(0xC005, "Deflated dataset inflates beyond the cap"),
-    "not_patient_instance": StatusEntry(0xC006, "Not a patient instance"),
-    "invalid_header": StatusEntry(0xC00F, "Malformed dataset"),
-    "conflict": StatusEntry(0xC010, "Conflicts with a stored instance of the same UID"),
-    "internal": StatusEntry(0x0110, "Processing failure"),
-}
-
-
-def status_for(outcome: str) -> StatusEntry:
-    """The :data:`STATUS_TABLE` entry of ``outcome``; unknown header reasons get ``invalid_header``."""
-    return STATUS_TABLE.get(outcome, STATUS_TABLE["invalid_header"])
-
-
-def _answer(outcome: str, detail: str | None = None) -> Dataset:
-    entry = status_for(outcome)
-    rsp = Dataset()
-    rsp.Status = entry.status  # (0000,0900)
-    if entry.status != 0x0000:
-        rsp.ErrorComment = (detail or entry.comment)[:64]  # (0000,0902) LO
-    return rsp
 
 
 class Intake:
@@ -344,9 +275,10 @@ class Intake:
 class _Spill:
     """A large C-STORE data set being received into a spool temporary file.
 
-    pynetdicom's DIMSE decoder writes each later data-set fragment with ``write()`` and then calls
-    ``file.flush()``; after the C-STORE handler it closes and unlinks a truthy ``_dataset_file``. Once
-    the handler has taken this object it is falsy, so pynetdicom leaves the file to the handler. A
+    The :class:`~ingest.sources.dimse.netguard.DataSetSink` of :func:`divert_large_data_sets`:
+    pynetdicom writes each later data-set fragment with ``write()`` and then calls ``file.flush()``;
+    after the C-STORE handler it closes and unlinks a truthy sink. Once the handler has taken this
+    object it is falsy, so pynetdicom leaves the file to the handler. A
     write error (disk full, quota) is remembered, later fragments are dropped, and the handler answers
     0xA700; the association itself goes on.
     """
@@ -354,7 +286,7 @@ class _Spill:
     def __init__(self, writer: SpoolWriter | None, failed: StoreError | None = None) -> None:
         self.writer = writer
         self.failed = failed
-        self.file = self  # pynetdicom calls ``_dataset_file.file.flush()``
+        self.file = self  # pynetdicom calls ``file.flush()`` (netguard.DataSetSink)
         self._lock = threading.Lock()
         self._taken = False
         self._closed = writer is None
@@ -417,25 +349,26 @@ class Listener:
 
     def __init__(
         self,
-        settings: Settings,
+        cfg: ListenerSettings,
         store: StateStore,
         metrics: Metrics,
         intake: Intake,
         *,
-        wake: Callable[[], None],
-        clock: Callable[[], datetime] | None = None,
+        admission: Admission,
+        spool: Spool,
+        quarantine: Quarantine,
+        release_grace_s: float,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.settings = settings
-        self.cfg: ListenerSettings = settings.listener
-        self.store = store
+        self.cfg = cfg
+        self.store = store  # release: mark_due (rows are committed by ``admission``)
         self.metrics = metrics
         self.intake = intake
-        self._wake = wake
-        self.clock = clock or (lambda: datetime.now(UTC))
-        self.spool = Spool(settings.data_dir / "spool")
-        self.quarantine = Quarantine(
-            settings.data_dir / "quarantine", max_bytes=settings.quarantine.max_bytes
-        )
+        self.admission = admission  # wakes the relay through ``intake.notify``
+        self.release_grace = timedelta(seconds=release_grace_s)
+        self.clock = clock
+        self.spool = spool
+        self.quarantine = quarantine
         self.spool.sweep_temps()
         self._studies: dict[int, set[str]] = {}  # id(association) -> studies it stored into
         self._spills: dict[int, list[_Spill]] = {}  # id(association) -> large data sets on disk
@@ -483,7 +416,7 @@ class Listener:
         """
         # pynetdicom's per-PDU/DIMSE logging handlers cost CPU on every message and are off here
         # (our own log lines cover associations and outcomes).
-        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+        quiet_pynetdicom_logging()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_SOP_COMMON, self._on_sop_common),
@@ -514,7 +447,7 @@ class Listener:
         if tls.enabled:
             server.tls = tls_context(tls)
             server.handshake_timeout_s = tls.handshake_timeout_s
-        self.ae._servers.append(server)
+        register_server(self.ae, server)
         self.server = server
         host, port = server.server_address[0], server.server_address[1]
         self.address = (str(host), int(port))
@@ -564,9 +497,7 @@ class Listener:
             return
         LOGGER.warning("association from %s (%s) to %s rejected %s: %s", calling, host, called, reason, why)
         self.metrics.associations.labels(outcome="rejected").inc()
-        assoc.acse.send_reject(*reason)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()
+        reject_association(assoc, *reason)
 
     def _requested_syntaxes(self, assoc: Any) -> list[str]:
         """The abstract syntaxes of the A-ASSOCIATE-RQ's presentation contexts, in order, once each."""
@@ -604,7 +535,7 @@ class Listener:
         """EVT_SOP_COMMON: route this association's storage classes pynetdicom has no service for.
 
         Items the requestor sent are not honoured (pynetdicom's default answer); see
-        :func:`_storage_routes`.
+        :func:`~ingest.sources.dimse.netguard.route_storage_classes`.
         """
         accept_unknown = self.cfg.unknown_storage_classes == "accept"
         ours = [
@@ -612,7 +543,7 @@ class Listener:
             for uid in self._requested_syntaxes(event.assoc)
             if (kind := classify_abstract_syntax(uid)) == "storage" or (accept_unknown and kind == "unknown")
         ]
-        return _storage_routes(ours)
+        return route_storage_classes(ours)
 
     def _on_accepted(self, event: Any) -> None:
         """EVT_ACCEPTED: log (one line) and count every presentation context that was refused."""
@@ -644,7 +575,7 @@ class Listener:
             uids = self._studies.pop(id(event.assoc), set())
         if not uids:
             return
-        due = self.clock() + timedelta(seconds=self.settings.relay.release_grace_s)
+        due = self.clock() + self.release_grace
         try:
             self.store.mark_due(uids, due)
         except StoreError as exc:  # stable_age still applies: the rows are durable
@@ -665,43 +596,21 @@ class Listener:
     # -- large data sets to disk -------------------------------------------------------------------------
 
     def _receive_large_to_disk(self, assoc: Association) -> None:
-        """Wrap the association's DIMSE receiver: a C-STORE data set past the threshold goes to disk.
+        """A C-STORE data set of ``assoc`` past :attr:`large_instance_bytes` goes to disk (a :class:`_Spill`).
 
-        Runs on the association's DUL thread, in order with the decoding of each P-DATA primitive, so
-        the data set's bytes so far are exactly those in the message's buffer.
+        See :func:`~ingest.sources.dimse.netguard.divert_large_data_sets` (on the DUL thread, in order
+        with the decoding of each P-DATA primitive).
         """
-        dimse = assoc.dimse
-        receive = dimse.receive_primitive
-        threshold = self.large_instance_bytes
+        divert_large_data_sets(assoc, self.large_instance_bytes, functools.partial(self._start_spill, assoc))
 
-        def receive_primitive(primitive: Any) -> None:
-            receive(primitive)
-            msg = dimse.message  # the message still being received (None once complete)
-            if (
-                msg is not None
-                and msg._data_set_file is None
-                and isinstance(msg, C_STORE_RQ)
-                and isinstance(msg.data_set, BytesIO)
-                and msg.data_set.tell() > threshold
-            ):
-                self._start_spill(assoc, msg)
-
-        dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
-
-    def _start_spill(self, assoc: Association, msg: Any) -> None:
-        """Move a C-STORE data set in progress to a spool temporary file; never raises."""
-        head: BytesIO = msg.data_set
+    def _start_spill(
+        self, assoc: Association, head: BytesIO, file_meta: Callable[[], FileMetaDataset]
+    ) -> _Spill:
+        """A spool temporary file for a C-STORE data set in progress, headed by ``file_meta`` and the
+        bytes so far (``head``); never raises (a failure is kept in the returned sink)."""
         spill: _Spill
         try:
-            cs = msg.command_set
-            cx = assoc._accepted_cx[msg.context_id]
-            prefix = _part10_prefix_for(
-                create_file_meta(
-                    sop_class_uid=cs.AffectedSOPClassUID,  # (0000,0002) -> (0002,0002)
-                    sop_instance_uid=cs.AffectedSOPInstanceUID,  # (0000,1000) -> (0002,0003)
-                    transfer_syntax=cx.transfer_syntax[0],  # (0002,0010) of the context
-                )
-            )
+            prefix = _part10_prefix_for(file_meta())
             writer = self.spool.open_writer()
             spill = _Spill(writer)
             spill.write(prefix)
@@ -711,16 +620,14 @@ class Listener:
         except Exception as exc:  # never into pynetdicom's DUL thread
             LOGGER.exception("could not move a large data set to disk")
             spill = _Spill(None, failed=StoreError(f"could not receive a large data set: {exc}"))
-        msg.data_set = BytesIO()  # the memory of the bytes so far is released
-        msg._data_set_file = spill
-        msg._data_set_path = None
         with self._lock:
             self._spills.setdefault(id(assoc), []).append(spill)
+        return spill
 
     # -- C-STORE ---------------------------------------------------------------------------------------
 
     def _on_store(self, event: Any) -> Dataset:
-        """EVT_C_STORE: never raises; every outcome is a status from :data:`STATUS_TABLE`."""
+        """EVT_C_STORE: never raises; every outcome is a status from the status table (``status.py``)."""
         try:
             return self._store(event)
         except Exception:
@@ -744,9 +651,8 @@ class Listener:
         req = event.request
         cmd_sop = str(req.AffectedSOPInstanceUID or "").strip()  # (0000,1000)
         cmd_class = str(req.AffectedSOPClassUID or "").strip()  # (0000,0002)
-        sock = event.assoc.dul.socket
-        spill = getattr(req, "_dataset_file", None)
-        if isinstance(sock, GuardedSocket) and sock.take_oversized():
+        spill = received_data_set_file(req)
+        if message_was_oversized(event.assoc):
             LOGGER.warning("C-STORE %s from %s exceeds max_instance_bytes: 0xA700", cmd_sop, calling)
             self.metrics.instances_rejected.labels(reason="too_large").inc()
             if isinstance(spill, _Spill):
@@ -886,42 +792,24 @@ class Listener:
     def _commit_row(
         self, event: Any, kept: SpoolFile, digest: str, record: Any, source: str, data: bytes | Path
     ) -> Dataset:
-        """Commit the instance row for a spooled file; success only when it is durable."""
-        now = self.clock()
+        """Admit a spooled instance (``ingest.intake.admit``); success only when its row is durable.
+
+        The admission removes the spool copy of a duplicate, a conflict (``data`` quarantined) or a
+        failure; here the outcome becomes its :data:`STATUS_TABLE` answer.
+        """
         try:
-            added = self.store.add_instance(
-                record,
-                source=source,
-                spool_name=kept.name,
-                digest=digest,
-                now=now,
-                due_at=now + timedelta(seconds=self.settings.relay.stable_age_s),
+            admitted = self.admission.admit_one(
+                Candidate(record, digest, source, spool_name=kept.name, body=data)
             )
         except StoreError as exc:
-            self._discard(kept.name)
             return self._out_of_resources("state store failed", record.sop_uid, exc)
-        except BaseException:
-            self._discard(kept.name)
-            raise
-        if added.outcome is AddOutcome.DUPLICATE:
-            self._discard(kept.name)
-            self.metrics.instances_duplicate.inc()
-            LOGGER.debug("identical duplicate of %s acknowledged", record.sop_uid)
+        if admitted.outcome is AddOutcome.DUPLICATE:
             return _answer("duplicate")
-        if added.outcome is AddOutcome.CONFLICT:
-            detail = (
-                f"SOP Instance UID {record.sop_uid} already stored with {added.detail.replace('_', ' ')}; "
-                f"the first is kept (source={source})"
-            )
-            LOGGER.warning("conflicting duplicate quarantined: %s", detail)
-            answer = self._reject("conflict", data, detail, rule=added.detail)
-            self._discard(kept.name)
-            return answer
+        if admitted.outcome is AddOutcome.CONFLICT:
+            return _answer("conflict")
         with self._lock:
             self._studies.setdefault(id(event.assoc), set()).add(record.study_uid)
-        self.metrics.instances_accepted.labels(source="dimse").inc()
         self.metrics.spool_bytes.set(self.spool.bytes_used())
-        self.intake.notify()
         return _answer("stored")
 
     def _discard(self, name: str) -> None:
@@ -973,18 +861,20 @@ def _part10_prefix_for(file_meta: FileMetaDataset) -> bytes:
     return buf.getvalue()
 
 
-async def start_listener(settings: Settings, store: StateStore, relay: Any, metrics: Metrics) -> Listener:
+async def start_listener(
+    settings: Settings, store: StateStore, wake: Callable[[], None], metrics: Metrics
+) -> Listener:
     """Start the C-STORE/C-ECHO listener for ``ingest serve``.
 
     Parameters
     ----------
     settings:
-        ``[listener]`` and ``[relay]`` settings and ``data_dir`` (spool at ``data_dir/spool``,
-        quarantine at ``data_dir/quarantine``).
+        ``[listener]``, ``[quarantine]``, ``[relay]`` ``stable_age_s`` / ``release_grace_s`` and
+        ``data_dir`` (spool at ``data_dir/spool``, quarantine at ``data_dir/quarantine``).
     store:
         The state store; rows are committed from association threads.
-    relay:
-        The relay; its ``wake()`` is called on the running loop when instances arrived.
+    wake:
+        The relay's ``wake()``; called on the running loop when instances arrived.
     metrics:
         The process's metrics.
 
@@ -1003,7 +893,16 @@ async def start_listener(settings: Settings, store: StateStore, relay: Any, metr
         When the spool or quarantine folder cannot be created.
     """
     loop = asyncio.get_running_loop()
-    intake = Intake(settings.listener.intake_size, loop, relay.wake)
-    listener = Listener(settings, store, metrics, intake, wake=relay.wake)
+    intake = Intake(settings.listener.intake_size, loop, wake)
+    spool = Spool(settings.data_dir / "spool")
+    quarantine = Quarantine(settings.data_dir / "quarantine", max_bytes=settings.quarantine.max_bytes)
+    admission = Admission(
+        store, spool=spool, quarantine=quarantine, metrics=metrics,
+        stable_age_s=settings.relay.stable_age_s, wake=intake.notify, clock=utcnow, label="dimse",
+    )
+    listener = Listener(
+        settings.listener, store, metrics, intake, admission=admission, spool=spool, quarantine=quarantine,
+        release_grace_s=settings.relay.release_grace_s, clock=utcnow,
+    )
     await asyncio.to_thread(listener.start)
     return listener

@@ -1,13 +1,40 @@
-"""Socket-level guards for the pynetdicom listener (docs/reliability.md, "Security rules").
+"""Socket-level guards for the pynetdicom listener, and every hook into pynetdicom internals.
 
-pynetdicom 3.0.4 reads a PDU as ``recv(6)`` (type, reserved, 4-byte length; PS3.8 9.3) and then
-``recv(length)``, buffering whatever length the peer declares, 4 KiB at a time, before any
-calling-AE check. It starts an acceptor thread, which counts toward the association limit, as soon
-as a TCP connection is accepted, and waits ``acse_timeout`` for the A-ASSOCIATE-RQ however slowly it
-trickles in. With TLS on it performs the handshake in the accepting thread without a timeout, and it
-sets neither ``TCP_NODELAY`` nor ``TCP_QUICKACK``. Some malformed fields make its decoder raise in the
-reader thread (an abort and a logged traceback, with the raw value in the log). This module fixes
-those at the socket:
+This is the one module of ``ingest`` that touches pynetdicom internals (names outside its public API
+of AE, events, presentation contexts, SOP classes and Dataset answers); docs/architecture.md, "The
+tree". Each hook names the pynetdicom function or attribute it stands in for or relies on, and every
+such name is listed in :data:`PYNETDICOM_HOOKS`, which the tests check against the installed
+pynetdicom (a pynetdicom upgrade means re-checking this module only). The hooks:
+
+- :class:`GuardedRequestHandler` is a copy of ``pynetdicom.transport.RequestHandler.handle`` /
+  ``_create_association`` that puts each acceptor association on a :class:`GuardedSocket`.
+- :class:`GuardedServer` overrides ``ThreadedAssociationServer.get_request`` / ``process_request`` /
+  ``process_request_thread`` / ``server_close``; :class:`GuardedSocket` overrides
+  ``AssociationSocket.recv`` / ``ready`` / ``_shutdown_socket`` and relies on the DUL reading a PDU
+  as ``recv(6)`` then ``recv(length)``.
+- :func:`check_associate_rq` and :func:`repair_command_set` stand in for checks that make
+  pynetdicom's decoders raise (see below).
+- :func:`divert_large_data_sets` wraps ``DIMSEServiceProvider.receive_primitive`` and sets
+  ``DIMSEMessage._data_set_file`` / ``_data_set_path`` (a :class:`DataSetSink`);
+  :func:`received_data_set_file` reads it back from the C-STORE primitive (``_dataset_file``);
+  :func:`accepted_transfer_syntax` reads ``Association._accepted_cx``.
+- :func:`message_was_oversized` reads ``Association.dul.socket`` (a :class:`GuardedSocket`).
+- :func:`register_server` appends to ``ApplicationEntity._servers``.
+- :func:`reject_association` replays ``ACSE._negotiate_as_acceptor``'s reject sequence
+  (``acse.send_reject``, ``evt.trigger(EVT_REJECTED)``, ``Association.kill``).
+- :func:`service_class_for` and :func:`route_storage_classes` rely on ``uid_to_service_class``
+  returning the base ``ServiceClass`` and on ``Association._serve_request`` reading
+  ``accepted_common_extended`` first (EVT_SOP_COMMON routing).
+- :func:`quiet_pynetdicom_logging` sets ``pynetdicom._config.LOG_HANDLER_LEVEL``.
+
+Socket-level guards (docs/reliability.md, "Security rules"). pynetdicom 3.0.4 reads a PDU as ``recv(6)``
+(type, reserved, 4-byte length; PS3.8 9.3) and then ``recv(length)``, buffering whatever length the peer
+declares, 4 KiB at a time, before any calling-AE check. It starts an acceptor thread, which counts
+toward the association limit, as soon as a TCP connection is accepted, and waits ``acse_timeout`` for
+the A-ASSOCIATE-RQ however slowly it trickles in. With TLS on it performs the handshake in the accepting
+thread without a timeout, and it sets neither ``TCP_NODELAY`` nor ``TCP_QUICKACK``. Some malformed
+fields make its decoder raise in the reader thread (an abort and a logged traceback, with the raw value
+in the log). This module fixes those at the socket:
 
 - :class:`GuardedServer` keeps a connection *pending* until its A-ASSOCIATE-RQ has been read: pending
   connections are capped per source address and in total (over the cap: closed at once, counted, and
@@ -29,7 +56,8 @@ those at the socket:
   the data set's own UID is invalid); a command split over several fragments is aborted instead.
 - :func:`tls_context` builds the server context: TLS 1.2 or newer, optional client certificates.
 - :attr:`GuardedServer.on_association` lets the listener adapt each new acceptor association before
-  it starts (the listener uses it to receive large data sets to disk).
+  it starts (the listener uses it with :func:`divert_large_data_sets` to receive large data sets to
+  disk).
 """
 
 from __future__ import annotations
@@ -42,14 +70,25 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from copy import deepcopy
+from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import evt
+from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import SOPClassCommonExtendedNegotiation
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import (
     AddressInformation,
     AssociationSocket,
@@ -61,13 +100,26 @@ from ingest.config import TLSSettings
 from ingest.errors import ConfigError
 
 __all__ = [
+    "PYNETDICOM_HOOKS",
+    "STORAGE_SERVICE_CLASS",
+    "DataSetSink",
     "GuardedRequestHandler",
     "GuardedServer",
     "GuardedSocket",
+    "Hook",
     "Refusal",
+    "accepted_transfer_syntax",
     "check_associate_rq",
+    "divert_large_data_sets",
+    "message_was_oversized",
+    "quiet_pynetdicom_logging",
     "read_associate_rq",
+    "received_data_set_file",
+    "register_server",
+    "reject_association",
     "repair_command_set",
+    "route_storage_classes",
+    "service_class_for",
     "tls_context",
     "tune_socket",
 ]
@@ -570,6 +622,7 @@ class GuardedSocket(AssociationSocket):
         pynetdicom closes only if ``shutdown()`` succeeds, so a socket whose peer closed first (ENOTCONN)
         stays open until the garbage collector finds it.
         """
+        # stands in for pynetdicom.transport.AssociationSocket._shutdown_socket (called by .close)
         sock = self.socket
         if sock is not None:
             _close(sock)
@@ -599,6 +652,8 @@ class GuardedSocket(AssociationSocket):
         A header whose declared length exceeds ``max_pdu_bytes`` closes the connection: the DUL then
         gets an empty body, sees a short PDU and ends the association (Evt17) without buffering it.
         """
+        # Stands in for pynetdicom.transport.AssociationSocket.recv; relies on
+        # pynetdicom.dul.DULServiceProvider._read_pdu_data calling recv(6), then recv(pdu_length).
         sock = self.socket
         if sock is None:
             return bytearray()
@@ -739,6 +794,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         """Set up the association on a guarded socket and start its thread (as pynetdicom does)."""
+        # Stands in for pynetdicom.transport.RequestHandler.handle and ._create_association (pynetdicom
+        # 3.0); relies on Association._server and AssociationServer._handlers.
         server = self.server
         assoc = Association(self.ae, "acceptor")
         assoc._server = server
@@ -822,6 +879,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; TLS (if any) is done later, in the connection's own thread."""
+        # stands in for pynetdicom.transport.AssociationServer.get_request (TLS in the accept loop)
         assert self.socket is not None
         client, address = self.socket.accept()
         return client, address
@@ -851,6 +909,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the connection's thread; its pending slot is given back if that fails."""
+        # relies on pynetdicom.transport.ThreadedAssociationServer.process_request (a thread per request)
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -906,6 +965,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def server_close(self) -> None:
         """Close the listening socket and every pending connection (their threads then end)."""
+        # extends pynetdicom.transport.AssociationServer.server_close
         super().server_close()
         with self._pending_lock:
             pending = [sock for _, sock in self._pending.values()]
@@ -917,6 +977,7 @@ class GuardedServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Per-connection thread: TLS handshake, then the A-ASSOCIATE-RQ, then the association."""
+        # stands in for pynetdicom.transport.ThreadedAssociationServer.process_request_thread
         sock: socket.socket = request
         host = str(client_address[0])
         accepted = time.monotonic()
@@ -1019,3 +1080,336 @@ def _close(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
+
+
+# -- hooks into pynetdicom internals ------------------------------------------------------------------
+#
+# Everything below (and GuardedRequestHandler, GuardedServer, GuardedSocket above) relies on names that
+# are not pynetdicom's public API. Each is listed in PYNETDICOM_HOOKS, which
+# tests/sources/dimse/test_netguard.py checks against the installed pynetdicom: adding a hook means
+# adding its names there.
+
+#: The Storage Service Class (PS3.4 B.5; PS3.6 Annex A).
+STORAGE_SERVICE_CLASS: Final = "1.2.840.10008.4.2"
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One pynetdicom internal relied on here, checked against the installed pynetdicom by the tests.
+
+    Attributes
+    ----------
+    owner:
+        Dotted path of the module or class holding it (``pynetdicom.dimse.DIMSEServiceProvider``).
+    name:
+        The function, method, class or attribute.
+    params:
+        For a callable: its parameter names, in order, ``self`` left out; ``None``: not checked.
+    uses:
+        Source text that ``name`` (or, for an instance attribute, the owner class) must still contain:
+        what the hook counts on pynetdicom doing.
+    instance:
+        ``name`` is set on instances (``self.<name>`` in the owner's source), not on the class.
+    by:
+        What in this module relies on it.
+    """
+
+    owner: str
+    name: str
+    params: tuple[str, ...] | None = None
+    uses: tuple[str, ...] = ()
+    instance: bool = False
+    by: str = ""
+
+
+_DIMSE: Final = "pynetdicom.dimse.DIMSEServiceProvider"
+_MESSAGE: Final = "pynetdicom.dimse_messages.DIMSEMessage"
+_ASSOC: Final = "pynetdicom.association.Association"
+_TRANSPORT: Final = "pynetdicom.transport"
+
+#: Every pynetdicom internal this module hooks into (pynetdicom 3.0).
+PYNETDICOM_HOOKS: Final[tuple[Hook, ...]] = (
+    # divert_large_data_sets
+    Hook(
+        _DIMSE, "receive_primitive", ("primitive",), ("self.message.decode_msg(",),
+        by="divert_large_data_sets",
+    ),
+    Hook(_DIMSE, "message", instance=True, by="divert_large_data_sets"),
+    Hook(_ASSOC, "dimse", instance=True, by="divert_large_data_sets"),
+    Hook("pynetdicom.dimse_messages", "C_STORE_RQ", by="divert_large_data_sets"),
+    Hook(_MESSAGE, "data_set", instance=True, by="divert_large_data_sets"),
+    Hook(_MESSAGE, "command_set", instance=True, by="divert_large_data_sets"),
+    Hook(_MESSAGE, "context_id", instance=True, by="divert_large_data_sets"),
+    Hook(_MESSAGE, "_data_set_file", instance=True, by="divert_large_data_sets"),
+    Hook(_MESSAGE, "_data_set_path", instance=True, by="divert_large_data_sets"),
+    Hook(
+        _MESSAGE, "decode_msg", ("primitive", "assoc"),
+        (
+            "if self._data_set_file:",
+            "self._data_set_file.write(data[1:])",
+            "self._data_set_file.file.flush()",
+        ),
+        by="divert_large_data_sets (DataSetSink)",
+    ),
+    Hook(
+        "pynetdicom.dsutils", "create_file_meta",
+        (
+            "sop_class_uid", "sop_instance_uid", "transfer_syntax", "implementation_uid",
+            "implementation_version",
+        ),
+        by="divert_large_data_sets",
+    ),
+    # accepted_transfer_syntax
+    Hook(_ASSOC, "_accepted_cx", instance=True, by="accepted_transfer_syntax"),
+    # received_data_set_file
+    Hook(
+        _MESSAGE, "message_to_primitive", (), ("primitive._dataset_file = self._data_set_file",),
+        by="received_data_set_file",
+    ),
+    Hook(
+        "pynetdicom.service_class.StorageServiceClass", "SCP", ("req", "context"),
+        ("if req._dataset_file:", "req._dataset_file.close()"), by="received_data_set_file (DataSetSink)",
+    ),
+    # message_was_oversized
+    Hook(_ASSOC, "dul", instance=True, by="message_was_oversized"),
+    Hook("pynetdicom.dul.DULServiceProvider", "socket", instance=True, by="message_was_oversized"),
+    # register_server
+    Hook("pynetdicom.ae.ApplicationEntity", "_servers", instance=True, by="register_server"),
+    Hook("pynetdicom.ae.ApplicationEntity", "shutdown", (), ("self._servers",), by="register_server"),
+    # reject_association: the sequence of pynetdicom.acse.ACSE._negotiate_as_acceptor
+    Hook(
+        "pynetdicom.acse.ACSE", "_negotiate_as_acceptor", (),
+        ("self.send_reject(", "evt.trigger(self.assoc, evt.EVT_REJECTED, {})", "self.assoc.kill()"),
+        by="reject_association",
+    ),
+    Hook(_ASSOC, "acse", instance=True, by="reject_association"),
+    Hook("pynetdicom.acse.ACSE", "send_reject", ("result", "source", "diagnostic"), by="reject_association"),
+    Hook("pynetdicom.events", "trigger", ("assoc", "event", "attrs"), by="reject_association"),
+    Hook("pynetdicom.events", "EVT_REJECTED", by="reject_association"),
+    Hook(_ASSOC, "kill", (), by="reject_association"),
+    # route_storage_classes, service_class_for
+    Hook(
+        "pynetdicom.sop_class", "uid_to_service_class", ("uid",), ("return ServiceClass",),
+        by="service_class_for",
+    ),
+    Hook("pynetdicom.service_class", "ServiceClass", by="service_class_for"),
+    Hook("pynetdicom.service_class", "StorageServiceClass", by="route_storage_classes"),
+    Hook(
+        _ASSOC, "_serve_request", ("msg", "context_id"), ("self.acceptor.accepted_common_extended",),
+        by="route_storage_classes",
+    ),
+    Hook(
+        "pynetdicom.pdu_primitives.SOPClassCommonExtendedNegotiation", "sop_class_uid",
+        by="route_storage_classes",
+    ),
+    Hook(
+        "pynetdicom.pdu_primitives.SOPClassCommonExtendedNegotiation", "service_class_uid",
+        by="route_storage_classes",
+    ),
+    # quiet_pynetdicom_logging
+    Hook("pynetdicom._config", "LOG_HANDLER_LEVEL", by="quiet_pynetdicom_logging"),
+    # GuardedRequestHandler: a copy of RequestHandler.handle / _create_association on a GuardedSocket
+    Hook(
+        f"{_TRANSPORT}.RequestHandler", "handle", (), ("self._create_association()",),
+        by="GuardedRequestHandler",
+    ),
+    Hook(
+        f"{_TRANSPORT}.RequestHandler", "_create_association", (),
+        (
+            "assoc._server = self.server",
+            "assoc.set_socket(sock)",
+            "assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)",
+            "self.server._handlers",
+        ),
+        by="GuardedRequestHandler",
+    ),
+    Hook(_ASSOC, "_server", instance=True, by="GuardedRequestHandler"),
+    Hook(f"{_TRANSPORT}.AssociationServer", "_handlers", instance=True, by="GuardedRequestHandler"),
+    # GuardedServer
+    Hook(
+        f"{_TRANSPORT}.AssociationServer", "__init__",
+        ("ae", "address", "ae_title", "contexts", "ssl_context", "evt_handlers", "request_handler"),
+        by="GuardedServer",
+    ),
+    Hook(f"{_TRANSPORT}.AssociationServer", "get_request", (), ("self.ssl_context",), by="GuardedServer"),
+    Hook(
+        f"{_TRANSPORT}.ThreadedAssociationServer", "process_request", ("request", "client_address"),
+        by="GuardedServer",
+    ),
+    Hook(
+        f"{_TRANSPORT}.ThreadedAssociationServer", "process_request_thread", ("request", "client_address"),
+        by="GuardedServer",
+    ),
+    Hook(f"{_TRANSPORT}.AssociationServer", "server_close", (), by="GuardedServer"),
+    # GuardedSocket: the DUL reads a PDU as recv(6), then recv(length)
+    Hook(
+        f"{_TRANSPORT}.AssociationSocket", "__init__", ("assoc", "client_socket", "address"),
+        by="GuardedSocket",
+    ),
+    Hook(f"{_TRANSPORT}.AssociationSocket", "recv", ("nr_bytes",), by="GuardedSocket"),
+    Hook(f"{_TRANSPORT}.AssociationSocket", "ready", by="GuardedSocket"),
+    Hook(f"{_TRANSPORT}.AssociationSocket", "close", (), ("self._shutdown_socket()",), by="GuardedSocket"),
+    Hook(f"{_TRANSPORT}.AssociationSocket", "_shutdown_socket", (), by="GuardedSocket"),
+    Hook(
+        "pynetdicom.dul.DULServiceProvider", "_read_pdu_data", (),
+        ("self.socket.recv(6)", "self.socket.recv(pdu_length)"), by="GuardedSocket",
+    ),
+)
+
+
+class DataSetSink(Protocol):
+    """Where :func:`divert_large_data_sets` sends the rest of a C-STORE data set.
+
+    pynetdicom's ``DIMSEMessage.decode_msg`` writes each later data-set fragment with ``write()`` and
+    calls ``file.flush()``; after the C-STORE handler, ``StorageServiceClass.SCP`` calls ``close()`` on
+    a truthy sink and unlinks its ``name``, so a sink the handler has taken must be falsy.
+    """
+
+    @property
+    def file(self) -> Any:
+        """The object whose ``flush()`` pynetdicom calls after each fragment."""
+
+    def __bool__(self) -> bool: ...
+
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def divert_large_data_sets(
+    assoc: Association,
+    threshold: int,
+    start_spill: Callable[[BytesIO, Callable[[], FileMetaDataset]], DataSetSink],
+) -> None:
+    """Once a C-STORE data set being received on ``assoc`` grows past ``threshold`` bytes, divert it.
+
+    ``start_spill(head, file_meta)`` gets the bytes received so far and a function building the File
+    Meta (PS3.10 7.1) of the instance (it may raise; call it inside your own error handling); every
+    later fragment goes to the sink it returns instead of memory. Runs on the association's DUL
+    thread, in order with the decoding of each P-DATA primitive, so ``head`` is exactly the bytes so
+    far. ``start_spill`` must not raise.
+    """
+    # Relies on pynetdicom.dimse.DIMSEServiceProvider.receive_primitive and .message (the message
+    # still being received, None once complete) and on DIMSEMessage.data_set / _data_set_file /
+    # _data_set_path, which DIMSEMessage.decode_msg writes later fragments to (pynetdicom 3.0).
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+
+    def receive_primitive(primitive: Any) -> None:
+        receive(primitive)
+        msg = dimse.message
+        if (
+            msg is not None
+            and msg._data_set_file is None
+            and isinstance(msg, C_STORE_RQ)
+            and isinstance(msg.data_set, BytesIO)
+            and msg.data_set.tell() > threshold
+        ):
+            _divert(assoc, msg, start_spill)
+
+    dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
+
+
+def _divert(
+    assoc: Association,
+    msg: Any,
+    start_spill: Callable[[BytesIO, Callable[[], FileMetaDataset]], DataSetSink],
+) -> None:
+    """Hand ``msg``'s data set so far to ``start_spill``; later fragments go to the sink it returns."""
+
+    def file_meta() -> FileMetaDataset:
+        # As pynetdicom's DIMSEMessage.decode_msg heads its STORE_RECV_CHUNKED_DATASET file
+        # (pynetdicom.dsutils.create_file_meta, the accepted context's transfer syntax).
+        cs = msg.command_set
+        return create_file_meta(
+            sop_class_uid=cs.AffectedSOPClassUID,  # (0000,0002) -> (0002,0002)
+            sop_instance_uid=cs.AffectedSOPInstanceUID,  # (0000,1000) -> (0002,0003)
+            transfer_syntax=accepted_transfer_syntax(assoc, msg.context_id),  # (0002,0010)
+        )
+
+    sink = start_spill(msg.data_set, file_meta)
+    msg.data_set = BytesIO()  # the memory of the bytes so far is released
+    msg._data_set_file = sink  # relies on pynetdicom.dimse_messages.DIMSEMessage._data_set_file
+    msg._data_set_path = None  # relies on DIMSEMessage._data_set_path (no file for event.dataset)
+
+
+def accepted_transfer_syntax(assoc: Association, context_id: int) -> UID:
+    """The transfer syntax of the accepted presentation context ``context_id`` of ``assoc``.
+
+    Raises
+    ------
+    KeyError
+        When no such context was accepted.
+    """
+    # relies on pynetdicom.association.Association._accepted_cx (context ID -> PresentationContext)
+    return assoc._accepted_cx[context_id].transfer_syntax[0]
+
+
+def received_data_set_file(request: Any) -> object | None:
+    """The sink a C-STORE request's data set was diverted to (:func:`divert_large_data_sets`), if any."""
+    # relies on pynetdicom.dimse_primitives.C_STORE._dataset_file, copied from
+    # DIMSEMessage._data_set_file by DIMSEMessage.message_to_primitive (pynetdicom 3.0)
+    return getattr(request, "_dataset_file", None)
+
+
+def message_was_oversized(assoc: Association) -> bool:
+    """Whether the last message received on ``assoc`` exceeded the data-set cap; resets the flag.
+
+    See :meth:`GuardedSocket.take_oversized`; ``False`` when the association is not on a guarded socket.
+    """
+    # relies on pynetdicom.association.Association.dul and DULServiceProvider.socket (our GuardedSocket)
+    sock = assoc.dul.socket
+    return isinstance(sock, GuardedSocket) and sock.take_oversized()
+
+
+def register_server(ae: ApplicationEntity, server: ThreadedAssociationServer) -> None:
+    """Register a server made with ``ae.make_server`` as ``ae.start_server`` does, for ``ae.shutdown``."""
+    # relies on pynetdicom.ae.ApplicationEntity._servers (read by ApplicationEntity.shutdown)
+    ae._servers.append(server)
+
+
+def reject_association(assoc: Association, result: int, source: int, reason: int) -> None:
+    """Send A-ASSOCIATE-RJ ``(result, source, reason)`` (PS3.8 9.3.4) from EVT_REQUESTED and end ``assoc``."""
+    # Replays the reject sequence of pynetdicom.acse.ACSE._negotiate_as_acceptor: ACSE.send_reject,
+    # then pynetdicom.events.trigger(EVT_REJECTED), then Association.kill (pynetdicom 3.0).
+    assoc.acse.send_reject(result, source, reason)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def service_class_for(uid: str) -> type[ServiceClass] | None:
+    """The pynetdicom service class serving SOP class ``uid``; ``None`` when pynetdicom has none for it."""
+    # relies on pynetdicom.sop_class.uid_to_service_class returning the base ServiceClass for a UID
+    # it has no service class for
+    service = uid_to_service_class(uid)
+    return None if service is ServiceClass else service
+
+
+def route_storage_classes(uids: Iterable[str]) -> dict[str, SOPClassCommonExtendedNegotiation]:
+    """The EVT_SOP_COMMON answer routing ``uids`` to the Storage Service Class for one association.
+
+    Stands in for ``pynetdicom.sop_class.uid_to_service_class``, which maps retired and unknown SOP
+    classes to its base ``ServiceClass`` (no SCP: the association would be aborted on the first
+    C-STORE). pynetdicom's ``Association._serve_request`` looks the SOP class up in
+    ``acceptor.accepted_common_extended`` first, so answering EVT_SOP_COMMON with an item naming
+    1.2.840.10008.4.2 (what a requestor may declare itself, PS3.7 D.3.3.6; no item goes back in the
+    A-ASSOCIATE-AC) routes the class to ``StorageServiceClass`` for this association only; the
+    process-wide pynetdicom registry is not changed. Classes pynetdicom already serves with
+    ``StorageServiceClass`` get no item.
+    """
+    routes: dict[str, SOPClassCommonExtendedNegotiation] = {}
+    for uid in uids:
+        service = service_class_for(uid)
+        if service is not None and issubclass(service, StorageServiceClass):
+            continue
+        item = SOPClassCommonExtendedNegotiation()
+        item.sop_class_uid = uid
+        item.service_class_uid = STORAGE_SERVICE_CLASS
+        routes[uid] = item
+    return routes
+
+
+def quiet_pynetdicom_logging() -> None:
+    """Turn pynetdicom's per-PDU / per-DIMSE logging handlers off (process-wide; CPU on every message)."""
+    # relies on pynetdicom._config.LOG_HANDLER_LEVEL
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"

@@ -20,18 +20,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ingest.adapters.graphql.sink import (
-    PLACEHOLDER,
-    GraphQLSink,
-    redact_backend_message,
-    schema_names,
-)
+from ingest.adapters.graphql.errors import PLACEHOLDER, redact_backend_message, schema_names
+from ingest.adapters.graphql.sink import GraphQLSink
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.app.wiring import mapping_options
 from ingest.config import RelaySettings, Settings
 from ingest.core.records import InstanceRecord, PersonName
 from ingest.errors import MultipleMatchesError, PermanentSinkError, RetryableSinkError
 from ingest.ports import StudyState
-from ingest.relay.relay import Relay, StudyBuilder, mapping_options
+from ingest.relay.build import StudyBuilder
+from ingest.relay.relay import Relay
 from tests.adapters.graphql.test_sink import (
     MEDPLUM_SDL,
     STUDY_UID,
@@ -365,7 +363,8 @@ async def test_last_error_and_log_lines_hold_no_phi(
             due_at=clock() + timedelta(seconds=10),
         )
         clock.now += timedelta(seconds=11)
-        relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), settings, node="n1", clock=clock)
+        build = StudyBuilder(mapping_options(settings))
+        relay = Relay(store, sink, build, settings.relay, node="n1", clock=clock)
         # the search answers normally (nothing there yet), the create gets the canned answer
         original = backend.handle
 

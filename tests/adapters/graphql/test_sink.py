@@ -18,16 +18,14 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from graphql import GraphQLError, GraphQLSchema, build_schema, graphql, validate
-from graphql import parse as gql_parse
+from graphql import GraphQLError, GraphQLSchema, build_schema, graphql
 
-from ingest.adapters.graphql.sink import GraphQLSink, TokenSource, fit_schema, study_identifier
+from ingest.adapters.graphql.sink import GraphQLSink, study_identifier
 from ingest.errors import (
     ConfigError,
     MultipleMatchesError,
@@ -65,8 +63,6 @@ type ImagingStudyResource {
 """
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.2000.1"
-SECRET = "tok-9f2c1e7a-very-secret"
-FRESH_SECRET = "tok-2b7d44c0-rotated-secret"
 PATIENT_NAME = "Yamada^Tarou"
 
 Canned = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -248,64 +244,6 @@ async def sink(server: TestServer) -> Any:
     await s.connect()
     yield s
     await s.aclose()
-
-
-# -- fitting the documents to the schema (pure) ------------------------------------------------------
-
-
-def test_medplum_update_takes_imagingstudycreate_and_reads_everything() -> None:
-    schema = build_schema(MEDPLUM_SDL)
-    fit = fit_schema(schema)
-    assert fit.update_res_type == "ImagingStudyCreate!"
-    assert "$res: ImagingStudyCreate!" in fit.update
-    assert "ImagingStudyUpdate(id: $id, res: $res)" in fit.update
-    assert "_count: $count" in fit.search and fit.has_count
-    for text in (fit.read, fit.search, fit.create, fit.update):
-        assert text is not None
-        assert validate(schema, gql_parse(text)) == []
-        # Reference.resource (union) and reverse-lookup lists (nested resources) are never selected
-        assert "resource {" not in text and "ObservationList" not in text and "contained" not in text
-    # the read reaches instance level and the fields the merge must preserve
-    assert fit.read is not None
-    for fragment_field in ("series {", "instance {", "sopClass {", "note {", "basedOn {", "extension {"):
-        assert fragment_field in fit.read
-
-
-def test_spec_shaped_update_takes_the_resource_input_type() -> None:
-    schema = build_schema(SPEC_SDL)
-    fit = fit_schema(schema)
-    assert fit.update_res_type == "ImagingStudy"
-    assert "$res: ImagingStudy)" in fit.update and "ImagingStudyCreate!" not in fit.update
-    assert "$id: ID," in fit.update
-    assert not fit.has_count and "_count" not in fit.search
-    assert "history" not in fit.search  # a field with a required argument cannot be selected
-    assert validate(schema, gql_parse(fit.update)) == []
-
-
-def test_schema_without_the_mutations_is_refused() -> None:
-    sdl = "type Query { ImagingStudyList(identifier: String): [S] } type S { id: ID }"
-    with pytest.raises(ConfigError, match="ImagingStudyCreate"):
-        fit_schema(build_schema(sdl))
-
-
-def test_prune_keeps_only_what_the_input_type_accepts() -> None:
-    fit = fit_schema(build_schema(MEDPLUM_SDL))
-    resource = study()
-    resource["meta"] = {"versionId": "v1", "lastUpdated": "2026-01-01T00:00:00Z", "tag": [{"code": "x"}]}
-    resource["contained"] = [{"resourceType": "Patient"}]
-    resource["series"][0]["instance"][0]["bogus"] = "drop me"
-    resource["note"] = [{"text": "kept", "authorString": None}]
-    pruned, dropped = fit.prune(resource)
-    assert dropped == ["contained", "meta.lastUpdated", "meta.versionId", "series[].instance[].bogus"]
-    assert pruned["meta"] == {"tag": [{"code": "x"}]}
-    assert "bogus" not in pruned["series"][0]["instance"][0]
-    assert pruned["note"] == [{"text": "kept"}]
-    assert pruned["series"][0]["instance"][1] == resource["series"][0]["instance"][1]
-
-    spec = fit_schema(build_schema(SPEC_SDL))
-    pruned, dropped = spec.prune(study())
-    assert set(pruned) == {"resourceType", "status", "identifier"}
-    assert "series" in dropped and "subject" in dropped
 
 
 # -- round trip against the Medplum-shaped server ----------------------------------------------------
@@ -511,49 +449,3 @@ async def test_forbidden_introspection_is_a_config_error(server: TestServer, bac
     async with GraphQLSink(url_of(server), token_source=None, timeout_s=2.0, schema=MEDPLUM_SDL) as ok:
         assert await ok.find(STUDY_UID, None) is None
     assert "__schema" not in backend.requests[-1]["query"]
-
-
-# -- the token ---------------------------------------------------------------------------------------
-
-
-async def test_401_rereads_the_token_file_and_retries(
-    server: TestServer, backend: FakeBackend, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    token_file = tmp_path / "token"
-    token_file.write_text(SECRET + "\n")
-    backend.token = SECRET
-    sink = GraphQLSink(url_of(server), token_source=TokenSource(env=None, file=token_file), timeout_s=2.0)
-    async with sink:
-        assert backend.requests[-1]["authorization"] == f"Bearer {SECRET}"
-        backend.token = FRESH_SECRET  # the token is rotated on the server ...
-        token_file.write_text(FRESH_SECRET)  # ... and in the file
-        assert await sink.find(STUDY_UID, None) is None
-        assert [r["authorization"] for r in backend.requests[-2:]] == [
-            f"Bearer {SECRET}",
-            f"Bearer {FRESH_SECRET}",
-        ]
-        backend.token = "yet-another-token"  # rotated on the server only: still 401 after the re-read
-        with pytest.raises(RetryableSinkError) as info:
-            await sink.find(STUDY_UID, None)
-        assert "unauthorized" in str(info.value) and info.value.code == 401
-        texts = [str(info.value), repr(info.value), repr(sink), str(info.value.__cause__)]
-    for secret in (SECRET, FRESH_SECRET):
-        assert secret not in caplog.text
-        assert all(secret not in t for t in texts)
-    assert logging.getLogger("gql.transport.aiohttp").getEffectiveLevel() >= logging.WARNING
-
-
-async def test_env_token_is_sent_and_missing_token_file_is_a_config_error(
-    server: TestServer, backend: FakeBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("INGEST_TEST_TOKEN", SECRET)
-    backend.token = SECRET
-    async with GraphQLSink(url_of(server), token_source=TokenSource(env="INGEST_TEST_TOKEN"), timeout_s=2.0):
-        pass
-    assert backend.requests[-1]["authorization"] == f"Bearer {SECRET}"
-    missing = GraphQLSink(
-        url_of(server), token_source=TokenSource(env=None, file=tmp_path / "nope"), timeout_s=2.0
-    )
-    with pytest.raises(ConfigError, match="token file"):
-        await missing.connect()

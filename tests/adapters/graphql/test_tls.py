@@ -18,8 +18,10 @@ import pytest
 import trustme
 from aiohttp import web
 
-from ingest.adapters.graphql.sink import GraphQLSink, load_ca_bundle, load_schema_file
-from ingest.app.cli import start_sink
+from ingest.adapters.graphql.client import load_ca_bundle
+from ingest.adapters.graphql.fit import load_schema_file
+from ingest.adapters.graphql.sink import GraphQLSink
+from ingest.app.wiring import start_sink
 from ingest.backend.server import GRAPHQL_PATH, create_app
 from ingest.config import BackendSettings, Settings
 from ingest.errors import ConfigError

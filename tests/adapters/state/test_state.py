@@ -11,7 +11,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from ingest.adapters.state.sqlite import MIGRATIONS, SQLiteStateStore, open_state_store
+from ingest.adapters.state import open_state_store
+from ingest.adapters.state.sqlite import MIGRATIONS, SQLiteStateStore
 from ingest.core.records import InstanceRecord
 from ingest.errors import ConfigError, StoreError, StoreUnavailableError
 from ingest.ports import AddOutcome, StateStore, StudyState
@@ -359,6 +360,30 @@ def test_new_instance_revives_a_dead_study(store: StateStore) -> None:
     assert claim.generation == 2
 
 
+def test_dead_reason_is_part_of_the_study_row(store: StateStore) -> None:
+    """The reason code a dead letter was parked with, through the port, until the study leaves ``dead``."""
+    add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    add(store, rec("1.2.4", "1.2.4.1", "1.2.4.1.1"))
+    claims = {c.study_uid: c for c in store.claim_due(s(10), 5, "n1", 60)}
+    store.dead_letter(claims["1.2.3"], reason="multiple_matches", error="2 ImagingStudy match", now=s(11))
+    store.schedule_retry(claims["1.2.4"], error="HTTP 503", next_attempt_at=s(40))
+    row = store.study("1.2.3")
+    assert row is not None and (row.state, row.dead_reason) == (StudyState.DEAD, "multiple_matches")
+    assert [(r.study_uid, r.dead_reason) for r in store.studies()] == [
+        ("1.2.3", "multiple_matches"),
+        ("1.2.4", None),
+    ]
+    assert [r.dead_reason for r in store.studies(StudyState.DEAD)] == ["multiple_matches"]
+    assert store.retry_dead("1.2.3", s(100)) == 1
+    row = store.study("1.2.3")
+    assert row is not None and (row.state, row.dead_reason) == (StudyState.PENDING, None)
+    (claim,) = store.claim_due(s(100), 1, "n1", 60)
+    store.dead_letter(claim, reason="rejected", error="GraphQL: bad", now=s(101))
+    add(store, rec(claim.study_uid, f"{claim.study_uid}.1", f"{claim.study_uid}.1.2"), now=s(110))
+    row = store.study(claim.study_uid)
+    assert row is not None and (row.state, row.dead_reason) == (StudyState.PENDING, None)
+
+
 def test_study_unknown_is_none(store: StateStore) -> None:
     assert store.study("1.2.3") is None
     assert store.instances("1.2.3") == []
@@ -508,15 +533,3 @@ def test_open_state_store(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "state.sqlite3").is_file()
     with pytest.raises(ConfigError, match="mysql"):
         open_state_store("mysql://x", tmp_path)
-
-
-def test_open_state_store_postgresql(postgres_url: str) -> None:
-    from ingest.adapters.state.postgres import PG_MIGRATIONS, PostgresStateStore
-
-    store = open_state_store(postgres_url, Path("/nonexistent-data-dir"))
-    try:
-        assert isinstance(store, PostgresStateStore)
-        assert store.schema_version == len(PG_MIGRATIONS)
-        assert "ingest@" not in store.label  # no credentials in messages
-    finally:
-        store.close()

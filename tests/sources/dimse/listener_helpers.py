@@ -69,9 +69,9 @@ def running_listener(settings: Settings, store: SQLiteStateStore | None = None) 
     own_store = store is None
     st = store or SQLiteStateStore(settings.data_dir / "state.sqlite3", node="test")
     relay = FakeRelay()
-    listener = asyncio.run_coroutine_threadsafe(start_listener(settings, st, relay, Metrics()), loop).result(
-        10
-    )
+    listener = asyncio.run_coroutine_threadsafe(
+        start_listener(settings, st, relay.wake, Metrics()), loop
+    ).result(10)
     try:
         yield Running(listener, st, relay)
     finally:

@@ -23,7 +23,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ingest.config import CallingAE
-from ingest.sources.dimse.listener import STATUS_TABLE
+from ingest.sources.dimse.status import STATUS_TABLE
 
 from .listener_helpers import (
     CT_IMAGE,

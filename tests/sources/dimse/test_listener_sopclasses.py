@@ -22,7 +22,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     uid_to_service_class,
 )
 
-from ingest.config import ListenerSettings
 from ingest.sources.dimse.listener import _esc, classify_abstract_syntax, storage_sop_classes
 
 from .listener_helpers import CT_IMAGE, instance, make_settings, running_listener, scu
@@ -88,13 +87,6 @@ def test_classify_abstract_syntax() -> None:
     assert classify_abstract_syntax(PRIVATE_CLASS) == "unknown"
     for bad in ("1.2.03.4", "1..2", "1.2.", "1.2.3a", "1", "1." + "2" * 70):
         assert classify_abstract_syntax(bad) == "invalid_uid", bad
-
-
-def test_unknown_storage_classes_setting_defaults_to_refuse() -> None:
-    assert ListenerSettings().unknown_storage_classes == "refuse"
-    assert ListenerSettings(unknown_storage_classes="accept").unknown_storage_classes == "accept"
-    with pytest.raises(ValueError):
-        ListenerSettings(unknown_storage_classes="promiscuous")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("sop_class", [US_RETIRED, NM_RETIRED, VL_TRIAL_RETIRED, HARDCOPY_GRAY_RETIRED])

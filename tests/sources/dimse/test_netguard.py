@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
 import socket
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pydicom.uid import UID
 
 from ingest.sources.dimse.netguard import (
+    PYNETDICOM_HOOKS,
+    Hook,
     Refusal,
     check_associate_rq,
     read_associate_rq,
@@ -186,3 +192,69 @@ def test_a_complete_valid_request_is_returned_whole(pair: tuple[socket.socket, s
     rq = associate_rq()
     client.sendall(rq)
     assert read_associate_rq(server, deadline=time.monotonic() + 2, max_bytes=65536) == rq
+
+
+def _resolve(dotted: str) -> Any:
+    """The module or class at ``dotted`` (``pynetdicom.dimse.DIMSEServiceProvider``)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(dotted)
+
+
+def _hook_id(hook: Hook) -> str:
+    return f"{hook.owner.removeprefix('pynetdicom.')}.{hook.name}"
+
+
+@pytest.mark.parametrize("hook", PYNETDICOM_HOOKS, ids=_hook_id)
+def test_pynetdicom_internals_still_exist(hook: Hook) -> None:
+    """Every name netguard hooks into is still in the installed pynetdicom, with the same parameters."""
+    _check_hook(hook)
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        Hook("pynetdicom.dimse.DIMSEServiceProvider", "receive_primitive", ("pdu",)),
+        Hook("pynetdicom.dimse.DIMSEServiceProvider", "no_such_method"),
+        Hook("pynetdicom.association.Association", "_no_such_attribute", instance=True),
+        Hook("pynetdicom.acse.ACSE", "send_reject", uses=("something it does not do",)),
+    ],
+    ids=_hook_id,
+)
+def test_the_hook_check_fails_on_a_changed_name(hook: Hook) -> None:
+    with pytest.raises(AssertionError):
+        _check_hook(hook)
+
+
+def _check_hook(hook: Hook) -> None:
+    owner = _resolve(hook.owner)
+    if hook.instance:
+        source = inspect.getsource(owner)
+        assigned = rf"\bself\.{re.escape(hook.name)}\b\s*(:[^=]*)?=(?!=)"  # annotations may span lines
+        assert re.search(assigned, source), (
+            f"{hook.owner} no longer sets self.{hook.name} (used by {hook.by})"
+        )
+    else:
+        assert hasattr(owner, hook.name), f"{hook.owner}.{hook.name} is gone (used by {hook.by})"
+    if hook.params is not None:
+        target = inspect.getattr_static(owner, hook.name)
+        target = getattr(target, "__func__", target)  # staticmethod / classmethod
+        params = [p for p in inspect.signature(target).parameters if p != "self"]
+        assert params == list(hook.params), f"{hook.owner}.{hook.name} now takes {params} (used by {hook.by})"
+    if hook.uses:
+        source = inspect.getsource(owner if hook.instance else getattr(owner, hook.name))
+        for text in hook.uses:
+            assert text in source, f"{hook.owner}.{hook.name} no longer does {text!r} (used by {hook.by})"
+
+
+def test_every_hook_names_its_user() -> None:
+    names = [(h.owner, h.name) for h in PYNETDICOM_HOOKS]
+    assert len(names) == len(set(names))
+    assert all(h.by for h in PYNETDICOM_HOOKS)

@@ -1,0 +1,267 @@
+"""The composition root's wiring: the one place that turns :class:`ingest.config.Settings` into running parts.
+
+It opens the state store, starts the embedded backend or builds the configured sink, and wires the relay
+(``[relay]`` for the relay itself, ``[mapping]`` / ``[patient]`` for the mapping's options, ``[endpoint]`` /
+``[patient]`` for the linked resources). Every component receives its own section or ready-made values from
+here; none of them reads the whole settings (docs/architecture.md, "Which way imports go").
+
+The commands (``ingest.app.cli``, ``ingest.app.serve``, ``ingest.app.replay``) use these functions; nothing
+outside ``ingest.app`` imports this module. gql, aiohttp and the backend server are imported only by the
+functions that need them, so that ``ingest replay --dry-run`` and ``ingest status`` stay light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ingest.config import Settings
+from ingest.errors import ConfigError
+from ingest.ports import Sink, StateStore
+
+if TYPE_CHECKING:  # gql, aiohttp, the mapping and the relay are imported by the functions that need them
+    from ingest.adapters.graphql.sink import GraphQLSink
+    from ingest.core.mapping import MappingOptions
+    from ingest.metrics import Metrics
+    from ingest.relay.links import LinkedBackend
+    from ingest.relay.relay import Build, Link, Relay
+
+    class LinkedSink(Sink, LinkedBackend, Protocol):
+        """A sink that can also find and create Patient and Endpoint resources (the GraphQL sink)."""
+
+
+__all__ = [
+    "connect_with_backoff",
+    "embedded_backend",
+    "mapping_options",
+    "open_sink",
+    "open_store",
+    "relay_before_backend",
+    "start_sink",
+    "token_configured",
+    "wire_links",
+    "wired_relay",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------- state store
+
+
+def open_store(settings: Settings) -> StateStore:
+    """The state store of ``[state] url`` (SQLite in the data dir when unset), as node ``[state] node_id``."""
+    from ingest.adapters.state import open_state_store
+
+    return open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
+
+
+# --------------------------------------------------------------------------------------- the backend
+
+
+@contextlib.asynccontextmanager
+async def open_sink(settings: Settings, *, embedded_port: int | None = None) -> AsyncIterator[Any]:
+    """The configured backend, or the embedded one (started in-process) when no URL is configured."""
+    async with contextlib.AsyncExitStack() as stack:
+        sink = await start_sink(settings, stack, embedded_port=embedded_port)
+        await connect_with_backoff(sink, settings)
+        yield sink
+
+
+async def start_sink(
+    settings: Settings, stack: contextlib.AsyncExitStack, *, embedded_port: int | None = None
+) -> GraphQLSink:
+    """The sink of the configured backend, not connected yet; the embedded backend is started when no URL
+    is configured. ``stack`` closes both (the sink first).
+
+    Parameters
+    ----------
+    settings:
+        ``[backend]`` and ``[embedded_backend]``.
+    stack:
+        Where the backend and the sink are registered to be closed.
+    embedded_port:
+        Port of the embedded backend (``0``: chosen by the OS); default ``[embedded_backend] port``.
+
+    Returns
+    -------
+    GraphQLSink
+        Connect it with :func:`connect_with_backoff`.
+    """
+    from ingest.adapters.graphql.fit import load_schema_file
+    from ingest.adapters.graphql.sink import GraphQLSink
+    from ingest.adapters.graphql.token import TokenSource
+
+    url = settings.backend.url
+    schema: str | None = None
+    ca: Path | None = None
+    if url is None:
+        url = await stack.enter_async_context(embedded_backend(settings, port=embedded_port))
+        token_source = (
+            TokenSource(env=settings.embedded_backend.token_env, file=None)
+            if settings.embedded_backend.token_env
+            else None
+        )
+    else:
+        token_source = TokenSource(env=settings.backend.token_env, file=settings.backend.token_file)
+        # [backend] ca / schema apply to the configured backend; both files are checked here, at start
+        ca = settings.backend.ca
+        if settings.backend.schema_file is not None:
+            schema = load_schema_file(settings.backend.schema_file)
+    sink = GraphQLSink(
+        url, token_source=token_source, timeout_s=settings.backend.timeout_s, schema=schema, ca=ca
+    )
+    stack.push_async_callback(sink.aclose)  # idempotent; a failed connect has closed it already
+    return sink
+
+
+def token_configured(settings: Settings) -> bool:
+    """Whether a bearer token is configured for the backend the relay talks to."""
+    if settings.backend.url is None:
+        env = settings.embedded_backend.token_env
+        return bool(env and os.environ.get(env))
+    env = settings.backend.token_env
+    return bool((env and os.environ.get(env)) or settings.backend.token_file)
+
+
+async def connect_with_backoff(sink: Any, settings: Settings) -> None:
+    """Connect the sink; a backend that is down at start is retried like a push (``[relay]`` backoff).
+
+    Returns at once when ``sink`` is connected already.
+
+    Raises
+    ------
+    RetryableSinkError
+        Still unreachable after ``[relay] max_attempts`` attempts.
+    """
+    from ingest.errors import RetryableSinkError
+    from ingest.relay.relay import backoff_delay
+
+    cfg = settings.relay
+    attempt = 0
+    while True:
+        try:
+            await sink.connect()
+            return
+        except RetryableSinkError as exc:
+            attempt += 1
+            if attempt >= cfg.max_attempts:
+                raise
+            delay = backoff_delay(attempt, cfg.base_backoff_s, cfg.max_backoff_s)
+            LOGGER.warning(
+                "backend unreachable at start (attempt %d of %d), next try in %.1f s: %s",
+                attempt, cfg.max_attempts, delay, exc,
+            )
+            await asyncio.sleep(delay)
+
+
+@contextlib.asynccontextmanager
+async def embedded_backend(settings: Settings, *, port: int | None) -> AsyncIterator[str]:
+    """Start the embedded FHIR GraphQL backend; yields its GraphQL URL."""
+    from ingest.backend.server import QueryLimits, start_backend
+
+    eb = settings.embedded_backend
+    db = eb.database or (settings.data_dir / "backend.sqlite3")
+    token = os.environ.get(eb.token_env) if eb.token_env else None
+    if eb.token_env and not (token or "").strip():  # asked for a token: never start open instead
+        raise ConfigError(f"[embedded_backend] token_env names {eb.token_env}, which is not set or empty")
+    limits = QueryLimits(
+        max_body_bytes=eb.max_body_bytes,
+        max_depth=eb.max_query_depth,
+        max_fields=eb.max_query_fields,
+        max_aliases=eb.max_query_aliases,
+        max_concurrent_requests=eb.max_concurrent_requests,
+    )
+    runner, bound = await start_backend(
+        db, host=eb.host, port=eb.port if port is None else port, token=token, limits=limits
+    )
+    try:
+        yield f"http://{eb.host}:{bound}/fhir/R4/$graphql"
+    finally:
+        await runner.cleanup()
+
+
+# --------------------------------------------------------------------------------------- the relay
+
+
+def mapping_options(settings: Settings, endpoint_reference: str | None = None) -> MappingOptions:
+    """The pure mapping's options, from ``[mapping]`` and ``[patient]``.
+
+    ``endpoint_reference`` is the id of the Endpoint resource, known only once it exists in the backend,
+    hence passed separately.
+    """
+    from ingest.core.mapping import MappingOptions
+
+    return MappingOptions(
+        site_timezone=settings.mapping.site_timezone,
+        include_instances=settings.mapping.include_instances,
+        include_study_id=settings.mapping.include_study_id,
+        operator_function=settings.mapping.operator_function or None,
+        patient_default_system=settings.patient.default_system or None,
+        endpoint_reference=endpoint_reference,
+    )
+
+
+async def wire_links(
+    settings: Settings, sink: LinkedSink, *, metrics: Metrics | None = None
+) -> tuple[Build, Link | None]:
+    """Resolve ``[endpoint]`` and build the ``[patient]`` resolver over the connected ``sink``.
+
+    Returns
+    -------
+    tuple
+        The build step (mapping options with the Endpoint reference) and the link step (``None`` in
+        ``[patient] mode = "logical"``), for ``Relay(build, link=...)`` or :meth:`Relay.use_links`.
+    """
+    from ingest.relay.build import StudyBuilder
+    from ingest.relay.links import prepare_links
+
+    links = await prepare_links(settings.patient, settings.endpoint, sink, metrics=metrics)
+    return StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference)), links.link
+
+
+def relay_before_backend(
+    settings: Settings,
+    store: StateStore,
+    sink: Sink,
+    *,
+    metrics: Metrics | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> Relay:
+    """The relay before the backend can be reached (``ingest serve``: intake never waits for it).
+
+    It maps without an Endpoint and links nothing until ``run_relay`` has wired it (:func:`wire_links`).
+    ``clock``: source of "now" (default :func:`ingest.relay.relay.utcnow`).
+    """
+    from ingest.relay.build import StudyBuilder
+    from ingest.relay.relay import Relay, utcnow
+
+    return Relay(store, sink, StudyBuilder(mapping_options(settings)), settings.relay,
+                 node=settings.state.node_id, clock=clock or utcnow, metrics=metrics)
+
+
+async def wired_relay(
+    settings: Settings,
+    store: StateStore,
+    sink: LinkedSink,
+    *,
+    metrics: Metrics | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> Relay:
+    """The relay as every one-shot command wires it, over a connected sink.
+
+    ``[endpoint]``: the Endpoint is found or created now and referenced from every ImagingStudy;
+    ``[patient]``: subjects are resolved per study by the link hook. ``clock``: source of "now" (default
+    :func:`ingest.relay.relay.utcnow`).
+    """
+    from ingest.relay.relay import Relay, utcnow
+
+    build, link = await wire_links(settings, sink, metrics=metrics)
+    return Relay(store, sink, build, settings.relay, node=settings.state.node_id, clock=clock or utcnow,
+                 metrics=metrics, link=link)

@@ -1,0 +1,185 @@
+"""FHIR building for the linked resources: the Patient and the Endpoint ``ingest`` creates, and the
+search tokens it finds them by (``ImagingStudy.subject`` / ``ImagingStudy.endpoint``, docs/mapping.md).
+
+Pure: no I/O, no settings, no metrics; the resolvers that search and create them over the backend are
+``ingest.relay.links``. Patient identifiers, names and birth dates are PHI: nothing here logs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from ingest.core.aggregate import pick
+from ingest.core.datetimes import parse_da
+from ingest.core.fhir import (
+    AdministrativeGender,
+    CodeableConcept,
+    Coding,
+    Endpoint,
+    HumanName,
+    Identifier,
+    Patient,
+    strip_controls,
+)
+from ingest.core.mapping import person_display
+from ingest.core.records import InstanceRecord, PersonName
+
+__all__ = [
+    "CONNECTION_TYPE_SYSTEM",
+    "NAME_REPRESENTATION_URL",
+    "URI_SYSTEM",
+    "endpoint_resource",
+    "human_names",
+    "patient_resource",
+    "search_token",
+]
+
+#: ISO 21090 EN.representation on HumanName (FHIR R4 core extension): ABC | IDE | SYL.
+NAME_REPRESENTATION_URL: Final = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
+#: Endpoint.connectionType code system (FHIR R4, extensible binding endpoint-connection-type).
+CONNECTION_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+#: Identifier.system of an identifier that is itself a URI (here: the Endpoint's address).
+URI_SYSTEM: Final = "urn:ietf:rfc:3986"
+
+# Patient.gender (administrative-gender) <- Patient's Sex (0010,0040); anything else is omitted
+_GENDER: Final[dict[str, AdministrativeGender]] = {"M": "male", "F": "female", "O": "other"}
+
+
+def _escape(text: str) -> str:
+    # FHIR search escaping (R4 3.1.1.5.9): "\", "|", "," and "$" in a value are escaped with "\"
+    for ch in ("\\", "|", ",", "$"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def search_token(system: str, value: str) -> str:
+    """A FHIR token search value ``system|value``, escaped.
+
+    Parameters
+    ----------
+    system, value:
+        ``Identifier.system`` and ``Identifier.value``.
+
+    Examples
+    --------
+    >>> search_token("urn:oid:1.2.3", "A|1")
+    'urn:oid:1.2.3|A\\\\|1'
+    """
+    return f"{_escape(system)}|{_escape(value)}"
+
+
+def _components(group: str) -> list[str]:
+    # PN component group: family^given^middle^prefix^suffix (PS3.5 6.2)
+    parts = [" ".join(strip_controls(p).split()) for p in group.split("^")]
+    return (parts + [""] * 5)[:5]
+
+
+def _human_name(group: str, representation: str | None) -> HumanName | None:
+    family, given, middle, prefix, suffix = _components(group)
+    if not any((family, given, middle, prefix, suffix)):
+        return None
+    # HumanName.text: alphabetic given-name first, ideographic/phonetic family-name first (as the
+    # mapping's subject.display, ingest.core.mapping.person_display)
+    as_pn = PersonName(alphabetic=group) if representation is None else PersonName(ideographic=group)
+    extension = [{"url": NAME_REPRESENTATION_URL, "valueCode": representation}] if representation else []
+    try:
+        return HumanName.model_validate(
+            {
+                "extension": extension,  # HumanName.extension: iso21090-EN-representation IDE / SYL
+                "text": person_display(as_pn),  # HumanName.text
+                "family": family or None,  # HumanName.family <- component 1
+                "given": [g for g in (given, middle) if g],  # HumanName.given <- components 2, 3
+                "prefix": [prefix] if prefix else [],  # HumanName.prefix <- component 4
+                "suffix": [suffix] if suffix else [],  # HumanName.suffix <- component 5
+            }
+        )
+    except ValidationError:
+        return None  # e.g. control characters: the name is left out, the Patient is still created
+
+
+def human_names(name: PersonName | None) -> list[HumanName]:
+    """Patient's Name (0010,0010) as FHIR R4 HumanNames, one per PN component group.
+
+    The alphabetic group becomes a plain HumanName; the ideographic and phonetic groups carry the
+    ISO 21090 ``EN.representation`` extension (``IDE`` / ``SYL``), the way FHIR R4 represents the
+    alternative script forms of one name. Components: family -> ``family``; given and middle ->
+    ``given``; prefix -> ``prefix``; suffix -> ``suffix``; ``text`` is the whole name as written.
+
+    Parameters
+    ----------
+    name:
+        The decoded PN value.
+
+    Returns
+    -------
+    list of HumanName
+        Empty groups (and groups FHIR cannot hold) are skipped.
+    """
+    if name is None:
+        return []
+    out: list[HumanName] = []
+    for group, representation in ((name.alphabetic, None), (name.ideographic, "IDE"), (name.phonetic, "SYL")):
+        human = _human_name(group, representation)
+        if human is not None:
+            out.append(human)
+    return out
+
+
+def _text(value: str | None) -> str | None:
+    return strip_controls(value or "").strip() or None
+
+
+def patient_resource(system: str, value: str, records: Sequence[InstanceRecord]) -> dict[str, Any]:
+    """The Patient to create for ``system|value`` from the study's instances (FHIR JSON).
+
+    Demographics come from the instances whose Patient ID (0010,0020) is ``value`` (all instances when
+    none is), each value chosen by :func:`ingest.core.aggregate.pick` (most common, then lowest SOP
+    Instance UID).
+
+    Parameters
+    ----------
+    system, value:
+        ``Patient.identifier`` (the subject's logical identifier).
+    records:
+        The study's instance records.
+
+    Returns
+    -------
+    dict
+        ``{"resourceType": "Patient", "identifier": [...], "name": [...], "gender": ..., "birthDate": ...}``
+        without empty elements; an unknown sex and an invalid birth date are left out.
+    """
+    mine = [r for r in records if _text(r.patient_id) == value] or list(records)
+    name = pick(mine, lambda r: r.patient_name)  # Patient.name <- (0010,0010)
+    sex = pick(mine, lambda r: _text(r.patient_sex))  # Patient.gender <- (0010,0040)
+    born = pick(mine, lambda r: parse_da(r.patient_birth_date or ""))  # Patient.birthDate <- (0010,0030)
+    patient = Patient(
+        identifier=[Identifier(system=system, value=value)],  # Patient.identifier <- (0010,0020) + issuer
+        name=human_names(name),
+        gender=_GENDER.get((sex or "").upper()),
+        birth_date=born.isoformat() if born is not None else None,
+    )
+    return patient.to_fhir()
+
+
+def endpoint_resource(url: str) -> dict[str, Any]:
+    """The DICOMweb WADO-RS Endpoint for ``url`` (FHIR JSON, validated against the R4 model).
+
+    Parameters
+    ----------
+    url:
+        The WADO-RS base URL (``[endpoint] wado_rs_url``, already validated by the settings).
+    """
+    endpoint = Endpoint(
+        identifier=[Identifier(system=URI_SYSTEM, value=url)],  # what we search it by
+        status="active",
+        connection_type=Coding(system=CONNECTION_TYPE_SYSTEM, code="dicom-wado-rs"),
+        name="DICOMweb WADO-RS",
+        payload_type=[CodeableConcept(text="DICOM WADO-RS")],  # as the R4 example Endpoint "example-wadors"
+        payload_mime_type=["application/dicom"],
+        address=url,
+    )
+    return endpoint.to_fhir()
