@@ -200,7 +200,12 @@ def _dry_run(
 
             builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
         records = [rec for _, rec in studies[uid].values()]
-        return json.dumps(builder(records), ensure_ascii=False, indent=2 if opts.pretty else None)
+        study = builder(records)
+        if settings.mapping.narrative:  # what a first push would write (docs/mapping.md "Narrative")
+            from ingest.core.narrative import narrative
+
+            study["text"] = narrative(study)
+        return json.dumps(study, ensure_ascii=False, indent=2 if opts.pretty else None)
 
     # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
     results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True)

@@ -205,6 +205,7 @@ def mapping_options(settings: Settings, endpoint_reference: str | None = None) -
         operator_function=settings.mapping.operator_function or None,
         patient_default_system=settings.patient.default_system or None,
         endpoint_reference=endpoint_reference,
+        narrative=settings.mapping.narrative,
     )
 
 
@@ -243,7 +244,8 @@ def relay_before_backend(
     from ingest.relay.relay import Relay, utcnow
 
     return Relay(store, sink, StudyBuilder(mapping_options(settings)), settings.relay,
-                 node=settings.state.node_id, clock=clock or utcnow, metrics=metrics)
+                 node=settings.state.node_id, clock=clock or utcnow, metrics=metrics,
+                 narrative=settings.mapping.narrative)
 
 
 async def wired_relay(
@@ -264,4 +266,4 @@ async def wired_relay(
 
     build, link = await wire_links(settings, sink, metrics=metrics)
     return Relay(store, sink, build, settings.relay, node=settings.state.node_id, clock=clock or utcnow,
-                 metrics=metrics, link=link)
+                 metrics=metrics, link=link, narrative=settings.mapping.narrative)

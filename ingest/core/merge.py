@@ -4,7 +4,8 @@ Everything here works on FHIR JSON dicts rather than on :mod:`ingest.core.fhir` 
 copy may carry elements we do not model (extensions on primitives, newer elements, server additions),
 and all of those must survive a merge untouched.
 
-- :func:`merge` takes the elements the pipeline owns from ours and keeps everything else of theirs.
+- :func:`merge` takes the elements the pipeline owns from ours and keeps everything else of theirs;
+  with ``narrative=True`` it attaches our generated narrative (docs/mapping.md, "Narrative").
 - :func:`digest` fingerprints a resource independently of key order and of series/instance order.
 - :func:`plan` turns (ours, backend copy) into :class:`Create`, :class:`Update` or :class:`NoChange`.
 """
@@ -19,6 +20,8 @@ from typing import Any, TypeAlias
 
 from ingest.core.fhir import ImagingStudy, ImagingStudySeries, ImagingStudySeriesInstance, prune_empty
 from ingest.core.mapping import ACSN_SYSTEM, STUDY_UID_SYSTEM
+from ingest.core.narrative import is_ingest_narrative
+from ingest.core.narrative import narrative as generated_narrative
 from ingest.core.records import BackendStudy
 
 __all__ = ["Create", "NoChange", "Plan", "Update", "digest", "merge", "plan"]
@@ -205,7 +208,9 @@ def _merge_modality(
 # --------------------------------------------------------------------------------------------------
 
 
-def merge(ours: Mapping[str, Any], theirs: Mapping[str, Any] | None) -> dict[str, Any]:
+def merge(
+    ours: Mapping[str, Any], theirs: Mapping[str, Any] | None, *, narrative: bool = False
+) -> dict[str, Any]:
     """Merge our ImagingStudy into the backend's copy, per docs/mapping.md "Merge".
 
     Parameters
@@ -215,6 +220,8 @@ def merge(ours: Mapping[str, Any], theirs: Mapping[str, Any] | None) -> dict[str
     theirs:
         FHIR JSON of the backend's copy, or ``None`` when there is none. ``null`` and empty values in
         it are ignored (a GraphQL read returns ``null`` for absent elements).
+    narrative:
+        ``[mapping] narrative`` (``MappingOptions.narrative``): attach our generated ``text``.
 
     Returns
     -------
@@ -236,6 +243,10 @@ def merge(ours: Mapping[str, Any], theirs: Mapping[str, Any] | None) -> dict[str
           count when ours carries no instance list (``include_instances = false``).
         - ``numberOfSeries`` / ``numberOfInstances``: recomputed over the merged series.
         - ``id``: theirs (ours only without a backend copy); ``meta`` is dropped.
+        - ``text``: with ``narrative``, :func:`ingest.core.narrative.narrative` of the merged
+          result, unless theirs is a narrative someone else wrote (any status but ``generated``,
+          or ``generated`` without our marker), which is kept; without ``narrative``, a
+          narrative of ours on theirs is removed (it would go stale), any other is kept.
         - Everything else: theirs when theirs has it, else ours.
     """
     our = _clean(ours)
@@ -294,6 +305,15 @@ def merge(ours: Mapping[str, Any], theirs: Mapping[str, Any] | None) -> dict[str
             if key in our:
                 result[key] = our[key]
 
+    # ImagingStudy.text (docs/mapping.md, "Narrative"): ours, recomputed from the merged result; one
+    # someone else wrote (another status, or generated without our marker) is kept as it is
+    their_text = their.get("text")
+    if their_text is None or is_ingest_narrative(their_text):
+        if narrative:
+            result["text"] = generated_narrative(result)
+        elif their_text is not None:
+            result.pop("text")  # switched off: a narrative of ours would go stale
+
     return _ordered(result, ("resourceType", *_STUDY_ORDER))
 
 
@@ -337,7 +357,7 @@ def digest(resource: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def plan(ours: Mapping[str, Any], backend: BackendStudy | None) -> Plan:
+def plan(ours: Mapping[str, Any], backend: BackendStudy | None, *, narrative: bool = False) -> Plan:
     """Decide the write for one study.
 
     Parameters
@@ -346,6 +366,9 @@ def plan(ours: Mapping[str, Any], backend: BackendStudy | None) -> Plan:
         FHIR JSON of the ImagingStudy built from everything we know of the study.
     backend:
         The backend's copy (from ``Sink.find``), or ``None`` when it holds none.
+    narrative:
+        ``[mapping] narrative`` (``MappingOptions.narrative``), passed to :func:`merge`. The
+        narrative is not digested: it never makes a write by itself.
 
     Returns
     -------
@@ -355,8 +378,8 @@ def plan(ours: Mapping[str, Any], backend: BackendStudy | None) -> Plan:
         the backend copy; else :class:`Update` with the merged result and ``id`` = the backend id.
     """
     if backend is None:
-        return Create(merge(ours, None))
-    merged = merge(ours, backend.resource)
+        return Create(merge(ours, None, narrative=narrative))
+    merged = merge(ours, backend.resource, narrative=narrative)
     if digest(merged) == digest(backend.resource):
         return NoChange(backend.id, backend.version_id)
     body = {k: v for k, v in merged.items() if k not in ("resourceType", "id")}

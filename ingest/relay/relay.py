@@ -294,6 +294,8 @@ class Relay:
         ``<host>-<random>``, unique per process.
     clock:
         Source of "now" (tests inject one).
+    narrative:
+        ``[mapping] narrative``: write the generated narrative of docs/mapping.md "Narrative".
     """
 
     def __init__(
@@ -307,12 +309,14 @@ class Relay:
         clock: Callable[[], datetime] = utcnow,
         metrics: Metrics | None = None,
         link: Link | None = None,
+        narrative: bool = False,
     ) -> None:
         self.store = store
         self.sink = sink
         self.build = build
         self.link = link
         self.cfg = settings
+        self.narrative = narrative  # [mapping] narrative: the merged resource carries ingest's text
         # the lease owner: ``[state] node_id`` if set (unique per running node), else unique per process
         self.node = node or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.clock = clock
@@ -460,7 +464,7 @@ class Relay:
                 ours = await self.link(ours, records)
             self._request("find")
             backend = await self.sink.find(uid, claim.backend_id)
-            decision = plan(ours, backend)
+            decision = plan(ours, backend, narrative=self.narrative)
             if isinstance(decision, NoChange):
                 assert backend is not None
                 result, bid, ver, dig = "unchanged", decision.backend_id, decision.version_id, digest(

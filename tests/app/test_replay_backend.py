@@ -9,6 +9,7 @@ directly between two replays. Inputs come from ``samples.generate`` (synthetic, 
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 from pathlib import Path
@@ -255,3 +256,28 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Children get their environment explicitly; make sure nothing leaks from the parent either."""
     for key in [k for k in os.environ if k.startswith("INGEST_")]:
         monkeypatch.delenv(key)
+
+
+async def test_the_written_study_carries_the_generated_narrative(tmp_path: Path) -> None:
+    """A replay writes ``text`` (status generated, XHTML div with the description) to the backend; the
+    unchanged rerun writes nothing (docs/mapping.md "Narrative")."""
+    corpus = generate(tmp_path / "corpus", studies=1, files=3, seed=103, tiny=True)
+    [study] = corpus.studies
+    async with running_backend(tmp_path / "backend.sqlite3") as base:
+        env = ingest_env(base + GRAPHQL)
+        for _ in range(2):
+            run = await run_ingest(tmp_path / "data", "replay", str(corpus.root), "--jobs", "1", "--json",
+                                   env=env, cwd=tmp_path)
+            assert run.returncode == 0, run.stderr
+        body = await gql(
+            base + GRAPHQL,
+            "query($i: String) { ImagingStudyList(identifier: $i) { description text { status div } } }",
+            {"i": f"urn:dicom:uid|urn:oid:{study.study_uid}"},
+        )
+        [resource] = body["data"]["ImagingStudyList"]
+        assert resource["text"]["status"] == "generated"
+        assert resource["text"]["div"].startswith('<div xmlns="http://www.w3.org/1999/xhtml"')
+        if resource.get("description"):
+            assert html.escape(resource["description"]) in resource["text"]["div"]
+        s = await stats(base)
+        assert s["creates"] == 1 and s["updates"] == 0

@@ -192,3 +192,24 @@ def test_rejected_file_names_are_printed_escaped(tmp_path: Path) -> None:
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(b"rejected: " + str(folder).encode() + b"/evil\\nname\\x1b[31m.dcm: ")
+
+
+def test_dry_run_prints_the_generated_narrative(tmp_path: Path, corpus: GeneratedCorpus) -> None:
+    """``[mapping] narrative`` (on by default): each printed study carries the XHTML narrative of its
+    own series, with the description as text (docs/mapping.md "Narrative")."""
+    import xml.etree.ElementTree as ET
+
+    code, stdout, _ = _dry_run(tmp_path, corpus.root)
+    assert code == 0
+    studies = _studies(stdout)
+    assert studies
+    for study in studies.values():
+        text = study["text"]
+        assert text["status"] == "generated"
+        root = ET.fromstring(text["div"])
+        assert root.tag == "{http://www.w3.org/1999/xhtml}div"
+        shown = "".join(root.itertext())
+        if "description" in study:
+            assert study["description"] in shown
+        for series in study["series"]:
+            assert series["uid"] in shown or str(series.get("number", "")) in shown
