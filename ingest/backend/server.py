@@ -21,7 +21,7 @@ Before anything is executed a request is checked against :class:`ingest.backend.
 (body size, JSON nesting, query length, depth, fields, aliases, operations); at most
 ``max_concurrent_requests`` requests are decoded and executed at once.
 
-Answers follow Medplum 4.5.2 (/work/shared/reference/medplum/probe-results.md):
+Answers follow Medplum 4.5.2 (captured in tests/fixtures/medplum/probe-results.md):
 
 - invalid JSON, a missing query, a syntax error, or a document the schema rejects (unknown field or
   argument, wrong inline literal): HTTP 400, an ``OperationOutcome`` as ``application/fhir+json``;
