@@ -278,7 +278,7 @@ class _Spill:
     The :class:`~ingest.sources.dimse.netguard.DataSetSink` of :func:`divert_large_data_sets`:
     pynetdicom writes each later data-set fragment with ``write()`` and then calls ``file.flush()``;
     after the C-STORE handler it closes and unlinks a truthy sink. Once the handler has taken this
-    object it is falsy, so pynetdicom leaves the file to the handler. A
+    object, or it was discarded, it is falsy, so pynetdicom leaves the file alone. A
     write error (disk full, quota) is remembered, later fragments are dropped, and the handler answers
     0xA700; the association itself goes on.
     """
@@ -292,7 +292,9 @@ class _Spill:
         self._closed = writer is None
 
     def __bool__(self) -> bool:
-        return not self._taken
+        # falsy once taken or discarded: pynetdicom then neither writes to it nor unlinks it (it has no
+        # ``name``; the handler or the association removed the file already)
+        return not (self._taken or self._closed)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append a fragment (errors are kept for the handler, never raised into pynetdicom)."""

@@ -196,6 +196,20 @@ def test_spilled_store_rejections_leave_nothing_in_the_spool(tmp_path: Path) -> 
         assert len(run.listener.quarantine.names()) == 2
 
 
+
+def test_a_spilled_data_set_over_the_size_cap_is_answered_0xa700_and_leaves_nothing(tmp_path: Path) -> None:
+    # received to disk past the threshold, then past max_instance_bytes: Out of Resources, never 0xC211
+    with running_listener(make_settings(tmp_path / "data", max_instance_bytes=MB)) as run:
+        run.listener.large_instance_bytes = 64 * 1024
+        body = encode(instance(sop_uid="1.2.3.4.9.10"))
+        body += struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, 2 * MB) + b"\0" * (2 * MB)
+        big = raw_file(tmp_path / "in", body, sop_class=CT_IMAGE, sop_uid="1.2.3.4.9.10")
+        assert send_raw(run.port, big).Status == 0xA700
+        assert run.store.instances("1.2.3.4.5.1") == []
+        assert run.listener.spool.names() == []
+        assert _temps(run.listener.spool.root) == []
+
+
 _SENDER_SCRIPT = textwrap.dedent("""
     import sys
     from pynetdicom import AE, _config
