@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from ingest.core.admission import Verdict
 from ingest.core.records import BackendStudy, InstanceRecord
 
 __all__ = [
     "AddOutcome",
     "Added",
     "BackendStudy",
-    "RecentStudy",
     "SeriesGroup",
     "Sink",
     "StateStore",
@@ -29,10 +29,9 @@ __all__ = [
 ]
 
 
-class AddOutcome(enum.Enum):
-    ADDED = "added"  # new instance row committed
-    DUPLICATE = "duplicate"  # same SOP Instance UID, same digest: nothing written
-    CONFLICT = "conflict"  # same SOP Instance UID, other content or other study: nothing written
+#: What adding an instance did: the admission decision of the core (ADDED: row committed; DUPLICATE and
+#: CONFLICT: nothing written), one enum for the store, the dry run and the sources.
+AddOutcome = Verdict
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ class StateStore(Protocol):
 
     # -- the status page (ingest.app.admin) -------------------------------------------------------------
 
-    def recent_studies(self, limit: int, offset: int = 0) -> list[RecentStudy]:
+    def recent_studies(self, limit: int, offset: int = 0) -> list[StudyRow]:
         """Studies newest first (by the last instance received), ``limit`` from ``offset``."""
         ...
 
@@ -185,14 +184,6 @@ class Sink(Protocol):
     async def update(self, backend_id: str, resource: dict[str, Any]) -> BackendStudy: ...
 
     async def aclose(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class RecentStudy:
-    """A study as the status page lists it: its row and, when dead, the reason code it was parked with."""
-
-    row: StudyRow
-    dead_reason: str | None = None
 
 
 @dataclass(frozen=True)

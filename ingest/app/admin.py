@@ -43,7 +43,7 @@ from ingest.config import Settings
 from ingest.core.records import InstanceRecord, PersonName
 from ingest.errors import ConfigError
 from ingest.metrics import Metrics
-from ingest.ports import RecentStudy, SeriesGroup, StateStore, StudyRow, StudyState
+from ingest.ports import SeriesGroup, StateStore, StudyRow, StudyState
 
 __all__ = ["PAGE_SIZE", "StatusPage", "admin_token", "mount_status"]
 
@@ -183,10 +183,10 @@ def _summaries(groups: Sequence[SeriesGroup]) -> dict[str, _Summary]:
     return out
 
 
-def _state(row: StudyRow, dead_reason: str | None) -> tuple[str, str]:
+def _state(row: StudyRow) -> tuple[str, str]:
     """(CSS class, text) of a study's state: pending / pushed / retrying (next attempt) / dead (reason)."""
     if row.state is StudyState.DEAD:
-        reason = dead_reason or "dead"
+        reason = row.dead_reason or "dead"
         return "dead", f"dead: {reason}" + (f" — {row.last_error}" if row.last_error else "")
     if row.state is StudyState.PENDING and row.attempts > 0:
         nxt = _when(row.next_attempt_at) if row.next_attempt_at else "soon"
@@ -480,16 +480,15 @@ class StatusPage:
         except ValueError:
             page = 1
         header = await self._header()
-        recent: list[RecentStudy] = await asyncio.to_thread(
+        recent: list[StudyRow] = await asyncio.to_thread(
             self.store.recent_studies, PAGE_SIZE, (page - 1) * PAGE_SIZE
         )
-        groups = await asyncio.to_thread(self.store.series_groups, [r.row.study_uid for r in recent])
+        groups = await asyncio.to_thread(self.store.series_groups, [r.study_uid for r in recent])
         summaries = _summaries(groups)
         counts = await asyncio.to_thread(self.store.study_counts)
         total = sum(counts.values())
         dead = await asyncio.to_thread(self.store.studies, StudyState.DEAD)
         reasons = {row.study_uid: row.dead_reason for row in dead[:_DEAD_SHOWN]}
-        dead_reasons = {r.row.study_uid: r.dead_reason for r in recent}
         chart = await self._chart_svg()
 
         out: list[str] = []
@@ -526,10 +525,9 @@ class StatusPage:
             f"<th>modality</th><th>description</th>{patient_th}<th>series / instances</th><th>state</th>"
             "<th>backend id</th></tr>"
         )
-        for item in recent:
-            row = item.row
+        for row in recent:
             s = summaries.get(row.study_uid, _Summary())
-            cls, state = _state(row, dead_reasons.get(row.study_uid))
+            cls, state = _state(row)
             patient_td = (
                 f"<td>{e(s.patient_name)}</td><td>{e(s.patient_id)}</td><td>{e(s.birth_date)}</td>"
                 if self.show_patient
@@ -603,10 +601,7 @@ class StatusPage:
         header = await self._header()
         records = await asyncio.to_thread(self.store.instances, uid)
         groups = await asyncio.to_thread(self.store.series_groups, [uid])
-        dead_reason: str | None = None
-        if row.state is StudyState.DEAD:
-            dead_reason = row.dead_reason
-        cls, state = _state(row, dead_reason)
+        cls, state = _state(row)
         out = [
             f'<nav><a href="{e(self._link(request, "/"))}">all studies</a></nav>',
             f'<h2>Study <span class="uid">{e(uid)}</span></h2>',

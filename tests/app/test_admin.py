@@ -283,9 +283,9 @@ def test_show_patient_is_off_by_default() -> None:
 def test_recent_studies_counts_groups_and_minutes(store: StateStore) -> None:
     fill(store)
     recent = store.recent_studies(2, 0)
-    assert [r.row.study_uid for r in recent] == [STUDY_X, STUDY_B]
-    assert recent[1].dead_reason == "rejected" and recent[1].row.instances == 1
-    assert [r.row.study_uid for r in store.recent_studies(50, 2)] == [STUDY_A]
+    assert [r.study_uid for r in recent] == [STUDY_X, STUDY_B]
+    assert recent[1].dead_reason == "rejected" and recent[1].instances == 1
+    assert [r.study_uid for r in store.recent_studies(50, 2)] == [STUDY_A]
     assert store.study_counts() == {StudyState.PENDING: 1, StudyState.DEAD: 1, StudyState.PUSHED: 1}
     groups = store.series_groups([STUDY_A, STUDY_B])
     assert [(g.study_uid, g.series_uid, g.source, g.instances) for g in groups] == [

@@ -74,7 +74,6 @@ __all__ = [
 LOGGER = logging.getLogger(__name__)
 
 RESOURCE_TYPE: Final = "ImagingStudy"
-STUDY_SYSTEM: Final = STUDY_UID_SYSTEM  # ImagingStudy.identifier.system for the Study Instance UID
 SEARCH_COUNT: Final = 2  # two are enough to tell "one" from "several"
 LINKED_TYPES: Final = ("Patient", "Endpoint")  # resources the linked-resource resolvers read and create
 _PROBE: Final = parse("query IngestProbe { __typename }")
@@ -88,7 +87,7 @@ def study_identifier(study_uid: str) -> str:
     study_uid:
         Study Instance UID (0020,000D).
     """
-    return f"{STUDY_SYSTEM}|urn:oid:{study_uid}"
+    return f"{STUDY_UID_SYSTEM}|urn:oid:{study_uid}"
 
 
 def _strip_empty(value: Any) -> Any:
@@ -542,7 +541,7 @@ class GraphQLSink:
 def _uid_of(resource: Mapping[str, Any]) -> str:
     """The Study Instance UID from ``ImagingStudy.identifier`` (for messages), or ``"unknown study"``."""
     for ident in resource.get("identifier") or []:
-        if isinstance(ident, Mapping) and ident.get("system") == STUDY_SYSTEM:
+        if isinstance(ident, Mapping) and ident.get("system") == STUDY_UID_SYSTEM:
             return f"study {str(ident.get('value', '')).removeprefix('urn:oid:')}"
     return "unknown study"
 

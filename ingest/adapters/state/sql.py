@@ -34,7 +34,6 @@ from ingest.errors import StoreError, StoreUnavailableError
 from ingest.ports import (
     Added,
     AddOutcome,
-    RecentStudy,
     SeriesGroup,
     StateStore,
     StudyClaim,
@@ -246,7 +245,7 @@ class SQLStateStore(StateStore):
             if found is None:  # pragma: no cover - deleted concurrently; nothing in ingest deletes rows
                 raise StoreUnavailableError(f"instance {record.sop_uid} vanished during add; retry")
             decision = decide(Existing(str(found[0]), str(found[1]), str(found[2])), record, digest)
-            results.append(Added(AddOutcome(decision.verdict.value), record.study_uid, decision.detail))
+            results.append(Added(decision.verdict, record.study_uid, decision.detail))
         return results
 
     def _touch_study(self, cur: Cursor, study_uid: str, added: int, now: object, due_at: object) -> None:
@@ -569,7 +568,7 @@ class SQLStateStore(StateStore):
 
     # -- the status page (ingest.app.admin) --------------------------------------------------------------
 
-    def recent_studies(self, limit: int, offset: int = 0) -> list[RecentStudy]:
+    def recent_studies(self, limit: int, offset: int = 0) -> list[StudyRow]:
         """Studies newest first by their last instance received (``last_seen``), ``limit`` from ``offset``.
 
         The instance count is a correlated count over ``instances_study``, so only the page's studies are
@@ -587,7 +586,7 @@ class SQLStateStore(StateStore):
                 ),
                 (max(0, limit), max(0, offset)),
             ).fetchall()
-        return [RecentStudy(study_row(row, self._from_time), row[14]) for row in rows]
+        return [study_row(row, self._from_time) for row in rows]
 
     def study_counts(self) -> dict[StudyState, int]:
         """How many studies are in each state (states with none are left out)."""
