@@ -26,14 +26,18 @@ __all__ = [
     "AdminSettings",
     "BackendSettings",
     "CallingAE",
+    "CommitmentSettings",
     "EmbeddedBackendSettings",
     "EndpointSettings",
+    "IntakeSettings",
     "ListenerSettings",
     "LogSettings",
     "MappingSettings",
     "PatientSettings",
+    "ProfileSettings",
     "RelaySettings",
     "Settings",
+    "SpoolSettings",
     "StateSettings",
     "TLSSettings",
     "WatchSettings",
@@ -82,6 +86,12 @@ class TLSSettings(_Section):
         return self
 
 
+class CommitmentSettings(_Section):
+    """``[listener.commitment]``: the Storage Commitment Push Model SCP (docs/architecture.md)."""
+
+    enabled: bool = True
+
+
 class ListenerSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -110,6 +120,7 @@ class ListenerSettings(_Section):
     # or "accept" well-formed UIDs under the storage root or a private root (like storescp -pm).
     unknown_storage_classes: Literal["refuse", "accept"] = "refuse"
     tls: TLSSettings = TLSSettings()
+    commitment: CommitmentSettings = CommitmentSettings()
 
     @field_validator("ae_title")
     @classmethod
@@ -134,6 +145,22 @@ class WatchSettings(_Section):
     after: Literal["move", "delete", "keep"] = "move"
     archive_dir: Path | None = None
     jobs: int = Field(default=2, ge=1)
+
+
+class IntakeSettings(_Section):
+    """``[intake]``: what acceptance does with a new version of a stored instance (docs/architecture.md)."""
+
+    on_conflict: Literal["quarantine", "replace"] = "quarantine"
+
+
+class SpoolSettings(_Section):
+    """``[spool]``: how long accepted bytes are kept and the disk they may use (docs/architecture.md)."""
+
+
+class ProfileSettings(_Section):
+    """``[profile]``: the imaging profile written ImagingStudy resources follow (docs/mapping.md)."""
+
+    name: Literal["base", "smart-imaging", "mado"] = "base"
 
 
 class QuarantineSettings(_Section):
@@ -340,6 +367,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     listener: ListenerSettings = ListenerSettings()
     watch: WatchSettings = WatchSettings()
+    intake: IntakeSettings = IntakeSettings()
+    spool: SpoolSettings = SpoolSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
     backend: BackendSettings = BackendSettings()
     embedded_backend: EmbeddedBackendSettings = EmbeddedBackendSettings()
@@ -349,6 +378,7 @@ class Settings(BaseSettings):
     mapping: MappingSettings = MappingSettings()
     patient: PatientSettings = PatientSettings()
     endpoint: EndpointSettings = EndpointSettings()
+    profile: ProfileSettings = ProfileSettings()
     log: LogSettings = LogSettings()
 
     @classmethod

@@ -20,6 +20,9 @@ __all__ = [
     "AddOutcome",
     "Added",
     "BackendStudy",
+    "CommitmentState",
+    "LifecycleState",
+    "RetentionState",
     "SeriesGroup",
     "Sink",
     "StateStore",
@@ -83,7 +86,21 @@ class StudyRow:
     dead_reason: str | None = None
 
 
-class StateStore(Protocol):
+class LifecycleState(Protocol):
+    """Durable state of a study's life after acceptance: IOCM rejections, replaced instances
+    (``ingest.adapters.state.lifecycle``)."""
+
+
+class CommitmentState(Protocol):
+    """Storage Commitment requests, their results and pending reports
+    (``ingest.adapters.state.commitments``)."""
+
+
+class RetentionState(Protocol):
+    """Which spooled bytes retention may remove; commitment holds (``ingest.adapters.state.retention``)."""
+
+
+class StateStore(LifecycleState, CommitmentState, RetentionState, Protocol):
     """Durable state: one row per accepted SOP instance, one row per study.
 
     Every method is synchronous and thread-safe; the orchestrator calls it from worker threads.

@@ -33,7 +33,10 @@ from typing import Any, ClassVar, Final
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ingest.adapters.state.sql import SQLStateStore, utc
+from ingest.adapters.state.commitments import CommitmentStore
+from ingest.adapters.state.lifecycle import LifecycleStore
+from ingest.adapters.state.retention import RetentionStore
+from ingest.adapters.state.sql import utc
 from ingest.errors import StoreError, StoreUnavailableError
 
 __all__ = ["PG_MIGRATIONS", "PostgresStateStore"]
@@ -84,6 +87,18 @@ PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # 2: the start-up sweep looks spool names up (sweep_orphans)
     ("CREATE INDEX instances_spool ON instances (spool_name)",),
+    # 3: study lifecycle: rejections (IOCM) and replaced instances (ingest.adapters.state.lifecycle)
+    (),
+    # 4: what ingest last wrote as the study's subject (ingest.relay, the subject guard)
+    (),
+    # 5: Storage Commitment requests and reports (ingest.adapters.state.commitments)
+    (),
+    # 6: spool retention: bytes removed, commitment holds (ingest.adapters.state.retention)
+    (),
+    # 7: small instances' bytes in the row's transaction (ingest.adapters.state.sql)
+    (),
+    # 8: replay's file identities (path, size, mtime, digest) for unchanged reruns
+    (),
 )
 
 
@@ -116,7 +131,7 @@ def _label(url: str) -> str:
     return f"postgresql://{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
-class PostgresStateStore(SQLStateStore):
+class PostgresStateStore(LifecycleStore, CommitmentStore, RetentionStore):
     """:class:`ingest.ports.StateStore` on PostgreSQL (psycopg 3, synchronous).
 
     Parameters

@@ -34,7 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from ingest.adapters.state.sql import SQLStateStore, utc
+from ingest.adapters.state.commitments import CommitmentStore
+from ingest.adapters.state.lifecycle import LifecycleStore
+from ingest.adapters.state.retention import RetentionStore
+from ingest.adapters.state.sql import utc
 from ingest.errors import StoreError, StoreUnavailableError
 
 __all__ = [
@@ -85,6 +88,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # 2: the start-up sweep looks spool names up (sweep_orphans)
     ("CREATE INDEX instances_spool ON instances (spool_name)",),
+    # 3: study lifecycle: rejections (IOCM) and replaced instances (ingest.adapters.state.lifecycle)
+    (),
+    # 4: what ingest last wrote as the study's subject (ingest.relay, the subject guard)
+    (),
+    # 5: Storage Commitment requests and reports (ingest.adapters.state.commitments)
+    (),
+    # 6: spool retention: bytes removed, commitment holds (ingest.adapters.state.retention)
+    (),
+    # 7: small instances' bytes in the row's transaction (ingest.adapters.state.sql)
+    (),
+    # 8: replay's file identities (path, size, mtime, digest) for unchanged reruns
+    (),
 )
 
 
@@ -96,7 +111,7 @@ def _dt(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).astimezone(UTC)
 
 
-class SQLiteStateStore(SQLStateStore):
+class SQLiteStateStore(LifecycleStore, CommitmentStore, RetentionStore):
     """:class:`ingest.ports.StateStore` on one SQLite file (WAL, ``synchronous=FULL``).
 
     Parameters
