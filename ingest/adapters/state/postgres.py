@@ -93,10 +93,22 @@ PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (),
     # 5: Storage Commitment requests and reports (ingest.adapters.state.commitments)
     (),
-    # 6: spool retention: bytes removed, commitment holds (ingest.adapters.state.retention)
-    (),
-    # 7: small instances' bytes in the row's transaction (ingest.adapters.state.sql)
-    (),
+    # 6: spool retention: when an instance's bytes were removed (and why), and until when a Storage
+    # Commitment holds them (ingest.adapters.state.retention)
+    (
+        "ALTER TABLE instances ADD COLUMN bytes_removed_at timestamptz",
+        "ALTER TABLE instances ADD COLUMN bytes_removed_reason text",
+        "ALTER TABLE instances ADD COLUMN hold_until timestamptz",
+    ),
+    # 7: small instances' bytes, committed in the same transaction as their row (spool_name NULL)
+    (
+        """
+        CREATE TABLE instance_bytes (
+            sop_uid text PRIMARY KEY,   -- instances.sop_uid
+            data    bytea NOT NULL      -- the Part 10 file
+        )
+        """,
+    ),
     # 8: replay's file identities (path, size, mtime, digest) for unchanged reruns
     (),
 )

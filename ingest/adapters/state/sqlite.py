@@ -94,10 +94,22 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (),
     # 5: Storage Commitment requests and reports (ingest.adapters.state.commitments)
     (),
-    # 6: spool retention: bytes removed, commitment holds (ingest.adapters.state.retention)
-    (),
-    # 7: small instances' bytes in the row's transaction (ingest.adapters.state.sql)
-    (),
+    # 6: spool retention: when an instance's bytes were removed (and why), and until when a Storage
+    # Commitment holds them (ingest.adapters.state.retention)
+    (
+        "ALTER TABLE instances ADD COLUMN bytes_removed_at TEXT",
+        "ALTER TABLE instances ADD COLUMN bytes_removed_reason TEXT",
+        "ALTER TABLE instances ADD COLUMN hold_until TEXT",
+    ),
+    # 7: small instances' bytes, committed in the same transaction as their row (spool_name NULL)
+    (
+        """
+        CREATE TABLE instance_bytes (
+            sop_uid TEXT PRIMARY KEY,   -- instances.sop_uid
+            data    BLOB NOT NULL      -- the Part 10 file
+        )
+        """,
+    ),
     # 8: replay's file identities (path, size, mtime, digest) for unchanged reruns
     (),
 )
