@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,9 +23,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.peers import echo_ready, orthanc, split, storescp, storescu, storescu_parallel
 from bench.run import BenchContext, Row, benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,29 +82,58 @@ def baseline_scp(port: int, out: Path) -> None:
 
 
 def _echo_ready(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (
-            subprocess.run(
-                ["echoscu", "-aec", "INGEST", "127.0.0.1", str(port)], capture_output=True
-            ).returncode
-            == 0
-        ):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing answers C-ECHO on port {port}")
+    echo_ready(port, timeout)
 
 
 def _storescu(port: int, folder: Path) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(
-        ["storescu", "-aec", "INGEST", "+sd", "+r", "127.0.0.1", str(port), str(folder)],
-        capture_output=True,
-        text=True,
+    return storescu(port, folder)
+
+
+@contextmanager
+def _bare(work: Path) -> Iterator[int]:
+    """The bare SCP in a child process; yields its port."""
+    port = _free_port()
+    out = Path(tempfile.mkdtemp(dir=work, prefix="bare-"))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bench.listener", "--baseline-scp", str(port), str(out)], cwd=REPO
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu failed: {done.stderr[-500:]}")
-    return time.perf_counter() - started
+    try:
+        _echo_ready(port)
+        yield port
+    finally:
+        child.terminate()
+        child.wait(30)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@contextmanager
+def _serve(work: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes], Path]]:
+    """``ingest serve`` on a fresh data dir; yields (DICOM port, backend port, process, data dir)."""
+    data = Path(tempfile.mkdtemp(dir=work, prefix="serve-"))
+    port, bport = _free_ports(2)
+    env = dict(
+        os.environ,
+        INGEST_LISTENER__PORT=str(port),
+        INGEST_LISTENER__ACCEPT_ANY_CALLING_AE="true",
+        INGEST_EMBEDDED_BACKEND__PORT=str(bport),
+        INGEST_ADMIN__ENABLED="false",
+        INGEST_LISTENER__MAX_PDU=str(MAX_PDU),
+        INGEST_LOG__LEVEL="WARNING",
+    )
+    with (data / "serve.log").open("wb") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "ingest", "--data-dir", str(data), "serve"],
+            cwd=REPO, env=env, stdout=log, stderr=log,
+        )
+    try:
+        try:
+            _echo_ready(port)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {(data / 'serve.log').read_text()[-1500:]}") from exc
+        yield port, bport, child, data
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(60)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -128,53 +161,30 @@ def _size(folder: Path) -> int:
 
 def measure(
     work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study: str,
-    ct2: tuple[Path, int] | None = None,
+    ct2: tuple[Path, int] | None = None, peers: tuple[Path, int] | None = None,
 ) -> list[Row]:
-    """Run both receivers on both corpora (and ``ingest serve`` on a 2x CT series); return the rows."""
+    """Every receiver on every corpus; return the rows.
+
+    ``small`` and ``ct`` go to the bare SCP and to ``ingest serve`` (one association each, then
+    ``small`` split over 4 concurrent associations); ``ct2`` (2x the CT series) to ``ingest serve``
+    only, for the memory rows; ``peers`` (1,000 small instances) to ``ingest serve``, dcmtk
+    ``storescp`` and Orthanc, with ``storescu`` with and without ``TCP_NODELAY``.
+    """
     rows: list[Row] = []
     rates: dict[str, tuple[float, float]] = {}
     peaks: dict[str, float] = {}
+    parts = split(sorted(small.rglob("*.dcm")), 4, Path(tempfile.mkdtemp(dir=work, prefix="split-")))
     # (a) bare baseline
-    for name, folder, n in (("small", small, n_small), ("ct", ct, n_ct)):
-        port = _free_port()
-        out = Path(tempfile.mkdtemp(dir=work, prefix="bare-"))
-        child = subprocess.Popen(
-            [sys.executable, "-m", "bench.listener", "--baseline-scp", str(port), str(out)], cwd=REPO
-        )
-        try:
-            _echo_ready(port)
+    with _bare(work) as port:
+        for name, folder, n in (("small", small, n_small), ("ct", ct, n_ct)):
             secs = _storescu(port, folder)
-        finally:
-            child.terminate()
-            child.wait(30)
-        rates[f"bare-{name}"] = (n / secs, _size(folder) / secs / 1e6)
+            rates[f"bare-{name}"] = (n / secs, _size(folder) / secs / 1e6)
+        secs = storescu_parallel(port, parts)
+        rates["bare-small4"] = (n_small / secs, _size(small) / secs / 1e6)
     # (b) ingest serve
     runs = [("small", small, n_small), ("ct", ct, n_ct)] + ([("ct2", ct2[0], ct2[1])] if ct2 else [])
     for name, folder, n in runs:
-        data = Path(tempfile.mkdtemp(dir=work, prefix="serve-"))
-        port, bport = _free_ports(2)
-        env = dict(
-            os.environ,
-            INGEST_LISTENER__PORT=str(port),
-            INGEST_LISTENER__ACCEPT_ANY_CALLING_AE="true",
-            INGEST_EMBEDDED_BACKEND__PORT=str(bport),
-            INGEST_ADMIN__ENABLED="false",
-            INGEST_LISTENER__MAX_PDU=str(MAX_PDU),
-            INGEST_LOG__LEVEL="WARNING",
-        )
-        with (data / "serve.log").open("wb") as log:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "ingest", "--data-dir", str(data), "serve"],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
-        try:
-            try:
-                _echo_ready(port)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{exc}: {(data / 'serve.log').read_text()[-1500:]}") from exc
+        with _serve(work) as (port, bport, child, _data):
             secs = _storescu(port, folder)
             last = time.perf_counter()
             rates[f"serve-{name}"] = (n / secs, _size(folder) / secs / 1e6)
@@ -186,26 +196,16 @@ def measure(
                     time.sleep(0.05)
                 visible = time.perf_counter() - last
                 rows.append(
-                    Row(
-                        "listener: peak RSS of ingest serve, CT series",
-                        rss,
-                        "MB",
-                        note="target <= 150 MB",
-                        status="pass" if rss <= 150 else "fail",
-                    )
+                    Row("listener: peak RSS of ingest serve, CT series", rss, "MB",
+                        note="target <= 150 MB", status="pass" if rss <= 150 else "fail")
                 )
                 rows.append(
-                    Row(
-                        "listener: last C-STORE response -> ImagingStudy readable",
-                        visible,
-                        "s",
-                        note="target <= release_grace_s (2) + 1 s",
-                        status="pass" if visible <= 3 else "fail",
-                    )
+                    Row("listener: last C-STORE response -> ImagingStudy readable", visible, "s",
+                        note="target <= release_grace_s (2) + 1 s", status="pass" if visible <= 3 else "fail")
                 )
-        finally:
-            child.send_signal(signal.SIGTERM)
-            child.wait(60)
+    with _serve(work) as (port, _bport, _child, _data):
+        secs = storescu_parallel(port, parts)
+        rates["serve-small4"] = (n_small / secs, _size(small) / secs / 1e6)
     if "ct2" in peaks and "ct" in peaks:
         growth = peaks["ct2"] - peaks["ct"]
         rows.append(
@@ -218,30 +218,69 @@ def measure(
                 status="pass" if growth <= 10 else "fail",
             )
         )
-    for name in ("small", "ct"):
+    for name, label, target in (
+        ("small", "small, 1 association", 0.8), ("ct", "CT 512 KB, 1 association", 0.9),
+        ("small4", "small, 4 associations", 0.9),
+    ):
         b_rate, b_mb = rates[f"bare-{name}"]
         s_rate, s_mb = rates[f"serve-{name}"]
         rows.append(
             Row(
-                f"listener: storescu -> ingest serve ({name})",
+                f"listener: storescu -> ingest serve ({label})",
                 s_rate,
                 "inst/s",
                 baseline=b_rate,
-                target=0.9,
-                note=f"{s_mb:.1f} MB/s vs bare {b_mb:.1f} MB/s",
+                target=target,
+                note=f"{s_mb:.1f} MB/s vs bare pynetdicom SCP {b_mb:.1f} MB/s",
             ).finish()
         )
+    if peers is not None:
+        rows += measure_peers(work, *peers)
+    return rows
+
+
+def measure_peers(work: Path, folder: Path, n: int) -> list[Row]:
+    """``folder`` (``n`` small instances) to ``ingest serve``, dcmtk ``storescp`` and Orthanc, each
+    sent by ``storescu`` with ``TCP_NODELAY=1`` and by a default ``storescu``; ratio rows."""
+    rate: dict[tuple[str, bool], float] = {}
+    for nodelay in (True, False):
+        with _serve(work) as (port, _bport, _child, _data):
+            rate["serve", nodelay] = n / storescu(port, folder, nodelay=nodelay)
+        port = _free_port()
+        with storescp(port, work):
+            rate["storescp", nodelay] = n / storescu(port, folder, nodelay=nodelay)
+        port, http = _free_ports(2)
+        with orthanc(port, http, work):
+            rate["orthanc", nodelay] = n / storescu(port, folder, nodelay=nodelay)
+    rows: list[Row] = []
+    for nodelay in (True, False):
+        sender = "storescu TCP_NODELAY=1" if nodelay else "storescu default"
+        for peer, target, what in (
+            ("orthanc", 1.0, "Orthanc (durable storage)"), ("storescp", 0.5, "dcmtk storescp (no fsync)"),
+        ):
+            rows.append(
+                Row(
+                    f"listener: {n} small, {sender}: ingest serve / {what}",
+                    rate["serve", nodelay],
+                    "inst/s",
+                    baseline=rate[peer, nodelay],
+                    target=target,
+                    note=f"{peer} {rate[peer, nodelay]:.0f} inst/s",
+                ).finish()
+            )
     return rows
 
 
 @benchmark("listener")
 def bench_listener(ctx: BenchContext) -> list[Row]:
-    """storescu -> bare pynetdicom SCP vs ``ingest serve`` (small corpus and CT series)."""
+    """storescu -> bare pynetdicom SCP vs ``ingest serve`` (small corpus, CT series, 4 associations),
+    and ``ingest serve`` vs dcmtk ``storescp`` and Orthanc (1,000 small instances)."""
     small = ctx.corpus("small", studies=30, files=ctx.scale(5000, 600))
     ct = ctx.corpus("ct400", studies=0, files=0, ct_series=ctx.scale(400, 80))
     ct2 = ctx.corpus("ct800", studies=0, files=0, ct_series=ctx.scale(800, 160))
+    thousand = ctx.corpus("small1000", studies=10, files=ctx.scale(1000, 300), seed=3)
     return measure(ctx.work, small.root, small.files, ct.root, ct.files, ct.study_uids[-1],
-                   ct2=(ct2.root, ct2.files))
+                   ct2=(ct2.root, ct2.files), peers=(thousand.root, thousand.files))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ globals.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -42,6 +43,8 @@ __all__ = [
     "TLSSettings",
     "WatchSettings",
     "load_settings",
+    "parse_duration",
+    "unsafe_commitment_retention",
 ]
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
@@ -58,15 +61,29 @@ def _check_ae(value: str) -> str:
 
 
 class CallingAE(_Section):
-    """A calling AE title allowed to send, optionally only from one host address."""
+    """A calling AE title allowed to send, optionally only from one host address.
+
+    ``host`` and ``port`` together are also where Storage Commitment reports for this AE go when they
+    cannot be sent on the requester's own association (``[listener.commitment]``).
+    """
 
     ae: str
     host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("ae")
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae(v)
+
+    @model_validator(mode="after")
+    def _port_needs_host(self) -> CallingAE:
+        if self.port is not None and self.host is None:
+            raise ValueError(
+                f"allowed_calling_aes entry {self.ae!r}: port (where Storage Commitment reports go) "
+                "needs host"
+            )
+        return self
 
 
 class TLSSettings(_Section):
@@ -90,6 +107,16 @@ class CommitmentSettings(_Section):
     """``[listener.commitment]``: the Storage Commitment Push Model SCP (docs/architecture.md)."""
 
     enabled: bool = True
+    # Most instances one N-ACTION may reference; more are refused with 0x0213 (resource limitation).
+    max_instances: int = Field(default=100_000, ge=1)
+    # A report that cannot be delivered is retried with exponential backoff and full jitter between
+    # retry_base_s and retry_max_s, and given up ("abandoned", shown by ingest status) give_up_after_s
+    # after the request arrived.
+    retry_base_s: float = Field(default=2.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+    give_up_after_s: float = Field(default=7 * 86400.0, gt=0)
+    # How often the sender looks for due reports (retries, other nodes' requests) besides being woken.
+    poll_interval_s: float = Field(default=1.0, gt=0)
 
 
 class ListenerSettings(_Section):
@@ -151,16 +178,118 @@ class IntakeSettings(_Section):
     """``[intake]``: what acceptance does with a new version of a stored instance (docs/architecture.md)."""
 
     on_conflict: Literal["quarantine", "replace"] = "quarantine"
+    # ImagingStudy.status of a study whose every instance an IOCM rejection removed, when not all of them
+    # were rejected for 113037 / 113038 (those always give "entered-in-error"): 113001 quality, 113039
+    # retention (docs/architecture.md "Study lifecycle")
+    all_rejected_status: Literal["cancelled", "entered-in-error", "unknown", "available"] = "cancelled"
 
 
 class SpoolSettings(_Section):
     """``[spool]``: how long accepted bytes are kept and the disk they may use (docs/architecture.md)."""
 
+    # Received instances of at most this many bytes are kept in the state store, in the transaction of
+    # their row (one durable write each); larger ones stream to spool files (docs/architecture.md).
+    inline_max_bytes: int = Field(default=1024**2, ge=0)
+    # Retention and the disk budget (ingest.intake.retention; docs/architecture.md "Retention and the
+    # disk budget"). retain: "forever", "until_pushed", or a duration ("30d") after the study's last push.
+    retain: str = "forever"
+    # Spool files plus in-row instance bytes may not pass max_bytes (None: no cap); the spool's file
+    # system keeps min_free_bytes free. An instance that would cross either is refused (0xA700).
+    max_bytes: int | None = Field(default=None, ge=0)
+    min_free_bytes: int = Field(default=64 * 1024**2, ge=0)
+    # A committed instance (Storage Commitment) is kept at least this long after its commitment.
+    commitment_hold: str = "30d"
+    # Quarantined inputs are removed this long after they were quarantined ("forever": never).
+    quarantine_retain: str = "forever"
+    retention_interval_s: float = Field(default=60.0, gt=0)
+    retention_batch: int = Field(default=200, ge=1)
+
+    @field_validator("retain")
+    @classmethod
+    def _retain(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in ("forever", "until_pushed"):
+            parse_duration(v, key="[spool] retain", extra='"forever", "until_pushed" or ')
+        return v
+
+    @field_validator("commitment_hold")
+    @classmethod
+    def _hold(cls, v: str) -> str:
+        parse_duration(v, key="[spool] commitment_hold")
+        return v.strip().lower()
+
+    @field_validator("quarantine_retain")
+    @classmethod
+    def _quarantine_retain(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v != "forever":
+            parse_duration(v, key="[spool] quarantine_retain", extra='"forever" or ')
+        return v
+
+    @property
+    def retain_after_push(self) -> timedelta | None:
+        """How long after its study's last push an instance's bytes are kept (``None``: forever)."""
+        if self.retain == "forever":
+            return None
+        return timedelta(0) if self.retain == "until_pushed" else parse_duration(self.retain)
+
+    @property
+    def hold(self) -> timedelta:
+        """``commitment_hold`` as a duration."""
+        return parse_duration(self.commitment_hold)
+
+    @property
+    def quarantine_retain_for(self) -> timedelta | None:
+        """``quarantine_retain`` as a duration (``None``: forever)."""
+        return None if self.quarantine_retain == "forever" else parse_duration(self.quarantine_retain)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")
+_DURATION_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, *, key: str = "duration", extra: str = "") -> timedelta:
+    """A duration written as a number and a unit: ``"45s"``, ``"90m"``, ``"12h"``, ``"30d"``, ``"2w"``.
+
+    Raises
+    ------
+    ValueError
+        When ``text`` is not such a duration; the message names ``key``.
+    """
+    match = _DURATION_RE.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"{key} {text!r} must be {extra}a duration: a number and s, m, h, d or w (e.g. \"30d\")"
+        )
+    return timedelta(seconds=float(match.group(1)) * _DURATION_UNIT[match.group(2)])
+
 
 class ProfileSettings(_Section):
-    """``[profile]``: the imaging profile written ImagingStudy resources follow (docs/mapping.md)."""
+    """``[profile]``: the imaging profile written ImagingStudy resources follow (docs/mapping.md
+    "Imaging profiles"), and what the profiles' manifest says about its creator."""
 
     name: Literal["base", "smart-imaging", "mado"] = "base"
+    # Local Namespace Entity ID (0040,0031) of an Issuer of Accession Number that is not a URI -> the
+    # Identifier.system URI the site uses for it (MADO requires an accession system).
+    issuer_systems: dict[str, str] = Field(default_factory=dict)
+    # The creator Device (ingest itself) and the Organization it acts for, in the manifest Bundle and,
+    # with write_linked, in the backend.
+    device_name: str = Field(default="ingest", min_length=1, max_length=200)
+    manufacturer: str | None = None
+    organization: str | None = None
+    # ingest serve / replay also find-or-create the Device (and Organization) in the backend and write a
+    # Provenance for every ImagingStudy they create or update.
+    write_linked: bool = False
+
+    @field_validator("issuer_systems")
+    @classmethod
+    def _issuer_uris(cls, v: dict[str, str]) -> dict[str, str]:
+        for local, system in v.items():
+            if not re.fullmatch(r"(urn:|https?://)\S+", system):
+                raise ValueError(
+                    f"[profile] issuer_systems: the system of {local!r} must be a urn: or http(s) URI"
+                )
+        return v
 
 
 class QuarantineSettings(_Section):
@@ -310,6 +439,26 @@ class PatientSettings(_Section):
 
 class EndpointSettings(_Section):
     wado_rs_url: str | None = None
+    # Calling AE title -> the WADO-RS base URL serving the series whose instances that AE sent (a series
+    # served elsewhere than the study; docs/mapping.md "Imaging profiles").
+    series_wado_rs_urls: dict[str, str] = Field(default_factory=dict)
+    # SMART Imaging Access: whether a client sends its SMART access token to these WADO-RS services.
+    requires_access_token: bool = True
+
+    @field_validator("series_wado_rs_urls")
+    @classmethod
+    def _series_wado_rs(cls, v: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for ae, url in v.items():
+            url = url.strip()
+            problem = _wado_rs_problem(url)
+            if problem:
+                shown = re.sub(r"//[^/@]*@", "//***@", url)  # never echo credentials
+                raise ValueError(
+                    f"[endpoint] series_wado_rs_urls {ae!r}: {shown!r} is not a WADO-RS base URL: {problem}"
+                )
+            out[ae.strip()] = url
+        return out
 
     @field_validator("wado_rs_url")
     @classmethod
@@ -381,6 +530,15 @@ class Settings(BaseSettings):
     profile: ProfileSettings = ProfileSettings()
     log: LogSettings = LogSettings()
 
+    @model_validator(mode="after")
+    def _commitment_kept(self) -> Settings:
+        # docs/architecture.md "Retention and the disk budget": no setting may remove a committed
+        # instance's bytes before [spool] commitment_hold (retention itself always waits for the hold)
+        problem = unsafe_commitment_retention(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -399,6 +557,40 @@ class Settings(BaseSettings):
         if url:
             data["state"]["url"] = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
         return data
+
+
+def unsafe_commitment_retention(settings: Settings) -> str | None:
+    """Why these settings could remove a committed instance's bytes before ``[spool] commitment_hold``,
+    or ``None`` (docs/architecture.md "Retention and the disk budget").
+
+    Retention never removes bytes under a hold (``instances.hold_until``), whatever ``retain`` says, so a
+    ``retain`` shorter than ``commitment_hold`` is safe. Unsafe are:
+
+    - a zero ``commitment_hold`` with commitment on and a ``retain`` other than ``forever``: a committed
+      instance's bytes could go as soon as its study is pushed;
+    - ``[intake] on_conflict = "replace"`` with commitment on and a ``quarantine_retain`` shorter than
+      ``commitment_hold``: a committed instance replaced by a newer version goes to the quarantine,
+      whose retention would remove it before the hold ends.
+    """
+    spool = settings.spool
+    if not settings.listener.commitment.enabled:
+        return None
+    if spool.retain != "forever" and spool.hold <= timedelta(0):
+        return (
+            f"[spool] commitment_hold {spool.commitment_hold!r} with [spool] retain {spool.retain!r} and "
+            "[listener.commitment] enabled: committed instances could be removed as soon as their study "
+            "is pushed; set commitment_hold to how long senders may rely on a commitment"
+        )
+    quarantine_for = spool.quarantine_retain_for
+    replacing = settings.intake.on_conflict == "replace"
+    if replacing and quarantine_for is not None and quarantine_for < spool.hold:
+        return (
+            f"[spool] quarantine_retain {spool.quarantine_retain!r} is shorter than [spool] commitment_hold "
+            f"{spool.commitment_hold!r} with [intake] on_conflict \"replace\" and [listener.commitment] "
+            "enabled: a committed instance replaced by a newer version would leave the quarantine before "
+            "its hold ends; make quarantine_retain at least commitment_hold"
+        )
+    return None
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

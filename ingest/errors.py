@@ -20,7 +20,8 @@ gql/aiohttp, the file system) into this tree, so the orchestrator only ever hand
     └── SinkError                    the backend failed
         ├── RetryableSinkError       connection refused, timeout, HTTP 5xx/429, 401 after token reload
         └── PermanentSinkError       GraphQL validation/execution errors, other 4xx
-            └── MultipleMatchesError two or more backend resources carry the study identifier
+            ├── MultipleMatchesError two or more backend resources carry the study identifier
+            └── ForeignContentError  the backend copy cannot be read or written back whole
 
 Messages name the rule, the tag and the UID or path; they never contain patient data.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 __all__ = [
     "ArchiveError",
     "ConfigError",
+    "ForeignContentError",
     "HeaderError",
     "InflateCapError",
     "IngestError",
@@ -143,3 +145,12 @@ class PermanentSinkError(SinkError):
 
 class MultipleMatchesError(PermanentSinkError):
     """Two or more backend resources carry the same study identifier; never guess."""
+
+
+class ForeignContentError(PermanentSinkError):
+    """The backend copy holds content the sink cannot read whole (``reason`` ``incomplete_read``) or
+    cannot send back whole (``unwritable_content``); writing would lose what another writer put there."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -40,7 +40,9 @@ class Metrics:
             "ingest_relay_queue_depth", "Studies with instances not yet pushed", registry=r
         )
         self.intake_depth = Gauge("ingest_intake_depth", "Instances waiting in the intake queue", registry=r)
-        self.spool_bytes = Gauge("ingest_spool_bytes", "Bytes held in the spool", registry=r)
+        self.spool_bytes = Gauge(
+            "ingest_spool_bytes", "Bytes of accepted instances held: spool files and in-row bytes", registry=r
+        )
         self.patient_fallbacks = Counter(
             "ingest_patient_fallbacks",
             "Patient lookups that fell back to a logical reference, by cause", ["cause"], registry=r,
@@ -53,6 +55,39 @@ class Metrics:
             "ingest_presentation_contexts_refused",
             "Presentation contexts the listener refused at association negotiation, by reason",
             ["reason"], registry=r,
+        )
+        # [spool] retention and the disk budget (ingest.intake.retention)
+        self.spool_refusals = Counter(
+            "ingest_spool_refusals",
+            "Instances refused before their bytes were written because the spool is full, by reason "
+            "(max_bytes, min_free_bytes)", ["reason"], registry=r,
+        )
+        self.spool_released = Counter(
+            "ingest_spool_released",
+            "Instances (or quarantined inputs) whose bytes were removed, by reason", ["reason"], registry=r,
+        )
+        self.spool_released_bytes = Counter(
+            "ingest_spool_released_bytes", "Bytes of accepted instances removed, by reason", ["reason"],
+            registry=r,
+        )
+        # Storage Commitment (ingest.sources.dimse.commitment)
+        self.commitments = Counter(
+            "ingest_commitments",
+            "Storage Commitment: requests (requested, repeated, refused) and reports (committed: every "
+            "instance; partial: some failed; retried; abandoned)", ["result"], registry=r,
+        )
+        self.commitments_pending = Gauge(
+            "ingest_commitments_pending", "Storage Commitment reports not yet delivered", registry=r
+        )
+
+        # study lifecycle (ingest.intake.admit, ingest reject): IOCM rejections and replaced versions
+        self.rejections = Counter(
+            "ingest_rejections", "IOCM rejections recorded (notes and ingest reject), by rejection code",
+            ["code"], registry=r,
+        )
+        self.instances_replaced = Counter(
+            "ingest_instances_replaced",
+            "Stored instances replaced by a newer version ([intake] on_conflict = \"replace\")", registry=r,
         )
 
     def render(self) -> bytes:

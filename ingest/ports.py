@@ -14,14 +14,24 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from ingest.core.admission import Verdict
+from ingest.core.lifecycle import Rejection
 from ingest.core.records import BackendStudy, InstanceRecord
 
 __all__ = [
     "AddOutcome",
     "Added",
     "BackendStudy",
+    "CommitmentAdded",
+    "CommitmentClaim",
+    "CommitmentReport",
+    "CommitmentRow",
     "CommitmentState",
+    "FileIdentity",
+    "FileIdentityState",
     "LifecycleState",
+    "Rejected",
+    "ReleasedBytes",
+    "Replaced",
     "RetentionState",
     "SeriesGroup",
     "Sink",
@@ -42,6 +52,10 @@ class Added:
     outcome: AddOutcome
     study_uid: str
     detail: str = ""  # for CONFLICT: which rule (``other_content`` / ``other_study``)
+    #: SOP Instance UIDs whose bytes an IOCM rejection says to remove (113037 / 113039), now that the rows
+    #: record it: the instances an added note rejects, or the added instance itself (ingest.core.lifecycle)
+    release: tuple[str, ...] = ()
+    release_reason: str = ""  # ``iocm:<code>``, the ``bytes_removed_reason`` of ``release``
 
 
 class StudyState(enum.Enum):
@@ -90,17 +104,258 @@ class LifecycleState(Protocol):
     """Durable state of a study's life after acceptance: IOCM rejections, replaced instances
     (``ingest.adapters.state.lifecycle``)."""
 
+    def reject(self, rejection: Rejection, *, now: datetime) -> Rejected:
+        """Record a rejection (``ingest reject``; notes record theirs as they are added). A new one makes
+        a stored study dirty and due at ``now``; one already recorded writes nothing."""
+        ...
+
+    def rejections(self, study_uid: str) -> list[Rejection]:
+        """The rejections recorded for a study (of its instances, series, or the whole study)."""
+        ...
+
+    def rejected_counts(self) -> dict[str, dict[str, int]]:
+        """Per study with rejected instances: how many are rejected, per rejection code."""
+        ...
+
+    def replaced_counts(self) -> dict[str, int]:
+        """Per study: how many of its instances were replaced by a newer version."""
+        ...
+
+    def replace_instance(
+        self,
+        record: InstanceRecord,
+        *,
+        source: str,
+        spool_name: str | None,
+        digest: str,
+        data: bytes | None,
+        now: datetime,
+        due_at: datetime,
+    ) -> Replaced | None:
+        """Replace the stored version of ``record.sop_uid`` (same study) with this one, and make the study
+        dirty and due at ``due_at``; ``None`` when no version of it is stored in that study."""
+        ...
+
+
+class CommitmentAdded(enum.Enum):
+    """What storing a Storage Commitment request did (``CommitmentState.add_commitment``)."""
+
+    NEW = "new"  # stored, due for a report now
+    REPEATED = "repeated"  # the same transaction again (same AE, same instances): its report is due again
+    CONFLICT = "conflict"  # the Transaction UID is taken by another AE or other instances: nothing written
+
+
+@dataclass(frozen=True)
+class CommitmentClaim:
+    """A pending Storage Commitment report handed to one sender (a lease in the store)."""
+
+    transaction_uid: str  # (0008,1195)
+    calling_ae: str  # the requester, whom the report goes to
+    received_at: datetime
+    attempts: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """The decided result of a request: what is committed, and what failed with which Failure Reason.
+
+    ``committed`` lists (SOP Class UID, SOP Instance UID) pairs; ``failed`` (SOP Class UID, SOP Instance
+    UID, Failure Reason (0008,1197)), each in request order. Decided once, then kept.
+    """
+
+    transaction_uid: str
+    calling_ae: str
+    committed: tuple[tuple[str, str], ...]
+    failed: tuple[tuple[str, str, int], ...]
+
+    @property
+    def event_type(self) -> int:
+        """N-EVENT-REPORT Event Type ID: 1 when every instance is committed, 2 when some failed."""
+        return 2 if self.failed else 1
+
+
+@dataclass(frozen=True)
+class CommitmentRow:
+    """A Storage Commitment request as ``ingest status`` shows it."""
+
+    transaction_uid: str
+    calling_ae: str
+    state: str  # pending / reported / abandoned
+    instances: int
+    committed: int | None  # None until decided
+    failed: int | None
+    attempts: int
+    received_at: datetime | None
+    next_attempt_at: datetime | None
+    reported_at: datetime | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """What :meth:`LifecycleState.reject` did.
+
+    Attributes
+    ----------
+    new:
+        ``False`` when the same rejection was already recorded (nothing written).
+    study_known:
+        Whether the study has instance rows (else the rejection waits for them).
+    release:
+        Stored instances it covers whose bytes are to be removed (113037 / 113039).
+    """
+
+    new: bool
+    study_known: bool
+    release: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """The version :meth:`LifecycleState.replace_instance` replaced.
+
+    Attributes
+    ----------
+    study_uid:
+        The study it belongs to.
+    old_digest:
+        Its content digest.
+    old_spool_name, old_data:
+        Where its bytes were: a spool file, or the bytes kept in the state store (deleted with it).
+    release_reason:
+        ``iocm:<code>`` when an IOCM rejection covering the instance says its (new) bytes go; else ``""``.
+    """
+
+    study_uid: str
+    old_digest: str
+    old_spool_name: str | None
+    old_data: bytes | None
+    release_reason: str = ""
+
 
 class CommitmentState(Protocol):
     """Storage Commitment requests, their results and pending reports
     (``ingest.adapters.state.commitments``)."""
 
+    def add_commitment(
+        self, transaction_uid: str, calling_ae: str, items: Sequence[tuple[str, str]], *, now: datetime
+    ) -> CommitmentAdded:
+        """Store a request (``items``: (SOP Class UID, SOP Instance UID) pairs); durable on return."""
+        ...
+
+    def claim_commitments(
+        self, now: datetime, limit: int, owner: str, lease_s: float
+    ) -> list[CommitmentClaim]:
+        """Claim up to ``limit`` pending reports that are due and not leased by another owner."""
+        ...
+
+    def decide_commitment(
+        self, transaction_uid: str, *, now: datetime, hold_until: datetime
+    ) -> CommitmentReport:
+        """The request's result, decided (and committed instances held until ``hold_until``) at the first
+        call, then the same result on every later one."""
+        ...
+
+    def commitment_reported(self, claim: CommitmentClaim, *, now: datetime) -> None:
+        """The report was delivered: the request is done and its lease released."""
+        ...
+
+    def commitment_retry(
+        self, claim: CommitmentClaim, *, error: str, next_attempt_at: datetime | None
+    ) -> None:
+        """Count a failed delivery; try again at ``next_attempt_at`` (``None``: give up, ``abandoned``)."""
+        ...
+
+    def commitments(self, state: str | None = None, limit: int = 100) -> list[CommitmentRow]:
+        """Requests (only those in ``state`` when given), newest first."""
+        ...
+
+    def commitment_counts(self) -> dict[str, int]:
+        """How many requests are in each state (states with none are left out)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReleasedBytes:
+    """One instance whose bytes :meth:`RetentionState.release_instance_bytes` marked removed.
+
+    Attributes
+    ----------
+    sop_uid:
+        Its SOP Instance UID.
+    spool_name:
+        The spool file that held its bytes, for the caller to unlink (``None``: kept in-row, or none).
+    in_row_bytes:
+        How many bytes of ``instance_bytes`` the same transaction deleted (0 for a spool file).
+    """
+
+    sop_uid: str
+    spool_name: str | None
+    in_row_bytes: int
+
 
 class RetentionState(Protocol):
-    """Which spooled bytes retention may remove; commitment holds (``ingest.adapters.state.retention``)."""
+    """Which spooled bytes retention may remove; commitment holds (``ingest.adapters.state.retention``).
+
+    An instance row stays when its bytes go: ``bytes_removed_at`` / ``bytes_removed_reason`` say when
+    and why, ``spool_name`` is cleared. ``hold_until`` (set by :meth:`hold_bytes`) keeps the bytes of a
+    committed instance from retention until then.
+    """
+
+    def release_instance_bytes(
+        self, sop_uids: Sequence[str], *, reason: str, now: datetime, unless_held_at: datetime | None = None
+    ) -> list[ReleasedBytes]:
+        """In one transaction: mark the rows of ``sop_uids`` whose bytes are still held as removed at
+        ``now`` for ``reason``, clear their ``spool_name`` and delete their in-row bytes; returns what
+        was marked (unknown or already released UIDs are skipped, and with ``unless_held_at`` those
+        whose commitment hold runs past it). The caller unlinks the files."""
+        ...
+
+    def releasable(
+        self, *, pushed_before: datetime, now: datetime, limit: int, node: str | None = None
+    ) -> list[str]:
+        """Up to ``limit`` SOP Instance UIDs whose bytes are held, whose study is pushed with nothing
+        newer (clean), last pushed at or before ``pushed_before``, and with no hold past ``now``
+        (``node``: only instances that node received; ``None``: any)."""
+        ...
+
+    def hold_bytes(self, sop_uids: Sequence[str], *, until: datetime) -> int:
+        """Keep these instances' bytes from retention until at least ``until`` (a later hold stays);
+        returns how many rows now hold until ``until`` or later."""
+        ...
 
 
-class StateStore(LifecycleState, CommitmentState, RetentionState, Protocol):
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file ``ingest replay`` read and whose instance the store holds (``ingest.adapters.state.files``).
+
+    ``path`` is absolute; ``size`` and ``mtime_ns`` are what ``os.stat`` said before the file was read;
+    ``digest`` is the instance's content digest (``instances.digest``) when it was admitted.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    digest: str
+    sop_uid: str
+    study_uid: str
+
+
+class FileIdentityState(Protocol):
+    """What replay remembers of the files it read, so an unchanged rerun reads none of them again."""
+
+    def unchanged_files(self, stats: Sequence[tuple[str, int, int]]) -> dict[str, str]:
+        """Of ``(path, size, mtime_ns)``, those recorded with that same size and mtime whose instance is
+        still held with the recorded digest: path -> Study Instance UID."""
+        ...
+
+    def remember_files(self, files: Sequence[FileIdentity]) -> None:
+        """Record (or replace) the identity of each file, in one transaction."""
+        ...
+
+
+class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentityState, Protocol):
     """Durable state: one row per accepted SOP instance, one row per study.
 
     Every method is synchronous and thread-safe; the orchestrator calls it from worker threads.
@@ -116,17 +371,39 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, Protocol):
         digest: str,
         now: datetime,
         due_at: datetime,
+        data: bytes | None = None,
     ) -> Added:
         """Insert an instance row and mark its study dirty and due at ``due_at``; durable on return.
 
+        ``data``: the Part 10 bytes, kept in the state store in the same transaction (no spool file).
         Raises ``StoreUnavailableError`` when it cannot commit (the caller answers "out of resources").
         """
         ...
 
     def add_instances(
-        self, items: Sequence[tuple[InstanceRecord, str, str | None, str]], *, now: datetime, due_at: datetime
+        self,
+        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        *,
+        now: datetime,
+        due_at: datetime,
+        inline: Sequence[bytes | None] | None = None,
     ) -> list[Added]:
-        """Batch form of :meth:`add_instance` for (record, source, spool_name, digest); one transaction."""
+        """Batch form of :meth:`add_instance` for (record, source, spool_name, digest); one transaction.
+
+        ``inline``: one entry per item, its bytes to keep in the state store with its row, or ``None``.
+        """
+        ...
+
+    def instance_bytes(self, sop_uid: str) -> bytes | None:
+        """The Part 10 bytes kept in the state store for an instance, or ``None`` (not kept in-row)."""
+        ...
+
+    def instance_spool_name(self, sop_uid: str) -> str | None:
+        """The spool file an instance's row records, or ``None`` (unknown, or its bytes are in-row)."""
+        ...
+
+    def inline_bytes_total(self) -> int:
+        """Bytes of instance data the state store holds (the disk budget counts them with the spool)."""
         ...
 
     def mark_due(self, study_uids: Iterable[str], due_at: datetime) -> None:
@@ -146,9 +423,23 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, Protocol):
     def instances(self, study_uid: str) -> list[InstanceRecord]: ...
 
     def mark_pushed(
-        self, claim: StudyClaim, *, backend_id: str, version_id: str | None, digest: str, now: datetime
+        self,
+        claim: StudyClaim,
+        *,
+        backend_id: str,
+        version_id: str | None,
+        digest: str,
+        now: datetime,
+        written: tuple[str, str | None] | None = None,
     ) -> None:
-        """Record a successful write (or an unchanged check); clears dirty unless instances came since."""
+        """Record a successful write (or an unchanged check); clears dirty unless instances came since.
+
+        ``written``: JSON of the ImagingStudy the mapping built and of the subject the written resource
+        carried, kept (same transaction) for the next merge."""
+        ...
+
+    def written(self, study_uid: str) -> tuple[str | None, str | None]:
+        """What :meth:`mark_pushed` kept of the last write (JSON texts), ``(None, None)`` if nothing."""
         ...
 
     def schedule_retry(self, claim: StudyClaim, *, error: str, next_attempt_at: datetime) -> None: ...

@@ -51,7 +51,6 @@ import itertools
 import os
 import struct
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -60,6 +59,7 @@ from pydicom._dicom_dict import DicomDictionary, RepeatersDictionary
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 
+from ingest.adapters.folders import ignored_name, iter_dicom_files  # (the folder walk, re-exported)
 from ingest.core.extract import extract_elements
 from ingest.core.records import InstanceRecord
 from ingest.core.tags import HEADER_TAGS
@@ -991,71 +991,3 @@ class _WindowScanner(_Scanner):
     @property
     def _item_head(self) -> struct.Struct:
         return _LE_ITEM if self.little else _BE_ITEM
-
-
-#: Names of files still being written (by a copy tool, a sender): never read (:func:`ignored_name`).
-_IN_PROGRESS_SUFFIXES: Final = (".part", ".tmp")
-
-
-def ignored_name(name: str) -> bool:
-    """Whether a file or folder named ``name`` is skipped by every reader of folders (the walk of
-    :func:`iter_dicom_files`, the drop-folder watcher): a dot-file or dot-folder, ``*.part``, ``*.tmp``."""
-    return name.startswith(".") or name.endswith(_IN_PROGRESS_SUFFIXES)
-
-
-def iter_dicom_files(root: Path) -> Iterator[Path]:
-    """Yield the candidate DICOM files under *root*, recursively, in sorted order.
-
-    Skips the names of :func:`ignored_name` (dot-files and dot-folders, ``*.part`` and ``*.tmp``), and
-    symbolic links whose target lies outside *root*; symlinked folders inside *root* are entered
-    once. A file given as *root* yields itself.
-
-    Parameters
-    ----------
-    root:
-        A folder or a file.
-
-    Yields
-    ------
-    Path
-        Paths of regular files (as found under *root*, not resolved).
-    """
-    if not root.is_dir():
-        if root.is_file():
-            yield root
-        return
-    real_root = root.resolve()
-    yield from _walk(root, real_root, {real_root})
-
-
-def _inside(path: Path, real_root: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(real_root)
-    except (OSError, RuntimeError):  # dangling or looping link
-        return False
-
-
-def _walk(folder: Path, real_root: Path, seen: set[Path]) -> Iterator[Path]:
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
-        return
-    for entry in entries:
-        name = entry.name
-        if ignored_name(name):
-            continue
-        path = folder / name
-        is_link = entry.is_symlink()
-        if is_link and not _inside(path, real_root):
-            continue
-        try:
-            if entry.is_dir():  # follows links; those are inside the root by now
-                real = path.resolve()
-                if real in seen:
-                    continue
-                seen.add(real)
-                yield from _walk(path, real_root, seen)
-            elif entry.is_file():
-                yield path
-        except OSError:
-            continue

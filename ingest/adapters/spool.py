@@ -6,6 +6,10 @@ crash a file is either complete under its final name or absent. Names are random
 derived from DICOM values or AE titles, and every path handed out is checked to stay under the root
 (``docs/reliability.md``, Security). Folders are created ``0700`` and files ``0600``.
 
+Small received instances are not spool files: their bytes are committed in the state store with their
+row (``instance_bytes``, ``[spool] inline_max_bytes``); :func:`read_instance` reads an accepted instance's
+bytes wherever they are kept.
+
 The quarantine is bounded: it holds at most ``max_bytes`` (``[quarantine] max_bytes``, 1 GiB by
 default) of kept bytes. Past that, and for any input refused for its size, only the side file is written
 (``"kept": false`` and why); side files themselves are small and always written.
@@ -33,10 +37,11 @@ from types import TracebackType
 from typing import Final, Self
 
 from ingest.errors import StoreUnavailableError
+from ingest.ports import StateStore
 
 __all__ = [
     "DEFAULT_QUARANTINE_BYTES", "Quarantine", "QuotaExceededError", "Spool", "SpoolFile", "SpoolWriter",
-    "fsync_dir",
+    "fsync_dir", "read_instance",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -613,6 +618,42 @@ class Quarantine(_PrivateFolder):
                 f"cannot read a side file in quarantine {self.root}: {_describe(exc)}"
             ) from exc
         return loaded
+
+
+def read_instance(store: StateStore, spool: Spool | None, sop_uid: str) -> bytes | None:
+    """The Part 10 bytes of an accepted instance: in-row (``instance_bytes``) or its spool file.
+
+    Parameters
+    ----------
+    store:
+        The state store holding its row (and its bytes, for a small instance).
+    spool:
+        The spool folder its row's ``spool_name`` is in (``None``: in-row bytes only).
+    sop_uid:
+        Its SOP Instance UID.
+
+    Returns
+    -------
+    bytes or None
+        ``None`` when the instance is unknown or its bytes are kept nowhere any more (released).
+
+    Raises
+    ------
+    StoreUnavailableError
+        When the store or the spool file cannot be read.
+    """
+    data = store.instance_bytes(sop_uid)
+    if data is not None:
+        return data
+    name = store.instance_spool_name(sop_uid)
+    if name is None or spool is None:
+        return None
+    try:
+        return spool.path(name).read_bytes()
+    except FileNotFoundError:  # released by retention since the row was read
+        return None
+    except OSError as exc:
+        raise StoreUnavailableError(f"cannot read a file of spool {spool.root}: {_describe(exc)}") from exc
 
 
 def _read_chunks(path: Path) -> Iterator[bytes]:

@@ -1,4 +1,4 @@
-"""Command line: ``ingest serve | replay | status | retry | backend``.
+"""Command line: ``ingest serve | replay | status | retry | reject | backend``.
 
 Exit codes (all commands):
 
@@ -24,7 +24,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
-from ingest import __version__
 from ingest.config import Settings, load_settings
 from ingest.errors import ConfigError, IngestError
 from ingest.exitcodes import ExitCode
@@ -37,6 +36,16 @@ LOGGER = logging.getLogger("ingest.app.cli")
 _DEFAULT_CONFIG = Path("config/ingest.toml")
 
 
+class _Version(argparse.Action):
+    """``--version``: reads the installed version only when asked (importlib.metadata is slow to import)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from ingest import __version__
+
+        sys.stdout.write(f"ingest {__version__}\n")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ingest",
@@ -44,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("Exit codes", 1)[1].join(["Exit codes", ""]) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"ingest {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     parser.add_argument(
         "--config", type=Path, default=None,
         help=f"settings file (default: {_DEFAULT_CONFIG} if it exists, else built-in defaults)",
@@ -71,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the ImagingStudy JSON (NDJSON) instead of writing"
     )
     p.add_argument("--pretty", action="store_true", help="with --dry-run: indented JSON")
+    p.add_argument("--bundle", choices=("plain", "mado"), default=None,
+                   help="with --dry-run: print each study as a FHIR collection Bundle (ImagingStudy, "
+                   "Patient, Endpoints; mado: also the creator Device and a Provenance)")
     p.add_argument(
         "--jobs", "-j", type=int, default=os.cpu_count() or 1, help="header-parsing processes"
     )
@@ -104,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true")
     p.add_argument("--now", action="store_true", help="push them now instead of leaving it to `ingest serve`")
     p.set_defaults(func=_cmd_retry)
+
+    p = sub.add_parser("reject", help="reject instances, a series or a study (IOCM, without a KOS)")
+    p.add_argument("--study", metavar="UID", required=True)
+    p.add_argument("--series", metavar="UID", default=None)
+    p.add_argument("--instance", metavar="UID", default=None, help="one SOP Instance UID")
+    p.add_argument("--code", required=True, metavar="CODE",
+                   help="113001 quality, 113037 patient safety, 113038 worklist entry, 113039 retention")
+    p.add_argument("--now", action="store_true",
+                   help="write the study now instead of leaving it to `ingest serve`")
+    p.set_defaults(func=_cmd_reject)
 
     p = sub.add_parser("backend", help="run the embedded FHIR GraphQL backend alone")
     p.add_argument("--host", default=None)
@@ -192,10 +214,14 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         paths=list(args.paths),
         dry_run=args.dry_run,
         pretty=args.pretty,
+        bundle=args.bundle,
         jobs=max(1, args.jobs),
         studies=frozenset(args.study),
         since=args.since,
     )
+    if args.bundle and not args.dry_run:
+        print("ingest replay: --bundle needs --dry-run", file=sys.stderr)
+        return int(ExitCode.FATAL)
     summary = await run_replay(settings, opts, stdout=sys.stdout, stderr=sys.stderr)
     if args.json:
         print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr if args.dry_run else sys.stdout)
@@ -208,6 +234,13 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.status import run_status
 
     return await run_status(settings, state=args.state, as_json=args.json)
+
+
+async def _cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.reject import run_reject
+
+    return await run_reject(settings, study=args.study, series=args.series, instance=args.instance,
+                            code=args.code, push_now=args.now)
 
 
 async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:

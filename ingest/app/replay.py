@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,14 +21,12 @@ from ingest.core.datetimes import parse_da
 from ingest.core.records import InstanceRecord
 from ingest.errors import ArchiveError
 from ingest.exitcodes import ExitCode
-from ingest.intake.admit import Admission, Candidate
 from ingest.logs import printable
-from ingest.ports import AddOutcome, StateStore
+from ingest.ports import AddOutcome, FileIdentity, StateStore, StudyState
 from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
 
 if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed, after parsing has started
     from ingest.adapters.graphql.sink import GraphQLSink
-    from ingest.relay.build import StudyBuilder
 
 __all__ = ["ReplayOptions", "ReplaySummary", "run_replay"]
 
@@ -41,6 +40,7 @@ class ReplayOptions:
     paths: list[Path]
     dry_run: bool = False
     pretty: bool = False
+    bundle: str | None = None  # --bundle plain|mado (with dry_run): a FHIR Bundle per study
     jobs: int = 1
     studies: frozenset[str] = frozenset()
     since: date | None = None
@@ -49,6 +49,7 @@ class ReplayOptions:
 @dataclass
 class ReplaySummary:
     files: int = 0
+    unchanged_files: int = 0  # files known from an earlier replay (same path, size, mtime): not read again
     accepted: int = 0
     duplicate: int = 0
     filtered: int = 0
@@ -59,6 +60,7 @@ class ReplaySummary:
     def as_dict(self) -> dict[str, Any]:
         return {
             "files": self.files,
+            "files_unchanged": self.unchanged_files,
             "instances": {
                 "accepted": self.accepted,
                 "duplicate": self.duplicate,
@@ -73,7 +75,9 @@ class ReplaySummary:
         }
 
     def rows(self) -> list[tuple[str, Any]]:
-        rows: list[tuple[str, Any]] = [("files read", self.files)]
+        rows: list[tuple[str, Any]] = [("files read", self.files - self.unchanged_files)]
+        if self.unchanged_files:
+            rows.append(("files unchanged (not read again)", self.unchanged_files))
         for k in ("created", "updated", "unchanged", "dead", "printed"):
             if self.studies.get(k) or k in ("created", "updated", "unchanged", "dead"):
                 rows.append((f"studies {k}", self.studies.get(k, 0)))
@@ -158,6 +162,61 @@ def _items(opts: ReplayOptions) -> Iterator[Item]:
             yield from expand_paths([path])
 
 
+# Files stat-ed and looked up in the state store per query (replay's unchanged reruns).
+_KNOWN_CHUNK = 256
+# A file modified this recently is not remembered: a write within the same mtime tick as our stat could
+# otherwise go unnoticed by the next run (it re-reads the file instead).
+_RACY_NS = 2_000_000_000
+
+
+def _skip_known(
+    items: Iterator[Item], store: StateStore, opts: ReplayOptions, summary: ReplaySummary, known: set[str]
+) -> Iterator[Item]:
+    """``items`` less the files an earlier replay read and whose instance the store still holds unchanged
+    (same absolute path, size and mtime; same digest in the instance row): those are counted as
+    unchanged duplicates and their studies added to ``known``. The others get :attr:`Item.stat`, so
+    they are remembered once admitted."""
+    pending: list[Item] = []
+
+    def flush() -> Iterator[Item]:
+        stats: list[tuple[str, int, int]] = []
+        for item in pending:
+            assert item.path is not None
+            try:
+                info = os.stat(item.path)
+            except OSError:
+                stats.append(("", 0, 0))  # parsing reports it (unreadable)
+                continue
+            stats.append((os.path.abspath(item.path), info.st_size, info.st_mtime_ns))
+        found = store.unchanged_files([ident for ident in stats if ident[0]])
+        now_ns = time.time_ns()
+        for item, ident in zip(pending, stats, strict=True):
+            study_uid = found.get(ident[0]) if ident[0] else None
+            if study_uid is None:
+                fresh = bool(ident[0]) and now_ns - ident[2] >= _RACY_NS
+                yield Item(item.label, path=item.path, stat=ident) if fresh else item
+            elif opts.studies and study_uid not in opts.studies:
+                summary.files += 1
+                summary.unchanged_files += 1
+                summary.filtered += 1
+            else:
+                summary.files += 1
+                summary.unchanged_files += 1
+                summary.duplicate += 1
+                known.add(study_uid)
+        pending.clear()
+
+    for item in items:
+        if item.path is None or item.rejection is not None:
+            yield from flush()
+            yield item
+            continue
+        pending.append(item)
+        if len(pending) >= _KNOWN_CHUNK:
+            yield from flush()
+    yield from flush()
+
+
 def _report_rejected(r: Rejected, stderr: TextIO) -> None:
     # file and member names, and messages quoting them, are untrusted: one escaped line per input
     print(f"rejected: {printable(r.label)}: {printable(r.reason)}: {printable(r.message)}", file=stderr)
@@ -190,21 +249,17 @@ def _dry_run(
     owner: dict[str, str] = {}  # SOP Instance UID -> Study Instance UID
     last_seen: dict[str, int] = {}  # Study Instance UID -> files read when it last grew (unmapped ones)
     mapped: dict[str, tuple[int, str]] = {}  # Study Instance UID -> (instances, JSON) when mapped
-    builder: StudyBuilder | None = None
 
     def to_json(uid: str) -> str:
-        nonlocal builder
-        if builder is None:
-            from ingest.app.wiring import mapping_options
-            from ingest.relay.build import StudyBuilder
-
-            builder = StudyBuilder(mapping_options(settings, endpoint_reference=None))
         records = [rec for _, rec in studies[uid].values()]
-        study = builder(records)
-        if settings.mapping.narrative:  # what a first push would write (docs/mapping.md "Narrative")
-            from ingest.core.narrative import narrative
+        if opts.bundle in ("plain", "mado"):  # docs/mapping.md "Imaging profiles"
+            from ingest.app.bundle import study_bundle
 
-            study["text"] = narrative(study)
+            study = study_bundle(settings, records, "mado" if opts.bundle == "mado" else "plain")
+        else:
+            from ingest.app.bundle import dry_run_study
+
+            study = dry_run_study(settings, records)
         return json.dumps(study, ensure_ascii=False, indent=2 if opts.pretty else None)
 
     # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
@@ -275,21 +330,30 @@ def _store_batch(
     store: StateStore, batch: list[Parsed], settings: Settings, summary: ReplaySummary, stderr: TextIO,
     touched: set[str],
 ) -> None:
+    from ingest.intake.admit import Admission, Candidate  # (not needed by a rerun that reads no file)
+
     # no spool (the input files stay where they are), no quarantine, nothing to wake: the relay drains
     # what the input touched once it is read
     admission = Admission(store, spool=None, quarantine=None, metrics=None,
-                          stable_age_s=settings.relay.stable_age_s, wake=_no_wake, label="replay")
+                          stable_age_s=settings.relay.stable_age_s, wake=_no_wake, label="replay",
+                          on_conflict=settings.intake.on_conflict)
     results = admission.admit([Candidate(p.record, p.digest, f"file:{p.label}") for p in batch])
+    remember: list[FileIdentity] = []
     for parsed, admitted in zip(batch, results, strict=True):
         touched.add(parsed.record.study_uid)
-        if admitted.outcome is AddOutcome.ADDED:
-            summary.accepted += 1
-        elif admitted.outcome is AddOutcome.DUPLICATE:
-            summary.duplicate += 1
+        if admitted.outcome in (AddOutcome.ADDED, AddOutcome.DUPLICATE):
+            if admitted.outcome is AddOutcome.ADDED:
+                summary.accepted += 1
+            else:
+                summary.duplicate += 1
+            if parsed.stat is not None:  # held now with this digest: a rerun need not read it again
+                rec = parsed.record
+                remember.append(FileIdentity(*parsed.stat, parsed.digest, rec.sop_uid, rec.study_uid))
         else:
             summary.rejected["conflict"] += 1
             _report_rejected(Rejected(parsed.label, "conflict",
                                       f"SOP Instance UID {parsed.record.sop_uid}: {admitted.rule}"), stderr)
+    store.remember_files(remember)
 
 
 def _no_wake() -> None:
@@ -328,32 +392,39 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
 
     store = open_store(settings)
     touched: set[str] = set()
+    known: set[str] = set()  # studies of files not read again (unchanged since an earlier replay)
     loop = asyncio.get_running_loop()
     reading = asyncio.Event()  # set once the first parsed file is back (the worker processes exist)
     try:
         def read_all() -> None:
             batch: list[Parsed] = []
-            try:
-                with _Progress(stderr, summary) as progress:
-                    for result in parse_items(_items(opts), jobs=opts.jobs):
-                        if not summary.files:
-                            loop.call_soon_threadsafe(reading.set)
-                        summary.files += 1
-                        if isinstance(result, Rejected):
-                            summary.rejected[result.reason] += 1
-                            _report_rejected(result, stderr)
-                        elif not _wanted(result.record, opts):
-                            summary.filtered += 1
-                        else:
-                            batch.append(result)
-                            if len(batch) >= _STORE_BATCH:
-                                _store_batch(store, batch, settings, summary, stderr, touched)
-                                batch = []
-                        progress.update(len(touched))
-                    if batch:
-                        _store_batch(store, batch, settings, summary, stderr, touched)
-            finally:
-                loop.call_soon_threadsafe(reading.set)
+            items = _items(opts)
+            if opts.since is None:  # --since needs each file's Study Date: every file is read then
+                items = _skip_known(items, store, opts, summary, known)
+            with _Progress(stderr, summary) as progress:
+                for n, result in enumerate(parse_items(items, jobs=opts.jobs)):
+                    if not n:
+                        loop.call_soon_threadsafe(reading.set)
+                    summary.files += 1
+                    if isinstance(result, Rejected):
+                        summary.rejected[result.reason] += 1
+                        _report_rejected(result, stderr)
+                    elif not _wanted(result.record, opts):
+                        summary.filtered += 1
+                    else:
+                        batch.append(result)
+                        if len(batch) >= _STORE_BATCH:
+                            _store_batch(store, batch, settings, summary, stderr, touched)
+                            batch = []
+                    progress.update(len(touched))
+                if batch:
+                    _store_batch(store, batch, settings, summary, stderr, touched)
+                progress.update(len(touched))
+            # a study all of whose files were unchanged needs the relay only if it is not pushed clean
+            for uid in sorted(known - touched):
+                row = store.study(uid)
+                if row is None or row.state is not StudyState.PUSHED or row.dirty:
+                    touched.add(uid)
 
         async with contextlib.AsyncExitStack() as stack:
             # the backend and the sink's connection (introspection, fitted documents) are prepared on the
@@ -364,17 +435,23 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
             except BaseException:
                 await _abandon(early)
                 raise
-            if not touched:
+            if not touched:  # nothing new, nothing pending: no backend, no mapping, nothing imported
                 await _abandon(early)
+                if summary.unchanged_files:
+                    LOGGER.info("replay: %d unchanged files, every study already pushed: nothing to do",
+                                summary.unchanged_files)
+                summary.studies["unchanged"] += len(known)
                 return
+            reading.set()  # (already set when a file was parsed)
             sink = await early
-            await _drain(settings, store, sink, touched, summary)
+            await _drain(settings, store, sink, touched, known, summary)
     finally:
         store.close()
 
 
 async def _drain(
-    settings: Settings, store: StateStore, sink: GraphQLSink, touched: set[str], summary: ReplaySummary
+    settings: Settings, store: StateStore, sink: GraphQLSink, touched: set[str], known: set[str],
+    summary: ReplaySummary,
 ) -> None:
     """Push every study the input touched (the sink connects with backoff first, if it has not yet)."""
     from ingest.app.wiring import connect_with_backoff, wired_relay
@@ -387,4 +464,4 @@ async def _drain(
     # Studies this input carried that needed no push at all (already pushed, nothing new) are
     # unchanged too; the relay only counts the ones it had to check against the backend.
     pushed = sum(summary.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead"))
-    summary.studies["unchanged"] += max(0, len(touched) - pushed)
+    summary.studies["unchanged"] += max(0, len(touched | known) - pushed)

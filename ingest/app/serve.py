@@ -6,9 +6,10 @@ backoff and no attempt limit, wires ``[endpoint]`` / ``[patient]``, and only the
 whatever arrives meanwhile stays pending and is pushed once the backend answers.
 
 ``/healthz`` computes each part's state when it is asked (see :class:`Health`): HTTP 503 when intake
-cannot accept (listener or watcher down, disk below ``[admin] min_free_bytes``, data dir not writable,
-state store unreachable); HTTP 200 with status ``degraded`` when intake accepts but the backend or the
-relay is not well (studies wait as pending); HTTP 200 with status ``ok`` otherwise.
+cannot accept (listener or watcher down, disk below ``[admin] min_free_bytes``, spool full by ``[spool]
+max_bytes`` / ``min_free_bytes``, data dir not writable, state store unreachable); HTTP 200 with
+status ``degraded`` when intake accepts but the backend or the relay is not well (studies wait as
+pending); HTTP 200 with status ``ok`` otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from ingest.app.wiring import open_store, relay_before_backend, start_sink, toke
 from ingest.config import Settings
 from ingest.errors import StoreError
 from ingest.exitcodes import ExitCode
+from ingest.intake.admit import utcnow
+from ingest.intake.retention import DiskBudget, open_retention, run_retention
 from ingest.intake.sweep import sweep_at_start
 from ingest.metrics import Metrics
 from ingest.ports import StateStore, StudyState
@@ -45,7 +48,7 @@ _PROBE_UID = "2.25.0"
 #: Probe files start like the spool's temporary files, so a crash leftover is swept with them.
 _PROBE_PREFIX = ".tmp-healthz-"
 #: Parts that decide whether intake can accept (503 when one of them is not "ok").
-_INTAKE_PARTS = ("listener", "watcher", "disk", "data_dir", "store")
+_INTAKE_PARTS = ("listener", "watcher", "disk", "spool", "data_dir", "store")
 
 
 class Health:
@@ -70,6 +73,8 @@ class Health:
         The running listener, once started.
     watcher, relay:
         The watcher's and the relay's tasks, once started.
+    budget:
+        The spool's disk budget (the ``spool`` part: ``full: ...`` while nothing more fits), once made.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class Health:
         self.expect_watcher = settings.watch.folder is not None
         self.check_timeout_s = check_timeout_s
         self.listener: Any = None
+        self.budget: DiskBudget | None = None  # [spool] max_bytes / min_free_bytes (the ``spool`` part)
         self.watcher: asyncio.Task[Any] | None = None
         self.relay: asyncio.Task[Any] | None = None
 
@@ -118,6 +124,8 @@ class Health:
         if self.expect_watcher:
             parts["watcher"] = _task_state(self.watcher)
         parts["disk"] = disk
+        if self.budget is not None:
+            parts["spool"] = await self._bounded(self.budget.describe, late)
         parts["data_dir"] = data_dir
         parts["store"] = store
         parts["relay"] = _task_state(self.relay)
@@ -244,12 +252,15 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         # crash leftovers (before any listener/watcher writes): spool files no instance row points at,
         # and temporary files (of any age when this process holds the lock: a kill -9 during a receive)
         await asyncio.to_thread(sweep_at_start, settings.data_dir, store, owns_data_dir=owner.held)
+        # [spool]: the one spool of this process (a running total of its bytes) and its retention
+        budget, retention = await asyncio.to_thread(open_retention, settings, store, metrics=metrics)
         async with contextlib.AsyncExitStack() as stack:
             # the embedded backend (when no URL is set) starts here; nothing talks to a backend yet
             sink = await start_sink(settings, stack)
             # [endpoint] / [patient] are wired by the relay task once the backend answers
             relay = relay_before_backend(settings, store, sink, metrics=metrics)
             health = Health(settings, store, relay.backend)
+            health.budget = budget
 
             if settings.admin.enabled:
                 from ingest.app.admin import mount_status  # the status page at / (README "Status page")
@@ -269,23 +280,32 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             if settings.listener.enabled:
                 from ingest.sources.dimse.listener import start_listener
 
-                listener = await start_listener(settings, store, relay.wake, metrics)
+                listener = await start_listener(settings, store, relay.wake, metrics, budget=budget)
                 stack.push_async_callback(listener.aclose)
                 health.listener = listener
             if settings.watch.folder is not None:
                 from ingest.sources.dropfolder import run_watcher
 
-                watcher = asyncio.create_task(run_watcher(settings, store, relay.wake, metrics, stop))
+                watcher = asyncio.create_task(
+                    run_watcher(settings, store, relay.wake, metrics, stop, budget=budget)
+                )
                 watcher.add_done_callback(_log_if_failed("the watcher"))
                 tasks.append(watcher)
                 health.watcher = watcher
 
             relay_task = asyncio.create_task(run_relay(
-                relay, sink.connect, functools.partial(wire_links, settings, sink, metrics=metrics), stop,
+                relay, sink.connect,
+                functools.partial(wire_links, settings, sink, metrics=metrics, store=store), stop,
                 token_configured=token_configured(settings),
             ))
             relay_task.add_done_callback(_log_if_failed("the relay"))
             health.relay = relay_task
+            if retention.active:  # [spool] retain / quarantine_retain, in the background
+                retention_task = asyncio.create_task(run_retention(
+                    retention, stop, interval_s=settings.spool.retention_interval_s, clock=utcnow
+                ))
+                retention_task.add_done_callback(_log_if_failed("spool retention"))
+                tasks.append(retention_task)
             LOGGER.info("ingest serve running (node %s); SIGTERM or Ctrl-C stops it", relay.node)
             await stop.wait()
             LOGGER.info("stopping: no new associations, finishing in-flight work")

@@ -16,7 +16,7 @@ from ingest.app.wiring import open_store
 from ingest.config import Settings
 from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe
-from ingest.ports import StudyRow, StudyState
+from ingest.ports import CommitmentRow, StudyRow, StudyState
 
 __all__ = ["node_summary", "run_status"]
 
@@ -27,6 +27,10 @@ async def run_status(settings: Settings, *, state: str | None = None, as_json: b
     store = open_store(settings)
     try:
         rows = store.studies(StudyState(state) if state else None)
+        rejected = store.rejected_counts()  # IOCM rejections per study and code (ingest.core.lifecycle)
+        # Storage Commitment: requests per state, and the reports not delivered yet (README)
+        commitment_counts = store.commitment_counts()
+        undelivered = store.commitments("pending") + store.commitments("abandoned")
     finally:
         store.close()
     counts = Counter(r.state.value for r in rows)
@@ -36,10 +40,15 @@ async def run_status(settings: Settings, *, state: str | None = None, as_json: b
         print(json.dumps({
             "counts": {s.value: counts.get(s.value, 0) for s in StudyState},
             "nodes": nodes,
+            "commitments": {
+                "counts": commitment_counts,
+                "undelivered": [_commitment_json(c) for c in undelivered],
+            },
             "studies": [
                 {
                     "study_uid": r.study_uid, "state": r.state.value, "reason": r.dead_reason,
                     "instances": r.instances,
+                    "rejected": rejected.get(r.study_uid, {}),
                     "dirty": r.dirty, "attempts": r.attempts, "backend_id": r.backend_id,
                     "version_id": r.version_id, "last_error": r.last_error,
                     "next_attempt_at": r.next_attempt_at.isoformat() if r.next_attempt_at else None,
@@ -57,8 +66,8 @@ async def run_status(settings: Settings, *, state: str | None = None, as_json: b
 
     table = Table(title=f"ingest status — {sum(counts.values())} studies "
                   + ", ".join(f"{s.value} {counts.get(s.value, 0)}" for s in StudyState))
-    for col in ("Study Instance UID", "state", "instances", "attempts", "node (lease)", "backend id",
-                "last error"):
+    for col in ("Study Instance UID", "state", "instances", "rejected", "attempts", "node (lease)",
+                "backend id", "last error"):
         table.add_column(col)
     for r in rows:
         holder = ""
@@ -66,7 +75,8 @@ async def run_status(settings: Settings, *, state: str | None = None, as_json: b
             holder = r.lease_owner + ("" if _lease_active(r, now) else " (expired)")
         # untrusted text (backend messages, node names): escaped, and rich markup in it shown as is
         table.add_row(markup_safe(r.study_uid), r.state.value + (" (dirty)" if r.dirty else ""),
-                      str(r.instances), str(r.attempts), markup_safe(holder), markup_safe(r.backend_id or ""),
+                      str(r.instances), _rejected_text(rejected.get(r.study_uid, {})), str(r.attempts),
+                      markup_safe(holder), markup_safe(r.backend_id or ""),
                       markup_safe((r.last_error or "")[:120]))
     console = Console()
     console.print(table)
@@ -78,7 +88,36 @@ async def run_status(settings: Settings, *, state: str | None = None, as_json: b
             per_node.add_row(markup_safe(n["node"]), str(n["active_leases"]), str(n["expired_leases"]),
                              n["lease_ends"] or "")
         console.print(per_node)
+    if commitment_counts:
+        pending = Table(title="Storage Commitment — " + ", ".join(
+            f"{k} {v}" for k, v in sorted(commitment_counts.items())))
+        for col in ("Transaction UID", "requester", "state", "instances", "attempts", "next attempt",
+                    "last error"):
+            pending.add_column(col)
+        for c in undelivered:
+            pending.add_row(markup_safe(c.transaction_uid), markup_safe(c.calling_ae), c.state,
+                            str(c.instances), str(c.attempts),
+                            c.next_attempt_at.isoformat() if c.next_attempt_at else "",
+                            markup_safe((c.last_error or "")[:120]))
+        console.print(pending)
     return ExitCode.OK
+
+
+def _commitment_json(c: CommitmentRow) -> dict[str, Any]:
+    return {
+        "transaction_uid": c.transaction_uid, "calling_ae": c.calling_ae, "state": c.state,
+        "instances": c.instances, "committed": c.committed, "failed": c.failed, "attempts": c.attempts,
+        "received_at": c.received_at.isoformat() if c.received_at else None,
+        "next_attempt_at": c.next_attempt_at.isoformat() if c.next_attempt_at else None,
+        "last_error": c.last_error,
+    }
+
+
+def _rejected_text(codes: dict[str, int]) -> str:
+    """``3 (113001: 2, 113037: 1)``: rejected instances, per rejection code; ``""`` for none."""
+    if not codes:
+        return ""
+    return f"{sum(codes.values())} (" + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + ")"
 
 
 def _lease_active(row: StudyRow, now: datetime) -> bool:

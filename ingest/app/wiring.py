@@ -19,7 +19,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ingest.config import Settings
 from ingest.errors import ConfigError
@@ -47,6 +47,7 @@ __all__ = [
     "token_configured",
     "wire_links",
     "wired_relay",
+    "with_provenance",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -95,8 +96,11 @@ async def start_sink(
         Connect it with :func:`connect_with_backoff`.
     """
     from ingest.adapters.graphql.fit import load_schema_file
+    from ingest.adapters.graphql.fitcache import use_dir
     from ingest.adapters.graphql.sink import GraphQLSink
     from ingest.adapters.graphql.token import TokenSource
+
+    use_dir(settings.data_dir)  # fitted documents kept per backend schema (docs/architecture.md "Replay")
 
     url = settings.backend.url
     schema: str | None = None
@@ -206,13 +210,17 @@ def mapping_options(settings: Settings, endpoint_reference: str | None = None) -
         patient_default_system=settings.patient.default_system or None,
         endpoint_reference=endpoint_reference,
         narrative=settings.mapping.narrative,
+        issuer_systems=dict(settings.profile.issuer_systems),
     )
 
 
 async def wire_links(
-    settings: Settings, sink: LinkedSink, *, metrics: Metrics | None = None
+    settings: Settings, sink: LinkedSink, *, metrics: Metrics | None = None, store: StateStore | None = None
 ) -> tuple[Build, Link | None]:
     """Resolve ``[endpoint]`` and build the ``[patient]`` resolver over the connected ``sink``.
+
+    ``[profile]``: checked against ``[endpoint]`` / ``[mapping]`` (``ConfigError``), applied by the link
+    step; ``store`` gives the calling AE titles of each series for ``[endpoint] series_wado_rs_urls``.
 
     Returns
     -------
@@ -221,10 +229,43 @@ async def wire_links(
         ``[patient] mode = "logical"``), for ``Relay(build, link=...)`` or :meth:`Relay.use_links`.
     """
     from ingest.relay.build import StudyBuilder
-    from ingest.relay.links import prepare_links
+    from ingest.relay.links import check_profile, prepare_links
 
-    links = await prepare_links(settings.patient, settings.endpoint, sink, metrics=metrics)
-    return StudyBuilder(mapping_options(settings, endpoint_reference=links.endpoint_reference)), links.link
+    check_profile(settings.profile, settings.endpoint, include_instances=settings.mapping.include_instances)
+    if settings.profile.write_linked:  # the backend must hold Device / Organization / Provenance
+        from ingest import __version__
+        from ingest.relay.links import Creator
+        from ingest.relay.relay import utcnow
+
+        Creator(sink, settings.profile, __version__, clock=utcnow).check()
+    sources = None
+    if store is not None and settings.endpoint.series_wado_rs_urls:
+        from ingest.core.profiles import series_sources
+
+        async def sources(study_uid: str) -> dict[str, set[str]]:
+            groups = await asyncio.to_thread(store.series_groups, [study_uid])
+            return series_sources([(g.series_uid, g.source) for g in groups])
+
+    links = await prepare_links(
+        settings.patient, settings.endpoint, sink, metrics=metrics, profile=settings.profile, sources=sources
+    )
+    return StudyBuilder(
+        mapping_options(settings, endpoint_reference=links.endpoint_reference),
+        all_rejected_status=settings.intake.all_rejected_status,
+    ), links.link
+
+
+def with_provenance(settings: Settings, sink: Sink, *, clock: Callable[[], datetime]) -> Sink:
+    """``sink``, or with ``[profile] write_linked`` the sink that follows every ImagingStudy write with its
+    Provenance (``ingest.relay.links.ProvenanceSink``; the Device and Organization are found or created on
+    first use)."""
+    if not settings.profile.write_linked:
+        return sink
+    from ingest import __version__
+    from ingest.relay.links import Creator, ProvenanceSink
+
+    backend = cast("LinkedSink", sink)  # the GraphQL sink is both
+    return ProvenanceSink(sink, Creator(backend, settings.profile, __version__, clock=clock))
 
 
 def relay_before_backend(
@@ -243,7 +284,10 @@ def relay_before_backend(
     from ingest.relay.build import StudyBuilder
     from ingest.relay.relay import Relay, utcnow
 
-    return Relay(store, sink, StudyBuilder(mapping_options(settings)), settings.relay,
+    sink = with_provenance(settings, sink, clock=clock or utcnow)
+    return Relay(store, sink, StudyBuilder(mapping_options(settings),
+                                           all_rejected_status=settings.intake.all_rejected_status),
+                 settings.relay,
                  node=settings.state.node_id, clock=clock or utcnow, metrics=metrics,
                  narrative=settings.mapping.narrative)
 
@@ -264,6 +308,7 @@ async def wired_relay(
     """
     from ingest.relay.relay import Relay, utcnow
 
-    build, link = await wire_links(settings, sink, metrics=metrics)
-    return Relay(store, sink, build, settings.relay, node=settings.state.node_id, clock=clock or utcnow,
+    build, link = await wire_links(settings, sink, metrics=metrics, store=store)
+    relay_sink = with_provenance(settings, sink, clock=clock or utcnow)
+    return Relay(store, relay_sink, build, settings.relay, node=settings.state.node_id, clock=clock or utcnow,
                  metrics=metrics, link=link, narrative=settings.mapping.narrative)

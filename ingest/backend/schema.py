@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: Resource types the backend serves.
-RESOURCE_TYPES: Final = ("ImagingStudy", "Patient", "Endpoint")
+RESOURCE_TYPES: Final = ("ImagingStudy", "Patient", "Endpoint", "Device", "Organization", "Provenance")
 #: Counters kept per backend (``GET /stats``): one per root field call, plus HTTP requests.
 STAT_NAMES: Final = ("requests", "lookups", "reads", "creates", "updates", "deletes")
 

@@ -137,6 +137,26 @@ PARAMETERS: Final[Mapping[str, Mapping[str, ParamKind]]] = {
         "name": "string",
         "status": "token",
     },
+    "Device": {
+        "_lastUpdated": "date",
+        "identifier": "token",
+        "device_name": "string",
+        "manufacturer": "string",
+        "status": "token",
+        "type": "token",
+    },
+    "Organization": {
+        "_lastUpdated": "date",
+        "identifier": "token",
+        "name": "string",
+        "active": "token",
+    },
+    "Provenance": {
+        "_lastUpdated": "date",
+        "target": "reference",
+        "agent": "reference",
+        "recorded": "date",
+    },
 }
 
 
@@ -371,10 +391,41 @@ def _endpoint_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex]:
     yield from _strings("name", iter([res.get("name")]))  # Endpoint.name
 
 
+def _device_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex]:
+    yield from _identifiers("identifier", res.get("identifier"))  # Device.identifier
+    yield from _status("status", res.get("status"), "http://hl7.org/fhir/device-status")
+    device_type = res.get("type")
+    if isinstance(device_type, Mapping):
+        yield from _codings("type", device_type.get("coding"))  # Device.type
+    yield from _strings("manufacturer", iter([res.get("manufacturer")]))  # Device.manufacturer
+    yield from _strings("device_name", (n.get("name") for n in _dicts(res.get("deviceName"))))
+
+
+def _organization_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex]:
+    yield from _identifiers("identifier", res.get("identifier"))  # Organization.identifier
+    yield from _strings("name", iter([res.get("name")]))  # Organization.name
+    active = res.get("active")
+    if isinstance(active, bool):  # Organization.active
+        yield TokenIndex("active", None, "true" if active else "false")
+
+
+def _provenance_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex]:
+    yield from _references("target", res.get("target"))  # Provenance.target
+    for ref in _dicts(res.get("target")):  # a versioned target is found by Type/id too
+        literal = _str(ref.get("reference"))
+        if literal and "/_history/" in literal:
+            yield TokenIndex("target", None, literal.split("/_history/")[0])
+    yield from _references("agent", [a.get("who") for a in _dicts(res.get("agent"))])  # agent.who
+    yield from _dates("recorded", res.get("recorded"))  # Provenance.recorded
+
+
 _INDEXERS: Final[Mapping[str, Callable[[Mapping[str, Any]], Iterator[TokenIndex | DateIndex]]]] = {
     "ImagingStudy": _imaging_study_index,
     "Patient": _patient_index,
     "Endpoint": _endpoint_index,
+    "Device": _device_index,
+    "Organization": _organization_index,
+    "Provenance": _provenance_index,
 }
 
 

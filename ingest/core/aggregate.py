@@ -58,8 +58,13 @@ def pick(records: Iterable[InstanceRecord], get: Callable[[InstanceRecord], T | 
     T | None
         ``None`` when no record has a value.
     """
+    return _pick_ordered(sorted(records, key=_sop_uid), get)
+
+
+def _pick_ordered(records: Iterable[InstanceRecord], get: Callable[[InstanceRecord], T | None]) -> T | None:
+    # pick() over records already in SOP Instance UID order (an aggregate's instances always are)
     counts: dict[T, int] = {}
-    for record in sorted(records, key=_sop_uid):
+    for record in records:
         value = get(record)
         # inline _present(): this loop runs once per record and study/series-level attribute
         if value is None:
@@ -91,7 +96,7 @@ class SeriesAggregate:
 
     def value(self, get: Callable[[InstanceRecord], T | None]) -> T | None:
         """A series-level value chosen by :func:`pick` over this series' instances."""
-        return pick(self.instances, get)
+        return _pick_ordered(self.instances, get)
 
     @property
     def number(self) -> int | None:
@@ -111,7 +116,7 @@ class StudyAggregate:
 
     def value(self, get: Callable[[InstanceRecord], T | None]) -> T | None:
         """A study-level value chosen by :func:`pick` over all instances."""
-        return pick(self.instances, get)
+        return _pick_ordered(self.instances, get)
 
     @cached_property
     def series(self) -> tuple[SeriesAggregate, ...]:

@@ -38,7 +38,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import TEXT_VR_DELIMS
 from pydicom.valuerep import PersonName as PydicomPersonName
 
-from ingest.core.records import Code, InstanceRecord, PersonName
+from ingest.core.records import Code, InstanceRecord, PersonName, SopReference
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES, tag_of
 from ingest.errors import (
     HeaderError,
@@ -68,6 +68,8 @@ _T_CHARSET: Final = int(tag_of("SpecificCharacterSet"))
 _T_FILE_SET_ID: Final = int(tag_of("FileSetID"))
 _T_DIRECTORY_RECORDS: Final = int(tag_of("DirectoryRecordSequence"))
 _MEDIA_STORAGE_DIRECTORY: Final = "1.2.840.10008.1.3.10"
+# Key Object Selection Document Storage: its title and evidence are read (IOCM rejection notes)
+_KEY_OBJECT_SELECTION: Final = "1.2.840.10008.5.1.4.1.1.88.59"
 
 # keyword -> tag as a plain int (dict lookups with int keys never call BaseTag.__eq__)
 _KEYWORD_TAGS: dict[str, int] = {}
@@ -721,6 +723,20 @@ def _extract(
         concept = reader.opt_first_item("ConceptNameCodeSequence") or {}
         # (0020,0060) Laterality, else (0020,0062) Image Laterality
         laterality = text("Laterality") or text("ImageLaterality")
+        # a Key Object Selection Document: its title as a code and the instances it names (IOCM)
+        concept_code: Code | None = None
+        evidence: tuple[SopReference, ...] = ()
+        if sop_class_uid == _KEY_OBJECT_SELECTION:
+            # not opt_codes: its memo is keyed by the sequence, which opt_first_item read above
+            try:
+                titles = reader.codes("ConceptNameCodeSequence")
+            except RecursionError:
+                raise
+            except Exception as exc:
+                reader._dropped("ConceptNameCodeSequence", exc)
+                titles = ()
+            concept_code = titles[0] if titles else None
+            evidence = _opt_evidence(reader)
 
         return InstanceRecord(
             study_uid=study_uid,
@@ -760,7 +776,10 @@ def _extract(
             operators=names("OperatorsName"),
             instance_number=integer("InstanceNumber"),
             content_label=text("ContentLabel"),
+            number_of_frames=integer("NumberOfFrames"),
             concept_name=concept.get("CodeMeaning"),
+            concept_code=concept_code,
+            evidence=evidence,
             warnings=tuple(dict.fromkeys(warnings)),
         )
     except IngestError:
@@ -778,6 +797,52 @@ def _extract(
             tag=keyword,
             uid=sop_uid,
         ) from exc
+
+
+def _evidence(reader: _Reader) -> tuple[SopReference, ...]:
+    """The instances (0040,A375) Current Requested Procedure Evidence names: each item's Study Instance
+    UID, > (0008,1115) Referenced Series items' Series Instance UID, > (0008,1199) Referenced SOP items'
+    (0008,1155). A reference without a valid UID at any level is dropped with a warning."""
+    where = "CurrentRequestedProcedureEvidenceSequence (0040,A375)"
+    found: dict[str, SopReference] = {}
+    for s_index, study in enumerate(reader.items("CurrentRequestedProcedureEvidenceSequence")):
+        study_uid = study.text("StudyInstanceUID")
+        if study_uid is None or not valid_uid(study_uid):
+            reader.warnings.append(f"{where} item {s_index}: dropped, no valid Study Instance UID")
+            continue
+        for r_index, series in enumerate(study.items("ReferencedSeriesSequence")):
+            series_uid = series.text("SeriesInstanceUID")
+            if series_uid is None or not valid_uid(series_uid):
+                reader.warnings.append(
+                    f"{where} item {s_index} series {r_index}: dropped, no valid Series Instance UID"
+                )
+                continue
+            for i_index, sop in enumerate(series.items("ReferencedSOPSequence")):
+                sop_uid = sop.text("ReferencedSOPInstanceUID")
+                if sop_uid is None or not valid_uid(sop_uid):
+                    reader.warnings.append(
+                        f"{where} item {s_index} series {r_index} instance {i_index}: dropped, "
+                        "no valid Referenced SOP Instance UID"
+                    )
+                    continue
+                found.setdefault(
+                    sop_uid, SopReference(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
+                )
+    return tuple(found[uid] for uid in sorted(found))
+
+
+def _opt_evidence(reader: _Reader) -> tuple[SopReference, ...]:
+    """:func:`_evidence`, or ``()`` with a warning when the sequence cannot be parsed."""
+    try:
+        return _evidence(reader)
+    except RecursionError:
+        raise
+    except Exception as exc:
+        reader.warnings.append(
+            "CurrentRequestedProcedureEvidenceSequence (0040,A375): undecodable value dropped "
+            f"({type(exc).__name__})"
+        )
+        return ()
 
 
 def _meta_text(file_meta: Dataset, tag: int) -> str | None:

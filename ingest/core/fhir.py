@@ -1,7 +1,8 @@
 """Pydantic models of the FHIR R4 (4.0.1) resources ``ingest`` writes or the embedded backend validates.
 
-``ImagingStudy`` is modelled with every element of the R4 StructureDefinition; ``Patient`` and
-``Endpoint`` with the elements the pipeline and the embedded backend use. The data types carry the
+``ImagingStudy`` is modelled with every element of the R4 StructureDefinition; ``Patient``,
+``Endpoint``, ``Device``, ``Organization``, ``Provenance`` and ``Bundle`` with the elements the pipeline
+(the profiles' manifest, :mod:`ingest.core.profiles`) and the embedded backend use. The data types carry the
 elements of their R4 definitions that matter here (``Identifier``, ``Coding``, ``CodeableConcept``,
 ``Reference``, ``Annotation``, ``Narrative``, ``Meta``, ``Extension``, ``Period``, ``HumanName``).
 
@@ -43,12 +44,17 @@ from pydantic.alias_generators import to_camel
 
 __all__ = [
     "Annotation",
+    "Bundle",
+    "BundleEntry",
     "Canonical",
     "Code",
     "CodeableConcept",
     "Coding",
     "Date",
     "DateTime",
+    "Device",
+    "DeviceName",
+    "DeviceVersion",
     "Endpoint",
     "EndpointStatus",
     "Extension",
@@ -66,9 +72,12 @@ __all__ = [
     "Markdown",
     "Meta",
     "Narrative",
+    "Organization",
     "Patient",
     "Period",
     "PositiveInt",
+    "Provenance",
+    "ProvenanceAgent",
     "Reference",
     "Resource",
     "UnsignedInt",
@@ -181,6 +190,18 @@ AdministrativeGender = Literal["male", "female", "other", "unknown"]
 EndpointStatus = Literal["active", "suspended", "error", "off", "entered-in-error", "test"]
 #: Narrative.status (required binding ``narrative-status``).
 NarrativeStatus = Literal["generated", "extensions", "additional", "empty"]
+#: Device.status (required binding ``device-status``).
+DeviceStatus = Literal["active", "inactive", "entered-in-error", "unknown"]
+#: Device.deviceName.type (required binding ``device-nametype``).
+DeviceNameType = Literal[
+    "udi-label-name", "user-friendly-name", "patient-reported-name", "manufacturer-name", "model-name",
+    "other",
+]
+#: Bundle.type (required binding ``bundle-type``).
+BundleType = Literal[
+    "document", "message", "transaction", "transaction-response", "batch", "batch-response", "history",
+    "searchset", "collection",
+]
 #: Identifier.use (required binding ``identifier-use``).
 IdentifierUse = Literal["usual", "official", "temp", "secondary", "old"]
 #: HumanName.use (required binding ``name-use``).
@@ -206,15 +227,60 @@ def prune_empty(value: Any) -> Any:
         A new value without empty elements; ``None`` when ``value`` itself is empty after pruning.
         Key order of dicts is kept. ``0`` and ``False`` are values, not empties.
     """
+    kind = type(value)
+    if kind is dict:
+        return _prune_dict(value)
+    if kind is list or kind is tuple:
+        return _prune_list(value)
+    if kind is str:
+        return value or None
     if isinstance(value, Mapping):
-        out = {k: v for k, v in ((k, prune_empty(v)) for k, v in value.items()) if v is not None}
-        return out or None
+        return _prune_dict(value)
     if isinstance(value, list | tuple):
-        items = [v for v in (prune_empty(v) for v in value) if v is not None]
-        return items or None
+        return _prune_list(value)
     if value is None or value == "":
         return None
     return value
+
+
+# prune_empty runs over every element of every resource written (once per study and rerun): the two
+# helpers below dispatch on the exact type first and recurse only into containers.
+def _prune_dict(value: Mapping[str, Any]) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        kind = type(item)
+        if kind is str:
+            if item:
+                out[key] = item
+            continue
+        if kind is dict:
+            item = _prune_dict(item)
+        elif kind is list or kind is tuple:
+            item = _prune_list(item)
+        elif not (kind is int or kind is bool or kind is float):
+            item = prune_empty(item)
+        if item is not None:
+            out[key] = item
+    return out or None
+
+
+def _prune_list(value: list[Any] | tuple[Any, ...]) -> list[Any] | None:
+    out: list[Any] = []
+    for item in value:
+        kind = type(item)
+        if kind is str:
+            if item:
+                out.append(item)
+            continue
+        if kind is dict:
+            item = _prune_dict(item)
+        elif kind is list or kind is tuple:
+            item = _prune_list(item)
+        elif not (kind is int or kind is bool or kind is float):
+            item = prune_empty(item)
+        if item is not None:
+            out.append(item)
+    return out or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,6 +626,97 @@ class Endpoint(Resource):
     address: Uri
 
 
+class DeviceName(BackboneElement):
+    """Device.deviceName."""
+
+    name: FhirString
+    type: DeviceNameType
+
+
+class DeviceVersion(BackboneElement):
+    """Device.version."""
+
+    type: CodeableConcept | None = None
+    value: FhirString
+
+
+class Device(Resource):
+    """FHIR R4 Device (the elements ``ingest`` uses: itself, as the creator of what it writes)."""
+
+    resource_type: Literal["Device"] = "Device"
+    identifier: FhirList[Identifier] = ()
+    status: DeviceStatus | None = None
+    manufacturer: FhirString | None = None
+    device_name: FhirList[DeviceName] = ()
+    type: CodeableConcept | None = None
+    version: FhirList[DeviceVersion] = ()
+    owner: Reference | None = None
+
+
+class Organization(Resource):
+    """FHIR R4 Organization (the elements ``ingest`` uses)."""
+
+    resource_type: Literal["Organization"] = "Organization"
+    identifier: FhirList[Identifier] = ()
+    active: Boolean | None = None
+    name: FhirString | None = None
+
+    @model_validator(mode="after")
+    def _org_1(self) -> Self:
+        if not self.identifier and self.name is None:
+            raise ValueError("org-1: an Organization needs at least a name or an identifier")
+        return self
+
+
+class ProvenanceAgent(BackboneElement):
+    """Provenance.agent."""
+
+    type: CodeableConcept | None = None
+    role: FhirList[CodeableConcept] = ()
+    who: Reference
+    on_behalf_of: Reference | None = None
+
+
+class Provenance(Resource):
+    """FHIR R4 Provenance (the elements ``ingest`` uses)."""
+
+    resource_type: Literal["Provenance"] = "Provenance"
+    target: Annotated[FhirList[Reference], Field(min_length=1)]
+    recorded: Instant
+    agent: Annotated[FhirList[ProvenanceAgent], Field(min_length=1)]
+
+
+class BundleEntry(BackboneElement):
+    """Bundle.entry (``resource`` is FHIR JSON, validated by :func:`validate_resource` when known)."""
+
+    full_url: Uri | None = None
+    resource: dict[str, Any] | None = None
+
+    @field_validator("resource")
+    @classmethod
+    def _known(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("resourceType") in _RESOURCES:
+            validate_resource(value)
+        return value
+
+
+class Bundle(Resource):
+    """FHIR R4 Bundle (``collection``: the profiles' manifest of one study, :mod:`ingest.core.profiles`)."""
+
+    resource_type: Literal["Bundle"] = "Bundle"
+    identifier: Identifier | None = None
+    type: BundleType
+    timestamp: Instant | None = None
+    entry: FhirList[BundleEntry] = ()
+
+    @model_validator(mode="after")
+    def _bdl_7(self) -> Self:
+        urls = [e.full_url for e in self.entry if e.full_url is not None]
+        if len(urls) != len(set(urls)):  # bdl-7 (no versions in a collection)
+            raise ValueError("bdl-7: fullUrl must be unique in a bundle")
+        return self
+
+
 for _model in (Element, BackboneElement, Identifier, Reference, Extension, Coding, CodeableConcept):
     _model.model_rebuild()
 del _model
@@ -568,6 +725,9 @@ _RESOURCES: dict[str, type[Resource]] = {
     "ImagingStudy": ImagingStudy,
     "Patient": Patient,
     "Endpoint": Endpoint,
+    "Device": Device,
+    "Organization": Organization,
+    "Provenance": Provenance,
 }
 
 
@@ -579,7 +739,7 @@ def validate_resource(data: Mapping[str, Any]) -> None:
     Parameters
     ----------
     data:
-        FHIR JSON of an ImagingStudy, Patient or Endpoint.
+        FHIR JSON of an ImagingStudy, Patient, Endpoint, Device, Organization or Provenance.
 
     Raises
     ------

@@ -1,5 +1,6 @@
-"""FHIR building for the linked resources: the Patient and the Endpoint ``ingest`` creates, and the
-search tokens it finds them by (``ImagingStudy.subject`` / ``ImagingStudy.endpoint``, docs/mapping.md).
+"""FHIR building for the linked resources: the Patient and the Endpoints ``ingest`` creates, the Device
+(``ingest`` itself) and Organization of the profiles' manifest, and the search tokens it finds them by
+(``ImagingStudy.subject`` / ``ImagingStudy.endpoint``, docs/mapping.md "Imaging profiles").
 
 Pure: no I/O, no settings, no metrics; the resolvers that search and create them over the backend are
 ``ingest.relay.links``. Patient identifiers, names and birth dates are PHI: nothing here logs them.
@@ -7,6 +8,7 @@ Pure: no I/O, no settings, no metrics; the resolvers that search and create them
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -18,10 +20,16 @@ from ingest.core.fhir import (
     AdministrativeGender,
     CodeableConcept,
     Coding,
+    Device,
+    DeviceName,
+    DeviceVersion,
     Endpoint,
+    Extension,
     HumanName,
     Identifier,
+    Organization,
     Patient,
+    Reference,
     strip_controls,
 )
 from ingest.core.mapping import person_display
@@ -29,12 +37,22 @@ from ingest.core.records import InstanceRecord, PersonName
 
 __all__ = [
     "CONNECTION_TYPE_SYSTEM",
+    "MADO_DEVICE_TYPE_SYSTEM",
     "NAME_REPRESENTATION_URL",
+    "PAYLOAD_TYPE_SYSTEM",
+    "REQUIRES_ACCESS_TOKEN_URL",
+    "RETRIEVE_LOCATION_UID_URL",
     "URI_SYSTEM",
+    "device_identifier",
+    "device_resource",
     "endpoint_resource",
     "human_names",
+    "organization_identifier",
+    "organization_resource",
     "patient_resource",
+    "retrieve_location_uid",
     "search_token",
+    "uuid_urn",
 ]
 
 #: ISO 21090 EN.representation on HumanName (FHIR R4 core extension): ABC | IDE | SYL.
@@ -43,6 +61,19 @@ NAME_REPRESENTATION_URL: Final = "http://hl7.org/fhir/StructureDefinition/iso210
 CONNECTION_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 #: Identifier.system of an identifier that is itself a URI (here: the Endpoint's address).
 URI_SYSTEM: Final = "urn:ietf:rfc:3986"
+#: Endpoint.payloadType code system (FHIR R4 endpoint-payload-type; MADO fixes the code ``none``).
+PAYLOAD_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
+#: SMART Imaging Access: whether WADO-RS requests carry the same access token (Endpoint extension).
+REQUIRES_ACCESS_TOKEN_URL: Final = "http://fhir.org/argonaut/smart-imaging/StructureDefinition/requires-access-token"
+#: IHE MADO: the Retrieve Location UID (0040,E011) of the WADO-RS service (Endpoint extension).
+RETRIEVE_LOCATION_UID_URL: Final = (
+    "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoRetrieveLocationUIDExtension"
+)
+#: IHE MADO device type code system: ``mado-creator`` "MADO Creator".
+MADO_DEVICE_TYPE_SYSTEM: Final = "https://profiles.ihe.net/RAD/MADO/CodeSystem/MadoDeviceType"
+
+# uuid5 namespace of every name-based UUID ingest derives (Endpoints, its Device, Bundle entries)
+_NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ingest")
 
 # Patient.gender (administrative-gender) <- Patient's Sex (0010,0040); anything else is omitted
 _GENDER: Final[dict[str, AdministrativeGender]] = {"M": "male", "F": "female", "O": "other"}
@@ -132,7 +163,7 @@ def _text(value: str | None) -> str | None:
     return strip_controls(value or "").strip() or None
 
 
-def patient_resource(system: str, value: str, records: Sequence[InstanceRecord]) -> dict[str, Any]:
+def patient_resource(system: str | None, value: str, records: Sequence[InstanceRecord]) -> dict[str, Any]:
     """The Patient to create for ``system|value`` from the study's instances (FHIR JSON).
 
     Demographics come from the instances whose Patient ID (0010,0020) is ``value`` (all instances when
@@ -165,21 +196,106 @@ def patient_resource(system: str, value: str, records: Sequence[InstanceRecord])
     return patient.to_fhir()
 
 
-def endpoint_resource(url: str) -> dict[str, Any]:
+def uuid_urn(*parts: str) -> str:
+    """A name-based ``urn:uuid:`` (UUID version 5) for ``parts``: the same parts, the same URN."""
+    return f"urn:uuid:{uuid.uuid5(_NAMESPACE, chr(0x1F).join(parts))}"
+
+
+def retrieve_location_uid(url: str) -> str:
+    """The Retrieve Location UID ``ingest`` gives a WADO-RS base URL without a configured one.
+
+    A UUID-derived UID (DICOM PS3.5 B.2: ``2.25.`` and the UUID as one integer) of the name-based
+    UUID of the URL: unique per URL, the same on every node and run.
+    """
+    return f"2.25.{uuid.uuid5(_NAMESPACE, 'wado-rs ' + url).int}"
+
+
+def endpoint_resource(
+    url: str,
+    *,
+    name: str = "DICOMweb WADO-RS",
+    requires_access_token: bool = True,
+    location_uid: str | None = None,
+) -> dict[str, Any]:
     """The DICOMweb WADO-RS Endpoint for ``url`` (FHIR JSON, validated against the R4 model).
+
+    It carries what the SMART WADO-RS Endpoint and the MADO WADO Endpoint profiles require (docs/mapping.md
+    "Imaging profiles"): ``status`` active, ``connectionType`` endpoint-connection-type ``dicom-wado-rs``,
+    ``payloadType`` endpoint-payload-type ``none`` with text "DICOM WADO-RS", ``address``, ``name``, and
+    the ``requires-access-token`` and ``MadoRetrieveLocationUIDExtension`` extensions.
 
     Parameters
     ----------
     url:
         The WADO-RS base URL (``[endpoint] wado_rs_url``, already validated by the settings).
+    name:
+        ``Endpoint.name``.
+    requires_access_token:
+        ``[endpoint] requires_access_token``: whether a client sends its SMART access token there.
+    location_uid:
+        The Retrieve Location UID; default :func:`retrieve_location_uid` of ``url``.
     """
     endpoint = Endpoint(
+        extension=[
+            Extension(url=REQUIRES_ACCESS_TOKEN_URL, value_boolean=requires_access_token),
+            Extension(url=RETRIEVE_LOCATION_UID_URL, value_string=location_uid or retrieve_location_uid(url)),
+        ],
         identifier=[Identifier(system=URI_SYSTEM, value=url)],  # what we search it by
         status="active",
-        connection_type=Coding(system=CONNECTION_TYPE_SYSTEM, code="dicom-wado-rs"),
-        name="DICOMweb WADO-RS",
-        payload_type=[CodeableConcept(text="DICOM WADO-RS")],  # as the R4 example Endpoint "example-wadors"
+        connection_type=Coding(system=CONNECTION_TYPE_SYSTEM, code="dicom-wado-rs", display="DICOM WADO-RS"),
+        name=_text(name) or "DICOMweb WADO-RS",
+        payload_type=[
+            CodeableConcept(coding=[Coding(system=PAYLOAD_TYPE_SYSTEM, code="none")], text="DICOM WADO-RS")
+        ],
         payload_mime_type=["application/dicom"],
         address=url,
     )
     return endpoint.to_fhir()
+
+
+def device_identifier(name: str) -> Identifier:
+    """The identifier ``ingest``'s Device is found by: a name-based URN of the device name."""
+    return Identifier(system=URI_SYSTEM, value=uuid_urn("device", name))
+
+
+def device_resource(
+    name: str, version: str, *, manufacturer: str | None = None, owner: str | None = None
+) -> dict[str, Any]:
+    """``ingest`` as the creator of what it writes: a Device per the MADO Creator profile (FHIR JSON).
+
+    Parameters
+    ----------
+    name:
+        ``[profile] device_name``: ``Device.deviceName`` (``model-name``).
+    version:
+        ``ingest``'s version: ``Device.version``.
+    manufacturer:
+        ``[profile] manufacturer``: ``Device.manufacturer``.
+    owner:
+        A reference to the Organization running it (``Device.owner``), if any.
+    """
+    device = Device(
+        identifier=[device_identifier(name)],
+        status="active",
+        manufacturer=_text(manufacturer),
+        device_name=[DeviceName(name=name, type="model-name")],
+        # Device.type: MadoDeviceType#mado-creator "MADO Creator", the one coding the profile fixes
+        type=CodeableConcept(
+            coding=[Coding(system=MADO_DEVICE_TYPE_SYSTEM, code="mado-creator", display="MADO Creator")]
+        ),
+        version=[DeviceVersion(value=version)],
+        owner=Reference(reference=owner, type="Organization") if owner else None,
+    )
+    return device.to_fhir()
+
+
+def organization_identifier(name: str) -> Identifier:
+    """The identifier the Organization named ``name`` is found by, when none is configured."""
+    return Identifier(system=URI_SYSTEM, value=uuid_urn("organization", name))
+
+
+def organization_resource(name: str, identifier: Identifier | None = None) -> dict[str, Any]:
+    """The Organization on whose behalf ``ingest`` creates the manifest (MADO Creator Organization)."""
+    return Organization(
+        identifier=[identifier or organization_identifier(name)], active=True, name=name
+    ).to_fhir()

@@ -17,8 +17,9 @@ Choices the contract leaves open:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Final
 
 from ingest.core.aggregate import SeriesAggregate, StudyAggregate, distinct, pick
@@ -26,6 +27,7 @@ from ingest.core.datetimes import fhir_datetime
 from ingest.core.fhir import (
     CodeableConcept,
     Coding,
+    Extension,
     Identifier,
     ImagingStudy,
     ImagingStudySeries,
@@ -36,7 +38,10 @@ from ingest.core.fhir import (
 )
 from ingest.core.records import Code, InstanceRecord, PersonName
 from ingest.core.terminology import (
+    ACCESSION_ID_CONCEPT,
+    ACCESSION_NUMBER_CONCEPT,
     DCM_SYSTEM,
+    STUDY_INSTANCE_UID_CONCEPT,
     Concept,
     body_part_concept,
     coding_system,
@@ -47,6 +52,9 @@ from ingest.core.terminology import (
 
 __all__ = [
     "ACSN_SYSTEM",
+    "KOS_SOP_CLASS",
+    "KO_DOCUMENT_TITLE_URL",
+    "NUMBER_OF_FRAMES_URL",
     "PARTICIPATION_SYSTEM",
     "STUDY_UID_SYSTEM",
     "MappingOptions",
@@ -60,6 +68,14 @@ STUDY_UID_SYSTEM: Final = "urn:dicom:uid"
 ACSN_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v2-0203"
 PARTICIPATION_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 SOP_CLASS_SYSTEM: Final = "urn:ietf:rfc:3986"
+#: ImagingStudy.series.instance.extension: Number of Frames (0028,0008), as IHE MADO defines it.
+NUMBER_OF_FRAMES_URL: Final = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoNumberOfFrames"
+#: ImagingStudy.series.instance.extension: the document title of a Key Object Selection document (IHE MADO).
+KO_DOCUMENT_TITLE_URL: Final = (
+    "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoKeyObjectDocumentTitle"
+)
+#: Key Object Selection Document Storage.
+KOS_SOP_CLASS: Final = "1.2.840.10008.5.1.4.1.1.88.59"
 _UNKNOWN_MODALITY: Final = "OT"  # DICOM "Other"
 _UID_RE: Final = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _UUID_RE: Final = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
@@ -88,6 +104,9 @@ class MappingOptions:
     narrative:
         ``[mapping] narrative``: write the generated ``text`` (docs/mapping.md "Narrative"); it is
         attached after the merge, ``ingest.core.merge.plan(..., narrative=...)``.
+    issuer_systems:
+        ``[profile] issuer_systems``: Local Namespace Entity ID (0040,0031) of an Issuer of Accession
+        Number that is not a URI -> the ``Identifier.system`` URI the site gave it.
     """
 
     site_timezone: str | None = None
@@ -97,6 +116,7 @@ class MappingOptions:
     patient_default_system: str | None = None
     endpoint_reference: str | None = None
     narrative: bool = True
+    issuer_systems: Mapping[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,6 +128,9 @@ class MappingOptions:
 # the control characters FHIR strings may not contain (strip_controls) before anything else.
 
 
+# _text and person_display read the same few values once per instance and study-level attribute: the
+# results are cached (both are pure; the values are the study's own strings and names).
+@lru_cache(maxsize=4096)
 def _text(value: str | None) -> str | None:
     """A DICOM string as a FHIR string: forbidden controls dropped, stripped, ``None`` when blank."""
     if value is None:
@@ -166,6 +189,7 @@ def _join(parts: Iterable[str]) -> str | None:
     return " ".join(" ".join(parts).split()) or None
 
 
+@lru_cache(maxsize=4096)
 def person_display(name: PersonName | None) -> str | None:
     """A PN value as a display string, keeping its exact Unicode.
 
@@ -197,6 +221,10 @@ def person_display(name: PersonName | None) -> str | None:
         if eastern:
             return eastern
     return None
+
+
+def _concept_coding(concept: Concept) -> Coding:
+    return Coding(system=concept.system, code=concept.code, display=concept.display)
 
 
 def _coding(code: Code) -> Coding | None:
@@ -259,7 +287,14 @@ class _Warnings(list[str]):
 
 def _identifiers(agg: StudyAggregate, options: MappingOptions, warnings: _Warnings) -> list[Identifier]:
     # ImagingStudy.identifier[0] <- Study Instance UID (0020,000D); the study's identity in the backend
-    identifiers = [Identifier(system=STUDY_UID_SYSTEM, value=f"urn:oid:{agg.study_uid}")]
+    # (found by system|value, so a copy written before the type was added is found the same way)
+    identifiers = [
+        Identifier(
+            type=CodeableConcept(coding=[_concept_coding(STUDY_INSTANCE_UID_CONCEPT)]),  # DCM 110180
+            system=STUDY_UID_SYSTEM,
+            value=f"urn:oid:{agg.study_uid}",
+        )
+    ]
 
     # ImagingStudy.identifier[1] <- Accession Number (0008,0050) + Issuer (0008,0051)
     def accession(r: InstanceRecord) -> tuple[str, str | None, str | None, str | None] | None:
@@ -273,14 +308,25 @@ def _identifiers(agg: StudyAggregate, options: MappingOptions, warnings: _Warnin
     if picked is not None:
         value, uid, kind, local = picked
         system = issuer_system(uid, kind, local)
+        local_name = _text(local)
+        if system is None and local_name is not None:
+            system = _text(options.issuer_systems.get(local_name))  # the site's URI for a local issuer
         if system is None and _text(uid):
             warnings.append(
                 "IssuerOfAccessionNumberSequence (0008,0051): the Universal Entity ID is not a usable "
                 "ISO OID or URI; the accession identifier has no system"
             )
+        elif system is None and local_name is not None:
+            warnings.append(
+                "IssuerOfAccessionNumberSequence (0008,0051): the Local Namespace Entity ID is not a URI "
+                "and [profile] issuer_systems names none for it; the accession identifier has no system"
+            )
         identifiers.append(
             Identifier(
-                type=CodeableConcept(coding=[Coding(system=ACSN_SYSTEM, code="ACSN")]),
+                # v2-0203 ACSN and DCM 121022, the codings the MADO accession identifier requires
+                type=CodeableConcept(
+                    coding=[_concept_coding(ACCESSION_ID_CONCEPT), _concept_coding(ACCESSION_NUMBER_CONCEPT)]
+                ),
                 system=system,
                 value=value,
             )
@@ -370,24 +416,51 @@ def _performers(series: SeriesAggregate, options: MappingOptions) -> list[Imagin
     return performers
 
 
+@lru_cache(maxsize=256)
+def _sop_class_coding(sop_class_uid: str) -> Coding:
+    # one (frozen) Coding per SOP Class, shared by the instances of every study
+    return Coding(
+        system=SOP_CLASS_SYSTEM, code=f"urn:oid:{sop_class_uid}", display=sop_class_name(sop_class_uid)
+    )
+
+
+def _instance_number(record: InstanceRecord, warnings: _Warnings) -> int | None:
+    number = record.instance_number
+    if number is None or number >= 0:
+        return number  # the common case: no warning text to build
+    return _unsigned(number, f"InstanceNumber (0020,0013) of SOPInstanceUID={record.sop_uid}", warnings)
+
+
 def _instance(
     record: InstanceRecord, series_description: str | None, single: bool, warnings: _Warnings
 ) -> ImagingStudySeriesInstance:
-    # ImagingStudy.series.instance.title <- Content Label (0070,0080), else Series Description for a
-    # single-instance series, else the SR Concept Name Code Sequence meaning (0040,A043 > 0008,0104)
+    # ImagingStudy.series.instance.title <- Content Label (0070,0080), else the document title of an
+    # SR / KOS document, Concept Name Code Sequence meaning (0040,A043 > 0008,0104), else the Series
+    # Description of a single-instance series
     title = (
-        _text(record.content_label) or (series_description if single else None) or _text(record.concept_name)
+        _text(record.content_label) or _text(record.concept_name) or (series_description if single else None)
     )
+    extensions: list[Extension] = []
+    # ImagingStudy.series.instance.extension[number-of-frames] <- Number of Frames (0028,0008)
+    frames = record.number_of_frames
+    if frames is not None and frames < 0:
+        frames = _unsigned(frames, f"NumberOfFrames (0028,0008) of SOPInstanceUID={record.sop_uid}", warnings)
+    if frames is not None and frames > 0:
+        extensions.append(Extension(url=NUMBER_OF_FRAMES_URL, value_integer=frames))
+    # ImagingStudy.series.instance.extension[ko-document-title] <- (0040,A043) of a Key Object Selection
+    title_code = _coding(record.concept_code) if record.concept_code is not None else None
+    if record.sop_class_uid == KOS_SOP_CLASS and title_code is not None:
+        extensions.append(
+            Extension(
+                url=KO_DOCUMENT_TITLE_URL,
+                value_codeable_concept=CodeableConcept(coding=[title_code], text=title_code.display),
+            )
+        )
     return ImagingStudySeriesInstance(
+        extension=extensions,
         uid=record.sop_uid,  # <- SOP Instance UID (0008,0018)
-        sop_class=Coding(  # <- SOP Class UID (0008,0016)
-            system=SOP_CLASS_SYSTEM,
-            code=f"urn:oid:{record.sop_class_uid}",
-            display=sop_class_name(record.sop_class_uid),
-        ),
-        number=_unsigned(  # <- Instance Number (0020,0013)
-            record.instance_number, f"InstanceNumber (0020,0013) of SOPInstanceUID={record.sop_uid}", warnings
-        ),
+        sop_class=_sop_class_coding(record.sop_class_uid),  # <- SOP Class UID (0008,0016)
+        number=_instance_number(record, warnings),  # <- Instance Number (0020,0013)
         title=title,
     )
 

@@ -7,7 +7,13 @@ and all of those must survive a merge untouched.
 - :func:`merge` takes the elements the pipeline owns from ours and keeps everything else of theirs;
   with ``narrative=True`` it attaches our generated narrative (docs/mapping.md, "Narrative").
 - :func:`digest` fingerprints a resource independently of key order and of series/instance order.
-- :func:`plan` turns (ours, backend copy) into :class:`Create`, :class:`Update` or :class:`NoChange`.
+- :func:`plan` turns (ours, backend copy) into :class:`Create`, :class:`Update`, :class:`NoChange`, or
+  :class:`Refuse` (the subject guard).
+
+With :class:`Written` (what ``ingest`` built at its last write, kept by the state store) the merge tells
+"ours" from "theirs" for every owned value: a value equal to what ``ingest`` wrote before is ours and is
+replaced by (or removed with) today's; anything else on the backend copy was put there by another writer
+and is kept (docs/mapping.md, "The lifecycle of a study").
 """
 
 from __future__ import annotations
@@ -19,12 +25,24 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from ingest.core.fhir import ImagingStudy, ImagingStudySeries, ImagingStudySeriesInstance, prune_empty
+from ingest.core.lifecycle import WITHDRAWN_KEY, withdraw
 from ingest.core.mapping import ACSN_SYSTEM, STUDY_UID_SYSTEM
 from ingest.core.narrative import is_ingest_narrative
 from ingest.core.narrative import narrative as generated_narrative
 from ingest.core.records import BackendStudy
 
-__all__ = ["Create", "NoChange", "Plan", "Update", "digest", "merge", "plan"]
+__all__ = [
+    "Create",
+    "NoChange",
+    "Plan",
+    "Refuse",
+    "Update",
+    "Written",
+    "digest",
+    "merge",
+    "plan",
+    "subject_conflict",
+]
 
 
 # ImagingStudy elements the pipeline recomputes on every push; ours replaces theirs, and an element
@@ -41,6 +59,8 @@ _OWNED_ALWAYS = (
 )
 # Status values a backend may hold that the pipeline may overwrite (never cancelled/entered-in-error).
 _STATUS_OVERWRITABLE = frozenset({"registered", "available", "unknown"})
+# Resource.meta elements a client sets (FHIR R4 Meta); the rest of meta is the server's.
+_CLIENT_META = ("profile", "security", "tag")
 # Elements that are not part of the content a digest compares.
 _NOT_DIGESTED = ("id", "meta", "text")
 
@@ -82,7 +102,33 @@ class Update:
     resource: dict[str, Any]
 
 
-Plan: TypeAlias = NoChange | Create | Update
+@dataclass(frozen=True)
+class Refuse:
+    """Writing would overwrite another writer's change: dead-letter the study with ``reason``."""
+
+    reason: str
+    message: str
+
+
+Plan: TypeAlias = NoChange | Create | Update | Refuse
+
+
+@dataclass(frozen=True)
+class Written:
+    """What ``ingest`` wrote last time, from the state store.
+
+    Attributes
+    ----------
+    ours:
+        The ImagingStudy the mapping built for that write (FHIR JSON, before the merge): ingest's own
+        values as they were then.
+    subject:
+        ``ImagingStudy.subject`` as the written resource carried it (the merge may have kept a literal
+        reference another writer set); ``None`` when unknown.
+    """
+
+    ours: Mapping[str, Any]
+    subject: Mapping[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,13 +249,188 @@ def _merge_modality(
     return result
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as FHIR JSON (key order and empty values do not matter)."""
+    return bool(_canonical_value(a) == _canonical_value(b))
+
+
+def _canonical_value(value: Any) -> Any:
+    cleaned = prune_empty(value) if isinstance(value, Mapping | list) else value
+    return json.dumps(cleaned, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _local_reference(item: Any) -> bool:
+    """A Reference to a contained resource (``#id``): only another writer puts those there."""
+    return isinstance(item, Mapping) and str(item.get("reference", "")).startswith("#")
+
+
+def _keep_theirs_list(ours: list[Any], theirs: list[Any], before: list[Any] | None) -> list[Any]:
+    """An owned list: ours, then theirs' items that are neither ours now nor ours before.
+
+    Without ``before`` only theirs' local references are kept (the rest of theirs is taken for ours).
+    """
+    result = list(ours)
+    for item in theirs:
+        if any(_same(item, o) for o in result):
+            continue
+        if before is None:
+            if _local_reference(item):
+                result.append(item)
+        elif not any(_same(item, b) for b in before):
+            result.append(item)
+    return result
+
+
+def _owned_element(
+    key: str, our: Mapping[str, Any], their: Mapping[str, Any], before: Mapping[str, Any] | None
+) -> Any:
+    """An owned element of a study, series or instance; ``None`` to leave it out.
+
+    Ours when we have it (a list: plus theirs' items that were never ours); without ours, theirs only
+    when it differs from what we wrote before (another writer's value), never a value that was ours.
+    """
+    mine, yours = our.get(key), their.get(key)
+    was = before.get(key) if before is not None else None
+    if isinstance(mine, list) and isinstance(yours, list):
+        return _keep_theirs_list(mine, yours, was if before is not None else None)
+    if mine is not None:
+        return mine
+    if yours is None or before is None or _same(yours, was):
+        return None
+    return yours
+
+
+def _merge_element(
+    our: Mapping[str, Any], their: Mapping[str, Any], before: Mapping[str, Any] | None, skip: Iterable[str]
+) -> dict[str, Any]:
+    """A series or an instance both sides have: theirs' other elements kept, owned ones by
+    :func:`_owned_element` (an element ours had before and has no more is removed)."""
+    skipped = set(skip)
+    result = {k: v for k, v in their.items() if k not in skipped}
+    for key in {*our, *their} - skipped:
+        if key not in our and (before is None or key not in before):
+            continue  # never ours: theirs as it is
+        value = _owned_element(key, our, their, before)
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = value
+    return result
+
+
+def _merge_with_before(
+    ours: list[Any], theirs: list[Any], before: list[Any], order: Sequence[str], nested: str | None
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """Series (``nested="instance"``) or instances merged by uid with what ingest wrote before.
+
+    Ours first; theirs that only they have, unless ingest wrote that uid before (it is no longer ours:
+    removed). Returns the list and the uids only theirs has.
+    """
+    theirs_by_uid = {i["uid"]: i for i in _dicts(theirs) if isinstance(i.get("uid"), str)}
+    before_by_uid = {i["uid"]: i for i in _dicts(before) if isinstance(i.get("uid"), str)}
+    ours_uids = {i.get("uid") for i in _dicts(ours)}
+    merged: list[dict[str, Any]] = []
+    for item in _dicts(ours):
+        uid = item.get("uid")
+        their_item = theirs_by_uid.get(uid, {})
+        was = before_by_uid.get(uid) if isinstance(uid, str) else None
+        skip = (nested,) if nested else ()
+        element = _merge_element(item, their_item, was, skip)
+        if nested is not None:
+            if nested in item:
+                inner, _ = _merge_with_before(
+                    item[nested], their_item.get(nested, []), (was or {}).get(nested, []),
+                    _INSTANCE_ORDER, None,
+                )
+                element[nested] = inner
+            elif nested in their_item:
+                element[nested] = their_item[nested]
+        merged.append(_ordered(element, order))
+    foreign = [
+        i for i in _dicts(theirs) if i.get("uid") not in ours_uids and i.get("uid") not in before_by_uid
+    ]
+    return merged + foreign, {i["uid"] for i in foreign if isinstance(i.get("uid"), str)}
+
+
+def _merge_series_with_before(
+    ours: list[Any], theirs: list[Any], before: list[Any]
+) -> tuple[list[dict[str, Any]], set[str]]:
+    series, foreign = _merge_with_before(ours, theirs, before, _SERIES_ORDER, "instance")
+    ours_by_uid = {s.get("uid"): s for s in _dicts(ours)}
+    for merged in series:
+        mine = ours_by_uid.get(merged.get("uid"))
+        if mine is not None and "instance" not in mine:
+            if "numberOfInstances" in mine:  # include_instances = false: our count is exact
+                merged["numberOfInstances"] = mine["numberOfInstances"]
+        elif isinstance(merged.get("instance"), list):
+            merged["numberOfInstances"] = len(merged["instance"])
+    return series, foreign
+
+
+def _merge_identifiers_with_before(ours: list[Any], theirs: list[Any], before: list[Any]) -> list[Any]:
+    """Our study-UID and ACSN identifiers replace theirs; theirs that we wrote before and no longer have
+    (a corrected Study ID) go; every other identifier is kept."""
+    kept_theirs = [
+        i for i in theirs
+        if not (isinstance(i, dict) and _is_owned_identifier(i)) and not any(_same(i, b) for b in before)
+    ]
+    return _merge_identifiers(ours, kept_theirs)
+
+
+def _patient(subject: Any) -> Any:
+    """Who a subject names: its identifier (Patient ID and issuer), else its reference."""
+    if not isinstance(subject, Mapping):
+        return subject
+    return subject.get("identifier") or subject.get("reference") or subject
+
+
+def subject_conflict(
+    ours: Mapping[str, Any], theirs: Mapping[str, Any] | None, before: Written | None
+) -> str | None:
+    """Why the subject cannot be written, or ``None``: ``ingest``'s subject changed (a corrected Patient
+    ID) while another writer changed the backend's ``subject`` since ``ingest`` last wrote it."""
+    if before is None or before.subject is None or theirs is None:
+        return None
+    their_subject, our_subject = theirs.get("subject"), ours.get("subject")
+    if their_subject is None or our_subject is None:
+        return None
+    other_changed = not _same(their_subject, before.subject)
+    ours_changed = not _same(_patient(our_subject), _patient(before.ours.get("subject")))
+    if other_changed and ours_changed:
+        return (
+            "ImagingStudy.subject was changed by another writer since ingest last wrote it, and the "
+            "study's Patient ID has changed since; not overwritten"
+        )
+    return None
+
+
+def _subject(
+    our: Mapping[str, Any], their: Mapping[str, Any], before: Written | None
+) -> Mapping[str, Any] | None:
+    our_subject, their_subject = our.get("subject"), their.get("subject")
+    if our_subject is None:
+        return their_subject
+    if before is not None and before.subject is not None and their_subject is not None:
+        if not _same(_patient(our_subject), _patient(before.ours.get("subject"))):
+            return our_subject  # type: ignore[no-any-return]  # a corrected Patient ID moves it
+        if not _same(their_subject, before.subject):
+            return their_subject  # type: ignore[no-any-return]  # another writer's subject stays
+    their_literal = isinstance(their_subject, Mapping) and "reference" in their_subject
+    our_literal = isinstance(our_subject, Mapping) and "reference" in our_subject
+    return their_subject if their_literal and not our_literal else our_subject
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
 
 
 def merge(
-    ours: Mapping[str, Any], theirs: Mapping[str, Any] | None, *, narrative: bool = False
+    ours: Mapping[str, Any],
+    theirs: Mapping[str, Any] | None,
+    *,
+    narrative: bool = False,
+    before: Written | None = None,
 ) -> dict[str, Any]:
     """Merge our ImagingStudy into the backend's copy, per docs/mapping.md "Merge".
 
@@ -222,6 +443,12 @@ def merge(
         it are ignored (a GraphQL read returns ``null`` for absent elements).
     narrative:
         ``[mapping] narrative`` (``MappingOptions.narrative``): attach our generated ``text``.
+    before:
+        What ``ingest`` built at its last write (:class:`Written`), if known. With it, an owned value
+        equal to what was written before is ours (replaced by today's, or removed when today has none),
+        any other is another writer's and is kept: list items (an ``interpreter``, a ``modality``
+        coding, an identifier), elements of our series and instances, and series or instances only
+        they have. A series or instance ``ingest`` wrote before and no longer has is removed.
 
     Returns
     -------
@@ -242,7 +469,8 @@ def merge(
           are kept. ``series.numberOfInstances`` is the length of the merged instance list, or our
           count when ours carries no instance list (``include_instances = false``).
         - ``numberOfSeries`` / ``numberOfInstances``: recomputed over the merged series.
-        - ``id``: theirs (ours only without a backend copy); ``meta`` is dropped.
+        - ``id``: theirs (ours only without a backend copy); ``meta`` keeps theirs' ``tag``,
+          ``security`` and ``profile`` only (the rest is the server's).
         - ``text``: with ``narrative``, :func:`ingest.core.narrative.narrative` of the merged
           result, unless theirs is a narrative someone else wrote (any status but ``generated``,
           or ``generated`` without our marker), which is kept; without ``narrative``, a
@@ -251,35 +479,58 @@ def merge(
     """
     our = _clean(ours)
     their = _clean(theirs)
+    # what ours says the backend copy loses (rejected instances, notes; ingest.core.lifecycle)
+    withdrawn = our.pop(WITHDRAWN_KEY, None)
+    if withdrawn is not None:
+        their = withdraw(their, withdrawn)
     result: dict[str, Any] = {**our, **their}  # not owned: theirs wins, ours fills gaps
     result["resourceType"] = "ImagingStudy"
     result.pop("meta", None)
+    # Resource.meta: the server's bookkeeping goes; the labels other writers set (tag, security, profile)
+    # are content and stay
+    their_meta = their.get("meta")
+    if isinstance(their_meta, Mapping):
+        labels = {k: their_meta[k] for k in _CLIENT_META if k in their_meta}
+        if labels:
+            result["meta"] = labels
     if "id" not in their:
         result.pop("id", None)
         if "id" in our:
             result["id"] = our["id"]
 
+    was = _clean(before.ours) if before is not None else None
+
     # ImagingStudy.identifier
-    identifiers = _merge_identifiers(our.get("identifier", []), their.get("identifier", []))
+    if was is None:
+        identifiers = _merge_identifiers(our.get("identifier", []), their.get("identifier", []))
+    else:
+        identifiers = _merge_identifiers_with_before(
+            our.get("identifier", []), their.get("identifier", []), was.get("identifier", [])
+        )
     if identifiers:
         result["identifier"] = identifiers
 
-    # owned elements: ours, or nothing
+    # owned elements: ours (lists: plus items that were never ours), or theirs only if never ours
     for key in _OWNED_ALWAYS:
         result.pop(key, None)
-        if key in our:
-            result[key] = our[key]
+        if was is None:  # what was ours is unknown: ours, plus theirs' references to contained content
+            value = our.get(key)
+            if isinstance(value, list) and isinstance(their.get(key), list):
+                value = _keep_theirs_list(value, their[key], None)
+        else:
+            value = _owned_element(key, our, their, was)
+        if value is not None:
+            result[key] = value
 
     # ImagingStudy.endpoint: configured on our side, or kept
     if "endpoint" in our:
         result["endpoint"] = our["endpoint"]
 
-    # ImagingStudy.subject: never replace a literal reference with a logical one
-    our_subject, their_subject = our.get("subject"), their.get("subject")
-    if our_subject is not None:
-        their_literal = isinstance(their_subject, Mapping) and "reference" in their_subject
-        our_literal = isinstance(our_subject, Mapping) and "reference" in our_subject
-        result["subject"] = their_subject if their_literal and not our_literal else our_subject
+    # ImagingStudy.subject: moves with a corrected Patient ID; another writer's change is kept; a literal
+    # reference is never replaced by a logical one (plan() refuses when both changed: subject_conflict)
+    subject = _subject(our, their, before)
+    if subject is not None:
+        result["subject"] = subject
 
     # ImagingStudy.status: never overwrite cancelled / entered-in-error
     their_status = their.get("status")
@@ -287,13 +538,18 @@ def merge(
         result["status"] = our["status"]
 
     # ImagingStudy.series (+ instances), then the counts over the merged result
-    series, foreign_uids = _merge_series(our.get("series", []), their.get("series", []))
+    if was is None:
+        series, foreign_uids = _merge_series(our.get("series", []), their.get("series", []))
+    else:
+        series, foreign_uids = _merge_series_with_before(
+            our.get("series", []), their.get("series", []), was.get("series", [])
+        )
     if series:
         result["series"] = series
         result["numberOfSeries"] = len(series)
         counts = [s["numberOfInstances"] for s in series if isinstance(s.get("numberOfInstances"), int)]
         result["numberOfInstances"] = sum(counts)
-        if "modality" in our or "modality" in their:
+        if was is None and ("modality" in our or "modality" in their):
             modality = _merge_modality(
                 our.get("modality", []), their.get("modality", []), series, foreign_uids
             )
@@ -357,7 +613,13 @@ def digest(resource: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def plan(ours: Mapping[str, Any], backend: BackendStudy | None, *, narrative: bool = False) -> Plan:
+def plan(
+    ours: Mapping[str, Any],
+    backend: BackendStudy | None,
+    *,
+    narrative: bool = False,
+    before: Written | None = None,
+) -> Plan:
     """Decide the write for one study.
 
     Parameters
@@ -369,17 +631,23 @@ def plan(ours: Mapping[str, Any], backend: BackendStudy | None, *, narrative: bo
     narrative:
         ``[mapping] narrative`` (``MappingOptions.narrative``), passed to :func:`merge`. The
         narrative is not digested: it never makes a write by itself.
+    before:
+        What ``ingest`` wrote last time (:class:`Written`), passed to :func:`merge`.
 
     Returns
     -------
     Plan
         :class:`Create` with ``merge(ours, None)`` (ours without ``meta``, empties removed) when there
         is no backend copy; :class:`NoChange` when the merged result has the same :func:`digest` as
-        the backend copy; else :class:`Update` with the merged result and ``id`` = the backend id.
+        the backend copy; :class:`Refuse` (``subject_changed``) when :func:`subject_conflict` finds
+        one; else :class:`Update` with the merged result and ``id`` = the backend id.
     """
     if backend is None:
         return Create(merge(ours, None, narrative=narrative))
-    merged = merge(ours, backend.resource, narrative=narrative)
+    conflict = subject_conflict(_clean(ours), _clean(backend.resource), before)
+    if conflict is not None:
+        return Refuse("subject_changed", conflict)
+    merged = merge(ours, backend.resource, narrative=narrative, before=before)
     if digest(merged) == digest(backend.resource):
         return NoChange(backend.id, backend.version_id)
     body = {k: v for k, v in merged.items() if k not in ("resourceType", "id")}

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["BackendStudy", "Code", "InstanceRecord", "PersonName"]
+__all__ = ["BackendStudy", "Code", "InstanceRecord", "PersonName", "SopReference"]
 
 
 class _Frozen(BaseModel):
@@ -39,6 +39,16 @@ class Code(_Frozen):
     value: str  # Code Value (0008,0100) / Long Code Value / URN Code Value
     meaning: str | None = None  # Code Meaning (0008,0104)
     version: str | None = None  # Coding Scheme Version (0008,0103)
+
+
+class SopReference(_Frozen):
+    """One instance a Key Object Selection Document names in its evidence (0040,A375): the item's
+    Study Instance UID, the Referenced Series item's Series Instance UID and the Referenced SOP
+    Instance UID (0008,1155)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
 
 
 class InstanceRecord(_Frozen):
@@ -90,10 +100,21 @@ class InstanceRecord(_Frozen):
     # instance
     instance_number: int | None = None  # (0020,0013)
     content_label: str | None = None  # (0070,0080)
+    number_of_frames: int | None = None  # (0028,0008), multi-frame images
     concept_name: str | None = None  # (0040,A043) > (0008,0104), SR documents
+    # (0040,A043) first item as a code: the document title of a Key Object Selection Document, which
+    # makes it an IOCM rejection note (ingest.core.lifecycle); read for KOS instances only
+    concept_code: Code | None = None
+    # (0040,A375) Current Requested Procedure Evidence > (0008,1115) > (0008,1199): the instances a KOS
+    # names; read for KOS instances only
+    evidence: tuple[SopReference, ...] = ()
 
     # non-fatal problems found while reading optional tags (no patient data in them)
     warnings: tuple[str, ...] = ()
+
+    # state, not header: the rejection code (DCM 113001...) of an IOCM rejection covering this instance,
+    # set by the state store when it reads a study back (ingest.core.lifecycle); never stored
+    rejected_for: str | None = Field(default=None, exclude=True)
 
 
 @dataclass(frozen=True)

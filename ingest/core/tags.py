@@ -143,7 +143,10 @@ TAGS: Final[tuple[TagSpec, ...]] = (
     # instance
     TagSpec("InstanceNumber", _I, False, "instance_number"),  # (0020,0013)
     TagSpec("ContentLabel", _I, False, "content_label"),  # (0070,0080)
+    TagSpec("NumberOfFrames", _I, False, "number_of_frames"),  # (0028,0008), multi-frame images
     TagSpec("ConceptNameCodeSequence", _I, False, "concept_name"),  # (0040,A043), SR documents
+    # IOCM rejection notes (Key Object Selection): the instances they name (ingest.core.lifecycle)
+    TagSpec("CurrentRequestedProcedureEvidenceSequence", _I, False, "evidence"),  # (0040,A375)
     # marker of a DICOMDIR (Basic Directory IOD), which carries no SOP Class UID in its dataset
     TagSpec("FileSetID", _I, False, ""),  # (0004,1130)
 )
@@ -159,6 +162,9 @@ ITEM_TAGS: Final[tuple[str, ...]] = (
     "LocalNamespaceEntityID",  # (0040,0031)
     "UniversalEntityID",  # (0040,0032)
     "UniversalEntityIDType",  # (0040,0033)
+    "ReferencedSeriesSequence",  # (0008,1115), in (0040,A375) items
+    "ReferencedSOPSequence",  # (0008,1199), in (0008,1115) items
+    "ReferencedSOPInstanceUID",  # (0008,1155), in (0008,1199) items
 )
 
 #: The top-level tags to read; everything else is skipped unread (pass to ``specific_tags``).

@@ -21,11 +21,15 @@ from urllib.parse import quote
 from pydicom.uid import UID
 
 __all__ = [
+    "ACCESSION_ID_CONCEPT",
+    "ACCESSION_NUMBER_CONCEPT",
     "ACQUISITION_MODALITIES",
     "BODY_PARTS",
     "DCM_SYSTEM",
     "LATERALITY",
     "SNOMED_SYSTEM",
+    "STUDY_INSTANCE_UID_CONCEPT",
+    "V2_0203_SYSTEM",
     "Concept",
     "body_part_concept",
     "coding_system",
@@ -44,6 +48,18 @@ class Concept(NamedTuple):
     system: str
     code: str
     display: str
+
+
+#: HL7 v2 table 0203 (identifier type), as a FHIR code system.
+V2_0203_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+#: DICOM PS3.16 Annex D (DCM) concept "Study Instance UID": the type of the study's identifier (the
+#: MADO Study Instance UID identifier profile fixes it).
+STUDY_INSTANCE_UID_CONCEPT: Final = Concept(DCM_SYSTEM, "110180", "Study Instance UID")
+#: v2-0203 ``ACSN`` "Accession ID" and DCM 121022 "Accession Number": the two codings the MADO
+#: Accession Number identifier profile requires in ``Identifier.type``.
+ACCESSION_ID_CONCEPT: Final = Concept(V2_0203_SYSTEM, "ACSN", "Accession ID")
+ACCESSION_NUMBER_CONCEPT: Final = Concept(DCM_SYSTEM, "121022", "Accession Number")
 
 
 # DICOM PS3.16 CID 29 Acquisition Modality (DCM codes, code meaning as in the standard).

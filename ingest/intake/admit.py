@@ -27,7 +27,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ingest.adapters.spool import Quarantine, Spool
+from ingest.core.admission import CONFLICT_OTHER_CONTENT
+from ingest.core.lifecycle import rejection_code
 from ingest.core.records import InstanceRecord
+from ingest.intake.retention import DiskBudget, release_bytes
 from ingest.metrics import Metrics
 from ingest.ports import Added, AddOutcome, StateStore
 
@@ -37,6 +40,8 @@ LOGGER = logging.getLogger(__name__)
 
 #: The quarantine reason of a conflicting instance (``docs/reliability.md``).
 _CONFLICT = "conflict"
+#: The quarantine reason of a stored version replaced by a newer one (``[intake] on_conflict``).
+_REPLACED = "replaced"
 
 
 def utcnow() -> datetime:
@@ -60,6 +65,9 @@ class Candidate:
         What the quarantine keeps when it conflicts (the received bytes, or a file), or ``None``.
     origin:
         The quarantine side file's ``source`` (a drop-folder path), if any.
+    data:
+        Its Part 10 bytes to keep in the state store, committed with its row (``spool_name`` ``None``):
+        one durable write for a small instance (``[spool] inline_max_bytes``); ``None`` otherwise.
     """
 
     record: InstanceRecord
@@ -68,6 +76,7 @@ class Candidate:
     spool_name: str | None = None
     body: bytes | Path | None = None
     origin: str | None = None
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,13 @@ class Admission:
         Wall-clock "now" for rows, due times and side files.
     label:
         The ``source`` label of the accepted-instances counter (``dimse``, ``watch``).
+    budget:
+        The disk budget that counts the in-row bytes of added instances, if any.
+    on_conflict:
+        ``[intake] on_conflict``: a stored SOP Instance UID received with other content is refused and
+        quarantined (``quarantine``), or replaces the stored version (``replace``: the row takes the new
+        version, the old bytes go to the quarantine with a side file naming what replaced them, the
+        study becomes due, and the source answers success).
     """
 
     def __init__(
@@ -135,7 +151,11 @@ class Admission:
         wake: Callable[[], None],
         clock: Callable[[], datetime] = utcnow,
         label: str,
+        budget: DiskBudget | None = None,
+        on_conflict: str = "quarantine",
     ) -> None:
+        self.budget = budget
+        self.on_conflict = on_conflict
         self.store = store
         self.spool = spool
         self.quarantine = quarantine
@@ -156,6 +176,7 @@ class Admission:
                 digest=item.digest,
                 now=now,
                 due_at=self.due_at(now),
+                data=item.data,
             )
         except BaseException:
             self._remove_spooled([item])
@@ -178,6 +199,7 @@ class Admission:
                 [(c.record, c.source, c.spool_name, c.digest) for c in items],
                 now=now,
                 due_at=self.due_at(now),
+                inline=[c.data for c in items] if any(c.data is not None for c in items) else None,
             )
         except BaseException:
             self._remove_spooled(items)
@@ -193,11 +215,19 @@ class Admission:
     def _settle(self, items: Sequence[Candidate], results: Sequence[Added], now: datetime) -> list[Admitted]:
         out: list[Admitted] = []
         added_any = False
+        release: dict[str, list[str]] = {}  # bytes_removed_reason -> SOP Instance UIDs (IOCM)
         for item, added in zip(items, results, strict=True):
             if added.outcome is AddOutcome.ADDED:
                 added_any = True
+                if item.data is not None and self.budget is not None:
+                    self.budget.add_in_row(len(item.data))
                 if self.metrics is not None:
                     self.metrics.instances_accepted.labels(source=self.label).inc()
+                    code = rejection_code(item.record)
+                    if code is not None:
+                        self.metrics.rejections.labels(code=code).inc()
+                if added.release:
+                    release.setdefault(added.release_reason, []).extend(added.release)
                 out.append(Admitted(AddOutcome.ADDED, added.study_uid, now))
             elif added.outcome is AddOutcome.DUPLICATE:
                 self._remove_spooled([item])
@@ -205,11 +235,78 @@ class Admission:
                     self.metrics.instances_duplicate.inc()
                 LOGGER.debug("identical duplicate of %s acknowledged", item.record.sop_uid)
                 out.append(Admitted(AddOutcome.DUPLICATE, added.study_uid, now))
+            elif self.on_conflict == "replace" and added.detail == CONFLICT_OTHER_CONTENT:
+                replaced = self._replace(item, added, now)
+                added_any = added_any or replaced.outcome is AddOutcome.ADDED
+                out.append(replaced)
             else:
                 out.append(self._conflict(item, added, now))
+        for reason, sop_uids in sorted(release.items()):
+            self._release(sop_uids, reason, now)
         if added_any:
             self.wake()
         return out
+
+    def _release(self, sop_uids: Sequence[str], reason: str, now: datetime) -> None:
+        """Remove the bytes an IOCM rejection says to remove (their rows record it first); a failure is
+        logged and the bytes stay (the rejection itself is durable: the study is written without them)."""
+        if self.spool is None:  # replay: the inputs are not ingest's to remove
+            LOGGER.info("%d rejected instances (%s): bytes not in a spool of this run", len(sop_uids), reason)
+            return
+        try:
+            release_bytes(
+                self.store, self.spool, sorted(set(sop_uids)), reason=reason, now=now,
+                budget=self.budget, metrics=self.metrics,
+            )
+        except Exception as exc:
+            LOGGER.warning("could not remove the bytes of %d rejected instances (%s): %s",
+                           len(sop_uids), reason, exc)
+
+    def _replace(self, item: Candidate, added: Added, now: datetime) -> Admitted:
+        """``[intake] on_conflict = "replace"``: the new version takes the row; the old bytes go to the
+        quarantine with a side file saying what replaced them (best effort), then leave the spool."""
+        rec = item.record
+        try:
+            old = self.store.replace_instance(
+                rec, source=item.source, spool_name=item.spool_name, digest=item.digest, data=item.data,
+                now=now, due_at=self.due_at(now),
+            )
+        except BaseException:
+            self._remove_spooled([item])
+            raise
+        if old is None:  # the stored version left its study meanwhile: an ordinary conflict
+            return self._conflict(item, added, now)
+        detail = (
+            f"SOP Instance UID {rec.sop_uid} of study {rec.study_uid}: this version ({old.old_digest}) was "
+            f"replaced by {item.digest} (source={item.origin or item.source})"
+        )
+        if self.metrics is not None:
+            self.metrics.instances_accepted.labels(source=self.label).inc()
+            self.metrics.instances_replaced.inc()
+        if self.budget is not None:
+            self.budget.add_in_row((len(item.data) if item.data is not None else 0)
+                                   - (len(old.old_data) if old.old_data is not None else 0))
+        body: bytes | Path | None = old.old_data
+        if body is None and old.old_spool_name is not None and self.spool is not None:
+            body = self.spool.path(old.old_spool_name)
+        name: str | None = None
+        if body is not None and self.quarantine is not None:
+            try:
+                name = self.quarantine.put(
+                    body, _REPLACED, "replaced_by", detail, self.clock(), source=item.origin
+                )
+            except Exception as exc:  # the new version is kept either way
+                LOGGER.warning("could not quarantine a replaced instance: %s", exc)
+        stale = old.old_spool_name
+        if stale is not None and stale != item.spool_name and self.spool is not None:
+            try:
+                self.spool.remove(stale)
+            except Exception as exc:  # no row names it any more: the start-up sweep removes it
+                LOGGER.warning("could not remove spool file %s: %s", stale, exc)
+        LOGGER.info("replaced%s: %s", " (old version quarantined)" if name is not None else "", detail)
+        if old.release_reason:  # the instance stays rejected: its new bytes go too
+            self._release([rec.sop_uid], old.release_reason, now)
+        return Admitted(AddOutcome.ADDED, added.study_uid, now, _REPLACED, detail, name)
 
     def _conflict(self, item: Candidate, added: Added, now: datetime) -> Admitted:
         """Quarantine a conflicting input (best effort), then remove its spool copy."""

@@ -7,6 +7,9 @@ at: it was never acknowledged, so the sender still has it, and nothing will ever
 a threshold are considered, because a younger one may belong to a C-STORE in flight on another thread
 (its row not committed yet). Spool names are random, so logging counts leaks no patient data.
 
+Small instances have no spool file (their bytes are committed with their row, in ``instance_bytes``): a
+crash leaves both or neither, so only spooled (larger) instances can leave orphans.
+
 Temporary files (``.tmp-*``) are different: a committed file has its final name, so a temporary one
 belongs to a write in progress, and at start no write of this process is. :func:`sweep_at_start`
 removes every temporary file of the spool, quarantine and archive folders regardless of age when this

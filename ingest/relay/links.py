@@ -18,6 +18,15 @@ tokens they use are built by :mod:`ingest.core.linked`):
   ``{system: "urn:ietf:rfc:3986", value: <url>}`` (FHIR R4 Endpoint has no ``address`` search parameter),
   and yields ``Endpoint/<id>`` for ``MappingOptions.endpoint_reference``.
 
+- :class:`Creator` and :class:`ProvenanceSink` (``[profile] write_linked``): ``ingest``'s Device (the
+  MADO Creator) and the Organization it acts for are found by identifier or created, once per process,
+  and every ImagingStudy the relay creates or updates gets a Provenance (``target``: that version of the
+  ImagingStudy; ``agent``: ``assembler``, who = the Device, on behalf of the Organization).
+- :class:`ProfileLink` (``[profile] name``, ``[endpoint] series_wado_rs_urls``): the link step when a
+  profile or series-level endpoints are configured: the subject (above), then the series' Endpoint
+  references (by the calling AE titles their instances came from, read from the state store) and the
+  profile's rules (:func:`ingest.core.profiles.apply_profile`).
+
 "Never replace an existing literal subject with a logical one" is the merge's rule
 (:func:`ingest.core.merge.merge`); these resolvers only decide what *ours* is.
 
@@ -31,23 +40,42 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
-from ingest.config import EndpointSettings, PatientSettings
-from ingest.core.linked import URI_SYSTEM, endpoint_resource, patient_resource, search_token
-from ingest.core.records import InstanceRecord
-from ingest.errors import ConfigError, PermanentSinkError
+from ingest.config import EndpointSettings, PatientSettings, ProfileSettings
+from ingest.core.fhir import Identifier, Provenance
+from ingest.core.linked import (
+    URI_SYSTEM,
+    device_identifier,
+    device_resource,
+    endpoint_resource,
+    organization_identifier,
+    organization_resource,
+    patient_resource,
+    search_token,
+)
+from ingest.core.profiles import PROVENANCE_PARTICIPANT_SYSTEM, ProfileName, SeriesEndpoints, apply_profile
+from ingest.core.records import BackendStudy, InstanceRecord
+from ingest.errors import ConfigError, PermanentSinkError, SinkError
 
 if TYPE_CHECKING:  # prometheus_client stays unimported in replay --dry-run
+    from datetime import datetime
+
     from ingest.metrics import Metrics
+    from ingest.ports import Sink
 
 __all__ = [
+    "Creator",
     "EndpointResolver",
     "LinkedBackend",
     "Links",
     "PatientResolver",
+    "ProfileLink",
+    "ProvenanceSink",
+    "SeriesSources",
+    "check_profile",
     "prepare_links",
 ]
 
@@ -55,6 +83,8 @@ LOGGER = logging.getLogger(__name__)
 
 PatientMode = Literal["logical", "lookup", "create"]
 _MISSING: Final = object()
+#: Study Instance UID -> Series Instance UID -> the calling AE titles its instances came from.
+SeriesSources = Callable[[str], Awaitable[Mapping[str, Collection[str]]]]
 
 
 class LinkedBackend(Protocol):
@@ -290,12 +320,15 @@ class EndpointResolver:
     backend:
         The FHIR backend (``GraphQLSink``).
     url:
-        ``[endpoint] wado_rs_url``.
+        ``[endpoint] wado_rs_url``, or one of ``[endpoint] series_wado_rs_urls``.
+    requires_access_token:
+        ``[endpoint] requires_access_token``, written into an Endpoint it creates.
     """
 
-    def __init__(self, backend: LinkedBackend, url: str) -> None:
+    def __init__(self, backend: LinkedBackend, url: str, *, requires_access_token: bool = True) -> None:
         self.backend = backend
         self.url = url
+        self.requires_access_token = requires_access_token
         self._reference: str | None = None
         self._lock = asyncio.Lock()
 
@@ -331,11 +364,203 @@ class EndpointResolver:
                         "%d Endpoints have address %s; using Endpoint/%s", len(matches), self.url, endpoint_id
                     )
             else:
-                created = await self.backend.create_resource("Endpoint", endpoint_resource(self.url))
+                created = await self.backend.create_resource(
+                    "Endpoint",
+                    endpoint_resource(self.url, requires_access_token=self.requires_access_token),
+                )
                 endpoint_id = str(created["id"])
                 LOGGER.info("created Endpoint/%s for %s", endpoint_id, self.url)
             self._reference = f"Endpoint/{endpoint_id}"
             return self._reference
+
+
+# --------------------------------------------------------------------------------------------------
+# The creator (Device, Organization) and the Provenance of each write
+# --------------------------------------------------------------------------------------------------
+
+
+async def _find_or_create(
+    backend: LinkedBackend, resource_type: str, identifier: Identifier, resource: Mapping[str, Any]
+) -> str:
+    """``<Type>/<id>`` of the resource carrying ``identifier`` (the lowest id when several do), created
+    from ``resource`` when none does."""
+    system, value = identifier.system or "", identifier.value or ""
+    found = await backend.search_resources(resource_type, identifier=search_token(system, value), count=10)
+    ids = sorted(str(m["id"]) for m in found if _carries(m, system, value) and isinstance(m.get("id"), str))
+    if ids:
+        return f"{resource_type}/{ids[0]}"
+    created = await backend.create_resource(resource_type, resource)
+    LOGGER.info("created %s/%s for [profile] write_linked", resource_type, created["id"])
+    return f"{resource_type}/{created['id']}"
+
+
+class Creator:
+    """``ingest`` as the creator of what it writes: its Device and Organization, and their Provenances.
+
+    Parameters
+    ----------
+    backend:
+        The FHIR backend (``GraphQLSink``).
+    profile:
+        ``[profile]`` (``device_name``, ``manufacturer``, ``organization``).
+    version:
+        ``ingest``'s version (``Device.version``).
+    clock:
+        "Now" for ``Provenance.recorded`` (timezone-aware).
+    """
+
+    def __init__(
+        self, backend: LinkedBackend, profile: ProfileSettings, version: str, *, clock: Callable[[], datetime]
+    ) -> None:
+        self.backend = backend
+        self.profile = profile
+        self.version = version
+        self.clock = clock
+        self.written = 0
+        self._refs: tuple[str, str | None] | None = None
+        self._lock = asyncio.Lock()
+
+    def check(self) -> None:
+        """Refuse to start when the backend cannot hold what ``write_linked`` writes.
+
+        Raises
+        ------
+        ConfigError
+        """
+        needed = ["Device", "Provenance"] + (["Organization"] if self.profile.organization else [])
+        missing = [t for t in needed if not self.backend.supports(t)]
+        if missing:
+            raise ConfigError(
+                "[profile] write_linked needs " + ", ".join(f"{t}List / {t}Create" for t in missing)
+                + " on the backend, and its schema has none"
+            )
+
+    async def references(self) -> tuple[str, str | None]:
+        """``Device/<id>`` and ``Organization/<id>`` (``None`` without ``[profile] organization``)."""
+        async with self._lock:
+            if self._refs is None:
+                cfg = self.profile
+                org: str | None = None
+                if cfg.organization:
+                    name = cfg.organization
+                    org = await _find_or_create(
+                        self.backend, "Organization", organization_identifier(name),
+                        organization_resource(name),
+                    )
+                device = device_resource(
+                    cfg.device_name, self.version, manufacturer=cfg.manufacturer, owner=org
+                )
+                ident = device_identifier(cfg.device_name)
+                self._refs = (await _find_or_create(self.backend, "Device", ident, device), org)
+            return self._refs
+
+    async def provenance(self, written: BackendStudy) -> str:
+        """Write the Provenance of one ImagingStudy write; returns ``Provenance/<id>``."""
+        device, org = await self.references()
+        target = f"ImagingStudy/{written.id}"
+        if written.version_id:
+            target += f"/_history/{written.version_id}"  # the version this write made
+        agent: dict[str, Any] = {
+            "type": {"coding": [{"system": PROVENANCE_PARTICIPANT_SYSTEM, "code": "assembler",
+                                 "display": "Assembler"}]},
+            "who": {"reference": device, "type": "Device"},
+        }
+        if org is not None:
+            agent["onBehalfOf"] = {"reference": org, "type": "Organization"}
+        recorded = self.clock().isoformat(timespec="milliseconds")
+        resource = Provenance.model_validate(
+            {"resourceType": "Provenance", "target": [{"reference": target, "type": "ImagingStudy"}],
+             "recorded": recorded, "agent": [agent]}
+        ).to_fhir()
+        created = await self.backend.create_resource("Provenance", resource)
+        self.written += 1
+        return f"Provenance/{created['id']}"
+
+
+class ProvenanceSink:
+    """The relay's sink with ``[profile] write_linked``: each ImagingStudy create or update is followed by
+    its Provenance (:meth:`Creator.provenance`). A Provenance the backend refuses or cannot take now is
+    logged as a WARNING; the ImagingStudy write stands and the study is not retried for it. Everything
+    else is the wrapped sink's."""
+
+    def __init__(self, sink: Sink, creator: Creator) -> None:
+        self.sink = sink
+        self.creator = creator
+
+    async def find(self, study_uid: str, backend_id: str | None) -> BackendStudy | None:
+        return await self.sink.find(study_uid, backend_id)
+
+    async def create(self, resource: dict[str, Any]) -> BackendStudy:
+        written = await self.sink.create(resource)
+        await self._provenance(written)
+        return written
+
+    async def update(self, backend_id: str, resource: dict[str, Any]) -> BackendStudy:
+        written = await self.sink.update(backend_id, resource)
+        await self._provenance(written)
+        return written
+
+    async def aclose(self) -> None:
+        await self.sink.aclose()
+
+    def __getattr__(self, name: str) -> Any:  # connect, supports, search_resources, ... of the sink
+        return getattr(self.sink, name)
+
+    async def _provenance(self, written: BackendStudy) -> None:
+        try:
+            ref = await self.creator.provenance(written)
+        except SinkError as exc:
+            LOGGER.warning("ImagingStudy/%s written, but its Provenance was not: %s", written.id, exc)
+            return
+        LOGGER.debug("ImagingStudy/%s: %s", written.id, ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# Profile
+# --------------------------------------------------------------------------------------------------
+
+
+class ProfileLink:
+    """The link step with a profile: subject, series endpoints, then the profile's rules.
+
+    Parameters
+    ----------
+    profile:
+        ``[profile] name``.
+    endpoints:
+        The study-level Endpoint reference and the calling AE -> Endpoint reference table.
+    patient:
+        The subject resolver (``None`` in ``[patient] mode = "logical"``).
+    sources:
+        Where the calling AE titles of a study's series come from (the state store); needed only with
+        series-level endpoints.
+    """
+
+    def __init__(
+        self,
+        profile: ProfileName,
+        endpoints: SeriesEndpoints,
+        *,
+        patient: PatientResolver | None = None,
+        sources: SeriesSources | None = None,
+    ) -> None:
+        self.profile = profile
+        self.endpoints = endpoints
+        self.patient = patient
+        self.sources = sources
+
+    async def __call__(self, study: dict[str, Any], records: Sequence[InstanceRecord]) -> dict[str, Any]:
+        """Return ``study`` with the subject resolved and the profile applied (a new dict)."""
+        if self.patient is not None:
+            study = await self.patient(study, records)
+        uid = records[0].study_uid if records else "?"
+        endpoints = self.endpoints
+        if self.sources is not None and endpoints.by_source and records:
+            endpoints = replace(endpoints, sources=await self.sources(uid))
+        profiled, problems = apply_profile(study, self.profile, endpoints)
+        for problem in problems:  # rule names and UIDs only, never patient data
+            LOGGER.info("study %s does not meet the %s profile: %s", uid, self.profile, problem)
+        return profiled
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,10 +570,32 @@ class EndpointResolver:
 
 @dataclass(frozen=True)
 class Links:
-    """What :func:`prepare_links` gives the relay: the Endpoint reference and the subject hook."""
+    """What :func:`prepare_links` gives the relay: the Endpoint reference and the link step."""
 
     endpoint_reference: str | None
-    link: PatientResolver | None
+    link: PatientResolver | ProfileLink | None
+
+
+def check_profile(profile: ProfileSettings, endpoint: EndpointSettings, *, include_instances: bool) -> None:
+    """Refuse settings under which no ImagingStudy can meet ``[profile] name``.
+
+    Raises
+    ------
+    ConfigError
+        ``smart-imaging`` without ``[endpoint] wado_rs_url`` (ImagingStudy.endpoint 1..*); ``mado``
+        without it (every series needs a WADO-RS Endpoint) or with ``[mapping] include_instances =
+        false`` (series.instance 1..*).
+    """
+    if profile.name in ("smart-imaging", "mado") and not endpoint.wado_rs_url:
+        raise ConfigError(
+            f'[profile] name = "{profile.name}" needs [endpoint] wado_rs_url: the profile requires a '
+            "WADO-RS Endpoint for every study and series"
+        )
+    if profile.name == "mado" and not include_instances:
+        raise ConfigError(
+            '[profile] name = "mado" needs [mapping] include_instances = true: the MADO ImagingStudy '
+            "lists every instance of every series"
+        )
 
 
 async def prepare_links(
@@ -357,6 +604,8 @@ async def prepare_links(
     backend: LinkedBackend,
     *,
     metrics: Metrics | None = None,
+    profile: ProfileSettings | None = None,
+    sources: SeriesSources | None = None,
 ) -> Links:
     """Resolve the Endpoint and build the Patient resolver from ``[endpoint]`` and ``[patient]``.
 
@@ -373,11 +622,16 @@ async def prepare_links(
         The connected sink.
     metrics:
         Where Patient fallbacks are counted.
+    profile:
+        ``[profile]`` (``name``); ``None``: ``base``.
+    sources:
+        The calling AE titles of a study's series (needed with ``[endpoint] series_wado_rs_urls``).
 
     Returns
     -------
     Links
-        ``link`` is ``None`` in ``"logical"`` mode (nothing to resolve).
+        ``link`` is ``None`` in ``"logical"`` mode with the ``base`` profile and no series-level
+        endpoints (nothing to do); a :class:`ProfileLink` with a profile or series endpoints.
 
     Raises
     ------
@@ -391,6 +645,21 @@ async def prepare_links(
         link = PatientResolver(backend, patient.mode, metrics=metrics)
         link.check()
     reference = None
+    token = endpoint.requires_access_token
     if endpoint.wado_rs_url:
-        reference = await EndpointResolver(backend, endpoint.wado_rs_url).reference()
-    return Links(endpoint_reference=reference, link=link)
+        study_endpoint = EndpointResolver(backend, endpoint.wado_rs_url, requires_access_token=token)
+        reference = await study_endpoint.reference()
+    name: ProfileName = profile.name if profile is not None else "base"
+    if name == "base" and not endpoint.series_wado_rs_urls:
+        return Links(endpoint_reference=reference, link=link)
+    by_url: dict[str, str] = {}
+    for url in sorted(set(endpoint.series_wado_rs_urls.values())):
+        if url == endpoint.wado_rs_url and reference is not None:
+            by_url[url] = reference
+        else:
+            by_url[url] = await EndpointResolver(backend, url, requires_access_token=token).reference()
+    by_source = {ae: by_url[url] for ae, url in endpoint.series_wado_rs_urls.items()}
+    profiled = ProfileLink(
+        name, SeriesEndpoints(study=reference, by_source=by_source), patient=link, sources=sources
+    )
+    return Links(endpoint_reference=reference, link=profiled)

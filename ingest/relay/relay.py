@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import uuid
@@ -21,10 +22,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ingest.config import RelaySettings
-from ingest.core.merge import Create, NoChange, Update, digest, plan
+from ingest.core.merge import Create, NoChange, Refuse, Update, Written, digest, plan
 from ingest.core.records import InstanceRecord
 from ingest.errors import (
     ConfigError,
+    ForeignContentError,
     IngestError,
     MultipleMatchesError,
     PermanentSinkError,
@@ -462,11 +464,17 @@ class Relay:
         try:
             if self.link is not None:
                 ours = await self.link(ours, records)
+            before = _written(await asyncio.to_thread(self.store.written, uid))
             self._request("find")
             backend = await self.sink.find(uid, claim.backend_id)
-            decision = plan(ours, backend, narrative=self.narrative)
+            decision = plan(ours, backend, narrative=self.narrative, before=before)
+            if isinstance(decision, Refuse):
+                self.backend.answered()
+                return await self._dead(claim, decision.reason, ValueError(decision.message), lease)
+            written_subject = ours.get("subject")
             if isinstance(decision, NoChange):
                 assert backend is not None
+                written_subject = backend.resource.get("subject")
                 result, bid, ver, dig = "unchanged", decision.backend_id, decision.version_id, digest(
                     backend.resource
                 )
@@ -481,10 +489,15 @@ class Relay:
                 self._request("update")
                 written = await self.sink.update(decision.backend_id, decision.resource)
                 result, bid, ver, dig = "updated", written.id, written.version_id, digest(decision.resource)
+            if isinstance(decision, Create | Update):
+                written_subject = decision.resource.get("subject")
             self.backend.answered()
         except MultipleMatchesError as exc:
             self.backend.answered()
             return await self._dead(claim, "multiple_matches", exc, lease)
+        except ForeignContentError as exc:  # the copy cannot be read or sent back whole: never written
+            self.backend.answered()
+            return await self._dead(claim, exc.reason, exc, lease)
         except PermanentSinkError as exc:
             self.backend.answered()
             return await self._dead(claim, "rejected", exc, lease)
@@ -510,7 +523,8 @@ class Relay:
             )
             self._count("retried")
             return "retried"
-        recorded = await self._record_pushed(claim, lease, result, bid, ver, dig)
+        kept = (json.dumps(ours, ensure_ascii=False), _json_or_none(written_subject))
+        recorded = await self._record_pushed(claim, lease, result, bid, ver, dig, kept)
         if recorded != "recorded":
             return recorded
         LOGGER.info("study %s %s (ImagingStudy/%s, %d instances)", uid, result, bid, len(records))
@@ -518,7 +532,14 @@ class Relay:
         return result
 
     async def _record_pushed(
-        self, claim: StudyClaim, lease: LeaseKeeper, result: str, bid: str, ver: str | None, dig: str
+        self,
+        claim: StudyClaim,
+        lease: LeaseKeeper,
+        result: str,
+        bid: str,
+        ver: str | None,
+        dig: str,
+        written: tuple[str, str | None] | None = None,
     ) -> str:
         """Record what the backend now holds; a state-store error is retried here, on the short
         :func:`record_delay` schedule, without writing to the backend again.
@@ -533,7 +554,7 @@ class Relay:
             try:
                 await asyncio.to_thread(
                     self.store.mark_pushed, claim, backend_id=bid, version_id=ver, digest=dig,
-                    now=self.clock(),
+                    now=self.clock(), written=written,
                 )
                 return "recorded"
             except StoreError as exc:
@@ -600,6 +621,26 @@ class Relay:
             ]
             delay = min([self.cfg.poll_interval_s, *[w for w in waits if w > 0]]) if waits else 0.05
             await asyncio.sleep(max(0.02, min(delay, self.cfg.poll_interval_s)))
+
+
+def _written(kept: tuple[str | None, str | None]) -> Written | None:
+    """The merge's "ours before" from what the state store kept of the last write (``None``: unknown)."""
+    ours_text, subject_text = kept
+    if ours_text is None:
+        return None
+    try:
+        ours = json.loads(ours_text)
+        subject = json.loads(subject_text) if subject_text is not None else None
+    except ValueError:
+        LOGGER.warning("the record of the last write is not JSON; merging without it")
+        return None
+    if not isinstance(ours, dict):
+        return None
+    return Written(ours=ours, subject=subject if isinstance(subject, dict) else None)
+
+
+def _json_or_none(value: Any) -> str | None:
+    return json.dumps(value, ensure_ascii=False) if value is not None else None
 
 
 async def _unless_stopped(step: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:

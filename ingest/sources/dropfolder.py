@@ -61,6 +61,7 @@ from ingest.adapters.spool import Quarantine, Spool, fsync_dir
 from ingest.config import Settings, WatchSettings
 from ingest.errors import ConfigError, StoreError, StoreUnavailableError
 from ingest.intake.admit import Admission, Admitted, Candidate, utcnow
+from ingest.intake.retention import DiskBudget
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome, StateStore
 from ingest.sources.parse import Item, Parsed, Rejected, parse_items
@@ -182,6 +183,9 @@ class DropFolder:
         Wall-clock "now" for side files and the kept-files record (the admission's clock).
     monotonic:
         Clock for settle times.
+    budget:
+        The disk budget asked before a file is copied to the spool; when it refuses, the file stays
+        where it is and the next rescan picks it up.
 
     Raises
     ------
@@ -204,7 +208,9 @@ class DropFolder:
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
+        budget: DiskBudget | None = None,
     ) -> None:
+        self.budget = budget
         if cfg.folder is None:
             raise ConfigError("[watch] folder is not set")
         try:
@@ -357,6 +363,9 @@ class DropFolder:
                     self._reject(path, result.reason, "max_instance_bytes", result.message, over_cap=before)
                 else:
                     self._reject(path, result.reason, "dicom_header", result.message)
+                continue
+            if self.budget is not None and self.budget.refusal(before.st_size, what=f"file {path}"):
+                self.totals.deferred += 1  # left where it is; the next rescan finds it again
                 continue
             kept = self._copy_to_spool(path, result, before)
             if kept is not None:
@@ -571,6 +580,7 @@ def open_drop_folder(
     wake: Callable[[], None] = lambda: None,
     clock: Callable[[], datetime] = utcnow,
     monotonic: Callable[[], float] = time.monotonic,
+    budget: DiskBudget | None = None,
 ) -> DropFolder:
     """A :class:`DropFolder` over ``data_dir``'s spool and quarantine, with its :class:`Admission`.
 
@@ -587,6 +597,8 @@ def open_drop_folder(
         Called (from the thread ingesting a chunk) whenever instances were accepted.
     clock, monotonic:
         Wall-clock "now" (rows, due times, side files) and the clock for settle times.
+    budget:
+        The disk budget (its spool is then the drop folder's), if any; see :class:`DropFolder`.
 
     Raises
     ------
@@ -596,17 +608,18 @@ def open_drop_folder(
         When the spool, quarantine, archive or watch database cannot be prepared.
     """
     data_dir = settings.data_dir.resolve()
-    spool = Spool(data_dir / "spool")
+    spool = budget.spool if budget is not None else Spool(data_dir / "spool")  # one running total
     quarantine = Quarantine(data_dir / "quarantine", max_bytes=settings.quarantine.max_bytes)
     admission = Admission(
         store, spool=spool, quarantine=quarantine, metrics=metrics,
-        stable_age_s=settings.relay.stable_age_s, wake=wake, clock=clock, label=_SOURCE,
+        stable_age_s=settings.relay.stable_age_s, wake=wake, clock=clock, label=_SOURCE, budget=budget,
+        on_conflict=settings.intake.on_conflict,
     )
     return DropFolder(
         settings.watch, admission, spool=spool, quarantine=quarantine, data_dir=data_dir,
         max_instance_bytes=settings.listener.max_instance_bytes,
         max_inflated_bytes=settings.listener.max_inflated_bytes,
-        metrics=metrics, clock=clock, monotonic=monotonic,
+        metrics=metrics, clock=clock, monotonic=monotonic, budget=budget,
     )
 
 
@@ -620,6 +633,7 @@ async def run_watcher(
     rescan_s: float = DEFAULT_RESCAN_S,
     clock: Callable[[], datetime] = utcnow,
     on_step: Callable[[DropFolder, StepResult], None] | None = None,
+    budget: DiskBudget | None = None,
 ) -> None:
     """Watch ``[watch] folder`` until ``stop`` is set, ingesting every file once it has settled.
 
@@ -641,6 +655,8 @@ async def run_watcher(
         Wall-clock "now".
     on_step:
         Called on the event loop after each step (tests and benchmarks observe progress with it).
+    budget:
+        As for :func:`open_drop_folder`.
 
     Raises
     ------
@@ -655,7 +671,7 @@ async def run_watcher(
         loop.call_soon_threadsafe(wake)
 
     drop = await asyncio.to_thread(
-        open_drop_folder, settings, store, metrics=metrics, wake=wake_on_loop, clock=clock
+        open_drop_folder, settings, store, metrics=metrics, wake=wake_on_loop, clock=clock, budget=budget
     )
     LOGGER.info("watching %s (%s, settle %d ms, after %s)", drop.folder,
                 "polling" if drop.cfg.poll else "inotify", drop.cfg.settle_ms, drop.cfg.after)

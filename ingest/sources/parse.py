@@ -15,7 +15,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.adapters.dicomfile import iter_dicom_files, read_header, read_header_bytes
+from ingest.adapters.folders import iter_dicom_files
 from ingest.core.records import InstanceRecord
 from ingest.errors import HeaderError, IngestError
 
@@ -38,6 +38,9 @@ class Item:
     path: Path | None = None
     data: bytes | None = None
     rejection: tuple[str, str] | None = None
+    #: ``(absolute path, st_size, st_mtime_ns)`` as ``os.stat`` gave them before the file is read, when
+    #: the caller wants to remember the file (replay's unchanged reruns); passed on to :class:`Parsed`
+    stat: tuple[str, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Parsed:
     record: InstanceRecord
     digest: str
     size: int
+    stat: tuple[str, int, int] | None = None  # the item's :attr:`Item.stat`
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,10 @@ def expand_paths(paths: Iterable[Path]) -> Iterator[Item]:
 def _parse_one(item: Item, max_inflated_bytes: int) -> Parsed | Rejected:
     if item.rejection is not None:
         return Rejected(item.label, *item.rejection)
+    # the header walker is imported by the first parse, not with this module: listing files (a replay
+    # rerun that finds them all unchanged) loads no DICOM code
+    from ingest.adapters.dicomfile import read_header, read_header_bytes
+
     try:
         if item.path is not None:
             parsed = read_header(item.path, max_inflated_bytes=max_inflated_bytes)
@@ -78,7 +86,7 @@ def _parse_one(item: Item, max_inflated_bytes: int) -> Parsed | Rejected:
         return Rejected(item.label, "unreadable", str(exc))
     except OSError as exc:
         return Rejected(item.label, "unreadable", f"cannot read {item.label}: {exc.strerror or exc}")
-    return Parsed(item.label, parsed.record, parsed.digest, parsed.size)
+    return Parsed(item.label, parsed.record, parsed.digest, parsed.size, item.stat)
 
 
 def _parse_batch(items: list[Item], max_inflated_bytes: int) -> list[Parsed | Rejected]:
@@ -120,6 +128,12 @@ def parse_items(
         The header record, or why the item was refused.
     """
     it = iter(items)
+    first = next(it, None)
+    if first is None:  # nothing to read: no walker imported, no process started
+        return
+    it = itertools.chain([first], it)
+    import ingest.adapters.dicomfile  # noqa: F401  (loaded once here, before the worker processes fork)
+
     workers = jobs - 1 if caller_parses else jobs
     if workers < 1:
         for item in it:

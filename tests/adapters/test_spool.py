@@ -9,11 +9,12 @@ import os
 import stat
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.data import get_testdata_file
 
-from ingest.adapters.spool import Quarantine, Spool
+from ingest.adapters.spool import Quarantine, Spool, read_instance
 from ingest.errors import StoreUnavailableError
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
@@ -366,3 +367,48 @@ def test_sweep_temps_with_zero_age_removes_fresh_temporary_files(tmp_path: Path)
     fresh.write_bytes(b"left by a kill -9")
     assert spool.sweep_temps() == 0 and fresh.exists()  # the default keeps young ones
     assert spool.sweep_temps(older_than_s=0) == 1 and not fresh.exists()
+
+
+# -- read_instance: an accepted instance's bytes, in-row or in its spool file (both state stores) ----------
+
+_T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def _record(sop: str) -> Any:
+    from ingest.core.records import InstanceRecord
+
+    study = "1.2.826.0.1.3680043.2.1125.11"
+    return InstanceRecord(study_uid=study, series_uid=f"{study}.1", sop_uid=sop,
+                          sop_class_uid="1.2.840.10008.5.1.4.1.1.2")
+
+
+def test_read_instance_finds_in_row_bytes_and_spool_files(store: Any, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    small = b"\0" * 128 + b"DICM" + b"small instance"
+    large = spool.write(b"\0" * 128 + b"DICM" + b"x" * 5000)
+    results = store.add_instances(
+        [(_record("1.2.7.1"), "dimse:A", None, "c1:1"), (_record("1.2.7.2"), "dimse:A", large.name, "c1:2"),
+         (_record("1.2.7.3"), "dimse:A", None, "c1:3")],
+        now=_T0, due_at=_T0, inline=[small, None, None],
+    )
+    assert [r.outcome.name for r in results] == ["ADDED"] * 3
+    assert read_instance(store, spool, "1.2.7.1") == small
+    assert read_instance(store, spool, "1.2.7.2") == large.path.read_bytes()
+    assert read_instance(store, spool, "1.2.7.3") is None  # a row without kept bytes (replay)
+    assert read_instance(store, spool, "1.2.7.9") is None  # unknown
+    assert store.instance_spool_name("1.2.7.2") == large.name and store.instance_spool_name("1.2.7.1") is None
+    assert store.inline_bytes_total() == len(small)
+    # an identical duplicate keeps the first bytes and adds none
+    again = store.add_instance(_record("1.2.7.1"), source="dimse:B", spool_name=None, digest="c1:1",
+                               now=_T0, due_at=_T0, data=b"other bytes")
+    assert again.outcome.name == "DUPLICATE"
+    assert store.instance_bytes("1.2.7.1") == small and store.inline_bytes_total() == len(small)
+    spool.remove(large.name)  # released by retention since: nothing to read, not an error
+    assert read_instance(store, spool, "1.2.7.2") is None
+
+
+def test_add_instances_refuses_inline_of_another_length(store: Any) -> None:
+    with pytest.raises(ValueError, match="inline has 2 entries for 1 items"):
+        store.add_instances([(_record("1.2.7.5"), "dimse:A", None, "c1:5")], now=_T0, due_at=_T0,
+                            inline=[b"a", b"b"])
+    assert store.instance_bytes("1.2.7.5") is None

@@ -443,7 +443,9 @@ async def test_relay_claims_nothing_until_connected_and_wired_then_uses_the_wiri
         if len(connects) < 3:
             raise RetryableSinkError("connection refused")
 
-    async def prepare_links(_patient: Any, _endpoint: Any, _sink: Any, *, metrics: Any = None) -> Links:
+    async def prepare_links(
+        _patient: Any, _endpoint: Any, _sink: Any, *, metrics: Any = None, **_options: Any
+    ) -> Links:
         wirings.append("try")
         assert sink.calls["find"] == 0  # nothing pushed before the wiring is done
         if len(wirings) < 3:

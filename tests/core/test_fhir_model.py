@@ -442,3 +442,23 @@ def test_patient_and_endpoint_models_serialise() -> None:
     assert data["payloadMimeType"] == ["application/dicom"]
     assert data["connectionType"] == {"code": "dicom-wado-rs"}
     assert Endpoint.from_fhir(data) == endpoint
+
+
+def test_prune_empty_handles_every_json_like_container_and_scalar() -> None:
+    from types import MappingProxyType
+
+    class Label(str):
+        pass
+
+    value = {
+        "proxy": MappingProxyType({"x": "", "y": 1.5}),  # a Mapping that is not a dict
+        "nested": ((), [[], [None, ""]], ({"z": None},)),  # tuples and lists, all empty
+        "blank": Label(""),  # a str subclass that is empty
+        "text": Label("t"),
+        "zero": 0.0,
+        "list": [0, False, "", "s", {"k": []}],
+    }
+    assert prune_empty(value) == {"proxy": {"y": 1.5}, "text": "t", "zero": 0.0, "list": [0, False, "s"]}
+    assert prune_empty("") is None
+    assert prune_empty(()) is None
+    assert prune_empty(0) == 0

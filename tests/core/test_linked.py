@@ -14,8 +14,11 @@ from ingest.core.linked import (
     CONNECTION_TYPE_SYSTEM,
     NAME_REPRESENTATION_URL,
     URI_SYSTEM,
+    device_identifier,
+    device_resource,
     endpoint_resource,
     human_names,
+    organization_resource,
     patient_resource,
     search_token,
 )
@@ -156,20 +159,75 @@ def test_search_token_escapes_fhir_search_characters() -> None:
 
 
 def test_endpoint_resource_shape() -> None:
-    assert endpoint_resource(WADO) == {
+    """What the SMART WADO-RS Endpoint and the MADO WADO Endpoint profiles require (docs/mapping.md
+    "Imaging profiles"): status active, connectionType dicom-wado-rs, payloadType endpoint-payload-type
+    ``none`` with text "DICOM WADO-RS", the address, requires-access-token and Retrieve Location UID."""
+    endpoint = endpoint_resource(WADO)
+    location = endpoint["extension"][1]["valueString"]
+    assert endpoint == {
         "resourceType": "Endpoint",
+        "extension": [
+            {"url": "http://fhir.org/argonaut/smart-imaging/StructureDefinition/requires-access-token",
+             "valueBoolean": True},
+            {"url": "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoRetrieveLocationUIDExtension",
+             "valueString": location},
+        ],
         "identifier": [{"system": "urn:ietf:rfc:3986", "value": WADO}],
         "status": "active",
         "connectionType": {
             "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
             "code": "dicom-wado-rs",
+            "display": "DICOM WADO-RS",
         },
         "name": "DICOMweb WADO-RS",
-        "payloadType": [{"text": "DICOM WADO-RS"}],
+        "payloadType": [
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/endpoint-payload-type", "code": "none"}
+                ],
+                "text": "DICOM WADO-RS",
+            }
+        ],
         "payloadMimeType": ["application/dicom"],
         "address": WADO,
     }
     assert CONNECTION_TYPE_SYSTEM == "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+    # a UUID-derived UID (PS3.5 B.2), the same for the same URL, another for another URL
+    assert location.startswith("2.25.") and len(location) <= 64 and location[5:].isdigit()
+    assert endpoint_resource(WADO)["extension"][1]["valueString"] == location
+    assert endpoint_resource(WADO + "2")["extension"][1]["valueString"] != location
+    assert endpoint_resource(WADO, location_uid="1.2.3")["extension"][1]["valueString"] == "1.2.3"
+    no_token = endpoint_resource(WADO, requires_access_token=False)
+    assert no_token["extension"][0]["valueBoolean"] is False
+
+
+def test_linked_resources_validate_with_fhir_resources_r4b() -> None:
+    """The Endpoint, Device and Organization pass an independent R4(B) implementation."""
+    from fhir.resources.R4B.device import Device
+    from fhir.resources.R4B.endpoint import Endpoint
+    from fhir.resources.R4B.organization import Organization
+
+    Endpoint.model_validate(endpoint_resource(WADO))
+    Device.model_validate(device_resource("ingest", "1.2.3", manufacturer="ACME", owner="Organization/o1"))
+    Organization.model_validate(organization_resource("Synthetic Imaging"))
+
+
+def test_device_resource_is_the_mado_creator() -> None:
+    device = device_resource("ingest", "1.2.3", manufacturer="ACME")
+    # MadoCreator: type.coding 1..1 = MadoDeviceType#mado-creator "MADO Creator"; manufacturer
+    assert device["type"] == {
+        "coding": [{"system": "https://profiles.ihe.net/RAD/MADO/CodeSystem/MadoDeviceType",
+                    "code": "mado-creator", "display": "MADO Creator"}]
+    }
+    assert device["manufacturer"] == "ACME"
+    assert device["deviceName"] == [{"name": "ingest", "type": "model-name"}]
+    assert device["version"] == [{"value": "1.2.3"}]
+    assert device["identifier"] == [{"system": URI_SYSTEM, "value": device_identifier("ingest").value}]
+    assert device["identifier"][0]["system"] == URI_SYSTEM
+    assert device["identifier"][0]["value"].startswith("urn:uuid:")
+    assert "owner" not in device
+    assert device_resource("ingest", "9")["identifier"] == device["identifier"]  # found again by it
+    assert device_resource("other", "1")["identifier"] != device["identifier"]
 
 
 def test_ct_small_patient_resource_is_valid_fhir() -> None:

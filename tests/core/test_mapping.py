@@ -103,10 +103,21 @@ def test_full_study_maps_every_study_level_row() -> None:
     resource, warnings = build(full_study(), endpoint_reference="Endpoint/wado")
     assert warnings == []
     assert resource["status"] == "available"
+    # types as the MADO identifier profiles fix them: DCM 110180; v2-0203 ACSN and DCM 121022
     assert resource["identifier"] == [
-        {"system": "urn:dicom:uid", "value": f"urn:oid:{STUDY}"},
         {
-            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+            "type": {"coding": [{"system": DCM, "code": "110180", "display": "Study Instance UID"}]},
+            "system": "urn:dicom:uid",
+            "value": f"urn:oid:{STUDY}",
+        },
+        {
+            "type": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN",
+                     "display": "Accession ID"},
+                    {"system": DCM, "code": "121022", "display": "Accession Number"},
+                ]
+            },
             "system": "urn:oid:2.16.840.1.113883.3.1",
             "value": "ACC-1",
         },

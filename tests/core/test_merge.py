@@ -304,3 +304,105 @@ def test_digest_ignores_id_meta_text_and_series_order_but_not_content() -> None:
     reordered_identifiers = copy.deepcopy(base)
     reordered_identifiers["identifier"].reverse()  # order of other arrays is content
     assert digest(reordered_identifiers) != digest(base)
+
+
+# -- corrections and other writers, with what ingest wrote before (docs/mapping.md, "The lifecycle") -------
+
+
+def _with(resource: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    out = copy.deepcopy(resource)
+    out.update(changes)
+    return out
+
+
+def test_corrected_single_values_replace_what_ingest_wrote_and_foreign_additions_stay() -> None:
+    from ingest.core.merge import Written
+
+    before = ours({"1": [1, 2]})
+    # another writer added a note, an identifier, an interpreter pointing at a contained resource, a
+    # series extension and an instance title; the backend copy is what ingest wrote plus those
+    theirs = stored(copy.deepcopy(before))
+    theirs["note"] = [{"text": "reviewed"}]
+    theirs["identifier"].append({"system": "urn:example:ris", "value": "R-9"})
+    theirs["contained"] = [{"resourceType": "Practitioner", "id": "p1", "name": [{"family": "Reader"}]}]
+    theirs["interpreter"] = [{"reference": "#p1"}]
+    theirs["series"][0]["extension"] = [{"url": "urn:example:qa", "valueString": "ok"}]
+    theirs["series"][0]["instance"][0]["title"] = "their title"
+    # the corrected instance replaced the old one: new description, accession, start, body site
+    now = ours({"1": [1, 2]}, description="MR HEAD corrected", started="2024-05-02T08:00:00+02:00")
+    now["identifier"][1]["value"] = "ACC-2"
+    now["series"][0]["bodySite"] = {"system": "http://snomed.info/sct", "code": "69536005"}
+
+    merged = check(merge(now, theirs, before=Written(ours=before, subject=before["subject"])))
+
+    # the new single values, never old and new side by side
+    assert merged["description"] == "MR HEAD corrected"
+    assert merged["started"] == "2024-05-02T08:00:00+02:00"
+    accessions = [i["value"] for i in merged["identifier"] if "type" in i]
+    assert accessions == ["ACC-2"]
+    assert merged["series"][0]["bodySite"]["code"] == "69536005"
+    # what the other writer added is kept as it was
+    assert merged["note"] == [{"text": "reviewed"}]
+    assert {"system": "urn:example:ris", "value": "R-9"} in merged["identifier"]
+    assert merged["contained"] == theirs["contained"] and merged["interpreter"] == [{"reference": "#p1"}]
+    assert merged["series"][0]["extension"] == [{"url": "urn:example:qa", "valueString": "ok"}]
+    assert merged["series"][0]["instance"][0]["title"] == "their title"
+
+
+def test_a_value_ingest_wrote_and_no_longer_has_is_removed_but_another_writers_stays() -> None:
+    from ingest.core.merge import Written
+
+    before = ours({"1": [1], "2": [1]}, description="OLD")
+    theirs = stored(copy.deepcopy(before))
+    theirs["series"][0]["description"] = "set by another writer"  # differs from what ingest wrote (none)
+    # the correction moved series 2's only instance away: series 2 was ours and is gone now;
+    # the description is no longer in the data
+    now = ours({"1": [1]})
+    now.pop("description")
+    merged = check(merge(now, theirs, before=Written(ours=before, subject=before["subject"])))
+    assert "description" not in merged
+    assert [s["uid"] for s in merged["series"]] == [f"{STUDY}.1"]
+    assert merged["numberOfSeries"] == 1 and merged["numberOfInstances"] == 1
+    assert merged["series"][0]["description"] == "set by another writer"
+
+
+def test_without_a_record_of_the_last_write_a_series_only_the_backend_has_stays() -> None:
+    theirs = stored(ours({"1": [1], "2": [1]}))
+    merged = merge(ours({"1": [1]}), theirs)
+    assert len(merged["series"]) == 2  # nobody knows series 2 was ours: kept, as before this rule
+
+
+def _subjects(pid: str) -> dict[str, Any]:
+    return {"type": "Patient", "identifier": {"system": "urn:oid:1.2.3", "value": pid}, "display": "Jane Doe"}
+
+
+def test_a_changed_patient_id_moves_the_subject() -> None:
+    from ingest.core.merge import Written
+
+    before = ours({"1": [1]}, subject=_subjects("PID-1"))
+    theirs = BackendStudy(id="bk-1", version_id="1", resource=stored(before))
+    now = ours({"1": [1]}, subject=_subjects("PID-2"))
+    decision = plan(now, theirs, before=Written(ours=before, subject=before["subject"]))
+    assert isinstance(decision, Update)
+    assert decision.resource["subject"]["identifier"]["value"] == "PID-2"
+
+
+def test_a_changed_patient_id_after_another_writer_changed_the_subject_is_refused() -> None:
+    from ingest.core.merge import Refuse, Written
+
+    before = ours({"1": [1]}, subject=_subjects("PID-1"))
+    resource = stored(before)
+    resource["subject"] = {"reference": "Patient/merged-elsewhere"}  # another writer re-linked it
+    now = ours({"1": [1]}, subject=_subjects("PID-2"))
+    decision = plan(
+        now, BackendStudy(id="bk-1", version_id="2", resource=resource),
+        before=Written(ours=before, subject=before["subject"]),
+    )
+    assert isinstance(decision, Refuse) and decision.reason == "subject_changed"
+    # the same other writer's change with an unchanged Patient ID is kept, not overwritten
+    same = plan(
+        ours({"1": [1]}, subject=_subjects("PID-1")),
+        BackendStudy(id="bk-1", version_id="2", resource=resource),
+        before=Written(ours=before, subject=before["subject"]),
+    )
+    assert isinstance(same, NoChange)

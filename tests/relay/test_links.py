@@ -432,3 +432,159 @@ async def test_replay_cli_wires_patient_and_endpoint(tmp_path: Path) -> None:
     assert [n.get("text") for n in patient["name"]] == ["Gildong Hong", "洪 吉洞", "홍 길동"]
     assert imaging["endpoint"] == [{"reference": f"Endpoint/{endpoint['id']}"}]
     assert imaging["subject"]["display"] == "Gildong Hong"
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiles: series-level endpoints by calling AE, the profile's rules (docs/mapping.md "Imaging profiles")
+# --------------------------------------------------------------------------------------------------
+
+
+def test_check_profile_refuses_settings_no_study_can_meet() -> None:
+    from ingest.config import ProfileSettings
+    from ingest.relay.links import check_profile
+
+    with_url = EndpointSettings(wado_rs_url=WADO)
+    for name in ("smart-imaging", "mado"):
+        with pytest.raises(ConfigError, match="needs \\[endpoint\\] wado_rs_url"):
+            check_profile(ProfileSettings(name=name), EndpointSettings(), include_instances=True)
+        check_profile(ProfileSettings(name=name), with_url, include_instances=True)
+    with pytest.raises(ConfigError, match="include_instances = true"):
+        check_profile(ProfileSettings(name="mado"), with_url, include_instances=False)
+    check_profile(ProfileSettings(name="base"), EndpointSettings(), include_instances=False)
+
+
+@e2e
+async def test_series_served_elsewhere_reference_their_own_endpoint(
+    sink: GraphQLSink, store: SQLiteStateStore
+) -> None:
+    """[endpoint] series_wado_rs_urls = {"PACS2" = WADO2}: the series PACS2 sent reference the Endpoint
+    of WADO2; with the mado profile every other series references the study's Endpoint."""
+    from ingest.app.wiring import wire_links
+    from ingest.config import ProfileSettings
+
+    wado2 = "https://pacs2.example.org/rs"
+    settings = Settings(
+        endpoint=EndpointSettings(wado_rs_url=WADO, series_wado_rs_urls={"PACS2": wado2}),
+        profile=ProfileSettings(name="mado"),
+        relay=RelaySettings(stable_age_s=0),
+    )
+    study = "1.2.70.9"
+
+    def instance(series: str, sop: str) -> InstanceRecord:
+        return InstanceRecord(
+            study_uid=study, series_uid=f"{study}.{series}", sop_uid=f"{study}.{series}.{sop}",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2", modality="CT", patient_id="PID-9",
+        )
+
+    sent = [
+        (instance("1", "1"), "dimse:PACS2"),
+        (instance("1", "2"), "dimse:PACS2"),
+        (instance("2", "1"), "dimse:CT01"),
+    ]
+    for rec, source in sent:
+        digest = hashlib.sha256(rec.model_dump_json().encode()).hexdigest()
+        store.add_instance(rec, source=source, spool_name=None, digest=digest, now=NOW, due_at=NOW)
+    build, link = await wire_links(settings, sink, store=store)
+    relay = Relay(store, sink, build, settings.relay, clock=lambda: NOW, link=link)
+    await relay.run_once()
+    assert dict(relay.totals.results) == {"created": 1}
+
+    [main] = await sink.search_resources("Endpoint", identifier=search_token(URI_SYSTEM, WADO), count=10)
+    [second] = await sink.search_resources("Endpoint", identifier=search_token(URI_SYSTEM, wado2), count=10)
+    assert second["address"] == wado2 and second["connectionType"]["code"] == "dicom-wado-rs"
+    found = await sink.find(study, None)
+    assert found is not None
+    resource = found.resource
+    assert resource["endpoint"] == [{"reference": f"Endpoint/{main['id']}"}]
+    endpoints = {s["uid"]: s["endpoint"] for s in resource["series"]}
+    assert endpoints == {
+        f"{study}.1": [{"reference": f"Endpoint/{second['id']}"}],
+        f"{study}.2": [{"reference": f"Endpoint/{main['id']}"}],  # MADO: series.endpoint 1..*
+    }
+    assert resource["identifier"][0]["type"]["coding"][0]["code"] == "110180"
+
+
+@e2e
+async def test_write_linked_writes_creator_and_a_provenance_per_write(
+    sink: GraphQLSink, store: SQLiteStateStore
+) -> None:
+    """[profile] write_linked: the Device (MADO Creator) and Organization are found or created once, and
+    every ImagingStudy create / update is followed by a Provenance naming that version of it."""
+    from ingest.app.wiring import wire_links, with_provenance
+    from ingest.config import ProfileSettings
+    from ingest.core.linked import device_identifier, organization_identifier
+
+    settings = Settings(
+        profile=ProfileSettings(write_linked=True, organization="Synthetic Imaging", manufacturer="ACME",
+                                device_name="ingest-linked-test"),
+        relay=RelaySettings(stable_age_s=0),
+    )
+    study = "1.2.70.11"
+
+    async def push_one(sop: str) -> dict[str, int]:
+        rec = record(study, f"{study}.1.{sop}")
+        digest = hashlib.sha256(rec.model_dump_json().encode()).hexdigest()
+        store.add_instance(rec, source="test", spool_name=None, digest=digest, now=NOW, due_at=NOW)
+        build, link = await wire_links(settings, sink, store=store)
+        relay = Relay(store, with_provenance(settings, sink, clock=lambda: NOW), build, settings.relay,
+                      clock=lambda: NOW, link=link)
+        await relay.run_once()
+        return dict(relay.totals.results)
+
+    assert await push_one("1") == {"created": 1}
+    assert await push_one("2") == {"updated": 1}  # a new process each time: the Device is found again
+
+    device_id = device_identifier("ingest-linked-test")
+    [device] = await sink.search_resources(
+        "Device", identifier=search_token(URI_SYSTEM, str(device_id.value)), count=10
+    )
+    org_id = organization_identifier("Synthetic Imaging")
+    [org] = await sink.search_resources(
+        "Organization", identifier=search_token(URI_SYSTEM, str(org_id.value)), count=10
+    )
+    assert device["type"]["coding"][0]["code"] == "mado-creator"
+    assert device["manufacturer"] == "ACME"
+    assert device["owner"]["reference"] == f"Organization/{org['id']}"
+    found = await sink.find(study, None)
+    assert found is not None
+    provenances = await sink.search_resources("Provenance", identifier=f"ImagingStudy/{found.id}", count=10)
+    assert len(provenances) == 2  # one per write
+    targets = sorted(p["target"][0]["reference"] for p in provenances)
+    assert all(t.startswith(f"ImagingStudy/{found.id}/_history/") for t in targets)
+    assert f"ImagingStudy/{found.id}/_history/{found.version_id}" in targets  # the latest write's version
+    for p in provenances:
+        [agent] = p["agent"]
+        assert agent["type"]["coding"][0]["code"] == "assembler"
+        assert agent["who"]["reference"] == f"Device/{device['id']}"
+        assert agent["onBehalfOf"]["reference"] == f"Organization/{org['id']}"
+        assert p["recorded"].startswith("2024-05-01T12:00:00")
+
+
+async def test_refused_provenance_keeps_the_imaging_study_write(caplog: pytest.LogCaptureFixture) -> None:
+    from ingest.config import ProfileSettings
+    from ingest.relay.links import Creator, ProvenanceSink
+
+    class Written:
+        def __init__(self) -> None:
+            self.backend = FakeBackend()
+            self.backend.resources.update({"Device": [], "Provenance": []})
+
+        async def create(self, resource: dict[str, Any]) -> Any:
+            from ingest.core.records import BackendStudy
+
+            return BackendStudy(id="is-1", version_id="v1", resource=resource)
+
+    inner = Written()
+    creator = Creator(inner.backend, ProfileSettings(write_linked=True), "1.0", clock=lambda: NOW)
+    wrapped = ProvenanceSink(inner, creator)  # type: ignore[arg-type]
+    assert (await creator.references())[0] == "Device/device-1"  # the creator exists already
+    inner.backend.create_error = PermanentSinkError("ProvenanceCreate refused: invalid")
+    written = await wrapped.create({"resourceType": "ImagingStudy"})
+    assert written.id == "is-1"  # the study's write stands
+    assert creator.written == 0 and inner.backend.resources["Provenance"] == []
+    assert "ImagingStudy/is-1 written, but its Provenance was not" in caplog.text
+    inner.backend.create_error = None  # the next write gets its Provenance
+    await wrapped.create({"resourceType": "ImagingStudy"})
+    [provenance] = inner.backend.resources["Provenance"]
+    assert provenance["target"] == [{"reference": "ImagingStudy/is-1/_history/v1", "type": "ImagingStudy"}]
+    assert provenance["agent"][0]["who"] == {"reference": "Device/device-1", "type": "Device"}

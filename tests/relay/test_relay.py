@@ -176,7 +176,8 @@ async def test_study_is_pushed_once_stable_one_lookup_one_create(
     assert await relay.run_once() == 1
     assert sink.calls == Counter(find=1, create=1)
     [resource] = sink.resources.values()
-    assert resource["identifier"][0] == {"system": "urn:dicom:uid", "value": f"urn:oid:{STUDY_A}"}
+    ident = resource["identifier"][0]
+    assert (ident["system"], ident["value"]) == ("urn:dicom:uid", f"urn:oid:{STUDY_A}")
     assert resource["numberOfInstances"] == 2
     row = store.study(STUDY_A)
     assert row is not None and row.state is StudyState.PUSHED and not row.dirty
@@ -510,3 +511,75 @@ async def test_relay_survives_a_store_that_cannot_even_schedule_the_retry(
     row = store.study(STUDY_A)
     assert row is not None and row.state is StudyState.PENDING and row.dirty
     assert not sink.calls
+
+
+# -- the subject guard (docs/mapping.md, "The lifecycle of a study") -------------------------------------
+
+
+def _subject(pid: str) -> dict[str, Any]:
+    # ImagingStudy.subject as the mapping writes it in logical mode: Patient ID (0010,0020) + issuer
+    return {"type": "Patient", "identifier": {"system": "urn:oid:1.2.3", "value": pid}}
+
+
+def _relay_with_subject(
+    store: SQLiteStateStore, sink: FakeSink, settings: Settings, clock: Clock, subject: dict[str, Any]
+) -> Relay:
+    build = StudyBuilder(mapping_options(settings))
+    return Relay(
+        store, sink, lambda records: {**build(records), "subject": dict(subject)}, settings.relay,
+        node="relay-1", clock=clock,
+    )
+
+
+async def test_a_corrected_patient_id_moves_the_subject(
+    store: SQLiteStateStore, sink: FakeSink, settings: Settings, clock: Clock
+) -> None:
+    subject = _subject("PID-1")
+    relay = _relay_with_subject(store, sink, settings, clock, subject)
+    add(store, clock, settings, record(STUDY_A, 1, 1))
+    clock.advance(10)
+    await relay.run_once()
+    [rid] = sink.resources
+    subject.update(_subject("PID-2"))  # the corrected instance carries another Patient ID
+    add(store, clock, settings, record(STUDY_A, 1, 2))
+    clock.advance(10)
+    await relay.run_once()
+    assert relay.totals.results["updated"] == 1
+    assert sink.resources[rid]["subject"]["identifier"]["value"] == "PID-2"
+
+
+async def test_a_subject_another_writer_changed_is_not_overwritten_by_a_corrected_patient_id(
+    store: SQLiteStateStore, sink: FakeSink, settings: Settings, clock: Clock
+) -> None:
+    subject = _subject("PID-1")
+    relay = _relay_with_subject(store, sink, settings, clock, subject)
+    add(store, clock, settings, record(STUDY_A, 1, 1))
+    clock.advance(10)
+    await relay.run_once()
+    [rid] = sink.resources
+    sink.resources[rid]["subject"] = {"reference": "Patient/reconciled"}  # another writer re-links it
+    subject.update(_subject("PID-2"))
+    add(store, clock, settings, record(STUDY_A, 1, 2))
+    clock.advance(10)
+    await relay.run_once()
+    assert relay.totals.results["dead"] == 1 and sink.calls["update"] == 0
+    row = store.study(STUDY_A)
+    assert row is not None and row.state is StudyState.DEAD and row.dead_reason == "subject_changed"
+    assert "another writer" in (row.last_error or "")
+    assert sink.resources[rid]["subject"] == {"reference": "Patient/reconciled"}
+
+
+async def test_a_backend_copy_the_sink_cannot_carry_back_is_dead_lettered_with_its_reason(
+    store: SQLiteStateStore, sink: FakeSink, settings: Settings, clock: Clock, relay: Relay
+) -> None:
+    from ingest.errors import ForeignContentError
+
+    add(store, clock, settings, record(STUDY_A, 1, 1))
+    sink.fail["find"].append(
+        ForeignContentError("the backend copy holds contained, which ...", reason="unwritable_content")
+    )
+    clock.advance(10)
+    await relay.run_once()
+    row = store.study(STUDY_A)
+    assert row is not None and row.dead_reason == "unwritable_content"
+    assert sink.calls["create"] == 0 and sink.calls["update"] == 0

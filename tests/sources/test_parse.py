@@ -6,6 +6,8 @@ process parsed it, with a bounded number of batches in flight (docs/architecture
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Generator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -174,3 +176,34 @@ def test_a_given_pool_is_used_and_left_running(tmp_path: Path) -> None:
             results = list(parse_items(items, jobs=1, pool=pool))
             assert [getattr(r, "reason", None) for r in results] == ["not_dicom"] * 3
         assert pool.submit(len, "still running").result(timeout=30) == len("still running")
+
+
+# --------------------------------------------------------------------------------------------------
+# what a replay rerun needs: the stat passed through, no parser loaded for nothing
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_items_stat_comes_back_with_its_record_from_every_process() -> None:
+    name = str(get_testdata_file("CT_small.dcm"))
+    stat = (name, 1234, 5678)
+    items = [Item(label=name, path=Path(name), stat=stat)] * 130 + [Item(label=name, path=Path(name))]
+    for jobs, caller in ((1, False), (2, False), (2, True)):
+        results = list(parse_items(items, jobs=jobs, caller_parses=caller))
+        assert all(isinstance(r, Parsed) for r in results)
+        assert [r.stat for r in results if isinstance(r, Parsed)] == [stat] * 130 + [None]
+
+
+def test_listing_and_an_empty_input_load_no_header_parser(tmp_path: Path) -> None:
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from ingest.sources.parse import expand_paths, parse_items\n"
+        f"listed = list(expand_paths([Path({str(tmp_path)!r})]))\n"
+        "assert len(listed) == 1, listed\n"
+        "assert list(parse_items(iter([]), jobs=2)) == []\n"
+        "loaded = [m for m in ('ingest.adapters.dicomfile', 'pydicom') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr

@@ -7,7 +7,10 @@ backend"). Every change to gql's or aiohttp's behaviour is here, each naming wha
 - :class:`ValidatingClient`: documents are validated once, not on every request;
 - :class:`PrintedRequest`: a document's query text is printed once, not on every request;
 - :func:`recording`: the HTTP status, ``Retry-After`` and decoded body of each exchange, which gql does not
-  report, for :func:`ingest.adapters.graphql.errors.map_errors`.
+  report, for :func:`ingest.adapters.graphql.errors.map_errors`;
+- :class:`RestClient`: the FHIR REST read and update of one ImagingStudy at the base the GraphQL endpoint
+  is an operation of (``[base]/$graphql`` -> ``[base]/ImagingStudy/<id>``), for the content a backend's
+  GraphQL input types cannot carry (docs/mapping.md, "The lifecycle of a study").
 
 Security: TLS certificates are always verified, against the system CA store or, with ``[backend] ca``,
 against that PEM bundle only (:func:`load_ca_bundle`). gql logs whole requests and responses (patient
@@ -22,6 +25,7 @@ import logging
 import ssl
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Final
@@ -31,18 +35,22 @@ from gql import Client, GraphQLRequest
 from gql.client import AsyncClientSession
 from gql.transport.aiohttp import AIOHTTPTransport
 from graphql import DocumentNode, print_ast
+from yarl import URL
 
 from ingest.adapters.graphql.errors import Exchange
 from ingest.errors import ConfigError
 
 __all__ = [
     "PrintedRequest",
+    "RestAnswer",
+    "RestClient",
     "ValidatingClient",
     "cap_gql_loggers",
     "connect",
     "load_ca_bundle",
     "make_client",
     "recording",
+    "rest_base",
 ]
 
 _MAX_PRINTED: Final = 64  # query texts kept per sink (the fitted documents are a handful)
@@ -213,3 +221,81 @@ def cap_gql_loggers() -> None:
         logger = logging.getLogger(name)
         if logger.level < logging.WARNING:  # NOTSET (0) included
             logger.setLevel(logging.WARNING)
+
+
+GRAPHQL_OPERATION: Final = "$graphql"
+FHIR_JSON: Final = "application/fhir+json"
+
+
+def rest_base(url: str) -> str | None:
+    """The FHIR base of a GraphQL endpoint ``[base]/$graphql`` (with a trailing ``/``), else ``None``.
+
+    FHIR defines GraphQL as the ``$graphql`` operation of a RESTful FHIR server at ``[base]``; an endpoint
+    of any other shape gives no REST route.
+    """
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        return None
+    if not parsed.path.endswith("/" + GRAPHQL_OPERATION):
+        return None
+    base = parsed.with_path(parsed.path[: -len(GRAPHQL_OPERATION)]).with_query(None).with_fragment(None)
+    return str(base)
+
+
+@dataclass(frozen=True)
+class RestAnswer:
+    """One FHIR REST answer: HTTP status, decoded JSON body (``None`` when not JSON), ``Retry-After``."""
+
+    status: int
+    body: Any
+    retry_after: str | None
+
+
+class RestClient:
+    """FHIR REST requests to ``[base]`` with the sink's TLS and timeout; the session is opened on first use.
+
+    Parameters
+    ----------
+    base:
+        From :func:`rest_base`.
+    ssl_context:
+        As for :func:`make_client`; verification is never turned off.
+    timeout_s:
+        Timeout of one HTTP request (connect + answer), seconds.
+    """
+
+    def __init__(self, base: str, *, ssl_context: ssl.SSLContext | bool, timeout_s: float) -> None:
+        self.base = base
+        self._ssl = ssl_context
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def request(
+        self, method: str, path: str, *, headers: dict[str, str], body: Any = None
+    ) -> RestAnswer:
+        """``method [base]<path>`` with ``body`` as FHIR JSON; raises aiohttp / OS / timeout errors as they
+        come (the caller maps them with :func:`ingest.adapters.graphql.errors.map_errors`)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+                connector=aiohttp.TCPConnector(ssl=self._ssl, keepalive_timeout=_KEEPALIVE_S),
+            )
+        sent = {"Accept": FHIR_JSON, **headers}
+        data = None
+        if body is not None:
+            sent["Content-Type"] = FHIR_JSON
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        async with self._session.request(method, self.base + path, headers=sent, data=data) as resp:
+            text = await resp.text()
+            try:
+                decoded = _loads(text) if text else None
+            except ValueError:
+                decoded = None
+            return RestAnswer(resp.status, decoded, resp.headers.get("Retry-After"))
+
+    async def close(self) -> None:
+        """Close the session (idempotent)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

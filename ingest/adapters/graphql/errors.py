@@ -45,6 +45,7 @@ __all__ = [
     "QueryErrors",
     "UntrustedCertificateError",
     "describe",
+    "http_error",
     "map_errors",
     "redact_backend_message",
     "safe_id",
@@ -389,6 +390,14 @@ def _http_error(what: str, code: int, exchange: Exchange, names: Collection[str]
             f"{what}: backend answered HTTP {code}{detail}", code=code, retry_after=hint
         )
     return PermanentSinkError(f"{what}: backend refused the request (HTTP {code}){detail}", code=code)
+
+
+def http_error(
+    what: str, code: int, body: Any, retry_after: str | None, *, names: Collection[str] = ()
+) -> SinkError:
+    """The error for an HTTP status outside 2xx of a request that is not GraphQL (FHIR REST): retryable
+    for 401, 408, 429 and 5xx, permanent otherwise; an OperationOutcome body is redacted into it."""
+    return _http_error(what, code, Exchange(status=code, retry_after=retry_after, body=body), names)
 
 
 def _debug_json(value: Any) -> str:

@@ -7,9 +7,12 @@ The schema is the backend's introspected one, or the SDL given as ``[backend] sc
 - the update mutation's ``res`` argument type is read from the schema (Medplum:
   ``ImagingStudyUpdate(id: ID!, res: ImagingStudyCreate!)``; the FHIR GraphQL spec: ``res: ImagingStudy``),
 - the selection set that reads a *full* ImagingStudy is built from the output type (every field, object
-  fields recursively up to ``max_depth``; fields with required arguments, union/interface fields such as
-  ``Reference.resource`` and nested resources such as Medplum's reverse-lookup ``...List`` fields are
-  skipped),
+  fields recursively up to ``max_depth``, extensions two levels at a time; fields with required
+  arguments, ``Reference.resource`` and nested resources such as Medplum's reverse-lookup ``...List``
+  fields are skipped). Where it stops, a *sentinel* ``field { __typename }`` is selected, and ``contained``
+  (a union) as ``contained { __typename }``; :func:`sentinel_paths` finds the non-null ones in an answer
+  and :func:`deeper_read` builds the read of just those paths, further down, which :func:`graft` puts in
+  place (the sink repeats that until nothing is cut off, docs/mapping.md "The lifecycle of a study"),
 - resources are pruned to the fields the input type accepts before they are sent (:meth:`SchemaFit.prune`).
 
 :func:`fit_resource` does the same for the linked resources (Patient, Endpoint). Every document is
@@ -37,6 +40,7 @@ from graphql import (
     GraphQLSchema,
     build_schema,
     get_named_type,
+    is_abstract_type,
     is_input_object_type,
     is_leaf_type,
     is_object_type,
@@ -45,21 +49,28 @@ from graphql import (
     validate,
 )
 
-from ingest.errors import ConfigError
+from ingest.errors import ConfigError, ForeignContentError
 
 __all__ = [
+    "CONTAINED_FIELD",
     "CREATE_FIELD",
+    "DEEPER_BUDGET",
     "DEFAULT_MAX_DEPTH",
     "LINKED_MAX_DEPTH",
     "LIST_FIELD",
     "READ_FIELD",
+    "TYPENAME",
     "UPDATE_FIELD",
     "ResourceFit",
     "SchemaFit",
+    "deeper_read",
     "fit_resource",
     "fit_schema",
+    "graft",
     "load_schema_file",
     "prune_to",
+    "sentinel_paths",
+    "strip_typenames",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -88,16 +99,31 @@ def _is_resource(t: GraphQLObjectType) -> bool:
 
 
 _EXTENSION_BUDGET: Final = 2
+#: The one union/interface field that holds stored content: ``Resource.contained`` (Medplum: a list of the
+#: ``ResourceList`` union). Others (``Reference.resource``) resolve links and are never selected.
+CONTAINED_FIELD: Final = "contained"
+#: The response key a sentinel selects (``field { __typename }``): a field selected only this way holds
+#: content below the selection's cut-off when its value is non-null.
+TYPENAME: Final = "__typename"
+#: Levels each deeper read selects below the sentinel it replaces (with the usual extension cut-off).
+DEEPER_BUDGET: Final = 4
 
 
 class _SelectionBuilder:
-    """Named fragments per (object type, remaining depth): linear in size, no fragment cycles."""
+    """Named fragments per (object type, remaining depth): linear in size, no fragment cycles.
 
-    def __init__(self) -> None:
+    With ``sentinels`` (the ImagingStudy reads), an object field at the cut-off (depth exhausted, or the
+    extension budget) is selected as ``field { __typename }`` and ``contained`` as
+    ``contained { __typename }``: a non-null value there tells the reader that the resource holds more
+    than the selection read (see :func:`sentinel_paths` and :func:`deeper_read`).
+    """
+
+    def __init__(self, *, sentinels: bool = False) -> None:
         self.fragments: dict[str, str] = {}
+        self.sentinels = sentinels
 
     def fragment(self, t: GraphQLObjectType, budget: int) -> str | None:
-        name = f"D{budget}_{t.name}"
+        name = f"{'S' if self.sentinels else 'D'}{budget}_{t.name}"
         if name in self.fragments:
             return name
         parts: list[str] = []
@@ -107,22 +133,198 @@ class _SelectionBuilder:
             named = get_named_type(fdef.type)
             if is_leaf_type(named):
                 parts.append(fname)
-            elif isinstance(named, GraphQLObjectType) and budget > 0 and not _is_resource(named):
+            elif isinstance(named, GraphQLObjectType) and not _is_resource(named):
                 sub_budget = budget - 1
                 if named.name == "Extension":
                     # Every FHIR datatype has ``extension`` and Extension has ~50 value[x] datatypes: read
                     # extensions only two levels deep (url, primitive values, codings, nested extension
                     # urls/primitives), or the document grows to tens of kilobytes and every backend parse
-                    # and validation of it costs hundreds of milliseconds.
+                    # and validation of it costs hundreds of milliseconds. What lies deeper is signalled
+                    # by a sentinel and read by a deeper read of that path only.
                     sub_budget = min(sub_budget, _EXTENSION_BUDGET)
-                sub = self.fragment(named, sub_budget)
+                # with sentinels, a field whose type would get no further levels is a sentinel itself
+                # (a fragment of leaves only would double the document for the rare deep content)
+                reach = sub_budget > 0 if self.sentinels else budget > 0
+                sub = self.fragment(named, sub_budget) if reach else None
                 if sub is not None:
                     parts.append(f"{fname} {{ ...{sub} }}")
-            # union/interface fields (Reference.resource, contained) and nested resources are skipped
+                elif self.sentinels:
+                    parts.append(f"{fname} {{ {TYPENAME} }}")
+            elif self.sentinels and fname == CONTAINED_FIELD and is_abstract_type(named):
+                parts.append(f"{fname} {{ {TYPENAME} }}")
+            # other union/interface fields (Reference.resource) and nested resources are skipped
         if not parts:
             return None
         self.fragments[name] = f"fragment {name} on {t.name} {{ {' '.join(parts)} }}"
         return name
+
+
+def _is_sentinel(value: Any) -> bool:
+    return isinstance(value, Mapping) and set(value) == {TYPENAME}
+
+
+def sentinel_paths(resource: Any) -> list[tuple[str, ...]]:
+    """Where a read stopped short: the paths of non-null sentinel fields in a raw GraphQL answer.
+
+    Parameters
+    ----------
+    resource:
+        The answer of a read built with sentinels (``__typename`` still in it, nothing stripped).
+
+    Returns
+    -------
+    list of tuple
+        One path per sentinel field, as field names from the resource root (list indexes left out:
+        GraphQL selects every element); a step into a ``contained`` item is ``@<type>``. A contained
+        sentinel's path ends with ``contained@<type>`` naming the type found. Empty: the read is complete.
+    """
+    found: set[tuple[str, ...]] = set()
+
+    def walk(value: Any, path: tuple[str, ...]) -> None:
+        if isinstance(value, list):
+            for item in value:
+                walk(item, path)
+            return
+        if not isinstance(value, Mapping):
+            return
+        for key, sub in value.items():
+            if key == TYPENAME or sub is None:
+                continue
+            items = sub if isinstance(sub, list) else [sub]
+            if key == CONTAINED_FIELD:
+                for item in items:
+                    if not isinstance(item, Mapping):
+                        continue
+                    kind = str(item.get(TYPENAME, ""))
+                    if _is_sentinel(item):
+                        found.add((*path, f"{key}@{kind}"))
+                    else:
+                        walk(item, (*path, key, f"@{kind}"))
+                continue
+            if any(_is_sentinel(item) for item in items):
+                found.add((*path, key))
+            else:
+                walk(sub, (*path, key))
+
+    walk(resource, ())
+    return sorted(found)
+
+
+def deeper_read(
+    schema: GraphQLSchema, paths: list[tuple[str, ...]], *, root: str = READ_FIELD
+) -> str:
+    """A read-by-id document that selects only ``paths`` (from :func:`sentinel_paths`), each
+    :data:`DEEPER_BUDGET` levels further, plus ``meta { versionId }`` to check that both reads saw one
+    version; pure.
+
+    Raises
+    ------
+    ForeignContentError
+        ``incomplete_read``: a path does not exist in the schema, or a contained resource's type is not
+        one the backend can return (not an object type of the ``contained`` union).
+    """
+    query = schema.query_type
+    read_f = query.fields.get(root) if query is not None else None
+    if read_f is None or "id" not in read_f.args:
+        raise ForeignContentError(
+            "the backend copy holds content below the read's depth and the backend has no "
+            f"{root}(id:) to read it deeper", reason="incomplete_read"
+        )
+    builder = _SelectionBuilder(sentinels=True)
+    tree: dict[str, Any] = {}
+    for path in paths:
+        node = tree
+        for step in path[:-1]:
+            node = node.setdefault(step, {})
+        node.setdefault(path[-1], None)
+
+    def unreadable(what: str) -> ForeignContentError:
+        return ForeignContentError(
+            f"the backend copy holds {what}, which its GraphQL schema cannot return; writing would "
+            "lose it", reason="incomplete_read"
+        )
+
+    def select(t: GraphQLObjectType, node: Mapping[str, Any]) -> str:
+        parts: list[str] = []
+        for step, sub in node.items():
+            fname, _, kind = step.partition("@")
+            fdef = t.fields.get(fname)
+            if fdef is None:
+                raise unreadable(f"an element {fname!r} of {t.name}")
+            named = get_named_type(fdef.type)
+            if fname == CONTAINED_FIELD and is_abstract_type(named):
+                parts.append(f"{fname} {{ {TYPENAME} {contained(named, kind, sub)} }}")
+            elif isinstance(named, GraphQLObjectType):
+                if sub is None:
+                    frag = builder.fragment(named, DEEPER_BUDGET)
+                    inner = f"...{frag}" if frag is not None else TYPENAME
+                else:
+                    inner = select(named, sub)
+                parts.append(f"{fname} {{ {inner} }}")
+            else:
+                raise unreadable(f"an element {fname!r} of {t.name}")
+        return " ".join(parts)
+
+    def contained(union: Any, kind: str, sub: Any) -> str:
+        # a step "contained@T" (a leaf) reads the T items whole; "contained" + "@T" + ... goes deeper in T
+        groups: dict[str, Any] = {kind: None} if kind else dict(sub or {})
+        out = []
+        for step, inner in groups.items():
+            type_name = step.removeprefix("@")
+            member = schema.get_type(type_name)
+            if not isinstance(member, GraphQLObjectType) or not schema.is_sub_type(union, member):
+                raise unreadable(f"a contained resource of type {type_name or 'unknown'!r}")
+            if inner is None:
+                frag = builder.fragment(member, DEEPER_BUDGET)
+                body = f"...{frag}" if frag is not None else TYPENAME
+            else:
+                body = select(member, inner)
+            out.append(f"... on {type_name} {{ {body} }}")
+        return " ".join(out)
+
+    out_type = _object_of(read_f, root)
+    body = select(out_type, tree)
+    if "meta" in out_type.fields and "meta" not in tree:
+        body += " meta { versionId }"
+    op = f"query ReadImagingStudyDeeper($id: {read_f.args['id'].type}) {{ {root}(id: $id) {{ {body} }} }}"
+    return op + "\n" + "\n".join(_used_fragments(op, builder.fragments))
+
+
+def graft(base: Any, deep: Any) -> bool:
+    """Put what a :func:`deeper_read` returned in place of the sentinels of ``base`` (in place).
+
+    Returns ``False`` when the two answers do not line up (a list of another length, a contained item
+    of another type): the resource changed between the reads.
+    """
+    if isinstance(base, list) and isinstance(deep, list):
+        if len(base) != len(deep):
+            return False
+        return all(graft(b, d) for b, d in zip(base, deep, strict=True))
+    if not (isinstance(base, dict) and isinstance(deep, Mapping)):
+        return base == deep or deep is None
+    if TYPENAME in deep and TYPENAME in base and base[TYPENAME] != deep[TYPENAME]:
+        return False
+    for key, value in deep.items():
+        if key == TYPENAME:
+            continue
+        current = base.get(key)
+        items = current if isinstance(current, list) else [current]
+        if current is None or all(_is_sentinel(i) for i in items) or _is_sentinel(current):
+            if key == "meta":
+                continue  # the version check is the caller's
+            base[key] = value
+        elif not graft(current, value):
+            return False
+    return True
+
+
+def strip_typenames(value: Any) -> Any:
+    """``value`` without the ``__typename`` members the reads selected (a copy)."""
+    if isinstance(value, Mapping):
+        return {k: strip_typenames(v) for k, v in value.items() if k != TYPENAME}
+    if isinstance(value, list):
+        return [strip_typenames(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -301,7 +503,7 @@ def fit_schema(schema: GraphQLSchema, *, max_depth: int = DEFAULT_MAX_DEPTH) -> 
     if read_f is not None and "id" not in read_f.args:
         read_f = None  # a read field we cannot call: search instead
 
-    builder = _SelectionBuilder()
+    builder = _SelectionBuilder(sentinels=True)
 
     def selection(fdef: GraphQLField, fname: str) -> str:
         name = builder.fragment(_object_of(fdef, fname), max_depth)
@@ -436,7 +638,11 @@ class ResourceFit:
 
 
 def fit_resource(
-    schema: GraphQLSchema, resource_type: str, *, max_depth: int = LINKED_MAX_DEPTH
+    schema: GraphQLSchema,
+    resource_type: str,
+    *,
+    max_depth: int = LINKED_MAX_DEPTH,
+    search_arg: str = "identifier",
 ) -> ResourceFit | None:
     """Fit the identifier search and the create mutation of ``resource_type`` to a backend schema; pure.
 
@@ -448,6 +654,9 @@ def fit_resource(
         A FHIR resource type the backend may expose, e.g. ``"Patient"`` or ``"Endpoint"``.
     max_depth:
         How many levels of nested object types the selection reads.
+    search_arg:
+        The token argument the search passes ``$identifier`` to (``target`` for a Provenance, which FHIR
+        R4 gives no ``identifier`` search parameter).
 
     Returns
     -------
@@ -459,11 +668,11 @@ def fit_resource(
     query, mutation = schema.query_type, schema.mutation_type
     list_f = query.fields.get(list_name) if query is not None else None
     create_f = mutation.fields.get(create_name) if mutation is not None else None
-    if list_f is None or create_f is None or "identifier" not in list_f.args:
+    if list_f is None or create_f is None or search_arg not in list_f.args:
         return None
     has_count = "_count" in list_f.args
     try:
-        _args_for(list_f, list_name, {"identifier", "_count"} if has_count else {"identifier"})
+        _args_for(list_f, list_name, {search_arg, "_count"} if has_count else {search_arg})
         _args_for(create_f, create_name, {"res"})
         input_type = _input_object(create_f, create_name)
         builder = _SelectionBuilder()
@@ -478,8 +687,8 @@ def fit_resource(
     count_arg = ", _count: $count" if has_count else ""
     ops = {
         "search": (
-            f"query Find{resource_type}($identifier: {list_f.args['identifier'].type}{count_var}) "
-            f"{{ {list_name}(identifier: $identifier{count_arg}) {{ ...{selected} }} }}"
+            f"query Find{resource_type}($identifier: {list_f.args[search_arg].type}{count_var}) "
+            f"{{ {list_name}({search_arg}: $identifier{count_arg}) {{ ...{selected} }} }}"
         ),
         "create": (
             f"mutation Create{resource_type}($res: {create_f.args['res'].type}) "

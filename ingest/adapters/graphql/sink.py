@@ -33,17 +33,22 @@ from yarl import URL
 
 from ingest.adapters.graphql.client import (
     PrintedRequest,
+    RestAnswer,
+    RestClient,
     ValidatingClient,
     cap_gql_loggers,
     connect,
     load_ca_bundle,
     make_client,
     recording,
+    rest_base,
 )
 from ingest.adapters.graphql.errors import (
+    Exchange,
     QueryErrors,
     UntrustedCertificateError,
     describe,
+    http_error,
     map_errors,
     safe_id,
     schema_names,
@@ -57,14 +62,24 @@ from ingest.adapters.graphql.fit import (
     UPDATE_FIELD,
     ResourceFit,
     SchemaFit,
+    deeper_read,
     fit_resource,
-    fit_schema,
+    graft,
     prune_to,
+    sentinel_paths,
+    strip_typenames,
 )
+from ingest.adapters.graphql.fitcache import cached_fit
 from ingest.adapters.graphql.token import Secret, TokenSource
 from ingest.core.mapping import STUDY_UID_SYSTEM
 from ingest.core.records import BackendStudy
-from ingest.errors import ConfigError, MultipleMatchesError, PermanentSinkError, RetryableSinkError
+from ingest.errors import (
+    ConfigError,
+    ForeignContentError,
+    MultipleMatchesError,
+    PermanentSinkError,
+    RetryableSinkError,
+)
 
 __all__ = [
     "GraphQLSink",
@@ -75,8 +90,15 @@ LOGGER = logging.getLogger(__name__)
 
 RESOURCE_TYPE: Final = "ImagingStudy"
 SEARCH_COUNT: Final = 2  # two are enough to tell "one" from "several"
-LINKED_TYPES: Final = ("Patient", "Endpoint")  # resources the linked-resource resolvers read and create
+# resources the linked-resource resolvers read and create (Device, Organization, Provenance: [profile]
+# write_linked, ingest.relay.links); a Provenance is searched by target, R4 gives it no identifier
+LINKED_TYPES: Final = ("Patient", "Endpoint", "Device", "Organization", "Provenance")
+_SEARCH_ARG: Final = {"Provenance": "target"}
 _PROBE: Final = parse("query IngestProbe { __typename }")
+#: Deeper reads of one resource before its read counts as incomplete (each goes DEEPER_BUDGET levels on).
+MAX_DEEPER_READS: Final = 6
+#: Paths ``prune`` drops from a backend copy that are not content (server-managed, or set by the sink).
+_NOT_CONTENT: Final = frozenset({"resourceType", "id"})
 
 
 def study_identifier(study_uid: str) -> str:
@@ -152,6 +174,14 @@ class GraphQLSink:
         self._session: AsyncClientSession | None = None
         self._fit: SchemaFit | None = None
         self._printed: dict[int, tuple[DocumentNode, str]] = {}  # see PrintedRequest
+        # backend id -> the elements of its last read copy that the update input type cannot carry
+        self._unwritable: dict[str, list[str]] = {}
+        # FHIR REST at the base ``$graphql`` belongs to, for copies GraphQL cannot send back whole; backend
+        # id -> the versionId its REST read returned (the update goes by PUT with If-Match then)
+        base = rest_base(url)
+        self._rest = RestClient(base, ssl_context=self._ssl, timeout_s=self._timeout_s) if base else None
+        self._rest_versions: dict[str, str | None] = {}
+        self._deeper: dict[str, DocumentNode] = {}  # deeper-read documents by text, parsed once
         # Patient/Endpoint documents, fitted on first use (most configurations never link): type -> fit,
         # ``None`` when the backend's schema does not offer that type's operations
         self._linked: dict[str, ResourceFit | None] = {}
@@ -198,8 +228,8 @@ class GraphQLSink:
             schema = await self._load_schema()
             self._names = schema_names(schema)
             self._client.schema = schema  # from now on gql validates every document locally
-            self._fit = fit_schema(schema, max_depth=self._max_depth)
-            self._client.trust(self._fit.documents.values())  # validated by fit_schema just now
+            self._fit = cached_fit(schema, max_depth=self._max_depth)  # validated once per schema
+            self._client.trust(self._fit.documents.values())  # validated (now, or when first cached)
             self._linked = {}
         except BaseException:
             await self.aclose()
@@ -217,6 +247,9 @@ class GraphQLSink:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close_async()  # type: ignore[no-untyped-call]
+        if self._rest is not None:
+            with contextlib.suppress(Exception):
+                await self._rest.close()
 
     async def _load_schema(self) -> GraphQLSchema:
         if self._schema_sdl is not None:
@@ -292,7 +325,7 @@ class GraphQLSink:
             else:
                 found = data.get(READ_FIELD)
                 if isinstance(found, Mapping):
-                    return self._backend_study(found, what)
+                    return await self._whole(found, what)
             LOGGER.info("ImagingStudy/%s is gone from the backend; searching study %s", backend_id, study_uid)
         return await self._search(study_uid)
 
@@ -317,7 +350,7 @@ class GraphQLSink:
                 f"{what}: {len(matches)} or more ImagingStudy resources carry identifier "
                 f"{study_identifier(study_uid)} ({ids}); refusing to guess"
             )
-        return self._backend_study(matches[0], what) if matches else None
+        return await self._whole(matches[0], what) if matches else None
 
     async def create(self, resource: dict[str, Any]) -> BackendStudy:
         """``ImagingStudyCreate(res:)``; returns the created resource as the backend holds it.
@@ -340,8 +373,19 @@ class GraphQLSink:
         ------
         RetryableSinkError, PermanentSinkError
         """
-        res = self._prepare(resource, backend_id=backend_id)
         what = f"update ImagingStudy/{backend_id} ({_uid_of(resource)})"
+        if backend_id in self._rest_versions:
+            return await self._rest_update(backend_id, resource, self._rest_versions.pop(backend_id), what)
+        unwritable = self._unwritable.pop(backend_id, None)
+        if unwritable:
+            route = "" if self._rest is None else " and the backend offers no FHIR REST read of it"
+            raise ForeignContentError(
+                f"{what}: the backend copy holds {', '.join(unwritable)}, which "
+                f"{self.fit.input_type.name} cannot carry{route}; an update through GraphQL would drop "
+                "what another writer put there",
+                reason="unwritable_content",
+            )
+        res = self._prepare(resource, backend_id=backend_id)
         data = await self._execute(
             GraphQLRequest(self.fit.documents["update"], variable_values={"id": backend_id, "res": res}),
             what=what,
@@ -366,7 +410,10 @@ class GraphQLSink:
             return None
         if resource_type not in self._linked:
             depth = min(self._max_depth, LINKED_MAX_DEPTH)
-            fitted = fit_resource(self.fit.schema, resource_type, max_depth=depth)
+            fitted = fit_resource(
+                self.fit.schema, resource_type, max_depth=depth,
+                search_arg=_SEARCH_ARG.get(resource_type, "identifier"),
+            )
             if fitted is not None and self._client is not None:
                 self._client.trust((fitted.search, fitted.create))  # validated by fit_resource
             self._linked[resource_type] = fitted
@@ -457,6 +504,143 @@ class GraphQLSink:
 
     # -- internals -----------------------------------------------------------------------------------
 
+    async def _whole(self, found: Mapping[str, Any], what: str) -> BackendStudy:
+        """The whole backend copy from a first read: read deeper where it stopped short, then check
+        that an update could send every element back.
+
+        The read selections have a finite depth and see ``contained`` only as type names: their cut-off
+        fields are sentinels (:func:`ingest.adapters.graphql.fit.sentinel_paths`). While one is non-null,
+        the paths below it are read again, deeper (:func:`ingest.adapters.graphql.fit.deeper_read`), and
+        grafted in. A copy that is still incomplete after :data:`MAX_DEEPER_READS` reads, or that holds
+        what the schema cannot return, raises ``ForeignContentError`` (``incomplete_read``): it is never
+        merged or written. Elements the update input type cannot carry are remembered for :meth:`update`.
+
+        Raises
+        ------
+        ForeignContentError
+            ``incomplete_read``.
+        RetryableSinkError
+            The copy changed between two reads (its version differs, or the answers do not line up).
+        """
+        raw: dict[str, Any] = dict(found)
+        rid = raw.get("id")
+        version = _version(raw)
+        for _ in range(MAX_DEEPER_READS):
+            paths = sentinel_paths(raw)
+            if not paths:
+                break
+            if not isinstance(rid, str) or not rid:
+                raise PermanentSinkError(f"{what}: the backend's ImagingStudy has no id")
+            text = deeper_read(self.fit.schema, paths)
+            document = self._deeper.get(text)
+            if document is None:
+                document = self._deeper[text] = parse(text)
+            deeper_what = f"{what}: deeper read of {len(paths)} element path(s)"
+            LOGGER.debug("%s: %s", deeper_what, ", ".join(".".join(p) for p in paths))
+            try:
+                data = await self._execute(
+                    GraphQLRequest(document, variable_values={"id": rid}), what=deeper_what
+                )
+            except PermanentSinkError as exc:
+                raise ForeignContentError(
+                    f"{what}: the backend copy holds content below the read's depth and the backend "
+                    f"refused to return it: {exc}",
+                    reason="incomplete_read",
+                ) from None
+            deep = data.get(READ_FIELD)
+            if not isinstance(deep, Mapping) or _version(deep) != version or not graft(raw, deep):
+                raise RetryableSinkError(f"{what}: the resource changed between two reads; reading again")
+        else:
+            if sentinel_paths(raw):
+                raise ForeignContentError(
+                    f"{what}: the backend copy is nested deeper than {MAX_DEEPER_READS} deeper reads "
+                    "reach; it is not written, so nothing in it is lost",
+                    reason="incomplete_read",
+                )
+        study = self._backend_study(strip_typenames(raw), what)
+        _, dropped = self.fit.prune(study.resource)
+        unwritable = [p for p in dropped if p not in _NOT_CONTENT and not p.startswith("meta.")]
+        self._unwritable.pop(study.id, None)
+        self._rest_versions.pop(study.id, None)
+        if not unwritable:
+            return study
+        rest = await self._rest_read(study.id, what)
+        if rest is None:
+            self._unwritable[study.id] = unwritable
+            return study
+        LOGGER.info(
+            "%s: the copy holds %s, which %s cannot carry; read and written by FHIR REST instead",
+            what, ", ".join(unwritable), self.fit.input_type.name,
+        )
+        self._rest_versions[rest.id] = rest.version_id
+        return rest
+
+    async def _rest_call(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> RestAnswer:
+        """One FHIR REST request; on HTTP 401 the token is re-read once, as for GraphQL."""
+        rest = self._rest
+        if rest is None:
+            raise PermanentSinkError(f"{what}: the backend URL names no FHIR base")
+        for attempt in (1, 2):
+            sent = self._token
+            with map_errors(what, Exchange(), self._timeout_s, names=self._names, ca=self._ca):
+                answer = await rest.request(
+                    method, path, headers={**self._headers(sent), **(headers or {})}, body=body
+                )
+            if answer.status == 401 and attempt == 1 and self._reload_token(sent):
+                LOGGER.info("%s: HTTP 401, token re-read from its source; resending", what)
+                continue
+            return answer
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _rest_read(self, backend_id: str, what: str) -> BackendStudy | None:
+        """``GET [base]/ImagingStudy/<id>``: the copy as FHIR JSON, whole; ``None`` without a REST route."""
+        if self._rest is None:
+            return None
+        path, rest_what = f"{RESOURCE_TYPE}/{backend_id}", f"{what}: FHIR REST read"
+        answer = await self._rest_call("GET", path, what=rest_what)
+        if answer.status in (404, 405, 410, 501):
+            return None
+        if answer.status != 200:
+            raise http_error(what, answer.status, answer.body, answer.retry_after, names=self._names)
+        body = answer.body
+        if not isinstance(body, dict) or (body.get("resourceType"), body.get("id")) != (
+            RESOURCE_TYPE, backend_id
+        ):
+            return None
+        return self._backend_study(body, what)
+
+    async def _rest_update(
+        self, backend_id: str, resource: Mapping[str, Any], version: str | None, what: str
+    ) -> BackendStudy:
+        """``PUT [base]/ImagingStudy/<id>`` with ``If-Match`` on the version read: another writer's change
+        in between is never overwritten (HTTP 409/412: retried, so the copy is read again)."""
+        body = {**resource, "resourceType": RESOURCE_TYPE, "id": backend_id}
+        meta = body.get("meta")
+        if isinstance(meta, Mapping):  # the server's bookkeeping is not ours to send
+            body["meta"] = {k: v for k, v in meta.items() if k in ("profile", "security", "tag")}
+        headers = {"If-Match": f'W/"{version}"'} if version else {}
+        rest_what = f"{what}: FHIR REST update"
+        answer = await self._rest_call(
+            "PUT", f"{RESOURCE_TYPE}/{backend_id}", what=rest_what, body=body, headers=headers
+        )
+        if answer.status in (409, 412):
+            raise RetryableSinkError(
+                f"{rest_what}: the backend copy changed since it was read (HTTP {answer.status}); "
+                "it is read again", code=answer.status,
+            )
+        if answer.status not in (200, 201):
+            raise http_error(rest_what, answer.status, answer.body, answer.retry_after, names=self._names)
+        found = answer.body if isinstance(answer.body, Mapping) else {}
+        return self._backend_study({**body, **found}, rest_what)
+
     def _prepare(self, resource: Mapping[str, Any], *, backend_id: str | None) -> dict[str, Any]:
         fit = self.fit
         res, dropped = fit.prune(resource, for_create=backend_id is None)
@@ -536,6 +720,11 @@ class GraphQLSink:
             return False
         self._token = fresh
         return fresh != sent
+
+
+def _version(resource: Mapping[str, Any]) -> Any:
+    meta = resource.get("meta")
+    return meta.get("versionId") if isinstance(meta, Mapping) else None
 
 
 def _uid_of(resource: Mapping[str, Any]) -> str:

@@ -34,6 +34,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ingest.adapters.state.commitments import CommitmentStore
+from ingest.adapters.state.files import FileIdentityStore
 from ingest.adapters.state.lifecycle import LifecycleStore
 from ingest.adapters.state.retention import RetentionStore
 from ingest.adapters.state.sql import utc
@@ -87,18 +88,68 @@ PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
     # 2: the start-up sweep looks spool names up (sweep_orphans)
     ("CREATE INDEX instances_spool ON instances (spool_name)",),
-    # 3: study lifecycle: rejections (IOCM) and replaced instances (ingest.adapters.state.lifecycle)
-    (),
-    # 4: what ingest last wrote as the study's subject (ingest.relay, the subject guard)
-    (),
+    # 3: study lifecycle: rejections (IOCM) and replaced instances (ingest.adapters.state.lifecycle);
+    # "" in series_uid / sop_uid widens a rejection to the whole study / series, note_uid "" is
+    # `ingest reject`'s
+    (
+        """
+        CREATE TABLE rejections (
+            study_uid  text NOT NULL,           -- (0020,000D)
+            series_uid text NOT NULL DEFAULT '', -- (0020,000E)
+            sop_uid    text NOT NULL DEFAULT '', -- (0008,0018)
+            code       text NOT NULL,           -- DCM code value (113001, 113037, 113038, 113039)
+            note_uid   text NOT NULL DEFAULT '', -- the rejection note's SOP Instance UID
+            added_at   timestamptz NOT NULL,
+            PRIMARY KEY (study_uid, series_uid, sop_uid, code, note_uid)
+        )
+        """,
+        "ALTER TABLE instances ADD COLUMN replaced_at timestamptz",
+    ),
+    # 4: what ingest last wrote (ingest.relay): the ImagingStudy the mapping built for that write, and
+    # the subject the written resource carried (the merge's "ours before", the subject guard)
+    (
+        "ALTER TABLE studies ADD COLUMN written_ours text",
+        "ALTER TABLE studies ADD COLUMN written_subject text",
+    ),
     # 5: Storage Commitment requests and reports (ingest.adapters.state.commitments)
-    (),
+    (
+        """
+        CREATE TABLE commitments (
+            transaction_uid text PRIMARY KEY,     -- (0008,1195)
+            calling_ae      text NOT NULL,
+            node            text,
+            state           text NOT NULL DEFAULT 'pending',
+            received_at     timestamptz NOT NULL,
+            decided_at      timestamptz,
+            attempts        integer NOT NULL DEFAULT 0,
+            next_attempt_at timestamptz,
+            last_error      text,
+            reported_at     timestamptz,
+            lease_owner     text,
+            lease_expires   timestamptz
+        )
+        """,
+        "CREATE INDEX commitments_due ON commitments (state, next_attempt_at)",
+        """
+        CREATE TABLE commitment_items (
+            transaction_uid text NOT NULL,        -- commitments.transaction_uid
+            position        integer NOT NULL,
+            sop_class_uid   text NOT NULL,        -- (0008,1150)
+            sop_uid         text NOT NULL,        -- (0008,1155)
+            committed       boolean,              -- NULL until decided
+            failure_reason  integer,              -- (0008,1197) when not committed
+            PRIMARY KEY (transaction_uid, position)
+        )
+        """,
+    ),
     # 6: spool retention: when an instance's bytes were removed (and why), and until when a Storage
     # Commitment holds them (ingest.adapters.state.retention)
     (
         "ALTER TABLE instances ADD COLUMN bytes_removed_at timestamptz",
         "ALTER TABLE instances ADD COLUMN bytes_removed_reason text",
         "ALTER TABLE instances ADD COLUMN hold_until timestamptz",
+        # releasable(): the instances of a pushed study whose bytes are still held
+        "CREATE INDEX instances_held ON instances (study_uid) WHERE bytes_removed_at IS NULL",
     ),
     # 7: small instances' bytes, committed in the same transaction as their row (spool_name NULL)
     (
@@ -110,7 +161,19 @@ PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
     ),
     # 8: replay's file identities (path, size, mtime, digest) for unchanged reruns
-    (),
+    # (ingest.adapters.state.files)
+    (
+        """
+        CREATE TABLE replay_files (
+            path      text PRIMARY KEY,   -- absolute path of the file replay read
+            size      bigint NOT NULL,      -- os.stat before reading: st_size
+            mtime_ns  bigint NOT NULL,      -- and st_mtime_ns
+            digest    text NOT NULL,      -- instances.digest of the instance it carried
+            sop_uid   text NOT NULL,
+            study_uid text NOT NULL
+        )
+        """,
+    ),
 )
 
 
@@ -143,7 +206,7 @@ def _label(url: str) -> str:
     return f"postgresql://{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
-class PostgresStateStore(LifecycleStore, CommitmentStore, RetentionStore):
+class PostgresStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore):
     """:class:`ingest.ports.StateStore` on PostgreSQL (psycopg 3, synchronous).
 
     Parameters

@@ -248,6 +248,18 @@ class SQLStateStore(StateStore):
             results.append(Added(decision.verdict, record.study_uid, decision.detail))
         return results
 
+    def _after_add(
+        self,
+        cur: Cursor,
+        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        results: list[Added],
+        now: object,
+        due_at: object,
+    ) -> list[Added]:
+        """A hook in the transaction of :meth:`add_instances`, after the rows and study updates: the study
+        lifecycle (``state.lifecycle``: rejection notes, rejected arrivals) completes ``results``."""
+        return results
+
     def _touch_study(self, cur: Cursor, study_uid: str, added: int, now: object, due_at: object) -> None:
         """``added`` new instances make the study dirty and pending again, due at ``due_at``.
 
@@ -276,6 +288,7 @@ class SQLStateStore(StateStore):
         digest: str,
         now: datetime,
         due_at: datetime,
+        data: bytes | None = None,
     ) -> Added:
         """Insert an instance row and mark its study dirty and due at ``due_at``; durable on return.
 
@@ -293,6 +306,9 @@ class SQLStateStore(StateStore):
             equal record (but for the transfer syntax) is a duplicate.
         now, due_at:
             Timezone-aware times: when it arrived, and when its study becomes due.
+        data:
+            The instance's Part 10 bytes, kept in ``instance_bytes`` in the same transaction as the row
+            when it is added (an unspooled small instance: one durable write; ``spool_name`` ``None``).
 
         Returns
         -------
@@ -305,7 +321,10 @@ class SQLStateStore(StateStore):
         StoreUnavailableError
             When the row cannot be committed (locked too long, disk full, I/O error, connection lost).
         """
-        return self.add_instances([(record, source, spool_name, digest)], now=now, due_at=due_at)[0]
+        return self.add_instances(
+            [(record, source, spool_name, digest)], now=now, due_at=due_at,
+            inline=None if data is None else [data],
+        )[0]
 
     def add_instances(
         self,
@@ -313,15 +332,74 @@ class SQLStateStore(StateStore):
         *,
         now: datetime,
         due_at: datetime,
+        inline: Sequence[bytes | None] | None = None,
     ) -> list[Added]:
-        """Batch :meth:`add_instance` of ``(record, source, spool_name, digest)`` in one transaction."""
+        """Batch :meth:`add_instance` of ``(record, source, spool_name, digest)`` in one transaction.
+
+        ``inline``, when given, holds one entry per item: its Part 10 bytes to keep in ``instance_bytes``
+        (committed with the row, for items that are added), or ``None``.
+
+        Raises
+        ------
+        ValueError
+            When ``inline`` does not have one entry per item.
+        """
+        if inline is not None and len(inline) != len(items):
+            raise ValueError(f"inline has {len(inline)} entries for {len(items)} items")
         now_v, due_v = self._time(now), self._time(due_at)
         with self._write("add_instances") as cur:
             results = self._insert_batch(cur, items, now_v)
+            if inline is not None:
+                self._insert_bytes(cur, items, results, inline)
             added = Counter(r.study_uid for r in results if r.outcome is AddOutcome.ADDED)
             for study_uid in sorted(added):  # one update per study; a fixed order avoids lock cycles
                 self._touch_study(cur, study_uid, added[study_uid], now_v, due_v)
-            return results
+            return self._after_add(cur, items, results, now_v, due_v)
+
+    def _insert_bytes(
+        self,
+        cur: Cursor,
+        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        results: Sequence[Added],
+        inline: Sequence[bytes | None],
+    ) -> None:
+        """The ``instance_bytes`` rows of the added items that carry bytes (same transaction)."""
+        rows = [
+            (item[0].sop_uid, data)
+            for item, added, data in zip(items, results, inline, strict=True)
+            if data is not None and added.outcome is AddOutcome.ADDED
+        ]
+        if rows:
+            cur.executemany(
+                self._q(
+                    "INSERT INTO instance_bytes (sop_uid, data) VALUES (?, ?) "
+                    "ON CONFLICT (sop_uid) DO UPDATE SET data = excluded.data"
+                ),
+                rows,
+            )
+
+    def instance_bytes(self, sop_uid: str) -> bytes | None:
+        """The Part 10 bytes kept in the state store for ``sop_uid`` (``instance_bytes``), or ``None``
+        when the instance is unknown, its bytes are in a spool file, or they were released."""
+        with self._use("instance_bytes") as cur:
+            row = cur.execute(
+                self._q("SELECT data FROM instance_bytes WHERE sop_uid = ?"), (sop_uid,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def instance_spool_name(self, sop_uid: str) -> str | None:
+        """The spool file name ``sop_uid``'s row records, or ``None`` (unknown, or bytes kept in-row)."""
+        with self._use("instance_spool_name") as cur:
+            row = cur.execute(
+                self._q("SELECT spool_name FROM instances WHERE sop_uid = ?"), (sop_uid,)
+            ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def inline_bytes_total(self) -> int:
+        """Bytes of instance data held in the state store (``instance_bytes``), for the disk budget."""
+        with self._use("inline_bytes_total") as cur:
+            row = cur.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM instance_bytes").fetchone()
+        return int(row[0] or 0)
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         """The records of a study's instances, ordered by series and SOP Instance UID."""
@@ -444,9 +522,19 @@ class SQLStateStore(StateStore):
     # -- outcomes ----------------------------------------------------------------------------------------
 
     def mark_pushed(
-        self, claim: StudyClaim, *, backend_id: str, version_id: str | None, digest: str, now: datetime
+        self,
+        claim: StudyClaim,
+        *,
+        backend_id: str,
+        version_id: str | None,
+        digest: str,
+        now: datetime,
+        written: tuple[str, str | None] | None = None,
     ) -> None:
         """Record a successful write (or an unchanged check).
+
+        ``written`` (JSON texts: the ImagingStudy the mapping built, the subject the written resource
+        carried) is kept in the same transaction for the next merge (:meth:`written`).
 
         ``dirty`` is cleared and the state becomes ``pushed`` only if no instance arrived since the claim
         (generation unchanged); otherwise the study stays dirty, pending and due. The lease is released
@@ -483,6 +571,11 @@ class SQLStateStore(StateStore):
             )
             if cur.rowcount != 1:
                 raise StoreError(f"mark_pushed: study {claim.study_uid} is not in the state store")
+            if written is not None:
+                cur.execute(
+                    self._q("UPDATE studies SET written_ours = ?, written_subject = ? WHERE study_uid = ?"),
+                    (written[0], written[1], claim.study_uid),
+                )
 
     def _outcome(self, claim: StudyClaim, op: str, sql: str, args: tuple[Any, ...]) -> None:
         """Run ``sql`` (an ``UPDATE ... SET ...``) on the claimed study unless another owner leases it."""
@@ -565,6 +658,19 @@ class SQLStateStore(StateStore):
         :attr:`ingest.ports.StudyRow.dead_reason`."""
         row = self.study(study_uid)
         return None if row is None else row.dead_reason
+
+    # -- what ingest last wrote (the merge's "ours before", the subject guard) ---------------------------
+
+    def written(self, study_uid: str) -> tuple[str | None, str | None]:
+        """What :meth:`mark_pushed` kept of the last write: (the ImagingStudy the mapping built, the
+        written subject), JSON texts; ``(None, None)`` for a study written before schema version 5 or
+        never written."""
+        with self._use("written") as cur:
+            row = cur.execute(
+                self._q("SELECT written_ours, written_subject FROM studies WHERE study_uid = ?"),
+                (study_uid,),
+            ).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
 
     # -- the status page (ingest.app.admin) --------------------------------------------------------------
 

@@ -14,13 +14,16 @@ Answering a C-STORE (``docs/reliability.md``, "C-STORE answers"; every code is i
    checks every declared length; deflate inflated with a cap). A header error -> its own 0xC0xx code
    with an Error Comment (0000,0902); the bytes go to the quarantine with a reason side file.
 2. The data set's SOP Class/Instance UIDs must equal the command's (0000,0002)/(0000,1000) -> 0xA900.
-3. A slot of the bounded intake is taken (none free -> 0xA700), the bytes are written durably to the
-   spool (temp, fsync, rename, fsync dir) and the instance row is committed; only then 0x0000.
-   Disk, quota or store failures -> 0xA700 and nothing is kept. An identical duplicate -> 0x0000,
-   no new row. A conflicting duplicate (same SOP Instance UID, other content or other study): the
-   first is kept, the second goes to the quarantine, a warning is logged and the answer is 0xC010
-   ("Cannot understand" family: the sender must not retry the same bytes, and the distinct code says
-   why). Anything unexpected -> 0x0110; no exception ever escapes into pynetdicom.
+3. A slot of the bounded intake is taken (none free -> 0xA700) and the instance is made durable; only
+   then 0x0000. Up to ``[spool] inline_max_bytes`` its Part 10 bytes are committed in the state store in
+   the transaction of its row (one durable write); a larger one is written to the spool first (temp,
+   fsync, rename, fsync dir), then its row is committed. Rows go through the group commit
+   (:mod:`ingest.intake.commit`): concurrent associations share a transaction, each answered when
+   its own row is durable. Disk, quota or store failures -> 0xA700 and nothing is kept. An identical
+   duplicate -> 0x0000, no new row. A conflicting duplicate (same SOP Instance UID, other content or
+   other study): the first is kept, the second goes to the quarantine, a warning is logged and the
+   answer is 0xC010 ("Cannot understand" family: the sender must not retry the same bytes, and the
+   distinct code says why). Anything unexpected -> 0x0110; no exception ever escapes into pynetdicom.
 
 The durable work runs on the association's thread (the state store is thread-safe); the asyncio loop is
 only told that something arrived (``relay.wake`` through ``loop.call_soon_threadsafe``, coalesced, so
@@ -47,7 +50,9 @@ those to its Storage Service Class for each association (netguard's :func:`route
 ``[listener] unknown_storage_classes = "accept"``, classes known to neither library are supported for
 the association that requests them (EVT_REQUESTED, before negotiation). Every refused presentation
 context is logged in one warning per association and counted in
-``ingest_presentation_contexts_refused_total{reason}`` (EVT_ACCEPTED).
+``ingest_presentation_contexts_refused_total{reason}`` (EVT_ACCEPTED). With ``[listener.commitment]
+enabled``, Storage Commitment Push Model is supported too (SCP/SCU role selection accepted); its
+N-ACTION handler and report sender are :mod:`ingest.sources.dimse.commitment`'s.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import contextlib
 import functools
 import logging
 import re
+import struct
 import threading
 import time
 import weakref
@@ -84,7 +90,13 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import SOPClassCommonExtendedNegotiation
 from pynetdicom.presentation import PresentationContext
@@ -96,8 +108,11 @@ from ingest.config import ListenerSettings, Settings
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES
 from ingest.errors import HeaderError, NestingTooDeepError, StoreError
 from ingest.intake.admit import Admission, Candidate, utcnow
+from ingest.intake.commit import GroupCommit
+from ingest.intake.retention import DiskBudget, SpoolFullError
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome, StateStore
+from ingest.sources.dimse.commitment import CommitmentSCP, add_commitment_context
 from ingest.sources.dimse.netguard import (
     GuardedRequestHandler,
     GuardedServer,
@@ -119,6 +134,7 @@ __all__ = [
     "Intake",
     "Listener",
     "classify_abstract_syntax",
+    "part10_prefix",
     "start_listener",
     "storage_sop_classes",
 ]
@@ -361,12 +377,22 @@ class Listener:
         quarantine: Quarantine,
         release_grace_s: float,
         clock: Callable[[], datetime] = utcnow,
+        inline_max_bytes: int = 1024**2,
+        group: GroupCommit | None = None,
+        budget: DiskBudget | None = None,
+        commitment: CommitmentSCP | None = None,
     ) -> None:
+        # Storage Commitment (``ingest.sources.dimse.commitment``): its context, handlers and sender
+        self.commitment = commitment
+        self.budget = budget  # [spool] max_bytes / min_free_bytes, asked before bytes are written
         self.cfg = cfg
         self.store = store  # release: mark_due (rows are committed by ``admission``)
         self.metrics = metrics
         self.intake = intake
         self.admission = admission  # wakes the relay through ``intake.notify``
+        # concurrent associations share one transaction (``ingest.intake.commit``)
+        self.group = group if group is not None else GroupCommit(admission)
+        self.inline_max_bytes = inline_max_bytes
         self.release_grace = timedelta(seconds=release_grace_s)
         self.clock = clock
         self.spool = spool
@@ -406,6 +432,8 @@ class Listener:
         for uid in sorted(storage_sop_classes()):
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        if self.commitment is not None:
+            add_commitment_context(ae)
         return ae
 
     def start(self) -> None:
@@ -429,6 +457,8 @@ class Listener:
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
+        if self.commitment is not None:
+            handlers += self.commitment.handlers()
         server = self.ae.make_server(
             (self.cfg.host, self.cfg.port),
             evt_handlers=handlers,
@@ -457,6 +487,8 @@ class Listener:
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ingest-listener", daemon=True
         )
         self._thread.start()
+        if self.commitment is not None:
+            self.commitment.start()
         LOGGER.info(
             "DICOM listener %s on %s:%d%s (max %d associations, calling AEs: %s)",
             self.cfg.ae_title, self.address[0], self.address[1],
@@ -613,6 +645,9 @@ class Listener:
         spill: _Spill
         try:
             prefix = _part10_prefix_for(file_meta())
+            size = len(prefix) + head.getbuffer().nbytes
+            if self.budget is not None and (why := self.budget.refusal(size, what="a large data set")):
+                raise SpoolFullError(why)
             writer = self.spool.open_writer()
             spill = _Spill(writer)
             spill.write(prefix)
@@ -676,6 +711,8 @@ class Listener:
         )
         if not isinstance(outcome, ParsedInstance):
             return outcome
+        if (full := self._spool_full(len(data), cmd_sop)) is not None:
+            return full
         with self._intake_slot(cmd_sop) as admitted:
             if not admitted:
                 return _answer("intake_full")
@@ -727,6 +764,17 @@ class Listener:
         finally:
             self.intake.leave()
 
+    def _spool_full(self, nbytes: int, cmd_sop: str, *, refused: str | None = None) -> Dataset | None:
+        """0xA700 when ``nbytes`` more would cross ``[spool] max_bytes`` or ``min_free_bytes`` (counted in
+        ``ingest_spool_refusals_total{reason}``), or when the budget ``refused`` already; else ``None``."""
+        why = refused
+        if why is None and self.budget is not None:
+            why = self.budget.refusal(nbytes, what=f"C-STORE {cmd_sop}")
+        if why is None:
+            return None
+        self.metrics.instances_rejected.labels(reason="spool_full").inc()
+        return _answer("out_of_resources", f"Spool full ({why}): not stored, retry later")
+
     def _out_of_resources(self, what: str, cmd_sop: str, cause: object) -> Dataset:
         LOGGER.error("%s, C-STORE %s answered 0xA700: %s", what, cmd_sop, cause)
         self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
@@ -745,6 +793,10 @@ class Listener:
             self.metrics.instances_rejected.labels(reason="out_of_resources").inc()
             return _answer("out_of_resources")
         try:
+            # refused when it started, or now (its bytes so far are counted already)
+            refused = spill.failed.reason if isinstance(spill.failed, SpoolFullError) else None
+            if (full := self._spool_full(0, cmd_sop, refused=refused)) is not None:
+                return full
             if spill.failed is not None or spill.writer is None:
                 return self._out_of_resources("spool write failed", cmd_sop, spill.failed)
             with self._intake_slot(cmd_sop) as admitted:
@@ -781,10 +833,20 @@ class Listener:
         return self._commit_row(event, kept, outcome.digest, outcome.record, source, kept.path)
 
     def _durable(self, event: Any, data: bytes, digest: str, record: Any, source: str) -> Dataset:
-        """Spool (fsync'd) then commit the row; success only when both are durable."""
+        """Make a received data set durable, then answer; success only when it is.
+
+        Up to ``[spool] inline_max_bytes`` (Part 10 file size) the bytes go into the state store in the
+        transaction of the row: one durable write. Larger ones are spooled first (temp, fsync, rename,
+        folder fsync), then the row is committed.
+        """
+        # the UIDs are the command's (checked equal); read from the record, not the C-STORE primitive,
+        # whose properties build and validate pydicom UIDs on every access
+        prefix = part10_prefix(record.sop_class_uid, record.sop_uid, str(event.context.transfer_syntax))
+        if len(prefix) + len(data) <= self.inline_max_bytes:
+            return self._commit_row(event, None, digest, record, source, data, inline=prefix + data)
         try:
             with self.spool.open_writer() as writer:
-                writer.write(_part10_prefix(event))
+                writer.write(prefix)
                 writer.write(data)
                 kept = writer.commit()
         except StoreError as exc:
@@ -792,16 +854,28 @@ class Listener:
         return self._commit_row(event, kept, digest, record, source, data)
 
     def _commit_row(
-        self, event: Any, kept: SpoolFile, digest: str, record: Any, source: str, data: bytes | Path
+        self,
+        event: Any,
+        kept: SpoolFile | None,
+        digest: str,
+        record: Any,
+        source: str,
+        data: bytes | Path,
+        *,
+        inline: bytes | None = None,
     ) -> Dataset:
-        """Admit a spooled instance (``ingest.intake.admit``); success only when its row is durable.
+        """Admit an instance (``ingest.intake.admit``, through the group commit); success only when its
+        row, and its ``inline`` bytes when it has no spool file ``kept``, are durable.
 
         The admission removes the spool copy of a duplicate, a conflict (``data`` quarantined) or a
         failure; here the outcome becomes its :data:`STATUS_TABLE` answer.
         """
         try:
-            admitted = self.admission.admit_one(
-                Candidate(record, digest, source, spool_name=kept.name, body=data)
+            admitted = self.group.admit(
+                Candidate(
+                    record, digest, source, spool_name=None if kept is None else kept.name, body=data,
+                    data=inline,
+                )
             )
         except StoreError as exc:
             return self._out_of_resources("state store failed", record.sop_uid, exc)
@@ -811,7 +885,7 @@ class Listener:
             return _answer("conflict")
         with self._lock:
             self._studies.setdefault(id(event.assoc), set()).add(record.study_uid)
-        self.metrics.spool_bytes.set(self.spool.bytes_used())
+        self.metrics.spool_bytes.set(self.spool.bytes_used() if self.budget is None else self.budget.used)
         return _answer("stored")
 
     def _discard(self, name: str) -> None:
@@ -843,6 +917,8 @@ class Listener:
                 assoc.abort()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.commitment is not None:
+            self.commitment.close()
         LOGGER.info("DICOM listener on %s:%d stopped", self.address[0], self.address[1])
 
     async def aclose(self) -> None:
@@ -850,9 +926,32 @@ class Listener:
         await asyncio.to_thread(self.close)
 
 
-def _part10_prefix(event: Any) -> bytes:
-    """Preamble, ``DICM`` and the File Meta group (PS3.10 7.1) for the received data set."""
-    return _part10_prefix_for(event.file_meta)
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, Explicit VR Little Endian (PS3.5 7.1.2), ``value`` already padded even."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information (PS3.10 7.1) of a received data set: version
+    00 01, the command's SOP Class / Instance UIDs, the transfer syntax, pynetdicom's implementation
+    class UID and version name (what pynetdicom's ``event.file_meta`` holds)."""
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
+        _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\0")),  # Media Storage SOP Class UID
+        _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\0")),  # Media Storage SOP Instance UID
+        _meta_element(0x0010, b"UI", _even(transfer_syntax_uid, b"\0")),  # Transfer Syntax UID
+        _meta_element(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),  # Impl. Class UID
+        _meta_element(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),  # Impl. Version Name
+    ))
+    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))  # File Meta Group Length
+    return b"\x00" * 128 + b"DICM" + length + body
 
 
 def _part10_prefix_for(file_meta: FileMetaDataset) -> bytes:
@@ -864,7 +963,12 @@ def _part10_prefix_for(file_meta: FileMetaDataset) -> bytes:
 
 
 async def start_listener(
-    settings: Settings, store: StateStore, wake: Callable[[], None], metrics: Metrics
+    settings: Settings,
+    store: StateStore,
+    wake: Callable[[], None],
+    metrics: Metrics,
+    *,
+    budget: DiskBudget | None = None,
 ) -> Listener:
     """Start the C-STORE/C-ECHO listener for ``ingest serve``.
 
@@ -879,6 +983,9 @@ async def start_listener(
         The relay's ``wake()``; called on the running loop when instances arrived.
     metrics:
         The process's metrics.
+    budget:
+        The disk budget asked before an instance's bytes are written (0xA700 when it refuses); its
+        spool is the listener's. ``None``: no budget, a spool of its own.
 
     Returns
     -------
@@ -896,15 +1003,20 @@ async def start_listener(
     """
     loop = asyncio.get_running_loop()
     intake = Intake(settings.listener.intake_size, loop, wake)
-    spool = Spool(settings.data_dir / "spool")
+    # with a disk budget, its spool: one running total for every writer ([spool] max_bytes)
+    spool = budget.spool if budget is not None else Spool(settings.data_dir / "spool")
     quarantine = Quarantine(settings.data_dir / "quarantine", max_bytes=settings.quarantine.max_bytes)
     admission = Admission(
-        store, spool=spool, quarantine=quarantine, metrics=metrics,
+        store, spool=spool, quarantine=quarantine, metrics=metrics, budget=budget,
         stable_age_s=settings.relay.stable_age_s, wake=intake.notify, clock=utcnow, label="dimse",
+        on_conflict=settings.intake.on_conflict,
     )
     listener = Listener(
         settings.listener, store, metrics, intake, admission=admission, spool=spool, quarantine=quarantine,
         release_grace_s=settings.relay.release_grace_s, clock=utcnow,
+        inline_max_bytes=settings.spool.inline_max_bytes, group=GroupCommit(admission), budget=budget,
+        commitment=CommitmentSCP.from_settings(settings, store, metrics)
+        if settings.listener.commitment.enabled else None,
     )
     await asyncio.to_thread(listener.start)
     return listener

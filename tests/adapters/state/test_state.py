@@ -533,3 +533,18 @@ def test_open_state_store(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "state.sqlite3").is_file()
     with pytest.raises(ConfigError, match="mysql"):
         open_state_store("mysql://x", tmp_path)
+
+
+def test_what_ingest_wrote_is_kept_with_the_push_for_the_next_merge(store: StateStore) -> None:
+    add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1"))
+    assert store.written("1.2.3") == (None, None)  # never written
+    (claim,) = store.claim_due(s(10), 5, "n1", 60)
+    ours = '{"resourceType": "ImagingStudy", "description": "Ünïcode"}'
+    subject = '{"identifier": {"system": "urn:oid:1.2.3", "value": "PID-1"}}'
+    store.mark_pushed(claim, backend_id="b1", version_id="v1", digest="g", now=s(11), written=(ours, subject))
+    assert store.written("1.2.3") == (ours, subject)
+    add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.2"), now=s(20))
+    (claim,) = store.claim_due(s(40), 5, "n1", 60)
+    store.mark_pushed(claim, backend_id="b1", version_id="v2", digest="h", now=s(41))  # nothing given: kept
+    assert store.written("1.2.3") == (ours, subject)
+    assert store.written("9.9.9") == (None, None)

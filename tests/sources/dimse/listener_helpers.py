@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
 from ingest.adapters.state.sqlite import SQLiteStateStore
-from ingest.config import ListenerSettings, RelaySettings, Settings
+from ingest.config import ListenerSettings, RelaySettings, Settings, SpoolSettings
 from ingest.metrics import Metrics
 from ingest.sources.dimse.listener import Listener, start_listener
 
@@ -38,6 +38,7 @@ class FakeRelay:
 
 def make_settings(data_dir: Path, **listener: Any) -> Settings:
     relay = listener.pop("relay", None) or RelaySettings(stable_age_s=600, release_grace_s=1)
+    spool = listener.pop("spool", None) or SpoolSettings()
     base: dict[str, Any] = {
         "port": 0,
         "allowed_calling_aes": ["TESTSCU"],
@@ -46,7 +47,7 @@ def make_settings(data_dir: Path, **listener: Any) -> Settings:
         "network_timeout_s": 10,
     }
     base.update(listener)
-    return Settings(data_dir=data_dir, listener=ListenerSettings(**base), relay=relay)
+    return Settings(data_dir=data_dir, listener=ListenerSettings(**base), relay=relay, spool=spool)
 
 
 class Running:

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ingest.adapters.dicomfile import read_header
+from ingest.adapters.spool import read_instance
+from ingest.config import SpoolSettings
+from ingest.sources.dimse.listener import part10_prefix
 from ingest.sources.dimse.status import STATUS_TABLE
 
 from .listener_helpers import (
@@ -52,12 +58,57 @@ def test_store_is_durable_then_acknowledged_and_duplicates_are_quiet(tmp_path: P
         assoc.release()
         rows = run.store.instances(ds.StudyInstanceUID)
         assert [r.sop_uid for r in rows] == [ds.SOPInstanceUID]
+        # a small instance is no spool file: its bytes were committed with its row (one durable write)
+        assert run.listener.spool.names() == []
+        assert [p.name for p in run.listener.spool.root.iterdir()] == []
+        assert run.store.instance_spool_name(ds.SOPInstanceUID) is None
+        kept = read_instance(run.store, run.listener.spool, ds.SOPInstanceUID)
+        assert kept is not None and kept[128:132] == b"DICM"  # a Part 10 file (PS3.10 7.1)
+        assert run.store.inline_bytes_total() == len(kept)  # the duplicate's bytes were not kept
+        again = dcmread(BytesIO(kept))
+        assert again.SOPInstanceUID == ds.SOPInstanceUID
+        assert again.PixelData == ds.PixelData
+        assert run.relay.woken.wait(5)
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_uid", "ts"),
+    [
+        (CT_IMAGE, "1.2.3.4.5.3", ExplicitVRLittleEndian),  # odd-length UIDs, padded with NUL
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.44", "1.2.840.10008.1.2"),  # even-length ones
+    ],
+)
+def test_part10_prefix_is_what_pydicom_writes_for_pynetdicoms_file_meta(
+    sop_class: str, sop_uid: str, ts: str
+) -> None:
+    meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=ts)
+    buf = BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
+    assert part10_prefix(sop_class, sop_uid, ts) == buf.getvalue()
+
+
+def test_instance_over_inline_max_bytes_is_a_spool_file(tmp_path: Path) -> None:
+    ds = dcmread(CT_SMALL)  # about 39 KB
+    settings = make_settings(tmp_path, spool=SpoolSettings(inline_max_bytes=4096))
+    with running_listener(settings) as run:
+        ae = scu()
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assert assoc.send_c_store(ds).Status == 0x0000  # identical duplicate
+        assoc.release()
         spooled = run.listener.spool.names()
         assert len(spooled) == 1  # the duplicate's copy was not kept
+        assert run.store.instance_spool_name(ds.SOPInstanceUID) == spooled[0]
+        assert run.store.instance_bytes(ds.SOPInstanceUID) is None
+        assert run.store.inline_bytes_total() == 0
         # the spool holds a readable Part 10 file of the received instance
         parsed = read_header(run.listener.spool.path(spooled[0]))
         assert parsed.record.sop_uid == ds.SOPInstanceUID
-        assert run.relay.woken.wait(5)
+        assert read_instance(run.store, run.listener.spool, ds.SOPInstanceUID) == (
+            run.listener.spool.path(spooled[0]).read_bytes()
+        )
 
 
 def test_conflicting_duplicate_keeps_first_and_quarantines_second(tmp_path: Path) -> None:

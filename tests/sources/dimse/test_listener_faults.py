@@ -18,6 +18,8 @@ from pynetdicom import evt
 from pynetdicom.pdu import P_DATA_TF
 
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.config import SpoolSettings
+from ingest.errors import StoreUnavailableError
 
 from .listener_helpers import CT_IMAGE, instance, make_settings, running_listener, scu
 
@@ -31,7 +33,8 @@ def _with_meta(ds: Dataset) -> Dataset:
 def test_spool_write_error_answers_out_of_resources_and_stores_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with running_listener(make_settings(tmp_path)) as run:
+    # every instance is a spool file here ([spool] inline_max_bytes = 0)
+    with running_listener(make_settings(tmp_path, spool=SpoolSettings(inline_max_bytes=0))) as run:
         real_write = os.write
 
         def failing_write(fd: int, data: bytes) -> int:
@@ -51,6 +54,32 @@ def test_spool_write_error_answers_out_of_resources_and_stores_nothing(
         assert [p for p in run.listener.spool.root.iterdir()] == []  # no temporary file left either
         assert assoc.send_c_store(_with_meta(instance())).Status == 0x0000  # recovers once the disk does
         assoc.release()
+
+
+def test_state_store_failure_answers_out_of_resources_and_keeps_no_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small instance's bytes go with its row: when that transaction fails, nothing is kept (0xA700)."""
+    with running_listener(make_settings(tmp_path)) as run:
+        real_add = run.store.add_instances
+
+        def failing_add(*args: Any, **kwargs: Any) -> Any:  # as SQLite reports a full disk
+            raise StoreUnavailableError("state database: add_instances failed: database or disk is full")
+
+        monkeypatch.setattr(run.store, "add_instances", failing_add)
+        ae = scu()
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        rsp = assoc.send_c_store(_with_meta(instance()))
+        monkeypatch.setattr(run.store, "add_instances", real_add)
+        assert rsp.Status == 0xA700
+        assert "ErrorComment" in rsp
+        assert run.store.studies() == []
+        assert run.store.inline_bytes_total() == 0
+        assert list(run.listener.spool.root.iterdir()) == []
+        assert assoc.send_c_store(_with_meta(instance())).Status == 0x0000  # recovers with the store
+        assoc.release()
+        assert run.store.instance_bytes("1.2.3.4.5.3") is not None
 
 
 def test_association_aborted_mid_transfer_leaves_nothing_half_stored(tmp_path: Path) -> None:
@@ -101,7 +130,9 @@ def test_eight_concurrent_associations_all_stored_with_bounded_memory(tmp_path: 
                 break
         assoc.release()
 
-    with running_listener(make_settings(tmp_path, max_associations=8)) as run:
+    # the listener's own idle timeout runs while a handler waits for its commit: as generous as the SCU's
+    settings = make_settings(tmp_path, max_associations=8, network_timeout_s=120, dimse_timeout_s=120)
+    with running_listener(settings) as run:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         threads = [threading.Thread(target=send, args=(k, run.port)) for k in range(n_assoc)]
         for t in threads:
@@ -111,7 +142,14 @@ def test_eight_concurrent_associations_all_stored_with_bounded_memory(tmp_path: 
         assert errors == []
         for k in range(n_assoc):
             assert len(run.store.instances(f"1.2.8.{k}")) == per
-        assert len(run.listener.spool.names()) == n_assoc * per
+        # small instances: no spool file, the bytes of each are in the state store with its row
+        assert run.listener.spool.names() == []
+        assert all(
+            run.store.instance_bytes(f"1.2.8.{k}.3.{i}") is not None
+            for k in range(n_assoc)
+            for i in range(per)
+        )
+        assert run.listener.group.committed == n_assoc * per
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before < 100
 
 
@@ -121,14 +159,14 @@ def test_full_intake_answers_out_of_resources_and_stores_nothing(
     """With every intake slot taken by a store still in progress, the next C-STORE gets 0xA700 at once."""
     store = SQLiteStateStore(tmp_path / "state.sqlite3", node="test")
     entered, proceed = threading.Event(), threading.Event()
-    real_add = store.add_instance
+    real_add = store.add_instances
 
     def slow_add(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         proceed.wait(20)  # holds the only intake slot
         return real_add(*args, **kwargs)
 
-    monkeypatch.setattr(store, "add_instance", slow_add)
+    monkeypatch.setattr(store, "add_instances", slow_add)
 
     def send(ds: Dataset) -> int | None:
         ae = scu()
