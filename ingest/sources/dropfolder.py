@@ -10,8 +10,10 @@ How a file travels (docs/architecture.md, Durability; docs/reliability.md):
    never read.
 3. **Parsed**: headers in ``[watch] jobs`` worker processes for bursts
    (:func:`ingest.sources.parse.parse_items`).
-4. **Accepted**: the bytes are copied into the spool (fsync'd under a random name: the row points at
-   bytes we own, whatever the user later does to the folder), then the chunk is admitted
+4. **Accepted**: the bytes are copied into what ``ingest`` owns, whatever the user later does to the
+   folder: a file up to ``[spool] inline_max_bytes`` into the state store with its row (one transaction
+   for the chunk), a larger one into the spool (fsync'd under a random name, one folder fsync for the
+   chunk); then the chunk is admitted
    (:class:`ingest.intake.admit.Admission`: rows committed, studies due, duplicates and conflicts
    settled, the relay woken).
 5. **After**: only then ``after = "move"`` (to ``archive_dir``, default ``<data_dir>/archive``, under a
@@ -41,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import sqlite3
@@ -112,10 +115,11 @@ class _Seen:
 class _Copied:
     path: Path
     parsed: Parsed
-    spool_name: str
+    spool_name: str | None  # None: the bytes go into the state store with the row (``data``)
     sha256: str
     size: int
     mtime_ns: int
+    data: bytes | None = None
 
 
 class _KeptFiles:
@@ -209,8 +213,10 @@ class DropFolder:
         clock: Callable[[], datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
         budget: DiskBudget | None = None,
+        inline_max_bytes: int = 0,
     ) -> None:
         self.budget = budget
+        self.inline_max_bytes = inline_max_bytes
         if cfg.folder is None:
             raise ConfigError("[watch] folder is not set")
         try:
@@ -384,6 +390,8 @@ class DropFolder:
             self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, self.monotonic())
 
     def _copy_to_spool(self, path: Path, parsed: Parsed, before: os.stat_result) -> _Copied | None:
+        if before.st_size <= self.inline_max_bytes:
+            return self._read_inline(path, parsed, before)
         try:
             with self.spool.open_writer() as writer:
                 try:
@@ -404,20 +412,36 @@ class DropFolder:
             return None
         return _Copied(path, parsed, spooled.name, spooled.sha256, before.st_size, before.st_mtime_ns)
 
+    def _read_inline(self, path: Path, parsed: Parsed, before: os.stat_result) -> _Copied | None:
+        """A small file's bytes, committed with its row (``[spool] inline_max_bytes``): no spool file."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            LOGGER.warning("watch: cannot read %s, will try again: %s", path, exc.strerror or exc)
+            self.totals.deferred += 1
+            return None
+        if len(data) != before.st_size or self._changed(path, before):
+            self._defer(path)
+            return None
+        digest = hashlib.sha256(data).hexdigest()
+        return _Copied(path, parsed, None, digest, before.st_size, before.st_mtime_ns, data)
+
     def _commit(self, copied: list[_Copied]) -> int:
         try:
-            self.spool.sync()  # one folder fsync for the chunk: the spool files are durable from here
+            if any(c.spool_name is not None for c in copied):
+                self.spool.sync()  # one folder fsync for the chunk: the spool files are durable from here
         except StoreUnavailableError as exc:
             LOGGER.warning("watch: cannot sync the spool, %d files wait for the next rescan: %s",
                            len(copied), exc)
             for c in copied:
-                self._forget_spooled(c.spool_name)
+                if c.spool_name is not None:
+                    self._forget_spooled(c.spool_name)
             self.totals.deferred += len(copied)
             return 0
         try:
             results = self.admission.admit(
                 [Candidate(c.parsed.record, c.parsed.digest, _SOURCE, spool_name=c.spool_name, body=c.path,
-                           origin=str(c.path)) for c in copied]
+                           origin=str(c.path), data=c.data) for c in copied]
             )
         except StoreError as exc:  # the admission removed the spool copies
             LOGGER.warning("watch: state store unavailable, %d files wait for the next rescan: %s",
@@ -620,6 +644,7 @@ def open_drop_folder(
         max_instance_bytes=settings.listener.max_instance_bytes,
         max_inflated_bytes=settings.listener.max_inflated_bytes,
         metrics=metrics, clock=clock, monotonic=monotonic, budget=budget,
+        inline_max_bytes=settings.spool.inline_max_bytes,
     )
 
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,14 @@ from pydicom.data import get_testdata_file
 from ingest.adapters.dicomfile import read_header
 from ingest.adapters.spool import Quarantine
 from ingest.adapters.state.sqlite import SQLiteStateStore
-from ingest.config import ListenerSettings, QuarantineSettings, RelaySettings, Settings, WatchSettings
+from ingest.config import (
+    ListenerSettings,
+    QuarantineSettings,
+    RelaySettings,
+    Settings,
+    SpoolSettings,
+    WatchSettings,
+)
 from ingest.metrics import Metrics
 from ingest.relay.relay import utcnow
 from ingest.sources.dropfolder import DropFolder, StepResult, open_drop_folder, run_watcher
@@ -77,9 +85,13 @@ class Running:
         a = self.data / "archive"
         return sorted(a.iterdir()) if a.exists() else []
 
-    def spooled(self) -> list[Path]:
+    def spooled(self) -> list[bytes]:
+        """The accepted bytes ingest keeps: spool files, and small files' bytes committed with their row."""
         s = self.data / "spool"
-        return sorted(p for p in s.iterdir() if HEX_NAME.match(p.name)) if s.exists() else []
+        files = sorted(p for p in s.iterdir() if HEX_NAME.match(p.name)) if s.exists() else []
+        with contextlib.closing(sqlite3.connect(self.data / "state.sqlite3")) as db:
+            rows = [bytes(r[0]) for r in db.execute("SELECT data FROM instance_bytes")]
+        return [p.read_bytes() for p in files] + rows
 
     async def until(self, cond: Callable[[], bool], timeout: float = 15.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -165,9 +177,9 @@ async def test_file_written_slowly_by_another_process_is_ingested_once_after_it_
         assert run.instances() == 1
         assert run.quarantined() == []
         assert run.drop is not None and run.drop.totals.accepted == 1
-        # the spool holds the complete bytes, the archive holds the original under a random 0600 name
+        # ingest keeps the complete bytes, the archive holds the original under a random 0600 name
         spooled = run.spooled()
-        assert len(spooled) == 1 and spooled[0].read_bytes() == CT_SMALL.read_bytes()
+        assert len(spooled) == 1 and spooled[0] == CT_SMALL.read_bytes()
         archived = run.archived()
         assert len(archived) == 1 and HEX_NAME.match(archived[0].name)
         assert archived[0].stat().st_mode & 0o777 == 0o600
@@ -254,7 +266,7 @@ async def test_conflicting_duplicate_is_quarantined_and_the_first_is_kept(tmp_pa
         side = Quarantine(settings.data_dir / "quarantine").reason(run.quarantined()[0])
         assert side["reason"] == "conflict" and side["rule"] == "other_content"
         assert run.instances() == 1
-        assert len(run.spooled()) == 1 and run.spooled()[0].read_bytes() == CT_SMALL.read_bytes()
+        assert len(run.spooled()) == 1 and run.spooled()[0] == CT_SMALL.read_bytes()
 
 
 # -- restarts and after-actions ----------------------------------------------------------------------------
@@ -306,7 +318,25 @@ async def test_crash_between_commit_and_move_is_answered_by_the_digest_check(tmp
         assert (run.drop.totals.accepted, run.drop.totals.duplicate) == (2, 3)
         assert run.instances() == 5
         assert len(run.archived()) == 5
-        assert len(run.spooled()) == 2  # duplicates leave no spool copy behind
+        assert len(run.spooled()) == 2  # duplicates leave no copy behind
+
+
+@pytest.mark.parametrize(("inline_max_bytes", "in_row"), [(1024**2, True), (0, False)])
+async def test_small_files_bytes_are_committed_with_their_row_larger_ones_spooled(
+    tmp_path: Path, inline_max_bytes: int, in_row: bool
+) -> None:
+    # [spool] inline_max_bytes: at or under it the file's bytes go into the row's transaction, no spool file
+    settings = make_settings(tmp_path).model_copy(
+        update={"spool": SpoolSettings(inline_max_bytes=inline_max_bytes)}
+    )
+    async with watching(settings) as run:
+        (run.folder / "a.dcm").write_bytes(CT_SMALL.read_bytes())
+        await run.until(lambda: run.instances() == 1 and not (run.folder / "a.dcm").exists())
+        sop = pydicom.dcmread(CT_SMALL, stop_before_pixels=True).SOPInstanceUID
+        files = [p for p in (run.data / "spool").iterdir() if HEX_NAME.match(p.name)]
+        assert (run.store.instance_bytes(sop) == CT_SMALL.read_bytes()) is in_row
+        assert len(files) == (0 if in_row else 1)
+        assert run.spooled() == [CT_SMALL.read_bytes()]
 
 
 async def test_after_delete_removes_the_file_once_durable(tmp_path: Path) -> None:
