@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from tests import REPO
+from tests import REPO, free_ports
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -44,17 +43,6 @@ pytestmark = [
     pytest.mark.skipif(sync_playwright is None, reason="playwright not installed (pip install playwright)"),
     pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk storescu not installed"),
 ]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _sample_studies() -> dict[str, int]:
@@ -79,7 +67,7 @@ class Serve:
     """``python -m ingest --config <toml> serve`` on free loopback ports, embedded backend."""
 
     def __init__(self, tmp: Path) -> None:
-        self.dicom_port, self.backend_port, self.admin_port = _free_ports(3)
+        self.dicom_port, self.backend_port, self.admin_port = free_ports(3)
         self.data = tmp / "data"
         self.log = tmp / "serve.log"
         self.config = tmp / "ingest.toml"

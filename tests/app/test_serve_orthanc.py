@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tests import REPO
+from tests import LOOPBACK_HTTP, REPO, free_ports
 from tests.sources.dimse.listener_helpers import CT_IMAGE, instance
 from tests.sources.dimse.test_commitment import _pairs, _request, _requester, _stored, report_scp
 
@@ -39,19 +38,6 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 STUDY = "1.2.3.88.1"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, no proxy
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -70,7 +56,7 @@ class Serve:
 
     def __init__(self, data: Path, allowed: list[dict[str, Any]]) -> None:
         self.data = data
-        self.dicom_port, self.backend_port, self.admin_port = _free_ports(3)
+        self.dicom_port, self.backend_port, self.admin_port = free_ports(3)
         self.allowed = allowed
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -102,7 +88,7 @@ class Serve:
     def _listening(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, self.log()
         try:
-            with _HTTP.open(f"http://127.0.0.1:{self.admin_port}/healthz", timeout=2) as rsp:
+            with LOOPBACK_HTTP.open(f"http://127.0.0.1:{self.admin_port}/healthz", timeout=2) as rsp:
                 return bool(json.loads(rsp.read()).get("listener") == "ok")
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
             return False
@@ -141,7 +127,7 @@ def serving(data: Path, allowed: list[dict[str, Any]]) -> Iterator[Serve]:
 
 class Orthanc:
     def __init__(self, home: Path, ingest_port: int) -> None:
-        self.http_port, self.dicom_port = _free_ports(2)
+        self.http_port, self.dicom_port = free_ports(2)
         home.mkdir()
         config = {
             "Name": "ingest-commitment-test",
@@ -181,7 +167,7 @@ class Orthanc:
             req.add_header(
                 "Content-Type", "application/dicom" if path == "/instances" else "application/json"
             )
-        with _HTTP.open(req, timeout=timeout) as rsp:
+        with LOOPBACK_HTTP.open(req, timeout=timeout) as rsp:
             return json.loads(rsp.read())
 
     def logs(self) -> str:
@@ -200,7 +186,7 @@ class Orthanc:
 def test_orthanc_sends_a_study_with_storage_commitment_and_gets_success(tmp_path: Path) -> None:
     if not os.access(ORTHANC, os.X_OK):
         pytest.skip(f"Orthanc not installed ({ORTHANC} missing)")
-    reply_port = _free_ports(1)[0]
+    reply_port = free_ports(1)[0]
     serve_allowed = [{"ae": "ORTHANC", "host": "127.0.0.1", "port": reply_port}]
     s = Serve(tmp_path / "data", serve_allowed)
     orthanc = Orthanc(tmp_path / "orthanc", s.dicom_port)
@@ -252,7 +238,7 @@ def test_orthanc_sends_a_study_with_storage_commitment_and_gets_success(tmp_path
 
 
 def test_a_report_answered_before_a_kill_is_delivered_after_the_restart(tmp_path: Path) -> None:
-    reply_port = _free_ports(1)[0]  # closed until the restart
+    reply_port = free_ports(1)[0]  # closed until the restart
     with serving(tmp_path / "data", [{"ae": "TESTSCU", "host": "127.0.0.1", "port": reply_port}]) as s:
         ae, kwargs = _requester(role=False)
         assoc = ae.associate("127.0.0.1", s.dicom_port, **kwargs)

@@ -20,10 +20,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+
+from ingest.adapters.graphql.sink import GraphQLSink
+from ingest.adapters.state.sqlite import SQLiteStateStore
 
 HERE = Path(__file__).resolve().parent
 SERVER_SCRIPT = HERE / "server.mjs"
@@ -166,3 +170,24 @@ def medplum_token_url(_interop_lock_dir: Path, medplum_token: str) -> Iterator[s
     """GraphQL endpoint of a Medplum server that requires ``Authorization: Bearer <medplum_token>``."""
     with _run_server(_interop_lock_dir, token=medplum_token) as url:
         yield url
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from each test alone, never from the INGEST_* environment of the shell."""
+    for key in [k for k in os.environ if k.startswith("INGEST_")]:
+        monkeypatch.delenv(key)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sink(medplum_url: str) -> AsyncIterator[GraphQLSink]:
+    """A connected sink on the Medplum server, one per test module."""
+    async with GraphQLSink(medplum_url, token_source=None, timeout_s=30) as s:
+        yield s
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStateStore]:
+    """A fresh SQLite state store per test."""
+    with SQLiteStateStore(tmp_path / "state.sqlite3", node="interop") as opened:
+        yield opened

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from ingest.adapters.graphql.sink import GraphQLSink
 from ingest.adapters.state.sqlite import SQLiteStateStore
@@ -59,12 +56,6 @@ async def _put(graphql_url: str, resource: dict[str, Any]) -> None:
     url = f"{_rest(graphql_url)}ImagingStudy/{resource['id']}"
     async with aiohttp.ClientSession() as session, session.put(url, json=resource) as resp:
         assert resp.status == 200, await resp.text()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStateStore]:
-    with SQLiteStateStore(tmp_path / "state.sqlite3", node="interop") as s:
-        yield s
 
 
 async def test_foreign_content_survives_an_update_on_medplum(

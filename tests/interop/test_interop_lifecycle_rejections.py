@@ -11,20 +11,11 @@ Study Instance UIDs (``2.25.<uuid4>``) since the server is shared by the session
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests import iocm
 from tests.faultproxy import ingest_env, run_ingest, studies_with_identifier
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("INGEST_")]:
-        monkeypatch.delenv(key)
 
 
 def _listed(resource: dict[str, Any]) -> dict[str, list[str]]:

@@ -12,16 +12,13 @@ for the whole session, so every test uses fresh Patient IDs and Study Instance U
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-import pytest_asyncio
 from pydicom.data import get_charset_files
 
 from ingest.adapters.graphql.sink import GraphQLSink
@@ -37,25 +34,6 @@ from ingest.relay.links import prepare_links
 SYSTEM = "urn:oid:1.2.826.0.1.3680043.2.1143.77"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 medplum = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("INGEST_")]:
-        monkeypatch.delenv(key)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def sink(medplum_url: str) -> AsyncIterator[GraphQLSink]:
-    async with GraphQLSink(medplum_url, token_source=None, timeout_s=30) as s:
-        yield s
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStateStore]:
-    opened = SQLiteStateStore(tmp_path / "state.sqlite3", node="interop")
-    yield opened
-    opened.close()
 
 
 def fresh_uid() -> str:

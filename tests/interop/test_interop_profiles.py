@@ -12,15 +12,12 @@ creator Device, its Organization and one Provenance per write. The committed sam
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from ingest.adapters.dicomfile import read_header
 from ingest.adapters.graphql.sink import GraphQLSink
@@ -45,25 +42,6 @@ MADO = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/"
 SMART_TOKEN_URL = "http://fhir.org/argonaut/smart-imaging/StructureDefinition/requires-access-token"
 PATIENT_SYSTEM = "urn:oid:1.2.826.0.1.3680043.2.1143.78"
 medplum = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("INGEST_")]:
-        monkeypatch.delenv(key)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def sink(medplum_url: str) -> AsyncIterator[GraphQLSink]:
-    async with GraphQLSink(medplum_url, token_source=None, timeout_s=30) as s:
-        yield s
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStateStore]:
-    opened = SQLiteStateStore(tmp_path / "state.sqlite3", node="interop")
-    yield opened
-    opened.close()
 
 
 def sample(folder: str) -> tuple[str, list[InstanceRecord]]:

@@ -11,14 +11,12 @@ The server is shared by the whole session, so every corpus gets fresh Study Inst
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 
 from ingest.adapters.graphql.sink import GraphQLSink
 from ingest.adapters.state.sqlite import SQLiteStateStore
@@ -35,12 +33,6 @@ UPDATE = """mutation($id: ID!, $res: ImagingStudyCreate!) {
   ImagingStudyUpdate(id: $id, res: $res) { id meta { versionId } }
 }"""
 CREATE = """mutation($res: ImagingStudyCreate!) { ImagingStudyCreate(res: $res) { id } }"""
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("INGEST_")]:
-        monkeypatch.delenv(key)
 
 
 def _corpus(tmp_path: Path, studies: int, files: int, seed: int) -> tuple[GeneratedCorpus, dict[str, str]]:

@@ -1,3 +1,4 @@
+
 """A real peer: Orthanc (Debian package) forwards a study with a retired Ultrasound image to the listener.
 
 The test runs ``/usr/sbin/Orthanc`` as its own process with a generated configuration: HTTP and DICOM
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +26,8 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from tests import LOOPBACK_HTTP, free_ports
+
 from .listener_helpers import CT_IMAGE, instance, make_settings, running_listener
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -36,21 +38,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(120),
 ]
-
-# urllib would honour http_proxy/https_proxy from the environment; this test talks to 127.0.0.1 only
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct OS-chosen loopback ports (all held open while choosing)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
@@ -64,7 +51,7 @@ class Orthanc:
         if body is not None:
             kind = "application/dicom" if path == "/instances" else "application/json"
             req.add_header("Content-Type", kind)
-        with _HTTP.open(req, timeout=timeout) as rsp:
+        with LOOPBACK_HTTP.open(req, timeout=timeout) as rsp:
             return json.loads(rsp.read())
 
     def logs(self) -> str:
@@ -79,7 +66,7 @@ def orthanc_for(tmp_path: Path) -> Iterator[Any]:
     started: list[Orthanc] = []
 
     def start(listener_port: int) -> Orthanc:
-        http_port, dicom_port = _free_ports(2)
+        http_port, dicom_port = free_ports(2)
         home = tmp_path / "orthanc"
         home.mkdir()
         config = {
