@@ -206,7 +206,7 @@ async def assert_too_costly(client: Client_, payload: dict[str, Any], words: str
     assert resp.status == 400, body
     assert body["issue"][0]["code"] == "too-costly"
     assert words in outcome_text(body)
-    assert elapsed < 1.0, elapsed
+    assert elapsed < 3.0, elapsed  # ~0.3 s alone; 2 loaded cores in CI triple it
     stats = await (await client.get("/stats")).json()
     assert stats["lookups"] == stats["reads"] == stats["creates"] == 0  # nothing was executed
 
