@@ -323,6 +323,22 @@ def bench_replay_dry_run(ctx: BenchContext) -> list[Row]:
         rows.append(
             _child_row(f"replay --dry-run --jobs {jobs}", ctx.best_run(argv), len(paths), baseline, target)
         )
+    empty, data_dir = ctx.fresh_dir("dry-empty"), ctx.fresh_dir("data-empty")
+    fixed_argv = [*ctx.ingest, "--data-dir", str(data_dir), "replay", str(empty), "--dry-run"]
+    run_child(fixed_argv, timeout_s=ctx.timeout_s)  # untimed: creates the data dir
+    fixed = ctx.best_run(lambda: fixed_argv)
+    if fixed.ok:
+        budget = ", ".join(f"<= {len(paths) / (t * baseline):.2f} s for {t}x" for t in (1.5, 2.5))
+        rows.append(
+            Row(
+                "replay --dry-run: fixed cost (empty folder, whole process)",
+                fixed.elapsed_s,
+                "s",
+                note=f"a whole dry run of {len(paths)} files must take {budget}",
+            ).finish()
+        )
+    else:
+        rows.append(_child_row("replay --dry-run: fixed cost (empty folder)", fixed, 0, baseline, 0.0))
     return rows
 
 

@@ -64,6 +64,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import select
 import socket
 import ssl
 import struct
@@ -130,6 +132,9 @@ _PDU_HEADER: Final = struct.Struct(">BBL")  # PDU type, reserved, PDU length (PS
 _PDV_HEADER: Final = struct.Struct(">LBB")  # PDV item length, presentation context ID, control header
 _P_DATA_TF: Final = 0x04
 _TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
+#: Longest an idle association's DUL thread waits in ``select`` before it looks at its timers and its
+#: stop flag again (it wakes at once for data from the peer or a PDU to send).
+_IDLE_WAIT_S: Final = 0.005
 
 _A_ASSOCIATE_RQ: Final = 0x01
 _A_ASSOCIATE_RJ: Final = 0x03
@@ -569,6 +574,18 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext:
     return ctx
 
 
+class _WakingQueue(queue.Queue[Any]):
+    """A queue that calls ``wake`` after each ``put`` (a DUL's ``to_provider_queue``)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
 class GuardedSocket(AssociationSocket):
     """An :class:`~pynetdicom.transport.AssociationSocket` with a PDU cap, quick ACKs and a message cap.
 
@@ -604,6 +621,31 @@ class GuardedSocket(AssociationSocket):
         self._command: bytearray | None = None  # fragments of a command set split over several PDVs
         self._aborting = False  # set when the peer must be aborted after this PDU
         self.refused_pdu_length: int | None = None  # set when a declared length was refused
+        self._wake_r: socket.socket | None = None  # see wake_dul_on_send
+        self._wake_w: socket.socket | None = None
+
+    def wake_dul_on_send(self, dul: Any) -> None:
+        """Make the association's DUL thread wait for work instead of polling for it.
+
+        pynetdicom's DUL loop polls: ``select`` with no timeout, then ``time.sleep(_run_loop_delay)``
+        (1 ms) whenever a pass found nothing, so each answer waits up to 1 ms to be sent and each request
+        up to 1 ms to be read. Here the loop does not sleep; :attr:`ready` waits in ``select`` on the
+        socket and on a wake-up socket pair that every PDU queued for sending (``to_provider_queue``)
+        writes to, for at most ``_IDLE_WAIT_S``. Call before the association starts.
+        """
+        # relies on pynetdicom.dul.DULServiceProvider.run_reactor sleeping _run_loop_delay between idle
+        # passes and reading the socket through .ready, and send_pdu putting on to_provider_queue
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        dul.to_provider_queue = _WakingQueue(self._wake)
+        dul._run_loop_delay = 0.0
+
+    def _wake(self) -> None:
+        wake = self._wake_w
+        if wake is not None:
+            with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+                wake.send(b"\0")
 
     @property
     def ready(self) -> bool:
@@ -614,6 +656,12 @@ class GuardedSocket(AssociationSocket):
         """
         if self._first is not None:
             return True
+        wake, sock = self._wake_r, self.socket
+        if wake is not None and sock is not None and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            with contextlib.suppress(OSError, ValueError):  # closed: pynetdicom's own check says so
+                woken, _, _ = select.select([sock, wake], [], [], _IDLE_WAIT_S)
+                if wake in woken:
+                    wake.recv(4096)
         return bool(super().ready)
 
     def _shutdown_socket(self) -> None:
@@ -626,6 +674,9 @@ class GuardedSocket(AssociationSocket):
         sock = self.socket
         if sock is not None:
             _close(sock)
+        for pair in (self._wake_r, self._wake_w):
+            if pair is not None:
+                pair.close()  # a later wake-up fails quietly on the closed socket object
 
     def take_oversized(self) -> bool:
         """Whether the last received message's data set exceeded the cap; resets the flag."""
@@ -808,6 +859,7 @@ class GuardedRequestHandler(RequestHandler):
             first_pdu=server.take_first_pdu(self.request),
         )
         assoc.set_socket(sock)
+        sock.wake_dul_on_send(assoc.dul)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = server.ae_title
         assoc.acceptor.address_info = AddressInformation.from_tuple(server.server_address)
@@ -1126,6 +1178,7 @@ _DIMSE: Final = "pynetdicom.dimse.DIMSEServiceProvider"
 _MESSAGE: Final = "pynetdicom.dimse_messages.DIMSEMessage"
 _ASSOC: Final = "pynetdicom.association.Association"
 _TRANSPORT: Final = "pynetdicom.transport"
+_DUL: Final = "pynetdicom.dul.DULServiceProvider"
 
 #: Every pynetdicom internal this module hooks into (pynetdicom 3.0).
 PYNETDICOM_HOOKS: Final[tuple[Hook, ...]] = (
@@ -1250,6 +1303,19 @@ PYNETDICOM_HOOKS: Final[tuple[Hook, ...]] = (
     Hook(f"{_TRANSPORT}.AssociationSocket", "ready", by="GuardedSocket"),
     Hook(f"{_TRANSPORT}.AssociationSocket", "close", (), ("self._shutdown_socket()",), by="GuardedSocket"),
     Hook(f"{_TRANSPORT}.AssociationSocket", "_shutdown_socket", (), by="GuardedSocket"),
+    # GuardedSocket.wake_dul_on_send: the DUL loop's idle sleep, its socket check, its send queue
+    Hook(
+        _DUL, "run_reactor", (),
+        ("time.sleep(self._run_loop_delay)", "self._process_recv_primitive()", "self._is_transport_event()"),
+        by="GuardedSocket.wake_dul_on_send",
+    ),
+    Hook(_DUL, "_is_transport_event", (), ("self.socket.ready",), by="GuardedSocket.wake_dul_on_send"),
+    Hook(
+        _DUL, "send_pdu", ("primitive",), ("self.to_provider_queue.put(primitive)",),
+        by="GuardedSocket.wake_dul_on_send",
+    ),
+    Hook(_DUL, "_run_loop_delay", instance=True, by="GuardedSocket.wake_dul_on_send"),
+    Hook(_DUL, "to_provider_queue", instance=True, by="GuardedSocket.wake_dul_on_send"),
     Hook(
         "pynetdicom.dul.DULServiceProvider", "_read_pdu_data", (),
         ("self.socket.recv(6)", "self.socket.recv(pdu_length)"), by="GuardedSocket",

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydicom.uid import UID
 
+from ingest.sources.dimse import netguard
 from ingest.sources.dimse.netguard import (
     PYNETDICOM_HOOKS,
     Hook,
@@ -258,3 +259,59 @@ def test_every_hook_names_its_user() -> None:
     names = [(h.owner, h.name) for h in PYNETDICOM_HOOKS]
     assert len(names) == len(set(names))
     assert all(h.by for h in PYNETDICOM_HOOKS)
+
+
+# -- the DUL waits for work (GuardedSocket.wake_dul_on_send) ---------------------------------------------
+
+
+@pytest.fixture
+def woken(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Any, Any, socket.socket]]:
+    """A guarded socket on an acceptor association whose DUL waits up to 0.3 s; (socket, DUL, peer)."""
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+
+    monkeypatch.setattr(netguard, "_IDLE_WAIT_S", 0.3)
+    server, client = pair
+    assoc = Association(AE("INGEST"), "acceptor")
+    sock = netguard.GuardedSocket(assoc, server, max_pdu_bytes=1 << 20, max_message_bytes=1 << 20)
+    assoc.set_socket(sock)
+    sock.wake_dul_on_send(assoc.dul)
+    yield sock, assoc.dul, client
+    sock.close()
+
+
+def test_an_idle_dul_waits_instead_of_polling(woken: tuple[Any, Any, socket.socket]) -> None:
+    sock, dul, _peer = woken
+    assert dul._run_loop_delay == 0.0  # pynetdicom's loop no longer sleeps between passes
+    started = time.monotonic()
+    assert sock.ready is False
+    assert time.monotonic() - started >= 0.25  # it waited in select for the bound
+
+
+def test_a_pdu_queued_for_sending_wakes_the_waiting_dul(woken: tuple[Any, Any, socket.socket]) -> None:
+    sock, dul, _peer = woken
+    threading.Timer(0.05, dul.to_provider_queue.put, args=("primitive",)).start()
+    started = time.monotonic()
+    assert sock.ready is False  # nothing to read: the DUL goes round and sends what was queued
+    assert time.monotonic() - started < 0.25
+    assert dul.to_provider_queue.get_nowait() == "primitive"
+    started = time.monotonic()
+    assert sock.ready is False  # the wake-up was consumed: the next idle pass waits again
+    assert time.monotonic() - started >= 0.25
+
+
+def test_data_from_the_peer_wakes_the_waiting_dul(woken: tuple[Any, Any, socket.socket]) -> None:
+    sock, _dul, peer = woken
+    threading.Timer(0.05, peer.sendall, args=(b"\x01",)).start()
+    started = time.monotonic()
+    assert sock.ready is True
+    assert time.monotonic() - started < 0.25
+
+
+def test_a_wake_up_after_close_is_harmless(woken: tuple[Any, Any, socket.socket]) -> None:
+    sock, dul, _peer = woken
+    sock.close()
+    dul.to_provider_queue.put("late")  # an answer queued as the association ends: no error
+    assert sock.ready is False
