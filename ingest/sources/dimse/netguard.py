@@ -26,6 +26,10 @@ pynetdicom (a pynetdicom upgrade means re-checking this module only). The hooks:
   returning the base ``ServiceClass`` and on ``Association._serve_request`` reading
   ``accepted_common_extended`` first (EVT_SOP_COMMON routing).
 - :func:`quiet_pynetdicom_logging` sets ``pynetdicom._config.LOG_HANDLER_LEVEL``.
+- :class:`_Acceptor` stands in for ``Association._run_reactor`` (acceptor side: the same steps, waiting
+  on ``dimse.msg_queue`` instead of sleeping 1 ms per pass); :meth:`GuardedSocket.wake_dul_on_send` sets
+  the DUL's ``_run_loop_delay`` to 0 and replaces its ``to_provider_queue``, relying on its loop
+  reading the socket through ``ready`` (docs/architecture.md, "Performance facts").
 
 Socket-level guards (docs/reliability.md, "Security rules"). pynetdicom 3.0.4 reads a PDU as ``recv(6)``
 (type, reserved, 4-byte length; PS3.8 9.3) and then ``recv(length)``, buffering whatever length the peer
@@ -78,7 +82,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
@@ -135,6 +139,9 @@ _TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
 #: Longest an idle association's DUL thread waits in ``select`` before it looks at its timers and its
 #: stop flag again (it wakes at once for data from the peer or a PDU to send).
 _IDLE_WAIT_S: Final = 0.005
+#: Longest the association thread waits for a DIMSE message before it looks for a release, an abort or
+#: the idle timeout again (it wakes at once for a message and for an abort; see _Acceptor).
+_REACTOR_WAIT_S: Final = 0.005
 
 _A_ASSOCIATE_RQ: Final = 0x01
 _A_ASSOCIATE_RJ: Final = 0x03
@@ -586,6 +593,61 @@ class _WakingQueue(queue.Queue[Any]):
         self._wake()
 
 
+class _Acceptor(Association):
+    """An acceptor association whose thread waits for the next DIMSE message instead of polling for it.
+
+    pynetdicom's acceptor loop sleeps 1 ms before each look at its message queue, so every request waits
+    up to 1 ms before its handler runs and an idle association wakes 1,000 times a second. This loop
+    takes the same steps in the same order, but waits on the queue (up to ``_REACTOR_WAIT_S``, then it
+    looks for a release, an abort, a dead DUL and the idle timeout, as pynetdicom does). pynetdicom puts
+    an empty item on the queue when the association is aborted, which wakes the wait at once.
+    """
+
+    def _run_reactor(self) -> None:
+        # stands in for pynetdicom.association.Association._run_reactor (pynetdicom 3.0), acceptor side
+        self._is_paused = False
+        while not self._kill:
+            # the pause that lets a handler send on this association (send_n_event_report) comes first
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=_REACTOR_WAIT_S)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOGGER.debug("association released by the peer")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires for the abort
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                LOGGER.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
 class GuardedSocket(AssociationSocket):
     """An :class:`~pynetdicom.transport.AssociationSocket` with a PDU cap, quick ACKs and a message cap.
 
@@ -848,7 +910,7 @@ class GuardedRequestHandler(RequestHandler):
         # Stands in for pynetdicom.transport.RequestHandler.handle and ._create_association (pynetdicom
         # 3.0); relies on Association._server and AssociationServer._handlers.
         server = self.server
-        assoc = Association(self.ae, "acceptor")
+        assoc = _Acceptor(self.ae, "acceptor")
         assoc._server = server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         sock = GuardedSocket(
@@ -1315,6 +1377,27 @@ PYNETDICOM_HOOKS: Final[tuple[Hook, ...]] = (
         by="GuardedSocket.wake_dul_on_send",
     ),
     Hook(_DUL, "_run_loop_delay", instance=True, by="GuardedSocket.wake_dul_on_send"),
+    # _Acceptor: the steps of the acceptor loop it stands in for, and what they use
+    Hook(
+        _ASSOC, "_run_reactor", (),
+        (
+            "time.sleep(0.001)", "self._reactor_checkpoint.wait()", "self.dimse.get_msg(block=False)",
+            "self._serve_request(msg, cast(int, context_id))", "self.acse.is_release_requested()",
+            "self.acse.send_release(is_response=True)", "self.acse.is_aborted()",
+            "self.dul.receive_pdu(wait=False)", "evt.trigger(self, evt.EVT_RELEASED, {})",
+            "evt.trigger(self, evt.EVT_ABORTED, {})", "self.dul.is_alive()", "self.dul.idle_timer_expired()",
+            'self.network_timeout_response == "A-RELEASE"',
+        ),
+        by="_Acceptor",
+    ),
+    Hook(
+        _DIMSE, "get_msg", ("block",), ("self.msg_queue.get(block=block, timeout=self.dimse_timeout)",),
+        by="_Acceptor",
+    ),
+    Hook(_DIMSE, "msg_queue", instance=True, by="_Acceptor"),
+    Hook(_ASSOC, "_reactor_checkpoint", instance=True, by="_Acceptor"),
+    Hook(_ASSOC, "_is_paused", instance=True, by="_Acceptor"),
+    Hook(_ASSOC, "_kill", instance=True, by="_Acceptor"),
     Hook(_DUL, "to_provider_queue", instance=True, by="GuardedSocket.wake_dul_on_send"),
     Hook(
         "pynetdicom.dul.DULServiceProvider", "_read_pdu_data", (),

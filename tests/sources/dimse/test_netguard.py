@@ -10,10 +10,12 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.uid import UID
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ingest.sources.dimse import netguard
 from ingest.sources.dimse.netguard import (
@@ -25,6 +27,7 @@ from ingest.sources.dimse.netguard import (
     repair_command_set,
 )
 
+from .listener_helpers import make_settings, running_listener, scu
 from .raw_ul import (
     CT_IMAGE,
     IMPLICIT_LE,
@@ -315,3 +318,46 @@ def test_a_wake_up_after_close_is_harmless(woken: tuple[Any, Any, socket.socket]
     sock.close()
     dul.to_provider_queue.put("late")  # an answer queued as the association ends: no error
     assert sock.ready is False
+
+
+# -- the acceptor loop waits for requests (_Acceptor) -----------------------------------------------------
+
+
+def test_an_idle_association_is_ended_at_the_network_timeout(tmp_path: Path) -> None:
+    with running_listener(make_settings(tmp_path, network_timeout_s=1)) as run:
+        ae = scu()
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.is_established
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not assoc.is_established  # the listener's loop saw its idle timer expire and aborted
+        assert assoc.is_aborted
+
+
+def test_the_acceptor_answers_release_and_abort_and_serves_in_between(tmp_path: Path) -> None:
+    with running_listener(make_settings(tmp_path)) as run:
+        ae = scu()
+        ae.add_requested_context(Verification)
+        for ending in ("release", "abort", "release"):
+            assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+            assert assoc.is_established
+            started = time.monotonic()
+            for _ in range(20):
+                assert assoc.send_c_echo().Status == 0x0000
+            assert time.monotonic() - started < 5
+            if ending == "release":
+                assoc.release()
+                assert assoc.is_released
+            else:
+                assoc.abort()
+                assert assoc.is_aborted
+        deadline = time.monotonic() + 5
+        while _alive(run) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(run) == []  # every acceptor thread ended
+
+
+def _alive(run: Any) -> list[Any]:
+    return [a for a in run.listener.server.active_associations if a.is_alive()]
