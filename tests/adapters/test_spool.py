@@ -89,6 +89,19 @@ def test_chunked_writer_commits_what_was_written(tmp_path: Path) -> None:
     assert f.sha256 == hashlib.sha256(b"".join(chunks)).hexdigest()
 
 
+def test_an_unhashed_writer_commits_the_same_bytes_without_a_digest(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = os.urandom(300_000)
+    with spool.open_writer(hashed=False) as w:
+        w.write(data[:1000])
+        w.write(data[1000:])
+        f = w.commit()
+    assert f.path.read_bytes() == data
+    assert f.size == len(data)
+    assert f.sha256 == ""  # not computed (the listener digests the content in its header read)
+    assert spool.names() == [f.name]
+
+
 def test_commit_fsyncs_file_and_folder_then_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path / "spool")
     events: list[str] = []

@@ -648,7 +648,7 @@ class Listener:
             size = len(prefix) + head.getbuffer().nbytes
             if self.budget is not None and (why := self.budget.refusal(size, what="a large data set")):
                 raise SpoolFullError(why)
-            writer = self.spool.open_writer()
+            writer = self.spool.open_writer(hashed=False)  # the header read digests the content
             spill = _Spill(writer)
             spill.write(prefix)
             spill.write(head.getbuffer())
@@ -845,7 +845,7 @@ class Listener:
         if len(prefix) + len(data) <= self.inline_max_bytes:
             return self._commit_row(event, None, digest, record, source, data, inline=prefix + data)
         try:
-            with self.spool.open_writer() as writer:
+            with self.spool.open_writer(hashed=False) as writer:  # the header read digested it
                 writer.write(prefix)
                 writer.write(data)
                 kept = writer.commit()
