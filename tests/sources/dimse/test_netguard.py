@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +362,69 @@ def test_the_acceptor_answers_release_and_abort_and_serves_in_between(tmp_path: 
 
 def _alive(run: Any) -> list[Any]:
     return [a for a in run.listener.server.active_associations if a.is_alive()]
+
+
+# -- C-STORE responses encoded without pydicom (fast_store_responses) -------------------------------------
+
+
+def _store_rsp(sop_uid: str, **fields: Any) -> Any:
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CT_IMAGE
+    rsp.AffectedSOPInstanceUID = sop_uid
+    for keyword, value in fields.items():
+        setattr(rsp, keyword, value)
+    return rsp
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"Status": 0x0000},
+        {"Status": 0xA700, "ErrorComment": "Spool full (max_bytes): not stored, retry later"},
+        {"Status": 0xA900, "ErrorComment": "odd"},
+        {"Status": 0xC000, "OffendingElement": [0x00100020, 0x0020000D]},
+        {"Status": 0x0111, "ErrorComment": "x" * 64},
+        {"Status": 0xB000, "MessageIDBeingRespondedTo": 65535},
+    ],
+)
+@pytest.mark.parametrize("sop_uid", ["1.2.3.4", "1.2.3.45"])
+def test_a_store_response_is_encoded_as_pynetdicom_encodes_it(fields: dict[str, Any], sop_uid: str) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dsutils import encode
+
+    rsp = _store_rsp(sop_uid, **fields)
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    assert netguard.encode_store_response(rsp) == encode(msg.command_set, True, True)
+
+
+def test_a_response_it_does_not_cover_is_left_to_pynetdicom() -> None:
+    assert netguard.encode_store_response(_store_rsp("1.2.3.4", Status=0xA700, ErrorComment="é")) is None
+    rsp = _store_rsp("1.2.3.4", Status=0x0000)
+    rsp.DataSet = BytesIO(b"\x08\x00\x18\x00")  # a response with a data set: not a C-STORE-RSP shape here
+    assert netguard.encode_store_response(rsp) is None
+
+
+def test_the_listener_answers_stores_without_pynetdicom_encoding_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    def refuse(self: Any, primitive: Any) -> None:
+        raise AssertionError("a C-STORE response went through pynetdicom's encoder")
+
+    monkeypatch.setattr(C_STORE_RSP, "primitive_to_message", refuse)
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    with running_listener(make_settings(tmp_path)) as run:
+        ae = scu()
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assert assoc.send_c_store(ds).Status == 0x0000  # duplicate: answered the same way
+        assoc.release()
+        assert [r.sop_uid for r in run.store.instances(ds.StudyInstanceUID)] == [ds.SOPInstanceUID]
