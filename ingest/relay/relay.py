@@ -356,21 +356,20 @@ class Relay:
             Claim at most this many studies; default twice ``[relay] concurrency``. At most
             ``concurrency`` of them are pushed at once either way.
         """
-        now = self.clock()
-        try:
-            claims = await asyncio.to_thread(
-                self.store.claim_due,
-                now,
-                self.cfg.concurrency * 2 if limit is None else limit,
-                self.node,
-                self.cfg.lease_s,
-            )
-        except StoreUnavailableError as exc:
-            LOGGER.warning("state store unavailable, relay waits: %s", exc)
-            return 0
+        claims, now = await self._claim(self.cfg.concurrency * 2 if limit is None else limit)
         if claims:
             await asyncio.gather(*(self._push_guarded(c, now) for c in claims))
         return len(claims)
+
+    async def _claim(self, limit: int) -> tuple[list[StudyClaim], datetime]:
+        """Claim up to ``limit`` due studies (none while the state store is unavailable), and when."""
+        now = self.clock()
+        try:
+            claims = await asyncio.to_thread(self.store.claim_due, now, limit, self.node, self.cfg.lease_s)
+        except StoreUnavailableError as exc:
+            LOGGER.warning("state store unavailable, relay waits: %s", exc)
+            return [], now
+        return list(claims), now
 
     async def _push_guarded(self, claim: StudyClaim, claimed_at: datetime) -> None:
         # renewal starts at once: a claim waiting for a free slot must not expire meanwhile
@@ -585,18 +584,37 @@ class Relay:
         return "dead"
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        """Loop until ``stop`` is set; the current pushes finish before it returns."""
-        while not stop.is_set():
-            claimed = await self.run_once()
-            if claimed:
-                continue
-            self._wake.clear()
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=self.cfg.poll_interval_s, return_when="FIRST_COMPLETED")
-            finally:
-                for w in waiters:
-                    w.cancel()
+        """Loop until ``stop`` is set; the current pushes finish before it returns.
+
+        It claims whenever fewer than twice ``[relay] concurrency`` claims are in flight (at most
+        ``concurrency`` pushing at once), so a push that hangs until the backend timeout holds one slot,
+        not the relay: studies that become due meanwhile are claimed and pushed by the others.
+        """
+        cap = self.cfg.concurrency * 2
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                if len(running) < cap:
+                    claims, now = await self._claim(cap - len(running))
+                    running.update(asyncio.create_task(self._push_guarded(c, now)) for c in claims)
+                    if claims and len(running) < cap:
+                        continue  # more may be due
+                self._wake.clear()
+                waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
+                try:
+                    await asyncio.wait(
+                        waiters | running, timeout=self.cfg.poll_interval_s, return_when="FIRST_COMPLETED"
+                    )
+                finally:
+                    for w in waiters:
+                        w.cancel()
+                for task in [t for t in running if t.done()]:  # a finished push frees its claim slot
+                    running.discard(task)
+                    if not task.cancelled() and (exc := task.exception()) is not None:
+                        LOGGER.error("a relay push ended with an error", exc_info=exc)
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def drain(self, study_uids: Iterable[str]) -> None:
         """Push ``study_uids`` now and keep retrying until each is pushed or dead (end of a replay)."""

@@ -6,6 +6,7 @@ by the study identifier ``urn:dicom:uid|urn:oid:<uid>`` like a FHIR server would
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 import uuid
@@ -583,3 +584,51 @@ async def test_a_backend_copy_the_sink_cannot_carry_back_is_dead_lettered_with_i
     row = store.study(STUDY_A)
     assert row is not None and row.dead_reason == "unwritable_content"
     assert sink.calls["create"] == 0 and sink.calls["update"] == 0
+
+
+async def _until(check: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
+    """Let the relay's loop (and its store threads) run until ``check()``; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_hanging_push_does_not_stop_the_relay_claiming_and_pushing_other_studies(
+    relay: Relay, store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
+) -> None:
+    # the write of study A hangs (a backend that answers only at its timeout); B becomes due meanwhile
+    released, hanging = asyncio.Event(), asyncio.Event()
+    create = sink.create
+
+    async def hanging_for_a(resource: dict[str, Any]) -> BackendStudy:
+        if resource["identifier"][0]["value"] == f"urn:oid:{STUDY_A}":
+            hanging.set()
+            await released.wait()
+        return await create(resource)
+
+    sink.create = hanging_for_a  # type: ignore[method-assign]
+    add(store, clock, settings, record(STUDY_A, 1, 1))
+    clock.advance(10)
+    stop = asyncio.Event()
+    loop_task = asyncio.create_task(relay.run_forever(stop))
+    try:
+        await _until(hanging.is_set, "study A's write to start")
+        add(store, clock, settings, record(STUDY_B, 1, 1))
+        clock.advance(10)
+        relay.wake()
+        await _until(lambda: _state(store, STUDY_B) is StudyState.PUSHED, "study B pushed while A hangs")
+        assert _state(store, STUDY_A) is StudyState.PENDING  # still being written
+        released.set()
+        await _until(lambda: _state(store, STUDY_A) is StudyState.PUSHED, "study A pushed once released")
+    finally:
+        released.set()
+        stop.set()
+        await asyncio.wait_for(loop_task, 10)  # the loop ends once its pushes have finished
+    assert relay.totals.results == Counter(created=2)
+
+
+def _state(store: SQLiteStateStore, study_uid: str) -> StudyState | None:
+    row = store.study(study_uid)
+    return None if row is None else row.state
