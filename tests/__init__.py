@@ -1,8 +1,11 @@
 """The test suite of ``ingest``; it mirrors the package tree."""
 
 import socket
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 #: The repository root and the checked-in test fixtures, wherever a test module sits.
 REPO = Path(__file__).resolve().parent.parent
@@ -22,3 +25,15 @@ def free_ports(n: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, *, every: float = 0.05) -> Any:
+    """Call ``check`` until it returns something truthy, and return that; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        time.sleep(every)

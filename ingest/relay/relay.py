@@ -369,7 +369,7 @@ class Relay:
         except StoreUnavailableError as exc:
             LOGGER.warning("state store unavailable, relay waits: %s", exc)
             return [], now
-        return list(claims), now
+        return claims, now
 
     async def _push_guarded(self, claim: StudyClaim, claimed_at: datetime) -> None:
         # renewal starts at once: a claim waiting for a free slot must not expire meanwhile

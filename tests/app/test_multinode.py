@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -31,7 +32,11 @@ import pytest
 
 from samples.generate import GeneratedCorpus, generate
 from tests import REPO
+from tests import wait_until as _wait_until
 from tests.conftest import _free_port, _pg_bin
+
+wait_until = functools.partial(_wait_until, every=0.2)  # HTTP and subprocess checks
+
 
 ROOT = REPO
 
@@ -252,14 +257,6 @@ def stats(base: str) -> dict[str, int]:
 def instance_uids(resource: dict[str, Any]) -> set[str]:
     return {i["uid"] for s in resource.get("series") or [] for i in s.get("instance") or []}
 
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def expected_instances(paths: Sequence[Path]) -> dict[str, set[str]]:

@@ -11,16 +11,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,25 +30,18 @@ from pydicom import dcmwrite
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tests import LOOPBACK_HTTP, REPO, free_ports
+from tests import LOOPBACK_HTTP, REPO, free_ports, wait_until
 from tests.sources.dimse.listener_helpers import CT_IMAGE, instance
 from tests.sources.dimse.test_commitment import _pairs, _request, _requester, _stored, report_scp
+
+_until = functools.partial(wait_until, every=0.2)  # HTTP checks against running services
+
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 STUDY = "1.2.3.88.1"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-
-def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s: {what}")
-        time.sleep(0.2)
 
 
 class Serve:

@@ -278,9 +278,22 @@ async def test_permanent_error_dead_letters_and_other_studies_go_on(
     clock.advance(1)
     add(store, clock, settings, record(STUDY_B, 1, 1))
     clock.advance(10)
-    sink.fail["create"].append(
-        PermanentSinkError("backend rejected the request: ImagingStudy.started invalid")
+    # the backend rejects study A's create (A and B are pushed concurrently: which create comes first
+    # depends on the state store's threads, so the failure is tied to the study, not to the call order)
+    create = sink.create
+    rejected: PermanentSinkError | None = PermanentSinkError(
+        "backend rejected the request: ImagingStudy.started invalid"
     )
+
+    async def reject_a_once(resource: dict[str, Any]) -> BackendStudy:
+        nonlocal rejected
+        if rejected is not None and resource["identifier"][0]["value"] == f"urn:oid:{STUDY_A}":
+            sink.calls["create"] += 1
+            exc, rejected = rejected, None
+            raise exc
+        return await create(resource)
+
+    sink.create = reject_a_once  # type: ignore[method-assign]
     assert await relay.run_once() == 2
     assert relay.totals.results == Counter(dead=1, created=1)
     dead = store.study(STUDY_A)

@@ -135,7 +135,6 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-_IMPLICIT_HEADER: Final = struct.Struct("<HHL")  # Implicit VR LE element header: group, element, length
 _PDU_HEADER: Final = struct.Struct(">BBL")  # PDU type, reserved, PDU length (PS3.8 9.3.1)
 _PDV_HEADER: Final = struct.Struct(">LBB")  # PDV item length, presentation context ID, control header
 _P_DATA_TF: Final = 0x04
@@ -718,17 +717,24 @@ class GuardedSocket(AssociationSocket):
         """Whether a PDU can be read: the held A-ASSOCIATE-RQ, or data on the socket.
 
         Stands in for ``pynetdicom.transport.AssociationSocket.ready`` (a ``select`` on the socket,
-        which cannot see a PDU already read).
+        which cannot see a PDU already read); after :meth:`wake_dul_on_send`, one ``select`` that waits
+        on the socket and the wake-up pair, and pynetdicom's check only for a closed socket.
         """
         if self._first is not None:
             return True
         wake, sock = self._wake_r, self.socket
-        if wake is not None and sock is not None and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-            with contextlib.suppress(OSError, ValueError):  # closed: pynetdicom's own check says so
-                woken, _, _ = select.select([sock, wake], [], [], _IDLE_WAIT_S)
-                if wake in woken:
-                    wake.recv(4096)
-        return bool(super().ready)
+        if wake is None or sock is None or not self._is_connected:
+            return bool(super().ready)
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted data select cannot see (#528)
+            return True
+        try:
+            woken, _, _ = select.select([sock, wake], [], [], _IDLE_WAIT_S)
+        except (OSError, ValueError):  # closed meanwhile: pynetdicom's own check reports Evt17
+            return bool(super().ready)
+        if wake in woken:
+            with contextlib.suppress(OSError):
+                wake.recv(4096)
+        return sock in woken
 
     def _shutdown_socket(self) -> None:
         """Shut down and close the socket; close it even when the peer already went away.
@@ -1369,6 +1375,7 @@ PYNETDICOM_HOOKS: Final[tuple[Hook, ...]] = (
     ),
     Hook(f"{_TRANSPORT}.AssociationSocket", "recv", ("nr_bytes",), by="GuardedSocket"),
     Hook(f"{_TRANSPORT}.AssociationSocket", "ready", by="GuardedSocket"),
+    Hook(f"{_TRANSPORT}.AssociationSocket", "_is_connected", instance=True, by="GuardedSocket.ready"),
     Hook(f"{_TRANSPORT}.AssociationSocket", "close", (), ("self._shutdown_socket()",), by="GuardedSocket"),
     Hook(f"{_TRANSPORT}.AssociationSocket", "_shutdown_socket", (), by="GuardedSocket"),
     # GuardedSocket.wake_dul_on_send: the DUL loop's idle sleep, its socket check, its send queue
@@ -1444,7 +1451,7 @@ class DataSetSink(Protocol):
 
 def _implicit(group: int, elem: int, value: bytes) -> bytes:
     """One Implicit VR Little Endian element (PS3.5 7.1.3): tag, 4-byte length, value."""
-    return _IMPLICIT_HEADER.pack(group, elem, len(value)) + value
+    return _COMMAND_ELEMENT.pack(group, elem, len(value)) + value
 
 
 def encode_store_response(rsp: Any) -> bytes | None:

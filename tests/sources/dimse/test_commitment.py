@@ -11,8 +11,7 @@ from __future__ import annotations
 import queue
 import socket
 import sqlite3
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from pynetdicom import AE, build_role, evt
 
 from ingest.config import CommitmentSettings, ListenerSettings
 from ingest.sources.dimse.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from tests import wait_until as _until
 
 from .listener_helpers import CT_IMAGE, instance, make_settings, running_listener, scu
 from .test_listener_security import _client_ctx, _close_client_socket, pki  # noqa: F401 (pki: fixture)
@@ -119,16 +119,6 @@ def report_scp(port: int, ae_title: str = "TESTSCU") -> Iterator[Reports]:
     finally:
         server.shutdown()
 
-
-def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def _holds(db: Path) -> dict[str, str | None]:

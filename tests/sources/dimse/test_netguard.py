@@ -27,6 +27,7 @@ from ingest.sources.dimse.netguard import (
     read_associate_rq,
     repair_command_set,
 )
+from tests import wait_until
 
 from .listener_helpers import make_settings, running_listener, scu
 from .raw_ul import (
@@ -330,10 +331,8 @@ def test_an_idle_association_is_ended_at_the_network_timeout(tmp_path: Path) -> 
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
         assert assoc.is_established
-        deadline = time.monotonic() + 10
-        while assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not assoc.is_established  # the listener's loop saw its idle timer expire and aborted
+        # the listener's loop sees its idle timer expire and aborts
+        wait_until(lambda: not assoc.is_established, 10, "the idle association ended")
         assert assoc.is_aborted
 
 
@@ -354,10 +353,7 @@ def test_the_acceptor_answers_release_and_abort_and_serves_in_between(tmp_path: 
             else:
                 assoc.abort()
                 assert assoc.is_aborted
-        deadline = time.monotonic() + 5
-        while _alive(run) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _alive(run) == []  # every acceptor thread ended
+        wait_until(lambda: _alive(run) == [], 5, "every acceptor thread ended")
 
 
 def _alive(run: Any) -> list[Any]:
