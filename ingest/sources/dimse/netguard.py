@@ -596,6 +596,15 @@ class _WakingQueue(queue.Queue[Any]):
         self._wake()
 
 
+def _wait_for_item(q: queue.Queue[Any], timeout: float) -> bool:
+    """Wait up to ``timeout`` until ``q`` holds an item, without taking it; whether it does."""
+    # relies on queue.Queue's not_empty condition and _qsize (CPython's queue module)
+    with q.not_empty:
+        if not q._qsize():
+            q.not_empty.wait(timeout)
+        return bool(q._qsize())
+
+
 class _Acceptor(Association):
     """An acceptor association whose thread waits for the next DIMSE message instead of polling for it.
 
@@ -603,7 +612,9 @@ class _Acceptor(Association):
     up to 1 ms before its handler runs and an idle association wakes 1,000 times a second. This loop
     takes the same steps in the same order, but waits on the queue (up to ``_REACTOR_WAIT_S``, then it
     looks for a release, an abort, a dead DUL and the idle timeout, as pynetdicom does). pynetdicom puts
-    an empty item on the queue when the association is aborted, which wakes the wait at once.
+    an empty item on the queue when the association is aborted, which wakes the wait at once. It takes
+    a message only while no handler has paused it (``send_n_event_report`` on this association waits
+    for its own response on the same queue).
     """
 
     def _run_reactor(self) -> None:
@@ -614,10 +625,12 @@ class _Acceptor(Association):
             self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
-            try:
-                context_id, msg = self.dimse.msg_queue.get(timeout=_REACTOR_WAIT_S)
-            except queue.Empty:
-                context_id, msg = None, None
+            context_id, msg = None, None
+            # wait for a message without taking it, then take it only if no handler paused the loop
+            # meanwhile (a response to what that handler sends is the handler's: pynetdicom takes it
+            # off the queue itself); the window left is pynetdicom's own, between its pause check and get
+            if _wait_for_item(self.dimse.msg_queue, _REACTOR_WAIT_S) and self._reactor_checkpoint.is_set():
+                context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._serve_request(msg, cast(int, context_id))
             if self.is_established and self.acse.is_release_requested():
