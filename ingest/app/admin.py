@@ -1,4 +1,9 @@
-"""The status page on the admin port: ``/`` (studies, dead letters, the last hour), ``/study/<uid>``.
+"""The status page on the admin port: ``/`` (studies, dead letters, the last hour), ``/study/<uid>``
+(one page of its instances, its quarantine side files, its ImagingStudy), ``/study/<uid>/imagingstudy.json``.
+
+Pages are built in the page's own small thread pool (:class:`StatusPage`), never on the event loop that
+``ingest serve`` shares with the listener's hand-off and the relay; every list is paged or capped, and
+quarantine side files are found through :class:`QuarantineIndex`, which reads each side file once.
 
 Server-rendered HTML, every value through :func:`html.escape`; one small script (``/admin.js``, served
 here, no CDN) swaps the page's ``<main>`` every 5 s. ``/healthz`` and ``/metrics`` (``ingest.app.serve``)
@@ -14,7 +19,8 @@ Security (``README.md`` "Status page"):
   the token: ``Authorization: Bearer <token>``, or ``?token=`` on a GET, or the form's ``token`` field on
   a POST. A non-loopback ``[admin] host`` without a token is a configuration error (serve refuses to
   start). Without a token (loopback only) requests whose ``Host`` is not a loopback name are refused
-  (DNS rebinding).
+  (DNS rebinding). Both checks apply to every method (``HEAD`` too), before a method a route does not
+  take is answered 405.
 """
 
 from __future__ import annotations
