@@ -74,6 +74,8 @@ _RETRY_AFTER_S = 2
 #: A study's loaded instance rows are reused while it is unchanged, for at most this long; this many kept.
 _STUDY_CACHE_S = 30.0
 _STUDY_VIEWS = 4
+#: The header's health report (the ``/healthz`` checks, which probe the spool folder) is reused this long.
+_REPORT_CACHE_S = 2.0
 #: The quarantine folder is looked at at most this often; a side file larger than this is not parsed.
 _INDEX_RESCAN_S = 2.0
 _SIDE_MAX_BYTES = 64 * 1024
@@ -509,6 +511,8 @@ class StatusPage:
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight = 0
         self._chart: tuple[float, tuple[list[int], list[int]], datetime] | None = None
+        self._report: tuple[float, Mapping[str, Any]] | None = None
+        self._report_lock = asyncio.Lock()
         self._studies: OrderedDict[str, _StudyView] = OrderedDict()
         self._studies_lock = threading.Lock()
         self._study_locks: dict[str, threading.Lock] = {}
@@ -532,6 +536,17 @@ class StatusPage:
             pool.shutdown(wait=False, cancel_futures=True)
 
     # -- building off the loop ---------------------------------------------------------------------------
+
+    async def _health(self) -> Mapping[str, Any]:
+        """The health report for the header: one check at a time, reused for ``_REPORT_CACHE_S``."""
+        async with self._report_lock:
+            cached = self._report
+            if cached is not None and time.monotonic() - cached[0] < _REPORT_CACHE_S:
+                return cached[1]
+            report: Mapping[str, Any]
+            _, report = await self.health.report()
+            self._report = (time.monotonic(), report)
+            return report
 
     async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` in the page pool; 503 when ``builders + queued`` builds are already asked for."""
@@ -715,7 +730,7 @@ class StatusPage:
     async def index(self, request: web.Request) -> web.Response:
         query = dict(request.query)
         page = _page_number(query)
-        _, report = await self.health.report()
+        report = await self._health()
         return self._html(await self._off_loop(self._index_body, query, page, report))
 
     def _index_body(self, query: Mapping[str, str], page: int, report: Mapping[str, Any]) -> bytes:
@@ -902,7 +917,7 @@ class StatusPage:
             return self._plain(400, "bad request: not a Study Instance UID")
         query = dict(request.query)
         page = _page_number(query)
-        _, report = await self.health.report()
+        report = await self._health()
         return self._html(await self._off_loop(self._study_body, uid, query, page, report))
 
     def _study_body(self, uid: str, query: Mapping[str, str], page: int, report: Mapping[str, Any]) -> bytes:

@@ -166,30 +166,31 @@ def serving(tmp_path: Path) -> Iterator[Serve]:
 
 
 def test_study_page_viewers_do_not_slow_the_listener(serving: Serve, tmp_path: Path) -> None:
-    quiet = _write_corpus(tmp_path / "quiet")
     loaded = _write_corpus(tmp_path / "loaded")
     serving.storescu(_write_corpus(tmp_path / "warm"))  # first association: imports and caches warm up
-    baseline = serving.storescu(quiet)
+    # without viewers; the slower of two runs, so that a lucky one does not tighten the bound
+    baseline = max(serving.storescu(_write_corpus(tmp_path / f"quiet{i}")) for i in range(2))
 
     stop = threading.Event()
-    answers: list[int] = []
+    answers: list[list[int]] = [[] for _ in range(VIEWERS)]
 
-    def view() -> None:
+    def view(mine: list[int]) -> None:
         while not stop.is_set():
-            answers.append(serving.get(f"/study/{BIG_STUDY}"))
+            mine.append(serving.get(f"/study/{BIG_STUDY}"))
 
-    viewers = [threading.Thread(target=view, daemon=True) for _ in range(VIEWERS)]
+    viewers = [threading.Thread(target=view, args=(mine,), daemon=True) for mine in answers]
     for t in viewers:
         t.start()
     try:
-        wait_until(lambda: len(answers) >= VIEWERS, 120, "every viewer to get a page once")
+        wait_until(lambda: all(answers), 120, "every viewer to get a page once")
         under_load = serving.storescu(loaded)
     finally:
         stop.set()
         for t in viewers:
             t.join(120)
-    assert set(answers) <= {200, 503}, answers
-    assert 200 in answers
+    statuses = [status for mine in answers for status in mine]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 200 in statuses
     # the viewers' pages are built off the listener's way: the 24 stores take at most a few times as long
     # (plus a fixed second for a loaded machine) as without them
     assert under_load < 3 * baseline + 1.0, (baseline, under_load)
