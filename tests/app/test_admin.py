@@ -444,3 +444,23 @@ async def wait_for_async(check: Callable[[], bool], timeout: float = 10.0) -> No
     while not check():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+async def test_header_health_report_is_reused_between_close_views(
+    aiohttp_client: Any, sqlite_store: SQLiteStateStore, tmp_path: Path
+) -> None:
+    class CountingHealth(FixedHealth):
+        calls = 0
+
+        async def report(self) -> tuple[int, dict[str, Any]]:
+            CountingHealth.calls += 1
+            return await super().report()
+
+    app = web.Application()
+    StatusPage(settings_for(tmp_path), sqlite_store, CountingHealth(), Metrics(), node="n").mount(app)
+    client = await aiohttp_client(app)
+    for path in ("/", f"/study/{STUDY_A}", "/", f"/study/{STUDY_B}"):
+        assert (await client.get(path)).status == 200
+    # the /healthz checks (a probe file in the spool folder) ran once (twice on a machine slow enough to
+    # take more than 2 s for these pages), not once a page
+    assert CountingHealth.calls <= 2
