@@ -309,7 +309,7 @@ def _page_number(query: Mapping[str, str]) -> int:
     if raw is None:
         return 1
     if not _PAGE_RE.match(raw) or int(raw) < 1:
-        raise _Answer(400, "bad request: page must be a whole number from 1")
+        raise _Answer(400, "bad request: page must be a whole number from 1 to the last page")
     return int(raw)
 
 
@@ -385,7 +385,7 @@ class QuarantineIndex:
             for name in listed.keys() - self._sides.keys():
                 side = self._read(listed[name])
                 if side is None:
-                    self._mtime_ns = None  # being written, or unreadable now: read it again next time
+                    self._mtime_ns = None  # gone or unreadable now: read it again next time
                     continue
                 self._sides[name] = side
                 for word in side.words:
@@ -409,12 +409,14 @@ class QuarantineIndex:
                 data = fh.read(_SIDE_MAX_BYTES + 1)
         except OSError:
             return None
-        if len(data) > _SIDE_MAX_BYTES:  # not one of ingest's side files: listed as seen, named by nothing
+        # side files appear whole (written aside, then renamed): one too large or not a JSON object is
+        # not ingest's, and is kept as seen and naming nothing rather than read again
+        if len(data) > _SIDE_MAX_BYTES:
             return _Side(mtime, {}, frozenset())
         try:
             side = json.loads(data)
         except ValueError:
-            return None
+            return _Side(mtime, {}, frozenset())
         if not isinstance(side, dict):
             return _Side(mtime, {}, frozenset())
         fields = {key: side.get(key) for key in ("time", "reason", "rule", "detail", "source", "kept")}
@@ -548,15 +550,18 @@ class StatusPage:
             self._report = (time.monotonic(), report)
             return report
 
-    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """``fn(*args)`` in the page pool; 503 when ``builders + queued`` builds are already asked for."""
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any, report: bool = False) -> _T:
+        """``fn(*args)`` in the page pool (with the header's health report as a last argument when
+        ``report``); 503 when ``builders + queued`` pages are already asked for, before anything is done."""
         if self._in_flight >= self.builders + self.queued:
             raise _Answer(503, "busy: too many status pages being built; try again shortly",
                           {"Retry-After": str(_RETRY_AFTER_S)})
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.builders, thread_name_prefix="ingest-admin-page")
         self._in_flight += 1
         try:
+            if report:
+                args = (*args, await self._health())
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.builders, thread_name_prefix="ingest-admin-page")
             return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
         finally:
             self._in_flight -= 1
@@ -730,8 +735,7 @@ class StatusPage:
     async def index(self, request: web.Request) -> web.Response:
         query = dict(request.query)
         page = _page_number(query)
-        report = await self._health()
-        return self._html(await self._off_loop(self._index_body, query, page, report))
+        return self._html(await self._off_loop(self._index_body, query, page, report=True))
 
     def _index_body(self, query: Mapping[str, str], page: int, report: Mapping[str, Any]) -> bytes:
         counts = self.store.study_counts()
@@ -917,8 +921,7 @@ class StatusPage:
             return self._plain(400, "bad request: not a Study Instance UID")
         query = dict(request.query)
         page = _page_number(query)
-        report = await self._health()
-        return self._html(await self._off_loop(self._study_body, uid, query, page, report))
+        return self._html(await self._off_loop(self._study_body, uid, query, page, report=True))
 
     def _study_body(self, uid: str, query: Mapping[str, str], page: int, report: Mapping[str, Any]) -> bytes:
         row, view = self._study(uid)

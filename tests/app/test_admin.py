@@ -393,18 +393,19 @@ async def test_quarantine_side_files_are_read_once_and_new_ones_found(
         sop = "1.2.826.0.1.1.2.1" if i < 3 else f"7.7.{i}"
         side = {"reason": "conflict", "detail": f"SOP {sop} r{i}"}
         (quarantine / f"s{i}.json").write_text(json.dumps(side))
+    (quarantine / "broken.json").write_text("{not json")  # read once too, naming nothing
     client, page = await make_client()
     page.quarantine.rescan_s = 0.0
     for _ in range(3):
         text = await (await client.get(f"/study/{STUDY_A}")).text()
         assert "Rejected / quarantined (3)" in text
-    assert page.quarantine.reads == 30
+    assert page.quarantine.reads == 31
     late = {"reason": "conflict", "detail": f"study {STUDY_A} late"}
     (quarantine / "late.json").write_text(json.dumps(late))
     (quarantine / "s0.json").unlink()
     text = await (await client.get(f"/study/{STUDY_A}")).text()
     assert "Rejected / quarantined (3)" in text and "late" in text and "r0<" not in text
-    assert page.quarantine.reads == 31
+    assert page.quarantine.reads == 32
 
 
 async def test_pages_are_built_off_the_loop_and_bounded(
