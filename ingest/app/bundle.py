@@ -118,7 +118,9 @@ def study_bundle(
     }
     urls = [settings.endpoint.wado_rs_url, *settings.endpoint.series_wado_rs_urls.values()]
     endpoints = {
-        url: endpoint_resource(url, requires_access_token=settings.endpoint.requires_access_token)
+        url: endpoint_resource(
+            url, requires_access_token=settings.endpoint.requires_access_token, mado=profile == "mado"
+        )
         for url in urls
         if url and f"Endpoint/{url}" in referenced
     }

@@ -323,8 +323,8 @@ def subject_conflict(
     if before is None or before.subject is None or theirs is None:
         return None
     their_subject, our_subject = theirs.get("subject"), ours.get("subject")
-    if their_subject is None or our_subject is None:
-        return None
+    if their_subject is None or our_subject is None or _names_nobody(our_subject):
+        return None  # ours naming no patient never replaces theirs (_subject): nothing to refuse
     other_changed = not _same(their_subject, before.subject)
     ours_changed = not _same(_patient(our_subject), _patient(before.ours.get("subject")))
     if other_changed and ours_changed:
@@ -335,12 +335,17 @@ def subject_conflict(
     return None
 
 
+def _names_nobody(subject: Any) -> bool:
+    """A subject with neither a literal reference nor an identifier (display or data-absent-reason only)."""
+    return not (isinstance(subject, Mapping) and ("reference" in subject or "identifier" in subject))
+
+
 def _subject(
     our: Mapping[str, Any], their: Mapping[str, Any], before: Written | None
 ) -> Mapping[str, Any] | None:
     our_subject, their_subject = our.get("subject"), their.get("subject")
-    if our_subject is None:
-        return their_subject
+    if our_subject is None or (_names_nobody(our_subject) and not _names_nobody(their_subject)):
+        return their_subject  # ours names no patient (no Patient ID): a subject that names one stays
     if before is not None and before.subject is not None and their_subject is not None:
         if not _same(_patient(our_subject), _patient(before.ours.get("subject"))):
             return our_subject  # type: ignore[no-any-return]  # a corrected Patient ID moves it

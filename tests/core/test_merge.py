@@ -383,6 +383,22 @@ def _subjects(pid: str) -> dict[str, Any]:
     return {"type": "Patient", "identifier": {"system": "urn:oid:1.2.3", "value": pid}, "display": "Jane Doe"}
 
 
+def test_a_subject_without_a_patient_id_never_replaces_one_that_names_the_patient() -> None:
+    from ingest.core.merge import Written
+
+    absent = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+    unknown = {"type": "Patient", "extension": [absent]}
+    theirs = stored(ours({"1": [1]}, subject=_subjects("PID-7")))  # another writer named the patient
+    named_only = {"type": "Patient", "display": "J"}
+    for mine in (ours({"1": [1]}, subject=unknown), ours({"1": [1]}, subject=named_only)):
+        assert check(merge(mine, theirs))["subject"] == _subjects("PID-7")
+        was = Written(ours=ours({"1": [1]}), subject=ours({"1": [1]})["subject"])  # PID-1 written before
+        decision = plan(mine, BackendStudy(id="bk-1", version_id="2", resource=theirs), before=was)
+        assert isinstance(decision, NoChange)  # neither refused nor overwritten
+    # with nothing on the backend copy, ours is written as it is
+    assert merge(ours({"1": [1]}, subject=unknown), None)["subject"] == unknown
+
+
 def test_a_changed_patient_id_moves_the_subject() -> None:
     from ingest.core.merge import Written
 
