@@ -393,6 +393,7 @@ def _is_loopback(host: str) -> bool:
 
 
 class MappingSettings(_Section):
+    # unset: the machine's own zone, resolved at start (ingest.app.wiring.machine_timezone)
     site_timezone: str | None = None
     include_instances: bool = True
     include_study_id: bool = False

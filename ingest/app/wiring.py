@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ingest.config import Settings
 from ingest.errors import ConfigError
+from ingest.logs import printable
 from ingest.ports import Sink, StateStore
 
 if TYPE_CHECKING:  # gql, aiohttp, the mapping and the relay are imported by the functions that need them
@@ -194,16 +197,52 @@ async def embedded_backend(settings: Settings, *, port: int | None) -> AsyncIter
 # --------------------------------------------------------------------------------------- the relay
 
 
-def mapping_options(settings: Settings, endpoint_reference: str | None = None) -> MappingOptions:
-    """The pure mapping's options, from ``[mapping]`` and ``[patient]``.
+@functools.cache
+def machine_timezone() -> str | None:
+    """The IANA name of the time zone of the machine running ``ingest`` (``TZ``, else the system's
+    configuration, read by ``tzlocal``), or ``None`` (logged) when it has none a zone database knows.
+
+    Read once per process: the default of ``[mapping] site_timezone``.
+    """
+    import tzlocal
+
+    try:
+        name = tzlocal.get_localzone_name()
+        if name:
+            ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        LOGGER.warning(
+            "the machine's time zone cannot be determined (%s); times without Timezone Offset From UTC "
+            "(0008,0201) are written as dates only: set [mapping] site_timezone", printable(exc),
+        )
+        return None
+    if not name:
+        LOGGER.warning(
+            "the machine has no time zone configured; times without Timezone Offset From UTC (0008,0201) "
+            "are written as dates only: set [mapping] site_timezone"
+        )
+        return None
+    LOGGER.info(
+        "[mapping] site_timezone is not set: times without Timezone Offset From UTC (0008,0201) are in "
+        "the machine's time zone, %s", printable(name),
+    )
+    return name
+
+
+def mapping_options(
+    settings: Settings, endpoint_reference: str | None = None, *, profile: str | None = None
+) -> MappingOptions:
+    """The pure mapping's options, from ``[mapping]``, ``[patient]`` and ``[profile]``.
 
     ``endpoint_reference`` is the id of the Endpoint resource, known only once it exists in the backend,
-    hence passed separately.
+    hence passed separately. ``profile``: the profile the study is written for when it is not
+    ``[profile] name`` (``ingest replay --dry-run --bundle mado``). ``[mapping] site_timezone`` unset:
+    the machine's time zone (:func:`machine_timezone`).
     """
     from ingest.core.mapping import MappingOptions
 
     return MappingOptions(
-        site_timezone=settings.mapping.site_timezone,
+        site_timezone=settings.mapping.site_timezone or machine_timezone(),
         include_instances=settings.mapping.include_instances,
         include_study_id=settings.mapping.include_study_id,
         operator_function=settings.mapping.operator_function or None,
@@ -211,6 +250,7 @@ def mapping_options(settings: Settings, endpoint_reference: str | None = None) -
         endpoint_reference=endpoint_reference,
         narrative=settings.mapping.narrative,
         issuer_systems=dict(settings.profile.issuer_systems),
+        mado_extensions=(profile or settings.profile.name) == "mado",
     )
 
 

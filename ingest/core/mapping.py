@@ -7,7 +7,9 @@ Warnings name the DICOM element, the rule and the series by UID; they never carr
 Choices the contract leaves open:
 
 - ``subject`` without a Patient ID (0010,0020): a reference with ``type: "Patient"`` and, when there
-  is a name, ``display`` only (valid FHIR; R4 requires ``subject``), plus a warning.
+  is a name, ``display`` only (valid FHIR; R4 requires ``subject``), plus a warning. With neither a
+  Patient ID nor a name nothing names the patient: ``subject`` says so with the FHIR Data Absent
+  Reason extension (``unknown``) instead of being an empty reference.
 - ``subject.display`` from the ideographic group (no alphabetic group): components in DICOM order,
   family name first ("Prefix Family Given Middle Suffix"), as those scripts write names.
 - Values that differ between the instances of one study or series are chosen by
@@ -52,6 +54,7 @@ from ingest.core.terminology import (
 
 __all__ = [
     "ACSN_SYSTEM",
+    "DATA_ABSENT_REASON_URL",
     "KOS_SOP_CLASS",
     "KO_DOCUMENT_TITLE_URL",
     "NUMBER_OF_FRAMES_URL",
@@ -74,6 +77,8 @@ NUMBER_OF_FRAMES_URL: Final = "https://profiles.ihe.net/RAD/MADO/StructureDefini
 KO_DOCUMENT_TITLE_URL: Final = (
     "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoKeyObjectDocumentTitle"
 )
+#: The FHIR Data Absent Reason extension: why a required element has no value.
+DATA_ABSENT_REASON_URL: Final = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 #: Key Object Selection Document Storage.
 KOS_SOP_CLASS: Final = "1.2.840.10008.5.1.4.1.1.88.59"
 _UNKNOWN_MODALITY: Final = "OT"  # DICOM "Other"
@@ -107,6 +112,9 @@ class MappingOptions:
     issuer_systems:
         ``[profile] issuer_systems``: Local Namespace Entity ID (0040,0031) of an Issuer of Accession
         Number that is not a URI -> the ``Identifier.system`` URI the site gave it.
+    mado_extensions:
+        Write the IHE MADO instance extensions (``MadoNumberOfFrames``, ``MadoKeyObjectDocumentTitle``):
+        only under ``[profile] name = "mado"``, the profile that defines them.
     """
 
     site_timezone: str | None = None
@@ -117,6 +125,7 @@ class MappingOptions:
     endpoint_reference: str | None = None
     narrative: bool = True
     issuer_systems: Mapping[str, str] = field(default_factory=dict)
+    mado_extensions: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,11 +237,14 @@ def _concept_coding(concept: Concept) -> Coding:
 
 
 def _coding(code: Code) -> Coding | None:
+    # a designator without a known system URI gives no system (and so no version: a version is of a
+    # system); the code and its meaning stay, as FHIR allows for a code whose system is not known
     value = _token(code.value)
     system = coding_system(code.designator)
     if value is None:
         return None
-    return Coding(system=system, version=_text(code.version), code=value, display=_text(code.meaning))
+    version = _text(code.version) if system is not None else None
+    return Coding(system=system, version=version, code=value, display=_text(code.meaning))
 
 
 def _codings(codes: Iterable[Code]) -> list[Coding]:
@@ -353,6 +365,15 @@ def _subject(agg: StudyAggregate, options: MappingOptions, warnings: _Warnings) 
     warnings.disagree(agg.instances, lambda r: person_display(r.patient_name), "PatientName (0010,0010)")
     display = agg.value(lambda r: person_display(r.patient_name))
     picked = agg.value(identity)
+    if picked is None and display is None:
+        # R4 ImagingStudy.subject is 1..1; with nothing that names the patient, say so explicitly
+        warnings.append(
+            "PatientID (0010,0020) and PatientName (0010,0010) are absent: subject is marked "
+            "data-absent-reason 'unknown'"
+        )
+        return Reference(
+            type="Patient", extension=[Extension(url=DATA_ABSENT_REASON_URL, value_code="unknown")]
+        )
     if picked is None:
         warnings.append("PatientID (0010,0020) is absent: subject carries no identifier")
         return Reference(type="Patient", display=display)
@@ -432,7 +453,8 @@ def _instance_number(record: InstanceRecord, warnings: _Warnings) -> int | None:
 
 
 def _instance(
-    record: InstanceRecord, series_description: str | None, single: bool, warnings: _Warnings
+    record: InstanceRecord, series_description: str | None, single: bool, options: MappingOptions,
+    warnings: _Warnings,
 ) -> ImagingStudySeriesInstance:
     # ImagingStudy.series.instance.title <- Content Label (0070,0080), else the document title of an
     # SR / KOS document, Concept Name Code Sequence meaning (0040,A043 > 0008,0104), else the Series
@@ -441,15 +463,16 @@ def _instance(
         _text(record.content_label) or _text(record.concept_name) or (series_description if single else None)
     )
     extensions: list[Extension] = []
-    # ImagingStudy.series.instance.extension[number-of-frames] <- Number of Frames (0028,0008)
-    frames = record.number_of_frames
+    # ImagingStudy.series.instance.extension[number-of-frames] <- Number of Frames (0028,0008); the MADO
+    # extensions are written under the MADO profile only (MappingOptions.mado_extensions)
+    frames = record.number_of_frames if options.mado_extensions else None
     if frames is not None and frames < 0:
         frames = _unsigned(frames, f"NumberOfFrames (0028,0008) of SOPInstanceUID={record.sop_uid}", warnings)
     if frames is not None and frames > 0:
         extensions.append(Extension(url=NUMBER_OF_FRAMES_URL, value_integer=frames))
     # ImagingStudy.series.instance.extension[ko-document-title] <- (0040,A043) of a Key Object Selection
     title_code = _coding(record.concept_code) if record.concept_code is not None else None
-    if record.sop_class_uid == KOS_SOP_CLASS and title_code is not None:
+    if options.mado_extensions and record.sop_class_uid == KOS_SOP_CLASS and title_code is not None:
         extensions.append(
             Extension(
                 url=KO_DOCUMENT_TITLE_URL,
@@ -510,7 +533,7 @@ def _series(series: SeriesAggregate, options: MappingOptions, warnings: _Warning
             series.instances,
             key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid),
         )
-        instances = [_instance(r, description, single, warnings) for r in ordered]
+        instances = [_instance(r, description, single, options, warnings) for r in ordered]
 
     def coding(concept: Concept | None) -> Coding | None:
         return (

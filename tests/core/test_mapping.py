@@ -243,9 +243,28 @@ def test_subject_without_patient_id_has_display_only_and_a_warning() -> None:
     assert any("0010,0020" in w for w in warnings)
 
 
-def test_subject_without_anything_is_still_valid() -> None:
-    resource, _ = build([rec("1", "1", patient_id=None, patient_name=None)])
-    assert resource["subject"] == {"type": "Patient"}
+def test_subject_without_a_patient_id_or_name_says_the_patient_is_unknown() -> None:
+    # never an empty reference: R4's 1..1 subject carries the Data Absent Reason extension instead
+    resource, warnings = build([rec("1", "1", patient_id=None, patient_name=None)])
+    assert resource["subject"] == {
+        "extension": [
+            {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+        ],
+        "type": "Patient",
+    }
+    assert any("0010,0020" in w and "0010,0010" in w and "data-absent-reason" in w for w in warnings)
+    assert not any("Müller" in w or PATIENT_ID in w for w in warnings)
+
+
+def test_private_coding_scheme_keeps_code_and_display_without_an_invented_system() -> None:
+    private = Code(designator="99MKC", value="CTCHEST", meaning="CT chest w/o contrast", version="2")
+    resource, _ = build(
+        [rec("1", "1", procedure_codes=(private,), reason_codes=(private,), reason_text=None)]
+    )
+    coding = {"code": "CTCHEST", "display": "CT chest w/o contrast"}  # no system, so no version either
+    assert resource["procedureCode"] == [{"coding": [coding], "text": "CT chest w/o contrast"}]
+    assert resource["reasonCode"] == [{"coding": [coding]}]
+    assert "urn:dicom:csd" not in json.dumps(resource)
 
 
 @pytest.mark.parametrize(
