@@ -75,6 +75,7 @@ def open_checked_store(settings: Settings, *, adopt_spool: bool) -> StateStore:
 
     files = spool_files(settings.data_dir)
     spool = settings.data_dir / "spool"
+    adopting = False  # logged once
     path = sqlite_path(settings.state.url, settings.data_dir)
     if path is not None:
         found = database_file(path)
@@ -85,6 +86,7 @@ def open_checked_store(settings: Settings, *, adopt_spool: bool) -> StateStore:
                     f"the state store is new ({path} {what}) but {spool} holds {files} instance files: "
                     f"acknowledged instances whose rows are missing. {_how_to_proceed('sqlite')}"
                 )
+            adopting = True
             LOGGER.warning("--adopt-spool: the state store is new (%s %s); the %d files of %s are admitted "
                            "again", path, what, files, spool)
         elif found == "empty":
@@ -104,17 +106,24 @@ def open_checked_store(settings: Settings, *, adopt_spool: bool) -> StateStore:
         if files and not store.study_counts():
             if not adopt_spool:
                 kind = "sqlite" if path is not None else "postgresql"
-                where = str(path) if path is not None else "[state] url"
+                where = str(path) if path is not None else _server(settings.state.url or "")
                 raise StoreRefusedError(
                     f"the state store ({where}) has no studies at all but {spool} holds {files} instance "
                     f"files: acknowledged instances whose rows are missing. {_how_to_proceed(kind)}"
                 )
-            LOGGER.warning("--adopt-spool: the state store has no studies; the %d files of %s are admitted "
-                           "again", files, spool)
+            if not adopting:
+                LOGGER.warning("--adopt-spool: the state store has no studies; the %d files of %s are "
+                               "admitted again", files, spool)
     except BaseException:
         store.close()
         raise
     return store
+
+
+def _server(url: str) -> str:
+    from ingest.adapters.state.postgres import server_label
+
+    return server_label(url)
 
 
 def check_store(settings: Settings) -> tuple[str, list[str]]:

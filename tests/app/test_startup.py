@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -90,8 +91,6 @@ def _remove_database(data: Path) -> None:
 
 
 def _rows(data: Path) -> dict[str, str]:
-    import sqlite3
-
     with sqlite3.connect(data / "state.sqlite3") as db:
         return dict(db.execute("SELECT sop_uid, spool_name FROM instances").fetchall())
 
@@ -263,3 +262,33 @@ def test_a_new_postgresql_store_with_a_populated_spool_refuses_the_start(
     finally:
         s.stop()
     assert _spool(data) == files
+
+
+def test_ingest_watch_refuses_a_new_store_too_and_starts_with_adopt_spool(tmp_path: Path) -> None:
+    from ingest.adapters.spool import Spool
+
+    data = tmp_path / "data"
+    kept = Spool(data / "spool").write(iocm.image(iocm.uid(), iocm.uid(), iocm.uid()))
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    env = Service(data).env()
+    out = subprocess.run([*_ingest(data), "watch", str(drop)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "the state store is new" in out.stderr and "spool holds 1 instance files" in out.stderr
+    assert kept.path.exists() and not (data / "state.sqlite3").exists()
+
+    proc = subprocess.Popen([*_ingest(data), "watch", str(drop), "--adopt-spool"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def admitted() -> dict[str, str]:
+            try:
+                return _rows(data) if (data / "state.sqlite3").exists() else {}
+            except sqlite3.OperationalError:  # the schema is being created
+                return {}
+
+        wait_until(admitted, 60, "the spool file admitted")
+        assert list(_rows(data).values()) == [kept.name]
+    finally:
+        proc.terminate()
+        proc.wait(30)
