@@ -1,4 +1,4 @@
-"""Command line: ``ingest serve | replay | status | retry | reject | backend``.
+"""Command line: ``ingest serve | replay | status | retry | reject | backend | check-store``.
 
 Exit codes (all commands):
 
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the service: listener, watcher, relay, admin, embedded backend")
+    p.add_argument("--adopt-spool", action="store_true",
+                   help="start although the state store is new or empty while spool/ holds files, and "
+                   "admit every spool file again (after a lost state database)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll instead of inotify (network shares where events do not arrive)")
     p.add_argument("--after", choices=["move", "delete", "keep"], default=None,
                    help="what to do with an ingested file (default: [watch] after)")
+    p.add_argument("--adopt-spool", action="store_true",
+                   help="start although the state store is new or empty while spool/ holds files, and "
+                   "admit every spool file again (after a lost state database)")
     p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("status", help="studies pending, pushed and dead (with the last error)")
@@ -126,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--now", action="store_true",
                    help="write the study now instead of leaving it to `ingest serve`")
     p.set_defaults(func=_cmd_reject)
+
+    p = sub.add_parser(
+        "check-store", help="check the state store: SQLite integrity_check, PostgreSQL schema",
+        description="Run SQLite's full PRAGMA integrity_check on the state database (or, for PostgreSQL, "
+        "check that ingest's schema and tables are there) without changing it. Exit 0: sound; 1: the "
+        "problems are printed.",
+    )
+    p.set_defaults(func=_cmd_check_store)
 
     p = sub.add_parser("backend", help="run the embedded FHIR GraphQL backend alone")
     p.add_argument("--host", default=None)
@@ -285,7 +299,20 @@ async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:
 async def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.serve import serve
 
-    return await serve(settings, _stop_event())
+    return await serve(settings, _stop_event(), adopt_spool=args.adopt_spool)
+
+
+async def _cmd_check_store(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.startup import check_store
+
+    what, problems = await asyncio.to_thread(check_store, settings)
+    if not problems:
+        print(f"state store {printable(what)}: ok")
+        return ExitCode.OK
+    print(f"state store {printable(what)}: {len(problems)} problem(s)", file=sys.stderr)
+    for problem in problems:
+        print(f"  {printable(problem)}", file=sys.stderr)
+    return ExitCode.FATAL
 
 
 async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
@@ -294,7 +321,8 @@ async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     given = {"folder": args.folder, "poll": args.poll, "after": args.after}
     watch = settings.watch.model_copy(update={k: v for k, v in given.items() if v is not None})
     listener = settings.listener.model_copy(update={"enabled": False})
-    return await serve(settings.model_copy(update={"watch": watch, "listener": listener}), _stop_event())
+    return await serve(settings.model_copy(update={"watch": watch, "listener": listener}), _stop_event(),
+                       adopt_spool=args.adopt_spool)
 
 
 def _stop_event() -> asyncio.Event:

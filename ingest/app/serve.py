@@ -28,8 +28,10 @@ from typing import Any
 from aiohttp import web
 
 from ingest.adapters.datadir import DataDirLock
-from ingest.app.wiring import open_store, relay_before_backend, start_sink, token_configured, wire_links
+from ingest.app.startup import open_checked_store
+from ingest.app.wiring import relay_before_backend, start_sink, token_configured, wire_links
 from ingest.config import Settings
+from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError
 from ingest.exitcodes import ExitCode
 from ingest.intake.admit import utcnow
@@ -240,18 +242,40 @@ def admin_app(metrics: Metrics, store: StateStore, health: Health) -> web.Applic
     return app
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> int:
-    """Run until ``stop`` is set; returns the process exit code."""
+def _read_spooled(max_inflated_bytes: int, path: Path) -> tuple[InstanceRecord, str]:
+    """A spool file's record and digest, for the start-up sweep's re-admission."""
+    from ingest.adapters.dicomfile import read_header
+
+    parsed = read_header(path, max_inflated_bytes=max_inflated_bytes)
+    return parsed.record, parsed.digest
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, adopt_spool: bool = False) -> int:
+    """Run until ``stop`` is set; returns the process exit code.
+
+    ``adopt_spool`` (``--adopt-spool``): start on a new or empty state store although the spool holds
+    files, and admit them all again (:mod:`ingest.app.startup`).
+    """
     metrics = Metrics()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # one service per data dir: the lock's holder may remove every temporary file at start
     owner = DataDirLock(settings.data_dir)
-    store = open_store(settings)
+    try:
+        # a damaged store, or a new/empty one while the spool holds acknowledged files, refuses the start
+        store = await asyncio.to_thread(open_checked_store, settings, adopt_spool=adopt_spool)
+    except BaseException:
+        owner.release()
+        raise
     code = ExitCode.OK
     try:
-        # crash leftovers (before any listener/watcher writes): spool files no instance row points at,
-        # and temporary files (of any age when this process holds the lock: a kill -9 during a receive)
-        await asyncio.to_thread(sweep_at_start, settings.data_dir, store, owns_data_dir=owner.held)
+        # before any listener/watcher writes: spool files no instance row names are admitted again (a
+        # restored or replaced store, a crash before a row's commit), and temporary files are removed
+        # (of any age when this process holds the lock: a kill -9 during a receive)
+        await asyncio.to_thread(
+            sweep_at_start, settings.data_dir, store, owns_data_dir=owner.held,
+            read=functools.partial(_read_spooled, settings.listener.max_inflated_bytes),
+            stable_age_s=settings.relay.stable_age_s, quarantine_max_bytes=settings.quarantine.max_bytes,
+        )
         # [spool]: the one spool of this process (a running total of its bytes) and its retention
         budget, retention = await asyncio.to_thread(open_retention, settings, store, metrics=metrics)
         async with contextlib.AsyncExitStack() as stack:

@@ -138,6 +138,11 @@ class Admission:
         quarantined (``quarantine``), or replaces the stored version (``replace``: the row takes the new
         version, the old bytes go to the quarantine with a side file naming what replaced them, the
         study becomes due, and the source answers success).
+    remove_spooled:
+        Whether the admission removes the spool copy of a duplicate, a conflict or a failed batch (the
+        sources: what they wrote for a refused instance is theirs to drop). ``False`` for the start-up
+        re-admission of spool files (:mod:`ingest.intake.sweep`): those files are acknowledged data, and
+        the caller removes one only once its bytes are known to be kept elsewhere.
     """
 
     def __init__(
@@ -153,8 +158,10 @@ class Admission:
         label: str,
         budget: DiskBudget | None = None,
         on_conflict: str = "quarantine",
+        remove_spooled: bool = True,
     ) -> None:
         self.budget = budget
+        self.remove_spooled = remove_spooled
         self.on_conflict = on_conflict
         self.store = store
         self.spool = spool
@@ -301,7 +308,7 @@ class Admission:
         if stale is not None and stale != item.spool_name and self.spool is not None:
             try:
                 self.spool.remove(stale)
-            except Exception as exc:  # no row names it any more: the start-up sweep removes it
+            except Exception as exc:  # no row names it any more: the start-up sweep quarantines it
                 LOGGER.warning("could not remove spool file %s: %s", stale, exc)
         LOGGER.info("replaced%s: %s", " (old version quarantined)" if name is not None else "", detail)
         if old.release_reason:  # the instance stays rejected: its new bytes go too
@@ -331,8 +338,9 @@ class Admission:
         return Admitted(AddOutcome.CONFLICT, added.study_uid, now, rule, detail, name)
 
     def _remove_spooled(self, items: Sequence[Candidate]) -> None:
-        """Remove the spool copies of ``items`` (a failure is logged: the start-up sweep removes orphans)."""
-        if self.spool is None:
+        """Remove the spool copies of ``items`` (a failure is logged: the start-up sweep finds the file,
+        which no row names, and settles it again)."""
+        if self.spool is None or not self.remove_spooled:
             return
         for item in items:
             if item.spool_name is None:

@@ -33,6 +33,7 @@ from ingest.config import (
 )
 from ingest.core.records import InstanceRecord
 from ingest.errors import ConfigError
+from ingest.intake.admit import Admission
 from ingest.intake.retention import (
     MAX_BYTES,
     MIN_FREE_BYTES,
@@ -127,7 +128,12 @@ def test_a_crash_after_marking_leaves_an_orphan_the_start_up_sweep_removes(parts
     # the first half of release_bytes only: rows marked, process killed before the unlink
     parts.store.release_instance_bytes(["1.2.3.1"], reason="retention", now=T0)
     assert parts.spool.path(name).exists()
-    assert sweep_orphans(parts.spool, parts.store, older_than_s=0) == 1
+    # the sweep admits the file again: a duplicate of the row, whose bytes were released on purpose
+    admission = Admission(parts.store, spool=parts.spool, quarantine=parts.quarantine, metrics=None,
+                          stable_age_s=0, wake=lambda: None, label="spool", remove_spooled=False)
+    swept = sweep_orphans(parts.spool, parts.store, admission=admission, quarantine=parts.quarantine,
+                          read=lambda _: (rec("1.2.3.1"), "d-1.2.3.1"), older_than_s=0)
+    assert (swept.duplicates, swept.removed) == (1, 1)
     assert not parts.spool.path(name).exists()
 
 
