@@ -12,6 +12,7 @@ import pytest
 from ingest.adapters.dicomfile import read_header_bytes
 from ingest.adapters.spool import Quarantine, Spool
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.config import CallingAE
 from ingest.intake.admit import Admission, Candidate
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome
@@ -23,7 +24,9 @@ SERIES = f"{STUDY}.1"
 
 
 class Parts:
-    def __init__(self, tmp_path: Path, on_conflict: str) -> None:
+    def __init__(
+        self, tmp_path: Path, on_conflict: str, senders: tuple[CallingAE, ...] | None = None
+    ) -> None:
         self.store = SQLiteStateStore(tmp_path / "state.sqlite3", node="test")
         self.spool = Spool(tmp_path / "spool")
         self.quarantine = Quarantine(tmp_path / "quarantine")
@@ -32,6 +35,7 @@ class Parts:
         self.admission = Admission(
             self.store, spool=self.spool, quarantine=self.quarantine, metrics=self.metrics,
             stable_age_s=30, wake=self.wake, clock=lambda: T0, label="dimse", on_conflict=on_conflict,
+            senders=(CallingAE(ae="MOD", reject=True),) if senders is None else senders,
         )
 
     def wake(self) -> None:

@@ -24,10 +24,13 @@ STUDY, SERIES = "1.2.3.5.1", "1.2.3.5.2"
 HOLD = T0 + timedelta(days=30)
 
 
-def _add(store: StateStore, sop: str, *, spool_name: str | None = None, inline: bytes | None = None) -> None:
+def _add(
+    store: StateStore, sop: str, *, spool_name: str | None = None, inline: bytes | None = None,
+    source: str = "dimse:CT1",
+) -> None:
     record = InstanceRecord(study_uid=STUDY, series_uid=SERIES, sop_uid=sop, sop_class_uid=CT)
     store.add_instances(
-        [(record, "test", spool_name, f"d-{sop}")],
+        [(record, source, spool_name, f"d-{sop}")],
         now=T0,
         due_at=T0,  # type: ignore[call-arg]
         inline=[inline],

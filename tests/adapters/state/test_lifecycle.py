@@ -55,9 +55,10 @@ def test_a_note_rejects_what_it_names_and_the_rest_stays(store: StateStore) -> N
     assert marks == {"1.1": "113001", "1.2": None, "2.1": "113001", "9.1": None}
     assert kept(store) == ["1.2"]
     assert store.rejected_counts() == {STUDY: {"113001": 2}}
+    no_patient = '["", "", ""]'  # the note's patient (these records have none)
     assert store.rejections(STUDY) == [
-        Rejection(STUDY, S1, "1.1", "113001", "9.1"),
-        Rejection(STUDY, S2, "2.1", "113001", "9.1"),
+        Rejection(STUDY, S1, "1.1", "113001", "9.1", no_patient),
+        Rejection(STUDY, S2, "2.1", "113001", "9.1", no_patient),
     ]
     row = store.study(STUDY)
     assert row is not None and row.dirty
