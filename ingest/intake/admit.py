@@ -379,7 +379,7 @@ class Admission:
         try:
             old = self.store.replace_instance(
                 rec, source=item.source, spool_name=item.spool_name, digest=item.digest, data=item.data,
-                now=now, due_at=self.due_at(now), trusted=trusted,
+                now=now, due_at=self.due_at(now), trusted=trusted, keep_held=False,
             )
             if old is not None and old.refused == HELD:
                 # the old bytes are under a commitment hold: kept in the quarantine first, or not replaced
