@@ -130,3 +130,16 @@ def test_rejected_instances_are_not_committed(store: StateStore) -> None:
     assert report.committed == ((CT, "6.2"),)
     assert report.failed == ((CT, "6.1", 0x0110),)
     assert _hold_of(store, "6.1") is None
+
+
+def test_only_the_requesters_own_instances_are_committed(store: StateStore) -> None:
+    _add(store, "8.1", spool_name="f" * 32)  # sent by CT1
+    _add(store, "8.2", spool_name="g" * 32, source="dimse:CT2")  # sent by another AE
+    _add(store, "8.3", spool_name="h" * 32, source="watch")  # dropped in the folder
+    items = [(CT, "8.1"), (CT, "8.2"), (CT, "8.3"), (CT, "8.404")]
+    store.add_commitment("9.8", "CT1", items, now=T0)
+    report = store.decide_commitment("9.8", now=T0, hold_until=HOLD)
+    assert report.committed == ((CT, "8.1"),)
+    # another AE's instance fails exactly like one never received, and is not held for the requester
+    assert report.failed == ((CT, "8.2", 0x0112), (CT, "8.3", 0x0112), (CT, "8.404", 0x0112))
+    assert _hold_of(store, "8.2") is None
