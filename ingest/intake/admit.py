@@ -383,7 +383,7 @@ class Admission:
             )
             if old is not None and old.refused == HELD:
                 # the old bytes are under a commitment hold: kept in the quarantine first, or not replaced
-                name = self._keep_old(item, old, "replaced_by (held)", now)
+                name = self._keep_old(item, old, "replaced_by", now)
                 if name is None or self.quarantine is None or not self.quarantine.holds(name):
                     return self._conflict(item, added, now, rule=REPLACE_HELD_NOT_KEPT)
                 old = self.store.replace_instance(
