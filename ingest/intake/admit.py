@@ -359,11 +359,15 @@ class Admission:
         if self.spool is None:  # replay: the inputs are not ingest's to remove
             LOGGER.info("%d rejected instances (%s): bytes not in a spool of this run", len(sop_uids), reason)
             return
+        wanted = sorted(set(sop_uids))
         try:
-            release_bytes(
-                self.store, self.spool, sorted(set(sop_uids)), reason=reason, now=now,
+            released = release_bytes(
+                self.store, self.spool, wanted, reason=reason, now=now,
                 budget=self.budget, metrics=self.metrics, respect_holds=True,
             )
+            if released < len(wanted):
+                LOGGER.info("%d rejected instances (%s): bytes held by a commitment until it ends, or already gone",
+                            len(wanted) - released, reason)
         except Exception as exc:
             LOGGER.warning("could not remove the bytes of %d rejected instances (%s): %s",
                            len(sop_uids), reason, exc)
