@@ -366,8 +366,8 @@ class Admission:
                 budget=self.budget, metrics=self.metrics, respect_holds=True,
             )
             if released < len(wanted):
-                LOGGER.info("%d rejected instances (%s): bytes held by a commitment until it ends, or already gone",
-                            len(wanted) - released, reason)
+                LOGGER.info("%d rejected instances (%s): bytes held by a commitment until it ends, or "
+                            "already gone", len(wanted) - released, reason)
         except Exception as exc:
             LOGGER.warning("could not remove the bytes of %d rejected instances (%s): %s",
                            len(sop_uids), reason, exc)
