@@ -65,11 +65,18 @@ class CallingAE(_Section):
 
     ``host`` and ``port`` together are also where Storage Commitment reports for this AE go when they
     cannot be sent on the requester's own association (``[listener.commitment]``).
+
+    ``reject``: its IOCM rejection notes are applied (docs/architecture.md "Study lifecycle"); without it
+    they are quarantined (``rejection_not_allowed``). ``replace``: with ``[intake] on_conflict =
+    "replace"``, it may replace instances other AEs sent and move an instance to another patient. Both
+    are per AE title: an AE listed several times (several hosts) has them only when every entry does.
     """
 
     ae: str
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
+    reject: bool = False
+    replace: bool = False
 
     @field_validator("ae")
     @classmethod

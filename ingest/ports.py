@@ -18,6 +18,7 @@ from ingest.core.lifecycle import Rejection
 from ingest.core.records import BackendStudy, InstanceRecord
 
 __all__ = [
+    "HELD",
     "AddOutcome",
     "Added",
     "BackendStudy",
@@ -30,6 +31,7 @@ __all__ = [
     "FileIdentityState",
     "LifecycleState",
     "Rejected",
+    "RejectionRow",
     "ReleasedBytes",
     "Replaced",
     "RetentionState",
@@ -131,10 +133,54 @@ class LifecycleState(Protocol):
         data: bytes | None,
         now: datetime,
         due_at: datetime,
+        trusted: bool = True,
+        keep_held: bool = True,
     ) -> Replaced | None:
         """Replace the stored version of ``record.sop_uid`` (same study) with this one, and make the study
-        dirty and due at ``due_at``; ``None`` when no version of it is stored in that study."""
+        dirty and due at ``due_at``; ``None`` when no version of it is stored in that study. Refused
+        (:attr:`Replaced.refused`, nothing written) by :func:`ingest.core.admission.replace_refusal`
+        (``trusted``: the sender may replace others' instances), and, unless ``keep_held`` (the caller
+        has kept the old bytes), for a version whose bytes are under a commitment hold (:data:`HELD`)."""
         ...
+
+    def study_patients(self, study_uids: Sequence[str]) -> dict[str, set[str]]:
+        """Per stored study of ``study_uids``: the patient keys (:func:`ingest.core.lifecycle.patient_key`)
+        of its instances, rejection notes excluded."""
+        ...
+
+    def rejection_rows(self, study_uid: str | None = None) -> list[RejectionRow]:
+        """Every recorded rejection (of ``study_uid`` only, when given), oldest first."""
+        ...
+
+    def unreject(self, rejection: Rejection, *, now: datetime) -> bool:
+        """Remove a rejection ``ingest reject`` recorded (``note_uid`` ``""``) and make its study dirty and
+        due at ``now``; ``False`` when there is no such rejection (nothing written)."""
+        ...
+
+    def held_rejected(self, *, now: datetime, limit: int) -> dict[str, list[str]]:
+        """Instances whose bytes a rejection removes (113037 / 113039) but a commitment hold kept, now that
+        the hold has ended at ``now``: ``iocm:<code>`` -> SOP Instance UIDs (at most ``limit`` in all)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RejectionRow:
+    """One recorded rejection as ``ingest rejections`` lists it.
+
+    Attributes
+    ----------
+    rejection:
+        What it rejects, and for which code.
+    added_at:
+        When it was recorded.
+    source:
+        Who made it: ``ingest reject``, or the source of the note that made it (``dimse:<AE>``,
+        ``watch``, ``file:<label>``).
+    """
+
+    rejection: Rejection
+    added_at: datetime | None
+    source: str
 
 
 class CommitmentAdded(enum.Enum):
@@ -225,6 +271,11 @@ class Replaced:
         Where its bytes were: a spool file, or the bytes kept in the state store (deleted with it).
     release_reason:
         ``iocm:<code>`` when an IOCM rejection covering the instance says its (new) bytes go; else ``""``.
+    refused:
+        Why the replacement was refused (nothing written): a rule of
+        :func:`ingest.core.admission.replace_refusal`, or :data:`HELD`; ``""`` when it was made.
+    patient_changed:
+        The new version is of another patient than the old one (a trusted sender's replacement).
     """
 
     study_uid: str
@@ -232,6 +283,13 @@ class Replaced:
     old_spool_name: str | None
     old_data: bytes | None
     release_reason: str = ""
+    refused: str = ""
+    patient_changed: bool = False
+
+
+#: :attr:`Replaced.refused` of a version whose bytes are under a Storage Commitment hold: the caller keeps
+#: them (the quarantine) before asking again with ``keep_held``.
+HELD = "held"
 
 
 class CommitmentState(Protocol):

@@ -1,4 +1,4 @@
-"""Command line: ``ingest serve | replay | status | retry | reject | backend | check-store``.
+"""Command line: ``ingest serve | replay | status | retry | reject | rejections | backend | check-store``.
 
 Exit codes (all commands):
 
@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="113001 quality, 113037 patient safety, 113038 worklist entry, 113039 retention")
     p.add_argument("--now", action="store_true",
                    help="write the study now instead of leaving it to `ingest serve`")
+    p.add_argument("--force", action="store_true",
+                   help="record the rejection of a study not received yet (else exit 1: a mistyped UID)")
+    p.add_argument("--undo", action="store_true",
+                   help="remove a rejection `ingest reject` recorded (bytes already removed stay removed)")
     p.set_defaults(func=_cmd_reject)
 
     p = sub.add_parser(
@@ -140,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "problems are printed.",
     )
     p.set_defaults(func=_cmd_check_store)
+    p = sub.add_parser("rejections", help="list recorded IOCM rejections (notes and `ingest reject`)")
+    p.add_argument("--study", metavar="UID", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_rejections)
 
     p = sub.add_parser("backend", help="run the embedded FHIR GraphQL backend alone")
     p.add_argument("--host", default=None)
@@ -254,7 +262,13 @@ async def _cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.reject import run_reject
 
     return await run_reject(settings, study=args.study, series=args.series, instance=args.instance,
-                            code=args.code, push_now=args.now)
+                            code=args.code, push_now=args.now, force=args.force, undo=args.undo)
+
+
+async def _cmd_rejections(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.reject import run_rejections
+
+    return await run_rejections(settings, study=args.study, as_json=args.json)
 
 
 async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:

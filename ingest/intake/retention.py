@@ -365,6 +365,9 @@ class Retention:
         Batches per pass (the rest waits for the next pass).
     metrics:
         Counters, if any.
+    release_rejected:
+        Also release the bytes of instances an IOCM rejection (113037 / 113039) removes whose commitment
+        hold kept them, once the hold ends (with the rejection's reason, ``iocm:<code>``).
     """
 
     def __init__(
@@ -380,6 +383,7 @@ class Retention:
         batch: int = 200,
         max_batches: int = 50,
         metrics: Metrics | None = None,
+        release_rejected: bool = False,
     ) -> None:
         self.store = store
         self.spool = spool
@@ -391,13 +395,17 @@ class Retention:
         self.batch = batch
         self.max_batches = max_batches
         self.metrics = metrics
+        # bytes of rejected instances (113037 / 113039) a commitment hold kept are released when it ends
+        self.release_rejected = release_rejected
 
     @property
     def active(self) -> bool:
         """Whether a pass does anything: bytes or quarantined files to remove (``retain`` or
-        ``quarantine_retain`` not forever), or a byte cap whose in-row count it re-reads."""
+        ``quarantine_retain`` not forever, or rejected instances' bytes a commitment hold kept), or a
+        byte cap whose in-row count it re-reads."""
         return (
             self.retain is not None
+            or self.release_rejected
             or (self.quarantine is not None and self.quarantine_retain is not None)
             or (self.budget is not None and self.budget.max_bytes is not None)
         )
@@ -429,6 +437,13 @@ class Retention:
                 )
                 if len(uids) < self.batch:
                     break
+        # bytes an IOCM rejection removes but a commitment hold kept: released once the hold ends
+        held = self.store.held_rejected(now=now, limit=self.batch) if self.release_rejected else {}
+        for reason, uids in sorted(held.items()):
+            instances += release_bytes(
+                self.store, self.spool, uids, reason=reason, now=now, budget=self.budget,
+                metrics=self.metrics, respect_holds=True,
+            )
         if self.budget is not None:
             self.budget.resync_in_row(self.store.inline_bytes_total())
         quarantined = self._age_quarantine(now)
@@ -540,6 +555,6 @@ def open_retention(
         store, spool, retain=cfg.retain_after_push, quarantine=quarantine,
         quarantine_retain=quarantine_retain, budget=budget,
         node=(settings.state.node_id or socket.gethostname()) if shared else None,
-        batch=cfg.retention_batch, metrics=metrics,
+        batch=cfg.retention_batch, metrics=metrics, release_rejected=True,
     )
     return budget, retention

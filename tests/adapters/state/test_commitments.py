@@ -24,10 +24,13 @@ STUDY, SERIES = "1.2.3.5.1", "1.2.3.5.2"
 HOLD = T0 + timedelta(days=30)
 
 
-def _add(store: StateStore, sop: str, *, spool_name: str | None = None, inline: bytes | None = None) -> None:
+def _add(
+    store: StateStore, sop: str, *, spool_name: str | None = None, inline: bytes | None = None,
+    source: str = "dimse:CT1",
+) -> None:
     record = InstanceRecord(study_uid=STUDY, series_uid=SERIES, sop_uid=sop, sop_class_uid=CT)
     store.add_instances(
-        [(record, "test", spool_name, f"d-{sop}")],
+        [(record, source, spool_name, f"d-{sop}")],
         now=T0,
         due_at=T0,  # type: ignore[call-arg]
         inline=[inline],
@@ -127,3 +130,16 @@ def test_rejected_instances_are_not_committed(store: StateStore) -> None:
     assert report.committed == ((CT, "6.2"),)
     assert report.failed == ((CT, "6.1", 0x0110),)
     assert _hold_of(store, "6.1") is None
+
+
+def test_only_the_requesters_own_instances_are_committed(store: StateStore) -> None:
+    _add(store, "8.1", spool_name="f" * 32)  # sent by CT1
+    _add(store, "8.2", spool_name="g" * 32, source="dimse:CT2")  # sent by another AE
+    _add(store, "8.3", spool_name="h" * 32, source="watch")  # dropped in the folder
+    items = [(CT, "8.1"), (CT, "8.2"), (CT, "8.3"), (CT, "8.404")]
+    store.add_commitment("9.8", "CT1", items, now=T0)
+    report = store.decide_commitment("9.8", now=T0, hold_until=HOLD)
+    assert report.committed == ((CT, "8.1"),)
+    # another AE's instance fails exactly like one never received, and is not held for the requester
+    assert report.failed == ((CT, "8.2", 0x0112), (CT, "8.3", 0x0112), (CT, "8.404", 0x0112))
+    assert _hold_of(store, "8.2") is None
