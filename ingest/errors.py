@@ -139,6 +139,11 @@ class RetryableSinkError(SinkError):
     """Transient backend failure: retry with backoff."""
 
 
+class BackendStorageError(RetryableSinkError):
+    """The backend cannot store anything right now (HTTP 503 with an OperationOutcome issue ``no-store``:
+    its database or disk is full): retried without an attempt limit, never dead-lettered."""
+
+
 class PermanentSinkError(SinkError):
     """The backend refused the request; retrying the same request cannot succeed."""
 
