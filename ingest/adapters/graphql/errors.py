@@ -280,7 +280,13 @@ def _keep_quoted(content: str, previous: str, names: Collection[str]) -> bool:
         return False
     if content.startswith("$") or content in names or _is_path(content, names):
         return True
-    return previous in _NAMING_WORDS
+    if previous not in _NAMING_WORDS:
+        return False
+    bare = content.strip("[]!")
+    # an element or argument name (``"subject"``, ``"ifMatch"``), a qualified field name
+    # (``"MutationType.ImagingStudyUpdate"``) or a type (``type "ReferenceCreate!"``); a capitalised word
+    # after another naming word (``field "Doe"``) is withheld
+    return bare[:1].islower() or "." in bare or previous == "type" or bare in _TYPE_NAMES or bare in names
 
 
 def _brace_end(text: str, start: int) -> int:

@@ -317,3 +317,10 @@ async def test_a_backend_quoting_the_request_leaks_nothing_to_log_status_or_page
             assert shown and all("Invalid reference" in text for text in shown)
             _assert_secret_free(" ".join(shown))
     assert PLACEHOLDER in row.last_error
+
+
+def test_a_capitalised_quoted_word_after_a_naming_word_is_a_value_unless_a_type() -> None:
+    message = 'Unknown field "Kowalczyk"; Field "subject" of required type "String!"; type "Reference"'
+    assert redact_backend_message(message) == (
+        'Unknown field «…»; Field "subject" of required type "String!"; type "Reference"'
+    )
