@@ -107,7 +107,7 @@ TRICKY_WORDS = [
     "Family", "Display", "Instance", "Status", "Element", "Storage", "Full", "Line", "Column", "Id", "Van",
     "De", "Le", "May", "June", "Will", "Bell", "Young", "Long", "Hill", "Price",
 ]
-letters = st.characters(categories=["Lu", "Ll"], max_codepoint=0x024F)
+letters = st.characters(categories=["Lu", "Ll", "Lo"], max_codepoint=0x9FFF)  # Latin, Greek, Cyrillic, CJK
 word = st.one_of(
     st.sampled_from(TRICKY_WORDS),
     st.sampled_from(TRICKY_WORDS).map(str.lower),
