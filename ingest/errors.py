@@ -19,6 +19,7 @@ gql/aiohttp, the file system) into this tree, so the orchestrator only ever hand
     │   └── StoreUnavailableError    the store cannot be reached or written now (transient)
     └── SinkError                    the backend failed
         ├── RetryableSinkError       connection refused, timeout, HTTP 5xx/429, 401 after token reload
+        │   └── BackendStorageError  HTTP 503 no-store: the backend's disk is full (no attempt limit)
         └── PermanentSinkError       GraphQL validation/execution errors, other 4xx
             ├── MultipleMatchesError two or more backend resources carry the study identifier
             └── ForeignContentError  the backend copy cannot be read or written back whole
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArchiveError",
+    "BackendStorageError",
     "ConfigError",
     "ForeignContentError",
     "HeaderError",
@@ -137,6 +139,11 @@ class SinkError(IngestError):
 
 class RetryableSinkError(SinkError):
     """Transient backend failure: retry with backoff."""
+
+
+class BackendStorageError(RetryableSinkError):
+    """The backend cannot store anything right now (HTTP 503 with an OperationOutcome issue ``no-store``:
+    its database or disk is full): retried without an attempt limit, never dead-lettered."""
 
 
 class PermanentSinkError(SinkError):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ingest.config import Settings, load_settings
-from ingest.errors import ConfigError, IngestError
+from ingest.errors import ConfigError, IngestError, RetryableSinkError
 from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe, printable, setup_logging
 
@@ -287,9 +287,14 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{n} dead-lettered studies re-queued")
         if not args.now or not n:
             return ExitCode.OK
-        async with open_sink(settings) as sink:
-            relay = await wired_relay(settings, store, sink)
-            await relay.drain(dead)
+        try:
+            async with open_sink(settings) as sink:
+                relay = await wired_relay(settings, store, sink)
+                await relay.drain(dead)
+        except RetryableSinkError as exc:  # re-queued all the same: pushed once the backend is back
+            print(f"ingest: the backend is unavailable now, the re-queued studies stay pending: "
+                  f"{printable(str(exc))}", file=sys.stderr)
+            return ExitCode.OK
         still = [u for u in dead if (row := store.study(u)) is not None and row.state is StudyState.DEAD]
         for u in still:
             row = store.study(u)

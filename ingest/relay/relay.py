@@ -25,6 +25,7 @@ from ingest.config import RelaySettings
 from ingest.core.merge import Create, NoChange, Refuse, Update, Written, digest, plan
 from ingest.core.records import InstanceRecord
 from ingest.errors import (
+    BackendStorageError,
     ConfigError,
     ForeignContentError,
     IngestError,
@@ -503,7 +504,7 @@ class Relay:
         except RetryableSinkError as exc:
             self.backend.push_failed(short_reason(exc))
             attempts = claim.attempts + 1
-            if attempts >= self.cfg.max_attempts:
+            if attempts >= self.cfg.max_attempts and not isinstance(exc, BackendStorageError):
                 return await self._dead(claim, "retries_exhausted", exc, lease)
             if self._lease_lost(lease, "the retry"):
                 return "lease_lost"
