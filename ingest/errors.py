@@ -43,6 +43,7 @@ __all__ = [
     "NotDicomError",
     "NotPatientInstanceError",
     "PermanentSinkError",
+    "ReportDeliveryError",
     "RetryableSinkError",
     "SinkError",
     "StoreError",
@@ -154,3 +155,8 @@ class ForeignContentError(PermanentSinkError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ReportDeliveryError(IngestError):
+    """A Storage Commitment report was not delivered (the requester is unreachable, refused the
+    association, answered a failure or did not answer in time); it is retried later."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from ingest.clock import STEP_SLACK_S
 from ingest.config import RelaySettings
 from ingest.core.merge import Create, NoChange, Refuse, Update, Written, digest, plan
 from ingest.core.records import InstanceRecord
@@ -365,11 +366,21 @@ class Relay:
         """Claim up to ``limit`` due studies (none while the state store is unavailable), and when."""
         now = self.clock()
         try:
-            claims = await asyncio.to_thread(self.store.claim_due, now, limit, self.node, self.cfg.lease_s)
+            claims = await asyncio.to_thread(
+                self.store.claim_due, now, limit, self.node, self.cfg.lease_s,
+                stale_after=self.stale_after(now),
+            )
         except StoreUnavailableError as exc:
             LOGGER.warning("state store unavailable, relay waits: %s", exc)
             return [], now
         return claims, now
+
+    def stale_after(self, now: datetime) -> datetime:
+        """A due time or next attempt later than this was written before the clock was stepped back, so
+        it counts as due (docs/reliability.md "Clock steps"): intake makes a study due ``stable_age_s``
+        (or ``release_grace_s``) ahead and a retry waits at most ``max_backoff_s``, plus the step slack."""
+        horizon = max(self.cfg.stable_age_s, self.cfg.release_grace_s, self.cfg.max_backoff_s) + STEP_SLACK_S
+        return now + timedelta(seconds=horizon)
 
     async def _push_guarded(self, claim: StudyClaim, claimed_at: datetime) -> None:
         # renewal starts at once: a claim waiting for a free slot must not expire meanwhile
