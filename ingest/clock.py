@@ -8,10 +8,12 @@ the wall clock moves. :class:`Timekeeper` compares the two:
 - :meth:`Timekeeper.destructive_now` is the time a destructive timer (retention's release of bytes,
   the end of a commitment hold, giving up on a report) may act on: the wall clock, but never more than
   ``slack_s`` ahead of the wall-clock time at start plus the monotonic time elapsed since. A step
-  forward (wall clock ahead of that by more than ``slack_s``) is logged as a WARNING once; until
-  monotonic time has caught up with the step (the process has really run that long), destructive timers
-  act on the monotonic-derived time, so nothing is removed or given up early. A restart takes the wall
-  clock as it is then. A step back needs no guard here: destructive timers then act later, and the
+  forward (wall clock ahead of that by more than ``slack_s``) is logged as a WARNING once; from then on
+  destructive timers act on the monotonic-derived time: a hold or a give-up time written before the
+  step ends only once as much time has really passed as it was meant to last (the step is "confirmed"
+  by elapsed monotonic time, timer by timer), and one written after it lasts longer by the step, never
+  shorter. This lasts until the wall clock comes back (INFO) or the process restarts, which takes the
+  wall clock as it is then. A step back needs no guard here: destructive timers then act later, and the
   stores treat a due time further away than its rule allows as due (``stale_after`` of the claims).
 """
 
@@ -88,8 +90,9 @@ class Timekeeper:
             changed, self._warned = self._warned != stepped, stepped
         if changed and stepped:
             LOGGER.warning(
-                "the wall clock is %.0f s ahead of the time elapsed since start: %s wait until as much "
-                "time has really passed (no bytes released, no report given up before)",
+                "the wall clock is %.0f s ahead of the time elapsed since start (set forward?): %s "
+                "follow the time really elapsed until a restart (no bytes released, no hold ended, "
+                "no report given up before its time has really passed)",
                 (wall - bound + self.slack).total_seconds(), what,
             )
         elif changed:

@@ -25,6 +25,7 @@ from ingest.ports import CommitmentRow
 from ingest.relay.reports import CommitmentReports
 from tests import wait_until
 from tests.sources.dimse.test_commitment import Reports, report_scp
+from tests.test_clock import SteppedClock
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -128,29 +129,6 @@ def _request(store: SQLiteStateStore, uid: str, ae: str, now: datetime) -> None:
 def _row(store: SQLiteStateStore, uid: str) -> CommitmentRow:
     (row,) = [r for r in store.commitments() if r.transaction_uid == uid]
     return row
-
-
-class SteppedClock:
-    """Wall-clock and monotonic time that move only when the test says so."""
-
-    def __init__(self, wall: datetime = T0) -> None:
-        self.wall = wall
-        self.mono = 1000.0
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        """Both clocks move (time really passes)."""
-        self.wall += timedelta(seconds=seconds)
-        self.mono += seconds
-
-    def step(self, seconds: float) -> None:
-        """Only the wall clock moves (it is set)."""
-        self.wall += timedelta(seconds=seconds)
 
 
 @pytest.mark.slow
