@@ -667,3 +667,26 @@ async def test_a_hanging_push_does_not_stop_the_relay_claiming_and_pushing_other
 def _state(store: SQLiteStateStore, study_uid: str) -> StudyState | None:
     row = store.study(study_uid)
     return None if row is None else row.state
+
+
+async def test_a_study_being_pushed_is_not_pushed_twice_when_the_clock_is_set_back(
+    relay: Relay, store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
+) -> None:
+    add(store, clock, settings, record(STUDY_A, 1, 1))
+    clock.advance(10)
+    entered, release = asyncio.Event(), asyncio.Event()
+    real_find = sink.find
+
+    async def slow_find(study_uid: str, backend_id: str | None) -> BackendStudy | None:
+        entered.set()
+        await release.wait()
+        return await real_find(study_uid, backend_id)
+
+    sink.find = slow_find  # type: ignore[method-assign]
+    first = asyncio.create_task(relay.run_once())
+    await asyncio.wait_for(entered.wait(), 5)
+    clock.now -= timedelta(hours=1)  # set back: the push's lease (until T0 + 70 s) now looks stale
+    assert await asyncio.wait_for(relay.run_once(), 5) == 0  # claimed again, being pushed here: dropped
+    release.set()
+    assert await asyncio.wait_for(first, 5) == 1
+    assert sink.calls["create"] == 1 and len(sink.resources) == 1
