@@ -291,11 +291,11 @@ class CommitmentSCP:
     def send_report(self, report: CommitmentReport, *, timeout_s: float) -> str | None:
         """:class:`ingest.ports.ReportChannel`: the report on an open association of the requester (its
         own first, then its other open ones that accepted the SCP role); ``None`` when there is none.
-        Each attempt waits for the answer up to ``[listener] dimse_timeout_s``."""
+        Each attempt waits for the answer up to ``timeout_s`` (at most ``[listener] dimse_timeout_s``)."""
         problems: list[str] = []
         for assoc in self._open_channels(report.transaction_uid, report.calling_ae):
             try:
-                self._report_on(assoc, report)
+                self._report_on(assoc, report, timeout_s)
             except ReportDeliveryError as exc:
                 problems.append(f"on its association: {exc}")
                 continue
@@ -318,12 +318,14 @@ class CommitmentSCP:
                 ordered.append(assoc)
         return ordered
 
-    def _report_on(self, assoc: Association, report: CommitmentReport) -> None:
+    def _report_on(self, assoc: Association, report: CommitmentReport, timeout_s: float) -> None:
         with self._lock:
             sending = self._sending.setdefault(assoc, threading.Lock())
         with sending:
             if not assoc.is_established or assoc.acse.is_release_requested():
                 raise ReportDeliveryError("the requester is releasing it")
+            previous = assoc.dimse_timeout  # the answer is awaited at most timeout_s
+            assoc.dimse_timeout = timeout_s if previous is None else min(previous, timeout_s)
             try:
                 status, _ = assoc.send_n_event_report(
                     event_information(report),
@@ -334,6 +336,8 @@ class CommitmentSCP:
                 )
             except (RuntimeError, ValueError) as exc:
                 raise ReportDeliveryError(str(exc)) from exc
+            finally:
+                assoc.dimse_timeout = previous
         check_status(status)
 
     def _next_message_id(self) -> int:
