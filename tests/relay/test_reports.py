@@ -153,7 +153,7 @@ def test_a_requester_that_never_answers_holds_one_slot_and_one_connection_others
             # it did not wait for the tarpit: no attempt to the tarpit has ended yet
             assert tarpit.open == 1
             assert [_row(store, f"1.2.3.{n + 1}").attempts for n in range(5)] == [0] * 5
-            assert _row(store, "1.2.4.1").state == "reported"
+            wait_until(lambda: _row(store, "1.2.4.1").state == "reported", 5, "recorded as reported")
             event_type, info = reports.get()
             assert event_type == 2 and str(info.TransactionUID) == "1.2.4.1"
             # the tarpit's attempt ends at report_timeout_s: its connection is closed, it is retried later

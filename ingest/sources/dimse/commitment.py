@@ -74,6 +74,7 @@ _INVALID_ARGUMENT: Final = 0x0115
 _NO_SUCH_ACTION: Final = 0x0123
 _RESOURCE_LIMITATION: Final = 0x0213
 
+
 def add_commitment_context(ae: AE) -> None:
     """Support Storage Commitment Push Model on ``ae``, accepting a requester's proposal to take the SCP
     role too (so the report can come back on its association)."""
