@@ -17,6 +17,7 @@ gql/aiohttp, the file system) into this tree, so the orchestrator only ever hand
     ├── ArchiveError                 an archive or member refused (escape, link, bomb, unreadable)
     ├── StoreError                   the state store failed
     │   └── StoreUnavailableError    the store cannot be reached or written now (transient)
+    ├── ReportDeliveryError          a Storage Commitment report was not delivered (retried with backoff)
     └── SinkError                    the backend failed
         ├── RetryableSinkError       connection refused, timeout, HTTP 5xx/429, 401 after token reload
         └── PermanentSinkError       GraphQL validation/execution errors, other 4xx
