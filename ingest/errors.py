@@ -17,6 +17,7 @@ gql/aiohttp, the file system) into this tree, so the orchestrator only ever hand
     ├── ArchiveError                 an archive or member refused (escape, link, bomb, unreadable)
     ├── StoreError                   the state store failed
     │   └── StoreUnavailableError    the store cannot be reached or written now (transient)
+    ├── ReportDeliveryError          a Storage Commitment report was not delivered (retried with backoff)
     └── SinkError                    the backend failed
         ├── RetryableSinkError       connection refused, timeout, HTTP 5xx/429, 401 after token reload
         │   └── BackendStorageError  HTTP 503 no-store: the backend's disk is full (no attempt limit)
@@ -45,6 +46,7 @@ __all__ = [
     "NotDicomError",
     "NotPatientInstanceError",
     "PermanentSinkError",
+    "ReportDeliveryError",
     "RetryableSinkError",
     "SinkError",
     "StoreError",
@@ -161,3 +163,8 @@ class ForeignContentError(PermanentSinkError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ReportDeliveryError(IngestError):
+    """A Storage Commitment report was not delivered (the requester is unreachable, refused the
+    association, answered a failure or did not answer in time); it is retried later."""

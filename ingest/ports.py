@@ -8,7 +8,7 @@ Tests replace these with fakes, the way httpx uses ``MockTransport``. Concrete i
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ __all__ = [
     "AddOutcome",
     "Added",
     "BackendStudy",
+    "Clock",
     "CommitmentAdded",
     "CommitmentClaim",
     "CommitmentReport",
@@ -34,6 +35,8 @@ __all__ = [
     "RejectionRow",
     "ReleasedBytes",
     "Replaced",
+    "ReportChannel",
+    "ReportSender",
     "RetentionState",
     "SeriesGroup",
     "Sink",
@@ -303,9 +306,20 @@ class CommitmentState(Protocol):
         ...
 
     def claim_commitments(
-        self, now: datetime, limit: int, owner: str, lease_s: float
+        self,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_s: float,
+        *,
+        stale_after: datetime | None = None,
+        exclude_aes: Collection[str] = (),
     ) -> list[CommitmentClaim]:
-        """Claim up to ``limit`` pending reports that are due and not leased by another owner."""
+        """Claim up to ``limit`` pending reports that are due and not leased by another owner.
+
+        A next attempt later than ``stale_after`` counts as due (it was set before the clock was stepped
+        back); reports to ``exclude_aes`` are left alone (a delivery to that AE is under way).
+        """
         ...
 
     def decide_commitment(
@@ -468,7 +482,9 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentitySt
         """Bring the due time of dirty studies forward (end of a replay input, association released)."""
         ...
 
-    def claim_due(self, now: datetime, limit: int, owner: str, lease_s: float) -> list[StudyClaim]:
+    def claim_due(
+        self, now: datetime, limit: int, owner: str, lease_s: float, *, stale_after: datetime | None = None
+    ) -> list[StudyClaim]:
         """Claim up to ``limit`` studies that are dirty, due, past their next attempt and not leased."""
         ...
 
@@ -563,3 +579,44 @@ class SeriesGroup:
     first_added: datetime | None
     last_added: datetime | None
     sample: InstanceRecord  # one of the group's header records (the least by its JSON text)
+
+
+class Clock(Protocol):
+    """The process's two clocks (``ingest.clock``): wall-clock time, stored in the state store as due
+    times, and monotonic time, which no clock step moves (docs/reliability.md "Clock steps")."""
+
+    def now(self) -> datetime:
+        """The wall-clock time, timezone-aware."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary start, never going back."""
+        ...
+
+
+class ReportChannel(Protocol):
+    """One way to deliver a Storage Commitment N-EVENT-REPORT (``ingest.relay.reports`` tries them in
+    order): the requester's own association (``ingest.sources.dimse.commitment``) or a new association
+    to it (``ingest.adapters.dimse_scu``)."""
+
+    def send_report(self, report: CommitmentReport, *, timeout_s: float) -> str | None:
+        """Deliver ``report`` within ``timeout_s``; returns how (for the log), or ``None`` when this
+        channel has no way to the requester. Raises ``ingest.errors.ReportDeliveryError`` when it tried
+        and failed."""
+        ...
+
+
+class ReportSender(Protocol):
+    """The Storage Commitment report sender as the N-ACTION SCP sees it (``ingest.relay.reports``)."""
+
+    def start(self) -> None:
+        """Start delivering due reports."""
+        ...
+
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop; deliveries under way end within their timeout, the rest stay pending."""
+        ...
+
+    def wake(self) -> None:
+        """A request was stored: look for due reports now."""
+        ...

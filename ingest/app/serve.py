@@ -29,12 +29,18 @@ from aiohttp import web
 
 from ingest.adapters.datadir import DataDirLock
 from ingest.app.startup import open_checked_store
-from ingest.app.wiring import relay_before_backend, start_sink, token_configured, wire_links
+from ingest.app.wiring import (
+    attach_commitment_reports,
+    relay_before_backend,
+    start_sink,
+    token_configured,
+    wire_links,
+)
+from ingest.clock import Timekeeper
 from ingest.config import Settings
 from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError
 from ingest.exitcodes import ExitCode
-from ingest.intake.admit import utcnow
 from ingest.intake.retention import DiskBudget, open_retention, run_retention
 from ingest.intake.sweep import sweep_at_start
 from ingest.metrics import Metrics
@@ -257,6 +263,8 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adopt_spool: bool = 
     files, and admit them all again (:mod:`ingest.app.startup`).
     """
     metrics = Metrics()
+    # wall clock for due times, monotonic time guarding the destructive timers (docs/reliability.md)
+    timekeeper = Timekeeper()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # one service per data dir: the lock's holder may remove every temporary file at start
     owner = DataDirLock(settings.data_dir)
@@ -305,6 +313,10 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adopt_spool: bool = 
                 from ingest.sources.dimse.listener import start_listener
 
                 listener = await start_listener(settings, store, relay.wake, metrics, budget=budget)
+                if listener.commitment is not None:  # its report sender ([listener.commitment])
+                    attach_commitment_reports(
+                        settings, store, listener.commitment, metrics=metrics, timekeeper=timekeeper
+                    )
                 stack.push_async_callback(listener.aclose)
                 health.listener = listener
             if settings.watch.folder is not None:
@@ -326,7 +338,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adopt_spool: bool = 
             health.relay = relay_task
             if retention.active:  # [spool] retain / quarantine_retain, in the background
                 retention_task = asyncio.create_task(run_retention(
-                    retention, stop, interval_s=settings.spool.retention_interval_s, clock=utcnow
+                    retention, stop, interval_s=settings.spool.retention_interval_s, timekeeper=timekeeper
                 ))
                 retention_task.add_done_callback(_log_if_failed("spool retention"))
                 tasks.append(retention_task)

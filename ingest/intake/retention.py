@@ -17,7 +17,9 @@ Three parts, used by ``ingest serve`` / ``ingest watch`` and by whatever else re
   longer keeps (``until_pushed``: once the study is pushed; a duration: that long after its last push),
   never those of an instance under a Storage Commitment hold (``instances.hold_until``), and the
   quarantine's files older than ``[spool] quarantine_retain``. Each batch is one short transaction, so
-  intake is never blocked for longer than one batch's commit.
+  intake is never blocked for longer than one batch's commit. Its passes run at the time of
+  :meth:`ingest.clock.Timekeeper.destructive_now`: after the wall clock steps forward, nothing is
+  released (retention or the end of a commitment hold) until as much time has really passed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Final
 
 from ingest.adapters.spool import Quarantine, Spool
+from ingest.clock import Timekeeper
 from ingest.config import Settings, SpoolSettings
 from ingest.errors import StoreError, StoreUnavailableError
 from ingest.metrics import Metrics
@@ -449,6 +452,12 @@ class Retention:
         quarantined = self._age_quarantine(now)
         return RetentionPass(instances=instances, quarantined=quarantined)
 
+    def run_now(self, timekeeper: Timekeeper, *, pause_s: float = 0.0) -> RetentionPass:
+        """:meth:`run_pass` at ``timekeeper``'s :meth:`~ingest.clock.Timekeeper.destructive_now`: the
+        wall clock, held back while it has stepped forward past the time really elapsed (a WARNING says
+        so), so a clock step never releases bytes or ends commitment holds early."""
+        return self.run_pass(timekeeper.destructive_now(), pause_s=pause_s)
+
     def _age_quarantine(self, now: datetime) -> int:
         """Remove quarantined files whose side file is older than ``quarantine_retain``."""
         if self.quarantine is None or self.quarantine_retain is None:
@@ -485,16 +494,16 @@ async def run_retention(
     stop: asyncio.Event,
     *,
     interval_s: float,
-    clock: Callable[[], datetime],
+    timekeeper: Timekeeper,
     pause_s: float = 0.05,
 ) -> None:
-    """Run :meth:`Retention.run_pass` every ``interval_s`` (first at once) until ``stop`` is set.
+    """Run :meth:`Retention.run_now` every ``interval_s`` (first at once) until ``stop`` is set.
 
     Each pass runs in a worker thread; a failing pass is logged and the next one comes as planned.
     """
     while not stop.is_set():
         try:
-            await asyncio.to_thread(retention.run_pass, clock(), pause_s=pause_s)
+            await asyncio.to_thread(retention.run_now, timekeeper, pause_s=pause_s)
         except StoreError as exc:
             LOGGER.warning("retention pass failed (next in %.0f s): %s", interval_s, exc)
         except Exception:

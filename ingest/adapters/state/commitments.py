@@ -22,7 +22,7 @@ was killed).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -160,27 +160,42 @@ class CommitmentStore(SQLStateStore):
     # -- claims ------------------------------------------------------------------------------------------
 
     def claim_commitments(
-        self, now: datetime, limit: int, owner: str, lease_s: float
+        self,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_s: float,
+        *,
+        stale_after: datetime | None = None,
+        exclude_aes: Collection[str] = (),
     ) -> list[CommitmentClaim]:
         """Claim up to ``limit`` pending reports whose next attempt is due, oldest first.
 
         A report leased by another owner is skipped until that lease expires; ``owner``'s own leases are
-        taken again at once.
+        taken again at once. A next attempt later than ``stale_after``, and a lease running more than
+        twice ``lease_s`` past ``now``, were set before the clock was stepped back: they count as due /
+        expired. Reports to ``exclude_aes`` are not claimed.
         """
         if limit <= 0:
             return []
         now_v = self._time(now)
         expires = self._time(now + timedelta(seconds=lease_s))
+        far = now + timedelta(days=365_000)  # without stale_after: never
+        stale_v = self._time(stale_after if stale_after is not None else far)
+        lease_stale_v = self._time(now + timedelta(seconds=2 * lease_s) if stale_after is not None else far)
+        excluded = sorted(set(exclude_aes))
+        not_in = f"AND calling_ae NOT IN ({', '.join(['?'] * len(excluded))}) " if excluded else ""
         with self._write("claim_commitments") as cur:
             rows = cur.execute(
                 self._q(
                     "SELECT transaction_uid, calling_ae, received_at, attempts FROM commitments "
-                    "WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+                    "WHERE state = 'pending' "
+                    "AND (next_attempt_at IS NULL OR next_attempt_at <= ? OR next_attempt_at > ?) "
                     "AND (lease_owner IS NULL OR lease_owner = ? OR lease_expires IS NULL "
-                    "OR lease_expires <= ?) "
+                    "OR lease_expires <= ? OR lease_expires > ?) " + not_in +
                     "ORDER BY next_attempt_at, received_at, transaction_uid LIMIT ?" + self._CLAIM_LOCK
                 ),
-                (now_v, owner, now_v, limit),
+                (now_v, stale_v, owner, now_v, lease_stale_v, *excluded, limit),
             ).fetchall()
             if rows:
                 cur.executemany(
