@@ -172,6 +172,15 @@ class WatchSettings(_Section):
     after: Literal["move", "delete", "keep"] = "move"
     archive_dir: Path | None = None
     jobs: int = Field(default=2, ge=1)
+    # A file that reads as incomplete (truncated, or too short for a preamble and "DICM") stays in the
+    # folder and is read again when it changes; it is quarantined only once unchanged for this long.
+    incomplete_timeout: str = "5m"
+
+    @field_validator("incomplete_timeout")
+    @classmethod
+    def _incomplete_timeout(cls, v: str) -> str:
+        parse_duration(v, key="[watch] incomplete_timeout")
+        return v.strip().lower()
 
 
 class IntakeSettings(_Section):
