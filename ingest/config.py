@@ -143,6 +143,10 @@ class ListenerSettings(_Section):
     max_pending_connections: int = Field(default=64, ge=1)
     intake_size: int = Field(default=256, ge=1)
     max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    # Most instances a Key Object Selection Document (an IOCM rejection note) may name in its Current
+    # Requested Procedure Evidence (0040,A375), counted while the header is read, before any is decoded;
+    # past it the note is refused (0xC007, quarantine reason too_many_references). Every source.
+    max_rejection_items: int = Field(default=100_000, ge=1)
     # Storage SOP classes neither pydicom nor pynetdicom knows: "refuse" their presentation contexts,
     # or "accept" well-formed UIDs under the storage root or a private root (like storescp -pm).
     unknown_storage_classes: Literal["refuse", "accept"] = "refuse"

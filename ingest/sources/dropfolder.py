@@ -65,7 +65,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from ingest.adapters.dicomfile import ignored_name, iter_dicom_files
+from ingest.adapters.dicomfile import DEFAULT_MAX_REJECTION_ITEMS, ignored_name, iter_dicom_files
 from ingest.adapters.spool import Quarantine, Spool, fsync_dir
 from ingest.config import Settings, WatchSettings, parse_duration
 from ingest.errors import ConfigError, StoreError, StoreUnavailableError
@@ -189,7 +189,7 @@ class DropFolder:
         admission's own).
     data_dir:
         The data dir (never watched; ``archive`` and ``watch.sqlite3`` live there).
-    max_instance_bytes, max_inflated_bytes:
+    max_instance_bytes, max_inflated_bytes, max_rejection_items:
         The listener's caps, applied to files too.
     metrics:
         Counters to increment (``source="watch"``), if any.
@@ -224,7 +224,9 @@ class DropFolder:
         monotonic: Callable[[], float] = time.monotonic,
         budget: DiskBudget | None = None,
         inline_max_bytes: int = 0,
+        max_rejection_items: int = DEFAULT_MAX_REJECTION_ITEMS,
     ) -> None:
+        self.max_rejection_items = max_rejection_items
         self.budget = budget
         self.inline_max_bytes = inline_max_bytes
         if cfg.folder is None:
@@ -376,7 +378,8 @@ class DropFolder:
             self._pool = ProcessPoolExecutor(jobs)
         copied: list[_Copied] = []
         results = parse_items(
-            items, jobs=jobs, max_inflated_bytes=self.max_inflated, pool=self._pool if jobs > 1 else None
+            items, jobs=jobs, max_inflated_bytes=self.max_inflated, pool=self._pool if jobs > 1 else None,
+            max_rejection_items=self.max_rejection_items,
         )
         for result in results:
             path = Path(result.label)
@@ -701,6 +704,7 @@ def open_drop_folder(
         settings.watch, admission, spool=spool, quarantine=quarantine, data_dir=data_dir,
         max_instance_bytes=settings.listener.max_instance_bytes,
         max_inflated_bytes=settings.listener.max_inflated_bytes,
+        max_rejection_items=settings.listener.max_rejection_items,
         metrics=metrics, clock=clock, monotonic=monotonic, budget=budget,
         inline_max_bytes=settings.spool.inline_max_bytes,
     )

@@ -34,6 +34,7 @@ from ingest.metrics import Metrics
 from ingest.relay.relay import utcnow
 from ingest.sources.dropfolder import DropFolder, StepResult, open_drop_folder, run_watcher
 from samples.generate import generate
+from tests import iocm
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 MR_SMALL = Path(str(get_testdata_file("MR_small.dcm")))
@@ -599,4 +600,25 @@ def test_past_the_quarantine_quota_only_a_side_file_is_written(tmp_path: Path) -
         assert large.exists()  # its bytes were not kept, so it is not removed
         assert drop.totals.not_kept == 1 and drop.quarantine.not_kept == 1
     finally:
+        store.close()
+
+
+def test_a_rejection_note_past_the_cap_is_quarantined_naming_the_rule(tmp_path: Path) -> None:
+    drop, store, clock = _drop_folder(tmp_path, listener=ListenerSettings(max_rejection_items=5))
+    try:
+        study = "1.2.3.4.8.1"
+        over = drop.folder / "over.dcm"
+        over.write_bytes(iocm.large_note(study, f"{study}.2", 6, sop=f"{study}.99"))
+        within = drop.folder / "within.dcm"
+        within.write_bytes(iocm.large_note(study, f"{study}.2", 5, sop=f"{study}.98"))
+        _settle(drop, clock)
+        assert drop.totals.rejected == {"too_many_references": 1} and drop.totals.accepted == 1
+        (name,) = [n for n in _quarantine_entries(drop) if HEX_NAME.match(n)]
+        side = drop.quarantine.reason(name)
+        assert side["reason"] == "too_many_references"
+        assert "max_rejection_items" in str(side["detail"]) and "more than 5 instances" in str(side["detail"])
+        assert not over.exists() and not within.exists()
+        assert [r.sop_uid for r in store.instances(study)] == [f"{study}.98"]
+    finally:
+        drop.close()
         store.close()
