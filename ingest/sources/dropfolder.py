@@ -21,7 +21,8 @@ How a file travels (docs/architecture.md, Durability; docs/reliability.md):
    chunk); then the chunk is admitted
    (:class:`ingest.intake.admit.Admission`: rows committed, studies due, duplicates and conflicts
    settled, the relay woken).
-5. **After**: only then ``after = "move"`` (to ``archive_dir``, default ``<data_dir>/archive``, under a
+5. **After**: only then, and only if the file has not changed since it was read (else it stays and is
+   read again), ``after = "move"`` (to ``archive_dir``, default ``<data_dir>/archive``, under a
    random name, mode 0600), ``"delete"``, or ``"keep"`` (remembered by path, size, mtime and SHA-256
    in ``<data_dir>/watch.sqlite3``, never read again while unchanged).
 
@@ -590,7 +591,15 @@ class DropFolder:
 
     def _after(self, c: _Copied, now: datetime) -> None:
         """The after-action, once the row is committed; a failure leaves the file for the next rescan
-        (where the store answers "duplicate" and the action is tried again)."""
+        (where the store answers "duplicate" and the action is tried again). A file that changed since
+        it was read (a copy that resumed after a pause) is left in place and read again: what was
+        admitted is not all of it."""
+        st = self._stat(c.path)
+        grown = st is not None and (st.st_size, st.st_mtime_ns) != (c.size, c.mtime_ns)
+        if grown and self.cfg.after != "keep":
+            LOGGER.warning("watch: %s changed after it was read; left in place, read again", c.path)
+            self._defer(c.path)
+            return
         try:
             if self.cfg.after == "delete":
                 c.path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sqlite3
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -619,6 +620,39 @@ def test_a_rejection_note_past_the_cap_is_quarantined_naming_the_rule(tmp_path: 
         assert "max_rejection_items" in str(side["detail"]) and "more than 5 instances" in str(side["detail"])
         assert not over.exists() and not within.exists()
         assert [r.sop_uid for r in store.instances(study)] == [f"{study}.98"]
+    finally:
+        drop.close()
+        store.close()
+
+
+def test_a_file_that_grows_while_its_row_is_committed_is_not_deleted_but_read_again(tmp_path: Path) -> None:
+    # a copy that resumes after a pause long enough for the first part to read as a whole instance: the
+    # part is admitted, but the file is not deleted under the writer; read again, the grown file is other
+    # content for the same SOP Instance UID and is quarantined whole
+    drop, store, clock = _drop_folder(tmp_path, watch=WatchSettings(
+        folder=tmp_path / "drop", settle_ms=200, after="delete"))
+    try:
+        target = drop.folder / "copied.dcm"
+        first = CT_SMALL.read_bytes()
+        rest = struct.pack("<HH2sH", 0x7FE1, 0x0010, b"LO", 4) + b"ACME"  # a private creator after Pixel Data
+        target.write_bytes(first)
+        admit = drop.admission.admit
+
+        def admit_while_the_copy_resumes(candidates: Any) -> Any:
+            with target.open("ab") as fh:
+                fh.write(rest)
+            return admit(candidates)
+
+        drop.admission.admit = admit_while_the_copy_resumes  # type: ignore[method-assign]
+        _settle(drop, clock)
+        drop.admission.admit = admit  # type: ignore[method-assign]
+        assert drop.totals.accepted == 1
+        assert target.read_bytes() == first + rest  # not deleted under the writer
+        _settle(drop, clock)
+        assert not target.exists()
+        (name,) = [n for n in _quarantine_entries(drop) if HEX_NAME.match(n)]
+        assert (drop.quarantine.root / name).read_bytes() == first + rest
+        assert drop.quarantine.reason(name)["reason"] == "conflict"
     finally:
         drop.close()
         store.close()
