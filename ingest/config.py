@@ -155,6 +155,10 @@ class ListenerSettings(_Section):
     max_pending_connections: int = Field(default=64, ge=1)
     intake_size: int = Field(default=256, ge=1)
     max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    # Most instances a Key Object Selection Document (an IOCM rejection note) may name in its Current
+    # Requested Procedure Evidence (0040,A375), counted while the header is read, before any is decoded;
+    # past it the note is refused (0xC007, quarantine reason too_many_references). Every source.
+    max_rejection_items: int = Field(default=100_000, ge=1)
     # Storage SOP classes neither pydicom nor pynetdicom knows: "refuse" their presentation contexts,
     # or "accept" well-formed UIDs under the storage root or a private root (like storescp -pm).
     unknown_storage_classes: Literal["refuse", "accept"] = "refuse"
@@ -184,6 +188,15 @@ class WatchSettings(_Section):
     after: Literal["move", "delete", "keep"] = "move"
     archive_dir: Path | None = None
     jobs: int = Field(default=2, ge=1)
+    # A file that reads as incomplete (truncated, or too short for a preamble and "DICM") stays in the
+    # folder and is read again when it changes; it is quarantined only once unchanged for this long.
+    incomplete_timeout: str = "5m"
+
+    @field_validator("incomplete_timeout")
+    @classmethod
+    def _incomplete_timeout(cls, v: str) -> str:
+        parse_duration(v, key="[watch] incomplete_timeout")
+        return v.strip().lower()
 
 
 class IntakeSettings(_Section):

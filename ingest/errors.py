@@ -13,7 +13,8 @@ gql/aiohttp, the file system) into this tree, so the orchestrator only ever hand
     │   ├── InvalidUIDError          a UID breaks the DICOM UID grammar
     │   ├── NestingTooDeepError      sequences nested deeper than pydicom can parse
     │   ├── NotPatientInstanceError  DICOMDIR, Color Palette and other non-patient objects
-    │   └── InstanceConflictError    same SOP Instance UID with other content or in another study
+    │   ├── InstanceConflictError    same SOP Instance UID with other content or in another study
+    │   └── TooManyReferencesError   a Key Object Selection names more instances than the cap
     ├── ArchiveError                 an archive or member refused (escape, link, bomb, unreadable)
     ├── StoreError                   the state store failed
     │   └── StoreUnavailableError    the store cannot be reached or written now (transient)
@@ -51,6 +52,7 @@ __all__ = [
     "SinkError",
     "StoreError",
     "StoreUnavailableError",
+    "TooManyReferencesError",
     "TruncatedError",
 ]
 
@@ -116,6 +118,13 @@ class NotPatientInstanceError(HeaderError):
 
 class InstanceConflictError(HeaderError):
     reason = "conflict"
+
+
+class TooManyReferencesError(HeaderError):
+    """A Key Object Selection Document (an IOCM rejection note) whose Current Requested Procedure
+    Evidence (0040,A375) names more instances than ``[listener] max_rejection_items``."""
+
+    reason = "too_many_references"
 
 
 class ArchiveError(IngestError):

@@ -705,7 +705,8 @@ class Listener:
         ts = str(event.context.transfer_syntax)
         outcome = self._accepted_header(
             lambda: read_header_bytes(
-                data, source=source, transfer_syntax_uid=ts, max_inflated_bytes=self.cfg.max_inflated_bytes
+                data, source=source, transfer_syntax_uid=ts, max_inflated_bytes=self.cfg.max_inflated_bytes,
+                max_rejection_items=self.cfg.max_rejection_items,
             ),
             data, cmd_sop, cmd_class, source,
         )
@@ -821,7 +822,8 @@ class Listener:
         try:
             outcome = self._accepted_header(
                 lambda: read_header(
-                    kept.path, max_inflated_bytes=self.cfg.max_inflated_bytes, media_sop_class=False
+                    kept.path, max_inflated_bytes=self.cfg.max_inflated_bytes, media_sop_class=False,
+                    max_rejection_items=self.cfg.max_rejection_items,
                 ),
                 kept.path, cmd_sop, cmd_class, source,
             )
