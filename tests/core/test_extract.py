@@ -415,6 +415,8 @@ def test_every_record_field_comes_from_the_table() -> None:
         "patient_id_issuer_uid_type",  # items of the sequences in the table
         "accession_issuer_uid_type",
         "accession_issuer_local",
+        "admission_issuer_uid_type",
+        "admission_issuer_local",
         "concept_code",  # (0040,A043) as a code, the same sequence as concept_name
         "rejected_for",  # state the store sets on read, not a header value
     }
