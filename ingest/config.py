@@ -65,11 +65,18 @@ class CallingAE(_Section):
 
     ``host`` and ``port`` together are also where Storage Commitment reports for this AE go when they
     cannot be sent on the requester's own association (``[listener.commitment]``).
+
+    ``reject``: its IOCM rejection notes are applied (docs/architecture.md "Study lifecycle"); without it
+    they are quarantined (``rejection_not_allowed``). ``replace``: with ``[intake] on_conflict =
+    "replace"``, it may replace instances other AEs sent and move an instance to another patient. Both
+    are per AE title: an AE listed several times (several hosts) has them only when every entry does.
     """
 
     ae: str
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
+    reject: bool = False
+    replace: bool = False
 
     @field_validator("ae")
     @classmethod
@@ -117,6 +124,11 @@ class CommitmentSettings(_Section):
     give_up_after_s: float = Field(default=7 * 86400.0, gt=0)
     # How often the sender looks for due reports (retries, other nodes' requests) besides being woken.
     poll_interval_s: float = Field(default=1.0, gt=0)
+    # One delivery on a new association (connect, association, N-EVENT-REPORT and its answer) ends after
+    # report_timeout_s: the association is aborted, its connection closed and the report retried later.
+    report_timeout_s: float = Field(default=30.0, gt=0)
+    # Reports delivered at once, at most one per requester AE (a requester that never answers holds one).
+    senders: int = Field(default=4, ge=1, le=64)
 
 
 class ListenerSettings(_Section):

@@ -84,12 +84,14 @@ def note(
     sop: str | None = None,
     series: str | None = None,
     evidence_study: str | None = None,
+    **attrs: Any,
 ) -> bytes:
     """A Key Object Selection Document titled ``(code, DCM)`` whose evidence names ``rejected``
-    (``(series UID, SOP Instance UID)`` pairs, CT images) of ``evidence_study`` (default ``study``)."""
+    (``(series UID, SOP Instance UID)`` pairs, CT images) of ``evidence_study`` (default ``study``);
+    ``attrs`` set other attributes (``PatientID``...)."""
     ds = Dataset()
     _common(ds, study, series or generate_uid(), sop or generate_uid(), KOS, Modality="KO", SeriesNumber=99,
-            InstanceNumber=1)
+            InstanceNumber=1, **attrs)
     title = Dataset()
     title.CodeValue = code
     title.CodingSchemeDesignator = "DCM"

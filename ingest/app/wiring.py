@@ -30,16 +30,20 @@ from ingest.ports import Sink, StateStore
 
 if TYPE_CHECKING:  # gql, aiohttp, the mapping and the relay are imported by the functions that need them
     from ingest.adapters.graphql.sink import GraphQLSink
+    from ingest.clock import Timekeeper
     from ingest.core.mapping import MappingOptions
     from ingest.metrics import Metrics
     from ingest.relay.links import LinkedBackend
     from ingest.relay.relay import Build, Link, Relay
+    from ingest.relay.reports import CommitmentReports
+    from ingest.sources.dimse.commitment import CommitmentSCP
 
     class LinkedSink(Sink, LinkedBackend, Protocol):
         """A sink that can also find and create Patient and Endpoint resources (the GraphQL sink)."""
 
 
 __all__ = [
+    "attach_commitment_reports",
     "connect_with_backoff",
     "embedded_backend",
     "mapping_options",
@@ -361,3 +365,28 @@ async def wired_relay(
     relay_sink = with_provenance(settings, sink, clock=clock or utcnow)
     return Relay(store, relay_sink, build, settings.relay, node=settings.state.node_id, clock=clock or utcnow,
                  metrics=metrics, link=link, narrative=settings.mapping.narrative)
+
+
+# --------------------------------------------------------------------------------------- commitment reports
+
+
+def attach_commitment_reports(
+    settings: Settings,
+    store: StateStore,
+    scp: CommitmentSCP,
+    *,
+    metrics: Metrics | None = None,
+    timekeeper: Timekeeper | None = None,
+) -> CommitmentReports:
+    """The Storage Commitment report sender of ``scp`` (``[listener.commitment]``), attached to it: its
+    reports go on the requester's association (the SCP's channel) or on a new association
+    (:class:`ingest.adapters.dimse_scu.DimseReportSCU`). Started with the listener."""
+    from ingest.adapters.dimse_scu import DimseReportSCU
+    from ingest.relay.reports import CommitmentReports
+
+    sender = CommitmentReports(
+        store, [scp, DimseReportSCU.from_settings(settings.listener)], settings.listener.commitment,
+        hold=scp.hold, owner=scp.owner, metrics=metrics, timekeeper=timekeeper,
+    )
+    scp.attach(sender)
+    return sender

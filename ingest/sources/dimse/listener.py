@@ -1009,7 +1009,7 @@ async def start_listener(
     admission = Admission(
         store, spool=spool, quarantine=quarantine, metrics=metrics, budget=budget,
         stable_age_s=settings.relay.stable_age_s, wake=intake.notify, clock=utcnow, label="dimse",
-        on_conflict=settings.intake.on_conflict,
+        on_conflict=settings.intake.on_conflict, senders=settings.listener.allowed_calling_aes,
     )
     listener = Listener(
         settings.listener, store, metrics, intake, admission=admission, spool=spool, quarantine=quarantine,
