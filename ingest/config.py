@@ -523,6 +523,17 @@ def _wado_rs_problem(url: str) -> str | None:
     return None
 
 
+class LinksSettings(_Section):
+    # ImagingStudy.basedOn <- the order (Accession Number, Request Attributes Sequence): "off", "logical"
+    # (by identifier) or "lookup" (ServiceRequest/<id> when the backend holds exactly one match)
+    based_on: Literal["off", "logical", "lookup"] = "logical"
+    # ImagingStudy.encounter <- Admission ID (0038,0010) + issuer: "off", "logical" or "lookup"
+    encounter: Literal["off", "logical", "lookup"] = "off"
+    # ImagingStudy.referrer: "display" (the Referring Physician's Name) or "lookup" (Practitioner/<id> by
+    # the Referring Physician Identification Sequence (0008,0096); names alone never decide)
+    referrer: Literal["display", "lookup"] = "display"
+
+
 class LogSettings(_Section):
     level: str = "INFO"
     format: Literal["text", "json"] = "text"
@@ -554,6 +565,7 @@ class Settings(BaseSettings):
     patient: PatientSettings = PatientSettings()
     endpoint: EndpointSettings = EndpointSettings()
     profile: ProfileSettings = ProfileSettings()
+    links: LinksSettings = LinksSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

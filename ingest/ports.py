@@ -478,6 +478,10 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentitySt
         """Bytes of instance data the state store holds (the disk budget counts them with the spool)."""
         ...
 
+    def requeue(self, study_uids: Sequence[str], now: datetime) -> int:
+        """Make pushed studies dirty and due at ``now`` (``ingest relink``); returns how many."""
+        ...
+
     def mark_due(self, study_uids: Iterable[str], due_at: datetime) -> None:
         """Bring the due time of dirty studies forward (end of a replay input, association released)."""
         ...

@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reject)
 
     p = sub.add_parser(
+        "relink", help="link pushed studies whose order, visit or referrer is still a logical reference"
+    )
+    p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                   help="only studies whose last instance arrived on or after that day (UTC)")
+    p.add_argument("--study", default=None, metavar="UID", help="only this study")
+    p.set_defaults(func=_cmd_relink)
+    p = sub.add_parser(
         "check-store", help="check the state store: SQLite integrity_check, PostgreSQL schema",
         description="Run SQLite's full PRAGMA integrity_check on the state database (or, for PostgreSQL, "
         "check that ingest's schema and tables are there) without changing it. Exit 0: sound; 1: the "
@@ -303,6 +310,12 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         return ExitCode.DEAD if still else ExitCode.OK
     finally:
         store.close()
+
+
+async def _cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.relink import run_relink
+
+    return await run_relink(settings, since=args.since, study=args.study)
 
 
 async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:

@@ -255,6 +255,8 @@ def mapping_options(
         narrative=settings.mapping.narrative,
         issuer_systems=dict(settings.profile.issuer_systems),
         mado_extensions=(profile or settings.profile.name) == "mado",
+        based_on=settings.links.based_on,
+        encounter=settings.links.encounter,
     )
 
 
@@ -274,6 +276,7 @@ async def wire_links(
     """
     from ingest.relay.build import StudyBuilder
     from ingest.relay.links import check_profile, prepare_links
+    from ingest.relay.orders import OrderLinks, chain_links
 
     check_profile(settings.profile, settings.endpoint, include_instances=settings.mapping.include_instances)
     if settings.profile.write_linked:  # the backend must hold Device / Organization / Provenance
@@ -293,10 +296,16 @@ async def wire_links(
     links = await prepare_links(
         settings.patient, settings.endpoint, sink, metrics=metrics, profile=settings.profile, sources=sources
     )
+    link: Link | None = links.link
+    orders = OrderLinks(sink, based_on=settings.links.based_on, encounter=settings.links.encounter,
+                        referrer=settings.links.referrer)
+    if orders.active:  # [links] lookups: basedOn / encounter / referrer made literal before the merge
+        orders.check()
+        link = chain_links(link, orders)
     return StudyBuilder(
         mapping_options(settings, endpoint_reference=links.endpoint_reference),
         all_rejected_status=settings.intake.all_rejected_status,
-    ), links.link
+    ), link
 
 
 def with_provenance(settings: Settings, sink: Sink, *, clock: Callable[[], datetime]) -> Sink:

@@ -189,6 +189,28 @@ PARAMETERS: Final[Mapping[str, Mapping[str, ParamKind]]] = {
         "agent": "reference",
         "recorded": "date",
     },
+    # what ImagingStudy.basedOn / encounter / referrer are linked to (docs/mapping.md "Order, visit,
+    # referrer"): found by identifier
+    "ServiceRequest": {
+        "_lastUpdated": "date",
+        "identifier": "token",
+        "status": "token",
+        "subject": "reference",
+        "patient": "reference",
+    },
+    "Encounter": {
+        "_lastUpdated": "date",
+        "identifier": "token",
+        "status": "token",
+        "subject": "reference",
+        "patient": "reference",
+    },
+    "Practitioner": {
+        "_lastUpdated": "date",
+        "identifier": "token",
+        "name": "string",
+        "active": "token",
+    },
 }
 
 
@@ -451,6 +473,28 @@ def _provenance_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex
     yield from _dates("recorded", res.get("recorded"))  # Provenance.recorded
 
 
+def _request_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex]:
+    # ServiceRequest / Encounter: identifier, status, subject (and patient, for a Patient subject)
+    yield from _identifiers("identifier", res.get("identifier"))
+    status = res.get("status")
+    if isinstance(status, str) and status:
+        yield TokenIndex("status", None, status)
+    subject = res.get("subject")
+    yield from _references("subject", [subject] if isinstance(subject, Mapping) else [])
+    if isinstance(subject, Mapping) and str(subject.get("reference") or "").startswith("Patient/"):
+        yield from _references("patient", [subject])
+
+
+def _practitioner_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex]:
+    yield from _identifiers("identifier", res.get("identifier"))  # Practitioner.identifier
+    names = (part for n in _dicts(res.get("name"))
+             for part in [n.get("family"), n.get("text"), *(n.get("given") or [])])
+    yield from _strings("name", names)
+    active = res.get("active")
+    if isinstance(active, bool):
+        yield TokenIndex("active", None, "true" if active else "false")
+
+
 _INDEXERS: Final[Mapping[str, Callable[[Mapping[str, Any]], Iterator[TokenIndex | DateIndex]]]] = {
     "ImagingStudy": _imaging_study_index,
     "Patient": _patient_index,
@@ -458,6 +502,9 @@ _INDEXERS: Final[Mapping[str, Callable[[Mapping[str, Any]], Iterator[TokenIndex 
     "Device": _device_index,
     "Organization": _organization_index,
     "Provenance": _provenance_index,
+    "ServiceRequest": _request_index,
+    "Encounter": _request_index,
+    "Practitioner": _practitioner_index,
 }
 
 

@@ -42,7 +42,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import TEXT_VR_DELIMS
 from pydicom.valuerep import PersonName as PydicomPersonName
 
-from ingest.core.records import Code, InstanceRecord, PersonName, SopReference
+from ingest.core.records import Code, InstanceRecord, OrderReference, PersonName, SopReference
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES, tag_of
 from ingest.errors import (
     HeaderError,
@@ -747,6 +747,8 @@ def _extract(
         pid_issuer = reader.opt_first_item("IssuerOfPatientIDQualifiersSequence") or {}
         # (0008,0051) Issuer of Accession Number > (0040,0031) / (0040,0032) / (0040,0033)
         acc_issuer = reader.opt_first_item("IssuerOfAccessionNumberSequence") or {}
+        # (0038,0014) Issuer of Admission ID > (0040,0031) / (0040,0032) / (0040,0033)
+        adm_issuer = reader.opt_first_item("IssuerOfAdmissionIDSequence") or {}
         # (0040,A043) Concept Name Code Sequence > (0008,0104) Code Meaning, for SR documents
         concept = reader.opt_first_item("ConceptNameCodeSequence") or {}
         # (0020,0060) Laterality, else (0020,0062) Image Laterality
@@ -796,6 +798,12 @@ def _extract(
             procedure_codes=codes("ProcedureCodeSequence"),
             reason_text=text("ReasonForTheRequestedProcedure", split=False),
             reason_codes=codes("ReasonForRequestedProcedureCodeSequence"),
+            admission_id=text("AdmissionID"),
+            admission_issuer_uid=adm_issuer.get("UniversalEntityID"),
+            admission_issuer_uid_type=adm_issuer.get("UniversalEntityIDType"),
+            admission_issuer_local=adm_issuer.get("LocalNamespaceEntityID"),
+            referrer_ids=_opt_person_ids(reader, "ReferringPhysicianIdentificationSequence"),
+            requests=_opt_requests(reader),
             modality=text("Modality"),
             series_number=integer("SeriesNumber"),
             series_description=text("SeriesDescription", split=False),
@@ -916,6 +924,56 @@ def _opt_evidence(reader: _Reader) -> tuple[SopReference, ...]:
             "CurrentRequestedProcedureEvidenceSequence (0040,A375): undecodable value dropped "
             f"({type(exc).__name__})"
         )
+        return ()
+
+
+#: At most this many Request Attributes items, and identification codes per person, are kept.
+_MAX_REQUEST_ITEMS: Final = 16
+
+
+def _opt_requests(reader: _Reader) -> tuple[OrderReference, ...]:
+    """(0040,0275) Request Attributes Sequence items as :class:`OrderReference` (those naming nothing
+    are left out, duplicates once); ``()`` with a warning when the sequence cannot be parsed."""
+    keyword = "RequestAttributesSequence"
+    try:
+        found: list[OrderReference] = []
+        for item in reader.items(keyword)[:_MAX_REQUEST_ITEMS]:
+            issuers = item.items("IssuerOfAccessionNumberSequence")
+            issuer = issuers[0] if issuers else None
+            ref = OrderReference(
+                accession_number=item.opt_text("AccessionNumber"),
+                accession_issuer_uid=issuer.opt_text("UniversalEntityID") if issuer else None,
+                accession_issuer_uid_type=issuer.opt_text("UniversalEntityIDType") if issuer else None,
+                accession_issuer_local=issuer.opt_text("LocalNamespaceEntityID") if issuer else None,
+                requested_procedure_id=item.opt_text("RequestedProcedureID"),
+                placer_order_number=item.opt_text("PlacerOrderNumberImagingServiceRequest"),
+                filler_order_number=item.opt_text("FillerOrderNumberImagingServiceRequest"),
+            )
+            named = (ref.accession_number, ref.requested_procedure_id, ref.placer_order_number,
+                     ref.filler_order_number)
+            if any(named) and ref not in found:
+                found.append(ref)
+        return tuple(found)
+    except RecursionError:
+        raise
+    except Exception as exc:
+        reader._dropped(keyword, exc)
+        return ()
+
+
+def _opt_person_ids(reader: _Reader, keyword: str) -> tuple[Code, ...]:
+    """The identifiers of the first person item of a Person Identification Macro sequence (PS3.3
+    10.1): its (0040,1101) Person Identification Code Sequence codes; ``()`` (with a warning when the
+    sequence cannot be parsed) otherwise."""
+    try:
+        people = reader.items(keyword)
+        if not people:
+            return ()
+        return people[0].codes("PersonIdentificationCodeSequence")[:_MAX_REQUEST_ITEMS]
+    except RecursionError:
+        raise
+    except Exception as exc:
+        reader._dropped(keyword, exc)
         return ()
 
 

@@ -93,7 +93,10 @@ RESOURCE_TYPE: Final = "ImagingStudy"
 SEARCH_COUNT: Final = 2  # two are enough to tell "one" from "several"
 # resources the linked-resource resolvers read and create (Device, Organization, Provenance: [profile]
 # write_linked, ingest.relay.links); a Provenance is searched by target, R4 gives it no identifier
-LINKED_TYPES: Final = ("Patient", "Endpoint", "Device", "Organization", "Provenance")
+LINKED_TYPES: Final = (
+    "Patient", "Endpoint", "Device", "Organization", "Provenance", "ServiceRequest", "Encounter",
+    "Practitioner",
+)
 _SEARCH_ARG: Final = {"Provenance": "target"}
 _PROBE: Final = parse("query IngestProbe { __typename }")
 #: Deeper reads of one resource before its read counts as incomplete (each goes DEEPER_BUDGET levels on).

@@ -629,6 +629,25 @@ class SQLStateStore(StateStore):
             (reason, error),
         )
 
+    def requeue(self, study_uids: Sequence[str], now: datetime) -> int:
+        """Make pushed studies dirty and due at ``now`` (``ingest relink``: their references are resolved
+        and written again when something changed); pending and dead ones are left as they are. The
+        generation grows, so a push under way sees the change. Returns how many were requeued."""
+        now_v = self._time(now)
+        count = 0
+        with self._write("requeue") as cur:
+            for uid in study_uids:
+                cur.execute(
+                    self._q(
+                        "UPDATE studies SET generation = generation + 1, dirty = true, due_at = ?, "
+                        "state = 'pending', attempts = 0, next_attempt_at = NULL "
+                        "WHERE study_uid = ? AND state = 'pushed'"
+                    ),
+                    (now_v, uid),
+                )
+                count += int(cur.rowcount)
+        return count
+
     def retry_dead(self, study_uid: str | None, now: datetime) -> int:
         """Move dead studies (one, or all with ``None``) back to pending and due now; returns how many."""
         now_v = self._time(now)
