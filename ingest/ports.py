@@ -478,6 +478,10 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentitySt
         """Bytes of instance data the state store holds (the disk budget counts them with the spool)."""
         ...
 
+    def retry_now(self, now: datetime) -> int:
+        """Pending studies waiting for a retry become due at ``now`` (the backend is back)."""
+        ...
+
     def requeue(self, study_uids: Sequence[str], now: datetime) -> int:
         """Make pushed studies dirty and due at ``now`` (``ingest relink``); returns how many."""
         ...

@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
-from ingest.config import Settings, load_settings
+from ingest.config import Settings, load_settings, parse_duration
 from ingest.errors import ConfigError, IngestError, RetryableSinkError
 from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe, printable, setup_logging
@@ -44,6 +44,15 @@ class _Version(argparse.Action):
 
         sys.stdout.write(f"ingest {__version__}\n")  # on stdout, as argparse's own version action
         parser.exit()
+
+
+def _duration_text(text: str) -> str:
+    """An argparse type: ``text`` when it is a duration (``30s``, ``5m``), else the argument error."""
+    try:
+        parse_duration(text, key="--wait-backend")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", "-j", type=int, default=os.cpu_count() or 1, help="header-parsing processes"
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--wait-backend", default="60s", metavar="DURATION", type=_duration_text,
+        help="how long to wait for a backend that does not answer (30s, 5m, 1h; default 60s); then the "
+             "studies not pushed stay pending for `ingest serve` or a later replay (exit 3)",
+    )
     p.add_argument("--study", action="append", default=[], metavar="UID", help="only this Study Instance UID")
     p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
                    help="only studies with a Study Date on or after this date")
@@ -247,11 +261,17 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         jobs=max(1, args.jobs),
         studies=frozenset(args.study),
         since=args.since,
+        wait_backend_s=parse_duration(args.wait_backend, key="--wait-backend").total_seconds(),
     )
     if args.bundle and not args.dry_run:
         print("ingest replay: --bundle needs --dry-run", file=sys.stderr)
         return int(ExitCode.FATAL)
     summary = await run_replay(settings, opts, stdout=sys.stdout, stderr=sys.stderr)
+    if summary.studies.get("pending"):
+        print(f"ingest replay: {summary.studies['pending']} stud"
+              f"{'y' if summary.studies['pending'] == 1 else 'ies'} left pending: the backend did not answer "
+              f"within --wait-backend {printable(args.wait_backend)}; they are kept in the state store, and "
+              "`ingest serve` or a later `ingest replay` pushes them", file=sys.stderr)
     if args.json:
         print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr if args.dry_run else sys.stdout)
     elif not args.dry_run or sys.stderr.isatty():

@@ -141,15 +141,16 @@ def token_configured(settings: Settings) -> bool:
     return bool((env and os.environ.get(env)) or settings.backend.token_file)
 
 
-async def connect_with_backoff(sink: Any, settings: Settings) -> None:
+async def connect_with_backoff(sink: Any, settings: Settings, *, forever: bool = False) -> None:
     """Connect the sink; a backend that is down at start is retried like a push (``[relay]`` backoff).
 
-    Returns at once when ``sink`` is connected already.
+    Returns at once when ``sink`` is connected already. With ``forever`` there is no attempt limit (the
+    caller bounds the wait, ``ingest replay --wait-backend``).
 
     Raises
     ------
     RetryableSinkError
-        Still unreachable after ``[relay] max_attempts`` attempts.
+        Still unreachable after ``[relay] max_attempts`` attempts (not with ``forever``).
     """
     from ingest.errors import RetryableSinkError
     from ingest.relay.relay import backoff_delay
@@ -162,12 +163,12 @@ async def connect_with_backoff(sink: Any, settings: Settings) -> None:
             return
         except RetryableSinkError as exc:
             attempt += 1
-            if attempt >= cfg.max_attempts:
+            if attempt >= cfg.max_attempts and not forever:
                 raise
             delay = backoff_delay(attempt, cfg.base_backoff_s, cfg.max_backoff_s)
             LOGGER.warning(
-                "backend unreachable at start (attempt %d of %d), next try in %.1f s: %s",
-                attempt, cfg.max_attempts, delay, exc,
+                "backend unreachable at start (attempt %d%s), next try in %.1f s: %s",
+                attempt, "" if forever else f" of {cfg.max_attempts}", delay, exc,
             )
             await asyncio.sleep(delay)
 

@@ -646,6 +646,13 @@ def map_errors(
 
 
 def describe(exc: BaseException) -> str:
+    """A connection failure in a sentence: ``cannot connect to host:port (connection refused)`` for
+    aiohttp's connector errors (whose own text names TLS settings even for an http URL), else the
+    exception's type and text."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and not _is_certificate_error(exc):
+        os_error = exc.os_error
+        why = (os_error.strerror or str(os_error)) if os_error is not None else ""
+        return f"cannot connect to {exc.host}:{exc.port} ({why.lower() or 'unreachable'})"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

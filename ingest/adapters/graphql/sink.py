@@ -294,6 +294,19 @@ class GraphQLSink:
 
     # -- the Sink protocol ---------------------------------------------------------------------------
 
+    async def probe(self) -> None:
+        """One cheap request (``{ __typename }``): does the backend answer now? The relay asks this while
+        pushes fail, to resume as soon as the backend is back.
+
+        Raises
+        ------
+        RetryableSinkError, PermanentSinkError
+            As any request.
+        """
+        from gql import gql as parse_document
+
+        await self._execute(GraphQLRequest(parse_document("{ __typename }")), what="backend probe")
+
     async def find(self, study_uid: str, backend_id: str | None) -> BackendStudy | None:
         """The backend copy of a study: read ``backend_id`` (search if it is gone), else search.
 

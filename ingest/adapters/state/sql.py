@@ -629,6 +629,20 @@ class SQLStateStore(StateStore):
             (reason, error),
         )
 
+    def retry_now(self, now: datetime) -> int:
+        """Pending studies waiting for a retry (``next_attempt_at`` later than ``now``) become due now: the
+        backend is back (the relay's probe answered). Returns how many."""
+        now_v = self._time(now)
+        with self._write("retry_now") as cur:
+            cur.execute(
+                self._q(
+                    "UPDATE studies SET next_attempt_at = ? WHERE state = 'pending' "
+                    "AND next_attempt_at IS NOT NULL AND next_attempt_at > ?"
+                ),
+                (now_v, now_v),
+            )
+            return int(cur.rowcount)
+
     def requeue(self, study_uids: Sequence[str], now: datetime) -> int:
         """Make pushed studies dirty and due at ``now`` (``ingest relink``: their references are resolved
         and written again when something changed); pending and dead ones are left as they are. The
