@@ -65,17 +65,33 @@ def _request(transaction_uid: str, items: Sequence[tuple[str, str]]) -> Dataset:
 
 
 class Reports:
-    """N-EVENT-REPORTs received by a test SCU: (event type, event information)."""
+    """N-EVENT-REPORTs received by a test SCU: (event type, event information).
+
+    :meth:`get` returns a report once the SCU has also *sent* its answer to it (``EVT_DIMSE_SENT``): the
+    handler runs before pynetdicom sends the N-EVENT-REPORT-RSP, and a test that releases the association
+    in between makes pynetdicom's own state machine fail (a P-DATA while awaiting the release answer).
+    """
 
     def __init__(self) -> None:
         self.received: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+        self._answered = threading.Semaphore(0)
 
     def handler(self, event: Any) -> tuple[int, None]:
         self.received.put((int(event.request.EventTypeID), event.event_information))
         return 0x0000, None
 
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """The pynetdicom event handlers to bind."""
+        return [(evt.EVT_N_EVENT_REPORT, self.handler), (evt.EVT_DIMSE_SENT, self.sent)]
+
+    def sent(self, event: Any) -> None:
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            self._answered.release()
+
     def get(self, timeout: float = 10) -> tuple[int, Dataset]:
-        return self.received.get(timeout=timeout)
+        report = self.received.get(timeout=timeout)
+        assert self._answered.acquire(timeout=timeout), "the N-EVENT-REPORT was never answered"
+        return report
 
 
 def _pairs(ds: Dataset, keyword: str) -> list[tuple[str, ...]]:
@@ -96,7 +112,7 @@ def _requester(
     if role:
         kwargs["ext_neg"] = [build_role(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)]
     if reports is not None:
-        kwargs["evt_handlers"] = [(evt.EVT_N_EVENT_REPORT, reports.handler)]
+        kwargs["evt_handlers"] = reports.handlers()
     return ae, kwargs
 
 
@@ -113,7 +129,7 @@ def report_scp(port: int, ae_title: str = "TESTSCU") -> Iterator[Reports]:
         scp_role=True,
     )
     server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)]
+        ("127.0.0.1", port), block=False, evt_handlers=reports.handlers()
     )
     try:
         yield reports
@@ -411,7 +427,7 @@ def test_report_over_tls_on_a_new_association(tmp_path: Path, request: pytest.Fi
         ("127.0.0.1", reply_port),
         block=False,
         ssl_context=server_ctx,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)],
+        evt_handlers=reports.handlers(),
     )
     uid = f"{SERIES}.8"
     try:
