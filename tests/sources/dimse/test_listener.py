@@ -238,7 +238,10 @@ def test_a_rejection_note_naming_more_instances_than_the_cap_is_refused_0xc007(
     path.write_bytes(iocm.large_note(study, f"{study}.2", count, sop=f"{study}.99"))
     within = tmp_path / "within.dcm"
     within.write_bytes(iocm.large_note(study, f"{study}.2", 5, sop=f"{study}.98"))
-    with running_listener(make_settings(tmp_path / "data", max_rejection_items=cap)) as run:
+    # the sender may send rejection notes (reject = true): only the cap refuses the note past it
+    allowed = [{"ae": "TESTSCU", "reject": True}]
+    with running_listener(make_settings(tmp_path / "data", max_rejection_items=cap,
+                                        allowed_calling_aes=allowed)) as run:
         rsp = send_raw(run.port, path, sop_class=iocm.KOS)
         assert rsp is not None
         assert rsp.Status == 0xC007 == STATUS_TABLE["too_many_references"].status
