@@ -96,6 +96,7 @@ _COMMITMENT_PAGES = 20
 _COMMITMENT_STATES = ("pending", "reported", "abandoned")
 _CHART_CACHE_S = 4.0  # bounds the instance scan to one per 4 s, whatever the number of viewers
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
+_CURRENT = ' aria-current="page"'
 _HIDDEN = "«hidden: [admin] show_patient = false»"
 
 Builder = Callable[[Sequence[InstanceRecord]], dict[str, Any]]
@@ -244,6 +245,16 @@ def _side_source(value: object) -> str:
     return _short(_source(str(value)))
 
 
+def _side_time(value: object) -> str:
+    """A side file's ``time`` (ISO 8601) as the page shows times; as written when it is not one."""
+    if not isinstance(value, str) or not value:
+        return "—"
+    try:
+        return _when(datetime.fromisoformat(value))
+    except ValueError:
+        return value
+
+
 def _yes_no(value: object) -> str:
     return "yes" if value is True else "no" if value is False else "—"
 
@@ -313,7 +324,8 @@ main{padding:8px 16px}
 table{border-collapse:collapse;width:100%;background:#fff;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#eef1f4}
-td.uid{font-family:monospace;font-size:12px;word-break:break-all}
+td.uid{font-family:monospace;font-size:12px;word-break:break-all;min-width:24ch}
+td.when{white-space:nowrap}td.state{max-width:40ch}
 .ok{color:#17692b}.bad{color:#a31515}.warn{color:#8a5a00}
 .dead{color:#a31515}.retrying{color:#8a5a00}.pending{color:#1f4e99}.pushed{color:#17692b}
 pre{background:#fff;border:1px solid #ddd;padding:8px;overflow:auto;max-height:600px}
@@ -321,6 +333,7 @@ svg{background:#fff;border:1px solid #ddd}
 .bar{fill:#6a9fd8}.line{fill:none;stroke:#c0392b;stroke-width:2}.axis{stroke:#999}
 nav a{margin-right:12px}
 nav.views{background:#2c4257;padding:4px 16px}nav.views a{color:#fff}
+nav.views a[aria-current]{font-weight:700;text-decoration:none}
 .note{color:#555;font-style:italic}
 form.search{display:flex;flex-wrap:wrap;gap:6px 10px;align-items:end;background:#fff;border:1px solid #ddd;
 padding:6px 8px;margin:8px 0}
@@ -929,7 +942,7 @@ class StatusPage:
         return {"fields": fields, "parts": parts}
 
     def _header(self, report: Mapping[str, Any], counts: Mapping[StudyState, int],
-                query: Mapping[str, str] | None = None) -> str:
+                query: Mapping[str, str] | None = None, current: str = "") -> str:
         summary = self._summary(report, counts)
         fields: dict[str, str] = summary["fields"]
         labels = {"relay-queue": "relay queue", "intake-depth": "intake depth", "free-disk": "free disk"}
@@ -947,7 +960,7 @@ class StatusPage:
         )
         q = query or {}
         views = "".join(
-            f'<a href="{e(self._link(q, path))}">{e(name)}</a>'
+            f'<a href="{e(self._link(q, path))}"{_CURRENT if path == current else ""}>{e(name)}</a>'
             for path, name in (("/", "studies"), ("/quarantine", "quarantine"),
                                ("/commitments", "storage commitment"))
         )
@@ -1055,10 +1068,10 @@ class StatusPage:
         pages = max(1, -(-len(matched) // PAGE_SIZE))
         _check_page(page, pages)
         shown = matched[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
-        note = f"Searched the newest {scanned} studies"
-        if flt.state or flt.seen_from or flt.seen_to:
-            note += " in the state and dates asked for"
-        note += "."
+        asked = [f"{name} {value}" for name, value in flt.params().items() if name != "q"]
+        note = f"Searched the newest {scanned} studies" + (f" ({'; '.join(asked)})" if asked else "") + "."
+        if flt.modality:
+            note += " Modality: the studies with a series of it (the column shows the ImagingStudy's)."
         if more:
             note += (f" The scan stops at the newest {_SCAN_MAX}: older studies were not searched (narrow "
                      "the dates, or search by Study Instance UID).")
@@ -1118,7 +1131,8 @@ class StatusPage:
                     out.append(
                         f'<tr data-study="{e(row.study_uid)}"><td class="uid"><a href="'
                         f'{e(self._link(query, "/study/" + row.study_uid))}">{e(row.study_uid)}</a></td>'
-                        f"<td>{e(_when(row.last_seen))}</td><td>{e(row.dead_reason or '')}</td>"
+                        f'<td class="when">{e(_when(row.last_seen))}</td>'
+                        f"<td>{e(row.dead_reason or '')}</td>"
                         f"<td>{e(row.last_error or '')}</td>"
                         f"<td>{self._csrf_form(query, row.study_uid)}</td></tr>"
                     )
@@ -1148,18 +1162,18 @@ class StatusPage:
             )
             out.append(
                 f'<tr data-study="{e(row.study_uid)}" data-state="{e(row.state.value)}">'
-                f"<td>{e(_when(row.last_seen or s.received))}</td><td>{e(s.sources.text())}</td>"
+                f'<td class="when">{e(_when(row.last_seen or s.received))}</td><td>{e(s.sources.text())}</td>'
                 f'<td class="uid"><a href="{e(self._link(query, "/study/" + row.study_uid))}">'
                 f"{e(row.study_uid)}</a></td><td>{e(s.accession)}</td>"
                 f"<td>{e(_study_modalities(s.modalities))}</td><td>{e(s.description)}</td>{patient_td}"
                 f"<td>{len(s.series)} / {row.instances}</td>"
-                f'<td class="{cls}">{e(state)}</td><td>{e(row.backend_id)}</td></tr>'
+                f'<td class="{cls} state">{e(_short(state, 160))}</td><td>{e(row.backend_id)}</td></tr>'
             )
         out.append("</table>")
         if not recent:
             out.append('<p class="note">no studies found</p>')
         out.append(self._pager(query, "/", page, pages, "newer", "older", flt.params()))
-        return self._document("ingest status", self._header(report, counts, query), "".join(out))
+        return self._document("ingest status", self._header(report, counts, query, "/"), "".join(out))
 
     def _pager(
         self, query: Mapping[str, str], path: str, page: int, pages: int, back: str, on: str,
@@ -1231,7 +1245,11 @@ class StatusPage:
             with self._studies_lock:
                 view = self._studies.get(uid)
             if view is None or view.key != key or time.monotonic() - view.loaded > _STUDY_CACHE_S:
-                records = self.store.instances(uid)
+                records = sorted(  # series, then instance number (none last), then SOP Instance UID
+                    self.store.instances(uid),
+                    key=lambda r: (r.series_number is None, r.series_number or 0, r.series_uid,
+                                   r.instance_number is None, r.instance_number or 0, r.sop_uid),
+                )
                 sources: dict[str, _Sources] = {}
                 for g in self.store.study_series([uid]):
                     sources.setdefault(g.series_uid, _Sources()).add(g)
@@ -1358,7 +1376,7 @@ class StatusPage:
             )
             for side in rejected[:_QUARANTINE_SHOWN]:
                 out.append(
-                    f"<tr><td>{e(side.get('time'))}</td><td>{e(side.get('reason'))}</td>"
+                    f"<tr><td>{e(_side_time(side.get('time')))}</td><td>{e(side.get('reason'))}</td>"
                     f"<td>{e(side.get('rule'))}</td><td>{e(side.get('detail'))}</td>"
                     f"<td>{e(_side_source(side.get('source')))}</td><td>{e(_yes_no(side.get('kept')))}</td></tr>"
                 )
@@ -1393,7 +1411,7 @@ class StatusPage:
         ]
         for side in sides:
             out.append(
-                f"<tr><td>{e(side.get('time') or '—')}</td><td>{e(side.get('reason') or '—')}</td>"
+                f"<tr><td>{e(_side_time(side.get('time')))}</td><td>{e(side.get('reason') or '—')}</td>"
                 f"<td>{e(side.get('rule') or '')}</td><td>{e(_side_source(side.get('source')))}</td>"
                 f"<td>{e(_yes_no(side.get('kept')))}</td><td>{e(side.get('detail') or '')}</td></tr>"
             )
@@ -1401,7 +1419,8 @@ class StatusPage:
         if not sides:
             out.append('<p class="note">none</p>')
         out.append(self._pager(query, "/quarantine", page, pages, "newer", "older"))
-        return self._document("ingest quarantine", self._header(report, counts, query), "".join(out))
+        header = self._header(report, counts, query, "/quarantine")
+        return self._document("ingest quarantine", header, "".join(out))
 
     async def commitments_page(self, request: web.Request) -> web.Response:
         query = dict(request.query)
@@ -1440,19 +1459,21 @@ class StatusPage:
             cls = {"reported": "pushed", "abandoned": "dead", "pending": "pending"}.get(c.state, "")
             out.append(
                 f'<tr data-transaction="{e(c.transaction_uid)}" data-state="{e(c.state)}">'
-                f"<td>{e(_when(c.received_at))}</td><td class=\"uid\">{e(c.transaction_uid)}</td>"
+                f'<td class="when">{e(_when(c.received_at))}</td>'
+                f'<td class="uid">{e(c.transaction_uid)}</td>'
                 f"<td>{e(c.calling_ae)}</td><td class=\"{cls}\">{e(c.state)}</td><td>{c.instances}</td>"
                 f"<td>{e('—' if c.committed is None else c.committed)}</td>"
                 f"<td>{e('—' if c.failed is None else c.failed)}</td><td>{c.attempts}</td>"
-                f"<td>{e(_when(c.next_attempt_at) if c.state == 'pending' else '—')}</td>"
-                f"<td>{e(_when(c.reported_at))}</td><td>{e(c.last_error or '')}</td></tr>"
+                f'<td class="when">{e(_when(c.next_attempt_at) if c.state == "pending" else "—")}</td>'
+                f'<td class="when">{e(_when(c.reported_at))}</td><td>{e(c.last_error or "")}</td></tr>'
             )
         out.append("</table>")
         if not rows:
             out.append('<p class="note">none</p>')
         extra = {"state": state} if state else {}
         out.append(self._pager(query, "/commitments", page, pages, "newer", "older", extra))
-        return self._document("ingest storage commitment", self._header(report, counts, query), "".join(out))
+        header = self._header(report, counts, query, "/commitments")
+        return self._document("ingest storage commitment", header, "".join(out))
 
     async def study_json(self, request: web.Request) -> web.Response:
         """``/study/<uid>/imagingstudy.json``: the ImagingStudy as the mapping builds it now (any size)."""

@@ -599,6 +599,7 @@ async def test_series_in_number_order_and_the_study_modality_as_the_imagingstudy
     table = text[text.index('id="series"'): text.index("</table>", text.index('id="series"'))]
     order = re.findall(r'<td class="uid">([0-9.]+)</td>', table)
     assert order == ["1.2.826.0.1.9.3", "1.2.826.0.1.9.2", "1.2.826.0.1.9.1", "1.2.826.0.1.9.0"]
+    assert re.findall(r'<tr data-sop="([0-9.]+)">', text) == [f"{uid}.1" for uid in order]  # instances too
     assert '<span id="study-modality">MR</span>' in text
     text = await (await client.get("/")).text()
     row = text[text.index(f'<tr data-study="{study}"'):]
