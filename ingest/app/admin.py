@@ -85,11 +85,12 @@ _PAGE_RE = re.compile(r"^[0-9]{1,9}$")
 _UID_WORD_RE = re.compile(r"[0-9][0-9.]*[0-9]")
 _CHART_MINUTES = 60
 #: A search that needs instance rows (accession, source, AE title, modality, patient) looks at the newest
-#: ``_SCAN_MAX`` studies (of the state and dates asked for), ``_SCAN_CHUNK`` at a time, and its result is
-#: reused ``_SCAN_CACHE_S`` for paging; this many results are kept.
+#: ``_SCAN_MAX`` studies (of the state and dates asked for), ``_SCAN_CHUNK`` at a time, no further once it
+#: took ``_SCAN_BUDGET_S``, and its result is reused ``_SCAN_CACHE_S`` for paging; this many are kept.
 _SCAN_MAX = 5000
 _SCAN_CHUNK = 250
 _SCAN_CACHE_S = 15.0
+_SCAN_BUDGET_S = 5.0
 _SCANS_KEPT = 8
 #: Storage Commitment requests: 50 a page, the newest 1,000 (``ingest status`` lists them all).
 _COMMITMENT_PAGES = 20
@@ -1028,20 +1029,24 @@ class StatusPage:
             if hit is not None and time.monotonic() - hit[0] < _SCAN_CACHE_S:
                 return hit[1]
         seen_from, seen_before = flt.window()
+        # one ordered read of the window's study rows; their instance rows a chunk at a time
+        rows = self.store.find_studies(_SCAN_MAX + 1, 0, state=flt.state, seen_from=seen_from,
+                                       seen_before=seen_before)
+        more = len(rows) > _SCAN_MAX
+        rows = rows[:_SCAN_MAX]
         matched: list[tuple[StudyRow, _Summary]] = []
-        scanned = 0
-        while scanned < _SCAN_MAX:
-            want = min(_SCAN_CHUNK, _SCAN_MAX - scanned)
-            rows = self.store.find_studies(want, scanned, state=flt.state, seen_from=seen_from,
-                                           seen_before=seen_before)
-            summaries = _summaries(self.store.study_series([r.study_uid for r in rows]))
-            matched += [(r, s) for r in rows if self._match(flt, s := summaries.get(r.study_uid, _Summary()))]
-            scanned += len(rows)
-            if len(rows) < want:
+        began = time.monotonic()
+        for start in range(0, len(rows), _SCAN_CHUNK):
+            if start and time.monotonic() - began > _SCAN_BUDGET_S:  # very large studies: stop, say so
+                rows, more = rows[:start], True
                 break
-        more = scanned >= _SCAN_MAX and bool(
-            self.store.find_studies(1, scanned, state=flt.state, seen_from=seen_from, seen_before=seen_before)
-        )
+            chunk = rows[start : start + _SCAN_CHUNK]
+            summaries = _summaries(self.store.study_series([r.study_uid for r in chunk]))
+            for r in chunk:
+                summary = summaries.get(r.study_uid, _Summary())
+                if self._match(flt, summary):
+                    matched.append((r, summary))
+        scanned = len(rows)
         result = (matched, scanned, more)
         with self._scans_lock:
             self._scans[flt] = (time.monotonic(), result)
@@ -1073,8 +1078,10 @@ class StatusPage:
         if flt.modality:
             note += " Modality: the studies with a series of it (the column shows the ImagingStudy's)."
         if more:
-            note += (f" The scan stops at the newest {_SCAN_MAX}: older studies were not searched (narrow "
-                     "the dates, or search by Study Instance UID).")
+            note += (
+                f" The scan stops at the newest {_SCAN_MAX} studies or after {_SCAN_BUDGET_S:.0f} s: older "
+                "studies were not searched (narrow the dates or the state, or search by Study Instance UID)."
+            )
         return [r for r, _ in shown], {r.study_uid: s for r, s in shown}, len(matched), pages, note
 
     def _search_form(self, query: Mapping[str, str], flt: _Filter) -> str:

@@ -514,7 +514,7 @@ async def test_uid_search_is_a_direct_lookup_and_the_scan_limit_is_said(
     assert listed(text) == [STUDY_A] and "Found by its Study Instance UID." in text
     text = await (await client.get("/", params={"q": "ACC-A"})).text()
     assert listed(text) == []
-    assert "The scan stops at the newest 2: older studies were not searched" in text
+    assert "The scan stops at the newest 2 studies or after 5 s: older studies were not searched" in text
 
 
 async def test_patient_search_only_with_show_patient(make_client: MakeClient) -> None:
@@ -798,3 +798,16 @@ def test_find_count_and_study_series_queries(store: StateStore) -> None:
         (study, f"{study}.1", "dimse:MOD", "dimse:MOD", 1),
         (study, f"{study}.1", "file:/in/b/IM0%_.dcm", "file:/in/b/IM4%_.dcm", 5),
     ]
+
+
+async def test_a_scan_that_takes_too_long_stops_and_says_so(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "_SCAN_CHUNK", 1)
+    monkeypatch.setattr(admin, "_SCAN_BUDGET_S", 0.0)  # past the budget after the first chunk
+    client, _ = await make_client()
+    text = await (await client.get("/", params={"source": "replay"})).text()
+    assert listed(text) == [STUDY_X] and "Searched the newest 1 studies (source replay)." in text
+    assert "older studies were not searched" in text
+    text = await (await client.get("/", params={"q": "ACC-A"})).text()
+    assert listed(text) == [] and "older studies were not searched" in text
