@@ -1,18 +1,21 @@
-"""The status page on the admin port: ``/`` (studies, dead letters, the last hour), ``/study/<uid>``
-(one page of its instances, its quarantine side files, its ImagingStudy), ``/study/<uid>/imagingstudy.json``.
+"""The status page on the admin port: ``/`` (studies with search and filters, dead letters, the last hour),
+``/study/<uid>`` (its series, one page of its instances, its quarantine side files, its ImagingStudy),
+``/study/<uid>/imagingstudy.json``, ``/quarantine`` (the side files, newest first), ``/commitments``
+(Storage Commitment requests and their reports), ``/summary.json`` (the header's numbers), and the POSTs
+``/retry`` and ``/retry-all``.
 
 Pages are built in the page's own small thread pool (:class:`StatusPage`), never on the event loop that
 ``ingest serve`` shares with the listener's hand-off and the relay; every list is paged or capped, and
 quarantine side files are found through :class:`QuarantineIndex`, which reads each side file once.
 
 Server-rendered HTML, every value through :func:`html.escape`; one small script (``/admin.js``, served
-here, no CDN) swaps the page's ``<main>`` every 5 s. ``/healthz`` and ``/metrics`` (``ingest.app.serve``)
-are not touched by anything here.
+here, no CDN) updates the header's numbers every 5 s from ``/summary.json``, in place (no reload).
+``/healthz`` and ``/metrics`` (``ingest.app.serve``) are not touched by anything here.
 
 Security (``README.md`` "Status page"):
 
-- Patient names, IDs and birth dates are shown only with ``[admin] show_patient = true``; the
-  ImagingStudy JSON on a study page has its ``subject`` replaced otherwise.
+- Patient names, IDs and birth dates are shown, and searched, only with ``[admin] show_patient = true``;
+  the ImagingStudy JSON on a study page has its ``subject`` replaced otherwise.
 - Every state-changing action is a POST that needs an ``Origin`` (or, without one, a ``Referer``) whose
   host equals the ``Host`` header, and this process's CSRF token from the form (``hmac.compare_digest``).
 - With ``[admin] token_env`` / ``token_file`` set, the page, its assets with data and its actions need
