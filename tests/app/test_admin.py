@@ -313,7 +313,8 @@ def test_recent_studies_counts_groups_and_minutes(store: StateStore) -> None:
 
 async def test_head_needs_the_token_too(make_client: MakeClient) -> None:
     client, _ = await make_client(token="s3cret")
-    for path in ("/", f"/study/{STUDY_A}", f"/study/{STUDY_A}/imagingstudy.json"):
+    for path in ("/", f"/study/{STUDY_A}", f"/study/{STUDY_A}/imagingstudy.json", "/quarantine",
+                 "/commitments", "/summary.json"):
         assert (await client.head(path)).status == 401, path
         assert (await client.head(path, headers={"Authorization": "Bearer s3cret"})).status == 200, path
         assert (await client.head(f"{path}?token=s3cret")).status == 200, path
@@ -332,11 +333,13 @@ async def test_other_methods_need_the_token_then_are_not_allowed(make_client: Ma
 async def test_foreign_host_is_refused_for_every_method(make_client: MakeClient) -> None:
     client, _ = await make_client()
     foreign = {"Host": "rebound.example:9100"}
-    for path in ("/", f"/study/{STUDY_A}"):
+    for path in ("/", f"/study/{STUDY_A}", "/quarantine", "/commitments", "/summary.json"):
         assert (await client.head(path, headers=foreign)).status == 403, path
         assert (await client.request("PUT", path, headers=foreign)).status == 403, path
         assert (await client.head(path, headers={"Host": "localhost:9100"})).status == 200, path
     resp = await client.post("/retry", data={"uid": STUDY_B}, headers={**foreign, "Origin": "http://rebound.example:9100"})
+    assert resp.status == 403
+    resp = await client.post("/retry-all", headers={**foreign, "Origin": "http://rebound.example:9100"})
     assert resp.status == 403
 
 
