@@ -353,3 +353,13 @@ def test_default_system_that_is_no_uri_or_has_spaces_is_refused(system: str) -> 
 def test_unknown_patient_mode_is_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"patient\.mode"):
         load_settings(patient={"mode": "guess", "default_system": SYSTEM})
+
+
+def test_calling_aes_may_reject_and_replace_only_when_said(tmp_path: Path) -> None:
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text('[listener]\n'
+                   'allowed_calling_aes = ["CT1", {ae = "PACS1", reject = true, replace = true}]\n')
+    entries = load_settings(cfg).listener.allowed_calling_aes
+    assert [(e.ae, e.reject, e.replace) for e in entries] == [("CT1", False, False), ("PACS1", True, True)]
+    with pytest.raises(ConfigError, match=r"allowed_calling_aes\.0\.reject"):
+        load_settings(listener={"allowed_calling_aes": [{"ae": "CT1", "reject": "sometimes"}]})

@@ -263,7 +263,8 @@ def _dry_run(
         return json.dumps(study, ensure_ascii=False, indent=2 if opts.pretty else None)
 
     # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
-    results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True)
+    results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True,
+                          max_rejection_items=settings.listener.max_rejection_items)
     with _Progress(stderr, summary) as progress:
         for result in results:
             summary.files += 1
@@ -402,7 +403,9 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
             if opts.since is None:  # --since needs each file's Study Date: every file is read then
                 items = _skip_known(items, store, opts, summary, known)
             with _Progress(stderr, summary) as progress:
-                for n, result in enumerate(parse_items(items, jobs=opts.jobs)):
+                for n, result in enumerate(parse_items(
+                    items, jobs=opts.jobs, max_rejection_items=settings.listener.max_rejection_items
+                )):
                     if not n:
                         loop.call_soon_threadsafe(reading.set)
                     summary.files += 1

@@ -30,16 +30,20 @@ from ingest.ports import Sink, StateStore
 
 if TYPE_CHECKING:  # gql, aiohttp, the mapping and the relay are imported by the functions that need them
     from ingest.adapters.graphql.sink import GraphQLSink
+    from ingest.clock import Timekeeper
     from ingest.core.mapping import MappingOptions
     from ingest.metrics import Metrics
     from ingest.relay.links import LinkedBackend
     from ingest.relay.relay import Build, Link, Relay
+    from ingest.relay.reports import CommitmentReports
+    from ingest.sources.dimse.commitment import CommitmentSCP
 
     class LinkedSink(Sink, LinkedBackend, Protocol):
         """A sink that can also find and create Patient and Endpoint resources (the GraphQL sink)."""
 
 
 __all__ = [
+    "attach_commitment_reports",
     "connect_with_backoff",
     "embedded_backend",
     "mapping_options",
@@ -251,6 +255,8 @@ def mapping_options(
         narrative=settings.mapping.narrative,
         issuer_systems=dict(settings.profile.issuer_systems),
         mado_extensions=(profile or settings.profile.name) == "mado",
+        based_on=settings.links.based_on,
+        encounter=settings.links.encounter,
     )
 
 
@@ -270,6 +276,7 @@ async def wire_links(
     """
     from ingest.relay.build import StudyBuilder
     from ingest.relay.links import check_profile, prepare_links
+    from ingest.relay.orders import OrderLinks, chain_links
 
     check_profile(settings.profile, settings.endpoint, include_instances=settings.mapping.include_instances)
     if settings.profile.write_linked:  # the backend must hold Device / Organization / Provenance
@@ -289,10 +296,16 @@ async def wire_links(
     links = await prepare_links(
         settings.patient, settings.endpoint, sink, metrics=metrics, profile=settings.profile, sources=sources
     )
+    link: Link | None = links.link
+    orders = OrderLinks(sink, based_on=settings.links.based_on, encounter=settings.links.encounter,
+                        referrer=settings.links.referrer)
+    if orders.active:  # [links] lookups: basedOn / encounter / referrer made literal before the merge
+        orders.check()
+        link = chain_links(link, orders)
     return StudyBuilder(
         mapping_options(settings, endpoint_reference=links.endpoint_reference),
         all_rejected_status=settings.intake.all_rejected_status,
-    ), links.link
+    ), link
 
 
 def with_provenance(settings: Settings, sink: Sink, *, clock: Callable[[], datetime]) -> Sink:
@@ -352,3 +365,28 @@ async def wired_relay(
     relay_sink = with_provenance(settings, sink, clock=clock or utcnow)
     return Relay(store, relay_sink, build, settings.relay, node=settings.state.node_id, clock=clock or utcnow,
                  metrics=metrics, link=link, narrative=settings.mapping.narrative)
+
+
+# --------------------------------------------------------------------------------------- commitment reports
+
+
+def attach_commitment_reports(
+    settings: Settings,
+    store: StateStore,
+    scp: CommitmentSCP,
+    *,
+    metrics: Metrics | None = None,
+    timekeeper: Timekeeper | None = None,
+) -> CommitmentReports:
+    """The Storage Commitment report sender of ``scp`` (``[listener.commitment]``), attached to it: its
+    reports go on the requester's association (the SCP's channel) or on a new association
+    (:class:`ingest.adapters.dimse_scu.DimseReportSCU`). Started with the listener."""
+    from ingest.adapters.dimse_scu import DimseReportSCU
+    from ingest.relay.reports import CommitmentReports
+
+    sender = CommitmentReports(
+        store, [scp, DimseReportSCU.from_settings(settings.listener)], settings.listener.commitment,
+        hold=scp.hold, owner=scp.owner, metrics=metrics, timekeeper=timekeeper,
+    )
+    scp.attach(sender)
+    return sender

@@ -43,7 +43,10 @@ from ingest.core.terminology import (
     ACCESSION_ID_CONCEPT,
     ACCESSION_NUMBER_CONCEPT,
     DCM_SYSTEM,
+    FILLER_ORDER_CONCEPT,
+    PLACER_ORDER_CONCEPT,
     STUDY_INSTANCE_UID_CONCEPT,
+    VISIT_NUMBER_CONCEPT,
     Concept,
     body_part_concept,
     coding_system,
@@ -115,6 +118,10 @@ class MappingOptions:
     mado_extensions:
         Write the IHE MADO instance extensions (``MadoNumberOfFrames``, ``MadoKeyObjectDocumentTitle``):
         only under ``[profile] name = "mado"``, the profile that defines them.
+    based_on, encounter:
+        ``[links] based_on`` / ``encounter``: ``"off"`` (not written), ``"logical"`` or ``"lookup"``
+        (written as logical references by identifier; the relay's link step makes them literal when the
+        backend holds exactly one match, ``ingest.relay.links``).
     """
 
     site_timezone: str | None = None
@@ -126,6 +133,8 @@ class MappingOptions:
     narrative: bool = True
     issuer_systems: Mapping[str, str] = field(default_factory=dict)
     mado_extensions: bool = False
+    based_on: str = "logical"
+    encounter: str = "off"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,6 +360,87 @@ def _identifiers(agg: StudyAggregate, options: MappingOptions, warnings: _Warnin
         if study_id is not None:
             identifiers.append(Identifier(use="secondary", value=study_id))
     return identifiers
+
+
+def _typed_identifier(concept: Concept, value: str, system: str | None) -> Identifier:
+    codings = [_concept_coding(concept)]
+    if concept == ACCESSION_ID_CONCEPT:  # as ImagingStudy.identifier carries it (the MADO accession)
+        codings.append(_concept_coding(ACCESSION_NUMBER_CONCEPT))
+    return Identifier(type=CodeableConcept(coding=codings), system=system, value=value)
+
+
+def _accession_system(
+    uid: str | None, kind: str | None, local: str | None, options: MappingOptions
+) -> str | None:
+    system = issuer_system(uid, kind, local)
+    local_name = _text(local)
+    if system is None and local_name is not None:
+        system = _text(options.issuer_systems.get(local_name))
+    return system
+
+
+def _based_on(agg: StudyAggregate, options: MappingOptions) -> list[Reference]:
+    """ImagingStudy.basedOn: logical ServiceRequest references by the order's identifiers
+    <- Accession Number (0008,0050) + Issuer (0008,0051), and each Request Attributes Sequence (0040,0275)
+    item's Accession Number, Placer (0040,2016) / Filler (0040,2017) Order Number and Requested
+    Procedure ID (0040,1001); each identifier once."""
+    if options.based_on == "off":
+        return []
+    found: list[Identifier] = []
+
+    def add(identifier: Identifier) -> None:
+        if identifier not in found:
+            found.append(identifier)
+
+    for r in agg.instances:
+        acc = _text(r.accession_number)
+        if acc is not None:
+            system = _accession_system(r.accession_issuer_uid, r.accession_issuer_uid_type,
+                                       r.accession_issuer_local, options)
+            add(_typed_identifier(ACCESSION_ID_CONCEPT, acc, system))
+        for req in r.requests:
+            acc = _text(req.accession_number)
+            if acc is not None:
+                system = _accession_system(req.accession_issuer_uid, req.accession_issuer_uid_type,
+                                           req.accession_issuer_local, options)
+                add(_typed_identifier(ACCESSION_ID_CONCEPT, acc, system))
+            if (placer := _text(req.placer_order_number)) is not None:
+                add(_typed_identifier(PLACER_ORDER_CONCEPT, placer, None))
+            if (filler := _text(req.filler_order_number)) is not None:
+                add(_typed_identifier(FILLER_ORDER_CONCEPT, filler, None))
+            if (procedure := _text(req.requested_procedure_id)) is not None:
+                add(Identifier(type=CodeableConcept(text="Requested Procedure ID"), value=procedure))
+    # one logical reference per identifier, accession first; the same accession without and with a
+    # system is one order: the one with a system is kept
+    with_system = {i.value for i in found if i.system}
+    kept = [i for i in found if i.system or i.value not in with_system or not _is_acsn(i)]
+    return [Reference(type="ServiceRequest", identifier=i) for i in kept]
+
+
+def _is_acsn(identifier: Identifier) -> bool:
+    codings = identifier.type.coding if identifier.type is not None else ()
+    return any(c.code == "ACSN" for c in codings)
+
+
+def _encounter(agg: StudyAggregate, options: MappingOptions, warnings: _Warnings) -> Reference | None:
+    """ImagingStudy.encounter: a logical Encounter reference <- Admission ID (0038,0010) + Issuer of
+    Admission ID Sequence (0038,0014), typed v2-0203 VN."""
+    if options.encounter == "off":
+        return None
+
+    def admission(r: InstanceRecord) -> tuple[str, str | None, str | None, str | None] | None:
+        value = _text(r.admission_id)
+        if value is None:
+            return None
+        return (value, r.admission_issuer_uid, r.admission_issuer_uid_type, r.admission_issuer_local)
+
+    warnings.disagree(agg.instances, admission, "AdmissionID (0038,0010)")
+    picked = agg.value(admission)
+    if picked is None:
+        return None
+    value, uid, kind, local = picked
+    system = _accession_system(uid, kind, local, options)
+    return Reference(type="Encounter", identifier=_typed_identifier(VISIT_NUMBER_CONCEPT, value, system))
 
 
 def _subject(agg: StudyAggregate, options: MappingOptions, warnings: _Warnings) -> Reference:
@@ -614,6 +704,8 @@ def build_imaging_study(agg: StudyAggregate, settings: MappingOptions) -> tuple[
         subject=subject,
         started=started,
         referrer=Reference(display=referrer) if referrer else None,  # <- (0008,0090)
+        based_on=_based_on(agg, settings),  # <- (0008,0050), (0040,0275)
+        encounter=_encounter(agg, settings, warnings),  # <- (0038,0010) + (0038,0014)
         interpreter=[Reference(display=d) for d in interpreters],  # <- (0008,1060), one per value
         endpoint=[Reference(reference=settings.endpoint_reference)] if settings.endpoint_reference else [],
         number_of_series=agg.number_of_series,  # computed, never (0020,1206)

@@ -230,6 +230,59 @@ def _owned_element(
     return yours
 
 
+def _target(reference: Any) -> tuple[Any, ...] | None:
+    """What a logical reference names: (type, identifier type codes, system, value); ``None`` for a
+    reference without an identifier."""
+    if not isinstance(reference, Mapping) or not isinstance(reference.get("identifier"), Mapping):
+        return None
+    ident = reference["identifier"]
+    codings = ident.get("type", {}).get("coding", []) if isinstance(ident.get("type"), Mapping) else []
+    codes = tuple(sorted(str(c.get("code")) for c in codings if isinstance(c, Mapping)))
+    return (reference.get("type"), codes, ident.get("system"), ident.get("value"))
+
+
+def _merge_references(our: Any, their: Any, was: Any) -> list[Any] | None:
+    """``basedOn`` (docs/mapping.md "Order, visit, referrer"): ours, plus another writer's references.
+
+    A reference of theirs that ``ingest`` wrote before, or that names the same target (type and
+    identifier) as one of ours, is ours: replaced by today's (a logical one by its literal one once
+    resolved). Only when theirs is literal and ours for that target is still logical is theirs kept
+    instead (someone linked it; never downgraded). Everything else of theirs stays.
+    """
+    mine = list(our) if isinstance(our, list) else []
+    yours = list(their) if isinstance(their, list) else []
+    before = list(was) if isinstance(was, list) else []
+    targets = {_target(r): i for i, r in enumerate(mine) if _target(r) is not None}
+    result = list(mine)
+    for item in yours:
+        if any(_same(item, b) for b in before):
+            continue  # ours from the last write
+        target = _target(item)
+        if target is not None and target in targets:
+            index = targets[target]
+            if isinstance(item, Mapping) and item.get("reference") and not result[index].get("reference"):
+                result[index] = item
+            continue
+        if not any(_same(item, r) for r in result):
+            result.append(item)
+    return result or None
+
+
+def _merge_reference(our: Any, their: Any, was: Any) -> Any:
+    """``encounter`` (a single reference): ours replaces theirs when theirs is what ``ingest`` wrote
+    before or names the same target (unless theirs is literal and ours still logical); any other
+    reference of theirs is another writer's and stays. Without ours, theirs unless it was ours."""
+    if their is None:
+        return our
+    if our is None:
+        return None if _same(their, was) else their
+    if _same(their, was):
+        return our
+    if _target(their) is not None and _target(their) == _target(our):
+        return their if their.get("reference") and not our.get("reference") else our
+    return their
+
+
 def _merge_element(
     our: Mapping[str, Any], their: Mapping[str, Any], before: Mapping[str, Any], skip: Iterable[str]
 ) -> dict[str, Any]:
@@ -457,6 +510,17 @@ def merge(
         value = _owned_element(key, our, their, was)
         if value is not None:
             result[key] = value
+
+    # ImagingStudy.basedOn / encounter: ours, another writer's references kept (docs/mapping.md "Order,
+    # visit, referrer")
+    based_on = _merge_references(our.get("basedOn"), their.get("basedOn"), was.get("basedOn"))
+    result.pop("basedOn", None)
+    if based_on:
+        result["basedOn"] = based_on
+    encounter = _merge_reference(our.get("encounter"), their.get("encounter"), was.get("encounter"))
+    result.pop("encounter", None)
+    if encounter is not None:
+        result["encounter"] = encounter
 
     # ImagingStudy.endpoint: configured on our side (plus another writer's Endpoints), or kept as it is
     if "endpoint" in our:

@@ -59,6 +59,10 @@ STUDY_INSTANCE_UID_CONCEPT: Final = Concept(DCM_SYSTEM, "110180", "Study Instanc
 #: Accession Number identifier profile requires in ``Identifier.type``.
 ACCESSION_ID_CONCEPT: Final = Concept(V2_0203_SYSTEM, "ACSN", "Accession ID")
 ACCESSION_NUMBER_CONCEPT: Final = Concept(DCM_SYSTEM, "121022", "Accession Number")
+#: v2-0203 identifier types of the order and visit references (docs/mapping.md "Order, visit, referrer")
+PLACER_ORDER_CONCEPT: Final = Concept(V2_0203_SYSTEM, "PLAC", "Placer Identifier")
+FILLER_ORDER_CONCEPT: Final = Concept(V2_0203_SYSTEM, "FILL", "Filler Identifier")
+VISIT_NUMBER_CONCEPT: Final = Concept(V2_0203_SYSTEM, "VN", "Visit number")
 
 
 # DICOM PS3.16 CID 29 Acquisition Modality (DCM codes, code meaning as in the standard).

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from ingest.clock import STEP_SLACK_S
 from ingest.config import RelaySettings
 from ingest.core.merge import Create, NoChange, Refuse, Update, Written, digest, plan
 from ingest.core.records import InstanceRecord
 from ingest.errors import (
+    BackendStorageError,
     ConfigError,
     ForeignContentError,
     IngestError,
@@ -89,7 +91,8 @@ def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
     attempt:
         How many attempts have failed so far (1 for the first failure).
     base_s, max_s:
-        ``[relay] base_backoff_s`` and ``max_backoff_s``.
+        ``[relay] base_backoff_s`` and ``max_backoff_s`` (``[listener.commitment] retry_base_s`` and
+        ``retry_max_s`` for Storage Commitment reports).
 
     Returns
     -------
@@ -327,6 +330,9 @@ class Relay:
         self.backend = BackendHealth()
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._wake = asyncio.Event()
+        # studies this relay is pushing: a claim of one again (its lease looked stale after the clock
+        # was set back, before its next renewal) is dropped, the push under way goes on
+        self._pushing: set[str] = set()
 
     def use_links(self, build: Build, link: Link | None) -> None:
         """Replace ``build`` and ``link`` once the backend is known (``ingest serve`` builds the relay
@@ -365,16 +371,27 @@ class Relay:
         """Claim up to ``limit`` due studies (none while the state store is unavailable), and when."""
         now = self.clock()
         try:
-            claims = await asyncio.to_thread(self.store.claim_due, now, limit, self.node, self.cfg.lease_s)
+            claims = await asyncio.to_thread(
+                self.store.claim_due, now, limit, self.node, self.cfg.lease_s,
+                stale_after=self.stale_after(now),
+            )
         except StoreUnavailableError as exc:
             LOGGER.warning("state store unavailable, relay waits: %s", exc)
             return [], now
-        return claims, now
+        return [c for c in claims if c.study_uid not in self._pushing], now
+
+    def stale_after(self, now: datetime) -> datetime:
+        """A due time or next attempt later than this was written before the clock was stepped back, so
+        it counts as due (docs/reliability.md "Clock steps"): intake makes a study due ``stable_age_s``
+        (or ``release_grace_s``) ahead and a retry waits at most ``max_backoff_s``, plus the step slack."""
+        horizon = max(self.cfg.stable_age_s, self.cfg.release_grace_s, self.cfg.max_backoff_s) + STEP_SLACK_S
+        return now + timedelta(seconds=horizon)
 
     async def _push_guarded(self, claim: StudyClaim, claimed_at: datetime) -> None:
         # renewal starts at once: a claim waiting for a free slot must not expire meanwhile
         lease = LeaseKeeper(self.store, claim, self.cfg.lease_s, self.clock, claimed_at)
         lease.start()
+        self._pushing.add(claim.study_uid)
         try:
             async with self._sem:
                 try:
@@ -395,6 +412,7 @@ class Relay:
                                 claim.study_uid, exc,
                             )
         finally:
+            self._pushing.discard(claim.study_uid)
             await lease.stop()
 
     def _lease_lost(self, lease: LeaseKeeper, what: str) -> bool:
@@ -503,7 +521,7 @@ class Relay:
         except RetryableSinkError as exc:
             self.backend.push_failed(short_reason(exc))
             attempts = claim.attempts + 1
-            if attempts >= self.cfg.max_attempts:
+            if attempts >= self.cfg.max_attempts and not isinstance(exc, BackendStorageError):
                 return await self._dead(claim, "retries_exhausted", exc, lease)
             if self._lease_lost(lease, "the retry"):
                 return "lease_lost"

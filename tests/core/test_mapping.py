@@ -599,3 +599,47 @@ def test_control_characters_are_dropped_from_codes_and_people() -> None:
     assert resource["series"][0]["performer"][0]["actor"] == {"display": "Paula Perf"}
     assert resource["interpreter"] == [{"display": "$B"}]
     assert resource["reasonCode"] == [{"text": "31m"}]
+
+
+# ------------------------------------------------------- basedOn and encounter (docs/mapping.md)
+
+V2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+
+def test_based_on_names_each_order_identifier_once_logically() -> None:
+    from ingest.core.records import OrderReference
+
+    request = OrderReference(accession_number="ACC-1", placer_order_number="PL-1",
+                             filler_order_number="FI-1", requested_procedure_id="RP-1")
+    records = [rec("1", "1", accession_number="ACC-1", accession_issuer_uid="1.2.3",
+                   accession_issuer_uid_type="ISO", requests=(request,)),
+               rec("1", "2", accession_number="ACC-1", accession_issuer_uid="1.2.3",
+                   accession_issuer_uid_type="ISO", requests=(request,))]
+    resource, _ = build(records)
+    acsn = {"coding": [{"system": V2, "code": "ACSN", "display": "Accession ID"},
+                       {"system": DCM, "code": "121022", "display": "Accession Number"}]}
+    assert resource["basedOn"] == [
+        # the accession with its issuer; the same accession without one (in the request item) is that order
+        {"type": "ServiceRequest",
+         "identifier": {"type": acsn, "system": "urn:oid:1.2.3", "value": "ACC-1"}},
+        {"type": "ServiceRequest", "identifier": {
+            "type": {"coding": [{"system": V2, "code": "PLAC", "display": "Placer Identifier"}]},
+            "value": "PL-1"}},
+        {"type": "ServiceRequest", "identifier": {
+            "type": {"coding": [{"system": V2, "code": "FILL", "display": "Filler Identifier"}]},
+            "value": "FI-1"}},
+        {"type": "ServiceRequest",
+         "identifier": {"type": {"text": "Requested Procedure ID"}, "value": "RP-1"}},
+    ]
+    assert "basedOn" not in build(records, based_on="off")[0]
+
+
+def test_encounter_from_the_admission_id_only_when_asked() -> None:
+    records = [rec("1", "1", admission_id="V-9", admission_issuer_uid="1.2.3.4",
+                   admission_issuer_uid_type="ISO")]
+    assert "encounter" not in build(records)[0]  # [links] encounter defaults to "off"
+    resource, _ = build(records, encounter="logical")
+    assert resource["encounter"] == {"type": "Encounter", "identifier": {
+        "type": {"coding": [{"system": V2, "code": "VN", "display": "Visit number"}]},
+        "system": "urn:oid:1.2.3.4", "value": "V-9"}}
+    assert "encounter" not in build([rec("1", "1")], encounter="logical")[0]

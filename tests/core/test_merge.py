@@ -497,3 +497,44 @@ def test_with_a_record_an_item_added_to_a_list_ingest_never_wrote_stays() -> Non
     now = ours({"1": [1]}, interpreter=[{"display": "Dr Ours"}])
     merged = check(merge(now, theirs, before=Written(ours=before, subject=before["subject"])))
     assert merged["interpreter"] == [{"display": "Dr Ours"}, {"display": "Dr Other"}]
+
+
+# ----------------------------------------------------------- basedOn / encounter (references)
+
+def _logical(value: str) -> dict[str, Any]:
+    return {"type": "ServiceRequest", "identifier": {"type": {"coding": [{"code": "ACSN"}]}, "value": value}}
+
+
+def test_our_logical_order_becomes_literal_and_another_writers_order_stays() -> None:
+    from ingest.core.merge import Written
+
+    before = ours({"1": [1]}, basedOn=[_logical("A-1")])
+    theirs = stored({**before, "basedOn": [_logical("A-1"), {"reference": "ServiceRequest/foreign"}]})
+    now = ours({"1": [1]}, basedOn=[{**_logical("A-1"), "reference": "ServiceRequest/sr-1"}])
+    merged = merge(now, theirs, before=Written(ours=before, subject=before.get("subject")))
+    assert merged["basedOn"] == [{**_logical("A-1"), "reference": "ServiceRequest/sr-1"},
+                                 {"reference": "ServiceRequest/foreign"}]
+    # without a record: our earlier logical reference names the same order as today's literal one
+    merged = merge(now, theirs)
+    assert merged["basedOn"] == [{**_logical("A-1"), "reference": "ServiceRequest/sr-1"},
+                                 {"reference": "ServiceRequest/foreign"}]
+
+
+def test_a_literal_order_someone_linked_is_never_downgraded_to_our_logical_one() -> None:
+    theirs = stored(ours({"1": [1]}, basedOn=[{**_logical("A-1"), "reference": "ServiceRequest/x"}]))
+    merged = merge(ours({"1": [1]}, basedOn=[_logical("A-1")]), theirs)
+    assert merged["basedOn"] == [{**_logical("A-1"), "reference": "ServiceRequest/x"}]
+
+
+def test_another_writers_encounter_is_kept_ours_replaces_our_own() -> None:
+    from ingest.core.merge import Written
+
+    ours_visit = {"type": "Encounter", "identifier": {"value": "V-1"}}
+    theirs = stored(ours({"1": [1]}, encounter={"reference": "Encounter/other"}))
+    assert merge(ours({"1": [1]}, encounter=ours_visit), theirs)["encounter"] == {
+        "reference": "Encounter/other"}
+    before = ours({"1": [1]}, encounter=ours_visit)
+    linked = {**ours_visit, "reference": "Encounter/e-1"}
+    merged = merge(ours({"1": [1]}, encounter=linked), stored(before),
+                   before=Written(ours=before, subject=before.get("subject")))
+    assert merged["encounter"] == linked

@@ -11,7 +11,7 @@ from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.errors import ConfigError
 from ingest.ports import StateStore
 
-__all__ = ["open_state_store"]
+__all__ = ["open_state_store", "sqlite_path"]
 
 
 def open_state_store(url: str | None, data_dir: Path, *, node: str | None = None) -> StateStore:
@@ -34,13 +34,22 @@ def open_state_store(url: str | None, data_dir: Path, *, node: str | None = None
     StoreError, StoreUnavailableError
         When the store cannot be opened.
     """
-    if url is None or url == "":
-        return SQLiteStateStore(data_dir / "state.sqlite3", node=node)
-    if url.startswith("sqlite:///"):
-        return SQLiteStateStore(Path(url.removeprefix("sqlite:///")), node=node)
+    path = sqlite_path(url, data_dir)
+    if path is not None or url is None:
+        return SQLiteStateStore(path or data_dir / "state.sqlite3", node=node)
     if url.startswith(("postgresql://", "postgres://")):
         from ingest.adapters.state.postgres import PostgresStateStore
 
         return PostgresStateStore(url, node=node)
     scheme = url.split(":", 1)[0]
     raise ConfigError(f"[state] url: unsupported scheme {scheme!r} (use postgresql://... or leave unset)")
+
+
+def sqlite_path(url: str | None, data_dir: Path) -> Path | None:
+    """The SQLite database file ``[state] url`` names (``data_dir/state.sqlite3`` when unset), or ``None``
+    when the store is not SQLite."""
+    if url is None or url == "":
+        return data_dir / "state.sqlite3"
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import socket
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -432,3 +433,39 @@ def test_report_over_tls_on_a_new_association(tmp_path: Path, request: pytest.Fi
             assert event_type == 1 and _pairs(info, "ReferencedSOPSequence") == [(CT_IMAGE, uid)]
     finally:
         server.shutdown()
+
+
+def test_a_report_the_requester_does_not_answer_on_its_association_ends_at_report_timeout_s(
+    tmp_path: Path,
+) -> None:
+    from ingest.config import CommitmentSettings
+
+    answer = threading.Event()
+
+    def stalled(event: Any) -> tuple[int, None]:
+        answer.wait(20)  # the requester's reactor stalls: no N-EVENT-REPORT response
+        return 0x0000, None
+
+    settings = make_settings(
+        tmp_path, dimse_timeout_s=30,
+        commitment=CommitmentSettings(report_timeout_s=1, retry_base_s=600, retry_max_s=600),
+    )
+    with running_listener(settings) as run:
+        ae, kwargs = _requester(role=True)
+        kwargs["evt_handlers"] = [(evt.EVT_N_EVENT_REPORT, stalled)]
+        assoc = ae.associate("127.0.0.1", run.port, **kwargs)
+        assert assoc.is_established
+        try:
+            status, _ = assoc.send_n_action(
+                _request("1.2.3.9.120", [(CT_IMAGE, "1.2.3.9.121")]), 1,
+                STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE,
+            )
+            assert status.Status == 0x0000
+            # not the 30 s DIMSE timeout: report_timeout_s, then a retry with backoff
+            _until(lambda: run.store.commitments()[0].attempts == 1, 8, "the attempt timed out")
+            [row] = run.store.commitments()
+            assert row.state == "pending" and row.next_attempt_at is not None
+            assert row.last_error is not None and "no answer" in row.last_error
+        finally:
+            answer.set()
+            assoc.abort()
