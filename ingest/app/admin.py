@@ -1386,7 +1386,8 @@ class StatusPage:
             )
             for side in rejected[:_QUARANTINE_SHOWN]:
                 out.append(
-                    f"<tr><td>{e(_side_time(side.get('time')))}</td><td>{e(side.get('reason'))}</td>"
+                    f'<tr><td class="when">{e(_side_time(side.get("time")))}</td>'
+                    f"<td>{e(side.get('reason'))}</td>"
                     f"<td>{e(side.get('rule'))}</td><td>{e(side.get('detail'))}</td>"
                     f"<td>{e(_side_source(side.get('source')))}</td><td>{e(_yes_no(side.get('kept')))}</td></tr>"
                 )
@@ -1421,7 +1422,8 @@ class StatusPage:
         ]
         for side in sides:
             out.append(
-                f"<tr><td>{e(_side_time(side.get('time')))}</td><td>{e(side.get('reason') or '—')}</td>"
+                f'<tr><td class="when">{e(_side_time(side.get("time")))}</td>'
+                f"<td>{e(side.get('reason') or '—')}</td>"
                 f"<td>{e(side.get('rule') or '')}</td><td>{e(_side_source(side.get('source')))}</td>"
                 f"<td>{e(_yes_no(side.get('kept')))}</td><td>{e(side.get('detail') or '')}</td></tr>"
             )

@@ -628,17 +628,18 @@ async def test_quarantine_list_is_newest_first_paged_and_says_yes_or_no(
     page.quarantine.rescan_s = 0.0
     text = await (await client.get("/quarantine")).text()
     assert "Quarantine (120; page 1 of 3)" in text
-    times = re.findall(r"<tr><td>(t[0-9]+)</td>", text)
+    times = re.findall(r'<tr><td class="when">(t[0-9]+)</td>', text)
     assert times == [f"t{i:03d}" for i in range(119, 69, -1)]
-    first = text[text.index("<tr><td>t119</td>"):]
+    first = text[text.index('<tr><td class="when">t119</td>'):]
     first = first[: first.index("</tr>")]
     assert "<td>conflict</td>" in first and "<td>AE &lt;b&gt;MOD&lt;/b&gt;</td>" in first
     assert "<td>yes</td>" in first and "True" not in text
-    second = text[text.index("<tr><td>t118</td>"):]
+    second = text[text.index('<tr><td class="when">t118</td>'):]
     assert "<td>/drop/in/a.dcm</td>" in second[: second.index("</tr>")]
     assert "<td>no</td>" in text  # t117: i % 3 == 0
     text = await (await client.get("/quarantine", params={"page": "3"})).text()
-    assert re.findall(r"<tr><td>(t[0-9]+)</td>", text) == [f"t{i:03d}" for i in range(19, -1, -1)]
+    times = re.findall(r'<tr><td class="when">(t[0-9]+)</td>', text)
+    assert times == [f"t{i:03d}" for i in range(19, -1, -1)]
     assert (await client.get("/quarantine", params={"page": "4"})).status == 400
 
 
