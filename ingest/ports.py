@@ -560,6 +560,34 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentitySt
         """Per minute from ``since``: instances received, and studies whose last push fell in it."""
         ...
 
+    def study_series(self, study_uids: Sequence[str]) -> list[SeriesGroup]:
+        """Like :meth:`series_groups`, but all ``file:<path>`` sources of a series make one group (its
+        ``source`` the least path, ``source_last`` the greatest): one group per series of a replay."""
+        ...
+
+    def find_studies(
+        self,
+        limit: int,
+        offset: int = 0,
+        *,
+        state: StudyState | None = None,
+        seen_from: datetime | None = None,
+        seen_before: datetime | None = None,
+    ) -> list[StudyRow]:
+        """Studies newest first (as :meth:`recent_studies`), only those in ``state`` and whose last
+        instance was received in [``seen_from``, ``seen_before``) when given."""
+        ...
+
+    def count_studies(
+        self,
+        *,
+        state: StudyState | None = None,
+        seen_from: datetime | None = None,
+        seen_before: datetime | None = None,
+    ) -> int:
+        """How many studies :meth:`find_studies` would list without a limit."""
+        ...
+
 
 class Sink(Protocol):
     """A FHIR GraphQL backend holding ImagingStudy resources."""
@@ -587,6 +615,8 @@ class SeriesGroup:
     first_added: datetime | None
     last_added: datetime | None
     sample: InstanceRecord  # one of the group's header records (the least by its JSON text)
+    #: :meth:`StateStore.study_series` only: the greatest source of a group of ``file:`` sources
+    source_last: str | None = None
 
 
 class Clock(Protocol):

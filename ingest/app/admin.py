@@ -1,18 +1,21 @@
-"""The status page on the admin port: ``/`` (studies, dead letters, the last hour), ``/study/<uid>``
-(one page of its instances, its quarantine side files, its ImagingStudy), ``/study/<uid>/imagingstudy.json``.
+"""The status page on the admin port: ``/`` (studies with search and filters, dead letters, the last hour),
+``/study/<uid>`` (its series, one page of its instances, its quarantine side files, its ImagingStudy),
+``/study/<uid>/imagingstudy.json``, ``/quarantine`` (the side files, newest first), ``/commitments``
+(Storage Commitment requests and their reports), ``/summary.json`` (the header's numbers), and the POSTs
+``/retry`` and ``/retry-all``.
 
 Pages are built in the page's own small thread pool (:class:`StatusPage`), never on the event loop that
 ``ingest serve`` shares with the listener's hand-off and the relay; every list is paged or capped, and
 quarantine side files are found through :class:`QuarantineIndex`, which reads each side file once.
 
 Server-rendered HTML, every value through :func:`html.escape`; one small script (``/admin.js``, served
-here, no CDN) swaps the page's ``<main>`` every 5 s. ``/healthz`` and ``/metrics`` (``ingest.app.serve``)
-are not touched by anything here.
+here, no CDN) updates the header's numbers every 5 s from ``/summary.json``, in place (no reload).
+``/healthz`` and ``/metrics`` (``ingest.app.serve``) are not touched by anything here.
 
 Security (``README.md`` "Status page"):
 
-- Patient names, IDs and birth dates are shown only with ``[admin] show_patient = true``; the
-  ImagingStudy JSON on a study page has its ``subject`` replaced otherwise.
+- Patient names, IDs and birth dates are shown, and searched, only with ``[admin] show_patient = true``;
+  the ImagingStudy JSON on a study page has its ``subject`` replaced otherwise.
 - Every state-changing action is a POST that needs an ``Origin`` (or, without one, a ``Referer``) whose
   host equals the ``Host`` header, and this process's CSRF token from the form (``hmac.compare_digest``).
 - With ``[admin] token_env`` / ``token_file`` set, the page, its assets with data and its actions need
@@ -41,7 +44,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
@@ -51,6 +55,7 @@ from aiohttp import web
 import ingest
 from ingest.config import Settings
 from ingest.core.records import InstanceRecord, PersonName
+from ingest.core.terminology import is_acquisition_modality
 from ingest.errors import ConfigError
 from ingest.metrics import Metrics
 from ingest.ports import SeriesGroup, StateStore, StudyRow, StudyState
@@ -82,8 +87,20 @@ _SIDE_MAX_BYTES = 64 * 1024
 _PAGE_RE = re.compile(r"^[0-9]{1,9}$")
 _UID_WORD_RE = re.compile(r"[0-9][0-9.]*[0-9]")
 _CHART_MINUTES = 60
+#: A search that needs instance rows (accession, source, AE title, modality, patient) looks at the newest
+#: ``_SCAN_MAX`` studies (of the state and dates asked for), ``_SCAN_CHUNK`` at a time, no further once it
+#: took ``_SCAN_BUDGET_S``, and its result is reused ``_SCAN_CACHE_S`` for paging; this many are kept.
+_SCAN_MAX = 5000
+_SCAN_CHUNK = 250
+_SCAN_CACHE_S = 15.0
+_SCAN_BUDGET_S = 5.0
+_SCANS_KEPT = 8
+#: Storage Commitment requests: 50 a page, the newest 1,000 (``ingest status`` lists them all).
+_COMMITMENT_PAGES = 20
+_COMMITMENT_STATES = ("pending", "reported", "abandoned")
 _CHART_CACHE_S = 4.0  # bounds the instance scan to one per 4 s, whatever the number of viewers
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
+_CURRENT = ' aria-current="page"'
 _HIDDEN = "«hidden: [admin] show_patient = false»"
 
 Builder = Callable[[Sequence[InstanceRecord]], dict[str, Any]]
@@ -173,8 +190,83 @@ def _person(name: PersonName | None) -> str:
 
 
 def _source(source: str) -> str:
-    """``AE <title>`` for ``dimse:<title>``, else the source as recorded (``watch``, ``replay``...)."""
+    """``AE <title>`` for ``dimse:<title>``, else the source as recorded (``watch``, a path...)."""
     return f"AE {source[6:]}" if source.startswith("dimse:") else source
+
+
+def _short(text: str, limit: int = 96) -> str:
+    """``text``, its middle elided past ``limit`` characters (a long folder name stays one line)."""
+    return text if len(text) <= limit else f"{text[: limit // 2 - 1]}…{text[-(limit // 2) :]}"
+
+
+@dataclass
+class _Sources:
+    """Where a study's (or a series') instances came from, kept small: counts by AE title / kind, and
+    for ``file:<path>`` sources (``ingest replay``) only the least and greatest path and how many."""
+
+    labels: dict[str, int] = field(default_factory=dict)
+    first_path: str | None = None
+    last_path: str | None = None
+    files: int = 0
+
+    def add(self, group: SeriesGroup) -> None:
+        if group.source.startswith("file:"):
+            low = group.source[5:]
+            high = (group.source_last or group.source)[5:]
+            self.first_path = low if self.first_path is None else min(self.first_path, low)
+            self.last_path = high if self.last_path is None else max(self.last_path, high)
+            self.files += group.instances
+        else:
+            label = _source(group.source)
+            self.labels[label] = self.labels.get(label, 0) + group.instances
+
+    def kinds(self) -> set[str]:
+        """``dimse`` / ``watch`` / ``replay`` / other sources as recorded, for the source filter."""
+        out = {"replay"} if self.files else set()
+        for label in self.labels:
+            out.add("dimse" if label.startswith("AE ") else label)
+        return out
+
+    def text(self) -> str:
+        """``AE <title>``, ``watch``, ``replay of <folder>, N files``, joined with ``; ``."""
+        parts = sorted(self.labels)
+        if self.files and self.first_path is not None and self.last_path is not None:
+            # sorted paths: the folder the least and the greatest share holds every path between too
+            try:
+                folder = os.path.commonpath([self.first_path, self.last_path]) or "several folders"
+            except ValueError:  # one relative, one absolute
+                folder = "several folders"
+            if self.first_path == self.last_path:
+                folder = os.path.dirname(self.first_path) or self.first_path
+            parts.append(f"replay of {_short(folder)}, {self.files} file{'s' if self.files != 1 else ''}")
+        return "; ".join(parts)
+
+
+def _side_source(value: object) -> str:
+    """A side file's ``source``: ``AE <title>`` for the listener, a drop-folder path as recorded."""
+    if value is None or value == "":
+        return "—"
+    return _short(_source(str(value)))
+
+
+def _side_time(value: object) -> str:
+    """A side file's ``time`` (ISO 8601) as the page shows times; as written when it is not one."""
+    if not isinstance(value, str) or not value:
+        return "—"
+    try:
+        return _when(datetime.fromisoformat(value))
+    except ValueError:
+        return value
+
+
+def _yes_no(value: object) -> str:
+    return "yes" if value is True else "no" if value is False else "—"
+
+
+def _study_modalities(modalities: Set[str]) -> str:
+    """The study's modality as its ImagingStudy has it: the acquisition modalities (DICOM CID 29) of its
+    series, sorted (``ingest.core.mapping``); SR, KO, PR... stay on their series."""
+    return ", ".join(sorted(m for m in modalities if is_acquisition_modality(m)))
 
 
 @dataclass
@@ -182,7 +274,7 @@ class _Summary:
     """One study's fields for the list, aggregated from its series groups."""
 
     received: datetime | None = None
-    sources: set[str] = field(default_factory=set)
+    sources: _Sources = field(default_factory=_Sources)
     series: set[str] = field(default_factory=set)
     modalities: set[str] = field(default_factory=set)
     accession: str | None = None
@@ -198,11 +290,11 @@ def _summaries(groups: Sequence[SeriesGroup]) -> dict[str, _Summary]:
         s = out.setdefault(g.study_uid, _Summary())
         if g.first_added is not None and (s.received is None or g.first_added < s.received):
             s.received = g.first_added
-        s.sources.add(_source(g.source))
+        s.sources.add(g)
         s.series.add(g.series_uid)
         r = g.sample
         if r.modality:
-            s.modalities.add(r.modality)
+            s.modalities.add(r.modality.strip())
         s.accession = s.accession or r.accession_number
         s.description = s.description or r.study_description
         s.patient_name = s.patient_name or _person(r.patient_name) or None
@@ -236,38 +328,55 @@ main{padding:8px 16px}
 table{border-collapse:collapse;width:100%;background:#fff;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#eef1f4}
-td.uid{font-family:monospace;font-size:12px;word-break:break-all}
+td.uid{font-family:monospace;font-size:12px;word-break:break-all;min-width:24ch}
+td.when{white-space:nowrap}td.state{max-width:40ch}
 .ok{color:#17692b}.bad{color:#a31515}.warn{color:#8a5a00}
 .dead{color:#a31515}.retrying{color:#8a5a00}.pending{color:#1f4e99}.pushed{color:#17692b}
 pre{background:#fff;border:1px solid #ddd;padding:8px;overflow:auto;max-height:600px}
 svg{background:#fff;border:1px solid #ddd}
 .bar{fill:#6a9fd8}.line{fill:none;stroke:#c0392b;stroke-width:2}.axis{stroke:#999}
 nav a{margin-right:12px}
+nav.views{background:#2c4257;padding:4px 16px}nav.views a{color:#fff}
+nav.views a[aria-current]{font-weight:700;text-decoration:none}
 .note{color:#555;font-style:italic}
+form.search{display:flex;flex-wrap:wrap;gap:6px 10px;align-items:end;background:#fff;border:1px solid #ddd;
+padding:6px 8px;margin:8px 0}
+form.search label{display:flex;flex-direction:column;font-size:12px;color:#444}
+form.search input,form.search select{font:inherit;padding:2px 4px}
+form.inline{display:inline}
 """
 
 _JS = """\
-// ingest status page: refresh <main> every 5 s from the same URL (no third-party code).
+// ingest status page: the header's numbers from /summary.json every 5 s, in place (no reload, no
+// third-party code); the rest of the page changes only when the administrator reloads or follows a link.
 (function () {
   "use strict";
   var busy = false;
+  function url() {
+    var token = new URLSearchParams(window.location.search).get("token");
+    return "/summary.json" + (token ? "?token=" + encodeURIComponent(token) : "");
+  }
+  function apply(summary) {
+    var fields = summary.fields || {}, parts = summary.parts || {};
+    Object.keys(fields).forEach(function (key) {
+      var el = document.querySelector('header [data-key="' + key + '"]');
+      if (el && el.textContent !== String(fields[key])) { el.textContent = String(fields[key]); }
+    });
+    Object.keys(parts).forEach(function (part) {
+      var el = document.querySelector('header [data-part="' + part + '"]');
+      if (el) {
+        el.textContent = String(parts[part]);
+        el.className = parts[part] === "ok" ? "ok" : "bad";
+      }
+    });
+    document.documentElement.setAttribute("data-refreshed", String(Date.now()));
+  }
   function refresh() {
     if (busy || document.hidden) { return; }
-    var active = document.activeElement;
-    if (active && active.form) { return; }  // do not swap a form being used
     busy = true;
-    fetch(window.location.href, {credentials: "same-origin", cache: "no-store",
-                                 headers: {"X-Requested-With": "ingest-admin"}})
-      .then(function (r) { return r.ok ? r.text() : null; })
-      .then(function (text) {
-        if (text === null) { return; }
-        var doc = new DOMParser().parseFromString(text, "text/html");
-        var fresh = doc.querySelector("main"), old = document.querySelector("main");
-        var head = doc.querySelector("header"), oldHead = document.querySelector("header");
-        if (fresh && old) { old.replaceWith(fresh); }
-        if (head && oldHead) { oldHead.replaceWith(head); }
-        document.documentElement.setAttribute("data-refreshed", String(Date.now()));
-      })
+    fetch(url(), {credentials: "same-origin", cache: "no-store"})
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (summary) { if (summary) { apply(summary); } })
       .catch(function () { /* the next tick tries again */ })
       .then(function () { busy = false; });
   }
@@ -318,6 +427,86 @@ def _check_page(page: int, pages: int) -> None:
         raise _Answer(400, f"bad request: page {page} is past the last page ({pages})")
 
 
+_SOURCES = ("dimse", "watch", "replay")
+_STATES = {state.value: state for state in StudyState}
+_MODALITY_RE = re.compile(r"^[A-Z0-9_]{1,16}$")
+_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_TEXT_MAX = 64
+
+
+@dataclass(frozen=True)
+class _Filter:
+    """The index page's search (``?q=``) and filters, checked (``_filter``)."""
+
+    q: str = ""
+    state: StudyState | None = None
+    source: str = ""  # dimse / watch / replay
+    ae: str = ""
+    modality: str = ""
+    seen_from: date | None = None
+    seen_to: date | None = None  # inclusive
+
+    @property
+    def active(self) -> bool:
+        return self != _Filter()
+
+    @property
+    def scans(self) -> bool:
+        """Whether the filter needs the instance rows (scanned newest first, bounded)."""
+        return bool(self.q or self.source or self.ae or self.modality)
+
+    def window(self) -> tuple[datetime | None, datetime | None]:
+        """[from, to + 1 day) as UTC instants (dates are UTC days, as the page shows times)."""
+        start = None if self.seen_from is None else datetime.combine(self.seen_from, dtime(), UTC)
+        end = None
+        if self.seen_to is not None:
+            end = datetime.combine(self.seen_to + timedelta(days=1), dtime(), UTC)
+        return start, end
+
+    def params(self) -> dict[str, str]:
+        """The filter as query parameters (for the pager's links)."""
+        out = {"q": self.q, "state": self.state.value if self.state else "", "source": self.source,
+               "ae": self.ae, "modality": self.modality,
+               "from": self.seen_from.isoformat() if self.seen_from else "",
+               "to": self.seen_to.isoformat() if self.seen_to else ""}
+        return {k: v for k, v in out.items() if v}
+
+
+def _date_param(query: Mapping[str, str], name: str) -> date | None:
+    raw = query.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        if not _DATE_RE.match(raw):
+            raise ValueError(raw)
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise _Answer(400, f"bad request: {name} must be a date YYYY-MM-DD") from None
+
+
+def _filter(query: Mapping[str, str]) -> _Filter:
+    """The search and filters of ``query``; a value out of its form is a 400 naming the parameter."""
+    texts = {}
+    for name in ("q", "ae"):
+        value = query.get(name, "").strip()
+        if len(value) > _TEXT_MAX or any(ord(c) < 32 for c in value):
+            raise _Answer(400, f"bad request: {name} must be at most {_TEXT_MAX} printable characters")
+        texts[name] = value
+    state_raw = query.get("state", "").strip()
+    if state_raw and state_raw not in _STATES:
+        raise _Answer(400, f"bad request: state must be one of {', '.join(_STATES)}")
+    source = query.get("source", "").strip()
+    if source and source not in _SOURCES:
+        raise _Answer(400, f"bad request: source must be one of {', '.join(_SOURCES)}")
+    modality = query.get("modality", "").strip().upper()
+    if modality and not _MODALITY_RE.match(modality):
+        raise _Answer(400, "bad request: modality must be a Modality code (CT, MR, KO...)")
+    seen_from, seen_to = _date_param(query, "from"), _date_param(query, "to")
+    if seen_from and seen_to and seen_to < seen_from:
+        raise _Answer(400, "bad request: to is before from")
+    return _Filter(texts["q"], _STATES.get(state_raw), source, texts["ae"], modality, seen_from, seen_to)
+
+
 @dataclass
 class _Side:
     """One quarantine side file as the index keeps it."""
@@ -351,6 +540,7 @@ class QuarantineIndex:
         self._mtime_ns: int | None = None
         self._sides: dict[str, _Side] = {}
         self._by_word: dict[str, set[str]] = {}
+        self._order: list[str] | None = None  # names newest first, made again after a change
         #: side files read since the index was made (each at most once while it exists)
         self.reads = 0
 
@@ -388,12 +578,14 @@ class QuarantineIndex:
                     self._mtime_ns = None  # gone or unreadable now: read it again next time
                     continue
                 self._sides[name] = side
+                self._order = None
                 for word in side.words:
                     self._by_word.setdefault(word, set()).add(name)
 
     def _forget(self, names: set[str]) -> None:
         for name in names:
             side = self._sides.pop(name)
+            self._order = None
             for word in side.words:
                 holders = self._by_word.get(word)
                 if holders is not None:
@@ -423,6 +615,15 @@ class QuarantineIndex:
         words = frozenset(_UID_WORD_RE.findall(str(side.get("detail", ""))))
         return _Side(mtime, fields, words)
 
+    def newest(self, offset: int, limit: int) -> tuple[int, list[dict[str, object]]]:
+        """How many side files there are, and ``limit`` of them from ``offset``, newest first (by the side
+        file's modification time: each is written once, when its input was refused)."""
+        with self._lock:
+            if self._order is None:
+                self._order = sorted(self._sides, key=lambda n: (self._sides[n].mtime, n), reverse=True)
+            names = self._order[offset : offset + limit]
+            return len(self._order), [self._sides[n].fields for n in names]
+
     def naming(self, study_uid: str, sop_uids: Set[str]) -> list[dict[str, object]]:
         """The side files whose detail names ``study_uid`` or one of ``sop_uids``, newest first."""
         with self._lock:
@@ -445,7 +646,7 @@ class _StudyView:
     key: tuple[int, datetime | None]
     loaded: float
     records: list[InstanceRecord]
-    sources: dict[str, set[str]]
+    sources: dict[str, _Sources]
     sops: frozenset[str]
     json_html: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -518,6 +719,10 @@ class StatusPage:
         self._studies: OrderedDict[str, _StudyView] = OrderedDict()
         self._studies_lock = threading.Lock()
         self._study_locks: dict[str, threading.Lock] = {}
+        self._scans: OrderedDict[_Filter, tuple[float, tuple[list[tuple[StudyRow, _Summary]], int, bool]]] = (
+            OrderedDict()
+        )
+        self._scans_lock = threading.Lock()
 
     def mount(self, app: web.Application) -> None:
         app.router.add_route("*", "/", self._guard(self.index, ("GET", "HEAD")))
@@ -526,6 +731,10 @@ class StatusPage:
             "*", "/study/{uid}/imagingstudy.json", self._guard(self.study_json, ("GET", "HEAD"))
         )
         app.router.add_route("*", "/retry", self._guard(self.retry, ("POST",)))
+        app.router.add_route("*", "/retry-all", self._guard(self.retry_all, ("POST",)))
+        app.router.add_route("*", "/summary.json", self._guard(self.summary_json, ("GET", "HEAD")))
+        app.router.add_route("*", "/quarantine", self._guard(self.quarantine_page, ("GET", "HEAD")))
+        app.router.add_route("*", "/commitments", self._guard(self.commitments_page, ("GET", "HEAD")))
         app.router.add_get("/admin.js", self._asset(_JS, "text/javascript"))
         app.router.add_get("/admin.css", self._asset(_CSS, "text/css"))
         app.router.add_get("/favicon.svg", self._asset(_FAVICON, "image/svg+xml"))
@@ -653,25 +862,47 @@ class StatusPage:
             return urlsplit(referer).netloc.lower() == host
         return False
 
-    async def retry(self, request: web.Request) -> web.StreamResponse:
-        """POST /retry (``uid``, ``csrf``): same as ``ingest retry --study UID`` (the guard has checked the
-        token)."""
-        form = await request.post()
+    def _action_refusal(self, request: web.Request, form: Any) -> web.Response | None:
+        """A state-changing POST needs the same origin and this process's CSRF token (the guard has
+        checked the token and ``Host``)."""
         if not self._same_origin(request):
             return self._plain(403, "forbidden: cross-site request (Origin/Referer host differs from Host)")
         csrf = form.get("csrf")
         if not isinstance(csrf, str) or not hmac.compare_digest(csrf.encode(), self.csrf.encode()):
             return self._plain(403, "forbidden: missing or wrong CSRF token (reload the page)")
+        return None
+
+    def _back(self, form: Any, n: int) -> web.HTTPSeeOther:
+        query: dict[str, str] = {"retried": str(n)}
+        token = form.get("token")
+        if self.token is not None and isinstance(token, str):
+            query["token"] = token
+        return web.HTTPSeeOther("/?" + urlencode(query))
+
+    async def retry(self, request: web.Request) -> web.StreamResponse:
+        """POST /retry (``uid``, ``csrf``): same as ``ingest retry --study UID`` (the guard has checked the
+        token)."""
+        form = await request.post()
+        refused = self._action_refusal(request, form)
+        if refused is not None:
+            return refused
         uid = form.get("uid")
         if not isinstance(uid, str) or not _UID_RE.match(uid):
             return self._plain(400, "bad request: uid must be a Study Instance UID")
         n = await asyncio.to_thread(self.store.retry_dead, uid, self.clock())
         LOGGER.info("status page: retry of study %s re-queued %d dead letter(s)", uid, n)
-        query: dict[str, str] = {"retried": str(n)}
-        token = form.get("token")
-        if self.token is not None and isinstance(token, str):
-            query["token"] = token
-        raise web.HTTPSeeOther("/?" + urlencode(query))
+        raise self._back(form, n)
+
+    async def retry_all(self, request: web.Request) -> web.StreamResponse:
+        """POST /retry-all (``csrf``): every dead letter back to pending, due now; same as ``ingest retry
+        --all``, with the same checks as :meth:`retry`."""
+        form = await request.post()
+        refused = self._action_refusal(request, form)
+        if refused is not None:
+            return refused
+        n = await asyncio.to_thread(self.store.retry_dead, None, self.clock())
+        LOGGER.info("status page: retry of all dead letters re-queued %d", n)
+        raise self._back(form, n)
 
     # -- pages -------------------------------------------------------------------------------------------
 
@@ -692,40 +923,75 @@ class StatusPage:
         resp.headers.update(_SECURITY_HEADERS)
         return resp
 
-    def _header(self, report: Mapping[str, Any], counts: Mapping[StudyState, int]) -> str:
+    _PARTS = ("listener", "watcher", "relay", "backend", "store", "disk")
+
+    def _summary(self, report: Mapping[str, Any], counts: Mapping[StudyState, int]) -> dict[str, Any]:
+        """The header's values as text: ``fields`` (key -> text) and the ``/healthz`` ``parts``."""
         reg = self.metrics.registry
         intake = reg.get_sample_value("ingest_intake_depth")
         spool = reg.get_sample_value("ingest_spool_bytes")
-        items = [
-            ("node", self.node),
-            ("version", ingest.__version__),
-            ("uptime", _duration(time.monotonic() - self.started)),
-            ("status", report.get("status")),
-        ]
-        parts = ""
-        for part in ("listener", "watcher", "relay", "backend", "store", "disk"):
-            if part in report:
-                value = str(report[part])
-                cls = "ok" if value == "ok" else "bad"
-                parts += (
-                    f'<div><dt>{e(part)}</dt><dd class="{cls}" data-part="{e(part)}">{e(value)}</dd></div>'
-                )
-        more = [
-            ("relay queue", counts.get(StudyState.PENDING, 0)),
-            ("dead", counts.get(StudyState.DEAD, 0)),
-            ("intake depth", "—" if intake is None else int(intake)),
-            ("spool", _bytes(spool)),
-            ("free disk", _bytes(report.get("disk_free_bytes"))),
-        ]
-        dl = "".join(f"<div><dt>{e(k)}</dt><dd>{e(v)}</dd></div>" for k, v in items)
-        dl += parts
-        dl += "".join(f"<div><dt>{e(k)}</dt><dd>{e(v)}</dd></div>" for k, v in more)
-        return f'<header><h1>ingest status</h1><dl>{dl}</dl></header>'
+        fields = {
+            "node": str(self.node),
+            "version": ingest.__version__,
+            "uptime": _duration(time.monotonic() - self.started),
+            "status": str(report.get("status")),
+            "studies": str(sum(counts.values())),
+            "relay-queue": str(counts.get(StudyState.PENDING, 0)),
+            "dead": str(counts.get(StudyState.DEAD, 0)),
+            "intake-depth": "—" if intake is None else str(int(intake)),
+            "spool": _bytes(spool),
+            "free-disk": _bytes(report.get("disk_free_bytes")),
+        }
+        parts = {part: str(report[part]) for part in self._PARTS if part in report}
+        return {"fields": fields, "parts": parts}
 
-    def _csrf_form(self, query: Mapping[str, str], uid: str) -> str:
+    def _header(self, report: Mapping[str, Any], counts: Mapping[StudyState, int],
+                query: Mapping[str, str] | None = None, current: str = "") -> str:
+        summary = self._summary(report, counts)
+        fields: dict[str, str] = summary["fields"]
+        labels = {"relay-queue": "relay queue", "intake-depth": "intake depth", "free-disk": "free disk"}
+
+        def item(key: str) -> str:
+            label = labels.get(key, key)
+            return f'<div><dt>{e(label)}</dt><dd data-key="{e(key)}">{e(fields[key])}</dd></div>'
+
+        dl = "".join(item(k) for k in ("node", "version", "uptime", "status"))
+        for part, value in summary["parts"].items():
+            cls = "ok" if value == "ok" else "bad"
+            dl += f'<div><dt>{e(part)}</dt><dd class="{cls}" data-part="{e(part)}">{e(value)}</dd></div>'
+        dl += "".join(
+            item(k) for k in ("studies", "relay-queue", "dead", "intake-depth", "spool", "free-disk")
+        )
+        q = query or {}
+        views = "".join(
+            f'<a href="{e(self._link(q, path))}"{_CURRENT if path == current else ""}>{e(name)}</a>'
+            for path, name in (("/", "studies"), ("/quarantine", "quarantine"),
+                               ("/commitments", "storage commitment"))
+        )
+        return (f'<header><h1>ingest status</h1><dl>{dl}</dl></header>'
+                f'<nav class="views">{views}</nav>')
+
+    async def summary_json(self, request: web.Request) -> web.Response:
+        """``/summary.json``: the header's values, for ``admin.js`` to update them in place."""
+        body = await self._off_loop(self._summary_body, report=True)
+        resp = web.Response(body=body, content_type="application/json", charset="utf-8")
+        resp.headers.update(_SECURITY_HEADERS)
+        return resp
+
+    def _summary_body(self, report: Mapping[str, Any]) -> bytes:
+        return json.dumps(self._summary(report, self.store.study_counts()), ensure_ascii=False).encode()
+
+    def _csrf_form(self, query: Mapping[str, str], uid: str | None) -> str:
+        """The Retry button of one dead letter (``uid``), or with ``None`` the Retry all button."""
         token = ""
         if self.token is not None and "token" in query:
             token = f'<input type="hidden" name="token" value="{e(query["token"])}">'
+        if uid is None:
+            return (
+                f'<form class="inline" method="post" action="/retry-all"><input type="hidden" name="csrf" '
+                f'value="{e(self.csrf)}">{token}<button type="submit" id="retry-all">Retry all dead '
+                "letters</button></form>"
+            )
         return (
             f'<form method="post" action="/retry"><input type="hidden" name="csrf" value="{e(self.csrf)}">'
             f'<input type="hidden" name="uid" value="{e(uid)}">{token}'
@@ -735,51 +1001,166 @@ class StatusPage:
     async def index(self, request: web.Request) -> web.Response:
         query = dict(request.query)
         page = _page_number(query)
-        return self._html(await self._off_loop(self._index_body, query, page, report=True))
+        flt = _filter(query)
+        return self._html(await self._off_loop(self._index_body, query, page, flt, report=True))
 
-    def _index_body(self, query: Mapping[str, str], page: int, report: Mapping[str, Any]) -> bytes:
-        counts = self.store.study_counts()
-        total = sum(counts.values())
-        pages = max(1, -(-total // PAGE_SIZE))
+    # -- search ------------------------------------------------------------------------------------------
+
+    def _match(self, flt: _Filter, s: _Summary) -> bool:
+        """Whether a study's summary passes the filters that need its instance rows."""
+        if flt.q:
+            q = flt.q.casefold()
+            hit = (s.accession or "").strip().casefold() == q
+            if not hit and self.show_patient:  # never an oracle for hidden patient fields
+                hit = (s.patient_id or "").strip().casefold() == q or q in (s.patient_name or "").casefold()
+            if not hit:
+                return False
+        if flt.source and flt.source not in s.sources.kinds():
+            return False
+        if flt.ae:
+            titles = {label[3:].strip().casefold() for label in s.sources.labels if label.startswith("AE ")}
+            if flt.ae.casefold() not in titles:
+                return False
+        return not flt.modality or flt.modality in s.modalities
+
+    def _scan(self, flt: _Filter) -> tuple[list[tuple[StudyRow, _Summary]], int, bool]:
+        """The studies passing ``flt`` among the newest ``_SCAN_MAX`` (in the state and dates asked for),
+        read ``_SCAN_CHUNK`` at a time; with how many were looked at and whether older ones were left.
+        Reused for ``_SCAN_CACHE_S`` (paging through the results does not scan again)."""
+        with self._scans_lock:
+            hit = self._scans.get(flt)
+            if hit is not None and time.monotonic() - hit[0] < _SCAN_CACHE_S:
+                return hit[1]
+        seen_from, seen_before = flt.window()
+        # one ordered read of the window's study rows; their instance rows a chunk at a time
+        rows = self.store.find_studies(_SCAN_MAX + 1, 0, state=flt.state, seen_from=seen_from,
+                                       seen_before=seen_before)
+        more = len(rows) > _SCAN_MAX
+        rows = rows[:_SCAN_MAX]
+        matched: list[tuple[StudyRow, _Summary]] = []
+        began = time.monotonic()
+        for start in range(0, len(rows), _SCAN_CHUNK):
+            if start and time.monotonic() - began > _SCAN_BUDGET_S:  # very large studies: stop, say so
+                rows, more = rows[:start], True
+                break
+            chunk = rows[start : start + _SCAN_CHUNK]
+            summaries = _summaries(self.store.study_series([r.study_uid for r in chunk]))
+            for r in chunk:
+                summary = summaries.get(r.study_uid, _Summary())
+                if self._match(flt, summary):
+                    matched.append((r, summary))
+        scanned = len(rows)
+        result = (matched, scanned, more)
+        with self._scans_lock:
+            self._scans[flt] = (time.monotonic(), result)
+            while len(self._scans) > _SCANS_KEPT:
+                self._scans.popitem(last=False)
+        return result
+
+    def _search(self, flt: _Filter, page: int) -> tuple[list[StudyRow], dict[str, _Summary], int, int, str]:
+        """One page of the studies ``flt`` asks for: rows, summaries, total, pages, and a note on how
+        they were found."""
+        if flt.q and _UID_RE.match(flt.q) and (row := self.store.study(flt.q)) is not None:
+            _check_page(page, 1)
+            return [row], _summaries(self.store.study_series([row.study_uid])), 1, 1, (
+                "Found by its Study Instance UID.")
+        if not flt.scans:
+            seen_from, seen_before = flt.window()
+            total = self.store.count_studies(state=flt.state, seen_from=seen_from, seen_before=seen_before)
+            pages = max(1, -(-total // PAGE_SIZE))
+            _check_page(page, pages)
+            rows = self.store.find_studies(PAGE_SIZE, (page - 1) * PAGE_SIZE, state=flt.state,
+                                           seen_from=seen_from, seen_before=seen_before)
+            return rows, _summaries(self.store.study_series([r.study_uid for r in rows])), total, pages, ""
+        matched, scanned, more = self._scan(flt)
+        pages = max(1, -(-len(matched) // PAGE_SIZE))
         _check_page(page, pages)
-        recent = self.store.recent_studies(PAGE_SIZE, (page - 1) * PAGE_SIZE)
-        summaries = _summaries(self.store.series_groups([r.study_uid for r in recent]))
-        dead = self.store.studies(StudyState.DEAD)
-        reasons = {row.study_uid: row.dead_reason for row in dead[:_DEAD_SHOWN]}
-        chart = self._chart_svg()
+        shown = matched[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        asked = [f"{name} {value}" for name, value in flt.params().items() if name != "q"]
+        note = f"Searched the newest {scanned} studies" + (f" ({'; '.join(asked)})" if asked else "") + "."
+        if flt.modality:
+            note += " Modality: the studies with a series of it (the column shows the ImagingStudy's)."
+        if more:
+            note += (
+                f" The scan stops at the newest {_SCAN_MAX} studies or after {_SCAN_BUDGET_S:.0f} s: older "
+                "studies were not searched (narrow the dates or the state, or search by Study Instance UID)."
+            )
+        return [r for r, _ in shown], {r.study_uid: s for r, s in shown}, len(matched), pages, note
+
+    def _search_form(self, query: Mapping[str, str], flt: _Filter) -> str:
+        token = ""
+        if self.token is not None and "token" in query:
+            token = f'<input type="hidden" name="token" value="{e(query["token"])}">'
+        what = "Study UID, accession, patient ID or name" if self.show_patient else "Study UID or accession"
+
+        def select(name: str, current: str, options: Sequence[tuple[str, str]]) -> str:
+            opts = "".join(
+                f'<option value="{e(v)}"{" selected" if v == current else ""}>{e(t)}</option>'
+                for v, t in options
+            )
+            return f'<select name="{name}">{opts}</select>'
+
+        states = [("", "any"), *((v, v) for v in _STATES)]
+        sources = [("", "any"), ("dimse", "listener (AE)"), ("watch", "drop folder"), ("replay", "replay")]
+        return (
+            f'<form class="search" id="search" method="get" action="/" role="search">{token}'
+            f'<label>{e(what)}<input name="q" value="{e(flt.q)}" maxlength="{_TEXT_MAX}" size="34"></label>'
+            f'<label>state{select("state", flt.state.value if flt.state else "", states)}</label>'
+            f'<label>source{select("source", flt.source, sources)}</label>'
+            f'<label>AE title<input name="ae" value="{e(flt.ae)}" maxlength="16" size="12"></label>'
+            f'<label>modality<input name="modality" value="{e(flt.modality)}" maxlength="16" '
+            'size="6"></label><label>last received from<input type="date" name="from" value="'
+            f'{e(flt.seen_from.isoformat() if flt.seen_from else "")}"></label><label>to<input type="date" '
+            f'name="to" value="{e(flt.seen_to.isoformat() if flt.seen_to else "")}"></label>'
+            '<button type="submit">Search</button>'
+            f'<a href="{e(self._link(query, "/"))}">clear</a></form>'
+        )
+
+    def _index_body(
+        self, query: Mapping[str, str], page: int, flt: _Filter, report: Mapping[str, Any]
+    ) -> bytes:
+        counts = self.store.study_counts()
+        recent, summaries, total, pages, note = self._search(flt, page)
 
         out: list[str] = []
         if "retried" in query:
             out.append(f'<p class="note">Retry: {e(query["retried"])} dead letter(s) re-queued.</p>')
-        out.append("<h2>Last hour</h2>")
-        out.append(chart)
-
-        out.append(f'<h2>Dead letters ({len(dead)})</h2>')
-        if dead:
-            out.append(
-                "<table id=\"dead\"><tr><th>study UID</th><th>last seen</th><th>reason</th>"
-                "<th>backend message (redacted)</th><th></th></tr>"
-            )
-            for row in dead[:_DEAD_SHOWN]:
+        out.append(self._search_form(query, flt))
+        if not flt.active:
+            out.append("<h2>Last hour</h2>")
+            out.append(self._chart_svg())
+            dead = self.store.studies(StudyState.DEAD)
+            retry_all = f" {self._csrf_form(query, None)}" if dead else ""
+            out.append(f"<h2>Dead letters ({len(dead)}){retry_all}</h2>")
+            if dead:
                 out.append(
-                    f'<tr data-study="{e(row.study_uid)}"><td class="uid"><a href="'
-                    f'{e(self._link(query, "/study/" + row.study_uid))}">{e(row.study_uid)}</a></td>'
-                    f"<td>{e(_when(row.last_seen))}</td><td>{e(reasons.get(row.study_uid) or '')}</td>"
-                    f"<td>{e(row.last_error or '')}</td>"
-                    f"<td>{self._csrf_form(query, row.study_uid)}</td></tr>"
+                    "<table id=\"dead\"><tr><th>study UID</th><th>last seen</th><th>reason</th>"
+                    "<th>backend message (redacted)</th><th></th></tr>"
                 )
-            out.append("</table>")
-            if len(dead) > _DEAD_SHOWN:
-                out.append(f'<p class="note">{len(dead) - _DEAD_SHOWN} more: see ingest status.</p>')
-        else:
-            out.append('<p class="note">none</p>')
+                for row in dead[:_DEAD_SHOWN]:
+                    out.append(
+                        f'<tr data-study="{e(row.study_uid)}"><td class="uid"><a href="'
+                        f'{e(self._link(query, "/study/" + row.study_uid))}">{e(row.study_uid)}</a></td>'
+                        f'<td class="when">{e(_when(row.last_seen))}</td>'
+                        f"<td>{e(row.dead_reason or '')}</td>"
+                        f"<td>{e(row.last_error or '')}</td>"
+                        f"<td>{self._csrf_form(query, row.study_uid)}</td></tr>"
+                    )
+                out.append("</table>")
+                if len(dead) > _DEAD_SHOWN:
+                    out.append(f'<p class="note">{len(dead) - _DEAD_SHOWN} more: see ingest status.</p>')
+            else:
+                out.append('<p class="note">none</p>')
 
-        out.append(f"<h2>Recent studies ({total}; page {page} of {pages})</h2>")
+        title = "Search results" if flt.active else "Recent studies"
+        out.append(f'<h2 id="results">{title} ({total}; page {page} of {pages})</h2>')
+        if note:
+            out.append(f'<p class="note" id="search-note">{e(note)}</p>')
         patient_th = "<th>patient</th><th>patient ID</th><th>birth date</th>" if self.show_patient else ""
         out.append(
-            "<table id=\"studies\"><tr><th>received</th><th>source</th><th>study UID</th><th>accession</th>"
-            f"<th>modality</th><th>description</th>{patient_th}<th>series / instances</th><th>state</th>"
-            "<th>backend id</th></tr>"
+            "<table id=\"studies\"><tr><th>last received</th><th>source</th><th>study UID</th>"
+            f"<th>accession</th><th>modality</th><th>description</th>{patient_th}<th>series / instances</th>"
+            "<th>state</th><th>backend id</th></tr>"
         )
         for row in recent:
             s = summaries.get(row.study_uid, _Summary())
@@ -791,23 +1172,31 @@ class StatusPage:
             )
             out.append(
                 f'<tr data-study="{e(row.study_uid)}" data-state="{e(row.state.value)}">'
-                f"<td>{e(_when(s.received or row.last_seen))}</td><td>{e(', '.join(sorted(s.sources)))}</td>"
+                f'<td class="when">{e(_when(row.last_seen or s.received))}</td><td>{e(s.sources.text())}</td>'
                 f'<td class="uid"><a href="{e(self._link(query, "/study/" + row.study_uid))}">'
                 f"{e(row.study_uid)}</a></td><td>{e(s.accession)}</td>"
-                f"<td>{e(', '.join(sorted(s.modalities)))}</td><td>{e(s.description)}</td>{patient_td}"
+                f"<td>{e(_study_modalities(s.modalities))}</td><td>{e(s.description)}</td>{patient_td}"
                 f"<td>{len(s.series)} / {row.instances}</td>"
-                f'<td class="{cls}">{e(state)}</td><td>{e(row.backend_id)}</td></tr>'
+                f'<td class="{cls} state">{e(_short(state, 160))}</td><td>{e(row.backend_id)}</td></tr>'
             )
         out.append("</table>")
-        out.append(self._pager(query, "/", page, pages, "newer", "older"))
-        return self._document("ingest status", self._header(report, counts), "".join(out))
+        if not recent:
+            out.append('<p class="note">no studies found</p>')
+        out.append(self._pager(query, "/", page, pages, "newer", "older", flt.params()))
+        return self._document("ingest status", self._header(report, counts, query, "/"), "".join(out))
 
-    def _pager(self, query: Mapping[str, str], path: str, page: int, pages: int, back: str, on: str) -> str:
+    def _pager(
+        self, query: Mapping[str, str], path: str, page: int, pages: int, back: str, on: str,
+        extra: Mapping[str, str] | None = None,
+    ) -> str:
         nav = []
+        more = dict(extra or {})
         if page > 1:
-            nav.append(f'<a href="{e(self._link(query, path, page=page - 1))}">{e(back)}</a>')
+            link = self._link(query, path, page=page - 1, **more)
+            nav.append(f'<a rel="prev" href="{e(link)}">{e(back)}</a>')
         if page < pages:
-            nav.append(f'<a href="{e(self._link(query, path, page=page + 1))}">{e(on)}</a>')
+            link = self._link(query, path, page=page + 1, **more)
+            nav.append(f'<a rel="next" href="{e(link)}">{e(on)}</a>')
         return f"<nav>{''.join(nav)}</nav>"
 
     def _chart_svg(self) -> str:
@@ -866,10 +1255,14 @@ class StatusPage:
             with self._studies_lock:
                 view = self._studies.get(uid)
             if view is None or view.key != key or time.monotonic() - view.loaded > _STUDY_CACHE_S:
-                records = self.store.instances(uid)
-                sources: dict[str, set[str]] = {}
-                for g in self.store.series_groups([uid]):
-                    sources.setdefault(g.series_uid, set()).add(_source(g.source))
+                records = sorted(  # series, then instance number (none last), then SOP Instance UID
+                    self.store.instances(uid),
+                    key=lambda r: (r.series_number is None, r.series_number or 0, r.series_uid,
+                                   r.instance_number is None, r.instance_number or 0, r.sop_uid),
+                )
+                sources: dict[str, _Sources] = {}
+                for g in self.store.study_series([uid]):
+                    sources.setdefault(g.series_uid, _Sources()).add(g)
                 view = _StudyView(key, time.monotonic(), records, sources,
                                   frozenset(r.sop_uid for r in records))
             with self._studies_lock:
@@ -943,16 +1336,23 @@ class StatusPage:
         for r in records:
             first, n = series.get(r.series_uid, (r, 0))
             series[r.series_uid] = (first, n + 1)
+        modalities = {m.strip() for first, _ in series.values() if (m := first.modality)}
+        out.append(f'<p>Modality (as the ImagingStudy has it): <span id="study-modality">'
+                   f'{e(_study_modalities(modalities) or "—")}</span>; series modalities: '
+                   f"{e(', '.join(sorted(modalities)) or '—')}.</p>")
+        # in series-number order (a series without a number last), then by Series Instance UID
+        ordered = sorted(series.items(), key=lambda item: (item[1][0].series_number is None,
+                                                            item[1][0].series_number or 0, item[0]))
         out.append(
             f"<h3>Series ({len(series)})</h3><table id=\"series\"><tr><th>#</th><th>series UID</th>"
             "<th>modality</th><th>description</th><th>body part</th><th>instances</th><th>source</th></tr>"
         )
-        for series_uid, (first, n) in list(series.items())[:_SERIES_SHOWN]:
+        for series_uid, (first, n) in ordered[:_SERIES_SHOWN]:
             out.append(
                 f"<tr><td>{e(first.series_number)}</td><td class=\"uid\">{e(series_uid)}</td>"
                 f"<td>{e(first.modality)}</td><td>{e(first.series_description)}</td>"
                 f"<td>{e(first.body_part)}</td><td>{n}</td>"
-                f"<td>{e(', '.join(sorted(view.sources.get(series_uid, set()))))}</td></tr>"
+                f"<td>{e(view.sources.get(series_uid, _Sources()).text())}</td></tr>"
             )
         out.append("</table>")
         if len(series) > _SERIES_SHOWN:
@@ -986,9 +1386,10 @@ class StatusPage:
             )
             for side in rejected[:_QUARANTINE_SHOWN]:
                 out.append(
-                    f"<tr><td>{e(side.get('time'))}</td><td>{e(side.get('reason'))}</td>"
+                    f'<tr><td class="when">{e(_side_time(side.get("time")))}</td>'
+                    f"<td>{e(side.get('reason'))}</td>"
                     f"<td>{e(side.get('rule'))}</td><td>{e(side.get('detail'))}</td>"
-                    f"<td>{e(side.get('source'))}</td><td>{e(side.get('kept'))}</td></tr>"
+                    f"<td>{e(_side_source(side.get('source')))}</td><td>{e(_yes_no(side.get('kept')))}</td></tr>"
                 )
             out.append("</table>")
         else:
@@ -996,7 +1397,95 @@ class StatusPage:
 
         out.append("<h3>ImagingStudy</h3>")
         out.append(self._json_html(uid, view, query))
-        return self._document(f"study {uid}", self._header(report, counts), "".join(out))
+        return self._document(f"study {uid}", self._header(report, counts, query), "".join(out))
+
+    # -- quarantine and Storage Commitment --------------------------------------------------------------
+
+    async def quarantine_page(self, request: web.Request) -> web.Response:
+        query = dict(request.query)
+        page = _page_number(query)
+        return self._html(await self._off_loop(self._quarantine_body, query, page, report=True))
+
+    def _quarantine_body(self, query: Mapping[str, str], page: int, report: Mapping[str, Any]) -> bytes:
+        counts = self.store.study_counts()
+        self.quarantine.refresh()
+        total, sides = self.quarantine.newest((page - 1) * PAGE_SIZE, PAGE_SIZE)
+        pages = max(1, -(-total // PAGE_SIZE))
+        _check_page(page, pages)
+        out = [
+            f"<h2>Quarantine ({total}; page {page} of {pages})</h2>",
+            '<p class="note">Inputs refused or replaced, newest first, from the side files in the quarantine '
+            "folder (looked at at most every 2 s). Kept: whether the input's bytes are in the quarantine "
+            "(no: past <code>[quarantine] max_bytes</code> or the size cap; only the side file).</p>",
+            '<table id="quarantine-list"><tr><th>time</th><th>reason</th><th>rule</th><th>source</th>'
+            "<th>kept</th><th>detail</th></tr>",
+        ]
+        for side in sides:
+            out.append(
+                f'<tr><td class="when">{e(_side_time(side.get("time")))}</td>'
+                f"<td>{e(side.get('reason') or '—')}</td>"
+                f"<td>{e(side.get('rule') or '')}</td><td>{e(_side_source(side.get('source')))}</td>"
+                f"<td>{e(_yes_no(side.get('kept')))}</td><td>{e(side.get('detail') or '')}</td></tr>"
+            )
+        out.append("</table>")
+        if not sides:
+            out.append('<p class="note">none</p>')
+        out.append(self._pager(query, "/quarantine", page, pages, "newer", "older"))
+        header = self._header(report, counts, query, "/quarantine")
+        return self._document("ingest quarantine", header, "".join(out))
+
+    async def commitments_page(self, request: web.Request) -> web.Response:
+        query = dict(request.query)
+        page = _page_number(query)
+        state = query.get("state", "").strip()
+        if state and state not in _COMMITMENT_STATES:
+            raise _Answer(400, f"bad request: state must be one of {', '.join(_COMMITMENT_STATES)}")
+        return self._html(await self._off_loop(self._commitments_body, query, page, state, report=True))
+
+    def _commitments_body(
+        self, query: Mapping[str, str], page: int, state: str, report: Mapping[str, Any]
+    ) -> bytes:
+        counts = self.store.study_counts()
+        by_state = self.store.commitment_counts()
+        total = by_state.get(state, 0) if state else sum(by_state.values())
+        pages = max(1, min(_COMMITMENT_PAGES, -(-total // PAGE_SIZE)))
+        _check_page(page, pages)
+        rows = self.store.commitments(state or None, page * PAGE_SIZE)[(page - 1) * PAGE_SIZE :]
+        tabs = [f'<a href="{e(self._link(query, "/commitments"))}">all ({sum(by_state.values())})</a>']
+        tabs += [
+            f'<a href="{e(self._link(query, "/commitments", state=name))}">{e(name)} '
+            f"({by_state.get(name, 0)})</a>"
+            for name in _COMMITMENT_STATES
+        ]
+        out = [
+            f"<h2>Storage Commitment ({e(state or 'all')}: {total}; page {page} of {pages})</h2>",
+            f"<nav>{''.join(tabs)}</nav>",
+            '<p class="note">Requests (N-ACTION) newest first, and their reports (N-EVENT-REPORT): committed '
+            f"and failed are known once the result is decided. The newest {_COMMITMENT_PAGES * PAGE_SIZE} "
+            "are listed; <code>ingest status</code> lists them all.</p>",
+            '<table id="commitments"><tr><th>received</th><th>transaction UID</th><th>requester AE</th>'
+            "<th>state</th><th>instances</th><th>committed</th><th>failed</th><th>attempts</th>"
+            "<th>next attempt</th><th>reported</th><th>last error</th></tr>",
+        ]
+        for c in rows:
+            cls = {"reported": "pushed", "abandoned": "dead", "pending": "pending"}.get(c.state, "")
+            out.append(
+                f'<tr data-transaction="{e(c.transaction_uid)}" data-state="{e(c.state)}">'
+                f'<td class="when">{e(_when(c.received_at))}</td>'
+                f'<td class="uid">{e(c.transaction_uid)}</td>'
+                f"<td>{e(c.calling_ae)}</td><td class=\"{cls}\">{e(c.state)}</td><td>{c.instances}</td>"
+                f"<td>{e('—' if c.committed is None else c.committed)}</td>"
+                f"<td>{e('—' if c.failed is None else c.failed)}</td><td>{c.attempts}</td>"
+                f'<td class="when">{e(_when(c.next_attempt_at) if c.state == "pending" else "—")}</td>'
+                f'<td class="when">{e(_when(c.reported_at))}</td><td>{e(c.last_error or "")}</td></tr>'
+            )
+        out.append("</table>")
+        if not rows:
+            out.append('<p class="note">none</p>')
+        extra = {"state": state} if state else {}
+        out.append(self._pager(query, "/commitments", page, pages, "newer", "older", extra))
+        header = self._header(report, counts, query, "/commitments")
+        return self._document("ingest storage commitment", header, "".join(out))
 
     async def study_json(self, request: web.Request) -> web.Response:
         """``/study/<uid>/imagingstudy.json``: the ImagingStudy as the mapping builds it now (any size)."""

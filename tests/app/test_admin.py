@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.app import admin
 from ingest.app.admin import StatusPage, admin_token, mount_status
 from ingest.app.serve import Health, admin_app
 from ingest.config import AdminSettings, Settings, load_settings
@@ -116,7 +118,7 @@ async def test_studies_are_listed_newest_first_with_their_summary(make_client: M
     assert rows == [(STUDY_X, "pending"), (STUDY_B, "dead"), (STUDY_A, "pushed")]
     study_a = text[text.index(f'<tr data-study="{STUDY_A}" data-state'):]
     study_a = study_a[: study_a.index("</tr>")]
-    for shown in ("AE MODALITY", "ACC-A", "CT, SR", "CT head", "2 / 2", "is-a", "pushed"):
+    for shown in ("AE MODALITY", "ACC-A", "<td>CT</td>", "CT head", "2 / 2", "is-a", "pushed"):
         assert shown in study_a
     assert "watch" in text and "replay" in text
     assert "dead: rejected" in text and "HTTP 400: subject «…» invalid" in text
@@ -311,7 +313,8 @@ def test_recent_studies_counts_groups_and_minutes(store: StateStore) -> None:
 
 async def test_head_needs_the_token_too(make_client: MakeClient) -> None:
     client, _ = await make_client(token="s3cret")
-    for path in ("/", f"/study/{STUDY_A}", f"/study/{STUDY_A}/imagingstudy.json"):
+    for path in ("/", f"/study/{STUDY_A}", f"/study/{STUDY_A}/imagingstudy.json", "/quarantine",
+                 "/commitments", "/summary.json"):
         assert (await client.head(path)).status == 401, path
         assert (await client.head(path, headers={"Authorization": "Bearer s3cret"})).status == 200, path
         assert (await client.head(f"{path}?token=s3cret")).status == 200, path
@@ -330,11 +333,13 @@ async def test_other_methods_need_the_token_then_are_not_allowed(make_client: Ma
 async def test_foreign_host_is_refused_for_every_method(make_client: MakeClient) -> None:
     client, _ = await make_client()
     foreign = {"Host": "rebound.example:9100"}
-    for path in ("/", f"/study/{STUDY_A}"):
+    for path in ("/", f"/study/{STUDY_A}", "/quarantine", "/commitments", "/summary.json"):
         assert (await client.head(path, headers=foreign)).status == 403, path
         assert (await client.request("PUT", path, headers=foreign)).status == 403, path
         assert (await client.head(path, headers={"Host": "localhost:9100"})).status == 200, path
     resp = await client.post("/retry", data={"uid": STUDY_B}, headers={**foreign, "Origin": "http://rebound.example:9100"})
+    assert resp.status == 403
+    resp = await client.post("/retry-all", headers={**foreign, "Origin": "http://rebound.example:9100"})
     assert resp.status == 403
 
 
@@ -465,3 +470,348 @@ async def test_header_health_report_is_reused_between_close_views(
     # the /healthz checks (a probe file in the spool folder) ran once (twice on a machine slow enough to
     # take more than 2 s for these pages), not once a page
     assert CountingHealth.calls <= 2
+
+
+# -- search and filters ------------------------------------------------------------------------------------
+
+
+def listed(text: str) -> list[str]:
+    return re.findall(r'<tr data-study="([0-9.]+)" data-state="\w+">', text)
+
+
+async def test_search_by_uid_accession_state_source_ae_modality_and_date(make_client: MakeClient) -> None:
+    client, _ = await make_client()
+
+    async def found(**params: str) -> list[str]:
+        resp = await client.get("/", params=params)
+        assert resp.status == 200, (params, await resp.text())
+        return listed(await resp.text())
+
+    assert await found(q=STUDY_B) == [STUDY_B]
+    assert await found(q=" acc-a ") == [STUDY_A]
+    assert await found(q="ACC-NONE") == []
+    assert await found(state="dead") == [STUDY_B]
+    assert await found(state="pushed") == [STUDY_A]
+    assert await found(source="watch") == [STUDY_B]
+    assert await found(source="dimse") == [STUDY_A]
+    assert await found(ae="modality") == [STUDY_A]
+    assert await found(ae="OTHER") == []
+    assert await found(modality="sr") == [STUDY_A]  # a study with a series of that modality
+    assert await found(modality="MR", state="dead") == [STUDY_B]
+    day_x = (NOW - timedelta(minutes=1)).date().isoformat()  # STUDY_X's last instance
+    assert STUDY_X in await found(**{"from": day_x, "to": day_x})
+    long_ago = (NOW - timedelta(days=10)).date().isoformat()
+    assert await found(to=long_ago) == []
+    text = await (await client.get("/", params={"q": "ACC-A"})).text()
+    assert "Search results (1; page 1 of 1)" in text and 'id="dead"' not in text
+    assert "Searched the newest 3 studies." in text
+
+
+async def test_uid_search_is_a_direct_lookup_and_the_scan_limit_is_said(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "_SCAN_MAX", 2)
+    client, _ = await make_client()
+    # STUDY_A is the oldest of three: past a scan of the newest two, found by its UID all the same
+    text = await (await client.get("/", params={"q": STUDY_A})).text()
+    assert listed(text) == [STUDY_A] and "Found by its Study Instance UID." in text
+    text = await (await client.get("/", params={"q": "ACC-A"})).text()
+    assert listed(text) == []
+    assert "The scan stops at the newest 2 studies or after 5 s: older studies were not searched" in text
+
+
+async def test_patient_search_only_with_show_patient(make_client: MakeClient) -> None:
+    client, _ = await make_client()
+    for q in ("PID-4711", "doe"):
+        text = await (await client.get("/", params={"q": q})).text()
+        assert listed(text) == [], q
+    assert "Study UID or accession<" in text
+    client, _ = await make_client(show_patient=True)
+    for q in ("pid-4711", "doe"):
+        text = await (await client.get("/", params={"q": q})).text()
+        assert listed(text) == [STUDY_A], q
+    assert "Study UID, accession, patient ID or name<" in text
+
+
+@pytest.mark.parametrize("params", [
+    {"state": "gone"}, {"source": "ftp"}, {"modality": "<b>"}, {"from": "2026-13-01"}, {"to": "yesterday"},
+    {"from": "2026-02-02", "to": "2026-02-01"}, {"q": "1" * 65}, {"ae": "a\x01b"},
+])
+async def test_bad_search_parameters_are_400(make_client: MakeClient, params: dict[str, str]) -> None:
+    client, _ = await make_client()
+    resp = await client.get("/", params=params)
+    assert resp.status == 400, params
+    assert "bad request" in await resp.text()
+
+
+async def test_search_terms_are_escaped_and_pages_keep_the_filter(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    for i in range(60):
+        uid = f"1.2.826.0.1.7.{i}"
+        add(sqlite_store, rec(uid, f"{uid}.1", f"{uid}.1.1", modality="DX"), when=NOW, source="watch")
+    client, _ = await make_client()
+    text = await (await client.get("/", params={"q": '"><script>x</script>'})).text()
+    assert "<script>x" not in text and "&quot;&gt;&lt;script&gt;x&lt;/script&gt;" in text
+    text = await (await client.get("/", params={"source": "watch", "modality": "DX"})).text()
+    assert len(listed(text)) == 50 and "Search results (60; page 1 of 2)" in text
+    nxt = re.search(r'<a rel="next" href="([^"]+)"', text)
+    assert nxt is not None
+    assert "source=watch" in nxt.group(1) and "modality=DX" in nxt.group(1) and "page=2" in nxt.group(1)
+    text = await (await client.get(nxt.group(1).replace("&amp;", "&"))).text()
+    assert len(listed(text)) == 10
+
+
+# -- the source cell ---------------------------------------------------------------------------------------
+
+
+async def test_replayed_study_source_is_one_short_line(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    study = "1.2.826.0.1.8"
+    items = [
+        (rec(study, f"{study}.{i % 3 + 1}", f"{study}.{i % 3 + 1}.{i}", modality="CT"),
+         f"file:/data/in/x/IM{i:04d}.dcm", None, f"c1:{i}")
+        for i in range(150)
+    ]
+    sqlite_store.add_instances(items, now=NOW, due_at=NOW + timedelta(days=1))
+    client, _ = await make_client()
+    text = await (await client.get("/")).text()
+    row = text[text.index(f'<tr data-study="{study}"'):]
+    row = row[: row.index("</tr>")]
+    assert "<td>replay of /data/in/x, 150 files</td>" in row
+    assert "IM0001" not in row and len(row) < 1000
+    text = await (await client.get(f"/study/{study}")).text()
+    assert text.count("replay of /data/in/x, 50 files") == 3  # one line per series
+    assert "IM0001.dcm<" not in text.split('id="instances"')[0]
+
+
+# -- the study page ----------------------------------------------------------------------------------------
+
+
+async def test_series_in_number_order_and_the_study_modality_as_the_imagingstudy_has_it(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    study = "1.2.826.0.1.9"
+    for number, series, modality in ((3, "1.2.826.0.1.9.1", "KO"), (1, "1.2.826.0.1.9.3", "MR"),
+                                     (None, "1.2.826.0.1.9.0", "PR"), (2, "1.2.826.0.1.9.2", "MR")):
+        add(sqlite_store, rec(study, series, f"{series}.1", modality=modality, series_number=number),
+            when=NOW)
+    client, _ = await make_client()
+    text = await (await client.get(f"/study/{study}")).text()
+    table = text[text.index('id="series"'): text.index("</table>", text.index('id="series"'))]
+    order = re.findall(r'<td class="uid">([0-9.]+)</td>', table)
+    assert order == ["1.2.826.0.1.9.3", "1.2.826.0.1.9.2", "1.2.826.0.1.9.1", "1.2.826.0.1.9.0"]
+    assert re.findall(r'<tr data-sop="([0-9.]+)">', text) == [f"{uid}.1" for uid in order]  # instances too
+    assert '<span id="study-modality">MR</span>' in text
+    text = await (await client.get("/")).text()
+    row = text[text.index(f'<tr data-study="{study}"'):]
+    assert "<td>MR</td>" in row[: row.index("</tr>")]
+
+
+# -- the quarantine list -----------------------------------------------------------------------------------
+
+
+async def test_quarantine_list_is_newest_first_paged_and_says_yes_or_no(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    quarantine = tmp_path / "quarantine"
+    quarantine.mkdir()
+    for i in range(120):
+        side = {"reason": "conflict" if i % 2 else "uid_grammar", "rule": "other_content", "kept": i % 3 != 0,
+                "time": f"t{i:03d}", "detail": f"detail {i}",
+                "source": "dimse:<b>MOD</b>" if i % 2 else "/drop/in/a.dcm"}
+        path = quarantine / f"s{i:03d}.json"
+        path.write_text(json.dumps(side))
+        os.utime(path, (1_700_000_000 + i, 1_700_000_000 + i))
+    client, page = await make_client()
+    page.quarantine.rescan_s = 0.0
+    text = await (await client.get("/quarantine")).text()
+    assert "Quarantine (120; page 1 of 3)" in text
+    times = re.findall(r'<tr><td class="when">(t[0-9]+)</td>', text)
+    assert times == [f"t{i:03d}" for i in range(119, 69, -1)]
+    first = text[text.index('<tr><td class="when">t119</td>'):]
+    first = first[: first.index("</tr>")]
+    assert "<td>conflict</td>" in first and "<td>AE &lt;b&gt;MOD&lt;/b&gt;</td>" in first
+    assert "<td>yes</td>" in first and "True" not in text
+    second = text[text.index('<tr><td class="when">t118</td>'):]
+    assert "<td>/drop/in/a.dcm</td>" in second[: second.index("</tr>")]
+    assert "<td>no</td>" in text  # t117: i % 3 == 0
+    text = await (await client.get("/quarantine", params={"page": "3"})).text()
+    times = re.findall(r'<tr><td class="when">(t[0-9]+)</td>', text)
+    assert times == [f"t{i:03d}" for i in range(19, -1, -1)]
+    assert (await client.get("/quarantine", params={"page": "4"})).status == 400
+
+
+async def test_study_page_says_kept_yes_or_no(make_client: MakeClient, tmp_path: Path) -> None:
+    quarantine = tmp_path / "quarantine"
+    quarantine.mkdir()
+    (quarantine / "a.json").write_text(json.dumps({
+        "reason": "conflict", "kept": False, "source": "dimse:MODALITY",
+        "detail": "SOP Instance UID 1.2.826.0.1.1.2.1 already stored"}))
+    client, _ = await make_client()
+    text = await (await client.get(f"/study/{STUDY_A}")).text()
+    table = text[text.index('id="quarantine"'):]
+    assert "<td>AE MODALITY</td><td>no</td>" in table and "False" not in table
+
+
+# -- Storage Commitment ------------------------------------------------------------------------------------
+
+
+async def test_commitments_view_lists_requests_and_their_reports(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    sqlite_store.add_commitment("1.2.3.100", "PACS<1>", [(CT, "1.2.826.0.1.1.1.1"), (CT, "9.9.9")],
+                                now=NOW - timedelta(minutes=2))
+    (claim,) = sqlite_store.claim_commitments(NOW, 10, "n1", 60)
+    sqlite_store.decide_commitment(claim.transaction_uid, now=NOW, hold_until=NOW + timedelta(days=1))
+    sqlite_store.commitment_reported(claim, now=NOW)
+    sqlite_store.add_commitment("1.2.3.200", "ARCHIVE", [(CT, "1.2.826.0.1.2.1.1")],
+                                now=NOW - timedelta(minutes=1))
+    (claim,) = sqlite_store.claim_commitments(NOW, 10, "n1", 60)
+    sqlite_store.commitment_retry(claim, error="association rejected <by peer>",
+                                  next_attempt_at=NOW + timedelta(minutes=5))
+    client, _ = await make_client()
+    text = await (await client.get("/commitments")).text()
+    assert re.findall(r'<tr data-transaction="([0-9.]+)" data-state="(\w+)">', text) == [
+        ("1.2.3.200", "pending"), ("1.2.3.100", "reported")]
+    reported = text[text.index('data-transaction="1.2.3.100"'):]
+    reported = reported[: reported.index("</tr>")]
+    assert "<td>PACS&lt;1&gt;</td>" in reported
+    # instances, committed, failed (no bytes are held for these rows: the store commits none)
+    assert "<td>2</td><td>0</td><td>2</td>" in reported
+    pending = text[text.index('data-transaction="1.2.3.200"'):]
+    pending = pending[: pending.index("</tr>")]
+    assert "association rejected &lt;by peer&gt;" in pending and "<td>—</td><td>—</td><td>1</td>" in pending
+    assert _when_text(NOW + timedelta(minutes=5)) in pending
+    text = await (await client.get("/commitments", params={"state": "reported"})).text()
+    assert re.findall(r'<tr data-transaction="([0-9.]+)"', text) == ["1.2.3.100"]
+    assert (await client.get("/commitments", params={"state": "nope"})).status == 400
+
+
+def _when_text(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# -- Retry all ---------------------------------------------------------------------------------------------
+
+
+def _second_dead_letter(store: StateStore) -> str:
+    uid = "1.2.826.0.1.6"
+    add(store, rec(uid, f"{uid}.1", f"{uid}.1.1"), when=NOW)
+    for claim in store.claim_due(NOW + timedelta(seconds=5), 10, "n1", 60):
+        if claim.study_uid == uid:
+            store.dead_letter(claim, reason="retries_exhausted", error="HTTP 503", now=NOW)
+        else:
+            store.release(claim)
+    return uid
+
+
+async def test_retry_all_needs_same_origin_and_the_csrf_token(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    second = _second_dead_letter(sqlite_store)
+    client, _ = await make_client()
+    text = await (await client.get("/")).text()
+    assert 'action="/retry-all"' in text
+    csrf = csrf_of(text)
+    origin = f"http://{client.server.host}:{client.server.port}"
+    for data, headers in (({}, {"Origin": origin}), ({"csrf": "wrong"}, {"Origin": origin}),
+                          ({"csrf": csrf}, {"Origin": "http://evil.example"}), ({"csrf": csrf}, {})):
+        resp = await client.post("/retry-all", data=data, headers=headers, allow_redirects=False)
+        assert resp.status == 403, (data, headers)
+    assert {r.study_uid for r in sqlite_store.studies(StudyState.DEAD)} == {STUDY_B, second}
+    assert (await client.get("/retry-all")).status == 405
+    resp = await client.post("/retry-all", data={"csrf": csrf}, headers={"Origin": origin},
+                             allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == "/?retried=2"
+    assert sqlite_store.studies(StudyState.DEAD) == []
+    text = await (await client.get("/")).text()
+    assert 'action="/retry-all"' not in text and "Dead letters (0)" in text
+
+
+async def test_retry_all_needs_the_token_when_configured(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    client, _ = await make_client(token="s3cret")
+    csrf = csrf_of(await (await client.get("/?token=s3cret")).text())
+    origin = f"http://{client.server.host}:{client.server.port}"
+    resp = await client.post("/retry-all", data={"csrf": csrf}, headers={"Origin": origin},
+                             allow_redirects=False)
+    assert resp.status == 401 and sqlite_store.studies(StudyState.DEAD) != []
+    resp = await client.post("/retry-all", data={"csrf": csrf, "token": "s3cret"}, headers={"Origin": origin},
+                             allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == "/?retried=1&token=s3cret"
+    assert sqlite_store.studies(StudyState.DEAD) == []
+
+
+# -- the header's counters ---------------------------------------------------------------------------------
+
+
+async def test_summary_json_has_the_header_numbers_under_the_same_rules(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    client, _ = await make_client(token="s3cret")
+    assert (await client.get("/summary.json")).status == 401
+    assert (await client.head("/summary.json")).status == 401
+    resp = await client.get("/summary.json", headers={"Authorization": "Bearer s3cret"})
+    assert resp.status == 200 and resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["fields"]["studies"] == "3" and body["fields"]["dead"] == "1"
+    assert body["fields"]["relay-queue"] == "1" and body["fields"]["node"] == "node-1"
+    assert body["parts"]["listener"] == "ok"
+    page_text = await (await client.get("/?token=s3cret")).text()
+    for key, value in body["fields"].items():  # every number has its place in the header
+        if key != "uptime":
+            assert f'<dd data-key="{key}">{value}</dd>' in page_text, key
+    _second_dead_letter(sqlite_store)
+    body = await (await client.get("/summary.json?token=s3cret")).json()
+    assert body["fields"]["dead"] == "2" and body["fields"]["studies"] == "4"
+    client, _ = await make_client()
+    assert (await client.get("/summary.json", headers={"Host": "rebound.example:9100"})).status == 403
+
+
+async def test_admin_js_updates_numbers_and_does_not_reload_the_page(make_client: MakeClient) -> None:
+    client, _ = await make_client()
+    js = await (await client.get("/admin.js")).text()
+    assert "/summary.json" in js and "data-key" in js
+    assert "window.location.href" not in js and "replaceWith" not in js and "location.reload" not in js
+
+
+def test_find_count_and_study_series_queries(store: StateStore) -> None:
+    fill(store)
+    assert [r.study_uid for r in store.find_studies(10)] == [STUDY_X, STUDY_B, STUDY_A]
+    assert [r.study_uid for r in store.find_studies(1, 1)] == [STUDY_B]
+    assert [r.study_uid for r in store.find_studies(10, state=StudyState.DEAD)] == [STUDY_B]
+    assert store.count_studies() == 3 and store.count_studies(state=StudyState.PUSHED) == 1
+    since = NOW - timedelta(minutes=6)
+    assert [r.study_uid for r in store.find_studies(10, seen_from=since)] == [STUDY_X, STUDY_B]
+    assert [r.study_uid for r in store.find_studies(10, seen_before=since)] == [STUDY_A]
+    assert store.count_studies(seen_from=since, seen_before=NOW - timedelta(minutes=2)) == 1
+    study = "1.2.826.0.1.8"
+    store.add_instances(
+        [(rec(study, f"{study}.1", f"{study}.1.{i}"), f"file:/in/b/IM{i}%_.dcm", None, f"c1:{i}")
+         for i in range(5)]
+        + [(rec(study, f"{study}.1", f"{study}.1.9"), "dimse:MOD", None, "c1:9")],
+        now=NOW, due_at=NOW,
+    )
+    groups = store.study_series([study, STUDY_A])
+    assert [(g.study_uid, g.series_uid, g.source, g.source_last, g.instances) for g in groups] == [
+        (STUDY_A, "1.2.826.0.1.1.1", "dimse:MODALITY", "dimse:MODALITY", 1),
+        (STUDY_A, "1.2.826.0.1.1.2", "dimse:MODALITY", "dimse:MODALITY", 1),
+        (study, f"{study}.1", "dimse:MOD", "dimse:MOD", 1),
+        (study, f"{study}.1", "file:/in/b/IM0%_.dcm", "file:/in/b/IM4%_.dcm", 5),
+    ]
+
+
+async def test_a_scan_that_takes_too_long_stops_and_says_so(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "_SCAN_CHUNK", 1)
+    monkeypatch.setattr(admin, "_SCAN_BUDGET_S", 0.0)  # past the budget after the first chunk
+    client, _ = await make_client()
+    text = await (await client.get("/", params={"source": "replay"})).text()
+    assert listed(text) == [STUDY_X] and "Searched the newest 1 studies (source replay)." in text
+    assert "older studies were not searched" in text
+    text = await (await client.get("/", params={"q": "ACC-A"})).text()
+    assert listed(text) == [] and "older studies were not searched" in text

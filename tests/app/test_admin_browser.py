@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from tests import REPO, free_ports
+from tests import REPO, free_ports, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -150,8 +150,58 @@ def serving(tmp_path: Path) -> Iterator[Serve]:
         s.stop()
 
 
+def _sample_files() -> dict[str, tuple[str, str, str, str]]:
+    """Path -> (Study Instance UID, SOP Class UID, SOP Instance UID, accession), of ``samples/studies``."""
+    out = {}
+    for path in sorted(SAMPLES.rglob("*.dcm")):
+        ds = dcmread(path, stop_before_pixels=True)
+        out[str(path)] = (str(ds.StudyInstanceUID), str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                          str(ds.get("AccessionNumber", "")))
+    return out
+
+
+def _ask_commitment(
+    port: int, transaction_uid: str, items: list[tuple[str, str]], *, wait_report: bool, ae_title: str
+) -> None:
+    """A Storage Commitment N-ACTION from ``ae_title`` (pynetdicom); with ``wait_report`` the association
+    offers the SCP role and stays open until the N-EVENT-REPORT came on it."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, build_role, evt
+
+    from ingest.sources.dimse.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+
+    reports: list[int] = []
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH, ExplicitVRLittleEndian)
+    kwargs: dict[str, Any] = {"ae_title": "INGEST"}
+    if wait_report:
+        kwargs["ext_neg"] = [build_role(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)]
+        kwargs["evt_handlers"] = [(evt.EVT_N_EVENT_REPORT, lambda event: reports.append(1) or (0x0000, None))]
+    info = Dataset()
+    info.TransactionUID = transaction_uid
+    refs = []
+    for cls, uid in items:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, uid
+        refs.append(item)
+    info.ReferencedSOPSequence = DicomSequence(refs)
+    assoc = ae.associate("127.0.0.1", port, **kwargs)
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(info, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
+        assert status.Status == 0x0000
+        if wait_report:  # the report arrives on this association (pynetdicom's thread)
+            wait_until(lambda: reports, 30, "the N-EVENT-REPORT")
+    finally:
+        assoc.release()
+
+
 def test_status_page_in_chromium(serving: Serve, tmp_path: Path) -> None:
     studies = _sample_studies()
+    files = _sample_files()
     assert len(studies) >= 2
     doomed = sorted(studies)[0]
     duplicates = [serving.create_duplicate(doomed), serving.create_duplicate(doomed)]
@@ -169,24 +219,47 @@ def test_status_page_in_chromium(serving: Serve, tmp_path: Path) -> None:
 
     _wait_for(settled, 60, "the studies pushed and one dead-lettered", serving.log)
 
+    # a conflicting copy of one instance (other content, same SOP Instance UID) from another AE: quarantined
+    first_path, (mr_study, cls, sop, _) = next((p, f) for p, f in files.items() if "study-002" in p)
+    ds = dcmread(first_path)
+    ds.SeriesDescription = "changed <b>content</b>"
+    ds.save_as(tmp_path / "conflict.dcm", enforce_file_format=True)
+    subprocess.run(["storescu", "-aet", "MODALITY<2>", "-aec", "INGEST", "127.0.0.1", str(serving.dicom_port),
+                    str(tmp_path / "conflict.dcm")], capture_output=True, timeout=60, check=False)
+    # Storage Commitment: one request (from the AE that sent the instances) reported on its association,
+    # one from another AE whose report cannot be delivered
+    mine = [(f[1], f[2]) for f in files.values() if f[0] == mr_study]
+    _ask_commitment(serving.dicom_port, "1.2.826.0.1.3680043.10.543.101", [*mine, (cls, "1.2.3.404")],
+                    wait_report=True, ae_title="STORESCU")
+    _ask_commitment(serving.dicom_port, "1.2.826.0.1.3680043.10.543.102", mine[:1], wait_report=False,
+                    ae_title="COMMITTER")
+
+    shots: dict[str, Path] = {}
     problems: list[str] = []
     assert sync_playwright is not None
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
                     if msg.type in ("error", "warning") else None)
             page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
             page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url}"))
+
+            def shot(name: str) -> None:
+                shots[name] = tmp_path / f"{name}.png"
+                page.screenshot(path=str(shots[name]), full_page=True)
+
             page.goto(serving.url)
 
-            # the studies are listed, with what storescu sent
+            # the studies are listed, with what storescu sent; the modality as the ImagingStudy has it
             for uid, n in studies.items():
                 row = page.locator(f'#studies tr[data-study="{uid}"]')
                 assert row.count() == 1, uid
                 assert f"/ {n}" in row.inner_text()
             assert "AE STORESCU" in page.locator("#studies").inner_text()
+            mr_cells = page.locator(f'#studies tr[data-study="{mr_study}"] td').all_inner_texts()
+            assert "MR" in mr_cells and "KO, MR" not in mr_cells  # its KO series is not an acquisition
 
             # the chart has points and non-zero bars
             points = page.locator("#chart polyline").get_attribute("points") or ""
@@ -195,33 +268,77 @@ def test_status_page_in_chromium(serving: Serve, tmp_path: Path) -> None:
                 "els => els.map(e => e.getAttribute('height'))")]
             assert heights and max(heights) > 0
 
-            # the dead letter, with the backend's message, and its Retry button
+            # the dead letter, with the backend's message, and the Retry buttons
             dead = page.locator(f'#dead tr[data-study="{doomed}"]')
             assert dead.count() == 1
             assert "multiple_matches" in dead.inner_text() and "refusing to guess" in dead.inner_text()
-            page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
+            assert page.locator('header [data-key="dead"]').inner_text() == "1"
+            shot("index")
 
-            serving.delete(duplicates[1])  # the cause is fixed; now re-drive it from the page
+            serving.delete(duplicates[1])  # the cause is fixed; now re-drive every dead letter from the page
             with page.expect_navigation():
-                page.locator(f'button[data-retry="{doomed}"]').click()
+                page.locator("#retry-all").click()
             assert page.locator(f'#dead tr[data-study="{doomed}"]').count() == 0
-            # the 5 s refresh swaps <main> without a reload: the study turns pushed
-            page.wait_for_selector(f'#studies tr[data-study="{doomed}"][data-state="pushed"]', timeout=30_000)
+            assert "Retry: 1 dead letter(s) re-queued." in page.locator("main").inner_text()
+            # the header's numbers change in place from /summary.json: no reload (the marker stays)
+            page.evaluate("window.__sameDocument = true")
+            uptime = page.locator('header [data-key="uptime"]').inner_text()
+            page.wait_for_function(
+                "u => document.querySelector('header [data-key=\"uptime\"]').textContent !== u", arg=uptime,
+                timeout=30_000)
+            page.wait_for_function(
+                "() => document.querySelector('header [data-key=\"relay-queue\"]').textContent === '0'",
+                timeout=30_000)
+            assert page.evaluate("window.__sameDocument") is True
             assert page.evaluate("document.documentElement.getAttribute('data-refreshed')") is not None
-            assert "Dead letters (0)" in page.locator("main").inner_text()
-            page.wait_for_function(  # the chart's line leaves the baseline: studies pushed this hour
-                "() => !/pushed: 0 studies/.test(document.querySelector('main').innerText)", timeout=30_000)
-            ys = [float(pt.split(",")[1]) for pt in
-                  (page.locator("#chart polyline").get_attribute("points") or "").split()]
-            assert min(ys) < max(ys)
 
-            # the study page
-            page.locator(f'#studies tr[data-study="{doomed}"] a').click()
+            # search: by accession, then by state and modality, from the form
+            accession = next(f[3] for f in files.values() if f[0] == mr_study)
+            page.fill('#search input[name="q"]', accession.lower())
+            with page.expect_navigation():
+                page.locator('#search button[type="submit"]').click()
+            assert page.locator("#studies tr[data-study]").count() == 1
+            assert page.locator(f'#studies tr[data-study="{mr_study}"]').count() == 1
+            page.fill('#search input[name="q"]', "")
+            page.select_option('#search select[name="state"]', "pushed")
+            page.fill('#search input[name="modality"]', "KO")
+            with page.expect_navigation():
+                page.locator('#search button[type="submit"]').click()
+            assert [r.get_attribute("data-study") for r in page.locator("#studies tr[data-study]").all()] == [
+                mr_study]
+            assert "Searched the newest" in page.locator("#search-note").inner_text()
+            shot("search")
+
+            # the study page: series in series-number order
+            page.locator(f'#studies tr[data-study="{mr_study}"] a').click()
             page.wait_for_selector("#series")
-            assert page.locator("#series tr").count() >= 2
+            numbers = [int(t) for t in page.locator("#series tr td:first-child").all_inner_texts()]
+            assert numbers == sorted(numbers) and len(numbers) == 3
+            assert page.locator("#study-modality").inner_text() == "MR"
             assert "ImagingStudy" in (page.locator("#imagingstudy").inner_text())
-            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
+            assert "AE MODALITY<2>" in page.locator("#quarantine").inner_text()
+            shot("study")
+
+            # the quarantine list
+            page.locator('nav.views a[href="/quarantine"]').click()
+            page.wait_for_selector("#quarantine-list")
+            row = page.locator("#quarantine-list tr").nth(1).inner_text()
+            assert "conflict" in row and "AE MODALITY<2>" in row and "yes" in row and sop in row
+            shot("quarantine")
+
+            # Storage Commitment
+            page.locator('nav.views a[href="/commitments"]').click()
+            page.wait_for_selector("#commitments")
+            reported = page.locator('#commitments tr[data-transaction="1.2.826.0.1.3680043.10.543.101"]')
+            cells = reported.locator("td").all_inner_texts()
+            # requester, state, instances; committed and failed (decided by the store) add up to them
+            assert cells[2:5] == ["STORESCU", "reported", str(len(mine) + 1)], cells
+            assert int(cells[5]) + int(cells[6]) == len(mine) + 1 and int(cells[6]) >= 1, cells
+            other = page.locator('#commitments tr[data-transaction="1.2.826.0.1.3680043.10.543.102"]')
+            assert other.count() == 1 and "COMMITTER" in other.inner_text()
+            shot("commitments")
         finally:
             browser.close()
     assert problems == []
-    assert (tmp_path / "status.png").stat().st_size > 0
+    for name in ("index", "search", "study", "quarantine", "commitments"):
+        assert shots[name].stat().st_size > 0, name

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -194,3 +195,67 @@ def test_study_page_viewers_do_not_slow_the_listener(serving: Serve, tmp_path: P
     # the viewers' pages are built off the listener's way: the 24 stores take at most a few times as long
     # (plus a fixed second for a loaded machine) as without them
     assert under_load < 3 * baseline + 1.0, (baseline, under_load)
+
+
+# -- a plain ingest serve: the intake depth, and what the quarantine records of listener input ---------------
+
+
+def _text(serve: Serve, path: str) -> str:
+    with LOOPBACK_HTTP.open(f"http://127.0.0.1:{serve.admin_port}{path}", timeout=60) as rsp:
+        return str(rsp.read().decode())
+
+
+def _intake_depth(serve: Serve) -> float | None:
+    for line in _text(serve, "/metrics").splitlines():
+        if line.startswith("ingest_intake_depth "):
+            return float(line.split()[1])
+    return None
+
+
+@pytest.fixture
+def plain(tmp_path: Path) -> Iterator[Serve]:
+    s = Serve(tmp_path)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_intake_depth_returns_to_zero_and_listener_rejections_name_their_ae(
+    plain: Serve, tmp_path: Path
+) -> None:
+    corpus = _write_corpus(tmp_path / "sent")
+    plain.storescu(corpus)
+    # every C-STORE has ended: the gauge (and the page's header) says no instance is being made durable
+    wait_until(lambda: _intake_depth(plain) == 0, 30, "ingest_intake_depth to read 0")
+    assert '<dd data-key="intake-depth">0</dd>' in _text(plain, "/")
+
+    # the same SOP Instance UID with other content (a conflict), and a data set without a Study Instance UID
+    # (refused when its header is read): both quarantined, their side files naming the calling AE
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    first = sorted(corpus.iterdir())[0]
+    ds = dcmread(first)
+    ds.SeriesDescription = "other content"
+    ds.save_as(refused / "conflict.dcm", enforce_file_format=True)
+    ds = dcmread(sorted(corpus.iterdir())[1])
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    del ds.StudyInstanceUID
+    ds.save_as(refused / "no-study.dcm", enforce_file_format=True)
+    for name in ("conflict.dcm", "no-study.dcm"):  # each answered with a failure status
+        subprocess.run(["storescu", "-aet", "MOD<1>", "-aec", "INGEST", "127.0.0.1", str(plain.dicom_port),
+                        str(refused / name)], capture_output=True, timeout=120, check=False)
+    folder = plain.data / "quarantine"
+
+    def sides() -> list[dict[str, object]]:
+        return [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
+
+    found = wait_until(lambda: len(sides()) == 2 and sides(), 30, "two quarantine side files")
+    assert "conflict" in {side["reason"] for side in found}
+    assert [side["source"] for side in found] == ["dimse:MOD<1>", "dimse:MOD<1>"]
+    assert {p.name for p in folder.iterdir()}.isdisjoint({"MOD<1>"})  # never a path
+    page = wait_until(lambda: (t := _text(plain, "/quarantine")).count("AE MOD&lt;1&gt;") == 2 and t, 30,
+                      "the quarantine list to show both")
+    assert "MOD<1>" not in page and "<td>yes</td>" in page

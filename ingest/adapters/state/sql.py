@@ -802,3 +802,94 @@ class SQLStateStore(StateStore):
                 ).fetchone()
                 counts.append([int(v or 0) for v in (row or [0] * minutes)])
         return counts[0], counts[1]
+
+    # -- the status page's search (ingest.app.admin) -----------------------------------------------------
+
+    def study_series(self, study_uids: Sequence[str]) -> list[SeriesGroup]:
+        """The instance rows of ``study_uids`` by study, series and source, every ``file:<path>`` source
+        of a series in one group: its ``source`` is the least path and ``source_last`` the greatest (a
+        replayed series is one group, not one per file)."""
+        kind = "CASE WHEN source LIKE 'file:%' THEN 'file:' ELSE source END"
+        wanted = sorted(set(study_uids))
+        groups: list[SeriesGroup] = []
+        with self._use("study_series") as cur:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ", ".join(["?"] * len(chunk))
+                rows = cur.execute(
+                    self._q(
+                        "SELECT study_uid, series_uid, MIN(source), MAX(source), COUNT(*), MIN(added_at), "
+                        f"MAX(added_at), MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
+                        f"GROUP BY study_uid, series_uid, {kind} ORDER BY study_uid, series_uid, MIN(source)"
+                    ),
+                    chunk,
+                ).fetchall()
+                groups += [
+                    SeriesGroup(
+                        study_uid=row[0],
+                        series_uid=row[1],
+                        source=row[2],
+                        source_last=row[3],
+                        instances=int(row[4]),
+                        first_added=self._from_time(row[5]),
+                        last_added=self._from_time(row[6]),
+                        sample=InstanceRecord.model_validate_json(row[7]),
+                    )
+                    for row in rows
+                ]
+        return groups
+
+    def _study_filter(
+        self, state: StudyState | None, seen_from: datetime | None, seen_before: datetime | None
+    ) -> tuple[str, list[object]]:
+        where: list[str] = []
+        args: list[object] = []
+        if state is not None:
+            where.append("s.state = ?")
+            args.append(state.value)
+        if seen_from is not None:
+            where.append("s.last_seen >= ?")
+            args.append(self._time(seen_from))
+        if seen_before is not None:
+            where.append("s.last_seen < ?")
+            args.append(self._time(seen_before))
+        return ("WHERE " + " AND ".join(where) + " " if where else ""), args
+
+    def find_studies(
+        self,
+        limit: int,
+        offset: int = 0,
+        *,
+        state: StudyState | None = None,
+        seen_from: datetime | None = None,
+        seen_before: datetime | None = None,
+    ) -> list[StudyRow]:
+        """Studies newest first by ``last_seen`` (as :meth:`recent_studies`), only those in ``state`` and
+        last received in [``seen_from``, ``seen_before``) when given; ``limit`` from ``offset``."""
+        where, args = self._study_filter(state, seen_from, seen_before)
+        with self._use("find_studies") as cur:
+            rows = cur.execute(
+                self._q(
+                    "SELECT s.study_uid, s.state, "
+                    "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid), s.dirty, "
+                    "s.attempts, s.backend_id, s.version_id, s.last_error, s.last_seen, s.due_at, "
+                    "s.next_attempt_at, s.pushed_at, s.lease_owner, s.lease_expires, s.dead_reason "
+                    f"FROM studies s {where}ORDER BY (CASE WHEN s.last_seen IS NULL THEN 1 ELSE 0 END), "
+                    "s.last_seen DESC, s.study_uid LIMIT ? OFFSET ?"
+                ),
+                [*args, max(0, limit), max(0, offset)],
+            ).fetchall()
+        return [study_row(row, self._from_time) for row in rows]
+
+    def count_studies(
+        self,
+        *,
+        state: StudyState | None = None,
+        seen_from: datetime | None = None,
+        seen_before: datetime | None = None,
+    ) -> int:
+        """How many studies :meth:`find_studies` would list without a limit."""
+        where, args = self._study_filter(state, seen_from, seen_before)
+        with self._use("count_studies") as cur:
+            row = cur.execute(self._q(f"SELECT COUNT(*) FROM studies s {where}"), args).fetchone()
+        return int(row[0]) if row else 0

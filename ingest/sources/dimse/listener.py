@@ -672,11 +672,14 @@ class Listener:
             self.metrics.instances_rejected.labels(reason="internal").inc()
             return _answer("internal")
 
-    def _reject(self, outcome: str, data: bytes | Path | None, detail: str, rule: str = "") -> Dataset:
+    def _reject(
+        self, outcome: str, data: bytes | Path | None, detail: str, rule: str = "", *,
+        source: str | None = None,
+    ) -> Dataset:
         self.metrics.instances_rejected.labels(reason=outcome).inc()
         if data:
             try:
-                self.quarantine.put(data, outcome, rule or outcome, detail, self.clock())
+                self.quarantine.put(data, outcome, rule or outcome, detail, self.clock(), source=source)
             except Exception as exc:  # the answer still says why; quarantine is best effort
                 LOGGER.warning("could not quarantine a rejected dataset: %s", exc)
         return _answer(outcome)
@@ -734,11 +737,11 @@ class Listener:
             parsed = read()
         except HeaderError as exc:
             LOGGER.warning("C-STORE %s from %s rejected (%s): %s", cmd_sop, calling, exc.reason, exc)
-            return self._reject(exc.reason, body, str(exc))
+            return self._reject(exc.reason, body, str(exc), source=source)
         except RecursionError:
             nested = NestingTooDeepError(f"Sequences nested too deep to parse (source={source})")
             LOGGER.warning("C-STORE %s from %s rejected (%s)", cmd_sop, calling, nested.reason)
-            return self._reject(nested.reason, body, str(nested))
+            return self._reject(nested.reason, body, str(nested), source=source)
         record = parsed.record
         if record.sop_uid != cmd_sop or record.sop_class_uid != cmd_class:
             detail = (
@@ -746,7 +749,7 @@ class Listener:
                 f"the command's {cmd_sop}/{cmd_class} (source={source})"
             )
             LOGGER.warning("C-STORE from %s rejected: %s", calling, detail)
-            return self._reject("uid_mismatch", body, detail)
+            return self._reject("uid_mismatch", body, detail, source=source)
         return parsed
 
     @contextlib.contextmanager
@@ -764,6 +767,7 @@ class Listener:
             yield True
         finally:
             self.intake.leave()
+            self.metrics.intake_depth.set(self.intake.busy)
 
     def _spool_full(self, nbytes: int, cmd_sop: str, *, refused: str | None = None) -> Dataset | None:
         """0xA700 when ``nbytes`` more would cross ``[spool] max_bytes`` or ``min_free_bytes`` (counted in
@@ -876,7 +880,7 @@ class Listener:
             admitted = self.group.admit(
                 Candidate(
                     record, digest, source, spool_name=None if kept is None else kept.name, body=data,
-                    data=inline,
+                    origin=source, data=inline,
                 )
             )
         except StoreError as exc:
