@@ -208,7 +208,7 @@ def _print_table(title: str, rows: list[tuple[str, Any]], out: TextIO) -> None:
 
 
 async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.app.replay import ReplayOptions, run_replay
+    from ingest.app.replay import ReplayOptions, ReplaySummary, run_replay
 
     opts = ReplayOptions(
         paths=list(args.paths),
@@ -222,7 +222,19 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.bundle and not args.dry_run:
         print("ingest replay: --bundle needs --dry-run", file=sys.stderr)
         return int(ExitCode.FATAL)
-    summary = await run_replay(settings, opts, stdout=sys.stdout, stderr=sys.stderr)
+    summary = ReplaySummary()
+    try:
+        await run_replay(settings, opts, stdout=sys.stdout, stderr=sys.stderr, summary=summary)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # Ctrl-C: what is stored stays stored; a rerun skips the files already stored unchanged
+        done = ("nothing was written (dry run)" if args.dry_run else
+                f"{summary.accepted} new instance(s) were stored; run the same command again to go on "
+                "(files already stored are not read again)")
+        print(f"\ningest replay: interrupted after {summary.files} file(s): {done}", file=sys.stderr)
+        raise KeyboardInterrupt from None
+    if summary.files == 0:
+        shown = ", ".join(printable(str(p)) for p in args.paths)
+        print(f"ingest replay: no DICOM files found in {shown}: nothing to do", file=sys.stderr)
     if args.json:
         print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr if args.dry_run else sys.stdout)
     elif not args.dry_run or sys.stderr.isatty():
