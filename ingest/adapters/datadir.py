@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-__all__ = ["LOCK_NAME", "PRIVATE_UMASK", "DataDirLock", "private_umask", "tighten"]
+__all__ = ["LOCK_NAME", "PRIVATE_UMASK", "DataDirLock", "lock_holder", "private_umask", "tighten"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -118,6 +118,27 @@ def tighten(data_dir: Path) -> list[str]:
     if changed:
         LOGGER.warning("data dir %s was readable by others; tightened: %s", data_dir, ", ".join(changed))
     return changed
+
+
+def lock_holder(data_dir: Path) -> str | None:
+    """The pid of the process holding ``data_dir``'s lock, or ``None`` when nobody holds it (nothing is
+    created: a data dir that does not exist is not held)."""
+    path = data_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with contextlib.suppress(OSError, ValueError):
+                text = path.read_text().strip()
+                return str(int(text)) if text else "unknown"
+            return "unknown"
+        return None
+    finally:
+        os.close(fd)
 
 
 class DataDirLock:

@@ -33,7 +33,9 @@ __all__ = ["build_parser", "main", "run"]
 
 LOGGER = logging.getLogger("ingest.app.cli")
 
-_DEFAULT_CONFIG = Path("config/ingest.toml")
+#: Where the settings file is looked for, in order, when ``--config`` is not given (README "Configuration").
+CONFIG_ENV = "INGEST_CONFIG"
+CONFIG_SEARCH = (Path("config/ingest.toml"), Path("/etc/ingest/ingest.toml"))
 
 
 class _Version(argparse.Action):
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     parser.add_argument(
         "--config", type=Path, default=None,
-        help=f"settings file (default: {_DEFAULT_CONFIG} if it exists, else built-in defaults)",
+        help=(f"settings file (default: ${CONFIG_ENV}, else the first of "
+              f"{', '.join(map(str, CONFIG_SEARCH))} that exists, else built-in defaults)"),
     )
     parser.add_argument(
         "--data-dir", type=Path, default=None,
@@ -127,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the study now instead of leaving it to `ingest serve`")
     p.set_defaults(func=_cmd_reject)
 
+    p = sub.add_parser(
+        "check-config",
+        help="print the effective settings (secrets masked) and every problem found with them",
+        description="Prints the effective settings as JSON on stdout (secrets masked) and each problem on "
+                    "stderr, one line naming the setting: files, ports (whether they can be bound now), "
+                    "tokens, the data dir. Exit 0 when none is found, 1 otherwise.",
+    )
+    p.add_argument("--command", dest="for_command", choices=("serve", "watch", "backend"), default="serve",
+                   help="which command's ports to check (default serve)")
+    p.set_defaults(func=_cmd_check_config)
     p = sub.add_parser("backend", help="run the embedded FHIR GraphQL backend alone")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
@@ -134,20 +147,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def find_config(given: Path | None, environ: dict[str, str] | None = None) -> tuple[Path | None, str]:
+    """The settings file to use and where it came from: ``--config``, then ``$INGEST_CONFIG``, then the
+    first of :data:`CONFIG_SEARCH` that exists; ``(None, "built-in defaults")`` when there is none.
+
+    A file named by ``--config`` or ``$INGEST_CONFIG`` must exist (``load_settings`` says so)."""
+    env = os.environ if environ is None else environ
+    if given is not None:
+        return given, "--config"
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV]), CONFIG_ENV
+    for candidate in CONFIG_SEARCH:
+        if candidate.is_file():
+            return candidate, "found"
+    return None, "built-in defaults"
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    config = args.config
-    if config is None and _DEFAULT_CONFIG.is_file():
-        config = _DEFAULT_CONFIG
+    config, _ = find_config(args.config)
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     return load_settings(config, **overrides)
 
 
-def _log_effective(settings: Settings, command: str) -> None:
-    # The service logs its effective settings at INFO; one-shot commands at DEBUG (stderr stays readable).
-    level = logging.INFO if command in ("serve", "backend") else logging.DEBUG
-    LOGGER.log(level, "effective settings: %s", json.dumps(settings.masked(), sort_keys=True))
+def _log_effective(settings: Settings, args: argparse.Namespace) -> None:
+    # Every command's first line names the settings file and the data dir (an `ingest status` run from
+    # another folder would otherwise read an empty ./data silently); the full settings are at DEBUG.
+    config, origin = find_config(args.config)
+    where = f"{printable(str(config.resolve()))} ({origin})" if config is not None else origin
+    LOGGER.info("ingest %s: settings %s, data dir %s", args.command, where,
+                printable(str(settings.data_dir.resolve())))
+    if args.command in ("serve", "watch"):
+        LOGGER.info("%s", startup_summary(settings))
+    LOGGER.debug("effective settings: %s", json.dumps(settings.masked(), sort_keys=True))
+
+
+def startup_summary(settings: Settings) -> str:
+    """One line: what the service listens on, whom it lets in, where it writes."""
+    lst = settings.listener
+    if lst.enabled:
+        aes = ("any calling AE" if lst.accept_any_calling_ae
+               else ", ".join(printable(a.ae) for a in lst.allowed_calling_aes) or "no calling AE")
+        listener = (f"listener {printable(lst.ae_title)} on {lst.host}:{lst.port}"
+                    f"{' (TLS)' if lst.tls.enabled else ''}, allowing {aes}")
+    else:
+        listener = "listener off"
+    backend = (f"backend {printable(settings.backend.url)}" if settings.backend.url else
+               f"embedded backend on {settings.embedded_backend.host}:{settings.embedded_backend.port}")
+    watch = f", watching {printable(str(settings.watch.folder))}" if settings.watch.folder else ""
+    state = "state store PostgreSQL" if settings.state.url else "state store SQLite"
+    admin = f", admin on {settings.admin.host}:{settings.admin.port}" if settings.admin.enabled else ""
+    return f"{listener}{watch}; {backend}; {state}{admin}"
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -159,7 +210,7 @@ async def run(args: argparse.Namespace) -> int:
     private_umask()
     settings = _settings(args)
     setup_logging(settings.log.level, settings.log.format, args.verbose - args.quiet)
-    _log_effective(settings, args.command)
+    _log_effective(settings, args)
     try:
         tighten(settings.data_dir)  # what an earlier version or a restore left readable by others
     except OSError as exc:
@@ -282,6 +333,23 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         return ExitCode.DEAD if still else ExitCode.OK
     finally:
         store.close()
+
+
+async def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.adapters.datadir import lock_holder
+    from ingest.app.preflight import problems
+
+    print(json.dumps(settings.masked(), indent=2, sort_keys=True))
+    found = problems(settings, command=args.for_command)
+    holder = lock_holder(settings.data_dir)
+    if holder is not None:
+        shown = printable(str(settings.data_dir))
+        found.append(f"data dir {shown}: in use by a running ingest (pid {holder})")
+    for problem in found:
+        print(f"ingest check-config: {problem}", file=sys.stderr)
+    if not found:
+        print("ingest check-config: no problems found", file=sys.stderr)
+    return int(ExitCode.FATAL if found else ExitCode.OK)
 
 
 async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:
