@@ -381,11 +381,11 @@ class StateSettings(_Section):
         if v is None:
             return v
         scheme = urlsplit(v.strip()).scheme
-        if scheme not in ("postgresql", "postgres"):
+        if v.strip() and scheme not in ("postgresql", "postgres") and not v.startswith("sqlite:///"):
             shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", v)
             raise ValueError(
-                f"[state] url {shown!r}: only postgresql:// URLs are supported (leave it unset for the "
-                "SQLite store in the data dir)"
+                f"[state] url {shown!r}: only postgresql:// (and sqlite:///PATH) URLs are supported "
+                "(leave it unset for the SQLite store in the data dir)"
             )
         return v.strip()
 

@@ -387,6 +387,7 @@ def test_a_backend_url_must_be_http(url: str) -> None:
 def test_a_state_url_must_be_postgresql_and_its_password_is_not_shown() -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(state={"url": "mysql://user:hunter2@db/ingest"})
-    assert "only postgresql:// URLs are supported" in str(err.value)
+    assert "only postgresql:// (and sqlite:///PATH) URLs are supported" in str(err.value)
     assert "hunter2" not in str(err.value)
     assert load_settings(state={"url": "postgresql://u@h/db"}).state.url == "postgresql://u@h/db"
+    assert load_settings(state={"url": "sqlite:///tmp/s.db"}).state.url == "sqlite:///tmp/s.db"

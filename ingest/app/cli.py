@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command", dest="for_command", choices=("serve", "watch", "backend"), default="serve",
                    help="which command's ports to check (default serve)")
     p.set_defaults(func=_cmd_check_config)
+    p = sub.add_parser("init", help="write a settings file and a private data dir into a folder")
+    p.add_argument("folder", type=Path, help="where ingest.toml and data/ go (created 0700)")
+    p.add_argument("--force", action="store_true", help="write ingest.toml anew when it exists")
+    p.set_defaults(func=_cmd_init)
+    p = sub.add_parser("backup", help="copy the SQLite state store while the service runs")
+    p.add_argument("destination", type=Path, help="a new file (the copy is one self-contained SQLite file)")
+    p.set_defaults(func=_cmd_backup)
+    p = sub.add_parser("migrate", help="bring the state store's schema to this version's (or --check)")
+    p.add_argument("--check", action="store_true",
+                   help="only say whether a migration is needed (exit 1 when it is); change nothing")
+    p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser("backend", help="run the embedded FHIR GraphQL backend alone")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
@@ -217,8 +228,19 @@ async def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"data dir {settings.data_dir}: cannot make it private: {exc.strerror or exc}"
         ) from exc
+    dry = getattr(args, "dry_run", False)
+    if settings.state.node_id is None and args.command in _NODE_COMMANDS and not dry:
+        # one id per data dir across restarts (leases, spool ownership, `ingest status` per node)
+        from ingest.adapters.datadir import stable_node_id
+
+        node = stable_node_id(settings.data_dir)
+        settings = settings.model_copy(update={"state": settings.state.model_copy(update={"node_id": node})})
     result: int = await args.func(args, settings)
     return result
+
+
+#: Commands that claim studies or receive instances as a node of the state store.
+_NODE_COMMANDS = frozenset({"serve", "watch", "replay", "retry", "reject"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,6 +318,13 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.status import run_status
 
+    if settings.state.url is None and not (settings.data_dir / "state.sqlite3").is_file():
+        # an `ingest status` from another folder would read (and create) an empty ./data silently
+        print(f"ingest status: no state store in data dir {printable(str(settings.data_dir.resolve()))}: "
+              "run it where the service runs, or name the service's settings (--config, $INGEST_CONFIG) "
+              "or data dir (--data-dir)", file=sys.stderr)
+        return int(ExitCode.FATAL)
+
     return await run_status(settings, state=args.state, as_json=args.json)
 
 
@@ -350,6 +379,24 @@ async def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int
     if not found:
         print("ingest check-config: no problems found", file=sys.stderr)
     return int(ExitCode.FATAL if found else ExitCode.OK)
+
+
+async def _cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.operate import run_init
+
+    return run_init(args.folder, force=args.force)
+
+
+async def _cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.operate import run_backup
+
+    return await asyncio.to_thread(run_backup, settings, args.destination)
+
+
+async def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.operate import run_migrate
+
+    return await asyncio.to_thread(run_migrate, settings, check=args.check)
 
 
 async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:
