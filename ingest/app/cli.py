@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="studies pending, pushed and dead (with the last error)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--state", choices=["pending", "pushed", "dead"], default=None)
+    p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                   help="studies whose last instance arrived on or after that day (UTC)")
+    p.add_argument("--ae", default=None, help="studies a calling AE sent (some of) its instances from")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most this many studies, newest first (table default 50; --json: all)")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("retry", help="re-drive dead-lettered studies")
@@ -325,7 +330,8 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
               "or data dir (--data-dir)", file=sys.stderr)
         return int(ExitCode.FATAL)
 
-    return await run_status(settings, state=args.state, as_json=args.json)
+    return await run_status(settings, state=args.state, as_json=args.json, since=args.since, ae=args.ae,
+                            limit=None if args.limit is None else max(0, args.limit))
 
 
 async def _cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
