@@ -178,9 +178,10 @@ async def run_status(
             state_text += f", lease {r.lease_owner}" + ("" if _lease_active(r, now) else " (expired)")
         error = (f"{r.dead_reason}: " if r.dead_reason else "") + (r.last_error or "")
         # untrusted text (backend messages, AE titles, DICOM values): escaped, rich markup shown as is
+        received = item.received or r.last_seen
         table.add_row(
-            (item.received or r.last_seen).strftime("%Y-%m-%d %H:%M") if (item.received or r.last_seen)
-            else "", markup_safe(source_label(item.sources)), markup_safe(r.study_uid),
+            received.strftime("%Y-%m-%d %H:%M") if received else "",
+            markup_safe(source_label(item.sources)), markup_safe(r.study_uid),
             markup_safe(item.accession or ""), markup_safe(", ".join(_modalities(item.modalities))),
             str(len(item.series)), str(r.instances), markup_safe(state_text), markup_safe(error),
         )

@@ -98,8 +98,8 @@ def _table(tmp_path: Path, *args: str, columns: int) -> str:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
     env["COLUMNS"] = str(columns)
-    done = subprocess.run([sys.executable, "-m", "ingest", "-q", "--data-dir", str(tmp_path / "data"), "status",
-                           *args], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    command = [sys.executable, "-m", "ingest", "-q", "--data-dir", str(tmp_path / "data"), "status", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -111,10 +111,7 @@ def _rows(out: str) -> list[list[str]]:
     for line in out.splitlines():
         if line.startswith("│"):
             cells = [c.strip() for c in line.strip().strip("│").split("│")]
-            if current is None:
-                current = cells
-            else:
-                current = [a + b for a, b in zip(current, cells, strict=True)]
+            current = cells if current is None else [a + b for a, b in zip(current, cells, strict=True)]
         elif current is not None:  # a rule between rows, or the table's end
             rows.append(current)
             current = None
