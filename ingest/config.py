@@ -311,8 +311,31 @@ class BackendSettings(_Section):
     # SDL file of the backend's schema, for backends that refuse introspection (``[backend] schema``; the
     # attribute has another name because ``schema`` is taken on pydantic models).
     schema_file: Path | None = Field(default=None, alias="schema")
+    # OAuth2 client credentials (Medplum client applications): the token is fetched from token_url and
+    # refreshed before it expires; the client secret comes from client_secret_env or client_secret_file.
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: Path | None = None
+    scope: str | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    @model_validator(mode="after")
+    def _client_credentials(self) -> BackendSettings:
+        if self.token_url is None:
+            if self.client_id or self.client_secret_env or self.client_secret_file:
+                raise ValueError("[backend] client_id / client_secret_* need token_url (the OAuth2 token "
+                                 "endpoint, e.g. https://api.medplum.com/oauth2/token)")
+            return self
+        parts = urlsplit(self.token_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"[backend] token_url {self.token_url!r} is not an http(s) URL")
+        if not self.client_id:
+            raise ValueError("[backend] token_url needs client_id")
+        if not (self.client_secret_env or self.client_secret_file):
+            raise ValueError("[backend] token_url needs client_secret_env or client_secret_file")
+        return self
 
     @field_validator("url")
     @classmethod

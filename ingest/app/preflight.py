@@ -41,6 +41,7 @@ def file_problems(settings: Settings) -> list[str]:
         ("[backend] ca", settings.backend.ca),
         ("[backend] schema", settings.backend.schema_file),
         ("[backend] token_file", settings.backend.token_file),
+        ("[backend] client_secret_file", settings.backend.client_secret_file),
         ("[admin] token_file", settings.admin.token_file),
     ]
     if tls.enabled and settings.listener.enabled:
@@ -67,7 +68,9 @@ def file_problems(settings: Settings) -> list[str]:
         except (ssl.SSLError, OSError, ValueError) as exc:
             found.append(f"[backend] ca {printable(str(settings.backend.ca))}: not a PEM CA bundle "
                          f"({printable(getattr(exc, 'reason', None) or exc)})")
-    named = [("[admin] token_env", settings.admin.token_env if settings.admin.enabled else None)]
+    secret_env = settings.backend.client_secret_env if settings.backend.url else None
+    named = [("[admin] token_env", settings.admin.token_env if settings.admin.enabled else None),
+             ("[backend] client_secret_env", secret_env)]
     if not settings.backend.url:
         named.append(("[embedded_backend] token_env", settings.embedded_backend.token_env))
     for key, name in named:
