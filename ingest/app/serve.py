@@ -282,7 +282,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
                 from ingest.app.admin import mount_status  # the status page at / (README "Status page")
 
                 app = admin_app(metrics, store, health)
-                mount_status(app, settings, store, health, metrics, node=relay.node, builder=relay.build)
+                # the relay's builder is replaced once the backend answers ([patient] / [endpoint] links):
+                # the page asks for the current one each time
+                mount_status(app, settings, store, health, metrics, node=relay.node,
+                             builder=lambda records: relay.build(records))
                 runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
                 site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
