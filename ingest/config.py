@@ -68,11 +68,18 @@ class CallingAE(_Section):
 
     ``host`` and ``port`` together are also where Storage Commitment reports for this AE go when they
     cannot be sent on the requester's own association (``[listener.commitment]``).
+
+    ``reject``: its IOCM rejection notes are applied (docs/architecture.md "Study lifecycle"); without it
+    they are quarantined (``rejection_not_allowed``). ``replace``: with ``[intake] on_conflict =
+    "replace"``, it may replace instances other AEs sent and move an instance to another patient. Both
+    are per AE title: an AE listed several times (several hosts) has them only when every entry does.
     """
 
     ae: str
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
+    reject: bool = False
+    replace: bool = False
 
     @field_validator("ae")
     @classmethod
@@ -120,6 +127,11 @@ class CommitmentSettings(_Section):
     give_up_after_s: float = Field(default=7 * 86400.0, gt=0)
     # How often the sender looks for due reports (retries, other nodes' requests) besides being woken.
     poll_interval_s: float = Field(default=1.0, gt=0)
+    # One delivery on a new association (connect, association, N-EVENT-REPORT and its answer) ends after
+    # report_timeout_s: the association is aborted, its connection closed and the report retried later.
+    report_timeout_s: float = Field(default=30.0, gt=0)
+    # Reports delivered at once, at most one per requester AE (a requester that never answers holds one).
+    senders: int = Field(default=4, ge=1, le=64)
 
 
 class ListenerSettings(_Section):
@@ -146,6 +158,10 @@ class ListenerSettings(_Section):
     max_pending_connections: int = Field(default=64, ge=1)
     intake_size: int = Field(default=256, ge=1)
     max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    # Most instances a Key Object Selection Document (an IOCM rejection note) may name in its Current
+    # Requested Procedure Evidence (0040,A375), counted while the header is read, before any is decoded;
+    # past it the note is refused (0xC007, quarantine reason too_many_references). Every source.
+    max_rejection_items: int = Field(default=100_000, ge=1)
     # Storage SOP classes neither pydicom nor pynetdicom knows: "refuse" their presentation contexts,
     # or "accept" well-formed UIDs under the storage root or a private root (like storescp -pm).
     unknown_storage_classes: Literal["refuse", "accept"] = "refuse"
@@ -175,6 +191,15 @@ class WatchSettings(_Section):
     after: Literal["move", "delete", "keep"] = "move"
     archive_dir: Path | None = None
     jobs: int = Field(default=2, ge=1)
+    # A file that reads as incomplete (truncated, or too short for a preamble and "DICM") stays in the
+    # folder and is read again when it changes; it is quarantined only once unchanged for this long.
+    incomplete_timeout: str = "5m"
+
+    @field_validator("incomplete_timeout")
+    @classmethod
+    def _incomplete_timeout(cls, v: str) -> str:
+        parse_duration(v, key="[watch] incomplete_timeout")
+        return v.strip().lower()
 
 
 class IntakeSettings(_Section):
@@ -447,6 +472,7 @@ def _is_loopback(host: str) -> bool:
 
 
 class MappingSettings(_Section):
+    # unset: the machine's own zone, resolved at start (ingest.app.wiring.machine_timezone)
     site_timezone: str | None = None
     include_instances: bool = True
     include_study_id: bool = False
@@ -551,6 +577,17 @@ def _wado_rs_problem(url: str) -> str | None:
     return None
 
 
+class LinksSettings(_Section):
+    # ImagingStudy.basedOn <- the order (Accession Number, Request Attributes Sequence): "off", "logical"
+    # (by identifier) or "lookup" (ServiceRequest/<id> when the backend holds exactly one match)
+    based_on: Literal["off", "logical", "lookup"] = "logical"
+    # ImagingStudy.encounter <- Admission ID (0038,0010) + issuer: "off", "logical" or "lookup"
+    encounter: Literal["off", "logical", "lookup"] = "off"
+    # ImagingStudy.referrer: "display" (the Referring Physician's Name) or "lookup" (Practitioner/<id> by
+    # the Referring Physician Identification Sequence (0008,0096); names alone never decide)
+    referrer: Literal["display", "lookup"] = "display"
+
+
 class LogSettings(_Section):
     level: str = "INFO"
     format: Literal["text", "json"] = "text"
@@ -582,6 +619,7 @@ class Settings(BaseSettings):
     patient: PatientSettings = PatientSettings()
     endpoint: EndpointSettings = EndpointSettings()
     profile: ProfileSettings = ProfileSettings()
+    links: LinksSettings = LinksSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

@@ -13,12 +13,15 @@ gql/aiohttp, the file system) into this tree, so the orchestrator only ever hand
     │   ├── InvalidUIDError          a UID breaks the DICOM UID grammar
     │   ├── NestingTooDeepError      sequences nested deeper than pydicom can parse
     │   ├── NotPatientInstanceError  DICOMDIR, Color Palette and other non-patient objects
-    │   └── InstanceConflictError    same SOP Instance UID with other content or in another study
+    │   ├── InstanceConflictError    same SOP Instance UID with other content or in another study
+    │   └── TooManyReferencesError   a Key Object Selection names more instances than the cap
     ├── ArchiveError                 an archive or member refused (escape, link, bomb, unreadable)
     ├── StoreError                   the state store failed
     │   └── StoreUnavailableError    the store cannot be reached or written now (transient)
+    ├── ReportDeliveryError          a Storage Commitment report was not delivered (retried with backoff)
     └── SinkError                    the backend failed
         ├── RetryableSinkError       connection refused, timeout, HTTP 5xx/429, 401 after token reload
+        │   └── BackendStorageError  HTTP 503 no-store: the backend's disk is full (no attempt limit)
         └── PermanentSinkError       GraphQL validation/execution errors, other 4xx
             ├── MultipleMatchesError two or more backend resources carry the study identifier
             └── ForeignContentError  the backend copy cannot be read or written back whole
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArchiveError",
+    "BackendStorageError",
     "ConfigError",
     "ForeignContentError",
     "HeaderError",
@@ -43,10 +47,12 @@ __all__ = [
     "NotDicomError",
     "NotPatientInstanceError",
     "PermanentSinkError",
+    "ReportDeliveryError",
     "RetryableSinkError",
     "SinkError",
     "StoreError",
     "StoreUnavailableError",
+    "TooManyReferencesError",
     "TruncatedError",
 ]
 
@@ -114,6 +120,13 @@ class InstanceConflictError(HeaderError):
     reason = "conflict"
 
 
+class TooManyReferencesError(HeaderError):
+    """A Key Object Selection Document (an IOCM rejection note) whose Current Requested Procedure
+    Evidence (0040,A375) names more instances than ``[listener] max_rejection_items``."""
+
+    reason = "too_many_references"
+
+
 class ArchiveError(IngestError):
     """An archive, or one of its members, is refused."""
 
@@ -139,6 +152,11 @@ class RetryableSinkError(SinkError):
     """Transient backend failure: retry with backoff."""
 
 
+class BackendStorageError(RetryableSinkError):
+    """The backend cannot store anything right now (HTTP 503 with an OperationOutcome issue ``no-store``:
+    its database or disk is full): retried without an attempt limit, never dead-lettered."""
+
+
 class PermanentSinkError(SinkError):
     """The backend refused the request; retrying the same request cannot succeed."""
 
@@ -154,3 +172,8 @@ class ForeignContentError(PermanentSinkError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ReportDeliveryError(IngestError):
+    """A Storage Commitment report was not delivered (the requester is unreachable, refused the
+    association, answered a failure or did not answer in time); it is retried later."""

@@ -88,7 +88,7 @@ class Metrics:
             "ingest_spool_released_bytes", "Bytes of accepted instances removed, by reason", ["reason"],
             registry=r,
         )
-        # Storage Commitment (ingest.sources.dimse.commitment)
+        # Storage Commitment (ingest.sources.dimse.commitment, ingest.relay.reports)
         self.commitments = Counter(
             "ingest_commitments",
             "Storage Commitment: requests (requested, repeated, refused) and reports (committed: every "

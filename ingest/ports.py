@@ -8,7 +8,7 @@ Tests replace these with fakes, the way httpx uses ``MockTransport``. Concrete i
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -18,9 +18,11 @@ from ingest.core.lifecycle import Rejection
 from ingest.core.records import BackendStudy, InstanceRecord
 
 __all__ = [
+    "HELD",
     "AddOutcome",
     "Added",
     "BackendStudy",
+    "Clock",
     "CommitmentAdded",
     "CommitmentClaim",
     "CommitmentReport",
@@ -30,8 +32,11 @@ __all__ = [
     "FileIdentityState",
     "LifecycleState",
     "Rejected",
+    "RejectionRow",
     "ReleasedBytes",
     "Replaced",
+    "ReportChannel",
+    "ReportSender",
     "RetentionState",
     "SeriesGroup",
     "Sink",
@@ -131,10 +136,54 @@ class LifecycleState(Protocol):
         data: bytes | None,
         now: datetime,
         due_at: datetime,
+        trusted: bool = True,
+        keep_held: bool = True,
     ) -> Replaced | None:
         """Replace the stored version of ``record.sop_uid`` (same study) with this one, and make the study
-        dirty and due at ``due_at``; ``None`` when no version of it is stored in that study."""
+        dirty and due at ``due_at``; ``None`` when no version of it is stored in that study. Refused
+        (:attr:`Replaced.refused`, nothing written) by :func:`ingest.core.admission.replace_refusal`
+        (``trusted``: the sender may replace others' instances), and, unless ``keep_held`` (the caller
+        has kept the old bytes), for a version whose bytes are under a commitment hold (:data:`HELD`)."""
         ...
+
+    def study_patients(self, study_uids: Sequence[str]) -> dict[str, set[str]]:
+        """Per stored study of ``study_uids``: the patient keys (:func:`ingest.core.lifecycle.patient_key`)
+        of its instances, rejection notes excluded."""
+        ...
+
+    def rejection_rows(self, study_uid: str | None = None) -> list[RejectionRow]:
+        """Every recorded rejection (of ``study_uid`` only, when given), oldest first."""
+        ...
+
+    def unreject(self, rejection: Rejection, *, now: datetime) -> bool:
+        """Remove a rejection ``ingest reject`` recorded (``note_uid`` ``""``) and make its study dirty and
+        due at ``now``; ``False`` when there is no such rejection (nothing written)."""
+        ...
+
+    def held_rejected(self, *, now: datetime, limit: int) -> dict[str, list[str]]:
+        """Instances whose bytes a rejection removes (113037 / 113039) but a commitment hold kept, now that
+        the hold has ended at ``now``: ``iocm:<code>`` -> SOP Instance UIDs (at most ``limit`` in all)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RejectionRow:
+    """One recorded rejection as ``ingest rejections`` lists it.
+
+    Attributes
+    ----------
+    rejection:
+        What it rejects, and for which code.
+    added_at:
+        When it was recorded.
+    source:
+        Who made it: ``ingest reject``, or the source of the note that made it (``dimse:<AE>``,
+        ``watch``, ``file:<label>``).
+    """
+
+    rejection: Rejection
+    added_at: datetime | None
+    source: str
 
 
 class CommitmentAdded(enum.Enum):
@@ -225,6 +274,11 @@ class Replaced:
         Where its bytes were: a spool file, or the bytes kept in the state store (deleted with it).
     release_reason:
         ``iocm:<code>`` when an IOCM rejection covering the instance says its (new) bytes go; else ``""``.
+    refused:
+        Why the replacement was refused (nothing written): a rule of
+        :func:`ingest.core.admission.replace_refusal`, or :data:`HELD`; ``""`` when it was made.
+    patient_changed:
+        The new version is of another patient than the old one (a trusted sender's replacement).
     """
 
     study_uid: str
@@ -232,6 +286,13 @@ class Replaced:
     old_spool_name: str | None
     old_data: bytes | None
     release_reason: str = ""
+    refused: str = ""
+    patient_changed: bool = False
+
+
+#: :attr:`Replaced.refused` of a version whose bytes are under a Storage Commitment hold: the caller keeps
+#: them (the quarantine) before asking again with ``keep_held``.
+HELD = "held"
 
 
 class CommitmentState(Protocol):
@@ -245,9 +306,20 @@ class CommitmentState(Protocol):
         ...
 
     def claim_commitments(
-        self, now: datetime, limit: int, owner: str, lease_s: float
+        self,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_s: float,
+        *,
+        stale_after: datetime | None = None,
+        exclude_aes: Collection[str] = (),
     ) -> list[CommitmentClaim]:
-        """Claim up to ``limit`` pending reports that are due and not leased by another owner."""
+        """Claim up to ``limit`` pending reports that are due and not leased by another owner.
+
+        A next attempt later than ``stale_after`` counts as due (it was set before the clock was stepped
+        back); reports to ``exclude_aes`` are left alone (a delivery to that AE is under way).
+        """
         ...
 
     def decide_commitment(
@@ -406,11 +478,21 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentitySt
         """Bytes of instance data the state store holds (the disk budget counts them with the spool)."""
         ...
 
+    def retry_now(self, now: datetime) -> int:
+        """Pending studies waiting for a retry become due at ``now`` (the backend is back)."""
+        ...
+
+    def requeue(self, study_uids: Sequence[str], now: datetime) -> int:
+        """Make pushed studies dirty and due at ``now`` (``ingest relink``); returns how many."""
+        ...
+
     def mark_due(self, study_uids: Iterable[str], due_at: datetime) -> None:
         """Bring the due time of dirty studies forward (end of a replay input, association released)."""
         ...
 
-    def claim_due(self, now: datetime, limit: int, owner: str, lease_s: float) -> list[StudyClaim]:
+    def claim_due(
+        self, now: datetime, limit: int, owner: str, lease_s: float, *, stale_after: datetime | None = None
+    ) -> list[StudyClaim]:
         """Claim up to ``limit`` studies that are dirty, due, past their next attempt and not leased."""
         ...
 
@@ -505,3 +587,44 @@ class SeriesGroup:
     first_added: datetime | None
     last_added: datetime | None
     sample: InstanceRecord  # one of the group's header records (the least by its JSON text)
+
+
+class Clock(Protocol):
+    """The process's two clocks (``ingest.clock``): wall-clock time, stored in the state store as due
+    times, and monotonic time, which no clock step moves (docs/reliability.md "Clock steps")."""
+
+    def now(self) -> datetime:
+        """The wall-clock time, timezone-aware."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary start, never going back."""
+        ...
+
+
+class ReportChannel(Protocol):
+    """One way to deliver a Storage Commitment N-EVENT-REPORT (``ingest.relay.reports`` tries them in
+    order): the requester's own association (``ingest.sources.dimse.commitment``) or a new association
+    to it (``ingest.adapters.dimse_scu``)."""
+
+    def send_report(self, report: CommitmentReport, *, timeout_s: float) -> str | None:
+        """Deliver ``report`` within ``timeout_s``; returns how (for the log), or ``None`` when this
+        channel has no way to the requester. Raises ``ingest.errors.ReportDeliveryError`` when it tried
+        and failed."""
+        ...
+
+
+class ReportSender(Protocol):
+    """The Storage Commitment report sender as the N-ACTION SCP sees it (``ingest.relay.reports``)."""
+
+    def start(self) -> None:
+        """Start delivering due reports."""
+        ...
+
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop; deliveries under way end within their timeout, the rest stay pending."""
+        ...
+
+    def wake(self) -> None:
+        """A request was stored: look for due reports now."""
+        ...

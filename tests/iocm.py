@@ -5,6 +5,7 @@ with pydicom. Every value is made up."""
 from __future__ import annotations
 
 import io
+import struct
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,12 +85,14 @@ def note(
     sop: str | None = None,
     series: str | None = None,
     evidence_study: str | None = None,
+    **attrs: Any,
 ) -> bytes:
     """A Key Object Selection Document titled ``(code, DCM)`` whose evidence names ``rejected``
-    (``(series UID, SOP Instance UID)`` pairs, CT images) of ``evidence_study`` (default ``study``)."""
+    (``(series UID, SOP Instance UID)`` pairs, CT images) of ``evidence_study`` (default ``study``);
+    ``attrs`` set other attributes (``PatientID``...)."""
     ds = Dataset()
     _common(ds, study, series or generate_uid(), sop or generate_uid(), KOS, Modality="KO", SeriesNumber=99,
-            InstanceNumber=1)
+            InstanceNumber=1, **attrs)
     title = Dataset()
     title.CodeValue = code
     title.CodingSchemeDesignator = "DCM"
@@ -124,3 +127,31 @@ def write(folder: Path, name: str, data: bytes) -> Path:
     path = folder / name
     path.write_bytes(data)
     return path
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element (PS3.5 7.1.2), its value padded to even length."""
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    if vr == b"SQ":
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _item(content: bytes) -> bytes:
+    return struct.pack("<HHL", 0xFFFE, 0xE000, len(content)) + content
+
+
+def large_note(study: str, series: str, count: int, *, sop: str | None = None, code: str = "113001") -> bytes:
+    """A rejection note (as :func:`note`) naming ``count`` CT instances ``<series>.1`` ...
+    ``<series>.<count>`` of one series, its evidence encoded directly (pydicom would need ~4 KiB per
+    item to build it): the size of a note naming a whole large study."""
+    head = note(study, [], code=code, sop=sop)
+    at = head.rindex(struct.pack("<HH2s", 0x0040, 0xA375, b"SQ"))  # the evidence is the last element
+    ct = _element(0x00081150, b"UI", CT.encode())
+    sops = b"".join(
+        _item(ct + _element(0x00081155, b"UI", f"{series}.{n}".encode())) for n in range(1, count + 1)
+    )
+    series_item = _item(_element(0x00081199, b"SQ", sops) + _element(0x0020000E, b"UI", series.encode()))
+    study_item = _item(_element(0x00081115, b"SQ", series_item) + _element(0x0020000D, b"UI", study.encode()))
+    return head[:at] + _element(0x0040A375, b"SQ", study_item)

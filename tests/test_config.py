@@ -391,3 +391,13 @@ def test_a_state_url_must_be_postgresql_and_its_password_is_not_shown() -> None:
     assert "hunter2" not in str(err.value)
     assert load_settings(state={"url": "postgresql://u@h/db"}).state.url == "postgresql://u@h/db"
     assert load_settings(state={"url": "sqlite:///tmp/s.db"}).state.url == "sqlite:///tmp/s.db"
+
+
+def test_calling_aes_may_reject_and_replace_only_when_said(tmp_path: Path) -> None:
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text('[listener]\n'
+                   'allowed_calling_aes = ["CT1", {ae = "PACS1", reject = true, replace = true}]\n')
+    entries = load_settings(cfg).listener.allowed_calling_aes
+    assert [(e.ae, e.reject, e.replace) for e in entries] == [("CT1", False, False), ("PACS1", True, True)]
+    with pytest.raises(ConfigError, match=r"allowed_calling_aes\.0\.reject"):
+        load_settings(listener={"allowed_calling_aes": [{"ae": "CT1", "reject": "sometimes"}]})

@@ -34,9 +34,21 @@ Implicit VR Little Endian would encode it (tag, 4-byte length, value, PS3.5 7.1.
 - values of :data:`_BIG_VALUE` bytes or more (pixel data) enter as their own SHA-256; text values of
   that size are not stripped. Pixel data is hashed, never decoded.
 
+The canonical form is hashed as it grows (:class:`_Digest`, between sequence items), so a data set
+of hundreds of thousands of sequence items does not hold them all in memory.
+
 The digest is prefixed with its scheme, :data:`CONTENT_DIGEST_SCHEME` (``c1:``), so it never equals
 the older 64-hex-digit digest of the encoded bytes; the state store compares records when the schemes
 differ (see :mod:`ingest.adapters.state.sql`).
+
+The evidence of a Key Object Selection Document (0040,A375; an IOCM rejection note names every
+instance it rejects there, and one note may name hundreds of thousands) is not kept as an element:
+when the walk reaches it, a dedicated walk (:class:`_EvidenceWalk`) reads only the Study, Series and
+Referenced SOP Instance UIDs of its items, counting Referenced SOP items as it goes, and stops with
+:class:`~ingest.errors.TooManyReferencesError` at the first one past ``max_rejection_items``
+(``[listener] max_rejection_items``), before anything else of the note is decoded. No pydicom item is
+made for it; the UIDs go to :func:`~ingest.core.extract.extract_elements` as
+:class:`~ingest.core.extract.EvidenceUids`.
 
 Files larger than :data:`LARGE_FILE_BYTES` are not read into memory: the same walk runs over a small
 read window that moves through the file (element and item headers, wanted values), values it skips
@@ -51,16 +63,17 @@ import itertools
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from pydicom._dicom_dict import DicomDictionary, RepeatersDictionary
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 
 from ingest.adapters.folders import ignored_name, iter_dicom_files  # (the folder walk, re-exported)
-from ingest.core.extract import extract_elements
+from ingest.core.extract import EvidenceUids, extract_elements
 from ingest.core.records import InstanceRecord
 from ingest.core.tags import HEADER_TAGS
 from ingest.errors import (
@@ -68,12 +81,14 @@ from ingest.errors import (
     InflateCapError,
     NestingTooDeepError,
     NotDicomError,
+    TooManyReferencesError,
     TruncatedError,
 )
 
 __all__ = [
     "CONTENT_DIGEST_SCHEME",
     "DEFAULT_MAX_INFLATED_BYTES",
+    "DEFAULT_MAX_REJECTION_ITEMS",
     "LARGE_FILE_BYTES",
     "MAX_NESTING_DEPTH",
     "ParsedInstance",
@@ -85,6 +100,9 @@ __all__ = [
 
 #: Default cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
 DEFAULT_MAX_INFLATED_BYTES: Final = 64 * 1024 * 1024
+#: Default cap on the instances a Key Object Selection Document's evidence (0040,A375) may name
+#: (``[listener] max_rejection_items``).
+DEFAULT_MAX_REJECTION_ITEMS: Final = 100_000
 #: Files larger than this are read through a moving window, never whole (bounded memory).
 LARGE_FILE_BYTES: Final = 32 * 1024 * 1024
 #: Size of the digest reads of a large file.
@@ -120,7 +138,21 @@ _ALL_VRS: Final = _LONG_VRS | frozenset(
         b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
     }
 )  # fmt: skip
-_WANTED: Final = frozenset(int(t) for t in HEADER_TAGS)
+_T_SOP_CLASS: Final = 0x00080016  # (0008,0016) SOP Class UID
+_T_SOP_INSTANCE: Final = 0x00080018  # (0008,0018) SOP Instance UID
+_T_EVIDENCE: Final = 0x0040A375  # (0040,A375) Current Requested Procedure Evidence Sequence
+_KEY_OBJECT_SELECTION: Final = b"1.2.840.10008.5.1.4.1.1.88.59"
+# The evidence's levels: (the UID read, the sequence of the next level) per item
+_EVIDENCE_LEVELS: Final = (
+    (0x0020000D, 0x00081115),  # Study Instance UID, Referenced Series Sequence
+    (0x0020000E, 0x00081199),  # Series Instance UID, Referenced SOP Sequence
+    (0x00081155, None),  # Referenced SOP Instance UID
+    (None, None),  # anything else: walked over
+)
+#: Longest UID value read from the evidence; a longer one is invalid whatever it holds (64 + padding).
+_MAX_UID_VALUE: Final = 1024
+# the evidence is walked by _EvidenceWalk, never kept as an element
+_WANTED: Final = frozenset(int(t) for t in HEADER_TAGS) - {_T_EVIDENCE}
 # Byte-swap width of the binary VRs, for Explicit VR Big Endian values (PS3.5 7.3); OB/UN/text: none
 _SWAP_WIDTH: Final = {
     b"AT": 2, b"OW": 2, b"SS": 2, b"US": 2, b"FL": 4, b"OF": 4, b"OL": 4, b"SL": 4, b"UL": 4,
@@ -194,6 +226,7 @@ def read_header(
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     media_sop_class: bool = True,
     large_file_bytes: int | None = None,
+    max_rejection_items: int = DEFAULT_MAX_REJECTION_ITEMS,
 ) -> ParsedInstance:
     """Read a DICOM file's header (never its pixel data).
 
@@ -211,6 +244,8 @@ def read_header(
     large_file_bytes:
         Files larger than this are read through a moving window with a chunked digest (bounded
         memory); default :data:`LARGE_FILE_BYTES`. Both ways give the same result.
+    max_rejection_items:
+        Most instances a Key Object Selection Document's evidence (0040,A375) may name.
 
     Returns
     -------
@@ -221,7 +256,8 @@ def read_header(
     ------
     HeaderError
         The file is refused: :class:`NotDicomError`, :class:`TruncatedError`,
-        :class:`InflateCapError`, :class:`NestingTooDeepError`, or one of the acceptance errors of
+        :class:`InflateCapError`, :class:`NestingTooDeepError`, :class:`TooManyReferencesError`, or
+        one of the acceptance errors of
         :func:`~ingest.core.extract.extract`.
     OSError
         The file cannot be read.
@@ -230,11 +266,14 @@ def read_header(
     with open(path, "rb", buffering=0) as file:  # unbuffered: one read of the whole file
         size = os.fstat(file.fileno()).st_size
         if size > threshold and size > 0:
-            return _read_large(file.fileno(), size, str(path), max_inflated_bytes, media_sop_class)
+            return _read_large(
+                file.fileno(), size, str(path), max_inflated_bytes, media_sop_class, max_rejection_items
+            )
         data = file.readall()
-    if not media_sop_class:
-        return _read_parts(data, str(path), None, max_inflated_bytes, media_sop_class=False)
-    return read_header_bytes(data, source=str(path), max_inflated_bytes=max_inflated_bytes)
+    return _read_parts(
+        data, str(path), None, max_inflated_bytes, media_sop_class=media_sop_class,
+        max_rejection_items=max_rejection_items,
+    )
 
 
 def read_header_bytes(
@@ -243,6 +282,7 @@ def read_header_bytes(
     source: str,
     transfer_syntax_uid: str | None = None,
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    max_rejection_items: int = DEFAULT_MAX_REJECTION_ITEMS,
 ) -> ParsedInstance:
     """Read a header from bytes: a Part 10 file's content, or a dataset received over DIMSE.
 
@@ -257,6 +297,8 @@ def read_header_bytes(
         C-STORE). Ignored when the bytes carry a file meta group with a Transfer Syntax UID.
     max_inflated_bytes:
         Cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
+    max_rejection_items:
+        Most instances a Key Object Selection Document's evidence (0040,A375) may name.
 
     Returns
     -------
@@ -273,10 +315,15 @@ def read_header_bytes(
         The deflated dataset inflates to more than ``max_inflated_bytes``.
     NestingTooDeepError
         Sequence items nested deeper than :data:`MAX_NESTING_DEPTH`, or than pydicom can parse.
+    TooManyReferencesError
+        A Key Object Selection Document names more than ``max_rejection_items`` instances.
     HeaderError
         A malformed structure, or an acceptance error from :func:`~ingest.core.extract.extract`.
     """
-    return _read_parts(data, source, transfer_syntax_uid, max_inflated_bytes, media_sop_class=True)
+    return _read_parts(
+        data, source, transfer_syntax_uid, max_inflated_bytes, media_sop_class=True,
+        max_rejection_items=max_rejection_items,
+    )
 
 
 def _read_parts(
@@ -286,6 +333,7 @@ def _read_parts(
     max_inflated_bytes: int,
     *,
     media_sop_class: bool,
+    max_rejection_items: int = DEFAULT_MAX_REJECTION_ITEMS,
 ) -> ParsedInstance:
     """The body of :func:`read_header_bytes` (in memory)."""
     if not data:
@@ -304,7 +352,8 @@ def _read_parts(
         implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
 
     record, digest = _scan_extract(
-        _Scanner(body, implicit, little, source), guessed, meta, ts, source, media_sop_class
+        _Scanner(body, implicit, little, source, max_rejection_items), guessed, meta, ts, source,
+        media_sop_class,
     )
     return ParsedInstance(record=record, digest=digest, size=len(data))
 
@@ -340,8 +389,9 @@ def _scan_extract(
         transfer_syntax_uid=meta_ts,
         media_sop_class_uid=meta_sop_class if media_sop_class else None,
         source=source,
+        evidence=scanner.evidence,
     )
-    return record, CONTENT_DIGEST_SCHEME + hashlib.sha256(b"".join(scanner.parts)).hexdigest()
+    return record, CONTENT_DIGEST_SCHEME + scanner.parts.hexdigest()
 
 
 def _read_file_meta(data: bytes, source: str) -> tuple[int, dict[int, str]]:
@@ -433,10 +483,81 @@ def _inflate(body: memoryview, cap: int, source: str) -> bytes:
     return out
 
 
-def _close_sequence(dig: list[bytes], mark: int, group: int, elem: int) -> None:
-    """End a sequence opened at ``dig[mark]``: a delimiter, or an empty value if it had no items."""
-    if len(dig) == mark + 1:
-        dig[mark] = _LE_ITEM.pack(group, elem, 0)
+#: Parts of the canonical form held before they are hashed (a note naming 100,000 instances has ~600,000)
+_FLUSH_PARTS: Final = 4096
+
+
+class _Digest(list[bytes]):
+    """The content digest's canonical form (see the module docstring), hashed as it grows.
+
+    Parts are appended as to a list; :meth:`flush` (called between sequence items) hashes all but the
+    last once there are :data:`_FLUSH_PARTS`, so memory does not grow with the number of items. Positions
+    (:meth:`pos`) count every part ever appended. A defined-length sequence or item that fails to parse
+    is hashed as a plain value instead, so its parts are rolled back to a :meth:`mark`; a flush that
+    passes an open mark keeps the hash state at it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sha = hashlib.sha256()
+        self.base = 0  # parts hashed so far
+        self.marks: list[list[Any]] = []  # open marks, innermost last: [position, hash state at it or None]
+
+    def pos(self) -> int:
+        """The position of the next part."""
+        return self.base + len(self)
+
+    def mark(self) -> list[Any]:
+        """Open a mark at :meth:`pos` (closed by :meth:`release` or :meth:`rollback`, innermost first)."""
+        opened = [self.pos(), None]
+        self.marks.append(opened)
+        return opened
+
+    def release(self, opened: list[Any]) -> None:
+        """Close the innermost mark, keeping what was appended since."""
+        assert self.marks.pop() is opened
+
+    def rollback(self, opened: list[Any]) -> None:
+        """Close the innermost mark, dropping what was appended since."""
+        assert self.marks.pop() is opened
+        position, state = opened
+        if state is None:  # no flush passed it
+            del self[position - self.base :]
+        else:
+            self.sha = state
+            self.clear()
+            self.base = position
+
+    def flush(self) -> None:
+        """Hash all parts but the last (which :func:`_close_sequence` may still replace)."""
+        keep = len(self) - 1
+        if keep <= 0:
+            return
+        done = 0
+        for opened in self.marks:
+            upto = opened[0] - self.base
+            if upto > keep:
+                break
+            if opened[1] is None and upto >= 0:
+                self.sha.update(b"".join(self[done:upto]))
+                done = upto
+                opened[1] = self.sha.copy()
+        self.sha.update(b"".join(self[done:keep]))
+        del self[:keep]
+        self.base += keep
+
+    def hexdigest(self) -> str:
+        """The SHA-256 of every part, in hex (the walk is over)."""
+        self.sha.update(b"".join(self))
+        self.base += len(self)
+        self.clear()
+        return self.sha.hexdigest()
+
+
+def _close_sequence(dig: _Digest, mark: int, group: int, elem: int) -> None:
+    """End a sequence opened at position *mark*: a delimiter, or an empty value if it had no items."""
+    if dig.pos() == mark + 1:  # the opening part is the last one (never flushed)
+        dig[-1] = _LE_ITEM.pack(group, elem, 0)
     else:
         dig.append(_C_SEQ_END)
 
@@ -456,8 +577,13 @@ class _Scanner:
     It also collects the content digest's canonical form in :attr:`parts` (see the module docstring).
     """
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool, source: str) -> None:
+    def __init__(
+        self, buf: bytes, implicit: bool, little: bool, source: str,
+        max_rejection_items: int = DEFAULT_MAX_REJECTION_ITEMS,
+    ) -> None:
         self.buf = buf
+        self.max_rejection_items = max_rejection_items
+        self.evidence: EvidenceUids | None = None  # a Key Object Selection's (0040,A375), once walked
         self.implicit = implicit
         self.little = little
         self.source = source
@@ -465,7 +591,7 @@ class _Scanner:
         self.hh = _LE_HH if little else _BE_HH
         self.head = _LE_HEAD if little else _BE_HEAD
         self.u32 = _LE_L if little else _BE_L
-        self.parts: list[bytes] = []  # the canonical form, hashed once at the end
+        self.parts = _Digest()  # the canonical form, hashed as it grows
 
     def _truncated(self, what: str, tag: int | None, pos: int) -> TruncatedError:
         where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else "element header"
@@ -494,7 +620,7 @@ class _Scanner:
         implicit: bool,
         depth: int,
         wanted: dict[int, RawDataElement] | None,
-        dig: list[bytes] | None,
+        dig: _Digest | None,
     ) -> tuple[int, bool]:
         """Walk elements from *pos* to *end*, or to an Item Delimitation Item.
 
@@ -531,6 +657,8 @@ class _Scanner:
                     start = pos + 8
                 if tag == _ITEM_END:
                     return start, True
+                if tag == _T_EVIDENCE and wanted is not None:
+                    self._walk_evidence(wanted, vr, start, length, implicit)
                 # the content digest leaves out file meta, group lengths and trailing padding
                 out = dig if (elem and group != 0x0002 and tag != _T_PADDING) else None
                 if length == _UNDEFINED:
@@ -538,7 +666,7 @@ class _Scanner:
                     if out is None:
                         value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag, None)
                     else:
-                        mark = len(out)
+                        mark = out.pos()
                         out.append(pack(group, elem, _UNDEFINED))
                         frag = vr is not None and vr != b"SQ" and vr != b"UN"  # encapsulated pixel data
                         value_end, next_pos = self._items(
@@ -585,7 +713,7 @@ class _Scanner:
         implicit: bool,
         depth: int,
         owner: int,
-        dig: list[bytes] | None,
+        dig: _Digest | None,
         *,
         frag: bool = False,
         defined: bool = False,
@@ -603,6 +731,8 @@ class _Scanner:
                 tag=f"({owner >> 16:04X},{owner & 0xFFFF:04X})",
             )
         while True:
+            if dig is not None and len(dig) > _FLUSH_PARTS:
+                dig.flush()
             if defined and pos == end:
                 return pos, pos
             if pos + 8 > end:
@@ -638,35 +768,37 @@ class _Scanner:
                     self._defined_item(dig, start, pos, implicit, depth)
 
     def _defined_sequence(
-        self, dig: list[bytes], tag: int, vr: bytes | None, start: int, end: int, implicit: bool, depth: int
+        self, dig: _Digest, tag: int, vr: bytes | None, start: int, end: int, implicit: bool, depth: int
     ) -> None:
         """Digest a defined-length sequence item by item; as a plain value if it does not parse."""
-        mark = len(dig)
+        mark = dig.mark()
         group, elem = tag >> 16, tag & 0xFFFF
         dig.append(_LE_ITEM.pack(group, elem, _UNDEFINED))
         try:
             self._items(start, end, implicit or vr != b"SQ", depth + 1, tag, dig, defined=True)
         except HeaderError:
-            del dig[mark:]
+            dig.rollback(mark)
             self._value(dig, tag, None, start, end)
             return
-        _close_sequence(dig, mark, group, elem)
+        dig.release(mark)
+        _close_sequence(dig, mark[0], group, elem)
 
-    def _defined_item(self, dig: list[bytes], start: int, end: int, implicit: bool, depth: int) -> None:
+    def _defined_item(self, dig: _Digest, start: int, end: int, implicit: bool, depth: int) -> None:
         """Digest a defined-length item's elements; as a plain value if they do not parse."""
-        mark = len(dig)
+        mark = dig.mark()
         dig.append(_C_ITEM)
         try:
             pos, _ = self._dataset(start, end, implicit, depth, None, dig)
             if pos != end:
                 raise HeaderError("an item delimiter inside a defined-length item")
         except HeaderError:
-            del dig[mark:]
+            dig.rollback(mark)
             self._value(dig, _ITEM, None, start, end)
             return
+        dig.release(mark)
         dig.append(_C_ITEM_END)
 
-    def _value(self, dig: list[bytes], tag: int, vr: bytes | None, start: int, end: int) -> None:
+    def _value(self, dig: _Digest, tag: int, vr: bytes | None, start: int, end: int) -> None:
         """Digest a value that is not the common case: text, Big Endian binary, or big."""
         width = None if self.little or vr is None else _SWAP_WIDTH.get(vr)
         if end - start >= _BIG_VALUE:
@@ -691,6 +823,45 @@ class _Scanner:
             return hashlib.sha256(_swapped(self.buf[start:end], width)).digest()
         return hashlib.sha256(memoryview(self.buf)[start:end]).digest()
 
+    def _get(self, pos: int, n: int) -> bytes:
+        """``n`` bytes at *pos* (the caller checked they are there)."""
+        return self.buf[pos : pos + n]
+
+    def _walk_evidence(
+        self, wanted: dict[int, RawDataElement], vr: bytes | None, start: int, length: int, implicit: bool
+    ) -> None:
+        """Walk a Key Object Selection Document's (0040,A375) for its UIDs (see the module docstring).
+
+        Runs when the main walk reaches the element, before it walks the value: a note past the cap is
+        refused before anything else of it is read. (0008,0016) and (0008,0018) come first in a dataset.
+
+        Raises
+        ------
+        TooManyReferencesError
+            At the first Referenced SOP item past :attr:`max_rejection_items`.
+        """
+        if _first_value(wanted.get(_T_SOP_CLASS)) != _KEY_OBJECT_SELECTION:
+            return
+        size = len(self.buf)
+        undefined = length == _UNDEFINED
+        end = size if undefined else min(start + length, size)
+        if vr == b"UN":  # PS3.5 6.2.2: a sequence sent as UN is Implicit VR Little Endian
+            implicit, little = True, True
+        elif vr is None or vr == b"SQ":
+            little = self.little
+        else:
+            self.evidence = EvidenceUids(undecodable=f"VR {vr.decode('latin-1')}, not a sequence")
+            return
+        sop = _first_value(wanted.get(_T_SOP_INSTANCE))
+        walk = _EvidenceWalk(self._get, self.max_rejection_items, self.source,
+                             sop.decode("latin-1") if sop is not None else None)
+        try:
+            studies = walk.sequence(start, end, undefined, implicit, little, 0, 1)[0]
+        except _Unwalkable as exc:
+            self.evidence = EvidenceUids(undecodable=str(exc))
+            return
+        self.evidence = EvidenceUids(studies)
+
     def _raw(
         self, tag: int, vr: bytes | None, length: int, start: int, value_end: int, implicit: bool
     ) -> RawDataElement:
@@ -713,7 +884,8 @@ class _Scanner:
 
 
 def _read_large(
-    fd: int, size: int, source: str, max_inflated_bytes: int, media_sop_class: bool
+    fd: int, size: int, source: str, max_inflated_bytes: int, media_sop_class: bool,
+    max_rejection_items: int = DEFAULT_MAX_REJECTION_ITEMS,
 ) -> ParsedInstance:
     """:func:`read_header` for a large file: a moving read window, chunked hashing, bounded memory."""
     prefix = os.pread(fd, min(size, _WINDOW_READ), 0)
@@ -737,12 +909,15 @@ def _read_large(
     elif ts == _DEFLATED:
         inflated = _inflate_file(fd, meta_end, size, max_inflated_bytes, source)
         record, digest = _scan_extract(
-            _Scanner(inflated, False, True, source), guessed, meta, ts, source, media_sop_class
+            _Scanner(inflated, False, True, source, max_rejection_items), guessed, meta, ts, source,
+            media_sop_class,
         )
         return ParsedInstance(record=record, digest=digest, size=size)
     else:
         implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
-    scanner = _WindowScanner(_Window(fd, meta_end, body_len, source), implicit, little, source)
+    scanner = _WindowScanner(
+        _Window(fd, meta_end, body_len, source), implicit, little, source, max_rejection_items
+    )
     record, digest = _scan_extract(scanner, guessed, meta, ts, source, media_sop_class)
     return ParsedInstance(record=record, digest=digest, size=size)
 
@@ -820,8 +995,11 @@ class _WindowScanner(_Scanner):
     checks they agree on every pydicom test file and cut-short copies.
     """
 
-    def __init__(self, window: _Window, implicit: bool, little: bool, source: str) -> None:
-        super().__init__(b"", implicit, little, source)
+    def __init__(
+        self, window: _Window, implicit: bool, little: bool, source: str,
+        max_rejection_items: int = DEFAULT_MAX_REJECTION_ITEMS,
+    ) -> None:
+        super().__init__(b"", implicit, little, source, max_rejection_items)
         self.win = window
         self.buf = window  # type: ignore[assignment]  # sliced by _raw and measured by _truncated
 
@@ -843,7 +1021,7 @@ class _WindowScanner(_Scanner):
         implicit: bool,
         depth: int,
         wanted: dict[int, RawDataElement] | None,
-        dig: list[bytes] | None,
+        dig: _Digest | None,
     ) -> tuple[int, bool]:
         win = self.win
         pack = _LE_ITEM.pack
@@ -873,13 +1051,15 @@ class _WindowScanner(_Scanner):
                     start = pos + 8
                 if tag == _ITEM_END:
                     return start, True
+                if tag == _T_EVIDENCE and wanted is not None:
+                    self._walk_evidence(wanted, vr, start, length, implicit)
                 out = dig if (elem and group != 0x0002 and tag != _T_PADDING) else None
                 if length == _UNDEFINED:
                     inner_implicit = implicit or vr == b"UN"
                     if out is None:
                         value_end, next_pos = self._items(start, end, inner_implicit, depth + 1, tag, None)
                     else:
-                        mark = len(out)
+                        mark = out.pos()
                         out.append(pack(group, elem, _UNDEFINED))
                         frag = vr is not None and vr != b"SQ" and vr != b"UN"
                         value_end, next_pos = self._items(
@@ -925,7 +1105,7 @@ class _WindowScanner(_Scanner):
         implicit: bool,
         depth: int,
         owner: int,
-        dig: list[bytes] | None,
+        dig: _Digest | None,
         *,
         frag: bool = False,
         defined: bool = False,
@@ -938,6 +1118,8 @@ class _WindowScanner(_Scanner):
             )
         win = self.win
         while True:
+            if dig is not None and len(dig) > _FLUSH_PARTS:
+                dig.flush()
             if defined and pos == end:
                 return pos, pos
             if pos + 8 > end:
@@ -974,6 +1156,9 @@ class _WindowScanner(_Scanner):
     def _bytes(self, start: int, end: int) -> bytes:
         return self.win.get(start, end - start)
 
+    def _get(self, pos: int, n: int) -> bytes:
+        return self.win.get(pos, n)
+
     def _big_digest(self, start: int, end: int, width: int | None) -> bytes:
         """SHA-256 of a big value read from the file in :data:`_HASH_CHUNK` pieces (a multiple of 8)."""
         sha = hashlib.sha256()
@@ -991,3 +1176,133 @@ class _WindowScanner(_Scanner):
     @property
     def _item_head(self) -> struct.Struct:
         return _LE_ITEM if self.little else _BE_ITEM
+
+
+def _first_value(elem: RawDataElement | None) -> bytes | None:
+    """The first non-empty value of a raw UI element, unpadded; ``None`` if absent or empty."""
+    raw = elem.value if elem is not None else None
+    if not isinstance(raw, bytes):
+        return None
+    for part in raw.split(b"\\"):
+        value = part.strip(b" \0")
+        if value:
+            return value
+    return None
+
+
+class _Unwalkable(Exception):
+    """The evidence is not a well-formed sequence (it is dropped with a warning, as pydicom's would be)."""
+
+
+class _EvidenceWalk:
+    """Walks a Key Object Selection Document's (0040,A375) value for the UIDs of its items, counting
+    Referenced SOP items against the cap; nothing else of the value is kept or decoded.
+
+    Every length is checked against the value's end (the main walk that follows checks the dataset
+    again and reports truncation); nesting is bounded by :data:`MAX_NESTING_DEPTH`.
+    """
+
+    def __init__(self, get: Callable[[int, int], bytes], cap: int, source: str, sop: str | None) -> None:
+        self.get = get
+        self.cap = cap
+        self.source = source
+        self.sop = sop
+        self.count = 0  # Referenced SOP items so far
+
+    def sequence(
+        self, pos: int, end: int, undefined: bool, implicit: bool, little: bool, level: int, depth: int
+    ) -> tuple[list[Any], int]:
+        """The items of a sequence value from *pos* (to *end*, or to its delimiter when *undefined*): per
+        item, at level 0 ``(study UID, series)``, 1 ``(series UID, SOP UIDs)``, 2 the SOP UID; none at
+        level 3. Returns them and the offset after the value."""
+        if depth > MAX_NESTING_DEPTH:
+            raise _Unwalkable(f"sequences nested deeper than {MAX_NESTING_DEPTH} levels")
+        item_head = _LE_ITEM if little else _BE_ITEM
+        out: list[Any] = []
+        while True:
+            if not undefined and pos == end:
+                return out, pos
+            if pos + 8 > end:
+                raise _Unwalkable("a sequence runs past the end of its value")
+            group, elem, length = item_head.unpack(self.get(pos, 8))
+            tag = group << 16 | elem
+            if undefined and tag == _SEQ_END:
+                return out, pos + 8
+            if tag != _ITEM:
+                raise _Unwalkable("expected an item or a sequence delimiter")
+            if level == 2:
+                self.count += 1
+                if self.count > self.cap:
+                    raise TooManyReferencesError(
+                        f"Key Object Selection Document names more than {self.cap} instances in "
+                        f"CurrentRequestedProcedureEvidenceSequence (0040,A375) ([listener] "
+                        f"max_rejection_items; SOPInstanceUID={self.sop!r}, source={self.source})",
+                        tag="CurrentRequestedProcedureEvidenceSequence",
+                        uid=self.sop,
+                    )
+            item_undefined = length == _UNDEFINED
+            item_end = end if item_undefined else pos + 8 + length
+            if item_end > end:
+                raise _Unwalkable("an item runs past the end of its sequence")
+            uid, children, pos = self.item(pos + 8, item_end, item_undefined, implicit, little, level, depth)
+            if level < 2:
+                out.append((uid, children))
+            elif level == 2:
+                out.append(uid)
+
+    def item(
+        self, pos: int, end: int, undefined: bool, implicit: bool, little: bool, level: int, depth: int
+    ) -> tuple[bytes | None, list[Any], int]:
+        """One item's UID (raw value) and next-level items; the offset after the item."""
+        uid_tag, child_tag = _EVIDENCE_LEVELS[level]
+        head = _LE_HEAD if little else _BE_HEAD
+        u32 = _LE_L if little else _BE_L
+        uid: bytes | None = None
+        children: list[Any] = []
+        while pos < end:
+            if pos + 8 > end:
+                raise _Unwalkable("an element header runs past the end of its item")
+            header = self.get(pos, min(12, end - pos))
+            group, elem, vr, length = head.unpack_from(header, 0)
+            tag = group << 16 | elem
+            if group == 0xFFFE or implicit:
+                vr = None
+                length = u32.unpack_from(header, 4)[0]
+                start = pos + 8
+            elif vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise _Unwalkable("an element header runs past the end of its item")
+                length = u32.unpack_from(header, 8)[0]
+                start = pos + 12
+            elif vr in _ALL_VRS:
+                start = pos + 8
+            else:
+                vr = None
+                length = u32.unpack_from(header, 4)[0]
+                start = pos + 8
+            if tag == _ITEM_END:
+                if not undefined:
+                    raise _Unwalkable("an item delimiter in a defined-length item")
+                return uid, children, start
+            inner_implicit, inner_little = (True, True) if vr == b"UN" else (implicit, little)
+            is_child = tag == child_tag and vr in (None, b"SQ", b"UN")
+            if length == _UNDEFINED:
+                found, pos = self.sequence(
+                    start, end, True, inner_implicit, inner_little, level + 1 if is_child else 3, depth + 1
+                )
+                if is_child:
+                    children = found
+                continue
+            value_end = start + length
+            if value_end > end:
+                raise _Unwalkable("a value runs past the end of its item")
+            if tag == uid_tag:
+                uid = self.get(start, length) if length <= _MAX_UID_VALUE else b"-"
+            elif is_child:
+                children = self.sequence(
+                    start, value_end, False, inner_implicit, inner_little, level + 1, depth + 1
+                )[0]
+            pos = value_end
+        if undefined:
+            raise _Unwalkable("an item without its delimiter")
+        return uid, children, pos

@@ -1,4 +1,9 @@
-"""The status page on the admin port: ``/`` (studies, dead letters, the last hour), ``/study/<uid>``.
+"""The status page on the admin port: ``/`` (studies, dead letters, the last hour), ``/study/<uid>``
+(one page of its instances, its quarantine side files, its ImagingStudy), ``/study/<uid>/imagingstudy.json``.
+
+Pages are built in the page's own small thread pool (:class:`StatusPage`), never on the event loop that
+``ingest serve`` shares with the listener's hand-off and the relay; every list is paged or capped, and
+quarantine side files are found through :class:`QuarantineIndex`, which reads each side file once.
 
 Server-rendered HTML, every value through :func:`html.escape`; one small script (``/admin.js``, served
 here, no CDN) swaps the page's ``<main>`` every 5 s. ``/healthz`` and ``/metrics`` (``ingest.app.serve``)
@@ -14,12 +19,14 @@ Security (``README.md`` "Status page"):
   the token: ``Authorization: Bearer <token>``, or ``?token=`` on a GET, or the form's ``token`` field on
   a POST. A non-loopback ``[admin] host`` without a token is a configuration error (serve refuses to
   start). Without a token (loopback only) requests whose ``Host`` is not a loopback name are refused
-  (DNS rebinding).
+  (DNS rebinding). Both checks apply to every method (``HEAD`` too), before a method a route does not
+  take is answered 405.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import html
 import ipaddress
@@ -28,12 +35,15 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence, Set
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
@@ -52,14 +62,32 @@ LOGGER = logging.getLogger(__name__)
 PAGE_SIZE = 50
 #: Dead letters listed on the page (the oldest first by UID); ``ingest status`` lists them all.
 _DEAD_SHOWN = 200
-#: Quarantine side files read for one study page (newest first).
-_QUARANTINE_SCAN = 2000
+#: Series rows and quarantine side files listed on a study page (instances: ``PAGE_SIZE`` a page).
+_SERIES_SHOWN = 200
+_QUARANTINE_SHOWN = 50
+#: Up to this many instances, a study page shows its ImagingStudy inline; past it, a link to the JSON.
+_JSON_INLINE_MAX = 500
+#: Pages built at once (worker threads), and pages waiting for one before the answer is 503.
+_BUILDERS = 2
+_QUEUED = 16
+_RETRY_AFTER_S = 2
+#: A study's loaded instance rows are reused while it is unchanged, for at most this long; this many kept.
+_STUDY_CACHE_S = 30.0
+_STUDY_VIEWS = 4
+#: The header's health report (the ``/healthz`` checks, which probe the spool folder) is reused this long.
+_REPORT_CACHE_S = 2.0
+#: The quarantine folder is looked at at most this often; a side file larger than this is not parsed.
+_INDEX_RESCAN_S = 2.0
+_SIDE_MAX_BYTES = 64 * 1024
+_PAGE_RE = re.compile(r"^[0-9]{1,9}$")
+_UID_WORD_RE = re.compile(r"[0-9][0-9.]*[0-9]")
 _CHART_MINUTES = 60
 _CHART_CACHE_S = 4.0  # bounds the instance scan to one per 4 s, whatever the number of viewers
 _UID_RE = re.compile(r"^[0-9.]{1,64}$")
 _HIDDEN = "«hidden: [admin] show_patient = false»"
 
 Builder = Callable[[Sequence[InstanceRecord]], dict[str, Any]]
+_T = TypeVar("_T")
 
 
 def utcnow() -> datetime:
@@ -265,8 +293,172 @@ _SECURITY_HEADERS = {
 }
 
 
+class _Answer(Exception):
+    """A plain-text answer (400, 404, 503...) decided while a page is built."""
+
+    def __init__(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = dict(headers or {})
+
+
+def _page_number(query: Mapping[str, str]) -> int:
+    """``?page=`` as a number from 1 (1 when absent); anything else is a 400."""
+    raw = query.get("page")
+    if raw is None:
+        return 1
+    if not _PAGE_RE.match(raw) or int(raw) < 1:
+        raise _Answer(400, "bad request: page must be a whole number from 1 to the last page")
+    return int(raw)
+
+
+def _check_page(page: int, pages: int) -> None:
+    if page > pages:
+        raise _Answer(400, f"bad request: page {page} is past the last page ({pages})")
+
+
+@dataclass
+class _Side:
+    """One quarantine side file as the index keeps it."""
+
+    mtime: float
+    fields: dict[str, object]
+    words: frozenset[str]
+
+
+class QuarantineIndex:
+    """The quarantine side files by the UIDs their ``detail`` names, read once each.
+
+    :meth:`refresh` looks at the folder at most every ``rescan_s`` seconds, and lists it only when its
+    modification time changed since the last listing (a side file written or removed changes it); each
+    side file is read once, when it is first listed, and dropped when it is gone. A study page then
+    finds its side files by dictionary look-ups instead of reading the folder. Thread-safe.
+
+    Parameters
+    ----------
+    folder:
+        ``data_dir/quarantine``.
+    rescan_s:
+        The least time between two looks at the folder.
+    """
+
+    def __init__(self, folder: Path, *, rescan_s: float = _INDEX_RESCAN_S) -> None:
+        self.folder = folder
+        self.rescan_s = rescan_s
+        self._lock = threading.Lock()
+        self._looked: float | None = None
+        self._mtime_ns: int | None = None
+        self._sides: dict[str, _Side] = {}
+        self._by_word: dict[str, set[str]] = {}
+        #: side files read since the index was made (each at most once while it exists)
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self._sides)
+
+    def refresh(self) -> None:
+        """Bring the index up to date with the folder (see the class)."""
+        with self._lock:
+            now = time.monotonic()
+            if self._looked is not None and now - self._looked < self.rescan_s:
+                return
+            self._looked = now
+            try:
+                mtime_ns = os.stat(self.folder).st_mtime_ns
+            except OSError:
+                self._forget(set(self._sides))
+                self._mtime_ns = None
+                return
+            if mtime_ns == self._mtime_ns:
+                return
+            # a change within the folder's timestamp granularity may not move it: look again next time
+            recent = time.time_ns() - mtime_ns < 2_000_000_000
+            self._mtime_ns = None if recent else mtime_ns
+            try:
+                with os.scandir(self.folder) as entries:
+                    listed = {entry.name: entry for entry in entries if entry.name.endswith(".json")}
+            except OSError:
+                self._mtime_ns = None
+                return
+            self._forget(self._sides.keys() - listed.keys())
+            for name in listed.keys() - self._sides.keys():
+                side = self._read(listed[name])
+                if side is None:
+                    self._mtime_ns = None  # gone or unreadable now: read it again next time
+                    continue
+                self._sides[name] = side
+                for word in side.words:
+                    self._by_word.setdefault(word, set()).add(name)
+
+    def _forget(self, names: set[str]) -> None:
+        for name in names:
+            side = self._sides.pop(name)
+            for word in side.words:
+                holders = self._by_word.get(word)
+                if holders is not None:
+                    holders.discard(name)
+                    if not holders:
+                        del self._by_word[word]
+
+    def _read(self, entry: os.DirEntry[str]) -> _Side | None:
+        self.reads += 1
+        try:
+            mtime = entry.stat().st_mtime
+            with open(entry.path, "rb") as fh:
+                data = fh.read(_SIDE_MAX_BYTES + 1)
+        except OSError:
+            return None
+        # side files appear whole (written aside, then renamed): one too large or not a JSON object is
+        # not ingest's, and is kept as seen and naming nothing rather than read again
+        if len(data) > _SIDE_MAX_BYTES:
+            return _Side(mtime, {}, frozenset())
+        try:
+            side = json.loads(data)
+        except ValueError:
+            return _Side(mtime, {}, frozenset())
+        if not isinstance(side, dict):
+            return _Side(mtime, {}, frozenset())
+        fields = {key: side.get(key) for key in ("time", "reason", "rule", "detail", "source", "kept")}
+        words = frozenset(_UID_WORD_RE.findall(str(side.get("detail", ""))))
+        return _Side(mtime, fields, words)
+
+    def naming(self, study_uid: str, sop_uids: Set[str]) -> list[dict[str, object]]:
+        """The side files whose detail names ``study_uid`` or one of ``sop_uids``, newest first."""
+        with self._lock:
+            names = set(self._by_word.get(study_uid, ()))
+            if len(sop_uids) <= len(self._by_word):
+                for sop in sop_uids:
+                    names.update(self._by_word.get(sop, ()))
+            else:
+                for word, holders in self._by_word.items():
+                    if word in sop_uids:
+                        names.update(holders)
+            sides = sorted((self._sides[n] for n in names), key=lambda s: s.mtime, reverse=True)
+        return [side.fields for side in sides]
+
+
+@dataclass
+class _StudyView:
+    """What a study page needs from the store, loaded once per change of the study (see ``_study``)."""
+
+    key: tuple[int, datetime | None]
+    loaded: float
+    records: list[InstanceRecord]
+    sources: dict[str, set[str]]
+    sops: frozenset[str]
+    json_html: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class StatusPage:
     """The status page's routes, mounted on the admin app by :func:`mount_status`.
+
+    Every page is built in a worker thread of its own small pool (``builders`` threads; store queries,
+    the quarantine index and the HTML), never on the event loop: at most ``builders`` pages are built at
+    once, up to ``queued`` more wait, and past that the answer is 503 with ``Retry-After``. A study's
+    instance rows are loaded once per change of the study (its instance count and last instance
+    received), and at most ``_STUDY_CACHE_S`` seconds old; a page shows one page of them.
 
     Parameters
     ----------
@@ -286,6 +478,8 @@ class StatusPage:
         The required token, or ``None`` (loopback only).
     clock:
         Now, timezone-aware.
+    builders, queued:
+        Pages built at once, and pages waiting for a builder before the answer is 503.
     """
 
     def __init__(
@@ -299,6 +493,8 @@ class StatusPage:
         builder: Builder | None = None,
         token: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        builders: int = _BUILDERS,
+        queued: int = _QUEUED,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -311,16 +507,64 @@ class StatusPage:
         self.show_patient = settings.admin.show_patient
         self.csrf = secrets.token_urlsafe(32)
         self.started = time.monotonic()
+        self.quarantine = QuarantineIndex(settings.data_dir / "quarantine")
+        self.builders = builders
+        self.queued = queued
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight = 0
         self._chart: tuple[float, tuple[list[int], list[int]], datetime] | None = None
+        self._report: tuple[float, Mapping[str, Any]] | None = None
+        self._report_lock = asyncio.Lock()
+        self._studies: OrderedDict[str, _StudyView] = OrderedDict()
+        self._studies_lock = threading.Lock()
+        self._study_locks: dict[str, threading.Lock] = {}
 
     def mount(self, app: web.Application) -> None:
-        app.router.add_get("/", self._guard(self.index))
-        app.router.add_get("/study/{uid}", self._guard(self.study_page))
-        app.router.add_post("/retry", self._guard(self.retry))
+        app.router.add_route("*", "/", self._guard(self.index, ("GET", "HEAD")))
+        app.router.add_route("*", "/study/{uid}", self._guard(self.study_page, ("GET", "HEAD")))
+        app.router.add_route(
+            "*", "/study/{uid}/imagingstudy.json", self._guard(self.study_json, ("GET", "HEAD"))
+        )
+        app.router.add_route("*", "/retry", self._guard(self.retry, ("POST",)))
         app.router.add_get("/admin.js", self._asset(_JS, "text/javascript"))
         app.router.add_get("/admin.css", self._asset(_CSS, "text/css"))
         app.router.add_get("/favicon.svg", self._asset(_FAVICON, "image/svg+xml"))
         app.router.add_get("/favicon.ico", self._asset(_FAVICON, "image/svg+xml"))
+        app.on_cleanup.append(self._close)
+
+    async def _close(self, _: web.Application) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- building off the loop ---------------------------------------------------------------------------
+
+    async def _health(self) -> Mapping[str, Any]:
+        """The health report for the header: one check at a time, reused for ``_REPORT_CACHE_S``."""
+        async with self._report_lock:
+            cached = self._report
+            if cached is not None and time.monotonic() - cached[0] < _REPORT_CACHE_S:
+                return cached[1]
+            report: Mapping[str, Any]
+            _, report = await self.health.report()
+            self._report = (time.monotonic(), report)
+            return report
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any, report: bool = False) -> _T:
+        """``fn(*args)`` in the page pool (with the header's health report as a last argument when
+        ``report``); 503 when ``builders + queued`` pages are already asked for, before anything is done."""
+        if self._in_flight >= self.builders + self.queued:
+            raise _Answer(503, "busy: too many status pages being built; try again shortly",
+                          {"Retry-After": str(_RETRY_AFTER_S)})
+        self._in_flight += 1
+        try:
+            if report:
+                args = (*args, await self._health())
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.builders, thread_name_prefix="ingest-admin-page")
+            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        finally:
+            self._in_flight -= 1
 
     # -- access ------------------------------------------------------------------------------------------
 
@@ -339,7 +583,7 @@ class StatusPage:
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
             return auth[7:].strip()
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):
             return request.query.get("token")
         if form is not None:
             value = form.get("token")
@@ -358,13 +602,27 @@ class StatusPage:
             return resp
         return None
 
-    def _guard(self, handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+    def _guard(
+        self, handler: Callable[[web.Request], Any], methods: tuple[str, ...]
+    ) -> Callable[[web.Request], Any]:
+        """Every method is checked (``Host`` without a token, the token with one) before anything else;
+        a method the route does not take is then a 405."""
+
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if request.method == "GET":
-                refused = self._refusal(request)
-                if refused is not None:
-                    return refused
-            result: web.StreamResponse = await handler(request)
+            form = await request.post() if request.method == "POST" and "POST" in methods else None
+            refused = self._refusal(request, form)
+            if refused is not None:
+                return refused
+            if request.method not in methods:
+                resp = self._plain(405, f"method not allowed: {', '.join(methods)} only")
+                resp.headers["Allow"] = ", ".join(methods)
+                return resp
+            try:
+                result: web.StreamResponse = await handler(request)
+            except _Answer as answer:
+                resp = self._plain(answer.status, answer.text)
+                resp.headers.update(answer.headers)
+                return resp
             return result
 
         return guarded
@@ -375,12 +633,12 @@ class StatusPage:
         resp.headers.update(_SECURITY_HEADERS)
         return resp
 
-    def _link(self, request: web.Request, path: str, **params: object) -> str:
+    def _link(self, query: Mapping[str, str], path: str, **params: object) -> str:
         """``path`` with ``params``, carrying ``?token=`` when the request came with it."""
-        query = {k: str(v) for k, v in params.items() if v is not None}
-        if self.token is not None and "token" in request.query:
-            query["token"] = request.query["token"]
-        return path + ("?" + urlencode(query) if query else "")
+        out = {k: str(v) for k, v in params.items() if v is not None}
+        if self.token is not None and "token" in query:
+            out["token"] = query["token"]
+        return path + ("?" + urlencode(out) if out else "")
 
     # -- actions -----------------------------------------------------------------------------------------
 
@@ -396,11 +654,9 @@ class StatusPage:
         return False
 
     async def retry(self, request: web.Request) -> web.StreamResponse:
-        """POST /retry (``uid``, ``csrf``): same as ``ingest retry --study UID``."""
+        """POST /retry (``uid``, ``csrf``): same as ``ingest retry --study UID`` (the guard has checked the
+        token)."""
         form = await request.post()
-        refused = self._refusal(request, form)
-        if refused is not None:
-            return refused
         if not self._same_origin(request):
             return self._plain(403, "forbidden: cross-site request (Origin/Referer host differs from Host)")
         csrf = form.get("csrf")
@@ -419,22 +675,24 @@ class StatusPage:
 
     # -- pages -------------------------------------------------------------------------------------------
 
-    def _document(self, title: str, header: str, main: str) -> web.Response:
-        body = (
+    @staticmethod
+    def _document(title: str, header: str, main: str) -> bytes:
+        return (
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{e(title)}</title><link rel=\"stylesheet\" href=\"/admin.css\">"
             "<link rel=\"icon\" href=\"/favicon.svg\" type=\"image/svg+xml\">"
             "<script src=\"/admin.js\" defer></script></head>"
             f"<body>{header}<main>{main}</main></body></html>\n"
-        )
-        resp = web.Response(text=body, content_type="text/html", charset="utf-8")
+        ).encode()
+
+    @staticmethod
+    def _html(body: bytes) -> web.Response:
+        resp = web.Response(body=body, content_type="text/html", charset="utf-8")
         resp.headers.update(_SECURITY_HEADERS)
         return resp
 
-    async def _header(self) -> str:
-        _, report = await self.health.report()
-        counts = await asyncio.to_thread(self.store.study_counts)
+    def _header(self, report: Mapping[str, Any], counts: Mapping[StudyState, int]) -> str:
         reg = self.metrics.registry
         intake = reg.get_sample_value("ingest_intake_depth")
         spool = reg.get_sample_value("ingest_spool_bytes")
@@ -464,10 +722,10 @@ class StatusPage:
         dl += "".join(f"<div><dt>{e(k)}</dt><dd>{e(v)}</dd></div>" for k, v in more)
         return f'<header><h1>ingest status</h1><dl>{dl}</dl></header>'
 
-    def _csrf_form(self, request: web.Request, uid: str) -> str:
+    def _csrf_form(self, query: Mapping[str, str], uid: str) -> str:
         token = ""
-        if self.token is not None and "token" in request.query:
-            token = f'<input type="hidden" name="token" value="{e(request.query["token"])}">'
+        if self.token is not None and "token" in query:
+            token = f'<input type="hidden" name="token" value="{e(query["token"])}">'
         return (
             f'<form method="post" action="/retry"><input type="hidden" name="csrf" value="{e(self.csrf)}">'
             f'<input type="hidden" name="uid" value="{e(uid)}">{token}'
@@ -475,25 +733,24 @@ class StatusPage:
         )
 
     async def index(self, request: web.Request) -> web.Response:
-        try:
-            page = max(1, int(request.query.get("page", "1")))
-        except ValueError:
-            page = 1
-        header = await self._header()
-        recent: list[StudyRow] = await asyncio.to_thread(
-            self.store.recent_studies, PAGE_SIZE, (page - 1) * PAGE_SIZE
-        )
-        groups = await asyncio.to_thread(self.store.series_groups, [r.study_uid for r in recent])
-        summaries = _summaries(groups)
-        counts = await asyncio.to_thread(self.store.study_counts)
+        query = dict(request.query)
+        page = _page_number(query)
+        return self._html(await self._off_loop(self._index_body, query, page, report=True))
+
+    def _index_body(self, query: Mapping[str, str], page: int, report: Mapping[str, Any]) -> bytes:
+        counts = self.store.study_counts()
         total = sum(counts.values())
-        dead = await asyncio.to_thread(self.store.studies, StudyState.DEAD)
+        pages = max(1, -(-total // PAGE_SIZE))
+        _check_page(page, pages)
+        recent = self.store.recent_studies(PAGE_SIZE, (page - 1) * PAGE_SIZE)
+        summaries = _summaries(self.store.series_groups([r.study_uid for r in recent]))
+        dead = self.store.studies(StudyState.DEAD)
         reasons = {row.study_uid: row.dead_reason for row in dead[:_DEAD_SHOWN]}
-        chart = await self._chart_svg()
+        chart = self._chart_svg()
 
         out: list[str] = []
-        if "retried" in request.query:
-            out.append(f'<p class="note">Retry: {e(request.query["retried"])} dead letter(s) re-queued.</p>')
+        if "retried" in query:
+            out.append(f'<p class="note">Retry: {e(query["retried"])} dead letter(s) re-queued.</p>')
         out.append("<h2>Last hour</h2>")
         out.append(chart)
 
@@ -506,10 +763,10 @@ class StatusPage:
             for row in dead[:_DEAD_SHOWN]:
                 out.append(
                     f'<tr data-study="{e(row.study_uid)}"><td class="uid"><a href="'
-                    f'{e(self._link(request, "/study/" + row.study_uid))}">{e(row.study_uid)}</a></td>'
+                    f'{e(self._link(query, "/study/" + row.study_uid))}">{e(row.study_uid)}</a></td>'
                     f"<td>{e(_when(row.last_seen))}</td><td>{e(reasons.get(row.study_uid) or '')}</td>"
                     f"<td>{e(row.last_error or '')}</td>"
-                    f"<td>{self._csrf_form(request, row.study_uid)}</td></tr>"
+                    f"<td>{self._csrf_form(query, row.study_uid)}</td></tr>"
                 )
             out.append("</table>")
             if len(dead) > _DEAD_SHOWN:
@@ -517,7 +774,6 @@ class StatusPage:
         else:
             out.append('<p class="note">none</p>')
 
-        pages = max(1, -(-total // PAGE_SIZE))
         out.append(f"<h2>Recent studies ({total}; page {page} of {pages})</h2>")
         patient_th = "<th>patient</th><th>patient ID</th><th>birth date</th>" if self.show_patient else ""
         out.append(
@@ -536,27 +792,30 @@ class StatusPage:
             out.append(
                 f'<tr data-study="{e(row.study_uid)}" data-state="{e(row.state.value)}">'
                 f"<td>{e(_when(s.received or row.last_seen))}</td><td>{e(', '.join(sorted(s.sources)))}</td>"
-                f'<td class="uid"><a href="{e(self._link(request, "/study/" + row.study_uid))}">'
+                f'<td class="uid"><a href="{e(self._link(query, "/study/" + row.study_uid))}">'
                 f"{e(row.study_uid)}</a></td><td>{e(s.accession)}</td>"
                 f"<td>{e(', '.join(sorted(s.modalities)))}</td><td>{e(s.description)}</td>{patient_td}"
                 f"<td>{len(s.series)} / {row.instances}</td>"
                 f'<td class="{cls}">{e(state)}</td><td>{e(row.backend_id)}</td></tr>'
             )
         out.append("</table>")
+        out.append(self._pager(query, "/", page, pages, "newer", "older"))
+        return self._document("ingest status", self._header(report, counts), "".join(out))
+
+    def _pager(self, query: Mapping[str, str], path: str, page: int, pages: int, back: str, on: str) -> str:
         nav = []
         if page > 1:
-            nav.append(f'<a href="{e(self._link(request, "/", page=page - 1))}">newer</a>')
+            nav.append(f'<a href="{e(self._link(query, path, page=page - 1))}">{e(back)}</a>')
         if page < pages:
-            nav.append(f'<a href="{e(self._link(request, "/", page=page + 1))}">older</a>')
-        out.append(f"<nav>{''.join(nav)}</nav>")
-        return self._document("ingest status", header, "".join(out))
+            nav.append(f'<a href="{e(self._link(query, path, page=page + 1))}">{e(on)}</a>')
+        return f"<nav>{''.join(nav)}</nav>"
 
-    async def _chart_svg(self) -> str:
+    def _chart_svg(self) -> str:
         now = self.clock()
         cached = self._chart
         if cached is None or time.monotonic() - cached[0] > _CHART_CACHE_S:
             since = now.replace(second=0, microsecond=0) - timedelta(minutes=_CHART_MINUTES - 1)
-            counts = await asyncio.to_thread(self.store.minute_counts, since, _CHART_MINUTES)
+            counts = self.store.minute_counts(since, _CHART_MINUTES)
             self._chart = cached = (time.monotonic(), counts, since)
         _, (received, pushed), since = cached
         w, h, pad = 720, 160, 24
@@ -591,60 +850,141 @@ class StatusPage:
             "(a study counts in the minute of its last push).</p>"
         )
 
+    # -- a study -----------------------------------------------------------------------------------------
+
+    def _study(self, uid: str) -> tuple[StudyRow, _StudyView]:
+        """The study's row and its instance rows: loaded again only when the study changed (instance count,
+        last instance received) or the loaded copy is older than ``_STUDY_CACHE_S``; one load per study at
+        a time (a second builder waits for the first)."""
+        row = self.store.study(uid)
+        if row is None:
+            raise _Answer(404, "no such study in the state store")
+        key = (row.instances, row.last_seen)
+        with self._studies_lock:
+            lock = self._study_locks.setdefault(uid, threading.Lock())
+        with lock:
+            with self._studies_lock:
+                view = self._studies.get(uid)
+            if view is None or view.key != key or time.monotonic() - view.loaded > _STUDY_CACHE_S:
+                records = self.store.instances(uid)
+                sources: dict[str, set[str]] = {}
+                for g in self.store.series_groups([uid]):
+                    sources.setdefault(g.series_uid, set()).add(_source(g.source))
+                view = _StudyView(key, time.monotonic(), records, sources,
+                                  frozenset(r.sop_uid for r in records))
+            with self._studies_lock:
+                self._studies[uid] = view
+                self._studies.move_to_end(uid)
+                while len(self._studies) > _STUDY_VIEWS:
+                    gone, _ = self._studies.popitem(last=False)
+                    self._study_locks.pop(gone, None)
+        return row, view
+
+    def _imaging_study(self, uid: str, view: _StudyView) -> dict[str, Any] | str:
+        """The ImagingStudy as the mapping builds it now, or why it is not shown."""
+        if self.builder is None or not view.records:
+            return "not available"
+        try:
+            resource = self.builder(view.records)
+        except Exception as exc:  # the page shows why instead of failing
+            LOGGER.debug("status page: building study %s failed", uid, exc_info=True)
+            return f"could not build: {type(exc).__name__}"
+        if not self.show_patient and "subject" in resource:
+            resource = {**resource, "subject": _HIDDEN}
+        return resource
+
+    def _json_html(self, uid: str, view: _StudyView, query: Mapping[str, str]) -> str:
+        if len(view.records) > _JSON_INLINE_MAX:
+            link = self._link(query, f"/study/{uid}/imagingstudy.json")
+            return (f'<p class="note">{len(view.records)} instances: the ImagingStudy is not shown inline '
+                    f'(more than {_JSON_INLINE_MAX}); <a id="imagingstudy-link" href="{e(link)}">open it '
+                    "as JSON</a>.</p>")
+        with view.lock:
+            if view.json_html is None:
+                resource = self._imaging_study(uid, view)
+                if isinstance(resource, str):
+                    cls = "bad" if resource.startswith("could not") else "note"
+                    view.json_html = f'<p class="{cls}">{e(resource)}</p>'
+                else:
+                    text = json.dumps(resource, indent=2, ensure_ascii=False)
+                    view.json_html = (
+                        '<p class="note">Built now from the stored instance rows by the current mapping. '
+                        "The state store does not keep the JSON last written; the backend copy also holds "
+                        "what the merge kept from other writers (notes, status, series it alone knows).</p>"
+                        f'<pre id="imagingstudy">{e(text)}</pre>'
+                    )
+            return view.json_html
+
     async def study_page(self, request: web.Request) -> web.Response:
         uid = request.match_info["uid"]
         if not _UID_RE.match(uid):
             return self._plain(400, "bad request: not a Study Instance UID")
-        row = await asyncio.to_thread(self.store.study, uid)
-        if row is None:
-            return self._plain(404, "no such study in the state store")
-        header = await self._header()
-        records = await asyncio.to_thread(self.store.instances, uid)
-        groups = await asyncio.to_thread(self.store.series_groups, [uid])
+        query = dict(request.query)
+        page = _page_number(query)
+        return self._html(await self._off_loop(self._study_body, uid, query, page, report=True))
+
+    def _study_body(self, uid: str, query: Mapping[str, str], page: int, report: Mapping[str, Any]) -> bytes:
+        row, view = self._study(uid)
+        records = view.records
+        pages = max(1, -(-len(records) // PAGE_SIZE))
+        _check_page(page, pages)
+        counts = self.store.study_counts()
         cls, state = _state(row)
         out = [
-            f'<nav><a href="{e(self._link(request, "/"))}">all studies</a></nav>',
+            f'<nav><a href="{e(self._link(query, "/"))}">all studies</a></nav>',
             f'<h2>Study <span class="uid">{e(uid)}</span></h2>',
             f'<p>State: <span class="{cls}">{e(state)}</span>; backend id: {e(row.backend_id or "—")}; '
             f"version: {e(row.version_id or '—')}; last instance received {e(_when(row.last_seen))}.</p>",
         ]
         if row.state is StudyState.DEAD:
-            out.append(self._csrf_form(request, uid))
+            out.append(self._csrf_form(query, uid))
 
-        series: dict[str, list[InstanceRecord]] = {}
+        series: dict[str, tuple[InstanceRecord, int]] = {}
         for r in records:
-            series.setdefault(r.series_uid, []).append(r)
-        sources: dict[str, set[str]] = {}
-        for g in groups:
-            sources.setdefault(g.series_uid, set()).add(_source(g.source))
+            first, n = series.get(r.series_uid, (r, 0))
+            series[r.series_uid] = (first, n + 1)
         out.append(
-            "<h3>Series</h3><table id=\"series\"><tr><th>#</th><th>series UID</th><th>modality</th>"
-            "<th>description</th><th>body part</th><th>instances</th><th>source</th></tr>"
+            f"<h3>Series ({len(series)})</h3><table id=\"series\"><tr><th>#</th><th>series UID</th>"
+            "<th>modality</th><th>description</th><th>body part</th><th>instances</th><th>source</th></tr>"
         )
-        for series_uid, items in series.items():
-            first = items[0]
+        for series_uid, (first, n) in list(series.items())[:_SERIES_SHOWN]:
             out.append(
                 f"<tr><td>{e(first.series_number)}</td><td class=\"uid\">{e(series_uid)}</td>"
                 f"<td>{e(first.modality)}</td><td>{e(first.series_description)}</td>"
-                f"<td>{e(first.body_part)}</td><td>{len(items)}</td>"
-                f"<td>{e(', '.join(sorted(sources.get(series_uid, set()))))}</td></tr>"
+                f"<td>{e(first.body_part)}</td><td>{n}</td>"
+                f"<td>{e(', '.join(sorted(view.sources.get(series_uid, set()))))}</td></tr>"
             )
         out.append("</table>")
+        if len(series) > _SERIES_SHOWN:
+            out.append(f'<p class="note">{len(series) - _SERIES_SHOWN} more series: see ingest status.</p>')
 
-        sops = {r.sop_uid for r in records}
-        rejected = await asyncio.to_thread(self._quarantined, uid, sops)
-        out.append("<h3>Rejected / quarantined</h3>")
+        shown = records[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        out.append(
+            f"<h3>Instances ({len(records)}; page {page} of {pages})</h3><table id=\"instances\"><tr>"
+            "<th>series #</th><th>instance #</th><th>SOP Instance UID</th><th>SOP Class UID</th></tr>"
+        )
+        for r in shown:
+            out.append(
+                f'<tr data-sop="{e(r.sop_uid)}"><td>{e(r.series_number)}</td><td>{e(r.instance_number)}</td>'
+                f'<td class="uid">{e(r.sop_uid)}</td><td class="uid">{e(r.sop_class_uid)}</td></tr>'
+            )
+        out.append("</table>")
+        out.append(self._pager(query, f"/study/{uid}", page, pages, "previous", "next"))
+
+        self.quarantine.refresh()
+        rejected = self.quarantine.naming(uid, view.sops)
+        out.append(f"<h3>Rejected / quarantined ({len(rejected)})</h3>")
         out.append(
             '<p class="note">Quarantine side files whose detail names this study or one of its SOP Instance '
             "UIDs (the side files record no study UID of their own, so rejections that name neither are not "
-            "found here).</p>"
+            f"found here); the newest {_QUARANTINE_SHOWN} are listed.</p>"
         )
         if rejected:
             out.append(
                 "<table id=\"quarantine\"><tr><th>time</th><th>reason</th><th>rule</th><th>detail</th>"
                 "<th>source</th><th>kept</th></tr>"
             )
-            for side in rejected:
+            for side in rejected[:_QUARANTINE_SHOWN]:
                 out.append(
                     f"<tr><td>{e(side.get('time'))}</td><td>{e(side.get('reason'))}</td>"
                     f"<td>{e(side.get('rule'))}</td><td>{e(side.get('detail'))}</td>"
@@ -655,52 +995,25 @@ class StatusPage:
             out.append('<p class="note">none found</p>')
 
         out.append("<h3>ImagingStudy</h3>")
-        if self.builder is None or not records:
-            out.append('<p class="note">not available</p>')
-        else:
-            try:
-                resource = self.builder(records)
-            except Exception as exc:  # the page shows why instead of failing
-                LOGGER.debug("status page: building study %s failed", uid, exc_info=True)
-                out.append(f'<p class="bad">could not build: {e(type(exc).__name__)}</p>')
-            else:
-                if not self.show_patient and "subject" in resource:
-                    resource = {**resource, "subject": _HIDDEN}
-                out.append(
-                    '<p class="note">Built now from the stored instance rows by the current mapping. The '
-                    "state store does not keep the JSON last written; the backend copy also holds what the "
-                    "merge kept from other writers (notes, status, series it alone knows).</p>"
-                )
-                text = json.dumps(resource, indent=2, ensure_ascii=False)
-                out.append(f'<pre id="imagingstudy">{e(text)}</pre>')
-        return self._document(f"study {uid}", header, "".join(out))
+        out.append(self._json_html(uid, view, query))
+        return self._document(f"study {uid}", self._header(report, counts), "".join(out))
 
-    def _quarantined(self, study_uid: str, sop_uids: set[str]) -> list[dict[str, Any]]:
-        folder = self.settings.data_dir / "quarantine"
-        try:
-            sides = sorted(folder.glob("*.json"), key=_mtime, reverse=True)[:_QUARANTINE_SCAN]
-        except OSError:
-            return []
-        found: list[dict[str, Any]] = []
-        for path in sides:
-            try:
-                side = json.loads(path.read_bytes())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(side, dict):
-                continue
-            detail = str(side.get("detail", ""))
-            words = set(re.findall(r"[0-9][0-9.]*[0-9]", detail))
-            if study_uid in words or words & sop_uids:
-                found.append(side)
-        return found
+    async def study_json(self, request: web.Request) -> web.Response:
+        """``/study/<uid>/imagingstudy.json``: the ImagingStudy as the mapping builds it now (any size)."""
+        uid = request.match_info["uid"]
+        if not _UID_RE.match(uid):
+            return self._plain(400, "bad request: not a Study Instance UID")
+        body = await self._off_loop(self._study_json_body, uid)
+        resp = web.Response(body=body, content_type="application/json", charset="utf-8")
+        resp.headers.update(_SECURITY_HEADERS)
+        return resp
 
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+    def _study_json_body(self, uid: str) -> bytes:
+        _, view = self._study(uid)
+        resource = self._imaging_study(uid, view)
+        if isinstance(resource, str):
+            raise _Answer(404 if resource == "not available" else 500, resource)
+        return json.dumps(resource, indent=2, ensure_ascii=False).encode()
 
 
 def mount_status(

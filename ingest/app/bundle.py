@@ -54,7 +54,7 @@ def dry_run_study(
 
     url = settings.endpoint.wado_rs_url
     study_ref = endpoint_placeholder(url) if url else None
-    options = mapping_options(settings, endpoint_reference=study_ref)
+    options = mapping_options(settings, endpoint_reference=study_ref, profile=profile)
     # the relay's build step: rejection notes among the records leave out what they reject
     built = StudyBuilder(options, all_rejected_status=settings.intake.all_rejected_status)(records)
     built.pop(WITHDRAWN_KEY, None)  # a first push has no backend copy to take anything out of
@@ -118,7 +118,9 @@ def study_bundle(
     }
     urls = [settings.endpoint.wado_rs_url, *settings.endpoint.series_wado_rs_urls.values()]
     endpoints = {
-        url: endpoint_resource(url, requires_access_token=settings.endpoint.requires_access_token)
+        url: endpoint_resource(
+            url, requires_access_token=settings.endpoint.requires_access_token, mado=profile == "mado"
+        )
         for url in urls
         if url and f"Endpoint/{url}" in referenced
     }

@@ -1,4 +1,4 @@
-"""Command line: ``ingest serve | replay | status | retry | reject | backend``.
+"""Command line: ``ingest serve | replay | status | retry | reject | rejections | backend | check-store``.
 
 Exit codes (all commands):
 
@@ -24,8 +24,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
 
-from ingest.config import Settings, load_settings
-from ingest.errors import ConfigError, IngestError
+from ingest.config import Settings, load_settings, parse_duration
+from ingest.errors import ConfigError, IngestError, RetryableSinkError
 from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe, printable, setup_logging
 
@@ -46,6 +46,15 @@ class _Version(argparse.Action):
 
         sys.stdout.write(f"ingest {__version__}\n")  # on stdout, as argparse's own version action
         parser.exit()
+
+
+def _duration_text(text: str) -> str:
+    """An argparse type: ``text`` when it is a duration (``30s``, ``5m``), else the argument error."""
+    try:
+        parse_duration(text, key="--wait-backend")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the service: listener, watcher, relay, admin, embedded backend")
+    p.add_argument("--adopt-spool", action="store_true",
+                   help="start although the state store is new or empty while spool/ holds files, and "
+                   "admit every spool file again (after a lost state database)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
@@ -90,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", "-j", type=int, default=os.cpu_count() or 1, help="header-parsing processes"
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--wait-backend", default="60s", metavar="DURATION", type=_duration_text,
+        help="how long to wait for a backend that does not answer (30s, 5m, 1h; default 60s); then the "
+             "studies not pushed stay pending for `ingest serve` or a later replay (exit 3)",
+    )
     p.add_argument("--study", action="append", default=[], metavar="UID", help="only this Study Instance UID")
     p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
                    help="only studies with a Study Date on or after this date")
@@ -106,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll instead of inotify (network shares where events do not arrive)")
     p.add_argument("--after", choices=["move", "delete", "keep"], default=None,
                    help="what to do with an ingested file (default: [watch] after)")
+    p.add_argument("--adopt-spool", action="store_true",
+                   help="start although the state store is new or empty while spool/ holds files, and "
+                   "admit every spool file again (after a lost state database)")
     p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("status", help="studies pending, pushed and dead (with the last error)")
@@ -133,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="113001 quality, 113037 patient safety, 113038 worklist entry, 113039 retention")
     p.add_argument("--now", action="store_true",
                    help="write the study now instead of leaving it to `ingest serve`")
+    p.add_argument("--force", action="store_true",
+                   help="record the rejection of a study not received yet (else exit 1: a mistyped UID)")
+    p.add_argument("--undo", action="store_true",
+                   help="remove a rejection `ingest reject` recorded (bytes already removed stay removed)")
     p.set_defaults(func=_cmd_reject)
 
     p = sub.add_parser(
@@ -156,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="only say whether a migration is needed (exit 1 when it is); change nothing")
     p.set_defaults(func=_cmd_migrate)
+    p = sub.add_parser(
+        "relink", help="link pushed studies whose order, visit or referrer is still a logical reference"
+    )
+    p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                   help="only studies whose last instance arrived on or after that day (UTC)")
+    p.add_argument("--study", default=None, metavar="UID", help="only this study")
+    p.set_defaults(func=_cmd_relink)
+    p = sub.add_parser(
+        "check-store", help="check the state store: SQLite integrity_check, PostgreSQL schema",
+        description="Run SQLite's full PRAGMA integrity_check on the state database (or, for PostgreSQL, "
+        "check that ingest's schema and tables are there) without changing it. Exit 0: sound; 1: the "
+        "problems are printed.",
+    )
+    p.set_defaults(func=_cmd_check_store)
+    p = sub.add_parser("rejections", help="list recorded IOCM rejections (notes and `ingest reject`)")
+    p.add_argument("--study", metavar="UID", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_rejections)
+
     p = sub.add_parser("backend", help="run the embedded FHIR GraphQL backend alone")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
@@ -296,6 +339,7 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         jobs=max(1, args.jobs),
         studies=frozenset(args.study),
         since=args.since,
+        wait_backend_s=parse_duration(args.wait_backend, key="--wait-backend").total_seconds(),
     )
     if args.bundle and not args.dry_run:
         print("ingest replay: --bundle needs --dry-run", file=sys.stderr)
@@ -310,6 +354,11 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
                 "(files already stored are not read again)")
         print(f"\ningest replay: interrupted after {summary.files} file(s): {done}", file=sys.stderr)
         raise KeyboardInterrupt from None
+    if summary.studies.get("pending"):
+        print(f"ingest replay: {summary.studies['pending']} stud"
+              f"{'y' if summary.studies['pending'] == 1 else 'ies'} left pending: the backend did not answer "
+              f"within --wait-backend {printable(args.wait_backend)}; they are kept in the state store, and "
+              "`ingest serve` or a later `ingest replay` pushes them", file=sys.stderr)
     if summary.files == 0:
         shown = ", ".join(printable(str(p)) for p in args.paths)
         print(f"ingest replay: no DICOM files found in {shown}: nothing to do", file=sys.stderr)
@@ -338,7 +387,13 @@ async def _cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.reject import run_reject
 
     return await run_reject(settings, study=args.study, series=args.series, instance=args.instance,
-                            code=args.code, push_now=args.now)
+                            code=args.code, push_now=args.now, force=args.force, undo=args.undo)
+
+
+async def _cmd_rejections(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.reject import run_rejections
+
+    return await run_rejections(settings, study=args.study, as_json=args.json)
 
 
 async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
@@ -357,9 +412,14 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{n} dead-lettered studies re-queued")
         if not args.now or not n:
             return ExitCode.OK
-        async with open_sink(settings) as sink:
-            relay = await wired_relay(settings, store, sink)
-            await relay.drain(dead)
+        try:
+            async with open_sink(settings) as sink:
+                relay = await wired_relay(settings, store, sink)
+                await relay.drain(dead)
+        except RetryableSinkError as exc:  # re-queued all the same: pushed once the backend is back
+            print(f"ingest: the backend is unavailable now, the re-queued studies stay pending: "
+                  f"{printable(str(exc))}", file=sys.stderr)
+            return ExitCode.OK
         still = [u for u in dead if (row := store.study(u)) is not None and row.state is StudyState.DEAD]
         for u in still:
             row = store.study(u)
@@ -405,6 +465,12 @@ async def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return await asyncio.to_thread(run_migrate, settings, check=args.check)
 
 
+async def _cmd_relink(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.relink import run_relink
+
+    return await run_relink(settings, since=args.since, study=args.study)
+
+
 async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.wiring import embedded_backend
 
@@ -418,7 +484,20 @@ async def _cmd_backend(args: argparse.Namespace, settings: Settings) -> int:
 async def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.serve import serve
 
-    return await serve(settings, _stop_event())
+    return await serve(settings, _stop_event(), adopt_spool=args.adopt_spool)
+
+
+async def _cmd_check_store(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.startup import check_store
+
+    what, problems = await asyncio.to_thread(check_store, settings)
+    if not problems:
+        print(f"state store {printable(what)}: ok")
+        return ExitCode.OK
+    print(f"state store {printable(what)}: {len(problems)} problem(s)", file=sys.stderr)
+    for problem in problems:
+        print(f"  {printable(problem)}", file=sys.stderr)
+    return ExitCode.FATAL
 
 
 async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
@@ -427,7 +506,8 @@ async def _cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     given = {"folder": args.folder, "poll": args.poll, "after": args.after}
     watch = settings.watch.model_copy(update={k: v for k, v in given.items() if v is not None})
     listener = settings.listener.model_copy(update={"enabled": False})
-    return await serve(settings.model_copy(update={"watch": watch, "listener": listener}), _stop_event())
+    return await serve(settings.model_copy(update={"watch": watch, "listener": listener}), _stop_event(),
+                       adopt_spool=args.adopt_spool)
 
 
 def _stop_event() -> asyncio.Event:

@@ -46,6 +46,9 @@ class ReplayOptions:
     jobs: int = 1
     studies: frozenset[str] = frozenset()
     since: date | None = None
+    # --wait-backend: how long the backend may stay unreachable (connecting, or failing transiently)
+    # before the replay stops waiting and leaves the studies not pushed yet pending (exit 3)
+    wait_backend_s: float = 60.0
 
 
 @dataclass
@@ -71,7 +74,8 @@ class ReplaySummary:
                 "rejected_by_reason": dict(sorted(self.rejected.items())),
             },
             "studies": {
-                k: self.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead", "printed")
+                k: self.studies.get(k, 0)
+                for k in ("created", "updated", "unchanged", "dead", "pending", "printed")
             },
             "seconds": round(self.seconds, 3),
         }
@@ -92,7 +96,7 @@ class ReplaySummary:
         return rows
 
     def exit_code(self) -> ExitCode:
-        if self.studies.get("dead"):
+        if self.studies.get("dead") or self.studies.get("pending"):
             return ExitCode.DEAD
         if self.rejected:
             return ExitCode.REJECTED
@@ -355,7 +359,8 @@ def _dry_run(
         return json.dumps(study, ensure_ascii=False, indent=2 if opts.pretty else None)
 
     # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
-    results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True)
+    results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True,
+                          max_rejection_items=settings.listener.max_rejection_items)
     with _Progress(stderr, summary, opts) as progress:
         for result in results:
             summary.files += 1
@@ -494,7 +499,9 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
             if opts.since is None:  # --since needs each file's Study Date: every file is read then
                 items = _skip_known(items, store, opts, summary, known)
             with _Progress(stderr, summary, opts) as progress:
-                for n, result in enumerate(parse_items(items, jobs=opts.jobs)):
+                for n, result in enumerate(parse_items(
+                    items, jobs=opts.jobs, max_rejection_items=settings.listener.max_rejection_items
+                )):
                     if not n:
                         loop.call_soon_threadsafe(reading.set)
                     summary.files += 1
@@ -536,24 +543,38 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
                 return
             reading.set()  # (already set when a file was parsed)
             sink = await early
-            await _drain(settings, store, sink, touched, known, summary)
+            await _drain(settings, store, sink, touched, known, summary, opts.wait_backend_s)
     finally:
         store.close()
 
 
 async def _drain(
     settings: Settings, store: StateStore, sink: GraphQLSink, touched: set[str], known: set[str],
-    summary: ReplaySummary,
+    summary: ReplaySummary, wait_backend_s: float,
 ) -> None:
-    """Push every study the input touched (the sink connects with backoff first, if it has not yet)."""
+    """Push every study the input touched (the sink connects with backoff first, if it has not yet).
+
+    A backend that does not answer (connecting, or failing transiently) is waited for up to
+    ``wait_backend_s`` in all; then the studies not pushed yet stay pending in the state store (counted as
+    ``pending``; ``ingest serve`` or a later replay pushes them) and nothing is dead-lettered for it.
+    """
     from ingest.app.wiring import connect_with_backoff, wired_relay
 
-    await connect_with_backoff(sink, settings)
+    deadline = time.monotonic() + wait_backend_s
+    try:
+        await asyncio.wait_for(connect_with_backoff(sink, settings, forever=True),
+                               timeout=max(0.0, wait_backend_s))
+    except TimeoutError:
+        summary.studies["pending"] = len(touched)
+        return
     relay = await wired_relay(settings, store, sink)  # [endpoint] / [patient] need the backend
-    await relay.drain(touched)
+    relay.transient_dead_letters = False
+    if not await relay.drain(touched, deadline=deadline):
+        waiting = {r.study_uid for r in await asyncio.to_thread(store.studies, StudyState.PENDING)}
+        summary.studies["pending"] = len(waiting & touched)
     summary.studies.update(relay.totals.results)
     summary.studies.pop("retried", None)
     # Studies this input carried that needed no push at all (already pushed, nothing new) are
     # unchanged too; the relay only counts the ones it had to check against the backend.
-    pushed = sum(summary.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead"))
+    pushed = sum(summary.studies.get(k, 0) for k in ("created", "updated", "unchanged", "dead", "pending"))
     summary.studies["unchanged"] += max(0, len(touched | known) - pushed)

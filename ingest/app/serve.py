@@ -28,11 +28,19 @@ from typing import Any
 from aiohttp import web
 
 from ingest.adapters.datadir import DataDirLock
-from ingest.app.wiring import open_store, relay_before_backend, start_sink, token_configured, wire_links
+from ingest.app.startup import open_checked_store
+from ingest.app.wiring import (
+    attach_commitment_reports,
+    relay_before_backend,
+    start_sink,
+    token_configured,
+    wire_links,
+)
+from ingest.clock import Timekeeper
 from ingest.config import Settings
+from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError
 from ingest.exitcodes import ExitCode
-from ingest.intake.admit import utcnow
 from ingest.intake.retention import DiskBudget, open_retention, run_retention
 from ingest.intake.sweep import sweep_at_start
 from ingest.logs import printable
@@ -241,9 +249,23 @@ def admin_app(metrics: Metrics, store: StateStore, health: Health) -> web.Applic
     return app
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> int:
-    """Run until ``stop`` is set; returns the process exit code."""
+def _read_spooled(max_inflated_bytes: int, path: Path) -> tuple[InstanceRecord, str]:
+    """A spool file's record and digest, for the start-up sweep's re-admission."""
+    from ingest.adapters.dicomfile import read_header
+
+    parsed = read_header(path, max_inflated_bytes=max_inflated_bytes)
+    return parsed.record, parsed.digest
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, adopt_spool: bool = False) -> int:
+    """Run until ``stop`` is set; returns the process exit code.
+
+    ``adopt_spool`` (``--adopt-spool``): start on a new or empty state store although the spool holds
+    files, and admit them all again (:mod:`ingest.app.startup`).
+    """
     metrics = Metrics()
+    # wall clock for due times, monotonic time guarding the destructive timers (docs/reliability.md)
+    timekeeper = Timekeeper()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # one service per data dir: the lock's holder may remove every temporary file at start
     owner = DataDirLock(settings.data_dir)
@@ -262,12 +284,22 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             LOGGER.error("cannot start: %s", problem)
         owner.release()
         return ExitCode.FATAL
-    store = open_store(settings)
+    try:
+        # a damaged store, or a new/empty one while the spool holds acknowledged files, refuses the start
+        store = await asyncio.to_thread(open_checked_store, settings, adopt_spool=adopt_spool)
+    except BaseException:
+        owner.release()
+        raise
     code = ExitCode.OK
     try:
-        # crash leftovers (before any listener/watcher writes): spool files no instance row points at,
-        # and temporary files (of any age when this process holds the lock: a kill -9 during a receive)
-        await asyncio.to_thread(sweep_at_start, settings.data_dir, store, owns_data_dir=owner.held)
+        # before any listener/watcher writes: spool files no instance row names are admitted again (a
+        # restored or replaced store, a crash before a row's commit), and temporary files are removed
+        # (of any age when this process holds the lock: a kill -9 during a receive)
+        await asyncio.to_thread(
+            sweep_at_start, settings.data_dir, store, owns_data_dir=owner.held,
+            read=functools.partial(_read_spooled, settings.listener.max_inflated_bytes),
+            stable_age_s=settings.relay.stable_age_s, quarantine_max_bytes=settings.quarantine.max_bytes,
+        )
         # [spool]: the one spool of this process (a running total of its bytes) and its retention
         budget, retention = await asyncio.to_thread(open_retention, settings, store, metrics=metrics)
         async with contextlib.AsyncExitStack() as stack:
@@ -300,6 +332,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
                 from ingest.sources.dimse.listener import start_listener
 
                 listener = await start_listener(settings, store, relay.wake, metrics, budget=budget)
+                if listener.commitment is not None:  # its report sender ([listener.commitment])
+                    attach_commitment_reports(
+                        settings, store, listener.commitment, metrics=metrics, timekeeper=timekeeper
+                    )
                 stack.push_async_callback(listener.aclose)
                 health.listener = listener
             if settings.watch.folder is not None:
@@ -321,7 +357,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             health.relay = relay_task
             if retention.active:  # [spool] retain / quarantine_retain, in the background
                 retention_task = asyncio.create_task(run_retention(
-                    retention, stop, interval_s=settings.spool.retention_interval_s, clock=utcnow
+                    retention, stop, interval_s=settings.spool.retention_interval_s, timekeeper=timekeeper
                 ))
                 retention_task.add_done_callback(_log_if_failed("spool retention"))
                 tasks.append(retention_task)

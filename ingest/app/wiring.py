@@ -14,29 +14,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ingest.config import Settings
 from ingest.errors import ConfigError
+from ingest.logs import printable
 from ingest.ports import Sink, StateStore
 
 if TYPE_CHECKING:  # gql, aiohttp, the mapping and the relay are imported by the functions that need them
     from ingest.adapters.graphql.sink import GraphQLSink
+    from ingest.clock import Timekeeper
     from ingest.core.mapping import MappingOptions
     from ingest.metrics import Metrics
     from ingest.relay.links import LinkedBackend
     from ingest.relay.relay import Build, Link, Relay
+    from ingest.relay.reports import CommitmentReports
+    from ingest.sources.dimse.commitment import CommitmentSCP
 
     class LinkedSink(Sink, LinkedBackend, Protocol):
         """A sink that can also find and create Patient and Endpoint resources (the GraphQL sink)."""
 
 
 __all__ = [
+    "attach_commitment_reports",
     "connect_with_backoff",
     "embedded_backend",
     "mapping_options",
@@ -146,15 +153,16 @@ def token_configured(settings: Settings) -> bool:
     return bool((env and os.environ.get(env)) or settings.backend.token_file or settings.backend.token_url)
 
 
-async def connect_with_backoff(sink: Any, settings: Settings) -> None:
+async def connect_with_backoff(sink: Any, settings: Settings, *, forever: bool = False) -> None:
     """Connect the sink; a backend that is down at start is retried like a push (``[relay]`` backoff).
 
-    Returns at once when ``sink`` is connected already.
+    Returns at once when ``sink`` is connected already. With ``forever`` there is no attempt limit (the
+    caller bounds the wait, ``ingest replay --wait-backend``).
 
     Raises
     ------
     RetryableSinkError
-        Still unreachable after ``[relay] max_attempts`` attempts.
+        Still unreachable after ``[relay] max_attempts`` attempts (not with ``forever``).
     """
     from ingest.errors import RetryableSinkError
     from ingest.relay.relay import backoff_delay
@@ -167,12 +175,12 @@ async def connect_with_backoff(sink: Any, settings: Settings) -> None:
             return
         except RetryableSinkError as exc:
             attempt += 1
-            if attempt >= cfg.max_attempts:
+            if attempt >= cfg.max_attempts and not forever:
                 raise
             delay = backoff_delay(attempt, cfg.base_backoff_s, cfg.max_backoff_s)
             LOGGER.warning(
-                "backend unreachable at start (attempt %d of %d), next try in %.1f s: %s",
-                attempt, cfg.max_attempts, delay, exc,
+                "backend unreachable at start (attempt %d%s), next try in %.1f s: %s",
+                attempt, "" if forever else f" of {cfg.max_attempts}", delay, exc,
             )
             await asyncio.sleep(delay)
 
@@ -206,16 +214,52 @@ async def embedded_backend(settings: Settings, *, port: int | None) -> AsyncIter
 # --------------------------------------------------------------------------------------- the relay
 
 
-def mapping_options(settings: Settings, endpoint_reference: str | None = None) -> MappingOptions:
-    """The pure mapping's options, from ``[mapping]`` and ``[patient]``.
+@functools.cache
+def machine_timezone() -> str | None:
+    """The IANA name of the time zone of the machine running ``ingest`` (``TZ``, else the system's
+    configuration, read by ``tzlocal``), or ``None`` (logged) when it has none a zone database knows.
+
+    Read once per process: the default of ``[mapping] site_timezone``.
+    """
+    import tzlocal
+
+    try:
+        name = tzlocal.get_localzone_name()
+        if name:
+            ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        LOGGER.warning(
+            "the machine's time zone cannot be determined (%s); times without Timezone Offset From UTC "
+            "(0008,0201) are written as dates only: set [mapping] site_timezone", printable(exc),
+        )
+        return None
+    if not name:
+        LOGGER.warning(
+            "the machine has no time zone configured; times without Timezone Offset From UTC (0008,0201) "
+            "are written as dates only: set [mapping] site_timezone"
+        )
+        return None
+    LOGGER.info(
+        "[mapping] site_timezone is not set: times without Timezone Offset From UTC (0008,0201) are in "
+        "the machine's time zone, %s", printable(name),
+    )
+    return name
+
+
+def mapping_options(
+    settings: Settings, endpoint_reference: str | None = None, *, profile: str | None = None
+) -> MappingOptions:
+    """The pure mapping's options, from ``[mapping]``, ``[patient]`` and ``[profile]``.
 
     ``endpoint_reference`` is the id of the Endpoint resource, known only once it exists in the backend,
-    hence passed separately.
+    hence passed separately. ``profile``: the profile the study is written for when it is not
+    ``[profile] name`` (``ingest replay --dry-run --bundle mado``). ``[mapping] site_timezone`` unset:
+    the machine's time zone (:func:`machine_timezone`).
     """
     from ingest.core.mapping import MappingOptions
 
     return MappingOptions(
-        site_timezone=settings.mapping.site_timezone,
+        site_timezone=settings.mapping.site_timezone or machine_timezone(),
         include_instances=settings.mapping.include_instances,
         include_study_id=settings.mapping.include_study_id,
         operator_function=settings.mapping.operator_function or None,
@@ -223,6 +267,9 @@ def mapping_options(settings: Settings, endpoint_reference: str | None = None) -
         endpoint_reference=endpoint_reference,
         narrative=settings.mapping.narrative,
         issuer_systems=dict(settings.profile.issuer_systems),
+        mado_extensions=(profile or settings.profile.name) == "mado",
+        based_on=settings.links.based_on,
+        encounter=settings.links.encounter,
     )
 
 
@@ -242,6 +289,7 @@ async def wire_links(
     """
     from ingest.relay.build import StudyBuilder
     from ingest.relay.links import check_profile, prepare_links
+    from ingest.relay.orders import OrderLinks, chain_links
 
     check_profile(settings.profile, settings.endpoint, include_instances=settings.mapping.include_instances)
     if settings.profile.write_linked:  # the backend must hold Device / Organization / Provenance
@@ -261,10 +309,16 @@ async def wire_links(
     links = await prepare_links(
         settings.patient, settings.endpoint, sink, metrics=metrics, profile=settings.profile, sources=sources
     )
+    link: Link | None = links.link
+    orders = OrderLinks(sink, based_on=settings.links.based_on, encounter=settings.links.encounter,
+                        referrer=settings.links.referrer)
+    if orders.active:  # [links] lookups: basedOn / encounter / referrer made literal before the merge
+        orders.check()
+        link = chain_links(link, orders)
     return StudyBuilder(
         mapping_options(settings, endpoint_reference=links.endpoint_reference),
         all_rejected_status=settings.intake.all_rejected_status,
-    ), links.link
+    ), link
 
 
 def with_provenance(settings: Settings, sink: Sink, *, clock: Callable[[], datetime]) -> Sink:
@@ -324,3 +378,28 @@ async def wired_relay(
     relay_sink = with_provenance(settings, sink, clock=clock or utcnow)
     return Relay(store, relay_sink, build, settings.relay, node=settings.state.node_id, clock=clock or utcnow,
                  metrics=metrics, link=link, narrative=settings.mapping.narrative)
+
+
+# --------------------------------------------------------------------------------------- commitment reports
+
+
+def attach_commitment_reports(
+    settings: Settings,
+    store: StateStore,
+    scp: CommitmentSCP,
+    *,
+    metrics: Metrics | None = None,
+    timekeeper: Timekeeper | None = None,
+) -> CommitmentReports:
+    """The Storage Commitment report sender of ``scp`` (``[listener.commitment]``), attached to it: its
+    reports go on the requester's association (the SCP's channel) or on a new association
+    (:class:`ingest.adapters.dimse_scu.DimseReportSCU`). Started with the listener."""
+    from ingest.adapters.dimse_scu import DimseReportSCU
+    from ingest.relay.reports import CommitmentReports
+
+    sender = CommitmentReports(
+        store, [scp, DimseReportSCU.from_settings(settings.listener)], settings.listener.commitment,
+        hold=scp.hold, owner=scp.owner, metrics=metrics, timekeeper=timekeeper,
+    )
+    scp.attach(sender)
+    return sender

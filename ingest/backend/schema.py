@@ -51,7 +51,10 @@ __all__ = [
 ]
 
 #: Resource types the backend serves.
-RESOURCE_TYPES: Final = ("ImagingStudy", "Patient", "Endpoint", "Device", "Organization", "Provenance")
+RESOURCE_TYPES: Final = (
+    "ImagingStudy", "Patient", "Endpoint", "Device", "Organization", "Provenance", "ServiceRequest",
+    "Encounter", "Practitioner",
+)
 #: Counters kept per backend (``GET /stats``): one per root field call, plus HTTP requests.
 STAT_NAMES: Final = ("requests", "lookups", "reads", "creates", "updates", "deletes")
 

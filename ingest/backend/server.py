@@ -30,8 +30,10 @@ Answers follow Medplum 4.5.2 (captured in tests/fixtures/medplum/probe-results.m
 - variables that do not fit their types: HTTP 200 with ``errors`` and no ``data``;
 - execution errors (``Not found``, a refused resource): HTTP 200 with ``errors`` and
   ``data: {field: null}``;
-- a database failure: HTTP 503 with an ``OperationOutcome`` (the client may retry), not a GraphQL
-  error a client would treat as permanent;
+- a database failure (disk full, I/O error, locked): HTTP 503 with ``Retry-After`` and an
+  ``OperationOutcome`` with issue code ``no-store`` (the client retries), not a GraphQL error a client
+  would treat as permanent; the failed write is rolled back and the database is usable again as soon
+  as space returns;
 - graphql-core messages that quote an input value are cut before the value (it may be PHI);
 - a missing or wrong bearer token: HTTP 401 with an ``OperationOutcome``;
 - a foreign ``Origin`` or ``Host``: 403; a body that is not JSON or GraphQL: 415; a body over the size
@@ -261,8 +263,21 @@ def _formatted(error: GraphQLError) -> dict[str, Any]:
     return formatted
 
 
-def _storage_failed(errors: list[GraphQLError]) -> bool:
-    return any(isinstance(error.original_error, StorageError) for error in errors)
+def _storage_failure(errors: list[GraphQLError]) -> StorageError | None:
+    return next((e.original_error for e in errors if isinstance(e.original_error, StorageError)), None)
+
+
+#: Seconds a client is asked to wait after a storage failure (HTTP Retry-After of the 503 answer).
+STORAGE_RETRY_AFTER_S: Final = 5
+
+
+def _storage_unavailable(failure: StorageError) -> web.Response:
+    """HTTP 503, issue code ``no-store`` (FHIR: the persistent store is unavailable) and Retry-After:
+    a client retries later and never treats it as a refusal of its resource."""
+    what = "Storage full" if failure.full else "Storage unavailable"
+    answer = _outcome(503, [f"{what}, retry later"], code="no-store")
+    answer.headers["Retry-After"] = str(STORAGE_RETRY_AFTER_S)
+    return answer
 
 
 async def _graphql(request: web.Request) -> web.Response:
@@ -333,9 +348,10 @@ async def _answer(app: web.Application, content_type: str, raw: bytes) -> web.Re
         return _too_costly("Query too complex: nested too deeply.")
     payload: dict[str, Any] = {}
     if result.errors:
-        if _storage_failed(result.errors):
-            LOGGER.error("Embedded backend storage failure: %s", result.errors[0].original_error)
-            return _outcome(503, ["Storage unavailable, retry later"], code="transient")
+        failure = _storage_failure(result.errors)
+        if failure is not None:  # SQLite's words only: nothing of the request
+            LOGGER.error("Embedded backend storage failure: %s", failure)
+            return _storage_unavailable(failure)
         payload["errors"] = [_formatted(error) for error in result.errors]
     if result.data is not None or not result.errors:  # variable errors: no data at all, like Medplum
         payload["data"] = normalize_numbers(result.data)

@@ -24,6 +24,7 @@ Search semantics follow FHIR R4 (https://hl7.org/fhir/R4/search.html):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -81,7 +82,38 @@ class ConflictError(BackendRequestError):
 
 
 class StorageError(Exception):
-    """The database failed (disk full, locked, I/O error); the request may succeed later."""
+    """The database failed (disk full, locked, I/O error); the request may succeed later.
+
+    ``full`` is true when SQLite reported ``database or disk is full`` (SQLITE_FULL) or an I/O error
+    (SQLITE_IOERR, which a full disk also causes while writing the WAL).
+    """
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+_FULL_ERRORS: Final = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
+
+
+def _storage_error(what: str, exc: sqlite3.Error) -> StorageError:
+    """A :class:`StorageError` naming SQLite's own error (never a resource's content)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    full = isinstance(code, int) and (code & 0xFF) in _FULL_ERRORS  # an extended code's low byte
+    return StorageError(f"{what} failed: {exc}", full=full)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End the failed transaction, if SQLite has not already done so.
+
+    SQLite rolls a transaction back by itself after some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM
+    during a write); a ``ROLLBACK`` then fails with "cannot rollback - no transaction is active" and would
+    hide the error that matters. A ``ROLLBACK`` that fails otherwise leaves the connection as SQLite left
+    it; the next ``BEGIN IMMEDIATE`` reports any remaining problem.
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 ParamKind = Literal["token", "reference", "string", "date"]
@@ -156,6 +188,28 @@ PARAMETERS: Final[Mapping[str, Mapping[str, ParamKind]]] = {
         "target": "reference",
         "agent": "reference",
         "recorded": "date",
+    },
+    # what ImagingStudy.basedOn / encounter / referrer are linked to (docs/mapping.md "Order, visit,
+    # referrer"): found by identifier
+    "ServiceRequest": {
+        "_lastUpdated": "date",
+        "identifier": "token",
+        "status": "token",
+        "subject": "reference",
+        "patient": "reference",
+    },
+    "Encounter": {
+        "_lastUpdated": "date",
+        "identifier": "token",
+        "status": "token",
+        "subject": "reference",
+        "patient": "reference",
+    },
+    "Practitioner": {
+        "_lastUpdated": "date",
+        "identifier": "token",
+        "name": "string",
+        "active": "token",
     },
 }
 
@@ -419,6 +473,28 @@ def _provenance_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex
     yield from _dates("recorded", res.get("recorded"))  # Provenance.recorded
 
 
+def _request_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex]:
+    # ServiceRequest / Encounter: identifier, status, subject (and patient, for a Patient subject)
+    yield from _identifiers("identifier", res.get("identifier"))
+    status = res.get("status")
+    if isinstance(status, str) and status:
+        yield TokenIndex("status", None, status)
+    subject = res.get("subject")
+    yield from _references("subject", [subject] if isinstance(subject, Mapping) else [])
+    if isinstance(subject, Mapping) and str(subject.get("reference") or "").startswith("Patient/"):
+        yield from _references("patient", [subject])
+
+
+def _practitioner_index(res: Mapping[str, Any]) -> Iterator[TokenIndex | DateIndex]:
+    yield from _identifiers("identifier", res.get("identifier"))  # Practitioner.identifier
+    names = (part for n in _dicts(res.get("name"))
+             for part in [n.get("family"), n.get("text"), *(n.get("given") or [])])
+    yield from _strings("name", names)
+    active = res.get("active")
+    if isinstance(active, bool):
+        yield TokenIndex("active", None, "true" if active else "false")
+
+
 _INDEXERS: Final[Mapping[str, Callable[[Mapping[str, Any]], Iterator[TokenIndex | DateIndex]]]] = {
     "ImagingStudy": _imaging_study_index,
     "Patient": _patient_index,
@@ -426,6 +502,9 @@ _INDEXERS: Final[Mapping[str, Callable[[Mapping[str, Any]], Iterator[TokenIndex 
     "Device": _device_index,
     "Organization": _organization_index,
     "Provenance": _provenance_index,
+    "ServiceRequest": _request_index,
+    "Encounter": _request_index,
+    "Practitioner": _practitioner_index,
 }
 
 
@@ -704,7 +783,7 @@ class ResourceStore:
                     .fetchone()
                 )
         except sqlite3.Error as exc:
-            raise StorageError(f"Reading {resource_type} failed: {exc}") from exc
+            raise _storage_error(f"Reading {resource_type}", exc) from exc
         return None if row is None else dict(json.loads(row[0]))
 
     def create(self, resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -790,10 +869,10 @@ class ResourceStore:
                     )
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
             except sqlite3.Error as exc:
-                raise StorageError(f"Writing {resource_type} failed: {exc}") from exc
+                raise _storage_error(f"Writing {resource_type}", exc) from exc
             self._seq = seq
         LOGGER.debug("Stored %s/%s version %s", resource_type, resource_id, version_id)
         return stored, not exists
@@ -827,10 +906,10 @@ class ResourceStore:
                     conn.execute("DELETE FROM dates WHERE type = ? AND id = ?", key)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
             except sqlite3.Error as exc:
-                raise StorageError(f"Deleting {resource_type} failed: {exc}") from exc
+                raise _storage_error(f"Deleting {resource_type}", exc) from exc
         return deleted > 0
 
     def search(self, resource_type: str, request: SearchRequest) -> list[dict[str, Any]]:
@@ -871,7 +950,7 @@ class ResourceStore:
             with self._lock:
                 rows = self._connection().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            raise StorageError(f"Searching {resource_type} failed: {exc}") from exc
+            raise _storage_error(f"Searching {resource_type}", exc) from exc
         return [dict(json.loads(row[0])) for row in rows]
 
     def close(self) -> None:

@@ -13,6 +13,12 @@ by the state store (``ingest.adapters.state.sql``) and by the dry run of ``inges
   ``ingest.adapters.dicomfile``): digests of different schemes never match, so the stored record
   decides, and a record equal but for the transfer syntax is a **duplicate** ("identical" means the
   same content whatever transfer syntax carried it).
+
+``[intake] on_conflict = "replace"`` lets a conflict of other content replace the stored version, but
+only as :func:`replace_refusal` allows: from the sender of the stored version, or from a sender trusted
+to replace (``replace = true`` on its ``[listener] allowed_calling_aes`` entry; the drop folder and
+``ingest replay``); a new version of another patient only from a trusted sender. Otherwise the
+replacement is refused like any conflict (its rule says why).
 """
 
 from __future__ import annotations
@@ -26,16 +32,24 @@ from ingest.core.records import InstanceRecord
 __all__ = [
     "CONFLICT_OTHER_CONTENT",
     "CONFLICT_OTHER_STUDY",
+    "REPLACE_OTHER_PATIENT",
+    "REPLACE_OTHER_SENDER",
     "Decision",
     "Existing",
     "Verdict",
     "decide",
+    "replace_refusal",
 ]
 
 #: The rule of a conflict: the SOP Instance UID is stored with other content.
 CONFLICT_OTHER_CONTENT: Final = "other_content"
 #: The rule of a conflict: the SOP Instance UID is stored in another study.
 CONFLICT_OTHER_STUDY: Final = "other_study"
+
+#: The rule of a refused replacement: the stored version came from another sender.
+REPLACE_OTHER_SENDER: Final = "replace_other_sender"
+#: The rule of a refused replacement: the new version is of another patient.
+REPLACE_OTHER_PATIENT: Final = "replace_other_patient"
 
 
 class Verdict(enum.Enum):
@@ -120,3 +134,32 @@ def decide(found: Existing | None, record: InstanceRecord, digest: str) -> Decis
     if _digest_scheme(found.digest) != _digest_scheme(digest) and _same_record(found.record, record):
         return _DUPLICATE
     return Decision(Verdict.CONFLICT, CONFLICT_OTHER_CONTENT)
+
+
+def replace_refusal(
+    *, stored_source: str, stored_patient: str, source: str, patient: str, trusted: bool
+) -> str | None:
+    """Why a new version may not replace the stored one (``[intake] on_conflict = "replace"``), or ``None``.
+
+    Parameters
+    ----------
+    stored_source, source:
+        The sources (``dimse:<AE>``, ``watch``, ``file:<label>``) of the stored and the new version.
+    stored_patient, patient:
+        Their patient keys (:func:`ingest.core.lifecycle.patient_key`).
+    trusted:
+        Whether the new version's sender may replace what others sent and move an instance to another
+        patient.
+
+    Returns
+    -------
+    str | None
+        :data:`REPLACE_OTHER_SENDER`, :data:`REPLACE_OTHER_PATIENT`, or ``None`` (allowed).
+    """
+    if trusted:
+        return None
+    if stored_source != source:
+        return REPLACE_OTHER_SENDER
+    if stored_patient != patient:
+        return REPLACE_OTHER_PATIENT
+    return None

@@ -21,13 +21,17 @@ quote values (patient data) in log messages.
 Two entry points share one implementation: :func:`extract` takes a pydicom ``Dataset``;
 :func:`extract_elements` takes the plain ``{tag: RawDataElement}`` mapping the file reader builds
 (no ``Dataset`` is made for it, which is most of the per-file cost pydicom would add; pydicom still
-parses sequences, via a small ``Dataset`` made only for the sequence at hand).
+parses sequences, via a small ``Dataset`` made only for the sequence at hand). The evidence of a Key
+Object Selection Document (0040,A375), which may name hundreds of thousands of instances, never goes
+through pydicom on that path: the file reader walks it, counting against its cap, and hands over only
+the UIDs (:class:`EvidenceUids`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, TypeVar, cast
 
 from pydicom.charset import convert_encodings, decode_bytes
@@ -38,7 +42,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import TEXT_VR_DELIMS
 from pydicom.valuerep import PersonName as PydicomPersonName
 
-from ingest.core.records import Code, InstanceRecord, PersonName, SopReference
+from ingest.core.records import Code, InstanceRecord, OrderReference, PersonName, SopReference
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES, tag_of
 from ingest.errors import (
     HeaderError,
@@ -49,7 +53,7 @@ from ingest.errors import (
     NotPatientInstanceError,
 )
 
-__all__ = ["extract", "extract_elements", "valid_uid"]
+__all__ = ["EvidenceUids", "extract", "extract_elements", "valid_uid"]
 
 _T = TypeVar("_T")
 _Element: TypeAlias = "DataElement | RawDataElement"
@@ -622,12 +626,32 @@ def extract(ds: Dataset, *, source: str = "") -> InstanceRecord:
     return _extract(ds, meta, source)
 
 
+@dataclass(frozen=True)
+class EvidenceUids:
+    """A Key Object Selection Document's Current Requested Procedure Evidence (0040,A375) as the file
+    reader walked it: no pydicom item is made for it.
+
+    Attributes
+    ----------
+    studies:
+        One entry per item: its raw (0020,000D) Study Instance UID value and, per (0008,1115) Referenced
+        Series item, the raw (0020,000E) Series Instance UID value and the raw (0008,1155) Referenced SOP
+        Instance UID value of each (0008,1199) Referenced SOP item. ``None``: the element is absent.
+    undecodable:
+        Why the sequence could not be walked (the evidence is then dropped with a warning), or ``None``.
+    """
+
+    studies: Sequence[tuple[bytes | None, Sequence[tuple[bytes | None, Sequence[bytes | None]]]]] = ()
+    undecodable: str | None = None
+
+
 def extract_elements(
     elements: Mapping[int, DataElement | RawDataElement],
     *,
     transfer_syntax_uid: str | None = None,
     media_sop_class_uid: str | None = None,
     source: str = "",
+    evidence: EvidenceUids | None = None,
 ) -> InstanceRecord:
     """Like :func:`extract`, for the top-level elements of a dataset held in a plain mapping.
 
@@ -646,6 +670,9 @@ def extract_elements(
         (0002,0002) Media Storage SOP Class UID of the file meta group, if any (DICOMDIR detection).
     source:
         Where the dataset came from (a path, ``dimse:<AE>``), used in error messages only.
+    evidence:
+        The (0040,A375) evidence as the reader walked it, read instead of an element in ``elements``
+        for a Key Object Selection Document (same references and warnings).
 
     Returns
     -------
@@ -661,7 +688,7 @@ def extract_elements(
     def meta() -> tuple[str | None, str | None]:
         return _meta_value(transfer_syntax_uid), _meta_value(media_sop_class_uid)
 
-    return _extract(elements, meta, source)
+    return _extract(elements, meta, source, evidence)
 
 
 def _meta_value(value: str | None) -> str | None:
@@ -672,6 +699,7 @@ def _extract(
     source_ds: Dataset | Mapping[int, _Element],
     meta: Callable[[], tuple[str | None, str | None]],
     source: str,
+    given_evidence: EvidenceUids | None = None,
 ) -> InstanceRecord:
     """The body of :func:`extract` and :func:`extract_elements` (same rules, same messages)."""
     src = source or "<dataset>"
@@ -719,6 +747,8 @@ def _extract(
         pid_issuer = reader.opt_first_item("IssuerOfPatientIDQualifiersSequence") or {}
         # (0008,0051) Issuer of Accession Number > (0040,0031) / (0040,0032) / (0040,0033)
         acc_issuer = reader.opt_first_item("IssuerOfAccessionNumberSequence") or {}
+        # (0038,0014) Issuer of Admission ID > (0040,0031) / (0040,0032) / (0040,0033)
+        adm_issuer = reader.opt_first_item("IssuerOfAdmissionIDSequence") or {}
         # (0040,A043) Concept Name Code Sequence > (0008,0104) Code Meaning, for SR documents
         concept = reader.opt_first_item("ConceptNameCodeSequence") or {}
         # (0020,0060) Laterality, else (0020,0062) Image Laterality
@@ -736,7 +766,10 @@ def _extract(
                 reader._dropped("ConceptNameCodeSequence", exc)
                 titles = ()
             concept_code = titles[0] if titles else None
-            evidence = _opt_evidence(reader)
+            if given_evidence is None:
+                evidence = _opt_evidence(reader)
+            else:
+                evidence = _walked_evidence(given_evidence, reader.warnings)
 
         return InstanceRecord(
             study_uid=study_uid,
@@ -765,6 +798,12 @@ def _extract(
             procedure_codes=codes("ProcedureCodeSequence"),
             reason_text=text("ReasonForTheRequestedProcedure", split=False),
             reason_codes=codes("ReasonForRequestedProcedureCodeSequence"),
+            admission_id=text("AdmissionID"),
+            admission_issuer_uid=adm_issuer.get("UniversalEntityID"),
+            admission_issuer_uid_type=adm_issuer.get("UniversalEntityIDType"),
+            admission_issuer_local=adm_issuer.get("LocalNamespaceEntityID"),
+            referrer_ids=_opt_person_ids(reader, "ReferringPhysicianIdentificationSequence"),
+            requests=_opt_requests(reader),
             modality=text("Modality"),
             series_number=integer("SeriesNumber"),
             series_description=text("SeriesDescription", split=False),
@@ -831,6 +870,49 @@ def _evidence(reader: _Reader) -> tuple[SopReference, ...]:
     return tuple(found[uid] for uid in sorted(found))
 
 
+def _uid_text(raw: bytes | None) -> str | None:
+    """A raw UI value as :meth:`_Reader.text` reads it: its first non-empty value, unpadded."""
+    if raw is None:
+        return None
+    for part in raw.rstrip(b"\0 ").decode("latin-1").split("\\"):
+        value = part.strip(" \0")
+        if value:
+            return value
+    return None
+
+
+def _walked_evidence(given: EvidenceUids, warnings: list[str]) -> tuple[SopReference, ...]:
+    """:func:`_evidence` over the UIDs the file reader walked (same references, same warnings)."""
+    where = "CurrentRequestedProcedureEvidenceSequence (0040,A375)"
+    if given.undecodable is not None:
+        warnings.append(f"{where}: undecodable value dropped ({given.undecodable})")
+        return ()
+    found: dict[str, SopReference] = {}
+    for s_index, (raw_study, series_items) in enumerate(given.studies):
+        study_uid = _uid_text(raw_study)
+        if study_uid is None or not valid_uid(study_uid):
+            warnings.append(f"{where} item {s_index}: dropped, no valid Study Instance UID")
+            continue
+        for r_index, (raw_series, sops) in enumerate(series_items):
+            series_uid = _uid_text(raw_series)
+            if series_uid is None or not valid_uid(series_uid):
+                warnings.append(
+                    f"{where} item {s_index} series {r_index}: dropped, no valid Series Instance UID"
+                )
+                continue
+            for i_index, raw_sop in enumerate(sops):
+                sop_uid = _uid_text(raw_sop)
+                if sop_uid is None or not valid_uid(sop_uid):
+                    warnings.append(
+                        f"{where} item {s_index} series {r_index} instance {i_index}: dropped, "
+                        "no valid Referenced SOP Instance UID"
+                    )
+                    continue
+                if sop_uid not in found:
+                    found[sop_uid] = SopReference(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
+    return tuple(found[uid] for uid in sorted(found))
+
+
 def _opt_evidence(reader: _Reader) -> tuple[SopReference, ...]:
     """:func:`_evidence`, or ``()`` with a warning when the sequence cannot be parsed."""
     try:
@@ -842,6 +924,56 @@ def _opt_evidence(reader: _Reader) -> tuple[SopReference, ...]:
             "CurrentRequestedProcedureEvidenceSequence (0040,A375): undecodable value dropped "
             f"({type(exc).__name__})"
         )
+        return ()
+
+
+#: At most this many Request Attributes items, and identification codes per person, are kept.
+_MAX_REQUEST_ITEMS: Final = 16
+
+
+def _opt_requests(reader: _Reader) -> tuple[OrderReference, ...]:
+    """(0040,0275) Request Attributes Sequence items as :class:`OrderReference` (those naming nothing
+    are left out, duplicates once); ``()`` with a warning when the sequence cannot be parsed."""
+    keyword = "RequestAttributesSequence"
+    try:
+        found: list[OrderReference] = []
+        for item in reader.items(keyword)[:_MAX_REQUEST_ITEMS]:
+            issuers = item.items("IssuerOfAccessionNumberSequence")
+            issuer = issuers[0] if issuers else None
+            ref = OrderReference(
+                accession_number=item.opt_text("AccessionNumber"),
+                accession_issuer_uid=issuer.opt_text("UniversalEntityID") if issuer else None,
+                accession_issuer_uid_type=issuer.opt_text("UniversalEntityIDType") if issuer else None,
+                accession_issuer_local=issuer.opt_text("LocalNamespaceEntityID") if issuer else None,
+                requested_procedure_id=item.opt_text("RequestedProcedureID"),
+                placer_order_number=item.opt_text("PlacerOrderNumberImagingServiceRequest"),
+                filler_order_number=item.opt_text("FillerOrderNumberImagingServiceRequest"),
+            )
+            named = (ref.accession_number, ref.requested_procedure_id, ref.placer_order_number,
+                     ref.filler_order_number)
+            if any(named) and ref not in found:
+                found.append(ref)
+        return tuple(found)
+    except RecursionError:
+        raise
+    except Exception as exc:
+        reader._dropped(keyword, exc)
+        return ()
+
+
+def _opt_person_ids(reader: _Reader, keyword: str) -> tuple[Code, ...]:
+    """The identifiers of the first person item of a Person Identification Macro sequence (PS3.3
+    10.1): its (0040,1101) Person Identification Code Sequence codes; ``()`` (with a warning when the
+    sequence cannot be parsed) otherwise."""
+    try:
+        people = reader.items(keyword)
+        if not people:
+            return ()
+        return people[0].codes("PersonIdentificationCodeSequence")[:_MAX_REQUEST_ITEMS]
+    except RecursionError:
+        raise
+    except Exception as exc:
+        reader._dropped(keyword, exc)
         return ()
 
 

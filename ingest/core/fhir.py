@@ -55,6 +55,7 @@ __all__ = [
     "Device",
     "DeviceName",
     "DeviceVersion",
+    "Encounter",
     "Endpoint",
     "EndpointStatus",
     "Extension",
@@ -76,10 +77,12 @@ __all__ = [
     "Patient",
     "Period",
     "PositiveInt",
+    "Practitioner",
     "Provenance",
     "ProvenanceAgent",
     "Reference",
     "Resource",
+    "ServiceRequest",
     "UnsignedInt",
     "Uri",
     "prune_empty",
@@ -192,6 +195,16 @@ EndpointStatus = Literal["active", "suspended", "error", "off", "entered-in-erro
 NarrativeStatus = Literal["generated", "extensions", "additional", "empty"]
 #: Device.status (required binding ``device-status``).
 DeviceStatus = Literal["active", "inactive", "entered-in-error", "unknown"]
+#: FHIR R4 request-status, request-intent and encounter-status value sets
+RequestStatus = Literal["draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"]
+RequestIntent = Literal[
+    "proposal", "plan", "directive", "order", "original-order", "reflex-order", "filler-order",
+    "instance-order", "option",
+]
+EncounterStatus = Literal[
+    "planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error",
+    "unknown",
+]
 #: Device.deviceName.type (required binding ``device-nametype``).
 DeviceNameType = Literal[
     "udi-label-name", "user-friendly-name", "patient-reported-name", "manufacturer-name", "model-name",
@@ -668,6 +681,38 @@ class Organization(Resource):
         return self
 
 
+class ServiceRequest(Resource):
+    """FHIR R4 ServiceRequest (the elements an order that ``ImagingStudy.basedOn`` links to carries)."""
+
+    resource_type: Literal["ServiceRequest"] = "ServiceRequest"
+    identifier: FhirList[Identifier] = ()
+    status: RequestStatus
+    intent: RequestIntent
+    code: CodeableConcept | None = None
+    subject: Reference
+    encounter: Reference | None = None
+    requester: Reference | None = None
+
+
+class Encounter(Resource):
+    """FHIR R4 Encounter (the elements a visit that ``ImagingStudy.encounter`` links to carries)."""
+
+    resource_type: Literal["Encounter"] = "Encounter"
+    identifier: FhirList[Identifier] = ()
+    status: EncounterStatus
+    class_: Annotated[Coding, Field(alias="class")]
+    subject: Reference | None = None
+
+
+class Practitioner(Resource):
+    """FHIR R4 Practitioner (the elements a referrer that ``ImagingStudy.referrer`` links to carries)."""
+
+    resource_type: Literal["Practitioner"] = "Practitioner"
+    identifier: FhirList[Identifier] = ()
+    active: Boolean | None = None
+    name: FhirList[HumanName] = ()
+
+
 class ProvenanceAgent(BackboneElement):
     """Provenance.agent."""
 
@@ -728,6 +773,9 @@ _RESOURCES: dict[str, type[Resource]] = {
     "Device": Device,
     "Organization": Organization,
     "Provenance": Provenance,
+    "ServiceRequest": ServiceRequest,
+    "Encounter": Encounter,
+    "Practitioner": Practitioner,
 }
 
 

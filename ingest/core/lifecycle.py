@@ -21,11 +21,17 @@ Rules (all here, used by the state store, the relay's build step and ``ingest st
   (the study should never have existed), else the configured ``[intake] all_rejected_status``
   (113001 quality, 113039 retention: the study did happen).
 - :func:`removes_bytes`: the bytes of instances rejected for 113037 or 113039 are removed from the spool;
-  others follow the retention policy.
+  others follow the retention policy (never before a Storage Commitment hold ends).
+- :func:`patient_key`: a note rejects only instances of its own patient (Patient ID with its issuer): a
+  rejection made by a note carries the note's key (:attr:`Rejection.patient`) and covers no instance of
+  another patient, whenever that instance arrives. ``ingest reject`` has no patient: it covers all.
+- :func:`note_refusal`: whether a note may be applied at all (its sender may send rejections, and every
+  study it names that is stored is of its patient); a refused note is quarantined, not stored.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +43,8 @@ __all__ = [
     "ALL_REJECTED_STATUSES",
     "ENTERED_IN_ERROR",
     "KEY_OBJECT_SELECTION",
+    "REFUSED_NOT_ALLOWED",
+    "REFUSED_PATIENT_MISMATCH",
     "REJECTION_CODES",
     "WITHDRAWN_KEY",
     "Rejection",
@@ -45,7 +53,9 @@ __all__ = [
     "apply_notes",
     "covering",
     "mark",
+    "note_refusal",
     "note_rejections",
+    "patient_key",
     "rejection_code",
     "removes_bytes",
     "view",
@@ -101,6 +111,9 @@ REJECTION_CODES: Final[Mapping[str, RejectionCode]] = {
         RejectionCode("113039", "Data Retention Policy Expired", entered_in_error=False, removes_bytes=True),
     )
 }
+#: The quarantine reasons of a refused rejection note (:func:`note_refusal`).
+REFUSED_NOT_ALLOWED: Final = "rejection_not_allowed"
+REFUSED_PATIENT_MISMATCH: Final = "rejection_patient_mismatch"
 # Which code an instance rejected several times counts under (the strongest first).
 _PRECEDENCE: Final = ("113037", "113038", "113039", "113001")
 
@@ -118,6 +131,9 @@ class Rejection:
         The rejection code value (a key of :data:`REJECTION_CODES`).
     note_uid:
         The SOP Instance UID of the note that made it; ``""`` for ``ingest reject``.
+    patient:
+        The note's :func:`patient_key`: only instances of that patient are covered; ``""`` (``ingest
+        reject``) covers every patient's.
     """
 
     study_uid: str
@@ -125,14 +141,57 @@ class Rejection:
     sop_uid: str
     code: str
     note_uid: str = ""
+    patient: str = ""
 
     def covers(self, record: InstanceRecord) -> bool:
-        """Whether this rejection applies to ``record``."""
+        """Whether this rejection applies to ``record`` (of its patient, when it has one)."""
         if record.study_uid != self.study_uid:
+            return False
+        if self.patient and patient_key(record) != self.patient:
             return False
         if self.sop_uid:
             return record.sop_uid == self.sop_uid
         return not self.series_uid or record.series_uid == self.series_uid
+
+
+def patient_key(record: InstanceRecord) -> str:
+    """The patient an instance belongs to, as one comparable string: Patient ID (0010,0020) with its
+    Issuer of Patient ID (0010,0021) and Issuer of Patient ID Qualifiers' Universal Entity ID (PHI: never
+    logged above DEBUG)."""
+    return json.dumps(
+        [record.patient_id or "", record.patient_id_issuer or "", record.patient_id_issuer_uid or ""]
+    )
+
+
+def note_refusal(
+    note: InstanceRecord, *, sender_may_reject: bool, stored_patients: Mapping[str, Iterable[str]]
+) -> str | None:
+    """Why a rejection note may not be applied, or ``None`` when it may.
+
+    Parameters
+    ----------
+    note:
+        The note (a record :func:`rejection_code` says is one).
+    sender_may_reject:
+        Whether its sender may send rejections (``reject = true`` on its ``[listener]
+        allowed_calling_aes`` entry; the drop folder and ``ingest replay`` always may).
+    stored_patients:
+        Per study the note names: the :func:`patient_key` s of its stored instances (notes excluded).
+
+    Returns
+    -------
+    str | None
+        :data:`REFUSED_NOT_ALLOWED`, :data:`REFUSED_PATIENT_MISMATCH` (a named study holds an instance
+        of another patient), or ``None``.
+    """
+    if not sender_may_reject:
+        return REFUSED_NOT_ALLOWED
+    mine = patient_key(note)
+    named = {r.study_uid for r in note_rejections(note)}
+    for study_uid in sorted(named):
+        if any(key != mine for key in stored_patients.get(study_uid, ())):
+            return REFUSED_PATIENT_MISMATCH
+    return None
 
 
 def rejection_code(record: InstanceRecord) -> str | None:
@@ -150,15 +209,16 @@ def rejection_code(record: InstanceRecord) -> str | None:
 
 
 def note_rejections(record: InstanceRecord) -> tuple[Rejection, ...]:
-    """The rejections a note makes: one per instance its evidence (0040,A375) names; ``()`` for a record
-    that is not a note. A note never rejects itself."""
+    """The rejections a note makes: one per instance its evidence (0040,A375) names, of the note's
+    patient only; ``()`` for a record that is not a note. A note never rejects itself."""
     code = rejection_code(record)
     if code is None:
         return ()
+    patient = patient_key(record)
     return tuple(
         sorted(
             {
-                Rejection(ref.study_uid, ref.series_uid, ref.sop_uid, code, record.sop_uid)
+                Rejection(ref.study_uid, ref.series_uid, ref.sop_uid, code, record.sop_uid, patient)
                 for ref in record.evidence
                 if ref.sop_uid != record.sop_uid
             }

@@ -216,13 +216,14 @@ def endpoint_resource(
     name: str = "DICOMweb WADO-RS",
     requires_access_token: bool = True,
     location_uid: str | None = None,
+    mado: bool = True,
 ) -> dict[str, Any]:
     """The DICOMweb WADO-RS Endpoint for ``url`` (FHIR JSON, validated against the R4 model).
 
     It carries what the SMART WADO-RS Endpoint and the MADO WADO Endpoint profiles require (docs/mapping.md
     "Imaging profiles"): ``status`` active, ``connectionType`` endpoint-connection-type ``dicom-wado-rs``,
     ``payloadType`` endpoint-payload-type ``none`` with text "DICOM WADO-RS", ``address``, ``name``, and
-    the ``requires-access-token`` and ``MadoRetrieveLocationUIDExtension`` extensions.
+    the ``requires-access-token`` extension, and with ``mado`` the ``MadoRetrieveLocationUIDExtension``.
 
     Parameters
     ----------
@@ -234,12 +235,17 @@ def endpoint_resource(
         ``[endpoint] requires_access_token``: whether a client sends its SMART access token there.
     location_uid:
         The Retrieve Location UID; default :func:`retrieve_location_uid` of ``url``.
+    mado:
+        Write ``MadoRetrieveLocationUIDExtension``: the MADO profile's extension, only under ``[profile]
+        name = "mado"``.
     """
+    extensions = [Extension(url=REQUIRES_ACCESS_TOKEN_URL, value_boolean=requires_access_token)]
+    if mado:
+        extensions.append(
+            Extension(url=RETRIEVE_LOCATION_UID_URL, value_string=location_uid or retrieve_location_uid(url))
+        )
     endpoint = Endpoint(
-        extension=[
-            Extension(url=REQUIRES_ACCESS_TOKEN_URL, value_boolean=requires_access_token),
-            Extension(url=RETRIEVE_LOCATION_UID_URL, value_string=location_uid or retrieve_location_uid(url)),
-        ],
+        extension=extensions,
         identifier=[Identifier(system=URI_SYSTEM, value=url)],  # what we search it by
         status="active",
         connection_type=Coding(system=CONNECTION_TYPE_SYSTEM, code="dicom-wado-rs", display="DICOM WADO-RS"),

@@ -7,7 +7,9 @@ Warnings name the DICOM element, the rule and the series by UID; they never carr
 Choices the contract leaves open:
 
 - ``subject`` without a Patient ID (0010,0020): a reference with ``type: "Patient"`` and, when there
-  is a name, ``display`` only (valid FHIR; R4 requires ``subject``), plus a warning.
+  is a name, ``display`` only (valid FHIR; R4 requires ``subject``), plus a warning. With neither a
+  Patient ID nor a name nothing names the patient: ``subject`` says so with the FHIR Data Absent
+  Reason extension (``unknown``) instead of being an empty reference.
 - ``subject.display`` from the ideographic group (no alphabetic group): components in DICOM order,
   family name first ("Prefix Family Given Middle Suffix"), as those scripts write names.
 - Values that differ between the instances of one study or series are chosen by
@@ -41,7 +43,10 @@ from ingest.core.terminology import (
     ACCESSION_ID_CONCEPT,
     ACCESSION_NUMBER_CONCEPT,
     DCM_SYSTEM,
+    FILLER_ORDER_CONCEPT,
+    PLACER_ORDER_CONCEPT,
     STUDY_INSTANCE_UID_CONCEPT,
+    VISIT_NUMBER_CONCEPT,
     Concept,
     body_part_concept,
     coding_system,
@@ -52,6 +57,7 @@ from ingest.core.terminology import (
 
 __all__ = [
     "ACSN_SYSTEM",
+    "DATA_ABSENT_REASON_URL",
     "KOS_SOP_CLASS",
     "KO_DOCUMENT_TITLE_URL",
     "NUMBER_OF_FRAMES_URL",
@@ -74,6 +80,8 @@ NUMBER_OF_FRAMES_URL: Final = "https://profiles.ihe.net/RAD/MADO/StructureDefini
 KO_DOCUMENT_TITLE_URL: Final = (
     "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoKeyObjectDocumentTitle"
 )
+#: The FHIR Data Absent Reason extension: why a required element has no value.
+DATA_ABSENT_REASON_URL: Final = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 #: Key Object Selection Document Storage.
 KOS_SOP_CLASS: Final = "1.2.840.10008.5.1.4.1.1.88.59"
 _UNKNOWN_MODALITY: Final = "OT"  # DICOM "Other"
@@ -107,6 +115,13 @@ class MappingOptions:
     issuer_systems:
         ``[profile] issuer_systems``: Local Namespace Entity ID (0040,0031) of an Issuer of Accession
         Number that is not a URI -> the ``Identifier.system`` URI the site gave it.
+    mado_extensions:
+        Write the IHE MADO instance extensions (``MadoNumberOfFrames``, ``MadoKeyObjectDocumentTitle``):
+        only under ``[profile] name = "mado"``, the profile that defines them.
+    based_on, encounter:
+        ``[links] based_on`` / ``encounter``: ``"off"`` (not written), ``"logical"`` or ``"lookup"``
+        (written as logical references by identifier; the relay's link step makes them literal when the
+        backend holds exactly one match, ``ingest.relay.links``).
     """
 
     site_timezone: str | None = None
@@ -117,6 +132,9 @@ class MappingOptions:
     endpoint_reference: str | None = None
     narrative: bool = True
     issuer_systems: Mapping[str, str] = field(default_factory=dict)
+    mado_extensions: bool = False
+    based_on: str = "logical"
+    encounter: str = "off"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,11 +246,14 @@ def _concept_coding(concept: Concept) -> Coding:
 
 
 def _coding(code: Code) -> Coding | None:
+    # a designator without a known system URI gives no system (and so no version: a version is of a
+    # system); the code and its meaning stay, as FHIR allows for a code whose system is not known
     value = _token(code.value)
     system = coding_system(code.designator)
     if value is None:
         return None
-    return Coding(system=system, version=_text(code.version), code=value, display=_text(code.meaning))
+    version = _text(code.version) if system is not None else None
+    return Coding(system=system, version=version, code=value, display=_text(code.meaning))
 
 
 def _codings(codes: Iterable[Code]) -> list[Coding]:
@@ -341,6 +362,87 @@ def _identifiers(agg: StudyAggregate, options: MappingOptions, warnings: _Warnin
     return identifiers
 
 
+def _typed_identifier(concept: Concept, value: str, system: str | None) -> Identifier:
+    codings = [_concept_coding(concept)]
+    if concept == ACCESSION_ID_CONCEPT:  # as ImagingStudy.identifier carries it (the MADO accession)
+        codings.append(_concept_coding(ACCESSION_NUMBER_CONCEPT))
+    return Identifier(type=CodeableConcept(coding=codings), system=system, value=value)
+
+
+def _accession_system(
+    uid: str | None, kind: str | None, local: str | None, options: MappingOptions
+) -> str | None:
+    system = issuer_system(uid, kind, local)
+    local_name = _text(local)
+    if system is None and local_name is not None:
+        system = _text(options.issuer_systems.get(local_name))
+    return system
+
+
+def _based_on(agg: StudyAggregate, options: MappingOptions) -> list[Reference]:
+    """ImagingStudy.basedOn: logical ServiceRequest references by the order's identifiers
+    <- Accession Number (0008,0050) + Issuer (0008,0051), and each Request Attributes Sequence (0040,0275)
+    item's Accession Number, Placer (0040,2016) / Filler (0040,2017) Order Number and Requested
+    Procedure ID (0040,1001); each identifier once."""
+    if options.based_on == "off":
+        return []
+    found: list[Identifier] = []
+
+    def add(identifier: Identifier) -> None:
+        if identifier not in found:
+            found.append(identifier)
+
+    for r in agg.instances:
+        acc = _text(r.accession_number)
+        if acc is not None:
+            system = _accession_system(r.accession_issuer_uid, r.accession_issuer_uid_type,
+                                       r.accession_issuer_local, options)
+            add(_typed_identifier(ACCESSION_ID_CONCEPT, acc, system))
+        for req in r.requests:
+            acc = _text(req.accession_number)
+            if acc is not None:
+                system = _accession_system(req.accession_issuer_uid, req.accession_issuer_uid_type,
+                                           req.accession_issuer_local, options)
+                add(_typed_identifier(ACCESSION_ID_CONCEPT, acc, system))
+            if (placer := _text(req.placer_order_number)) is not None:
+                add(_typed_identifier(PLACER_ORDER_CONCEPT, placer, None))
+            if (filler := _text(req.filler_order_number)) is not None:
+                add(_typed_identifier(FILLER_ORDER_CONCEPT, filler, None))
+            if (procedure := _text(req.requested_procedure_id)) is not None:
+                add(Identifier(type=CodeableConcept(text="Requested Procedure ID"), value=procedure))
+    # one logical reference per identifier, accession first; the same accession without and with a
+    # system is one order: the one with a system is kept
+    with_system = {i.value for i in found if i.system}
+    kept = [i for i in found if i.system or i.value not in with_system or not _is_acsn(i)]
+    return [Reference(type="ServiceRequest", identifier=i) for i in kept]
+
+
+def _is_acsn(identifier: Identifier) -> bool:
+    codings = identifier.type.coding if identifier.type is not None else ()
+    return any(c.code == "ACSN" for c in codings)
+
+
+def _encounter(agg: StudyAggregate, options: MappingOptions, warnings: _Warnings) -> Reference | None:
+    """ImagingStudy.encounter: a logical Encounter reference <- Admission ID (0038,0010) + Issuer of
+    Admission ID Sequence (0038,0014), typed v2-0203 VN."""
+    if options.encounter == "off":
+        return None
+
+    def admission(r: InstanceRecord) -> tuple[str, str | None, str | None, str | None] | None:
+        value = _text(r.admission_id)
+        if value is None:
+            return None
+        return (value, r.admission_issuer_uid, r.admission_issuer_uid_type, r.admission_issuer_local)
+
+    warnings.disagree(agg.instances, admission, "AdmissionID (0038,0010)")
+    picked = agg.value(admission)
+    if picked is None:
+        return None
+    value, uid, kind, local = picked
+    system = _accession_system(uid, kind, local, options)
+    return Reference(type="Encounter", identifier=_typed_identifier(VISIT_NUMBER_CONCEPT, value, system))
+
+
 def _subject(agg: StudyAggregate, options: MappingOptions, warnings: _Warnings) -> Reference:
     # ImagingStudy.subject <- Patient ID (0010,0020) + issuer (0010,0021)/(0010,0024), Patient's Name
     def identity(r: InstanceRecord) -> tuple[str, str | None, str | None, str | None] | None:
@@ -353,6 +455,15 @@ def _subject(agg: StudyAggregate, options: MappingOptions, warnings: _Warnings) 
     warnings.disagree(agg.instances, lambda r: person_display(r.patient_name), "PatientName (0010,0010)")
     display = agg.value(lambda r: person_display(r.patient_name))
     picked = agg.value(identity)
+    if picked is None and display is None:
+        # R4 ImagingStudy.subject is 1..1; with nothing that names the patient, say so explicitly
+        warnings.append(
+            "PatientID (0010,0020) and PatientName (0010,0010) are absent: subject is marked "
+            "data-absent-reason 'unknown'"
+        )
+        return Reference(
+            type="Patient", extension=[Extension(url=DATA_ABSENT_REASON_URL, value_code="unknown")]
+        )
     if picked is None:
         warnings.append("PatientID (0010,0020) is absent: subject carries no identifier")
         return Reference(type="Patient", display=display)
@@ -432,7 +543,8 @@ def _instance_number(record: InstanceRecord, warnings: _Warnings) -> int | None:
 
 
 def _instance(
-    record: InstanceRecord, series_description: str | None, single: bool, warnings: _Warnings
+    record: InstanceRecord, series_description: str | None, single: bool, options: MappingOptions,
+    warnings: _Warnings,
 ) -> ImagingStudySeriesInstance:
     # ImagingStudy.series.instance.title <- Content Label (0070,0080), else the document title of an
     # SR / KOS document, Concept Name Code Sequence meaning (0040,A043 > 0008,0104), else the Series
@@ -441,15 +553,16 @@ def _instance(
         _text(record.content_label) or _text(record.concept_name) or (series_description if single else None)
     )
     extensions: list[Extension] = []
-    # ImagingStudy.series.instance.extension[number-of-frames] <- Number of Frames (0028,0008)
-    frames = record.number_of_frames
+    # ImagingStudy.series.instance.extension[number-of-frames] <- Number of Frames (0028,0008); the MADO
+    # extensions are written under the MADO profile only (MappingOptions.mado_extensions)
+    frames = record.number_of_frames if options.mado_extensions else None
     if frames is not None and frames < 0:
         frames = _unsigned(frames, f"NumberOfFrames (0028,0008) of SOPInstanceUID={record.sop_uid}", warnings)
     if frames is not None and frames > 0:
         extensions.append(Extension(url=NUMBER_OF_FRAMES_URL, value_integer=frames))
     # ImagingStudy.series.instance.extension[ko-document-title] <- (0040,A043) of a Key Object Selection
     title_code = _coding(record.concept_code) if record.concept_code is not None else None
-    if record.sop_class_uid == KOS_SOP_CLASS and title_code is not None:
+    if options.mado_extensions and record.sop_class_uid == KOS_SOP_CLASS and title_code is not None:
         extensions.append(
             Extension(
                 url=KO_DOCUMENT_TITLE_URL,
@@ -510,7 +623,7 @@ def _series(series: SeriesAggregate, options: MappingOptions, warnings: _Warning
             series.instances,
             key=lambda r: (r.instance_number is None, r.instance_number or 0, r.sop_uid),
         )
-        instances = [_instance(r, description, single, warnings) for r in ordered]
+        instances = [_instance(r, description, single, options, warnings) for r in ordered]
 
     def coding(concept: Concept | None) -> Coding | None:
         return (
@@ -591,6 +704,8 @@ def build_imaging_study(agg: StudyAggregate, settings: MappingOptions) -> tuple[
         subject=subject,
         started=started,
         referrer=Reference(display=referrer) if referrer else None,  # <- (0008,0090)
+        based_on=_based_on(agg, settings),  # <- (0008,0050), (0040,0275)
+        encounter=_encounter(agg, settings, warnings),  # <- (0038,0010) + (0038,0014)
         interpreter=[Reference(display=d) for d in interpreters],  # <- (0008,1060), one per value
         endpoint=[Reference(reference=settings.endpoint_reference)] if settings.endpoint_reference else [],
         number_of_series=agg.number_of_series,  # computed, never (0020,1206)

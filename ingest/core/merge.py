@@ -13,7 +13,9 @@ and all of those must survive a merge untouched.
 With :class:`Written` (what ``ingest`` built at its last write, kept by the state store) the merge tells
 "ours" from "theirs" for every owned value: a value equal to what ``ingest`` wrote before is ours and is
 replaced by (or removed with) today's; anything else on the backend copy was put there by another writer
-and is kept (docs/mapping.md, "The lifecycle of a study").
+and is kept (docs/mapping.md, "The lifecycle of a study"). Without that record (a fresh data dir, another
+node's store, a study written by an older version) nothing on the backend copy is known to be ours: every
+value the mapping does not produce now is another writer's and is kept.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ __all__ = [
 ]
 
 
-# ImagingStudy elements the pipeline recomputes on every push; ours replaces theirs, and an element
-# absent from ours is absent from the result. (identifier, subject, status, endpoint, series and the
-# counts follow their own rules below.)
+# ImagingStudy elements the pipeline recomputes on every push: ours replaces theirs; without ours, theirs
+# is removed only when it is what ingest wrote last time (_owned_element). (identifier, subject, status,
+# endpoint, series and the counts follow their own rules below.)
 _OWNED_ALWAYS = (
     "modality",  # ImagingStudy.modality <- (0008,0060) of the series
     "started",  # ImagingStudy.started <- (0008,0020) + (0008,0030) + (0008,0201)
@@ -187,68 +189,6 @@ def _merge_identifiers(ours: list[Any], theirs: list[Any]) -> list[Any]:
     return result
 
 
-def _merge_by_uid(
-    ours: list[Any], theirs: list[Any], order: Sequence[str]
-) -> tuple[list[dict[str, Any]], set[str]]:
-    """Union of two arrays of ``{uid, ...}`` objects.
-
-    Ours come first in our order, then theirs that we do not have, in their order. For a UID both
-    have, our fields win and theirs' other fields are kept. Returns the merged list and the UIDs that
-    only theirs has.
-    """
-    theirs_by_uid = {item["uid"]: item for item in _dicts(theirs) if isinstance(item.get("uid"), str)}
-    ours_uids = {item.get("uid") for item in _dicts(ours)}
-    merged = [_ordered(theirs_by_uid.get(item.get("uid"), {}) | item, order) for item in _dicts(ours)]
-    foreign = [item for item in _dicts(theirs) if item.get("uid") not in ours_uids]
-    foreign_uids = {item["uid"] for item in foreign if isinstance(item.get("uid"), str)}
-    return merged + foreign, foreign_uids
-
-
-def _merge_series(ours: list[Any], theirs: list[Any]) -> tuple[list[dict[str, Any]], set[str]]:
-    """ImagingStudy.series merged by uid, instances by uid, ``numberOfInstances`` recomputed."""
-    theirs_by_uid = {s["uid"]: s for s in _dicts(theirs) if isinstance(s.get("uid"), str)}
-    series, foreign_uids = _merge_by_uid(ours, theirs, _SERIES_ORDER)
-    ours_by_uid = {s.get("uid"): s for s in _dicts(ours)}
-    result = []
-    for merged in series:
-        uid = merged.get("uid")
-        our_series = ours_by_uid.get(uid)
-        if our_series is not None and "instance" in our_series:
-            their_instances = theirs_by_uid.get(uid, {}).get("instance", [])
-            instances, _ = _merge_by_uid(our_series["instance"], their_instances, _INSTANCE_ORDER)
-            merged["instance"] = instances
-        if our_series is not None and "instance" not in our_series:
-            # include_instances = false: our count is exact; theirs' list (if any) is left as it was.
-            if "numberOfInstances" in our_series:
-                merged["numberOfInstances"] = our_series["numberOfInstances"]
-        elif isinstance(merged.get("instance"), list):
-            # ImagingStudy.series.numberOfInstances = the instances present
-            merged["numberOfInstances"] = len(merged["instance"])
-        result.append(_ordered(merged, _SERIES_ORDER))
-    return result, foreign_uids
-
-
-def _coding_key(coding: Any) -> tuple[Any, Any]:
-    return (coding.get("system"), coding.get("code")) if isinstance(coding, Mapping) else (None, coding)
-
-
-def _merge_modality(
-    ours: list[Any], theirs: list[Any], series: Iterable[Mapping[str, Any]], foreign_uids: set[str]
-) -> list[Any]:
-    """Our ImagingStudy.modality, plus theirs' codings that belong to series only theirs has."""
-    foreign_codes = {
-        _coding_key(s.get("modality")) for s in series if s.get("uid") in foreign_uids and "modality" in s
-    }
-    result = list(ours)
-    present = {_coding_key(c) for c in result}
-    for coding in theirs:
-        key = _coding_key(coding)
-        if key in foreign_codes and key not in present:
-            present.add(key)
-            result.append(coding)
-    return result
-
-
 def _same(a: Any, b: Any) -> bool:
     """Equal as FHIR JSON (key order and empty values do not matter)."""
     return bool(_canonical_value(a) == _canonical_value(b))
@@ -259,56 +199,99 @@ def _canonical_value(value: Any) -> Any:
     return json.dumps(cleaned, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _local_reference(item: Any) -> bool:
-    """A Reference to a contained resource (``#id``): only another writer puts those there."""
-    return isinstance(item, Mapping) and str(item.get("reference", "")).startswith("#")
-
-
-def _keep_theirs_list(ours: list[Any], theirs: list[Any], before: list[Any] | None) -> list[Any]:
-    """An owned list: ours, then theirs' items that are neither ours now nor ours before.
-
-    Without ``before`` only theirs' local references are kept (the rest of theirs is taken for ours).
-    """
+def _keep_theirs_list(ours: list[Any], theirs: list[Any], before: list[Any]) -> list[Any]:
+    """An owned list: ours, then theirs' items that are neither ours now nor ours before."""
     result = list(ours)
     for item in theirs:
         if any(_same(item, o) for o in result):
             continue
-        if before is None:
-            if _local_reference(item):
-                result.append(item)
-        elif not any(_same(item, b) for b in before):
+        if not any(_same(item, b) for b in before):
             result.append(item)
     return result
 
 
 def _owned_element(
-    key: str, our: Mapping[str, Any], their: Mapping[str, Any], before: Mapping[str, Any] | None
+    key: str, our: Mapping[str, Any], their: Mapping[str, Any], before: Mapping[str, Any]
 ) -> Any:
     """An owned element of a study, series or instance; ``None`` to leave it out.
 
-    Ours when we have it (a list: plus theirs' items that were never ours); without ours, theirs only
-    when it differs from what we wrote before (another writer's value), never a value that was ours.
+    ``before`` is what ``ingest`` wrote last time for this study, series or instance (``{}`` when
+    nothing of it is known to be ours). Ours when we have it (a list: plus theirs' items that were
+    never ours); without ours, theirs unless it is what we wrote before (another writer's value stays).
     """
     mine, yours = our.get(key), their.get(key)
-    was = before.get(key) if before is not None else None
+    was = before.get(key)
     if isinstance(mine, list) and isinstance(yours, list):
-        return _keep_theirs_list(mine, yours, was if before is not None else None)
+        return _keep_theirs_list(mine, yours, was if isinstance(was, list) else [])
     if mine is not None:
         return mine
-    if yours is None or before is None or _same(yours, was):
+    if yours is None or _same(yours, was):
         return None
     return yours
 
 
+def _target(reference: Any) -> tuple[Any, ...] | None:
+    """What a logical reference names: (type, identifier type codes, system, value); ``None`` for a
+    reference without an identifier."""
+    if not isinstance(reference, Mapping) or not isinstance(reference.get("identifier"), Mapping):
+        return None
+    ident = reference["identifier"]
+    codings = ident.get("type", {}).get("coding", []) if isinstance(ident.get("type"), Mapping) else []
+    codes = tuple(sorted(str(c.get("code")) for c in codings if isinstance(c, Mapping)))
+    return (reference.get("type"), codes, ident.get("system"), ident.get("value"))
+
+
+def _merge_references(our: Any, their: Any, was: Any) -> list[Any] | None:
+    """``basedOn`` (docs/mapping.md "Order, visit, referrer"): ours, plus another writer's references.
+
+    A reference of theirs that ``ingest`` wrote before, or that names the same target (type and
+    identifier) as one of ours, is ours: replaced by today's (a logical one by its literal one once
+    resolved). Only when theirs is literal and ours for that target is still logical is theirs kept
+    instead (someone linked it; never downgraded). Everything else of theirs stays.
+    """
+    mine = list(our) if isinstance(our, list) else []
+    yours = list(their) if isinstance(their, list) else []
+    before = list(was) if isinstance(was, list) else []
+    targets = {_target(r): i for i, r in enumerate(mine) if _target(r) is not None}
+    result = list(mine)
+    for item in yours:
+        if any(_same(item, b) for b in before):
+            continue  # ours from the last write
+        target = _target(item)
+        if target is not None and target in targets:
+            index = targets[target]
+            if isinstance(item, Mapping) and item.get("reference") and not result[index].get("reference"):
+                result[index] = item
+            continue
+        if not any(_same(item, r) for r in result):
+            result.append(item)
+    return result or None
+
+
+def _merge_reference(our: Any, their: Any, was: Any) -> Any:
+    """``encounter`` (a single reference): ours replaces theirs when theirs is what ``ingest`` wrote
+    before or names the same target (unless theirs is literal and ours still logical); any other
+    reference of theirs is another writer's and stays. Without ours, theirs unless it was ours."""
+    if their is None:
+        return our
+    if our is None:
+        return None if _same(their, was) else their
+    if _same(their, was):
+        return our
+    if _target(their) is not None and _target(their) == _target(our):
+        return their if their.get("reference") and not our.get("reference") else our
+    return their
+
+
 def _merge_element(
-    our: Mapping[str, Any], their: Mapping[str, Any], before: Mapping[str, Any] | None, skip: Iterable[str]
+    our: Mapping[str, Any], their: Mapping[str, Any], before: Mapping[str, Any], skip: Iterable[str]
 ) -> dict[str, Any]:
     """A series or an instance both sides have: theirs' other elements kept, owned ones by
     :func:`_owned_element` (an element ours had before and has no more is removed)."""
     skipped = set(skip)
     result = {k: v for k, v in their.items() if k not in skipped}
     for key in {*our, *their} - skipped:
-        if key not in our and (before is None or key not in before):
+        if key not in our and key not in before:
             continue  # never ours: theirs as it is
         value = _owned_element(key, our, their, before)
         if value is None:
@@ -324,7 +307,8 @@ def _merge_with_before(
     """Series (``nested="instance"``) or instances merged by uid with what ingest wrote before.
 
     Ours first; theirs that only they have, unless ingest wrote that uid before (it is no longer ours:
-    removed). Returns the list and the uids only theirs has.
+    removed). A uid ``before`` does not hold was never written by ``ingest``: everything theirs holds
+    under it is another writer's. Returns the list and the uids only theirs has.
     """
     theirs_by_uid = {i["uid"]: i for i in _dicts(theirs) if isinstance(i.get("uid"), str)}
     before_by_uid = {i["uid"]: i for i in _dicts(before) if isinstance(i.get("uid"), str)}
@@ -333,13 +317,13 @@ def _merge_with_before(
     for item in _dicts(ours):
         uid = item.get("uid")
         their_item = theirs_by_uid.get(uid, {})
-        was = before_by_uid.get(uid) if isinstance(uid, str) else None
+        was = (before_by_uid.get(uid) if isinstance(uid, str) else None) or {}
         skip = (nested,) if nested else ()
         element = _merge_element(item, their_item, was, skip)
         if nested is not None:
             if nested in item:
                 inner, _ = _merge_with_before(
-                    item[nested], their_item.get(nested, []), (was or {}).get(nested, []),
+                    item[nested], their_item.get(nested, []), was.get(nested, []),
                     _INSTANCE_ORDER, None,
                 )
                 element[nested] = inner
@@ -392,8 +376,8 @@ def subject_conflict(
     if before is None or before.subject is None or theirs is None:
         return None
     their_subject, our_subject = theirs.get("subject"), ours.get("subject")
-    if their_subject is None or our_subject is None:
-        return None
+    if their_subject is None or our_subject is None or _names_nobody(our_subject):
+        return None  # ours naming no patient never replaces theirs (_subject): nothing to refuse
     other_changed = not _same(their_subject, before.subject)
     ours_changed = not _same(_patient(our_subject), _patient(before.ours.get("subject")))
     if other_changed and ours_changed:
@@ -404,12 +388,17 @@ def subject_conflict(
     return None
 
 
+def _names_nobody(subject: Any) -> bool:
+    """A subject with neither a literal reference nor an identifier (display or data-absent-reason only)."""
+    return not (isinstance(subject, Mapping) and ("reference" in subject or "identifier" in subject))
+
+
 def _subject(
     our: Mapping[str, Any], their: Mapping[str, Any], before: Written | None
 ) -> Mapping[str, Any] | None:
     our_subject, their_subject = our.get("subject"), their.get("subject")
-    if our_subject is None:
-        return their_subject
+    if our_subject is None or (_names_nobody(our_subject) and not _names_nobody(their_subject)):
+        return their_subject  # ours names no patient (no Patient ID): a subject that names one stays
     if before is not None and before.subject is not None and their_subject is not None:
         if not _same(_patient(our_subject), _patient(before.ours.get("subject"))):
             return our_subject  # type: ignore[no-any-return]  # a corrected Patient ID moves it
@@ -449,6 +438,9 @@ def merge(
         any other is another writer's and is kept: list items (an ``interpreter``, a ``modality``
         coding, an identifier), elements of our series and instances, and series or instances only
         they have. A series or instance ``ingest`` wrote before and no longer has is removed.
+        ``None`` (no record: a fresh data dir, another node, an older version's write): nothing on
+        the backend copy is known to be ours, so every value the mapping does not produce now is kept
+        (a single value ours has still replaces theirs).
 
     Returns
     -------
@@ -458,15 +450,17 @@ def merge(
         - ``identifier``: our ``urn:dicom:uid`` and ACSN identifiers replace theirs; identifiers of
           other systems from both sides are kept.
         - ``modality``, ``started``, ``description``, ``referrer``, ``interpreter``,
-          ``procedureCode``, ``reasonCode``: ours (absent in ours means absent), except that
-          ``modality`` keeps theirs' codings of series only theirs has.
-        - ``endpoint``: ours when ours has one, else theirs.
+          ``procedureCode``, ``reasonCode``: ours; a list plus theirs' items that were not ours
+          before; without ours, theirs unless it is what ``ingest`` wrote before.
+        - ``endpoint``: ours when ours has one (plus theirs' references that were not ours before),
+          else theirs.
         - ``subject``: ours, except that a literal ``reference`` on theirs is never replaced by a
           logical one (theirs is kept then); theirs when ours has none.
         - ``status``: ours when theirs has none or ``registered``/``available``/``unknown``; a
           ``cancelled`` or ``entered-in-error`` on theirs is kept.
-        - ``series`` and ``series.instance``: union by ``uid``; our fields win, theirs' other fields
-          are kept. ``series.numberOfInstances`` is the length of the merged instance list, or our
+        - ``series`` and ``series.instance``: union by ``uid`` (less those ``ingest`` wrote before and
+          no longer has); their owned elements as at the study level, theirs' other fields kept.
+          ``series.numberOfInstances`` is the length of the merged instance list, or our
           count when ours carries no instance list (``include_instances = false``).
         - ``numberOfSeries`` / ``numberOfInstances``: recomputed over the merged series.
         - ``id``: theirs (ours only without a backend copy); ``meta`` keeps theirs' ``tag``,
@@ -498,33 +492,39 @@ def merge(
         if "id" in our:
             result["id"] = our["id"]
 
-    was = _clean(before.ours) if before is not None else None
+    # What ingest wrote last time. Without a record of it (a fresh data dir, another node's state store,
+    # a study written by an older version) nothing on the backend copy is known to be ours: every value
+    # the mapping does not produce now is another writer's and stays.
+    was = _clean(before.ours) if before is not None else {}
 
     # ImagingStudy.identifier
-    if was is None:
-        identifiers = _merge_identifiers(our.get("identifier", []), their.get("identifier", []))
-    else:
-        identifiers = _merge_identifiers_with_before(
-            our.get("identifier", []), their.get("identifier", []), was.get("identifier", [])
-        )
+    identifiers = _merge_identifiers_with_before(
+        our.get("identifier", []), their.get("identifier", []), was.get("identifier", [])
+    )
     if identifiers:
         result["identifier"] = identifiers
 
-    # owned elements: ours (lists: plus items that were never ours), or theirs only if never ours
+    # owned elements: ours (lists: plus items that were never ours), or theirs unless it was ours
     for key in _OWNED_ALWAYS:
         result.pop(key, None)
-        if was is None:  # what was ours is unknown: ours, plus theirs' references to contained content
-            value = our.get(key)
-            if isinstance(value, list) and isinstance(their.get(key), list):
-                value = _keep_theirs_list(value, their[key], None)
-        else:
-            value = _owned_element(key, our, their, was)
+        value = _owned_element(key, our, their, was)
         if value is not None:
             result[key] = value
 
-    # ImagingStudy.endpoint: configured on our side, or kept
+    # ImagingStudy.basedOn / encounter: ours, another writer's references kept (docs/mapping.md "Order,
+    # visit, referrer")
+    based_on = _merge_references(our.get("basedOn"), their.get("basedOn"), was.get("basedOn"))
+    result.pop("basedOn", None)
+    if based_on:
+        result["basedOn"] = based_on
+    encounter = _merge_reference(our.get("encounter"), their.get("encounter"), was.get("encounter"))
+    result.pop("encounter", None)
+    if encounter is not None:
+        result["encounter"] = encounter
+
+    # ImagingStudy.endpoint: configured on our side (plus another writer's Endpoints), or kept as it is
     if "endpoint" in our:
-        result["endpoint"] = our["endpoint"]
+        result["endpoint"] = _owned_element("endpoint", our, their, was)
 
     # ImagingStudy.subject: moves with a corrected Patient ID; another writer's change is kept; a literal
     # reference is never replaced by a logical one (plan() refuses when both changed: subject_conflict)
@@ -538,23 +538,14 @@ def merge(
         result["status"] = our["status"]
 
     # ImagingStudy.series (+ instances), then the counts over the merged result
-    if was is None:
-        series, foreign_uids = _merge_series(our.get("series", []), their.get("series", []))
-    else:
-        series, foreign_uids = _merge_series_with_before(
-            our.get("series", []), their.get("series", []), was.get("series", [])
-        )
+    series, _ = _merge_series_with_before(
+        our.get("series", []), their.get("series", []), was.get("series", [])
+    )
     if series:
         result["series"] = series
         result["numberOfSeries"] = len(series)
         counts = [s["numberOfInstances"] for s in series if isinstance(s.get("numberOfInstances"), int)]
         result["numberOfInstances"] = sum(counts)
-        if was is None and ("modality" in our or "modality" in their):
-            modality = _merge_modality(
-                our.get("modality", []), their.get("modality", []), series, foreign_uids
-            )
-            if modality:
-                result["modality"] = modality
     else:
         for key in ("numberOfSeries", "numberOfInstances"):
             result.pop(key, None)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["BackendStudy", "Code", "InstanceRecord", "PersonName", "SopReference"]
+__all__ = ["BackendStudy", "Code", "InstanceRecord", "OrderReference", "PersonName", "SopReference"]
 
 
 class _Frozen(BaseModel):
@@ -51,6 +51,19 @@ class SopReference(_Frozen):
     sop_uid: str
 
 
+class OrderReference(_Frozen):
+    """One Request Attributes Sequence (0040,0275) item: the identifiers of the order (the imaging service
+    request and its requested procedure) that the series answers."""
+
+    accession_number: str | None = None  # (0008,0050) in the item
+    accession_issuer_uid: str | None = None  # (0008,0051) > (0040,0032)
+    accession_issuer_uid_type: str | None = None  # (0008,0051) > (0040,0033)
+    accession_issuer_local: str | None = None  # (0008,0051) > (0040,0031)
+    requested_procedure_id: str | None = None  # (0040,1001)
+    placer_order_number: str | None = None  # (0040,2016) Placer Order Number / Imaging Service Request
+    filler_order_number: str | None = None  # (0040,2017) Filler Order Number / Imaging Service Request
+
+
 class InstanceRecord(_Frozen):
     """Everything ``ingest`` keeps from one accepted instance's header."""
 
@@ -85,6 +98,14 @@ class InstanceRecord(_Frozen):
     procedure_codes: tuple[Code, ...] = ()  # (0008,1032)
     reason_text: str | None = None  # (0040,1002)
     reason_codes: tuple[Code, ...] = ()  # (0040,100A)
+    # the visit: Admission ID (0038,0010) + Issuer of Admission ID Sequence (0038,0014)
+    admission_id: str | None = None
+    admission_issuer_uid: str | None = None  # (0038,0014) > (0040,0032)
+    admission_issuer_uid_type: str | None = None  # (0038,0014) > (0040,0033)
+    admission_issuer_local: str | None = None  # (0038,0014) > (0040,0031)
+    # (0008,0096) Referring Physician Identification Sequence > (0040,1101) Person Identification Code
+    # Sequence: the referrer's identifiers, as codes (value and the scheme that issued it)
+    referrer_ids: tuple[Code, ...] = ()
 
     # series
     modality: str | None = None  # (0008,0060)
@@ -96,6 +117,7 @@ class InstanceRecord(_Frozen):
     series_time: str | None = None  # (0008,0031) raw TM
     performing_physicians: tuple[PersonName, ...] = ()  # (0008,1050)
     operators: tuple[PersonName, ...] = ()  # (0008,1070)
+    requests: tuple[OrderReference, ...] = ()  # (0040,0275) Request Attributes Sequence
 
     # instance
     instance_number: int | None = None  # (0020,0013)

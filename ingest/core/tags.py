@@ -129,6 +129,9 @@ TAGS: Final[tuple[TagSpec, ...]] = (
     TagSpec("ProcedureCodeSequence", _ST, False, "procedure_codes"),  # (0008,1032)
     TagSpec("ReasonForTheRequestedProcedure", _ST, False, "reason_text"),  # (0040,1002)
     TagSpec("ReasonForRequestedProcedureCodeSequence", _ST, False, "reason_codes"),  # (0040,100A)
+    TagSpec("AdmissionID", _ST, False, "admission_id"),  # (0038,0010)
+    TagSpec("IssuerOfAdmissionIDSequence", _ST, False, "admission_issuer_uid"),  # (0038,0014)
+    TagSpec("ReferringPhysicianIdentificationSequence", _ST, False, "referrer_ids"),  # (0008,0096)
     # series
     TagSpec("Modality", _SE, False, "modality"),  # (0008,0060)
     TagSpec("SeriesNumber", _SE, False, "series_number"),  # (0020,0011)
@@ -140,6 +143,7 @@ TAGS: Final[tuple[TagSpec, ...]] = (
     TagSpec("SeriesTime", _SE, False, "series_time"),  # (0008,0031)
     TagSpec("PerformingPhysicianName", _SE, False, "performing_physicians"),  # (0008,1050)
     TagSpec("OperatorsName", _SE, False, "operators"),  # (0008,1070)
+    TagSpec("RequestAttributesSequence", _SE, False, "requests"),  # (0040,0275)
     # instance
     TagSpec("InstanceNumber", _I, False, "instance_number"),  # (0020,0013)
     TagSpec("ContentLabel", _I, False, "content_label"),  # (0070,0080)
@@ -165,6 +169,12 @@ ITEM_TAGS: Final[tuple[str, ...]] = (
     "ReferencedSeriesSequence",  # (0008,1115), in (0040,A375) items
     "ReferencedSOPSequence",  # (0008,1199), in (0008,1115) items
     "ReferencedSOPInstanceUID",  # (0008,1155), in (0008,1199) items
+    "AccessionNumber",  # (0008,0050), in (0040,0275) items
+    "IssuerOfAccessionNumberSequence",  # (0008,0051), in (0040,0275) items
+    "RequestedProcedureID",  # (0040,1001), in (0040,0275) items
+    "PlacerOrderNumberImagingServiceRequest",  # (0040,2016), in (0040,0275) items
+    "FillerOrderNumberImagingServiceRequest",  # (0040,2017), in (0040,0275) items
+    "PersonIdentificationCodeSequence",  # (0040,1101), in (0008,0096) items
 )
 
 #: The top-level tags to read; everything else is skipped unread (pass to ``specific_tags``).

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Final, NamedTuple
-from urllib.parse import quote
 
 from pydicom.uid import UID
 
@@ -60,6 +59,10 @@ STUDY_INSTANCE_UID_CONCEPT: Final = Concept(DCM_SYSTEM, "110180", "Study Instanc
 #: Accession Number identifier profile requires in ``Identifier.type``.
 ACCESSION_ID_CONCEPT: Final = Concept(V2_0203_SYSTEM, "ACSN", "Accession ID")
 ACCESSION_NUMBER_CONCEPT: Final = Concept(DCM_SYSTEM, "121022", "Accession Number")
+#: v2-0203 identifier types of the order and visit references (docs/mapping.md "Order, visit, referrer")
+PLACER_ORDER_CONCEPT: Final = Concept(V2_0203_SYSTEM, "PLAC", "Placer Identifier")
+FILLER_ORDER_CONCEPT: Final = Concept(V2_0203_SYSTEM, "FILL", "Filler Identifier")
+VISIT_NUMBER_CONCEPT: Final = Concept(V2_0203_SYSTEM, "VN", "Visit number")
 
 
 # DICOM PS3.16 CID 29 Acquisition Modality (DCM codes, code meaning as in the standard).
@@ -324,20 +327,19 @@ def coding_system(designator: str | None) -> str | None:
     """FHIR code system URI for a DICOM Coding Scheme Designator (0008,0102).
 
     Known designators map to their canonical URIs (``SCT``/``SRT`` -> SNOMED CT, ``LN`` -> LOINC,
-    ``DCM``, ``RADLEX``, ``UCUM``, ``I10``/``ICD10``); any other becomes
-    ``urn:dicom:csd:<designator>`` with the designator percent-encoded, so the result is always a
-    valid FHIR ``uri``.
+    ``DCM``, ``RADLEX``, ``UCUM``, ``I10``/``ICD10``). Any other designator (a private ``99...``
+    scheme, a local one) has no URI ``ingest`` knows, and none is invented: ``Coding.system`` is a
+    URI other systems resolve and compare, and a made-up one would claim a code system nobody
+    defines. Such a code keeps its ``code`` and ``display`` without a ``system`` (docs/mapping.md).
 
     Returns
     -------
     str | None
-        ``None`` for an empty designator.
+        The system URI; ``None`` for an empty or unknown designator.
     """
     if designator is None or not designator.strip():
         return None
-    name = designator.strip()
-    known = _CODING_SYSTEMS.get(name.upper())
-    return known if known else "urn:dicom:csd:" + quote(name, safe="")
+    return _CODING_SYSTEMS.get(designator.strip().upper())
 
 
 @lru_cache(maxsize=1024)

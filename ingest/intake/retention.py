@@ -17,7 +17,9 @@ Three parts, used by ``ingest serve`` / ``ingest watch`` and by whatever else re
   longer keeps (``until_pushed``: once the study is pushed; a duration: that long after its last push),
   never those of an instance under a Storage Commitment hold (``instances.hold_until``), and the
   quarantine's files older than ``[spool] quarantine_retain``. Each batch is one short transaction, so
-  intake is never blocked for longer than one batch's commit.
+  intake is never blocked for longer than one batch's commit. Its passes run at the time of
+  :meth:`ingest.clock.Timekeeper.destructive_now`: after the wall clock steps forward, nothing is
+  released (retention or the end of a commitment hold) until as much time has really passed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Final
 
 from ingest.adapters.spool import Quarantine, Spool
+from ingest.clock import Timekeeper
 from ingest.config import Settings, SpoolSettings
 from ingest.errors import StoreError, StoreUnavailableError
 from ingest.metrics import Metrics
@@ -365,6 +368,9 @@ class Retention:
         Batches per pass (the rest waits for the next pass).
     metrics:
         Counters, if any.
+    release_rejected:
+        Also release the bytes of instances an IOCM rejection (113037 / 113039) removes whose commitment
+        hold kept them, once the hold ends (with the rejection's reason, ``iocm:<code>``).
     """
 
     def __init__(
@@ -380,6 +386,7 @@ class Retention:
         batch: int = 200,
         max_batches: int = 50,
         metrics: Metrics | None = None,
+        release_rejected: bool = False,
     ) -> None:
         self.store = store
         self.spool = spool
@@ -391,13 +398,17 @@ class Retention:
         self.batch = batch
         self.max_batches = max_batches
         self.metrics = metrics
+        # bytes of rejected instances (113037 / 113039) a commitment hold kept are released when it ends
+        self.release_rejected = release_rejected
 
     @property
     def active(self) -> bool:
         """Whether a pass does anything: bytes or quarantined files to remove (``retain`` or
-        ``quarantine_retain`` not forever), or a byte cap whose in-row count it re-reads."""
+        ``quarantine_retain`` not forever, or rejected instances' bytes a commitment hold kept), or a
+        byte cap whose in-row count it re-reads."""
         return (
             self.retain is not None
+            or self.release_rejected
             or (self.quarantine is not None and self.quarantine_retain is not None)
             or (self.budget is not None and self.budget.max_bytes is not None)
         )
@@ -429,10 +440,23 @@ class Retention:
                 )
                 if len(uids) < self.batch:
                     break
+        # bytes an IOCM rejection removes but a commitment hold kept: released once the hold ends
+        held = self.store.held_rejected(now=now, limit=self.batch) if self.release_rejected else {}
+        for reason, uids in sorted(held.items()):
+            instances += release_bytes(
+                self.store, self.spool, uids, reason=reason, now=now, budget=self.budget,
+                metrics=self.metrics, respect_holds=True,
+            )
         if self.budget is not None:
             self.budget.resync_in_row(self.store.inline_bytes_total())
         quarantined = self._age_quarantine(now)
         return RetentionPass(instances=instances, quarantined=quarantined)
+
+    def run_now(self, timekeeper: Timekeeper, *, pause_s: float = 0.0) -> RetentionPass:
+        """:meth:`run_pass` at ``timekeeper``'s :meth:`~ingest.clock.Timekeeper.destructive_now`: the
+        wall clock, held back while it has stepped forward past the time really elapsed (a WARNING says
+        so), so a clock step never releases bytes or ends commitment holds early."""
+        return self.run_pass(timekeeper.destructive_now(), pause_s=pause_s)
 
     def _age_quarantine(self, now: datetime) -> int:
         """Remove quarantined files whose side file is older than ``quarantine_retain``."""
@@ -470,16 +494,16 @@ async def run_retention(
     stop: asyncio.Event,
     *,
     interval_s: float,
-    clock: Callable[[], datetime],
+    timekeeper: Timekeeper,
     pause_s: float = 0.05,
 ) -> None:
-    """Run :meth:`Retention.run_pass` every ``interval_s`` (first at once) until ``stop`` is set.
+    """Run :meth:`Retention.run_now` every ``interval_s`` (first at once) until ``stop`` is set.
 
     Each pass runs in a worker thread; a failing pass is logged and the next one comes as planned.
     """
     while not stop.is_set():
         try:
-            await asyncio.to_thread(retention.run_pass, clock(), pause_s=pause_s)
+            await asyncio.to_thread(retention.run_now, timekeeper, pause_s=pause_s)
         except StoreError as exc:
             LOGGER.warning("retention pass failed (next in %.0f s): %s", interval_s, exc)
         except Exception:
@@ -540,6 +564,6 @@ def open_retention(
         store, spool, retain=cfg.retain_after_push, quarantine=quarantine,
         quarantine_retain=quarantine_retain, budget=budget,
         node=(settings.state.node_id or socket.gethostname()) if shared else None,
-        batch=cfg.retention_batch, metrics=metrics,
+        batch=cfg.retention_batch, metrics=metrics, release_rejected=True,
     )
     return budget, retention

@@ -323,12 +323,17 @@ class EndpointResolver:
         ``[endpoint] wado_rs_url``, or one of ``[endpoint] series_wado_rs_urls``.
     requires_access_token:
         ``[endpoint] requires_access_token``, written into an Endpoint it creates.
+    mado:
+        ``[profile] name = "mado"``: an Endpoint it creates carries ``MadoRetrieveLocationUIDExtension``.
     """
 
-    def __init__(self, backend: LinkedBackend, url: str, *, requires_access_token: bool = True) -> None:
+    def __init__(
+        self, backend: LinkedBackend, url: str, *, requires_access_token: bool = True, mado: bool = True
+    ) -> None:
         self.backend = backend
         self.url = url
         self.requires_access_token = requires_access_token
+        self.mado = mado
         self._reference: str | None = None
         self._lock = asyncio.Lock()
 
@@ -366,7 +371,9 @@ class EndpointResolver:
             else:
                 created = await self.backend.create_resource(
                     "Endpoint",
-                    endpoint_resource(self.url, requires_access_token=self.requires_access_token),
+                    endpoint_resource(
+                        self.url, requires_access_token=self.requires_access_token, mado=self.mado
+                    ),
                 )
                 endpoint_id = str(created["id"])
                 LOGGER.info("created Endpoint/%s for %s", endpoint_id, self.url)
@@ -646,10 +653,13 @@ async def prepare_links(
         link.check()
     reference = None
     token = endpoint.requires_access_token
-    if endpoint.wado_rs_url:
-        study_endpoint = EndpointResolver(backend, endpoint.wado_rs_url, requires_access_token=token)
-        reference = await study_endpoint.reference()
     name: ProfileName = profile.name if profile is not None else "base"
+    mado = name == "mado"
+    if endpoint.wado_rs_url:
+        study_endpoint = EndpointResolver(
+            backend, endpoint.wado_rs_url, requires_access_token=token, mado=mado
+        )
+        reference = await study_endpoint.reference()
     if name == "base" and not endpoint.series_wado_rs_urls:
         return Links(endpoint_reference=reference, link=link)
     by_url: dict[str, str] = {}
@@ -657,7 +667,9 @@ async def prepare_links(
         if url == endpoint.wado_rs_url and reference is not None:
             by_url[url] = reference
         else:
-            by_url[url] = await EndpointResolver(backend, url, requires_access_token=token).reference()
+            by_url[url] = await EndpointResolver(
+                backend, url, requires_access_token=token, mado=mado
+            ).reference()
     by_source = {ae: by_url[url] for ae, url in endpoint.series_wado_rs_urls.items()}
     profiled = ProfileLink(
         name, SeriesEndpoints(study=reference, by_source=by_source), patient=link, sources=sources

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -21,16 +22,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from ingest.clock import STEP_SLACK_S
 from ingest.config import RelaySettings
 from ingest.core.merge import Create, NoChange, Refuse, Update, Written, digest, plan
 from ingest.core.records import InstanceRecord
 from ingest.errors import (
+    BackendStorageError,
     ConfigError,
     ForeignContentError,
     IngestError,
     MultipleMatchesError,
     PermanentSinkError,
     RetryableSinkError,
+    SinkError,
     StoreError,
     StoreUnavailableError,
 )
@@ -65,6 +69,8 @@ LOGGER = logging.getLogger(__name__)
 # claims wait for a free push slot (their leases renewed meanwhile), so the slots never idle while a
 # round's slowest push finishes; still at most ``concurrency`` pushes run at once.
 _DRAIN_CLAIMS_PER_SLOT = 16
+#: How often the relay asks a failing backend whether it answers again (at most; never above max_backoff_s).
+_PROBE_EVERY_S = 2.0
 
 
 def utcnow() -> datetime:
@@ -89,7 +95,8 @@ def backoff_delay(attempt: int, base_s: float, max_s: float) -> float:
     attempt:
         How many attempts have failed so far (1 for the first failure).
     base_s, max_s:
-        ``[relay] base_backoff_s`` and ``max_backoff_s``.
+        ``[relay] base_backoff_s`` and ``max_backoff_s`` (``[listener.commitment] retry_base_s`` and
+        ``retry_max_s`` for Storage Commitment reports).
 
     Returns
     -------
@@ -327,6 +334,14 @@ class Relay:
         self.backend = BackendHealth()
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._wake = asyncio.Event()
+        # [relay] max_attempts dead-letters a study after that many transient failures; ``ingest serve``
+        # and a replay with --wait-backend turn this off: a backend outage never dead-letters (the study
+        # waits, the probe below resumes the pushes as soon as the backend answers again)
+        self.transient_dead_letters = True
+        self._probed_at = 0.0  # monotonic time of the last probe while failing
+        # studies this relay is pushing: a claim of one again (its lease looked stale after the clock
+        # was set back, before its next renewal) is dropped, the push under way goes on
+        self._pushing: set[str] = set()
 
     def use_links(self, build: Build, link: Link | None) -> None:
         """Replace ``build`` and ``link`` once the backend is known (``ingest serve`` builds the relay
@@ -365,16 +380,27 @@ class Relay:
         """Claim up to ``limit`` due studies (none while the state store is unavailable), and when."""
         now = self.clock()
         try:
-            claims = await asyncio.to_thread(self.store.claim_due, now, limit, self.node, self.cfg.lease_s)
+            claims = await asyncio.to_thread(
+                self.store.claim_due, now, limit, self.node, self.cfg.lease_s,
+                stale_after=self.stale_after(now),
+            )
         except StoreUnavailableError as exc:
             LOGGER.warning("state store unavailable, relay waits: %s", exc)
             return [], now
-        return claims, now
+        return [c for c in claims if c.study_uid not in self._pushing], now
+
+    def stale_after(self, now: datetime) -> datetime:
+        """A due time or next attempt later than this was written before the clock was stepped back, so
+        it counts as due (docs/reliability.md "Clock steps"): intake makes a study due ``stable_age_s``
+        (or ``release_grace_s``) ahead and a retry waits at most ``max_backoff_s``, plus the step slack."""
+        horizon = max(self.cfg.stable_age_s, self.cfg.release_grace_s, self.cfg.max_backoff_s) + STEP_SLACK_S
+        return now + timedelta(seconds=horizon)
 
     async def _push_guarded(self, claim: StudyClaim, claimed_at: datetime) -> None:
         # renewal starts at once: a claim waiting for a free slot must not expire meanwhile
         lease = LeaseKeeper(self.store, claim, self.cfg.lease_s, self.clock, claimed_at)
         lease.start()
+        self._pushing.add(claim.study_uid)
         try:
             async with self._sem:
                 try:
@@ -395,6 +421,7 @@ class Relay:
                                 claim.study_uid, exc,
                             )
         finally:
+            self._pushing.discard(claim.study_uid)
             await lease.stop()
 
     def _lease_lost(self, lease: LeaseKeeper, what: str) -> bool:
@@ -503,7 +530,11 @@ class Relay:
         except RetryableSinkError as exc:
             self.backend.push_failed(short_reason(exc))
             attempts = claim.attempts + 1
-            if attempts >= self.cfg.max_attempts:
+            if (
+                self.transient_dead_letters
+                and attempts >= self.cfg.max_attempts
+                and not isinstance(exc, BackendStorageError)
+            ):
                 return await self._dead(claim, "retries_exhausted", exc, lease)
             if self._lease_lost(lease, "the retry"):
                 return "lease_lost"
@@ -516,9 +547,10 @@ class Relay:
                 error=str(exc),
                 next_attempt_at=self.clock() + timedelta(seconds=delay),
             )
+            limit = f" of {self.cfg.max_attempts}" if self.transient_dead_letters else ""
             LOGGER.warning(
-                "study %s: backend unavailable (attempt %d of %d), next try in %.1f s: %s",
-                uid, attempts, self.cfg.max_attempts, delay, exc,
+                "study %s: backend unavailable (attempt %d%s), next try in %.1f s: %s",
+                uid, attempts, limit, delay, exc,
             )
             self._count("retried")
             return "retried"
@@ -594,6 +626,7 @@ class Relay:
         running: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
+                await self._probe_if_failing()
                 if len(running) < cap:
                     claims, now = await self._claim(cap - len(running))
                     running.update(asyncio.create_task(self._push_guarded(c, now)) for c in claims)
@@ -616,13 +649,43 @@ class Relay:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
-    async def drain(self, study_uids: Iterable[str]) -> None:
-        """Push ``study_uids`` now and keep retrying until each is pushed or dead (end of a replay)."""
+    async def _probe_if_failing(self) -> None:
+        """While pushes fail transiently, ask the backend a cheap question every ``_PROBE_EVERY_S``; when
+        it answers, every study waiting for its retry becomes due now and the relay resumes at once
+        (instead of each study waiting out its own backoff, up to ``max_backoff_s``)."""
+        if self.backend.state != "failing":
+            return
+        probe = getattr(self.sink, "probe", None)
+        now = time.monotonic()
+        if probe is None or now - self._probed_at < min(_PROBE_EVERY_S, self.cfg.max_backoff_s):
+            return
+        self._probed_at = now
+        try:
+            await probe()
+        except SinkError as exc:
+            self.backend.push_failed(short_reason(exc))
+            return
+        except Exception:  # a probe never takes the relay down
+            LOGGER.debug("backend probe failed", exc_info=True)
+            return
+        self.backend.answered()
+        resumed = await asyncio.to_thread(self.store.retry_now, self.clock())
+        LOGGER.info("the backend answers again: %d waiting stud%s due now", resumed,
+                    "y" if resumed == 1 else "ies")
+
+    async def drain(self, study_uids: Iterable[str], *, deadline: float | None = None) -> bool:
+        """Push ``study_uids`` now and keep retrying until each is pushed or dead (end of a replay).
+
+        With ``deadline`` (a ``time.monotonic()`` value) it stops there and returns ``False`` when some
+        studies are still waiting for the backend (they stay pending for a later push); ``True`` when
+        every one was pushed or dead-lettered.
+        """
         wanted = set(study_uids)
         if not wanted:
-            return
+            return True
         await asyncio.to_thread(self.store.mark_due, wanted, self.clock())
         while True:
+            await self._probe_if_failing()
             await self.run_once(limit=self.cfg.concurrency * _DRAIN_CLAIMS_PER_SLOT)
             pending = [
                 row
@@ -630,7 +693,9 @@ class Relay:
                 if row.study_uid in wanted and (row.dirty or row.next_attempt_at is not None)
             ]
             if not pending:
-                return
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
             now = self.clock()
             waits = [
                 (row.next_attempt_at - now).total_seconds()
@@ -797,5 +862,6 @@ async def run_relay(
                                   token_configured=token_configured):
         return
     relay.use_links(*wired[-1])
+    relay.transient_dead_letters = False  # while serving, an outage never dead-letters (README)
     LOGGER.info("relay connected to the backend; pushing pending studies")
     await relay.run_forever(stop)

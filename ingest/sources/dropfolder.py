@@ -8,6 +8,11 @@ How a file travels (docs/architecture.md, Durability; docs/reliability.md):
    included).
 2. **Settled**: its size and mtime stayed the same for ``settle_ms``; a file still being written is
    never read.
+   A file that then reads as incomplete (truncated: a declared length runs past its end; or
+   shorter than a preamble and ``DICM``, empty included) is a copy that paused (a slow network
+   copy), not yet a refusal: it stays in the folder, untouched, and is read again once it changes
+   and settles. Only when it has stayed unchanged for ``[watch] incomplete_timeout`` (default
+   ``"5m"``) is it quarantined as ``truncated`` (or ``not_dicom``).
 3. **Parsed**: headers in ``[watch] jobs`` worker processes for bursts
    (:func:`ingest.sources.parse.parse_items`).
 4. **Accepted**: the bytes are copied into what ``ingest`` owns, whatever the user later does to the
@@ -16,19 +21,21 @@ How a file travels (docs/architecture.md, Durability; docs/reliability.md):
    chunk); then the chunk is admitted
    (:class:`ingest.intake.admit.Admission`: rows committed, studies due, duplicates and conflicts
    settled, the relay woken).
-5. **After**: only then ``after = "move"`` (to ``archive_dir``, default ``<data_dir>/archive``, under a
+5. **After**: only then, and only if the file has not changed since it was read (else it stays and is
+   read again), ``after = "move"`` (to ``archive_dir``, default ``<data_dir>/archive``, under a
    random name, mode 0600), ``"delete"``, or ``"keep"`` (remembered by path, size, mtime and SHA-256
    in ``<data_dir>/watch.sqlite3``, never read again while unchanged).
 
-A file that is refused (not DICOM, empty, truncated, bad UIDs...) or conflicts with an instance already
-stored (same SOP Instance UID, other content or other study) is copied into ``<data_dir>/quarantine``
-with a side file (reason code, rule, time; no patient data) and removed from the folder. A file over
-``max_instance_bytes`` is never copied, and neither is one that would take the quarantine past
-``[quarantine] max_bytes``: the quarantine gets only a side file describing it, and the file stays in
-the folder (it is the only copy), remembered by size and mtime so it is not reported again until it
-changes or the watcher restarts. An identical
-duplicate (a restart after a crash between commit and move) is answered by the store's digest check:
-nothing is added twice, and the file gets its after-action.
+A file that is refused (not DICOM, bad UIDs, incomplete past the timeout...) or conflicts with an
+instance already stored (same SOP Instance UID, other content or other study) is copied into
+``<data_dir>/quarantine`` with a side file (reason code, rule, time; no patient data) and removed from
+the folder, and only when it did not change since it was read (a file that changed is left in place, its
+quarantine copy dropped, and read again). A file over ``max_instance_bytes`` is never copied, and
+neither is one that would take the quarantine past ``[quarantine] max_bytes``: the quarantine gets only
+a side file describing it, and the file stays in the folder (it is the only copy), remembered by size
+and mtime so it is not reported again until it changes or the watcher restarts. An identical duplicate
+(a restart after a crash between commit and move) is answered by the store's digest check: nothing is
+added twice, and the file gets its after-action.
 
 When the state store or a folder cannot be written, the file stays where it is and is tried again at
 the next rescan; the watcher never stops for one file.
@@ -59,9 +66,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from ingest.adapters.dicomfile import ignored_name, iter_dicom_files
+from ingest.adapters.dicomfile import DEFAULT_MAX_REJECTION_ITEMS, ignored_name, iter_dicom_files
 from ingest.adapters.spool import Quarantine, Spool, fsync_dir
-from ingest.config import Settings, WatchSettings
+from ingest.config import Settings, WatchSettings, parse_duration
 from ingest.errors import ConfigError, StoreError, StoreUnavailableError
 from ingest.intake.admit import Admission, Admitted, Candidate, utcnow
 from ingest.intake.retention import DiskBudget
@@ -75,6 +82,8 @@ LOGGER = logging.getLogger(__name__)
 
 _SOURCE: Final = "watch"
 _TOO_LARGE: Final = "too_large"
+#: Smaller files cannot hold a preamble and ``DICM``: "not DICOM" may be a copy that has only begun.
+_SHORT: Final = 132
 #: Files per store transaction (and per parse call).
 _CHUNK: Final = 256
 #: Below this many settled files, headers are parsed in process (starting workers costs more).
@@ -93,6 +102,7 @@ class WatchTotals:
     duplicate: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     deferred: int = 0  # changed while being read, or the store/folders were unavailable: tried again later
+    incomplete: int = 0  # read as incomplete while young or changing: left in place, read again later
     not_kept: int = 0  # rejected, recorded by a quarantine side file only (over the size cap, quota full)
 
 
@@ -109,6 +119,7 @@ class _Seen:
     size: int
     mtime_ns: int
     since: float  # monotonic time when this (size, mtime) was first observed
+    incomplete: bool = False  # read as incomplete: read again when it changes, or at incomplete_timeout
 
 
 @dataclass(frozen=True)
@@ -179,7 +190,7 @@ class DropFolder:
         admission's own).
     data_dir:
         The data dir (never watched; ``archive`` and ``watch.sqlite3`` live there).
-    max_instance_bytes, max_inflated_bytes:
+    max_instance_bytes, max_inflated_bytes, max_rejection_items:
         The listener's caps, applied to files too.
     metrics:
         Counters to increment (``source="watch"``), if any.
@@ -214,7 +225,9 @@ class DropFolder:
         monotonic: Callable[[], float] = time.monotonic,
         budget: DiskBudget | None = None,
         inline_max_bytes: int = 0,
+        max_rejection_items: int = DEFAULT_MAX_REJECTION_ITEMS,
     ) -> None:
+        self.max_rejection_items = max_rejection_items
         self.budget = budget
         self.inline_max_bytes = inline_max_bytes
         if cfg.folder is None:
@@ -246,6 +259,9 @@ class DropFolder:
         # Our own folders must never be watched, even when they lie inside the drop folder.
         self._excluded = [p for p in (data_dir, self.archive.root if self.archive else None) if p is not None]
         self._seen: dict[Path, _Seen] = {}
+        # what settled() saw of the files it handed out, until they are read (incomplete files' age)
+        self._taken: dict[Path, _Seen] = {}
+        self.incomplete_s = parse_duration(cfg.incomplete_timeout).total_seconds()
         self._halt = threading.Event()
         self._pool: ProcessPoolExecutor | None = None  # header-parsing processes for bursts
 
@@ -308,8 +324,9 @@ class DropFolder:
                 del self._seen[path]
             elif (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns):
                 self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
-            elif now - seen.since >= settle_s:
+            elif now - seen.since >= (self.incomplete_s if seen.incomplete else settle_s):
                 del self._seen[path]
+                self._taken[path] = seen
                 ready.append(path)
         return sorted(ready)
 
@@ -338,6 +355,13 @@ class DropFolder:
         return accepted
 
     def _ingest_chunk(self, paths: list[Path]) -> int:
+        try:
+            return self._ingest_taken(paths)
+        finally:
+            for path in paths:
+                self._taken.pop(path, None)
+
+    def _ingest_taken(self, paths: list[Path]) -> int:
         stats: dict[str, os.stat_result] = {}
         items: list[Item] = []
         for path in paths:
@@ -355,7 +379,8 @@ class DropFolder:
             self._pool = ProcessPoolExecutor(jobs)
         copied: list[_Copied] = []
         results = parse_items(
-            items, jobs=jobs, max_inflated_bytes=self.max_inflated, pool=self._pool if jobs > 1 else None
+            items, jobs=jobs, max_inflated_bytes=self.max_inflated, pool=self._pool if jobs > 1 else None,
+            max_rejection_items=self.max_rejection_items,
         )
         for result in results:
             path = Path(result.label)
@@ -367,8 +392,14 @@ class DropFolder:
                     self._defer(path)
                 elif result.reason == _TOO_LARGE:
                     self._reject(path, result.reason, "max_instance_bytes", result.message, over_cap=before)
+                elif self._incomplete(result, before) and self._wait_incomplete(path, before):
+                    pass  # left in place: read again when it changes, or at incomplete_timeout
+                elif self._incomplete(result, before):
+                    detail = (f"{result.message}; unchanged for {self.cfg.incomplete_timeout} "
+                              "([watch] incomplete_timeout)")
+                    self._reject(path, result.reason, "incomplete_timeout", detail, before=before)
                 else:
-                    self._reject(path, result.reason, "dicom_header", result.message)
+                    self._reject(path, result.reason, "dicom_header", result.message, before=before)
                 continue
             if self.budget is not None and self.budget.refusal(before.st_size, what=f"file {path}"):
                 self.totals.deferred += 1  # left where it is; the next rescan finds it again
@@ -381,6 +412,26 @@ class DropFolder:
     def _changed(self, path: Path, before: os.stat_result) -> bool:
         st = self._stat(path)
         return st is None or (st.st_size, st.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+
+    @staticmethod
+    def _incomplete(result: Rejected, before: os.stat_result) -> bool:
+        """Whether a refusal may only mean the file is still being written (truncated, or too short to
+        hold a preamble and ``DICM``)."""
+        return result.reason == "truncated" or (result.reason == "not_dicom" and before.st_size < _SHORT)
+
+    def _wait_incomplete(self, path: Path, before: os.stat_result) -> bool:
+        """Leave an incomplete file in place while it is younger than ``incomplete_timeout`` (unchanged
+        for less than it, as this watcher saw it); ``False`` once it has been unchanged for that long."""
+        taken = self._taken.get(path)
+        now = self.monotonic()
+        same = taken is not None and (taken.size, taken.mtime_ns) == (before.st_size, before.st_mtime_ns)
+        since = taken.since if taken is not None and same else now
+        if now - since >= self.incomplete_s:
+            return False
+        self.totals.incomplete += 1
+        self._seen[path] = _Seen(before.st_size, before.st_mtime_ns, since, incomplete=True)
+        LOGGER.debug("watch: %s reads as incomplete (%d bytes), waiting for the rest", path, before.st_size)
+        return True
 
     def _defer(self, path: Path) -> None:
         """Watch ``path`` again from now (it changed while being read)."""
@@ -474,16 +525,16 @@ class DropFolder:
     # -- outcomes ----------------------------------------------------------------------------------------
 
     def _reject(
-        self, path: Path, reason: str, rule: str, detail: str, *, over_cap: os.stat_result | None = None
+        self, path: Path, reason: str, rule: str, detail: str, *, over_cap: os.stat_result | None = None,
+        before: os.stat_result | None = None,
     ) -> None:
         """Quarantine ``path`` with why, then remove it from the folder (see :meth:`_quarantined`).
 
         ``over_cap`` (the file's stat) marks a file over the size cap: it is described by a side file,
-        never copied.
+        never copied. ``before`` (the stat the file was read with): when the file changed by the time
+        its copy is in the quarantine, the copy is dropped and the file is read again (the quarantine
+        holds what was read, whole, or nothing).
         """
-        self.totals.rejected[reason] += 1
-        if self.metrics is not None:
-            self.metrics.instances_rejected.labels(reason=reason).inc()
         source = str(path)
         try:
             if over_cap is not None:
@@ -491,11 +542,22 @@ class DropFolder:
                                                 source=source)
             else:
                 name = self.quarantine.put(path, reason, rule, detail, self.clock(), source=source)
+                if before is not None and self._changed(path, before):
+                    self.quarantine.remove(name)
+                    self._defer(path)
+                    return
         except StoreUnavailableError as exc:
             LOGGER.warning("watch: %s rejected (%s) but cannot be quarantined, left in place: %s",
                            path, reason, exc)
+            self._count_rejected(reason)
             return
+        self._count_rejected(reason)
         self._quarantined(path, reason, rule, detail, name, over_cap=over_cap)
+
+    def _count_rejected(self, reason: str) -> None:
+        self.totals.rejected[reason] += 1
+        if self.metrics is not None:
+            self.metrics.instances_rejected.labels(reason=reason).inc()
 
     def _conflicted(self, path: Path, admitted: Admitted) -> None:
         """A file the admission refused as a conflict (counted and quarantined there)."""
@@ -529,7 +591,15 @@ class DropFolder:
 
     def _after(self, c: _Copied, now: datetime) -> None:
         """The after-action, once the row is committed; a failure leaves the file for the next rescan
-        (where the store answers "duplicate" and the action is tried again)."""
+        (where the store answers "duplicate" and the action is tried again). A file that changed since
+        it was read (a copy that resumed after a pause) is left in place and read again: what was
+        admitted is not all of it."""
+        st = self._stat(c.path)
+        grown = st is not None and (st.st_size, st.st_mtime_ns) != (c.size, c.mtime_ns)
+        if grown and self.cfg.after != "keep":
+            LOGGER.warning("watch: %s changed after it was read; left in place, read again", c.path)
+            self._defer(c.path)
+            return
         try:
             if self.cfg.after == "delete":
                 c.path.unlink(missing_ok=True)
@@ -643,6 +713,7 @@ def open_drop_folder(
         settings.watch, admission, spool=spool, quarantine=quarantine, data_dir=data_dir,
         max_instance_bytes=settings.listener.max_instance_bytes,
         max_inflated_bytes=settings.listener.max_inflated_bytes,
+        max_rejection_items=settings.listener.max_rejection_items,
         metrics=metrics, clock=clock, monotonic=monotonic, budget=budget,
         inline_max_bytes=settings.spool.inline_max_bytes,
     )

@@ -66,7 +66,7 @@ def expand_paths(paths: Iterable[Path]) -> Iterator[Item]:
             yield Item(label=str(path), path=path)
 
 
-def _parse_one(item: Item, max_inflated_bytes: int) -> Parsed | Rejected:
+def _parse_one(item: Item, max_inflated_bytes: int, max_rejection_items: int) -> Parsed | Rejected:
     if item.rejection is not None:
         return Rejected(item.label, *item.rejection)
     # the header walker is imported by the first parse, not with this module: listing files (a replay
@@ -75,10 +75,13 @@ def _parse_one(item: Item, max_inflated_bytes: int) -> Parsed | Rejected:
 
     try:
         if item.path is not None:
-            parsed = read_header(item.path, max_inflated_bytes=max_inflated_bytes)
+            parsed = read_header(
+                item.path, max_inflated_bytes=max_inflated_bytes, max_rejection_items=max_rejection_items
+            )
         else:
             parsed = read_header_bytes(
-                item.data or b"", source=item.label, max_inflated_bytes=max_inflated_bytes
+                item.data or b"", source=item.label, max_inflated_bytes=max_inflated_bytes,
+                max_rejection_items=max_rejection_items,
             )
     except HeaderError as exc:
         return Rejected(item.label, exc.reason, str(exc))
@@ -89,8 +92,10 @@ def _parse_one(item: Item, max_inflated_bytes: int) -> Parsed | Rejected:
     return Parsed(item.label, parsed.record, parsed.digest, parsed.size, item.stat)
 
 
-def _parse_batch(items: list[Item], max_inflated_bytes: int) -> list[Parsed | Rejected]:
-    return [_parse_one(item, max_inflated_bytes) for item in items]
+def _parse_batch(
+    items: list[Item], max_inflated_bytes: int, max_rejection_items: int
+) -> list[Parsed | Rejected]:
+    return [_parse_one(item, max_inflated_bytes, max_rejection_items) for item in items]
 
 
 def parse_items(
@@ -98,6 +103,7 @@ def parse_items(
     *,
     jobs: int = 1,
     max_inflated_bytes: int = 64 * 1024**2,
+    max_rejection_items: int = 100_000,
     caller_parses: bool = False,
     pool: ProcessPoolExecutor | None = None,
 ) -> Iterator[Parsed | Rejected]:
@@ -116,6 +122,9 @@ def parse_items(
         loop that must stay responsive.
     max_inflated_bytes:
         Cap on the inflated size of a Deflated Explicit VR Little Endian dataset.
+    max_rejection_items:
+        Most instances a Key Object Selection Document's evidence may name (``[listener]
+        max_rejection_items``).
     caller_parses:
         See ``jobs``.
     pool:
@@ -137,7 +146,7 @@ def parse_items(
     workers = jobs - 1 if caller_parses else jobs
     if workers < 1:
         for item in it:
-            yield _parse_one(item, max_inflated_bytes)
+            yield _parse_one(item, max_inflated_bytes, max_rejection_items)
         return
     with contextlib.nullcontext(pool) if pool is not None else ProcessPoolExecutor(workers) as pool:
         # in input order: batches sent to a worker (futures) and batches the caller parsed (lists)
@@ -150,7 +159,7 @@ def parse_items(
                 if not batch:
                     exhausted = True
                     break
-                window.append(pool.submit(_parse_batch, batch, max_inflated_bytes))
+                window.append(pool.submit(_parse_batch, batch, max_inflated_bytes, max_rejection_items))
                 in_pool += 1
             if not window:
                 return
@@ -163,7 +172,7 @@ def parse_items(
                 # rather than wait for the worker, parse the next batch here (it queues behind the head)
                 batch = list(itertools.islice(it, _BATCH))
                 if batch:
-                    window.append(_parse_batch(batch, max_inflated_bytes))
+                    window.append(_parse_batch(batch, max_inflated_bytes, max_rejection_items))
                 else:
                     exhausted = True
                 continue

@@ -186,3 +186,62 @@ def test_storescu_in_another_transfer_syntax_is_a_duplicate(
         assert len(run.store.instances(ds.StudyInstanceUID)) == 1
         (name,) = run.listener.quarantine.names()
         assert run.listener.quarantine.reason(name)["reason"] == "conflict"
+
+
+# -- long sequences: the canonical form is hashed as it grows, with the same digest -------------------------
+
+
+def _items(count: int, *, undefined: bool) -> bytes:
+    """(0008,1140) with ``count`` items, each a Referenced SOP Instance UID and an empty (0008,1199)."""
+    out = []
+    for n in range(count):
+        uid = f"1.2.3.{n}".encode()
+        uid += b"\0" * (len(uid) % 2)
+        empty = struct.pack("<HH2sHL", 0x0008, 0x1199, b"SQ", 0, 0xFFFFFFFF if undefined else 0)
+        if undefined:
+            empty += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+        item = _element(0x0008, 0x1155, b"UI", uid) + empty
+        if undefined:
+            out.append(struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + item
+                       + struct.pack("<HHL", 0xFFFE, 0xE00D, 0))
+        else:
+            out.append(struct.pack("<HHL", 0xFFFE, 0xE000, len(item)) + item)
+    body = b"".join(out)
+    if undefined:
+        return (struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) + body
+                + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    return struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, len(body)) + body
+
+
+def test_a_sequence_of_thousands_of_items_digests_alike_in_defined_and_undefined_lengths(
+    tmp_path: Path,
+) -> None:
+    # 5,000 items are ~30,000 parts of the canonical form: hashed in pieces while the sequence is open
+    defined = _with_sequence(_items(5000, undefined=False))
+    undefined = _with_sequence(_items(5000, undefined=True))
+    path = tmp_path / "defined.dcm"
+    path.write_bytes(defined)
+    base = digest(defined)
+    assert digest(undefined) == base == read_header(path, large_file_bytes=0).digest
+    assert digest(_with_sequence(_items(5001, undefined=False))) != base
+    changed = defined.replace(b"1.2.3.432\0", b"1.2.3.999\0")
+    assert len(changed) == len(defined) and digest(changed) != base
+
+
+def test_a_long_value_that_stops_parsing_as_items_late_is_hashed_as_its_bytes() -> None:
+    # a private UN value that starts as 5,000 items and then is not one (rolled back after pieces of its
+    # items were hashed) digests as the same bytes sent as OB, which are never parsed as items
+    item = struct.pack("<HHL", 0x0008, 0x1155, 8) + b"1.2.3.4\0"  # Implicit VR Little Endian, inside UN
+    value = struct.pack("<HHL", 0xFFFE, 0xE000, len(item)) + item
+    value = value * 5000 + b"\x01\x02\x03\x04\x05\x06\x07\x08"
+
+    def with_private(vr: bytes) -> bytes:
+        base = encoded(ct(), EXPLICIT)  # Pixel Data (7FE0,0010) is last: (7FE1,1010) goes after it
+        return base + struct.pack("<HH2sHL", 0x7FE1, 0x1010, vr, 0, len(value)) + value
+
+    assert digest(with_private(b"UN")) == digest(with_private(b"OB"))
+    shorter = value[:-8]  # all items: parsed, so digested as a sequence, not as bytes
+    base = encoded(ct(), EXPLICIT)
+    as_items = base + struct.pack("<HH2sHL", 0x7FE1, 0x1010, b"UN", 0, len(shorter)) + shorter
+    as_bytes = base + struct.pack("<HH2sHL", 0x7FE1, 0x1010, b"OB", 0, len(shorter)) + shorter
+    assert digest(as_items) != digest(as_bytes)

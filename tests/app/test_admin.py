@@ -3,8 +3,11 @@ store queries on every state store implementation."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -301,3 +304,164 @@ def test_recent_studies_counts_groups_and_minutes(store: StateStore) -> None:
     assert received[1] == 2 and received[5] == 1 and received[9] == 1 and sum(received) == 4
     assert pushed[2] == 1 and sum(pushed) == 1
     assert store.series_groups([]) == []
+
+
+# -- every method guarded, page numbers bounded, pages built off the loop -----------------------------------
+
+
+async def test_head_needs_the_token_too(make_client: MakeClient) -> None:
+    client, _ = await make_client(token="s3cret")
+    for path in ("/", f"/study/{STUDY_A}", f"/study/{STUDY_A}/imagingstudy.json"):
+        assert (await client.head(path)).status == 401, path
+        assert (await client.head(path, headers={"Authorization": "Bearer s3cret"})).status == 200, path
+        assert (await client.head(f"{path}?token=s3cret")).status == 200, path
+
+
+async def test_other_methods_need_the_token_then_are_not_allowed(make_client: MakeClient) -> None:
+    client, _ = await make_client(token="s3cret")
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+        assert (await client.request(method, "/")).status == 401, method
+        resp = await client.request(method, "/", headers={"Authorization": "Bearer s3cret"})
+        assert resp.status == 405 and resp.headers["Allow"] == "GET, HEAD", method
+    assert (await client.get("/retry")).status == 401
+    assert (await client.get("/retry", headers={"Authorization": "Bearer s3cret"})).status == 405
+
+
+async def test_foreign_host_is_refused_for_every_method(make_client: MakeClient) -> None:
+    client, _ = await make_client()
+    foreign = {"Host": "rebound.example:9100"}
+    for path in ("/", f"/study/{STUDY_A}"):
+        assert (await client.head(path, headers=foreign)).status == 403, path
+        assert (await client.request("PUT", path, headers=foreign)).status == 403, path
+        assert (await client.head(path, headers={"Host": "localhost:9100"})).status == 200, path
+    resp = await client.post("/retry", data={"uid": STUDY_B}, headers={**foreign, "Origin": "http://rebound.example:9100"})
+    assert resp.status == 403
+
+
+@pytest.mark.parametrize("page", [str(10**30), "abc", "0", "-1", "1.5", "", "2"])
+async def test_page_numbers_out_of_range_are_400(make_client: MakeClient, page: str) -> None:
+    client, _ = await make_client()
+    for path in ("/", f"/study/{STUDY_A}"):  # three studies, two instances: one page each
+        resp = await client.get(path, params={"page": page})
+        assert resp.status == 400, (path, page)
+        assert "page" in await resp.text()
+
+
+async def test_study_page_lists_one_page_of_instances(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    big = "1.2.826.0.1.4"
+    for i in range(120):
+        add(sqlite_store, rec(big, f"{big}.{i % 3 + 1}", f"{big}.{i % 3 + 1}.{i + 1}", instance_number=i + 1),
+            when=NOW)
+    client, _ = await make_client()
+    shown = []
+    for page, rows in ((1, 50), (2, 50), (3, 20)):
+        text = await (await client.get(f"/study/{big}", params={"page": str(page)})).text()
+        sops = re.findall(r'<tr data-sop="([0-9.]+)">', text)
+        assert len(sops) == rows, page
+        shown += sops
+        assert f"Instances (120; page {page} of 3)" in text
+    assert len(set(shown)) == 120
+    assert (await client.get(f"/study/{big}", params={"page": "4"})).status == 400
+    assert text.count('<tr><td>') >= 3  # the three series
+
+
+async def test_large_study_links_its_imagingstudy_instead_of_inlining_it(
+    make_client: MakeClient, sqlite_store: StateStore
+) -> None:
+    big = "1.2.826.0.1.5"
+    sqlite_store.add_instances(
+        [(rec(big, f"{big}.1", f"{big}.1.{i + 1}"), "watch", None, f"c1:{big}.{i}") for i in range(600)],
+        now=NOW, due_at=NOW,
+    )
+    client, _ = await make_client()
+    text = await (await client.get(f"/study/{big}")).text()
+    assert 'id="imagingstudy"' not in text and f'href="/study/{big}/imagingstudy.json"' in text
+    resp = await client.get(f"/study/{big}/imagingstudy.json")
+    assert resp.status == 200 and resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["numberOfInstances"] == 600 and body["subject"] == "«hidden: [admin] show_patient = false»"
+
+
+async def test_quarantine_side_files_are_read_once_and_new_ones_found(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    quarantine = tmp_path / "quarantine"
+    quarantine.mkdir()
+    for i in range(30):
+        sop = "1.2.826.0.1.1.2.1" if i < 3 else f"7.7.{i}"
+        side = {"reason": "conflict", "detail": f"SOP {sop} r{i}"}
+        (quarantine / f"s{i}.json").write_text(json.dumps(side))
+    (quarantine / "broken.json").write_text("{not json")  # read once too, naming nothing
+    client, page = await make_client()
+    page.quarantine.rescan_s = 0.0
+    for _ in range(3):
+        text = await (await client.get(f"/study/{STUDY_A}")).text()
+        assert "Rejected / quarantined (3)" in text
+    assert page.quarantine.reads == 31
+    late = {"reason": "conflict", "detail": f"study {STUDY_A} late"}
+    (quarantine / "late.json").write_text(json.dumps(late))
+    (quarantine / "s0.json").unlink()
+    text = await (await client.get(f"/study/{STUDY_A}")).text()
+    assert "Rejected / quarantined (3)" in text and "late" in text and "r0<" not in text
+    assert page.quarantine.reads == 32
+
+
+async def test_pages_are_built_off_the_loop_and_bounded(
+    aiohttp_client: Any, sqlite_store: SQLiteStateStore, tmp_path: Path
+) -> None:
+    release = threading.Event()
+    building = threading.Event()
+
+    def slow_builder(records: Any) -> dict[str, Any]:
+        building.set()
+        release.wait(10)
+        return {"resourceType": "ImagingStudy"}
+
+    app = web.Application()
+    page = StatusPage(settings_for(tmp_path), sqlite_store, FixedHealth(), Metrics(), node="n",
+                      builder=slow_builder, builders=1, queued=1)
+    page.mount(app)
+    client = await aiohttp_client(app)
+    try:
+        first = asyncio.ensure_future(client.get(f"/study/{STUDY_A}"))
+        await wait_for_async(building.is_set)
+        # the loop answers while the page is being built (the builder holds the one builder thread)
+        assert (await client.get("/admin.js")).status == 200
+        assert not first.done()
+        second = asyncio.ensure_future(client.get("/"))
+        await wait_for_async(lambda: page._in_flight == 2)
+        busy = await client.get(f"/study/{STUDY_B}")  # one building, one waiting: no room for a third
+        assert busy.status == 503 and busy.headers["Retry-After"] == "2"
+    finally:
+        release.set()
+    assert (await first).status == 200 and (await second).status == 200
+    assert (await client.get(f"/study/{STUDY_B}")).status == 200
+
+
+async def wait_for_async(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_header_health_report_is_reused_between_close_views(
+    aiohttp_client: Any, sqlite_store: SQLiteStateStore, tmp_path: Path
+) -> None:
+    class CountingHealth(FixedHealth):
+        calls = 0
+
+        async def report(self) -> tuple[int, dict[str, Any]]:
+            CountingHealth.calls += 1
+            return await super().report()
+
+    app = web.Application()
+    StatusPage(settings_for(tmp_path), sqlite_store, CountingHealth(), Metrics(), node="n").mount(app)
+    client = await aiohttp_client(app)
+    for path in ("/", f"/study/{STUDY_A}", "/", f"/study/{STUDY_B}"):
+        assert (await client.get(path)).status == 200
+    # the /healthz checks (a probe file in the spool folder) ran once (twice on a machine slow enough to
+    # take more than 2 s for these pages), not once a page
+    assert CountingHealth.calls <= 2

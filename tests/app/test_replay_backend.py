@@ -182,7 +182,9 @@ async def test_two_backend_matches_dead_letter_others_written(tmp_path: Path) ->
             tmp_path / "data", "replay", str(corpus.root), "--jobs", "1", "--json", env=env, cwd=tmp_path
         )
         assert run.returncode == 3, run.stderr  # some studies dead-lettered
-        assert run.json()["studies"] == {"created": 2, "updated": 0, "unchanged": 0, "dead": 1, "printed": 0}
+        assert run.json()["studies"] == {
+            "created": 2, "updated": 0, "unchanged": 0, "dead": 1, "pending": 0, "printed": 0
+        }
         for other in others:
             assert len(await studies_with_identifier(url, other.study_uid)) == 1
         assert len(await studies_with_identifier(url, clash.study_uid)) == 2  # untouched, never guessed

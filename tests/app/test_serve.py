@@ -491,3 +491,85 @@ async def test_wait_for_backend_stops_during_a_connect_that_hangs() -> None:
     stop.set()
     assert await asyncio.wait_for(waiting, timeout=2) is False
     assert cancelled.is_set()
+
+
+# -- Storage Commitment: a requester that never answers delays no one else's report ---------------------
+
+
+def _ask_commitment(port: int, calling_ae: str, transaction_uids: list[str]) -> list[int]:
+    """N-ACTION requests from ``calling_ae`` (without the SCP role: reports come on a new association)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    from tests.sources.dimse.test_commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+    from tests.sources.dimse.test_commitment import _request as action_information
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="INGEST")
+    assert assoc.is_established
+    try:
+        statuses = []
+        for uid in transaction_uids:
+            status, _ = assoc.send_n_action(
+                action_information(uid, [("1.2.840.10008.5.1.4.1.1.2", f"{uid}.1")]), 1,
+                STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE,
+            )
+            statuses.append(int(status.Status))
+        return statuses
+    finally:
+        assoc.release()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+async def test_a_commitment_requester_that_never_answers_delays_no_other_requesters_report(
+    tmp_path: Path,
+) -> None:
+    from ingest.config import CommitmentSettings
+    from tests.relay.test_reports import Tarpit
+    from tests.sources.dimse.test_commitment import report_scp
+
+    tarpit = Tarpit()
+    dicom_port, reply_port, backend_port = free_port(), free_port(), free_port()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        listener=ListenerSettings(
+            port=dicom_port,
+            allowed_calling_aes=[
+                {"ae": "TARPIT", "host": "127.0.0.1", "port": tarpit.port},
+                {"ae": "REQUESTER", "host": "127.0.0.1", "port": reply_port},
+            ],
+            commitment=CommitmentSettings(report_timeout_s=8, retry_base_s=600, retry_max_s=600),
+        ),
+        admin=AdminSettings(enabled=False),
+        backend={"url": f"http://127.0.0.1:{backend_port}{GRAPHQL}", "timeout_s": 2, "token_env": None},
+    )
+    try:
+        with report_scp(reply_port, ae_title="REQUESTER") as reports:
+            async with serving(settings):
+                tarpitted = [f"1.2.826.0.1.3680043.10.99.{n}" for n in range(1, 7)]
+                await until(lambda: _accepts(dicom_port), 10, "the listener up")
+                assert await asyncio.to_thread(_ask_commitment, dicom_port, "TARPIT", tarpitted) == [0] * 6
+                await until(lambda: tarpit.open == 1, 5, "a report association to the tarpit")
+                started = time.monotonic()
+                assert await asyncio.to_thread(
+                    _ask_commitment, dicom_port, "REQUESTER", ["1.2.826.0.1.3680043.10.98.1"]
+                ) == [0]
+                await until(lambda: not reports.received.empty(), 5, "the other requester's report")
+                assert time.monotonic() - started < 5
+                assert tarpit.open == 1  # the tarpit still hangs, on one connection
+                event_type, info = reports.get()
+                assert event_type == 2  # its instance was never received: 0x0112
+                assert str(info.TransactionUID) == "1.2.826.0.1.3680043.10.98.1"
+            assert tarpit.most == 1
+    finally:
+        tarpit.close()

@@ -24,6 +24,14 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk storescu not installed"),
 ]
 
+
+
+@pytest.fixture(autouse=True)
+def _storescu_may_reject(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dcmtk storescu calls as STORESCU: allowed to send rejection notes (``reject = true``)."""
+    monkeypatch.setenv("INGEST_LISTENER__ALLOWED_CALLING_AES", '[{"ae": "STORESCU", "reject": true}]')
+
+
 QUERY = """{ ImagingStudyList(identifier: "urn:dicom:uid|urn:oid:%s", _count: 5) {
   id status description numberOfSeries numberOfInstances series { uid instance { uid } } } }"""
 

@@ -56,3 +56,81 @@ async def test_token_env_without_a_value_does_not_start_an_open_backend(
     with pytest.raises(ConfigError):
         async with embedded_backend(_settings(tmp_path, variable), port=0):
             pass
+
+
+def test_mado_extensions_follow_the_profile() -> None:
+    from ingest.config import ProfileSettings
+
+    assert not mapping_options(Settings()).mado_extensions  # base
+    assert not mapping_options(Settings(profile=ProfileSettings(name="smart-imaging"))).mado_extensions
+    assert mapping_options(Settings(profile=ProfileSettings(name="mado"))).mado_extensions
+    assert mapping_options(Settings(), profile="mado").mado_extensions  # replay --dry-run --bundle mado
+
+
+# -- [mapping] site_timezone unset: the machine's time zone ------------------------------------------------
+
+
+def _write_instance(path: Path, uid: str, study_date: str, offset: str | None = None) -> None:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = f"{uid}.1.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = uid
+    ds.SeriesInstanceUID = f"{uid}.1"
+    ds.Modality = "CT"
+    ds.PatientID = "TZ-1"
+    ds.StudyDate = study_date
+    ds.StudyTime = "083000"
+    if offset is not None:
+        ds.TimezoneOffsetFromUTC = offset
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _dry_run_started(tmp_path: Path, tz: str, *extra: str) -> dict[str, str]:
+    """``ingest replay --dry-run`` in a subprocess with ``TZ`` set: Study Instance UID -> ``started``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    _write_instance(folder / "winter.dcm", "1.2.826.0.1.3680043.8.498.801", "20240115")
+    _write_instance(folder / "summer.dcm", "1.2.826.0.1.3680043.8.498.802", "20240715")
+    _write_instance(folder / "tagged.dcm", "1.2.826.0.1.3680043.8.498.803", "20240115", offset="+0900")
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")} | {"TZ": tz}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingest", "-q", *extra, "--data-dir", str(tmp_path / "data"), "replay",
+         "--dry-run", "--jobs", "1", str(folder)],
+        cwd=work, env=env, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr
+    studies = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return {s["identifier"][0]["value"].removeprefix("urn:oid:"): s.get("started") for s in studies}
+
+
+def test_without_site_timezone_times_are_in_the_machines_zone(tmp_path: Path) -> None:
+    started = _dry_run_started(tmp_path, "America/New_York")
+    assert started == {
+        "1.2.826.0.1.3680043.8.498.801": "2024-01-15T08:30:00-05:00",  # EST
+        "1.2.826.0.1.3680043.8.498.802": "2024-07-15T08:30:00-04:00",  # EDT: the offset of that date
+        "1.2.826.0.1.3680043.8.498.803": "2024-01-15T08:30:00+09:00",  # (0008,0201) wins
+    }
+
+
+def test_an_explicit_site_timezone_wins_over_the_machines(tmp_path: Path) -> None:
+    config = tmp_path / "ingest.toml"
+    config.write_text('[mapping]\nsite_timezone = "Europe/Berlin"\n')
+    started = _dry_run_started(tmp_path, "America/New_York", "--config", str(config))
+    assert started["1.2.826.0.1.3680043.8.498.801"] == "2024-01-15T08:30:00+01:00"
+    assert started["1.2.826.0.1.3680043.8.498.802"] == "2024-07-15T08:30:00+02:00"

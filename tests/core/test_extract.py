@@ -415,7 +415,65 @@ def test_every_record_field_comes_from_the_table() -> None:
         "patient_id_issuer_uid_type",  # items of the sequences in the table
         "accession_issuer_uid_type",
         "accession_issuer_local",
+        "admission_issuer_uid_type",
+        "admission_issuer_local",
         "concept_code",  # (0040,A043) as a code, the same sequence as concept_name
         "rejected_for",  # state the store sets on read, not a header value
     }
     assert fields == expected
+
+
+# ------------------------------------------------- the order, the visit and the referrer's identifiers
+
+
+def _ordered_instance() -> bytes:
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4.1", "1.2.3.4", "1.2.3.4.2"
+    ds.AccessionNumber = "A-1"
+    ds.AdmissionID = "V-77"  # (0038,0010)
+    issuer = Dataset()
+    issuer.UniversalEntityID, issuer.UniversalEntityIDType = "1.2.3.999", "ISO"
+    ds.IssuerOfAdmissionIDSequence = DicomSequence([issuer])  # (0038,0014)
+    first, empty, second = Dataset(), Dataset(), Dataset()
+    first.AccessionNumber, first.RequestedProcedureID = "A-1", "RP-1"
+    first.PlacerOrderNumberImagingServiceRequest = "PL-1"  # (0040,2016)
+    second.FillerOrderNumberImagingServiceRequest = "FI-2"  # (0040,2017)
+    ds.RequestAttributesSequence = DicomSequence([first, empty, second])  # (0040,0275)
+    person, code = Dataset(), Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "NPI-9", "L"
+    person.PersonIdentificationCodeSequence = DicomSequence([code])  # (0040,1101)
+    ds.ReferringPhysicianIdentificationSequence = DicomSequence([person])  # (0008,0096)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_order_visit_and_referrer_identifiers_are_read_the_same_by_both_readers() -> None:
+    import io
+
+    import pydicom
+
+    from ingest.adapters.dicomfile import read_header_bytes
+    from ingest.core.records import Code, OrderReference
+
+    data = _ordered_instance()
+    fast = read_header_bytes(data, source="t").record
+    slow = extract(pydicom.dcmread(io.BytesIO(data)))
+    for record in (fast, slow):
+        assert record.admission_id == "V-77"
+        assert (record.admission_issuer_uid, record.admission_issuer_uid_type) == ("1.2.3.999", "ISO")
+        assert record.requests == (  # the item naming nothing is left out
+            OrderReference(accession_number="A-1", requested_procedure_id="RP-1", placer_order_number="PL-1"),
+            OrderReference(filler_order_number="FI-2"),
+        )
+        assert record.referrer_ids == (Code(designator="L", value="NPI-9"),)
+        assert record.warnings == ()

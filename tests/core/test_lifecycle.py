@@ -67,9 +67,11 @@ def test_anything_else_is_an_ordinary_instance(record: InstanceRecord) -> None:
 
 def test_a_note_rejects_each_instance_its_evidence_names_but_never_itself() -> None:
     record = kos("9.1", "113001", [(S1, "1.1"), (S2, "2.1"), (f"{STUDY}.99", "9.1")])
+    # the note has no Patient ID: its rejections cover only instances without one either
+    no_patient = '["", "", ""]'
     assert note_rejections(record) == (
-        Rejection(STUDY, S1, "1.1", "113001", "9.1"),
-        Rejection(STUDY, S2, "2.1", "113001", "9.1"),
+        Rejection(STUDY, S1, "1.1", "113001", "9.1", no_patient),
+        Rejection(STUDY, S2, "2.1", "113001", "9.1", no_patient),
     )
 
 

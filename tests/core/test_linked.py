@@ -201,6 +201,15 @@ def test_endpoint_resource_shape() -> None:
     assert no_token["extension"][0]["valueBoolean"] is False
 
 
+def test_endpoint_outside_the_mado_profile_has_no_mado_extension() -> None:
+    endpoint = endpoint_resource(WADO, mado=False)
+    assert endpoint["extension"] == [
+        {"url": "http://fhir.org/argonaut/smart-imaging/StructureDefinition/requires-access-token",
+         "valueBoolean": True},
+    ]
+    assert "MADO" not in str(endpoint)
+
+
 def test_linked_resources_validate_with_fhir_resources_r4b() -> None:
     """The Endpoint, Device and Organization pass an independent R4(B) implementation."""
     from fhir.resources.R4B.device import Device

@@ -243,9 +243,28 @@ def test_subject_without_patient_id_has_display_only_and_a_warning() -> None:
     assert any("0010,0020" in w for w in warnings)
 
 
-def test_subject_without_anything_is_still_valid() -> None:
-    resource, _ = build([rec("1", "1", patient_id=None, patient_name=None)])
-    assert resource["subject"] == {"type": "Patient"}
+def test_subject_without_a_patient_id_or_name_says_the_patient_is_unknown() -> None:
+    # never an empty reference: R4's 1..1 subject carries the Data Absent Reason extension instead
+    resource, warnings = build([rec("1", "1", patient_id=None, patient_name=None)])
+    assert resource["subject"] == {
+        "extension": [
+            {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+        ],
+        "type": "Patient",
+    }
+    assert any("0010,0020" in w and "0010,0010" in w and "data-absent-reason" in w for w in warnings)
+    assert not any("Müller" in w or PATIENT_ID in w for w in warnings)
+
+
+def test_private_coding_scheme_keeps_code_and_display_without_an_invented_system() -> None:
+    private = Code(designator="99MKC", value="CTCHEST", meaning="CT chest w/o contrast", version="2")
+    resource, _ = build(
+        [rec("1", "1", procedure_codes=(private,), reason_codes=(private,), reason_text=None)]
+    )
+    coding = {"code": "CTCHEST", "display": "CT chest w/o contrast"}  # no system, so no version either
+    assert resource["procedureCode"] == [{"coding": [coding], "text": "CT chest w/o contrast"}]
+    assert resource["reasonCode"] == [{"coding": [coding]}]
+    assert "urn:dicom:csd" not in json.dumps(resource)
 
 
 @pytest.mark.parametrize(
@@ -580,3 +599,47 @@ def test_control_characters_are_dropped_from_codes_and_people() -> None:
     assert resource["series"][0]["performer"][0]["actor"] == {"display": "Paula Perf"}
     assert resource["interpreter"] == [{"display": "$B"}]
     assert resource["reasonCode"] == [{"text": "31m"}]
+
+
+# ------------------------------------------------------- basedOn and encounter (docs/mapping.md)
+
+V2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+
+
+def test_based_on_names_each_order_identifier_once_logically() -> None:
+    from ingest.core.records import OrderReference
+
+    request = OrderReference(accession_number="ACC-1", placer_order_number="PL-1",
+                             filler_order_number="FI-1", requested_procedure_id="RP-1")
+    records = [rec("1", "1", accession_number="ACC-1", accession_issuer_uid="1.2.3",
+                   accession_issuer_uid_type="ISO", requests=(request,)),
+               rec("1", "2", accession_number="ACC-1", accession_issuer_uid="1.2.3",
+                   accession_issuer_uid_type="ISO", requests=(request,))]
+    resource, _ = build(records)
+    acsn = {"coding": [{"system": V2, "code": "ACSN", "display": "Accession ID"},
+                       {"system": DCM, "code": "121022", "display": "Accession Number"}]}
+    assert resource["basedOn"] == [
+        # the accession with its issuer; the same accession without one (in the request item) is that order
+        {"type": "ServiceRequest",
+         "identifier": {"type": acsn, "system": "urn:oid:1.2.3", "value": "ACC-1"}},
+        {"type": "ServiceRequest", "identifier": {
+            "type": {"coding": [{"system": V2, "code": "PLAC", "display": "Placer Identifier"}]},
+            "value": "PL-1"}},
+        {"type": "ServiceRequest", "identifier": {
+            "type": {"coding": [{"system": V2, "code": "FILL", "display": "Filler Identifier"}]},
+            "value": "FI-1"}},
+        {"type": "ServiceRequest",
+         "identifier": {"type": {"text": "Requested Procedure ID"}, "value": "RP-1"}},
+    ]
+    assert "basedOn" not in build(records, based_on="off")[0]
+
+
+def test_encounter_from_the_admission_id_only_when_asked() -> None:
+    records = [rec("1", "1", admission_id="V-9", admission_issuer_uid="1.2.3.4",
+                   admission_issuer_uid_type="ISO")]
+    assert "encounter" not in build(records)[0]  # [links] encounter defaults to "off"
+    resource, _ = build(records, encounter="logical")
+    assert resource["encounter"] == {"type": "Encounter", "identifier": {
+        "type": {"coding": [{"system": V2, "code": "VN", "display": "Visit number"}]},
+        "system": "urn:oid:1.2.3.4", "value": "V-9"}}
+    assert "encounter" not in build([rec("1", "1")], encounter="logical")[0]

@@ -223,11 +223,18 @@ def test_without_instance_lists_our_counts_are_kept() -> None:
 
 
 def test_endpoint_only_replaced_when_ours_has_one() -> None:
+    from ingest.core.merge import Written
+
     backend = stored(ours({"1": [1]}), backend_id="b")
     backend["endpoint"] = [{"reference": "Endpoint/theirs"}]
     assert merge(ours({"1": [1]}), backend)["endpoint"] == [{"reference": "Endpoint/theirs"}]
     mine = ours({"1": [1]}, endpoint=[{"reference": "Endpoint/ours"}])
-    assert merge(mine, backend)["endpoint"] == [{"reference": "Endpoint/ours"}]
+    # without a record of the last write, nothing says Endpoint/theirs was ingest's: it stays beside ours
+    both = [{"reference": "Endpoint/ours"}, {"reference": "Endpoint/theirs"}]
+    assert merge(mine, backend)["endpoint"] == both
+    # ingest wrote Endpoint/theirs last time (the configured URL changed since): replaced
+    was = Written(ours=backend, subject=backend["subject"])
+    assert merge(mine, backend, before=was)["endpoint"] == [{"reference": "Endpoint/ours"}]
 
 
 def test_merge_does_not_modify_its_inputs() -> None:
@@ -376,6 +383,22 @@ def _subjects(pid: str) -> dict[str, Any]:
     return {"type": "Patient", "identifier": {"system": "urn:oid:1.2.3", "value": pid}, "display": "Jane Doe"}
 
 
+def test_a_subject_without_a_patient_id_never_replaces_one_that_names_the_patient() -> None:
+    from ingest.core.merge import Written
+
+    absent = {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}
+    unknown = {"type": "Patient", "extension": [absent]}
+    theirs = stored(ours({"1": [1]}, subject=_subjects("PID-7")))  # another writer named the patient
+    named_only = {"type": "Patient", "display": "J"}
+    for mine in (ours({"1": [1]}, subject=unknown), ours({"1": [1]}, subject=named_only)):
+        assert check(merge(mine, theirs))["subject"] == _subjects("PID-7")
+        was = Written(ours=ours({"1": [1]}), subject=ours({"1": [1]})["subject"])  # PID-1 written before
+        decision = plan(mine, BackendStudy(id="bk-1", version_id="2", resource=theirs), before=was)
+        assert isinstance(decision, NoChange)  # neither refused nor overwritten
+    # with nothing on the backend copy, ours is written as it is
+    assert merge(ours({"1": [1]}, subject=unknown), None)["subject"] == unknown
+
+
 def test_a_changed_patient_id_moves_the_subject() -> None:
     from ingest.core.merge import Written
 
@@ -406,3 +429,112 @@ def test_a_changed_patient_id_after_another_writer_changed_the_subject_is_refuse
         before=Written(ours=before, subject=before["subject"]),
     )
     assert isinstance(same, NoChange)
+
+
+# -- no record of the last write (fresh data dir, another node, lost state) ----------------------------------
+
+
+def test_without_a_record_another_writers_interpreter_stays_when_ours_has_none() -> None:
+    # another writer linked the reader to a contained Practitioner; the DICOM names no reading physician
+    theirs = stored(ours({"1": [1]}))
+    theirs["contained"] = [{"resourceType": "Practitioner", "id": "p1", "name": [{"family": "Reader"}]}]
+    theirs["interpreter"] = [{"reference": "#p1"}]
+    now = ours({"1": [1]})
+    assert "interpreter" not in now
+    merged = check(merge(now, theirs))
+    assert merged["interpreter"] == [{"reference": "#p1"}]
+    assert merged["contained"] == theirs["contained"]
+    decision = plan(now, BackendStudy(id="bk-1", version_id="1", resource=theirs))
+    assert isinstance(decision, NoChange)  # nothing of ours differs: nothing to write
+
+
+def test_without_a_record_every_owned_value_ours_does_not_produce_is_kept() -> None:
+    theirs = stored(ours({"1": [1, 2], "7": [1]}))
+    theirs["referrer"] = {"display": "Dr Referrer"}
+    theirs["interpreter"] = [{"display": "Dr Other"}]
+    theirs["reasonCode"] = [{"text": "follow-up"}]
+    theirs["procedureCode"] = [{"coding": [{"system": "http://loinc.org", "code": "24590-2"}]}]
+    theirs["note"] = [{"text": "reviewed"}]
+    theirs["basedOn"] = [{"reference": "ServiceRequest/sr-1"}]
+    theirs["modality"].append({"system": DCM, "code": "PT"})
+    theirs["series"][0]["bodySite"] = {"system": "http://snomed.info/sct", "code": "69536005"}
+    theirs["series"][0]["performer"] = [{"actor": {"display": "Tech T"}}]
+    theirs["series"][0]["instance"][0]["title"] = "their title"
+    theirs["series"][0]["instance"].append(
+        {"uid": f"{STUDY}.1.99", "sopClass": {"code": MR_STORAGE}, "number": 99}
+    )
+    now = ours({"1": [1, 2]}, interpreter=[{"display": "Dr Ours"}])
+    now.pop("description")
+
+    merged = check(merge(now, theirs))
+
+    assert merged["description"] == "MR HEAD"  # ingest may have written it, but nothing says so: kept
+    assert merged["referrer"] == {"display": "Dr Referrer"}
+    assert merged["interpreter"] == [{"display": "Dr Ours"}, {"display": "Dr Other"}]
+    assert merged["reasonCode"] == theirs["reasonCode"]
+    assert merged["procedureCode"] == theirs["procedureCode"]
+    assert merged["note"] == [{"text": "reviewed"}]
+    assert merged["basedOn"] == [{"reference": "ServiceRequest/sr-1"}]
+    assert [c["code"] for c in merged["modality"]] == ["MR", "PT"]
+    assert series_uids(merged) == [f"{STUDY}.1", f"{STUDY}.7"]  # a series ingest does not know
+    first = merged["series"][0]
+    assert first["bodySite"]["code"] == "69536005"
+    assert first["performer"] == [{"actor": {"display": "Tech T"}}]
+    assert first["instance"][0]["title"] == "their title"
+    assert instance_uids(merged, f"{STUDY}.1") == [f"{STUDY}.1.1", f"{STUDY}.1.2", f"{STUDY}.1.99"]
+    assert first["numberOfInstances"] == 3
+    assert merged["numberOfInstances"] == 4
+
+
+def test_with_a_record_an_item_added_to_a_list_ingest_never_wrote_stays() -> None:
+    from ingest.core.merge import Written
+
+    # ingest wrote no interpreter last time; since then another writer added one, and today's DICOM names
+    # a reading physician: both are kept
+    before = ours({"1": [1]})
+    theirs = stored(copy.deepcopy(before))
+    theirs["interpreter"] = [{"display": "Dr Other"}]
+    now = ours({"1": [1]}, interpreter=[{"display": "Dr Ours"}])
+    merged = check(merge(now, theirs, before=Written(ours=before, subject=before["subject"])))
+    assert merged["interpreter"] == [{"display": "Dr Ours"}, {"display": "Dr Other"}]
+
+
+# ----------------------------------------------------------- basedOn / encounter (references)
+
+def _logical(value: str) -> dict[str, Any]:
+    return {"type": "ServiceRequest", "identifier": {"type": {"coding": [{"code": "ACSN"}]}, "value": value}}
+
+
+def test_our_logical_order_becomes_literal_and_another_writers_order_stays() -> None:
+    from ingest.core.merge import Written
+
+    before = ours({"1": [1]}, basedOn=[_logical("A-1")])
+    theirs = stored({**before, "basedOn": [_logical("A-1"), {"reference": "ServiceRequest/foreign"}]})
+    now = ours({"1": [1]}, basedOn=[{**_logical("A-1"), "reference": "ServiceRequest/sr-1"}])
+    merged = merge(now, theirs, before=Written(ours=before, subject=before.get("subject")))
+    assert merged["basedOn"] == [{**_logical("A-1"), "reference": "ServiceRequest/sr-1"},
+                                 {"reference": "ServiceRequest/foreign"}]
+    # without a record: our earlier logical reference names the same order as today's literal one
+    merged = merge(now, theirs)
+    assert merged["basedOn"] == [{**_logical("A-1"), "reference": "ServiceRequest/sr-1"},
+                                 {"reference": "ServiceRequest/foreign"}]
+
+
+def test_a_literal_order_someone_linked_is_never_downgraded_to_our_logical_one() -> None:
+    theirs = stored(ours({"1": [1]}, basedOn=[{**_logical("A-1"), "reference": "ServiceRequest/x"}]))
+    merged = merge(ours({"1": [1]}, basedOn=[_logical("A-1")]), theirs)
+    assert merged["basedOn"] == [{**_logical("A-1"), "reference": "ServiceRequest/x"}]
+
+
+def test_another_writers_encounter_is_kept_ours_replaces_our_own() -> None:
+    from ingest.core.merge import Written
+
+    ours_visit = {"type": "Encounter", "identifier": {"value": "V-1"}}
+    theirs = stored(ours({"1": [1]}, encounter={"reference": "Encounter/other"}))
+    assert merge(ours({"1": [1]}, encounter=ours_visit), theirs)["encounter"] == {
+        "reference": "Encounter/other"}
+    before = ours({"1": [1]}, encounter=ours_visit)
+    linked = {**ours_visit, "reference": "Encounter/e-1"}
+    merged = merge(ours({"1": [1]}, encounter=linked), stored(before),
+                   before=Written(ours=before, subject=before.get("subject")))
+    assert merged["encounter"] == linked

@@ -218,7 +218,7 @@ def test_smart_imaging_needs_an_endpoint_and_a_modality() -> None:
 
 
 def test_number_of_frames_is_the_mado_extension() -> None:
-    resource, _ = mapped(study_records())
+    resource, _ = mapped(study_records(), mado_extensions=True)
     instances = {i["uid"]: i for s in resource["series"] for i in s["instance"]}
     multi = instances[f"{STUDY}.2.1"]
     assert multi["extension"] == [{"url": FRAMES_URL, "valueInteger": 8}]
@@ -230,6 +230,25 @@ def test_number_of_frames_is_the_mado_extension() -> None:
     }
 
 
+def test_mado_extensions_are_written_under_the_mado_profile_only() -> None:
+    # base / smart-imaging (mado_extensions=False, the default): the titles stay, no MADO extension
+    title = Code(designator="DCM", value="113000", meaning="Of Interest")
+    records = [
+        *study_records(),
+        rec("8", "1", modality="KO", sop_class_uid=KOS, concept_name="Of Interest", concept_code=title),
+    ]
+    resource, _ = mapped(records)
+    instances = {i["uid"]: i for s in resource["series"] for i in s["instance"]}
+    assert instances[f"{STUDY}.8.1"]["title"] == "Of Interest"
+    assert all("extension" not in i for i in instances.values())
+    for profile in ("base", "smart-imaging"):
+        applied, _ = apply_profile(resource, profile, SeriesEndpoints(study="Endpoint/e1"))
+        assert "Mado" not in str(applied)
+    mado, _ = mapped(records, mado_extensions=True)
+    urls = {e["url"] for s in mado["series"] for i in s["instance"] for e in i.get("extension", [])}
+    assert urls == {FRAMES_URL, KO_TITLE_URL}
+
+
 def test_kos_and_sr_titles_and_the_ko_document_title_extension() -> None:
     title = Code(designator="DCM", value="113000", meaning="Of Interest")
     records = [
@@ -238,7 +257,7 @@ def test_kos_and_sr_titles_and_the_ko_document_title_extension() -> None:
         rec("8", "1", modality="KO", sop_class_uid=KOS, concept_name="Of Interest", concept_code=title),
         rec("8", "2", modality="KO", sop_class_uid=KOS, concept_name="Of Interest", concept_code=title),
     ]
-    resource, _ = mapped(records)
+    resource, _ = mapped(records, mado_extensions=True)
     instances = {i["uid"]: i for s in resource["series"] for i in s["instance"]}
     assert instances[f"{STUDY}.9.1"]["title"] == "Imaging Report"  # (0040,A043) code meaning
     assert "extension" not in instances[f"{STUDY}.9.1"]

@@ -122,12 +122,16 @@ def test_laterality_without_code(value: str | None) -> None:
         ("I10", "http://hl7.org/fhir/sid/icd-10"),
         ("ICD10", "http://hl7.org/fhir/sid/icd-10"),
         (" LN ", "http://loinc.org"),
-        ("99LOCAL", "urn:dicom:csd:99LOCAL"),
-        ("99 MY/CODES", "urn:dicom:csd:99%20MY%2FCODES"),
     ],
 )
 def test_coding_system(designator: str, uri: str) -> None:
     assert coding_system(designator) == uri
+
+
+@pytest.mark.parametrize("designator", ["99MKC", "99LOCAL", "99 MY/CODES", "L", "ACME"])
+def test_a_designator_without_a_known_uri_gives_no_system(designator: str) -> None:
+    # no URI is invented for a private or local coding scheme (docs/mapping.md "Private coding schemes")
+    assert coding_system(designator) is None
 
 
 def test_coding_system_empty() -> None:

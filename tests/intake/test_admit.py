@@ -152,3 +152,17 @@ def test_store_failure_removes_every_spool_copy_and_raises(
 def test_empty_batch_does_nothing(parts: Parts) -> None:
     assert parts.admission.admit([]) == []
     assert parts.wakes == 0
+
+
+def test_reject_and_replace_are_granted_per_ae_title_only_when_every_entry_says_so() -> None:
+    from ingest.config import CallingAE
+    from ingest.intake.admit import granted
+
+    entries = [
+        CallingAE(ae="ONE", host="10.0.0.1", reject=True),
+        CallingAE(ae="ONE", host="10.0.0.2"),  # the same title from another host, without reject
+        CallingAE(ae="TWO", reject=True, replace=True),
+        CallingAE(ae="THREE"),
+    ]
+    assert granted(entries, "reject") == {"TWO"}
+    assert granted(entries, "replace") == {"TWO"}

@@ -4,7 +4,7 @@ rejections, and ``[intake] on_conflict = "replace"``. Real SQLite store, spool a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import pytest
 from ingest.adapters.dicomfile import read_header_bytes
 from ingest.adapters.spool import Quarantine, Spool
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.config import CallingAE
 from ingest.intake.admit import Admission, Candidate
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome
@@ -23,7 +24,9 @@ SERIES = f"{STUDY}.1"
 
 
 class Parts:
-    def __init__(self, tmp_path: Path, on_conflict: str) -> None:
+    def __init__(
+        self, tmp_path: Path, on_conflict: str, senders: tuple[CallingAE, ...] | None = None
+    ) -> None:
         self.store = SQLiteStateStore(tmp_path / "state.sqlite3", node="test")
         self.spool = Spool(tmp_path / "spool")
         self.quarantine = Quarantine(tmp_path / "quarantine")
@@ -32,15 +35,19 @@ class Parts:
         self.admission = Admission(
             self.store, spool=self.spool, quarantine=self.quarantine, metrics=self.metrics,
             stable_age_s=30, wake=self.wake, clock=lambda: T0, label="dimse", on_conflict=on_conflict,
+            senders=(CallingAE(ae="MOD", reject=True),) if senders is None else senders,
         )
 
     def wake(self) -> None:
         self.wakes += 1
 
-    def candidate(self, data: bytes) -> Candidate:
+    def candidate(self, data: bytes, ae: str = "MOD") -> Candidate:
         parsed = read_header_bytes(data, source="test")
         kept = self.spool.write(data)
-        return Candidate(parsed.record, parsed.digest, "dimse:MOD", spool_name=kept.name, body=data)
+        return Candidate(parsed.record, parsed.digest, f"dimse:{ae}", spool_name=kept.name, body=data)
+
+    def hold(self, *sops: str, until: datetime) -> None:
+        assert self.store.hold_bytes(sops, until=until) == len(sops)
 
     def counter(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
@@ -143,3 +150,156 @@ def test_a_replaced_version_of_a_patient_safety_rejection_loses_its_bytes_too(re
     assert admitted.rule == "replaced"
     assert newer.spool_name not in replacing.spool.names()  # still rejected: its bytes go as well
     assert [r.rejected_for for r in replacing.store.instances(STUDY) if r.sop_uid == sop] == ["113037"]
+
+
+# -- who may reject and replace ------------------------------------------------------------------------
+
+OTHER = "1.2.826.0.1.3680043.2.1125.92"  # another study, of another patient
+
+
+@pytest.fixture
+def two_senders(tmp_path: Path) -> Iterator[Parts]:
+    """AE ``A`` sends images; ``B`` may send rejections; ``C`` may replace; ``MOD`` may do neither."""
+    p = Parts(tmp_path, "replace", senders=(
+        CallingAE(ae="A"), CallingAE(ae="B", reject=True), CallingAE(ae="C", replace=True),
+        CallingAE(ae="MOD"),
+    ))
+    try:
+        yield p
+    finally:
+        p.store.close()
+
+
+def _quarantined(parts: Parts, name: str | None) -> tuple[object, object]:
+    assert name is not None and parts.quarantine.holds(name)
+    side = parts.quarantine.reason(name)
+    return side["reason"], side["rule"]
+
+
+def test_a_note_from_an_ae_without_reject_is_quarantined_and_rejects_nothing(two_senders: Parts) -> None:
+    p = two_senders
+    p.admission.admit([p.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.1"), ae="A")])
+    note = p.candidate(iocm.note(STUDY, [(SERIES, f"{SERIES}.1")], code="113037"), ae="MOD")
+    (admitted,) = p.admission.admit([note])
+    assert admitted.outcome is AddOutcome.CONFLICT and admitted.rule == "rejection_not_allowed"
+    assert _quarantined(p, admitted.quarantined) == ("rejection_not_allowed", "rejection_not_allowed")
+    assert p.counter("ingest_instances_rejected_total", reason="rejection_not_allowed") == 1
+    assert [(r.sop_uid, r.rejected_for) for r in p.store.instances(STUDY)] == [(f"{SERIES}.1", None)]
+    assert note.spool_name not in p.spool.names() and len(p.spool.names()) == 1
+
+
+def test_a_note_naming_another_patients_study_is_quarantined(two_senders: Parts) -> None:
+    p = two_senders
+    p.admission.admit([p.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.1"), ae="A")])
+    # B may reject, but its note (its own study, another Patient ID) names study A's instance
+    note = iocm.note(OTHER, [(SERIES, f"{SERIES}.1")], code="113037", evidence_study=STUDY, PatientID="P-B")
+    (admitted,) = p.admission.admit([p.candidate(note, ae="B")])
+    assert admitted.rule == "rejection_patient_mismatch"
+    assert _quarantined(p, admitted.quarantined)[0] == "rejection_patient_mismatch"
+    assert [r.rejected_for for r in p.store.instances(STUDY)] == [None]
+    assert p.store.instances(OTHER) == []
+    # the same note with an issuer of patient ID that differs: another patient as well
+    note = iocm.note(STUDY, [(SERIES, f"{SERIES}.1")], code="113037", IssuerOfPatientID="ELSEWHERE")
+    (admitted,) = p.admission.admit([p.candidate(note, ae="B")])
+    assert admitted.rule == "rejection_patient_mismatch"
+
+
+def test_a_note_keeps_out_only_its_own_patients_instances_arriving_later(two_senders: Parts) -> None:
+    p = two_senders
+    later = [(SERIES, f"{SERIES}.1"), (SERIES, f"{SERIES}.2")]
+    (noted,) = p.admission.admit([p.candidate(iocm.note(STUDY, later, code="113037"), ae="B")])
+    assert noted.outcome is AddOutcome.ADDED  # no instance of the study stored yet: nothing to compare
+    # another AE sends the named instances, one of them for another patient
+    same = p.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.1"), ae="A")
+    other = p.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.2", PatientID="P-OTHER"), ae="A")
+    assert [a.outcome for a in p.admission.admit([same, other])] == [AddOutcome.ADDED] * 2
+    marks = {r.sop_uid: r.rejected_for for r in p.store.instances(STUDY) if r.sop_uid.startswith(SERIES)}
+    assert marks == {f"{SERIES}.1": "113037", f"{SERIES}.2": None}
+    assert other.spool_name in p.spool.names() and same.spool_name not in p.spool.names()
+
+
+def test_a_rejection_leaves_held_bytes_until_the_hold_ends(two_senders: Parts) -> None:
+    from ingest.intake.retention import Retention
+
+    p = two_senders
+    images = [p.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.{i}", number=i), ae="A") for i in (1, 2)]
+    p.admission.admit(images)
+    hold = T0 + timedelta(days=30)
+    p.hold(f"{SERIES}.1", until=hold)  # reported committed to its sender
+    both = [(SERIES, f"{SERIES}.1"), (SERIES, f"{SERIES}.2")]
+    (admitted,) = p.admission.admit([p.candidate(iocm.note(STUDY, both, code="113037"), ae="B")])
+    assert admitted.outcome is AddOutcome.ADDED
+    # both leave the study at once; only the unheld one's bytes go now
+    assert {r.sop_uid: r.rejected_for for r in p.store.instances(STUDY) if r.sop_uid.startswith(SERIES)} == {
+        f"{SERIES}.1": "113037", f"{SERIES}.2": "113037"}
+    assert images[0].spool_name in p.spool.names() and images[1].spool_name not in p.spool.names()
+    retention = Retention(p.store, p.spool, retain=None, release_rejected=True)
+    assert retention.run_pass(hold - timedelta(seconds=1)).instances == 0
+    assert images[0].spool_name in p.spool.names()
+    assert retention.run_pass(hold).instances == 1  # the hold has ended: released, with the code as reason
+    assert images[0].spool_name not in p.spool.names()
+    with p.store._use("t") as cur:
+        row = cur.execute("SELECT bytes_removed_reason FROM instances WHERE sop_uid = ?",
+                          (f"{SERIES}.1",)).fetchone()
+    assert row[0] == "iocm:113037"
+
+
+def test_a_replacement_from_another_ae_is_refused(two_senders: Parts) -> None:
+    p = two_senders
+    sop = f"{SERIES}.1"
+    first = p.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="A"), ae="A")
+    p.admission.admit([first])
+    for ae, attrs, rule in (("MOD", {"StudyDescription": "B"}, "replace_other_sender"),
+                            ("A", {"PatientID": "P-OTHER"}, "replace_other_patient")):
+        newer = p.candidate(iocm.image(STUDY, SERIES, sop, **attrs), ae=ae)
+        (admitted,) = p.admission.admit([newer])
+        assert admitted.outcome is AddOutcome.CONFLICT and admitted.rule == rule, ae
+        assert _quarantined(p, admitted.quarantined) == ("conflict", rule)
+        assert newer.spool_name not in p.spool.names()
+    (record,) = p.store.instances(STUDY)
+    assert (record.study_description, record.patient_id) == ("A", "IOCM-0001")
+    assert p.spool.names() == [first.spool_name]
+    # the sender of the stored version may replace it (same patient)
+    again = p.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="A2"), ae="A")
+    (admitted,) = p.admission.admit([again])
+    assert admitted.rule == "replaced"
+
+
+def test_a_replace_ae_may_change_the_patient_with_a_warning_without_the_ids(
+    two_senders: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = two_senders
+    sop = f"{SERIES}.1"
+    p.admission.admit([p.candidate(iocm.image(STUDY, SERIES, sop), ae="A")])
+    caplog.set_level("INFO")
+    (admitted,) = p.admission.admit([p.candidate(iocm.image(STUDY, SERIES, sop, PatientID="P-NEW"), ae="C")])
+    assert admitted.outcome is AddOutcome.ADDED and admitted.rule == "replaced"
+    (record,) = p.store.instances(STUDY)
+    assert record.patient_id == "P-NEW"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("another patient" in w and sop in w for w in warnings), warnings
+    assert not any("P-NEW" in r.getMessage() or "IOCM-0001" in r.getMessage()
+                   for r in caplog.records if r.levelno > 10)
+
+
+def test_a_held_instance_is_replaced_only_once_its_old_bytes_are_quarantined(
+    tmp_path: Path, two_senders: Parts
+) -> None:
+    p = two_senders
+    sop = f"{SERIES}.1"
+    first = p.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="A"), ae="A")
+    p.admission.admit([first])
+    p.hold(sop, until=T0 + timedelta(days=30))
+    p.admission.quarantine = Quarantine(tmp_path / "tiny", max_bytes=10)  # no room for the old bytes
+    newer = p.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="B"), ae="A")
+    (admitted,) = p.admission.admit([newer])
+    assert admitted.outcome is AddOutcome.CONFLICT and admitted.rule == "replace_held_not_kept"
+    (record,) = p.store.instances(STUDY)
+    assert record.study_description == "A" and p.spool.names() == [first.spool_name]  # kept, as stored
+    p.admission.quarantine = p.quarantine  # room again
+    newest = p.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="C"), ae="A")
+    (admitted,) = p.admission.admit([newest])
+    assert admitted.rule == "replaced" and admitted.quarantined is not None
+    assert p.quarantine.path(admitted.quarantined).read_bytes() == first.body
+    (record,) = p.store.instances(STUDY)
+    assert record.study_description == "C"

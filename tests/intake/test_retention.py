@@ -10,6 +10,7 @@ the bytes are written; quarantine ages out on its own clock.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pydicom.data import get_testdata_file
 
 from ingest.adapters.spool import Quarantine, Spool, read_instance
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.clock import Timekeeper
 from ingest.config import (
     ListenerSettings,
     RelaySettings,
@@ -33,6 +35,7 @@ from ingest.config import (
 )
 from ingest.core.records import InstanceRecord
 from ingest.errors import ConfigError
+from ingest.intake.admit import Admission
 from ingest.intake.retention import (
     MAX_BYTES,
     MIN_FREE_BYTES,
@@ -46,6 +49,7 @@ from ingest.intake.sweep import sweep_orphans
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome
 from ingest.sources.dropfolder import open_drop_folder
+from tests.test_clock import SteppedClock
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -127,7 +131,12 @@ def test_a_crash_after_marking_leaves_an_orphan_the_start_up_sweep_removes(parts
     # the first half of release_bytes only: rows marked, process killed before the unlink
     parts.store.release_instance_bytes(["1.2.3.1"], reason="retention", now=T0)
     assert parts.spool.path(name).exists()
-    assert sweep_orphans(parts.spool, parts.store, older_than_s=0) == 1
+    # the sweep admits the file again: a duplicate of the row, whose bytes were released on purpose
+    admission = Admission(parts.store, spool=parts.spool, quarantine=parts.quarantine, metrics=None,
+                          stable_age_s=0, wake=lambda: None, label="spool", remove_spooled=False)
+    swept = sweep_orphans(parts.spool, parts.store, admission=admission, quarantine=parts.quarantine,
+                          read=lambda _: (rec("1.2.3.1"), "d-1.2.3.1"), older_than_s=0)
+    assert (swept.duplicates, swept.removed) == (1, 1)
     assert not parts.spool.path(name).exists()
 
 
@@ -209,7 +218,8 @@ async def test_run_retention_runs_passes_until_stopped(parts: Parts) -> None:
     parts.push(T0)
     retention = Retention(parts.store, parts.spool, retain=timedelta(0))
     stop = asyncio.Event()
-    task = asyncio.create_task(run_retention(retention, stop, interval_s=0.05, clock=lambda: T0 + DAY))
+    keeper = Timekeeper(SteppedClock(T0 + DAY))
+    task = asyncio.create_task(run_retention(retention, stop, interval_s=0.05, timekeeper=keeper))
     for _ in range(100):
         if not parts.spool.names():
             break
@@ -217,6 +227,27 @@ async def test_run_retention_runs_passes_until_stopped(parts: Parts) -> None:
     stop.set()
     await asyncio.wait_for(task, timeout=5)
     assert parts.spool.names() == []
+
+
+def test_a_clock_set_forward_releases_no_held_bytes_until_that_time_has_really_passed(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = parts.spooled("1.2.3.1", b"A" * 10)
+    parts.push(T0)
+    parts.store.hold_bytes(["1.2.3.1"], until=T0 + 30 * DAY)  # a Storage Commitment hold
+    retention = Retention(parts.store, parts.spool, retain=timedelta(0))  # until_pushed: only the hold
+    clock = SteppedClock(T0)
+    keeper = Timekeeper(clock)
+    clock.step(31 * DAY.total_seconds())  # set forward 31 days
+    with caplog.at_level(logging.WARNING):
+        assert retention.run_now(keeper).instances == 0
+    assert parts.spool.path(name).exists()
+    assert "wall clock is" in caplog.text and "ahead" in caplog.text
+    clock.advance(29 * DAY.total_seconds())  # 29 days have really passed: the hold still runs
+    assert retention.run_now(keeper).instances == 0
+    clock.advance(2 * DAY.total_seconds())  # 31 days have passed: the hold has ended, retention resumes
+    assert retention.run_now(keeper).instances == 1
+    assert not parts.spool.path(name).exists()
 
 
 # -- the disk budget ----------------------------------------------------------------------------------

@@ -187,6 +187,22 @@ async def test_missing_backend_support_refuses_to_start() -> None:
     assert links.link is None and links.endpoint_reference is None
 
 
+@pytest.mark.parametrize(("name", "mado"), [("base", False), ("smart-imaging", False), ("mado", True)])
+async def test_the_endpoint_carries_the_mado_extension_under_the_mado_profile_only(
+    name: str, mado: bool
+) -> None:
+    from ingest.config import ProfileSettings
+
+    backend = FakeBackend()
+    endpoint = EndpointSettings(wado_rs_url=WADO, series_wado_rs_urls={"PACS2": WADO + "/2"})
+    await prepare_links(Settings().patient, endpoint, backend, profile=ProfileSettings(name=name))
+    created = backend.resources["Endpoint"]
+    assert [e["address"] for e in created] == [WADO, WADO + "/2"]
+    for resource in created:
+        urls = [e["url"] for e in resource["extension"]]
+        assert ("MadoRetrieveLocationUIDExtension" in str(urls)) is mado, (name, urls)
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end: relay -> embedded backend
 # --------------------------------------------------------------------------------------------------

@@ -263,6 +263,28 @@ async def test_transient_failure_backs_off_with_persisted_next_attempt(
     assert len(sink.resources) == 1
 
 
+async def test_a_clock_set_back_one_hour_still_pushes_a_pending_study_and_its_retry(
+    relay: Relay, store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
+) -> None:
+    add(store, clock, settings, record(STUDY_A, 1, 1))  # due at T0 + 10 s
+    clock.advance(10)
+    sink.fail["create"].append(RetryableSinkError("HTTP 503", code=503))
+    add(store, clock, settings, record(STUDY_B, 1, 1))  # due at T0 + 20 s
+    assert await relay.run_once() == 1  # A fails: its next attempt is within max_backoff_s (30 s)
+    row = store.study(STUDY_A)
+    assert row is not None and row.next_attempt_at is not None
+    clock.advance(9)
+    clock.now -= timedelta(hours=1)  # set back one hour
+    # both due times now look an hour away, further than stable_age_s / max_backoff_s allow: due
+    assert await relay.run_once() == 2
+    assert relay.totals.results == Counter(retried=1, created=2)
+    # a study that arrives after the step waits its stable age as usual
+    add(store, clock, settings, record("1.2.826.0.1.3680043.8.498.3", 1, 1))
+    assert await relay.run_once() == 0
+    clock.advance(10)
+    assert await relay.run_once() == 1
+
+
 def test_backoff_is_full_jitter_exponential_and_capped() -> None:
     for attempt, cap in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 30.0), (20, 30.0)):
         delays = [backoff_delay(attempt, 1.0, 30.0) for _ in range(300)]
@@ -645,3 +667,26 @@ async def test_a_hanging_push_does_not_stop_the_relay_claiming_and_pushing_other
 def _state(store: SQLiteStateStore, study_uid: str) -> StudyState | None:
     row = store.study(study_uid)
     return None if row is None else row.state
+
+
+async def test_a_study_being_pushed_is_not_pushed_twice_when_the_clock_is_set_back(
+    relay: Relay, store: SQLiteStateStore, sink: FakeSink, clock: Clock, settings: Settings
+) -> None:
+    add(store, clock, settings, record(STUDY_A, 1, 1))
+    clock.advance(10)
+    entered, release = asyncio.Event(), asyncio.Event()
+    real_find = sink.find
+
+    async def slow_find(study_uid: str, backend_id: str | None) -> BackendStudy | None:
+        entered.set()
+        await release.wait()
+        return await real_find(study_uid, backend_id)
+
+    sink.find = slow_find  # type: ignore[method-assign]
+    first = asyncio.create_task(relay.run_once())
+    await asyncio.wait_for(entered.wait(), 5)
+    clock.now -= timedelta(hours=1)  # set back: the push's lease (until T0 + 70 s) now looks stale
+    assert await asyncio.wait_for(relay.run_once(), 5) == 0  # claimed again, being pushed here: dropped
+    release.set()
+    assert await asyncio.wait_for(first, 5) == 1
+    assert sink.calls["create"] == 1 and len(sink.resources) == 1

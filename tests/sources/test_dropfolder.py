@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
 import sqlite3
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +35,7 @@ from ingest.metrics import Metrics
 from ingest.relay.relay import utcnow
 from ingest.sources.dropfolder import DropFolder, StepResult, open_drop_folder, run_watcher
 from samples.generate import generate
+from tests import iocm
 
 CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 MR_SMALL = Path(str(get_testdata_file("MR_small.dcm")))
@@ -186,6 +189,108 @@ async def test_file_written_slowly_by_another_process_is_ingested_once_after_it_
         assert run.relay.wakes >= 1
 
 
+def _read_as_incomplete(run: Running) -> int:
+    """How many times the watcher read a file, found it incomplete and left it in place."""
+    return getattr(run.drop.totals, "incomplete", 0) if run.drop is not None else 0
+
+
+@pytest.mark.parametrize("cuts", [(1 / 3, 2 / 3), (100 / 39_000, 1 / 2)], ids=["thirds", "short-first"])
+async def test_file_copied_in_chunks_with_pauses_longer_than_settle_is_ingested_once_complete(
+    tmp_path: Path, cuts: tuple[float, float]
+) -> None:
+    # a slow network copy: each chunk settles (the pause is far longer than settle_ms) and reads as
+    # truncated (or, under 132 bytes, as not DICOM); the next chunk is written once the watcher has read
+    # the partial file, so every partial state is seen
+    settings = make_settings(tmp_path, settle_ms=100)
+    data = CT_SMALL.read_bytes()
+    bounds = [0, *(int(len(data) * c) for c in cuts), len(data)]
+    async with watching(settings) as run:
+        target = run.folder / "copied.dcm"
+        with target.open("wb") as fh:
+            for n, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                fh.write(data[lo:hi])
+                fh.flush()
+                if hi == len(data):
+                    break
+                await run.until(lambda n=n: _read_as_incomplete(run) > n or bool(run.quarantined()))
+                assert run.quarantined() == [], "a partial copy was quarantined"
+                assert target.exists() and target.stat().st_size == hi, "a partial copy left the folder"
+                assert run.instances() == 0
+        await run.until(lambda: run.instances() == 1 and not target.exists())
+        await run.quiet()
+        assert run.quarantined() == []
+        assert run.drop is not None and run.drop.totals.accepted == 1 and not run.drop.totals.rejected
+        assert run.spooled() == [data]
+
+
+_CHUNKED_COPY = """
+import sys, time
+src, dst, parts, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+data = open(src, "rb").read()
+step = len(data) // parts + 1
+with open(dst, "wb") as fh:
+    for i in range(0, len(data), step):
+        if i:
+            time.sleep(pause)
+        fh.write(data[i:i + step])
+        fh.flush()
+"""
+
+
+async def test_file_copied_by_another_process_in_three_chunks_with_1_5_s_pauses_is_ingested(
+    tmp_path: Path,
+) -> None:
+    # the copy's own behaviour: three chunks, 1.5 s apart (the watcher settles after 1 s, its default)
+    settings = make_settings(tmp_path, settle_ms=1000)
+    async with watching(settings) as run:
+        target = run.folder / "network-copy.dcm"
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _CHUNKED_COPY, str(CT_SMALL), str(target), "3", "1.5"]
+        )
+        try:
+            while writer.poll() is None:
+                assert run.quarantined() == [] and run.instances() == 0
+                await asyncio.sleep(0.05)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+            writer.wait()
+        assert writer.returncode == 0
+        await run.until(lambda: run.instances() == 1 and not target.exists())
+        assert run.quarantined() == []
+        assert run.spooled() == [CT_SMALL.read_bytes()]
+
+
+async def test_file_left_truncated_past_incomplete_timeout_is_quarantined_as_truncated(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, settle_ms=100, incomplete_timeout="2s")
+    data = CT_SMALL.read_bytes()
+    async with watching(settings) as run:
+        target = run.folder / "abandoned.dcm"
+        target.write_bytes(data[: len(data) // 2])  # a copy that never finishes
+        written = asyncio.get_running_loop().time()
+        await run.until(lambda: _read_as_incomplete(run) >= 1 or bool(run.quarantined()))
+        assert run.quarantined() == [] and target.exists()  # read, found incomplete, left in place
+        q = settings.data_dir / "quarantine"
+        await run.until(
+            lambda: len(run.quarantined()) == 1 and (q / f"{run.quarantined()[0]}.json").exists()
+            and not target.exists()
+        )
+        assert asyncio.get_running_loop().time() - written >= 2.0
+        side = Quarantine(q).reason(run.quarantined()[0])
+        assert side["reason"] == "truncated" and side["rule"] == "incomplete_timeout"
+        assert (q / run.quarantined()[0]).read_bytes() == data[: len(data) // 2]
+        assert run.instances() == 0
+        assert run.drop is not None and run.drop.totals.rejected == {"truncated": 1}
+
+
+def test_incomplete_timeout_must_be_a_duration() -> None:
+    with pytest.raises(ValueError, match=r"\[watch\] incomplete_timeout"):
+        WatchSettings(incomplete_timeout="soon")
+    assert WatchSettings().incomplete_timeout == "5m"
+
+
 async def test_file_renamed_into_the_folder_is_ingested_once(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     async with watching(settings) as run:
@@ -219,7 +324,7 @@ async def test_ignored_names_are_left_alone(tmp_path: Path) -> None:
 async def test_bad_files_end_in_quarantine_with_their_reason_and_the_watcher_keeps_going(
     tmp_path: Path,
 ) -> None:
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, incomplete_timeout="1s")
     data = CT_SMALL.read_bytes()
     async with watching(settings) as run:
         (run.folder / "empty.dcm").write_bytes(b"")
@@ -478,10 +583,10 @@ def test_past_the_quarantine_quota_only_a_side_file_is_written(tmp_path: Path) -
     drop, store, clock = _drop_folder(tmp_path, quarantine=QuarantineSettings(max_bytes=1000))
     try:
         small = drop.folder / "small.txt.dcm"
-        small.write_bytes(b"not dicom " * 10)  # 100 bytes: kept
+        small.write_bytes(b"not dicom " * 20)  # 200 bytes: kept
         _settle(drop, clock)
         (kept,) = [n for n in _quarantine_entries(drop) if HEX_NAME.match(n)]
-        assert (drop.quarantine.root / kept).read_bytes() == b"not dicom " * 10
+        assert (drop.quarantine.root / kept).read_bytes() == b"not dicom " * 20
         assert not small.exists()
         large = drop.folder / "large.txt.dcm"
         large.write_bytes(b"not dicom " * 200)  # 2000 bytes: over the quota
@@ -496,4 +601,58 @@ def test_past_the_quarantine_quota_only_a_side_file_is_written(tmp_path: Path) -
         assert large.exists()  # its bytes were not kept, so it is not removed
         assert drop.totals.not_kept == 1 and drop.quarantine.not_kept == 1
     finally:
+        store.close()
+
+
+def test_a_rejection_note_past_the_cap_is_quarantined_naming_the_rule(tmp_path: Path) -> None:
+    drop, store, clock = _drop_folder(tmp_path, listener=ListenerSettings(max_rejection_items=5))
+    try:
+        study = "1.2.3.4.8.1"
+        over = drop.folder / "over.dcm"
+        over.write_bytes(iocm.large_note(study, f"{study}.2", 6, sop=f"{study}.99"))
+        within = drop.folder / "within.dcm"
+        within.write_bytes(iocm.large_note(study, f"{study}.2", 5, sop=f"{study}.98"))
+        _settle(drop, clock)
+        assert drop.totals.rejected == {"too_many_references": 1} and drop.totals.accepted == 1
+        (name,) = [n for n in _quarantine_entries(drop) if HEX_NAME.match(n)]
+        side = drop.quarantine.reason(name)
+        assert side["reason"] == "too_many_references"
+        assert "max_rejection_items" in str(side["detail"]) and "more than 5 instances" in str(side["detail"])
+        assert not over.exists() and not within.exists()
+        assert [r.sop_uid for r in store.instances(study)] == [f"{study}.98"]
+    finally:
+        drop.close()
+        store.close()
+
+
+def test_a_file_that_grows_while_its_row_is_committed_is_not_deleted_but_read_again(tmp_path: Path) -> None:
+    # a copy that resumes after a pause long enough for the first part to read as a whole instance: the
+    # part is admitted, but the file is not deleted under the writer; read again, the grown file is other
+    # content for the same SOP Instance UID and is quarantined whole
+    drop, store, clock = _drop_folder(tmp_path, watch=WatchSettings(
+        folder=tmp_path / "drop", settle_ms=200, after="delete"))
+    try:
+        target = drop.folder / "copied.dcm"
+        first = CT_SMALL.read_bytes()
+        rest = struct.pack("<HH2sH", 0x7FE1, 0x0010, b"LO", 4) + b"ACME"  # a private creator after Pixel Data
+        target.write_bytes(first)
+        admit = drop.admission.admit
+
+        def admit_while_the_copy_resumes(candidates: Any) -> Any:
+            with target.open("ab") as fh:
+                fh.write(rest)
+            return admit(candidates)
+
+        drop.admission.admit = admit_while_the_copy_resumes  # type: ignore[method-assign]
+        _settle(drop, clock)
+        drop.admission.admit = admit  # type: ignore[method-assign]
+        assert drop.totals.accepted == 1
+        assert target.read_bytes() == first + rest  # not deleted under the writer
+        _settle(drop, clock)
+        assert not target.exists()
+        (name,) = [n for n in _quarantine_entries(drop) if HEX_NAME.match(n)]
+        assert (drop.quarantine.root / name).read_bytes() == first + rest
+        assert drop.quarantine.reason(name)["reason"] == "conflict"
+    finally:
+        drop.close()
         store.close()

@@ -50,6 +50,7 @@ from ingest.adapters.graphql.errors import (
     describe,
     http_error,
     map_errors,
+    request_words,
     safe_id,
     schema_names,
 )
@@ -92,7 +93,10 @@ RESOURCE_TYPE: Final = "ImagingStudy"
 SEARCH_COUNT: Final = 2  # two are enough to tell "one" from "several"
 # resources the linked-resource resolvers read and create (Device, Organization, Provenance: [profile]
 # write_linked, ingest.relay.links); a Provenance is searched by target, R4 gives it no identifier
-LINKED_TYPES: Final = ("Patient", "Endpoint", "Device", "Organization", "Provenance")
+LINKED_TYPES: Final = (
+    "Patient", "Endpoint", "Device", "Organization", "Provenance", "ServiceRequest", "Encounter",
+    "Practitioner",
+)
 _SEARCH_ARG: Final = {"Provenance": "target"}
 _PROBE: Final = parse("query IngestProbe { __typename }")
 #: Deeper reads of one resource before its read counts as incomplete (each goes DEEPER_BUDGET levels on).
@@ -293,6 +297,19 @@ class GraphQLSink:
             LOGGER.warning("the backend refused the start-up probe (continuing): %s", exc)
 
     # -- the Sink protocol ---------------------------------------------------------------------------
+
+    async def probe(self) -> None:
+        """One cheap request (``{ __typename }``): does the backend answer now? The relay asks this while
+        pushes fail, to resume as soon as the backend is back.
+
+        Raises
+        ------
+        RetryableSinkError, PermanentSinkError
+            As any request.
+        """
+        from gql import gql as parse_document
+
+        await self._execute(GraphQLRequest(parse_document("{ __typename }")), what="backend probe")
 
     async def find(self, study_uid: str, backend_id: str | None) -> BackendStudy | None:
         """The backend copy of a study: read ``backend_id`` (search if it is gone), else search.
@@ -592,9 +609,12 @@ class GraphQLSink:
         rest = self._rest
         if rest is None:
             raise PermanentSinkError(f"{what}: the backend URL names no FHIR base")
+        withhold = request_words(body)
         for attempt in (1, 2):
             sent = await self._token_now()
-            with map_errors(what, Exchange(), self._timeout_s, names=self._names, ca=self._ca):
+            with map_errors(
+                what, Exchange(), self._timeout_s, names=self._names, withhold=withhold, ca=self._ca
+            ):
                 answer = await rest.request(
                     method, path, headers={**self._headers(sent), **(headers or {})}, body=body
                 )
@@ -641,7 +661,10 @@ class GraphQLSink:
                 "it is read again", code=answer.status,
             )
         if answer.status not in (200, 201):
-            raise http_error(rest_what, answer.status, answer.body, answer.retry_after, names=self._names)
+            raise http_error(
+                rest_what, answer.status, answer.body, answer.retry_after, names=self._names,
+                withhold=request_words(body),
+            )
         found = answer.body if isinstance(answer.body, Mapping) else {}
         return self._backend_study({**body, **found}, rest_what)
 
@@ -686,6 +709,7 @@ class GraphQLSink:
 
     async def _execute(self, request: GraphQLRequest, *, what: str) -> dict[str, Any]:
         """Send one request; on HTTP 401 re-read the token once and resend at once if it changed."""
+        withhold = request_words(request.variable_values)  # what a backend message may quote back
         request = PrintedRequest(request, self._printed)
         for attempt in (1, 2):
             if self._session is None:
@@ -693,7 +717,9 @@ class GraphQLSink:
             sent = await self._token_now()
             with recording() as exchange:
                 try:
-                    with map_errors(what, exchange, self._timeout_s, names=self._names, ca=self._ca):
+                    with map_errors(
+                        what, exchange, self._timeout_s, names=self._names, withhold=withhold, ca=self._ca
+                    ):
                         result = await self._session.execute(
                             request, extra_args={"headers": self._headers(sent)}
                         )

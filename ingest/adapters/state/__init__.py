@@ -11,7 +11,7 @@ from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.errors import ConfigError
 from ingest.ports import StateStore
 
-__all__ = ["known_schema_version", "open_state_store", "stored_schema_version"]
+__all__ = ["known_schema_version", "open_state_store", "sqlite_path", "stored_schema_version"]
 
 
 def open_state_store(url: str | None, data_dir: Path, *, node: str | None = None) -> StateStore:
@@ -34,10 +34,9 @@ def open_state_store(url: str | None, data_dir: Path, *, node: str | None = None
     StoreError, StoreUnavailableError
         When the store cannot be opened.
     """
-    if url is None or url == "":
-        return SQLiteStateStore(data_dir / "state.sqlite3", node=node)
-    if url.startswith("sqlite:///"):
-        return SQLiteStateStore(Path(url.removeprefix("sqlite:///")), node=node)
+    path = sqlite_path(url, data_dir)
+    if path is not None or url is None:
+        return SQLiteStateStore(path or data_dir / "state.sqlite3", node=node)
     if url.startswith(("postgresql://", "postgres://")):
         from ingest.adapters.state.postgres import PostgresStateStore
 
@@ -76,3 +75,13 @@ def stored_schema_version(url: str | None, data_dir: Path) -> int:
         return int(lite.execute("PRAGMA user_version").fetchone()[0])
     finally:
         lite.close()
+
+
+def sqlite_path(url: str | None, data_dir: Path) -> Path | None:
+    """The SQLite database file ``[state] url`` names (``data_dir/state.sqlite3`` when unset), or ``None``
+    when the store is not SQLite."""
+    if url is None or url == "":
+        return data_dir / "state.sqlite3"
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None

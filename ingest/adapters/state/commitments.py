@@ -5,7 +5,9 @@ A request (``commitments``, one row per Transaction UID, and ``commitment_items`
 Instance pairs in request order) is committed before the N-ACTION is answered. Its result is decided
 once, by :meth:`CommitmentStore.decide_commitment`, in one transaction that also holds the committed
 instances' bytes against retention (``instances.hold_until``); later deliveries of the report send that
-same result. An instance is committed when its row is committed, its SOP Class is the one asked for, its
+same result. An instance is committed when its row is committed, the requesting AE itself sent it (its
+row's ``source`` is ``dimse:<calling AE>``: an AE learns nothing of what others sent; another AE's
+instance fails with 0x0112 exactly like one never received), its SOP Class is the one asked for, its
 bytes are held (a spool file, or an ``instance_bytes`` row) and not released (``bytes_removed_at`` unset),
 and no rejection (IOCM note or ``ingest reject``, ``ingest.adapters.state.lifecycle``) covers it. The
 others fail with their Failure Reason (0008,1197), PS3.3 C.14.1.1: 0x0112 no such object instance,
@@ -20,11 +22,13 @@ was killed).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
 from ingest.adapters.state.sql import Cursor, SQLStateStore
+from ingest.core.lifecycle import Rejection, patient_key
+from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError
 from ingest.ports import CommitmentAdded, CommitmentClaim, CommitmentReport, CommitmentRow
 
@@ -156,27 +160,42 @@ class CommitmentStore(SQLStateStore):
     # -- claims ------------------------------------------------------------------------------------------
 
     def claim_commitments(
-        self, now: datetime, limit: int, owner: str, lease_s: float
+        self,
+        now: datetime,
+        limit: int,
+        owner: str,
+        lease_s: float,
+        *,
+        stale_after: datetime | None = None,
+        exclude_aes: Collection[str] = (),
     ) -> list[CommitmentClaim]:
         """Claim up to ``limit`` pending reports whose next attempt is due, oldest first.
 
         A report leased by another owner is skipped until that lease expires; ``owner``'s own leases are
-        taken again at once.
+        taken again at once. A next attempt later than ``stale_after``, and a lease running more than
+        twice ``lease_s`` past ``now``, were set before the clock was stepped back: they count as due /
+        expired. Reports to ``exclude_aes`` are not claimed.
         """
         if limit <= 0:
             return []
         now_v = self._time(now)
         expires = self._time(now + timedelta(seconds=lease_s))
+        far = now + timedelta(days=365_000)  # without stale_after: never
+        stale_v = self._time(stale_after if stale_after is not None else far)
+        lease_stale_v = self._time(now + timedelta(seconds=2 * lease_s) if stale_after is not None else far)
+        excluded = sorted(set(exclude_aes))
+        not_in = f"AND calling_ae NOT IN ({', '.join(['?'] * len(excluded))}) " if excluded else ""
         with self._write("claim_commitments") as cur:
             rows = cur.execute(
                 self._q(
                     "SELECT transaction_uid, calling_ae, received_at, attempts FROM commitments "
-                    "WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+                    "WHERE state = 'pending' "
+                    "AND (next_attempt_at IS NULL OR next_attempt_at <= ? OR next_attempt_at > ?) "
                     "AND (lease_owner IS NULL OR lease_owner = ? OR lease_expires IS NULL "
-                    "OR lease_expires <= ?) "
+                    "OR lease_expires <= ? OR lease_expires > ?) " + not_in +
                     "ORDER BY next_attempt_at, received_at, transaction_uid LIMIT ?" + self._CLAIM_LOCK
                 ),
-                (now_v, owner, now_v, limit),
+                (now_v, stale_v, owner, now_v, lease_stale_v, *excluded, limit),
             ).fetchall()
             if rows:
                 cur.executemany(
@@ -244,12 +263,20 @@ class CommitmentStore(SQLStateStore):
             (transaction_uid,),
         ).fetchall()
         wanted = sorted({str(i[2]) for i in items})
+        calling = cur.execute(
+            self._q("SELECT calling_ae FROM commitments WHERE transaction_uid = ?"), (transaction_uid,)
+        ).fetchone()
+        own = f"dimse:{calling[0]}" if calling is not None else None
         classes: dict[str, str] = {}
         for start in range(0, len(wanted), _IN_CHUNK):
             chunk = wanted[start : start + _IN_CHUNK]
             marks = ", ".join(["?"] * len(chunk))
+            # only the requester's own instances: another AE's are "no such object instance"
             for sop_uid, record_json in cur.execute(
-                self._q(f"SELECT sop_uid, record_json FROM instances WHERE sop_uid IN ({marks})"), chunk
+                self._q(
+                    f"SELECT sop_uid, record_json FROM instances WHERE sop_uid IN ({marks}) AND source = ?"
+                ),
+                [*chunk, own],
             ).fetchall():
                 classes[str(sop_uid)] = _sop_class_of(record_json)
         # the instances asked for under their own class; of those, the ones whose bytes are held now get
@@ -300,22 +327,31 @@ class CommitmentStore(SQLStateStore):
 
     def _rejected_among(self, cur: Cursor, sop_uids: Sequence[str]) -> set[str]:
         """Which of ``sop_uids`` a rejection covers (``rejections``, ``ingest.adapters.state.lifecycle``:
-        the instance itself, its series or its study). They are never committed: ingest keeps them out
-        of the ImagingStudy and may remove their bytes on its own."""
+        the instance itself, its series or its study; a note's only of its own patient). They are never
+        committed: ingest keeps them out of the ImagingStudy and may remove their bytes on its own."""
         found: set[str] = set()
         for start in range(0, len(sop_uids), _IN_CHUNK):
             chunk = list(sop_uids[start : start + _IN_CHUNK])
             marks = ", ".join(["?"] * len(chunk))
             rows = cur.execute(
                 self._q(
-                    "SELECT i.sop_uid FROM instances i WHERE i.sop_uid IN ("
-                    f"{marks}) AND EXISTS (SELECT 1 FROM rejections r WHERE r.study_uid = i.study_uid "
+                    "SELECT i.sop_uid, i.record_json, r.study_uid, r.series_uid, r.sop_uid, r.code, "
+                    "r.note_uid, n.record_json FROM instances i "
+                    "JOIN rejections r ON r.study_uid = i.study_uid "
                     "AND (r.series_uid = '' OR r.series_uid = i.series_uid) "
-                    "AND (r.sop_uid = '' OR r.sop_uid = i.sop_uid))"
+                    "AND (r.sop_uid = '' OR r.sop_uid = i.sop_uid) "
+                    "LEFT JOIN instances n ON n.sop_uid = r.note_uid AND r.note_uid <> '' "
+                    f"WHERE i.sop_uid IN ({marks})"
                 ),
                 chunk,
             ).fetchall()
-            found.update(str(r[0]) for r in rows)
+            for row in rows:
+                patient = ""
+                if row[7] is not None:
+                    patient = patient_key(InstanceRecord.model_validate_json(row[7]))
+                rule = Rejection(str(row[2]), str(row[3]), str(row[4]), str(row[5]), str(row[6]), patient)
+                if rule.covers(InstanceRecord.model_validate_json(row[1])):
+                    found.add(str(row[0]))
         return found
 
     # -- outcomes ----------------------------------------------------------------------------------------

@@ -12,8 +12,12 @@ series or study (``""`` widens the scope), per code and per note. The rules are 
   study is read back (:meth:`instances` marks :attr:`~ingest.core.records.InstanceRecord.rejected_for`);
 - :attr:`~ingest.ports.Added.release` names the instances whose bytes the caller removes
   (``ingest.intake.retention.release_bytes``) once this transaction committed: 113037 / 113039;
-- :meth:`reject` is ``ingest reject``'s way in; :meth:`replace_instance` is ``[intake] on_conflict =
-  "replace"``'s.
+- :meth:`reject` is ``ingest reject``'s way in (:meth:`unreject` its undo, :meth:`rejection_rows` its
+  list); :meth:`replace_instance` is ``[intake] on_conflict = "replace"``'s;
+- a rejection a note made covers only instances of the note's patient: :meth:`rejections` reads the
+  note's row to give each its :attr:`~ingest.core.lifecycle.Rejection.patient` (no extra column);
+- bytes a rejection removes but a Storage Commitment hold kept are listed by :meth:`held_rejected` once
+  the hold ends (retention releases them).
 """
 
 from __future__ import annotations
@@ -23,18 +27,20 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from ingest.adapters.state.sql import Cursor, SQLStateStore
+from ingest.core.admission import replace_refusal
 from ingest.core.lifecycle import (
     REJECTION_CODES,
     Rejection,
     covering,
     mark,
     note_rejections,
+    patient_key,
     rejection_code,
     removes_bytes,
     view,
 )
 from ingest.core.records import InstanceRecord
-from ingest.ports import Added, AddOutcome, Rejected, Replaced
+from ingest.ports import HELD, Added, AddOutcome, Rejected, RejectionRow, Replaced
 
 __all__ = ["LifecycleStore"]
 
@@ -43,6 +49,9 @@ _CHUNK = 400
 # A study with more rows than this is taken to hold more than rejection notes (not read to check).
 _NOTES_ALONE = 32
 _COLUMNS = "study_uid, series_uid, sop_uid, code, note_uid"
+_R_COLUMNS = "r.study_uid, r.series_uid, r.sop_uid, r.code, r.note_uid"
+#: What a rejection ``ingest reject`` made says its source is (``ingest rejections``).
+_CLI_SOURCE = "ingest reject"
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
@@ -57,14 +66,56 @@ class LifecycleStore(SQLStateStore):
     # -- reading ----------------------------------------------------------------------------------------
 
     def _rules(self, cur: Cursor, study_uids: Iterable[str]) -> list[Rejection]:
-        rules: list[Rejection] = []
-        for chunk in _chunks(study_uids):
+        return sorted(rule for rule, _, _ in self._rule_rows(cur, study_uids))
+
+    def _rule_rows(
+        self, cur: Cursor, study_uids: Iterable[str] | None
+    ) -> list[tuple[Rejection, object, str]]:
+        """(rejection with its note's patient, added_at, source) of ``study_uids`` (``None``: all)."""
+        query = (
+            f"SELECT {_R_COLUMNS}, r.added_at, n.record_json, n.source FROM rejections r "
+            "LEFT JOIN instances n ON n.sop_uid = r.note_uid AND r.note_uid <> '' "
+        )
+        chunks: Iterable[list[str]] = [[]] if study_uids is None else _chunks(study_uids)
+        patients: dict[str, str] = {}
+        out: list[tuple[Rejection, object, str]] = []
+        for chunk in chunks:
             marks = ", ".join(["?"] * len(chunk))
-            rows = cur.execute(
-                self._q(f"SELECT {_COLUMNS} FROM rejections WHERE study_uid IN ({marks})"), chunk
-            ).fetchall()
-            rules += [Rejection(*(str(v) for v in row)) for row in rows]
-        return sorted(rules)
+            where = f"WHERE r.study_uid IN ({marks})" if study_uids is not None else ""
+            for row in cur.execute(self._q(query + where), chunk).fetchall():
+                note_uid = str(row[4])
+                patient = ""
+                if note_uid and row[6] is not None:
+                    if note_uid not in patients:
+                        patients[note_uid] = patient_key(InstanceRecord.model_validate_json(row[6]))
+                    patient = patients[note_uid]
+                rule = Rejection(str(row[0]), str(row[1]), str(row[2]), str(row[3]), note_uid, patient)
+                source = _CLI_SOURCE if not note_uid else str(row[7]) if row[7] is not None else "note"
+                out.append((rule, row[5], source))
+        return out
+
+    def rejection_rows(self, study_uid: str | None = None) -> list[RejectionRow]:
+        """Every recorded rejection (of ``study_uid`` only, when given), oldest first, with who made it."""
+        with self._use("rejection_rows") as cur:
+            rows = self._rule_rows(cur, None if study_uid is None else [study_uid])
+        listed = [RejectionRow(rule, self._from_time(added), source) for rule, added, source in rows]
+        return sorted(listed, key=lambda r: (r.added_at is None, r.added_at or 0, r.rejection))
+
+    def study_patients(self, study_uids: Sequence[str]) -> dict[str, set[str]]:
+        """Per stored study of ``study_uids``: the patient keys of its instances (notes excluded)."""
+        out: dict[str, set[str]] = {}
+        with self._use("study_patients") as cur:
+            for chunk in _chunks(study_uids):
+                marks = ", ".join(["?"] * len(chunk))
+                rows = cur.execute(
+                    self._q(f"SELECT study_uid, record_json FROM instances WHERE study_uid IN ({marks})"),
+                    chunk,
+                ).fetchall()
+                for study_uid, record_json in rows:
+                    record = InstanceRecord.model_validate_json(record_json)
+                    if rejection_code(record) is None:
+                        out.setdefault(str(study_uid), set()).add(patient_key(record))
+        return out
 
     def rejections(self, study_uid: str) -> list[Rejection]:
         """The rejections recorded for ``study_uid`` (of its instances, series, or the whole study)."""
@@ -219,6 +270,61 @@ class LifecycleStore(SQLStateStore):
             release = self._stored_covered(cur, [rejection]) if removes_bytes(rejection.code) else []
             return Rejected(new=True, study_known=known, release=tuple(release))
 
+    def unreject(self, rejection: Rejection, *, now: datetime) -> bool:
+        """Remove a rejection ``ingest reject`` recorded (``note_uid`` ``""``); the study, when it has rows,
+        becomes dirty and due at ``now`` so the instances it kept out come back (bytes already removed
+        stay removed). ``False`` when no such rejection is recorded (nothing written)."""
+        now_v = self._time(now)
+        with self._write("unreject") as cur:
+            cur.execute(
+                self._q(
+                    "DELETE FROM rejections WHERE study_uid = ? AND series_uid = ? AND sop_uid = ? "
+                    "AND code = ? AND note_uid = ''"
+                ),
+                (rejection.study_uid, rejection.series_uid, rejection.sop_uid, rejection.code),
+            )
+            if cur.rowcount <= 0:
+                return False
+            self._touch_known(cur, rejection.study_uid, now_v, now_v)
+            return True
+
+    def held_rejected(self, *, now: datetime, limit: int) -> dict[str, list[str]]:
+        """Instances a rejection says to remove the bytes of (113037 / 113039) whose bytes are still held
+        and whose commitment hold (if any) ended at or before ``now``: ``iocm:<code>`` -> SOP Instance
+        UIDs, at most ``limit`` in all (retention releases them)."""
+        now_v = self._time(now)
+        out: dict[str, list[str]] = {}
+        found = 0
+        with self._use("held_rejected") as cur:
+            codes = [c for c in REJECTION_CODES if removes_bytes(c)]
+            marks = ", ".join(["?"] * len(codes))
+            studies = [
+                str(r[0])
+                for r in cur.execute(
+                    self._q(f"SELECT DISTINCT study_uid FROM rejections WHERE code IN ({marks})"), codes
+                ).fetchall()
+            ]
+            for study_uid in sorted(studies):
+                rules = self._rules(cur, [study_uid])
+                rows = cur.execute(
+                    self._q(
+                        "SELECT i.record_json FROM instances i WHERE i.study_uid = ? "
+                        "AND i.bytes_removed_at IS NULL AND (i.hold_until IS NULL OR i.hold_until <= ?) "
+                        "AND (i.spool_name IS NOT NULL OR EXISTS "
+                        "(SELECT 1 FROM instance_bytes b WHERE b.sop_uid = i.sop_uid))"
+                    ),
+                    (study_uid, now_v),
+                ).fetchall()
+                for row in rows:
+                    record = InstanceRecord.model_validate_json(row[0])
+                    code = covering(record, rules)
+                    if code is not None and removes_bytes(code) and found < limit:
+                        out.setdefault(f"iocm:{code}", []).append(record.sop_uid)
+                        found += 1
+                if found >= limit:
+                    break
+        return out
+
     def replace_instance(
         self,
         record: InstanceRecord,
@@ -229,11 +335,19 @@ class LifecycleStore(SQLStateStore):
         data: bytes | None,
         now: datetime,
         due_at: datetime,
+        trusted: bool = True,
+        keep_held: bool = True,
     ) -> Replaced | None:
         """Replace the stored version of ``record.sop_uid`` with this one (``[intake] on_conflict =
         "replace"``), in one transaction: the row takes the new record, digest, source and bytes
         (spool file or in-row ``data``; the old in-row bytes are deleted and returned), and the study
         becomes dirty and due at ``due_at``. A replaced note records what it now rejects.
+
+        Nothing is written, and :attr:`Replaced.refused` says why, when
+        :func:`ingest.core.admission.replace_refusal` refuses it (``trusted``: the sender may replace what
+        others sent and change the patient), or when the old bytes are under a commitment hold at ``now``
+        and the caller has not kept them (``keep_held`` false: :data:`ingest.ports.HELD`; the old bytes
+        are returned, not deleted).
 
         Returns
         -------
@@ -244,14 +358,31 @@ class LifecycleStore(SQLStateStore):
         now_v, due_v = self._time(now), self._time(due_at)
         with self._write("replace_instance") as cur:
             row = cur.execute(
-                self._q("SELECT study_uid, digest, spool_name FROM instances WHERE sop_uid = ?"),
-                (record.sop_uid,),
+                self._q(
+                    "SELECT study_uid, digest, spool_name, source, record_json, CASE WHEN bytes_removed_at "
+                    "IS NULL AND hold_until IS NOT NULL AND hold_until > ? THEN 1 ELSE 0 END "
+                    "FROM instances WHERE sop_uid = ?"
+                ),
+                (now_v, record.sop_uid),
             ).fetchone()
             if row is None or str(row[0]) != record.study_uid:
                 return None
             old = cur.execute(
                 self._q("SELECT data FROM instance_bytes WHERE sop_uid = ?"), (record.sop_uid,)
             ).fetchone()
+            old_patient = patient_key(InstanceRecord.model_validate_json(row[4]))
+            refused = replace_refusal(
+                stored_source=str(row[3]), stored_patient=old_patient, source=source,
+                patient=patient_key(record), trusted=trusted,
+            )
+            if refused is None and int(row[5]) and not keep_held:
+                refused = HELD
+            if refused is not None:
+                return Replaced(
+                    study_uid=record.study_uid, old_digest=str(row[1]),
+                    old_spool_name=None if row[2] is None else str(row[2]),
+                    old_data=None if old is None else bytes(old[0]), refused=refused,
+                )
             cur.execute(
                 self._q(
                     "UPDATE instances SET series_uid = ?, digest = ?, source = ?, spool_name = ?, node = ?, "
@@ -287,6 +418,7 @@ class LifecycleStore(SQLStateStore):
                 old_spool_name=None if row[2] is None else str(row[2]),
                 old_data=None if old is None else bytes(old[0]),
                 release_reason=f"iocm:{code}" if code is not None and removes_bytes(code) else "",
+                patient_changed=old_patient != patient_key(record),
             )
 
     def replaced_counts(self) -> dict[str, int]:

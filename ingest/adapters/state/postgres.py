@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import select
 import socket
 import threading
@@ -40,7 +41,7 @@ from ingest.adapters.state.retention import RetentionStore
 from ingest.adapters.state.sql import utc
 from ingest.errors import StoreError, StoreUnavailableError
 
-__all__ = ["PG_MIGRATIONS", "PostgresStateStore"]
+__all__ = ["PG_MIGRATIONS", "PostgresStateStore", "check_schema", "server_label"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -177,6 +178,47 @@ PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 
 
+def check_schema(url: str, *, connect_timeout_s: float = 10.0) -> list[str]:
+    """Check the schema of a PostgreSQL state store without migrating it (``ingest check-store``).
+
+    PostgreSQL has no integrity check of its own data files to run from a client (its checksums and WAL
+    are the server's); this says whether the schema ``ingest`` needs is there: the ``ingest_schema``
+    version, and every table its migrations create.
+
+    Returns
+    -------
+    list[str]
+        What is wrong; empty when the schema is complete.
+
+    Raises
+    ------
+    StoreUnavailableError
+        When the server cannot be reached.
+    """
+    label = _label(url)
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout_s))) as conn:
+            present = {str(r[0]) for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            ).fetchall()}
+            version = 0
+            if "ingest_schema" in present:
+                row = conn.execute("SELECT max(version) FROM ingest_schema").fetchone()
+                version = int(row[0]) if row is not None and row[0] is not None else 0
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailableError(f"state database {label}: cannot check it: {exc}") from exc
+    except psycopg.Error as exc:
+        return [f"cannot read the schema: {exc}"]
+    if version == 0:
+        return ["no ingest schema (a new, empty database: ingest serve creates it)"]
+    if version > len(PG_MIGRATIONS):
+        return [f"schema version {version} is newer than this program's ({len(PG_MIGRATIONS)})"]
+    wanted = {m.group(1) for steps in PG_MIGRATIONS[:version] for sql in steps
+              for m in re.finditer(r"CREATE TABLE (\w+)", sql)}
+    missing = sorted(wanted - present)
+    return [f"schema version {version} but tables missing: {', '.join(missing)}"] if missing else []
+
+
 @functools.lru_cache(maxsize=128)
 def _format_style(sql: str) -> str:
     """``sql`` with ``?`` placeholders in psycopg's ``%s`` style (a literal ``%`` doubled)."""
@@ -196,6 +238,11 @@ def _stale(conn: psycopg.Connection[Any]) -> bool:
     except (OSError, ValueError, psycopg.Error):
         return True
     return bool(readable)
+
+
+def server_label(url: str) -> str:
+    """``postgresql://host:port/dbname`` of a libpq URL, without the credentials."""
+    return _label(url)
 
 
 def _label(url: str) -> str:

@@ -462,27 +462,39 @@ class SQLStateStore(StateStore):
                     [(due_v, uid, due_v) for uid in uids],
                 )
 
-    def claim_due(self, now: datetime, limit: int, owner: str, lease_s: float) -> list[StudyClaim]:
+    def claim_due(
+        self, now: datetime, limit: int, owner: str, lease_s: float, *, stale_after: datetime | None = None
+    ) -> list[StudyClaim]:
         """Claim up to ``limit`` studies that are dirty, due, past their next attempt and not leased.
 
         The lease (``owner`` until ``now + lease_s``) is taken in the same transaction as the selection,
         whose rows are locked against other claimers (:attr:`_CLAIM_LOCK`), so two claimers never get the
         same study. Claims come in due order.
+
+        A due time or next attempt later than ``stale_after``, and a lease running more than twice
+        ``lease_s`` past ``now``, were set before the clock was stepped back: they count as due / expired
+        (docs/reliability.md "Clock steps").
         """
         if limit <= 0:
             return []
         now_v = self._time(now)
         expires = self._time(now + timedelta(seconds=lease_s))
+        # without stale_after, "later than now + 1000 years" never matches
+        stale_v = self._time(stale_after if stale_after is not None else now + timedelta(days=365_000))
+        lease_stale_v = self._time(
+            now + timedelta(seconds=2 * lease_s) if stale_after is not None else now + timedelta(days=365_000)
+        )
         with self._write("claim_due") as cur:
             rows = cur.execute(
                 self._q(
                     "SELECT study_uid, generation, backend_id, version_id, digest, attempts FROM studies "
-                    "WHERE state = 'pending' AND dirty = true AND due_at <= ? "
-                    "AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
-                    "AND (lease_owner IS NULL OR lease_expires IS NULL OR lease_expires <= ?) "
+                    "WHERE state = 'pending' AND dirty = true AND (due_at <= ? OR due_at > ?) "
+                    "AND (next_attempt_at IS NULL OR next_attempt_at <= ? OR next_attempt_at > ?) "
+                    "AND (lease_owner IS NULL OR lease_expires IS NULL OR lease_expires <= ? "
+                    "OR lease_expires > ?) "
                     "ORDER BY due_at, study_uid LIMIT ?" + self._CLAIM_LOCK
                 ),
-                (now_v, now_v, now_v, limit),
+                (now_v, stale_v, now_v, stale_v, now_v, lease_stale_v, limit),
             ).fetchall()
             if rows:
                 cur.executemany(
@@ -620,6 +632,39 @@ class SQLStateStore(StateStore):
             "next_attempt_at = NULL, lease_owner = NULL, lease_expires = NULL",
             (reason, error),
         )
+
+    def retry_now(self, now: datetime) -> int:
+        """Pending studies waiting for a retry (``next_attempt_at`` later than ``now``) become due now: the
+        backend is back (the relay's probe answered). Returns how many."""
+        now_v = self._time(now)
+        with self._write("retry_now") as cur:
+            cur.execute(
+                self._q(
+                    "UPDATE studies SET next_attempt_at = ? WHERE state = 'pending' "
+                    "AND next_attempt_at IS NOT NULL AND next_attempt_at > ?"
+                ),
+                (now_v, now_v),
+            )
+            return int(cur.rowcount)
+
+    def requeue(self, study_uids: Sequence[str], now: datetime) -> int:
+        """Make pushed studies dirty and due at ``now`` (``ingest relink``: their references are resolved
+        and written again when something changed); pending and dead ones are left as they are. The
+        generation grows, so a push under way sees the change. Returns how many were requeued."""
+        now_v = self._time(now)
+        count = 0
+        with self._write("requeue") as cur:
+            for uid in study_uids:
+                cur.execute(
+                    self._q(
+                        "UPDATE studies SET generation = generation + 1, dirty = true, due_at = ?, "
+                        "state = 'pending', attempts = 0, next_attempt_at = NULL "
+                        "WHERE study_uid = ? AND state = 'pushed'"
+                    ),
+                    (now_v, uid),
+                )
+                count += int(cur.rowcount)
+        return count
 
     def retry_dead(self, study_uid: str | None, now: datetime) -> int:
         """Move dead studies (one, or all with ``None``) back to pending and due now; returns how many."""

@@ -33,6 +33,8 @@ becomes :class:`StoreError`.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import socket
 import sqlite3
 import threading
@@ -53,6 +55,8 @@ from ingest.errors import StoreError, StoreUnavailableError
 __all__ = [
     "MIGRATIONS",
     "SQLiteStateStore",
+    "check_database",
+    "database_file",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -234,6 +238,88 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
     ),
 )
+
+
+#: Problems a check reports at most (``PRAGMA integrity_check(N)``).
+_MAX_PROBLEMS: Final = 100
+
+
+def database_file(path: Path) -> str:
+    """What is at ``path`` before the store opens it: ``missing``, ``empty`` (zero bytes: SQLite would
+    take it for a new database) or ``present``.
+
+    Raises
+    ------
+    StoreUnavailableError
+        When the file cannot be examined.
+    """
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        raise StoreUnavailableError(
+            f"state database {path}: cannot examine it: {exc.strerror or exc}"
+        ) from exc
+    return "empty" if size == 0 else "present"
+
+
+def _tables(migrations: tuple[tuple[str, ...], ...]) -> set[str]:
+    return {m.group(1) for steps in migrations for sql in steps
+            for m in re.finditer(r"CREATE TABLE (\w+)", sql)}
+
+
+def check_database(path: Path, *, full: bool) -> list[str]:
+    """Check an existing SQLite state database without opening it as a store (no migration, no write).
+
+    ``full=False`` runs ``PRAGMA quick_check`` (what ``ingest serve`` does at start: every page and
+    record is read, indexes are not compared with their tables); ``full=True`` runs ``PRAGMA
+    integrity_check`` (``ingest check-store``), and both check the schema version and the tables.
+
+    Parameters
+    ----------
+    path:
+        The database file; it must exist (see :func:`database_file`).
+    full:
+        Whether to run the full integrity check.
+
+    Returns
+    -------
+    list[str]
+        What is wrong (SQLite's own messages, at most :data:`_MAX_PROBLEMS`); empty when the database is
+        sound. Untrusted text: escape it before printing or logging.
+
+    Raises
+    ------
+    StoreUnavailableError
+        When the file cannot be opened or is locked (not a verdict on its content).
+    """
+    pragma = "integrity_check" if full else "quick_check"
+    try:
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreUnavailableError(f"state database {path}: cannot open it: {exc}") from exc
+    try:
+        try:
+            rows = conn.execute(f"PRAGMA {pragma}({_MAX_PROBLEMS})").fetchall()
+            problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            present = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreUnavailableError(f"state database {path}: {pragma} failed: {exc}") from exc
+            return [f"{pragma} failed: {exc}"]
+        except sqlite3.Error as exc:  # SQLITE_CORRUPT, SQLITE_NOTADB: the verdict
+            return [f"{pragma} failed: {exc}"]
+    finally:
+        conn.close()
+    if version > len(MIGRATIONS):
+        problems.append(f"schema version {version} is newer than this program's ({len(MIGRATIONS)})")
+    elif version > 0:
+        missing = sorted(_tables(MIGRATIONS[:version]) - present)
+        if missing:
+            problems.append(f"schema version {version} but tables missing: {', '.join(missing)}")
+    return problems
 
 
 def _ts(dt: datetime) -> str:

@@ -12,12 +12,12 @@ comes later, in an N-EVENT-REPORT (Event Type 1: every instance committed; 2: so
 - **Decision** (:meth:`ingest.ports.CommitmentState.decide_commitment`): made once, in one transaction
   that also holds the committed instances' bytes against retention until ``now + [spool]
   commitment_hold``; see :mod:`ingest.adapters.state.commitments` for which instances qualify.
-- **Report** (the sender thread, :meth:`CommitmentSCP.run_once`): on the requester's own association
-  when it is still open and it proposed the SCP role for the Storage Commitment class (SCP/SCU Role
-  Selection, PS3.7 D.3.3.4; an association on which this node may act as SCU), else on a new association
-  to the ``host`` / ``port`` of the requester's ``[listener] allowed_calling_aes`` entry, proposing the
-  SCP role there; a failed delivery is retried with exponential backoff and full jitter (tenacity),
-  persisted as the request's next attempt, and given up after ``give_up_after_s`` (``abandoned``).
+- **Report** (:mod:`ingest.relay.reports`, attached with :meth:`CommitmentSCP.attach`): on the
+  requester's own association when it is still open and it proposed the SCP role for the Storage
+  Commitment class (SCP/SCU Role Selection, PS3.7 D.3.3.4; an association on which this node may act as
+  SCU) — :meth:`CommitmentSCP.send_report`, the first :class:`ingest.ports.ReportChannel` — else on a
+  new association to the ``host`` / ``port`` of the requester's ``[listener] allowed_calling_aes`` entry
+  (:mod:`ingest.adapters.dimse_scu`); retries, backoff and giving up are the sender's.
 
 ``send_n_event_report`` on an association pynetdicom accepted pauses its reactor, so it is called from
 the sender's threads only, never from a handler (a handler runs on the reactor thread). The N-ACTION's
@@ -26,32 +26,33 @@ answer has been sent by the time the reactor pauses.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import re
 import socket
-import ssl
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from ingest.config import ListenerSettings, Settings, TLSSettings
-from ingest.errors import StoreError
+from ingest.adapters.dimse_scu import (
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    TRANSFER_SYNTAXES,
+    check_status,
+    event_information,
+)
+from ingest.config import ListenerSettings, Settings
+from ingest.errors import ReportDeliveryError, StoreError
 from ingest.intake.admit import utcnow
 from ingest.logs import printable
 from ingest.metrics import Metrics
-from ingest.ports import CommitmentAdded, CommitmentClaim, CommitmentReport, StateStore
+from ingest.ports import CommitmentAdded, CommitmentReport, ReportSender, StateStore
 
 __all__ = [
     "STORAGE_COMMITMENT_INSTANCE",
@@ -63,11 +64,6 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-#: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3.4, PS3.6 Annex A).
-STORAGE_COMMITMENT_PUSH: Final = "1.2.840.10008.1.20.1"
-STORAGE_COMMITMENT_INSTANCE: Final = "1.2.840.10008.1.20.1.1"
-
-_TRANSFER_SYNTAXES: Final = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 _UID_RE: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")  # PS3.5 9.1
 
 # N-ACTION statuses (PS3.7 10.1.4.1.10)
@@ -78,44 +74,11 @@ _INVALID_ARGUMENT: Final = 0x0115
 _NO_SUCH_ACTION: Final = 0x0123
 _RESOURCE_LIMITATION: Final = 0x0213
 
-#: Reports delivered at once (each may wait for a peer's timeouts).
-_SENDERS: Final = 4
-#: Reports claimed per round.
-_CLAIM_BATCH: Final = 16
-
 
 def add_commitment_context(ae: AE) -> None:
     """Support Storage Commitment Push Model on ``ae``, accepting a requester's proposal to take the SCP
     role too (so the report can come back on its association)."""
-    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, _TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
-
-
-def event_information(report: CommitmentReport) -> Dataset:
-    """The N-EVENT-REPORT Event Information of ``report`` (PS3.4 J.3.3, Table J.3-2).
-
-    Transaction UID (0008,1195); Referenced SOP Sequence (0008,1199) of the committed instances (present
-    when there is one); Failed SOP Sequence (0008,1198) with each Failure Reason (0008,1197) (Event Type
-    2 only).
-    """
-    ds = Dataset()
-    ds.TransactionUID = report.transaction_uid
-    if report.committed:
-        ds.ReferencedSOPSequence = DicomSequence([_item(cls, uid) for cls, uid in report.committed])
-    if report.failed:
-        failed = []
-        for cls, uid, reason in report.failed:
-            item = _item(cls, uid)
-            item.FailureReason = reason
-            failed.append(item)
-        ds.FailedSOPSequence = DicomSequence(failed)
-    return ds
-
-
-def _item(sop_class: str, sop_uid: str) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = sop_class
-    item.ReferencedSOPInstanceUID = sop_uid
-    return item
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
 
 
 def _raw_text(ds: Dataset, tag: int) -> str:
@@ -141,18 +104,6 @@ class _Refused(Exception):
         self.status = status
 
 
-class DeliveryError(Exception):
-    """A report could not be delivered (the peer is unreachable, refused, or answered a failure)."""
-
-
-@dataclass(frozen=True)
-class _Route:
-    """Where reports for one AE go on a new association."""
-
-    host: str
-    port: int
-
-
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -161,20 +112,11 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
-def tls_client_context(tls: TLSSettings) -> ssl.SSLContext:
-    """The client side of ``[listener.tls]`` for report associations: TLS 1.2+, this node's certificate
-    and key, and the peer verified against ``ca`` when it is set (the system store otherwise). Peers are
-    addressed by configured host, which is not checked against their certificate's names."""
-    ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
-    ctx.check_hostname = False
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert is not None and tls.key is not None:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    return ctx
-
-
 class CommitmentSCP:
-    """Storage Commitment requests on the listener's associations and the thread that reports them.
+    """Storage Commitment requests on the listener's associations, and reports on them.
+
+    Reports are sent by the attached :class:`ingest.ports.ReportSender` (:meth:`attach`), which tries
+    :meth:`send_report` (the requester's own association) first.
 
     Parameters
     ----------
@@ -210,25 +152,17 @@ class CommitmentSCP:
         self.hold = hold
         self.owner = owner
         self.clock = clock
-        self.lease_s = max(60.0, 3 * (cfg.acse_timeout_s + cfg.dimse_timeout_s))
-        self._routes: dict[str, _Route] = {
-            e.ae: _Route(e.host, e.port) for e in cfg.allowed_calling_aes if e.host is not None and e.port
-        }
         self._lock = threading.Lock()
         # same-association channels: the requester's association per transaction, and every open one on
         # which this node may send N-EVENT-REPORT, per calling AE
         self._by_transaction: dict[str, weakref.ref[Association]] = {}
         self._channels: dict[str, weakref.WeakSet[Association]] = {}
-        self._in_flight: set[str] = set()
         # one N-EVENT-REPORT at a time per association (pynetdicom's send is not re-entrant), each with
         # its own Message ID
         self._sending: weakref.WeakKeyDictionary[Association, threading.Lock] = weakref.WeakKeyDictionary()
         self._message_ids = itertools.count(1)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._tls = tls_client_context(cfg.tls) if cfg.tls.enabled else None
+        self.sender: ReportSender | None = None
+        self._started = False
 
     @classmethod
     def from_settings(cls, settings: Settings, store: StateStore, metrics: Metrics) -> CommitmentSCP:
@@ -332,179 +266,67 @@ class CommitmentSCP:
 
     # -- the sender ------------------------------------------------------------------------------------
 
+    def attach(self, sender: ReportSender) -> None:
+        """Use ``sender`` for the reports (started at once when the listener already is)."""
+        self.sender = sender
+        if self._started:
+            sender.start()
+
     def start(self) -> None:
-        """Start the sender thread (reports left pending by an earlier run are due at once)."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._pool = ThreadPoolExecutor(max_workers=_SENDERS, thread_name_prefix="ingest-commitment-send")
-        self._thread = threading.Thread(target=self._run, name="ingest-commitment", daemon=True)
-        self._thread.start()
-        self.wake()
+        """Start the attached sender (reports left pending by an earlier run are due at once)."""
+        self._started = True
+        if self.sender is not None:
+            self.sender.start()
 
     def close(self, wait_s: float = 10.0) -> None:
-        """Stop the sender; a report being delivered finishes (bounded); the rest stay pending."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=wait_s)
-            self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Stop the attached sender; a report being delivered finishes (bounded); the rest stay pending."""
+        self._started = False
+        if self.sender is not None:
+            self.sender.close(wait_s)
 
     def wake(self) -> None:
         """Look for due reports now."""
-        self._wake.set()
+        if self.sender is not None:
+            self.sender.wake()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # the thread must survive a bad round (the store is retried next round)
-                LOGGER.exception("Storage Commitment sender round failed")
-            self._wake.wait(timeout=self.settings.poll_interval_s)
-            self._wake.clear()
-
-    def run_once(self) -> int:
-        """Claim the due reports and deliver them (in parallel, waiting for all); returns how many were
-        claimed. Used by the sender thread and by tests."""
-        try:
-            pending = self.store.commitment_counts().get("pending", 0)
-            self.metrics.commitments_pending.set(pending)
-            if not pending:
-                return 0
-            claims = self.store.claim_commitments(self.clock(), _CLAIM_BATCH, self.owner, self.lease_s)
-        except StoreError as exc:
-            LOGGER.warning("Storage Commitment reports not claimed: %s", exc)
-            return 0
-        with self._lock:
-            claims = [c for c in claims if c.transaction_uid not in self._in_flight]
-            self._in_flight.update(c.transaction_uid for c in claims)
-        if not claims:
-            return 0
-        try:
-            if self._pool is None or len(claims) == 1:
-                for claim in claims:
-                    self._deliver(claim)
-            else:
-                for future in [self._pool.submit(self._deliver, c) for c in claims]:
-                    future.result()
-        finally:
-            with self._lock:
-                self._in_flight.difference_update(c.transaction_uid for c in claims)
-        return len(claims)
-
-    def _deliver(self, claim: CommitmentClaim) -> None:
-        """Decide (once) and send one report; record the outcome. Never raises."""
-        try:
-            now = self.clock()
-            report = self.store.decide_commitment(claim.transaction_uid, now=now, hold_until=now + self.hold)
-        except StoreError as exc:
-            LOGGER.warning("Storage Commitment %s not decided yet: %s", claim.transaction_uid, exc)
-            self._retry(claim, f"state store: {exc}")
-            return
-        try:
-            via = self._send(claim, report)
-        except DeliveryError as exc:
-            LOGGER.warning(
-                "Storage Commitment report %s to %s not delivered (attempt %d): %s",
-                claim.transaction_uid,
-                printable(claim.calling_ae),
-                claim.attempts + 1,
-                exc,
-            )
-            self._retry(claim, str(exc))
-            return
-        except Exception as exc:
-            LOGGER.exception("Storage Commitment report %s failed unexpectedly", claim.transaction_uid)
-            self._retry(claim, f"internal error: {type(exc).__name__}")
-            return
-        try:
-            self.store.commitment_reported(claim, now=self.clock())
-        except StoreError as exc:  # delivered: a repeat after a restart is harmless (same result)
-            LOGGER.warning(
-                "Storage Commitment report %s delivered but not recorded: %s", claim.transaction_uid, exc
-            )
-        with self._lock:
-            self._by_transaction.pop(claim.transaction_uid, None)
-        self.metrics.commitments.labels(result="partial" if report.failed else "committed").inc()
-        LOGGER.info(
-            "Storage Commitment report %s to %s sent %s: %d committed, %d failed",
-            claim.transaction_uid,
-            printable(claim.calling_ae),
-            via,
-            len(report.committed),
-            len(report.failed),
-        )
-
-    def _retry(self, claim: CommitmentClaim, error: str) -> None:
-        now = self.clock()
-        give_up_at = claim.received_at + timedelta(seconds=self.settings.give_up_after_s)
-        delay = _backoff(claim.attempts + 1, self.settings.retry_base_s, self.settings.retry_max_s)
-        next_at: datetime | None = now + timedelta(seconds=delay)
-        if next_at is not None and next_at > give_up_at:
-            next_at = None
-        try:
-            self.store.commitment_retry(claim, error=error, next_attempt_at=next_at)
-        except StoreError as exc:  # the lease expires and the report is tried again
-            LOGGER.warning("Storage Commitment %s: retry not recorded: %s", claim.transaction_uid, exc)
-            return
-        if next_at is None:
-            LOGGER.error(
-                "Storage Commitment report %s to %s abandoned after %d attempts: %s",
-                claim.transaction_uid,
-                printable(claim.calling_ae),
-                claim.attempts + 1,
-                error,
-            )
-            self.metrics.commitments.labels(result="abandoned").inc()
-        else:
-            self.metrics.commitments.labels(result="retried").inc()
-
-    # -- delivery --------------------------------------------------------------------------------------
-
-    def _send(self, claim: CommitmentClaim, report: CommitmentReport) -> str:
-        """Send the report on an open association of the requester, else on a new one; returns which."""
+    def send_report(self, report: CommitmentReport, *, timeout_s: float) -> str | None:
+        """:class:`ingest.ports.ReportChannel`: the report on an open association of the requester (its
+        own first, then its other open ones that accepted the SCP role); ``None`` when there is none.
+        Each attempt waits for the answer up to ``timeout_s`` (at most ``[listener] dimse_timeout_s``)."""
         problems: list[str] = []
-        for assoc in self._open_channels(claim):
+        for assoc in self._open_channels(report.transaction_uid, report.calling_ae):
             try:
-                self._report_on(assoc, report)
-                return "on the requester's association"
-            except DeliveryError as exc:
+                self._report_on(assoc, report, timeout_s)
+            except ReportDeliveryError as exc:
                 problems.append(f"on its association: {exc}")
-        route = self._routes.get(claim.calling_ae)
-        if route is None:
-            problems.append(
-                "no open association that accepted the report, and no host/port configured "
-                f"for {claim.calling_ae!r} in [listener] allowed_calling_aes"
-            )
-            raise DeliveryError("; ".join(problems))
-        try:
-            self._report_to(route, claim.calling_ae, report)
-        except DeliveryError as exc:
-            problems.append(f"to {route.host}:{route.port}: {exc}")
-            raise DeliveryError("; ".join(problems)) from exc
-        return f"to {route.host}:{route.port}"
+                continue
+            with self._lock:
+                self._by_transaction.pop(report.transaction_uid, None)
+            return "on the requester's association"
+        if problems:
+            raise ReportDeliveryError("; ".join(problems))
+        return None
 
-    def _open_channels(self, claim: CommitmentClaim) -> list[Association]:
+    def _open_channels(self, transaction_uid: str, calling_ae: str) -> list[Association]:
         """The requester's own association first, then its other open ones that accepted the SCP role."""
         with self._lock:
-            ref = self._by_transaction.get(claim.transaction_uid)
+            ref = self._by_transaction.get(transaction_uid)
             found = [ref()] if ref is not None else []
-            found += list(self._channels.get(claim.calling_ae, ()))
+            found += list(self._channels.get(calling_ae, ()))
         ordered: list[Association] = []
         for assoc in found:
             if assoc is not None and assoc not in ordered and assoc.is_established and _may_report_on(assoc):
                 ordered.append(assoc)
         return ordered
 
-    def _report_on(self, assoc: Association, report: CommitmentReport) -> None:
+    def _report_on(self, assoc: Association, report: CommitmentReport, timeout_s: float) -> None:
         with self._lock:
             sending = self._sending.setdefault(assoc, threading.Lock())
         with sending:
             if not assoc.is_established or assoc.acse.is_release_requested():
-                raise DeliveryError("the requester is releasing it")
+                raise ReportDeliveryError("the requester is releasing it")
+            previous = assoc.dimse_timeout  # the answer is awaited at most timeout_s
+            assoc.dimse_timeout = timeout_s if previous is None else min(previous, timeout_s)
             try:
                 status, _ = assoc.send_n_event_report(
                     event_information(report),
@@ -514,50 +336,14 @@ class CommitmentSCP:
                     msg_id=self._next_message_id(),
                 )
             except (RuntimeError, ValueError) as exc:
-                raise DeliveryError(str(exc)) from exc
-        _check_status(status)
+                raise ReportDeliveryError(str(exc)) from exc
+            finally:
+                assoc.dimse_timeout = previous
+        check_status(status)
 
     def _next_message_id(self) -> int:
         with self._lock:
             return next(self._message_ids) % 65535 + 1  # (0000,0110) US, 1-65535
-
-    def _report_to(self, route: _Route, calling_ae: str, report: CommitmentReport) -> None:
-        """A new association to the requester (we propose the SCP role), one N-EVENT-REPORT, release."""
-        timeout = self.cfg.acse_timeout_s
-        try:  # a refused connection is found here: pynetdicom would leave its socket open
-            with socket.create_connection((route.host, route.port), timeout=timeout):
-                pass
-        except OSError as exc:
-            raise DeliveryError(f"cannot connect: {exc.strerror or exc}") from exc
-        ae = AE(ae_title=self.cfg.ae_title)
-        ae.acse_timeout = timeout
-        ae.dimse_timeout = self.cfg.dimse_timeout_s
-        ae.network_timeout = self.cfg.network_timeout_s
-        ae.add_requested_context(STORAGE_COMMITMENT_PUSH, _TRANSFER_SYNTAXES)
-        role = build_role(STORAGE_COMMITMENT_PUSH, scp_role=True)
-        tls_args = (self._tls, route.host) if self._tls is not None else None
-        assoc = ae.associate(route.host, route.port, ae_title=calling_ae, ext_neg=[role], tls_args=tls_args)
-        if not assoc.is_established:
-            raise DeliveryError(
-                "association rejected or aborted"
-                if assoc.is_rejected or assoc.is_aborted
-                else "association not established"
-            )
-        try:
-            try:
-                status, _ = assoc.send_n_event_report(
-                    event_information(report),
-                    report.event_type,
-                    STORAGE_COMMITMENT_PUSH,
-                    STORAGE_COMMITMENT_INSTANCE,
-                )
-            except (RuntimeError, ValueError) as exc:
-                raise DeliveryError(str(exc)) from exc
-            _check_status(status)
-        finally:
-            with contextlib.suppress(Exception):
-                if assoc.is_established:
-                    assoc.release()
 
 
 def _may_report_on(assoc: Any) -> bool:
@@ -567,20 +353,3 @@ def _may_report_on(assoc: Any) -> bool:
         str(cx.abstract_syntax) == STORAGE_COMMITMENT_PUSH and bool(cx.as_scu)
         for cx in assoc.accepted_contexts
     )
-
-
-def _check_status(status: Dataset) -> None:
-    code = getattr(status, "Status", None)
-    if code is None:
-        raise DeliveryError("no answer to the N-EVENT-REPORT (timeout or abort)")
-    if int(code) != 0x0000:
-        raise DeliveryError(f"the requester answered the N-EVENT-REPORT with 0x{int(code):04X}")
-
-
-def _backoff(attempt: int, base_s: float, max_s: float) -> float:
-    """Full-jitter exponential backoff for the ``attempt``-th failure (tenacity computes it)."""
-    from tenacity import RetryCallState, wait_random_exponential
-
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = max(1, attempt)
-    return float(wait_random_exponential(multiplier=base_s, max=max_s)(state))

@@ -705,7 +705,8 @@ class Listener:
         ts = str(event.context.transfer_syntax)
         outcome = self._accepted_header(
             lambda: read_header_bytes(
-                data, source=source, transfer_syntax_uid=ts, max_inflated_bytes=self.cfg.max_inflated_bytes
+                data, source=source, transfer_syntax_uid=ts, max_inflated_bytes=self.cfg.max_inflated_bytes,
+                max_rejection_items=self.cfg.max_rejection_items,
             ),
             data, cmd_sop, cmd_class, source,
         )
@@ -821,7 +822,8 @@ class Listener:
         try:
             outcome = self._accepted_header(
                 lambda: read_header(
-                    kept.path, max_inflated_bytes=self.cfg.max_inflated_bytes, media_sop_class=False
+                    kept.path, max_inflated_bytes=self.cfg.max_inflated_bytes, media_sop_class=False,
+                    max_rejection_items=self.cfg.max_rejection_items,
                 ),
                 kept.path, cmd_sop, cmd_class, source,
             )
@@ -1009,7 +1011,7 @@ async def start_listener(
     admission = Admission(
         store, spool=spool, quarantine=quarantine, metrics=metrics, budget=budget,
         stable_age_s=settings.relay.stable_age_s, wake=intake.notify, clock=utcnow, label="dimse",
-        on_conflict=settings.intake.on_conflict,
+        on_conflict=settings.intake.on_conflict, senders=settings.listener.allowed_calling_aes,
     )
     listener = Listener(
         settings.listener, store, metrics, intake, admission=admission, spool=spool, quarantine=quarantine,

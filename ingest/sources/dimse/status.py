@@ -43,6 +43,7 @@ STATUS_TABLE: Final[dict[str, StatusEntry]] = {
     "nesting_too_deep": StatusEntry(0xC004, "Sequences nested too deep"),
     "inflate_cap": StatusEntry(0xC005, "Deflated dataset inflates beyond the cap"),
     "not_patient_instance": StatusEntry(0xC006, "Not a patient instance"),
+    "too_many_references": StatusEntry(0xC007, "Key Object names more instances than the cap"),
     "invalid_header": StatusEntry(0xC00F, "Malformed dataset"),
     "conflict": StatusEntry(0xC010, "Conflicts with a stored instance of the same UID"),
     "internal": StatusEntry(0x0110, "Processing failure"),

@@ -24,10 +24,13 @@ STUDY, SERIES = "1.2.3.5.1", "1.2.3.5.2"
 HOLD = T0 + timedelta(days=30)
 
 
-def _add(store: StateStore, sop: str, *, spool_name: str | None = None, inline: bytes | None = None) -> None:
+def _add(
+    store: StateStore, sop: str, *, spool_name: str | None = None, inline: bytes | None = None,
+    source: str = "dimse:CT1",
+) -> None:
     record = InstanceRecord(study_uid=STUDY, series_uid=SERIES, sop_uid=sop, sop_class_uid=CT)
     store.add_instances(
-        [(record, "test", spool_name, f"d-{sop}")],
+        [(record, source, spool_name, f"d-{sop}")],
         now=T0,
         due_at=T0,  # type: ignore[call-arg]
         inline=[inline],
@@ -102,6 +105,24 @@ def test_leases_retries_and_giving_up(store_factory: StoreFactory) -> None:
     assert b.claim_commitments(T0 + timedelta(days=9), 10, "node-b", 60) == []
 
 
+def test_claims_leave_out_busy_requesters_and_take_stale_times_as_due(store_factory: StoreFactory) -> None:
+    a, b = store_factory(), store_factory()
+    a.add_commitment("9.7", "SLOW", [(CT, "6.1")], now=T0)
+    a.add_commitment("9.8", "FAST", [(CT, "6.2")], now=T0 + timedelta(seconds=1))
+    # a requester with a delivery under way is left out, so the next one's report is claimed
+    [claim] = a.claim_commitments(T0 + timedelta(seconds=1), 1, "node-a", 60, exclude_aes={"SLOW"})
+    assert claim.transaction_uid == "9.8"
+    a.commitment_retry(claim, error="x", next_attempt_at=T0 + timedelta(seconds=300))
+    # the clock is set back an hour: the next attempt (5 min after T0) looks 1 h 5 min away; beyond the
+    # bound it counts as due, and node-a's lease on 9.7 (taken below) as expired
+    [slow] = a.claim_commitments(T0, 10, "node-a", 60, exclude_aes={"FAST"})
+    assert slow.transaction_uid == "9.7"
+    back = T0 - timedelta(hours=1)
+    assert b.claim_commitments(back, 10, "node-b", 60) == []  # without a bound: an hour to wait
+    claimed = b.claim_commitments(back, 10, "node-b", 60, stale_after=back + timedelta(seconds=360))
+    assert sorted(c.transaction_uid for c in claimed) == ["9.7", "9.8"]
+
+
 def test_deciding_an_unknown_transaction_is_an_error(store: StateStore) -> None:
     with pytest.raises(StoreError, match="not in the state store"):
         store.decide_commitment("9.404", now=T0, hold_until=HOLD)
@@ -127,3 +148,16 @@ def test_rejected_instances_are_not_committed(store: StateStore) -> None:
     assert report.committed == ((CT, "6.2"),)
     assert report.failed == ((CT, "6.1", 0x0110),)
     assert _hold_of(store, "6.1") is None
+
+
+def test_only_the_requesters_own_instances_are_committed(store: StateStore) -> None:
+    _add(store, "8.1", spool_name="f" * 32)  # sent by CT1
+    _add(store, "8.2", spool_name="g" * 32, source="dimse:CT2")  # sent by another AE
+    _add(store, "8.3", spool_name="h" * 32, source="watch")  # dropped in the folder
+    items = [(CT, "8.1"), (CT, "8.2"), (CT, "8.3"), (CT, "8.404")]
+    store.add_commitment("9.8", "CT1", items, now=T0)
+    report = store.decide_commitment("9.8", now=T0, hold_until=HOLD)
+    assert report.committed == ((CT, "8.1"),)
+    # another AE's instance fails exactly like one never received, and is not held for the requester
+    assert report.failed == ((CT, "8.2", 0x0112), (CT, "8.3", 0x0112), (CT, "8.404", 0x0112))
+    assert _hold_of(store, "8.2") is None

@@ -9,7 +9,7 @@ import pytest
 
 from ingest.core.lifecycle import KEY_OBJECT_SELECTION, Rejection
 from ingest.core.records import Code, InstanceRecord, SopReference
-from ingest.ports import Added, AddOutcome, StateStore, StudyState
+from ingest.ports import Added, AddOutcome, Replaced, StateStore, StudyState
 from tests.conftest import StoreFactory
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -55,9 +55,10 @@ def test_a_note_rejects_what_it_names_and_the_rest_stays(store: StateStore) -> N
     assert marks == {"1.1": "113001", "1.2": None, "2.1": "113001", "9.1": None}
     assert kept(store) == ["1.2"]
     assert store.rejected_counts() == {STUDY: {"113001": 2}}
+    no_patient = '["", "", ""]'  # the note's patient (these records have none)
     assert store.rejections(STUDY) == [
-        Rejection(STUDY, S1, "1.1", "113001", "9.1"),
-        Rejection(STUDY, S2, "2.1", "113001", "9.1"),
+        Rejection(STUDY, S1, "1.1", "113001", "9.1", no_patient),
+        Rejection(STUDY, S2, "2.1", "113001", "9.1", no_patient),
     ]
     row = store.study(STUDY)
     assert row is not None and row.dirty
@@ -169,3 +170,81 @@ def test_replace_instance_of_another_study_writes_nothing(store: StateStore) -> 
         now=T0, due_at=T0,
     ) is None
     assert [r.study_uid for r in store.instances(STUDY)] == [STUDY]
+
+
+# -- whose instances a rejection or a replacement may touch ------------------------------------------------
+
+
+def _add_from(
+    store: StateStore, record: InstanceRecord, source: str, *, spool_name: str | None = None
+) -> None:
+    store.add_instances([(record, source, spool_name, f"d-{record.sop_uid}")], now=T0, due_at=T0)
+
+
+def test_a_notes_rejection_covers_only_its_patients_instances(store: StateStore) -> None:
+    patient_note = note("9.1", "113038", [(STUDY, S1, "1.1"), (STUDY, S1, "1.2")]).model_copy(
+        update={"patient_id": "P1"}
+    )
+    add(store, patient_note)
+    add(store, img("1.1", patient_id="P1"), img("1.2", patient_id="P2"))  # arriving later
+    assert kept(store) == ["1.2"]
+    assert store.study_patients([STUDY, OTHER]) == {STUDY: {'["P1", "", ""]', '["P2", "", ""]'}}
+    rows = store.rejection_rows()
+    assert [(r.rejection.sop_uid, r.rejection.patient, r.source, r.added_at) for r in rows] == [
+        ("1.1", '["P1", "", ""]', "test", T0), ("1.2", '["P1", "", ""]', "test", T0)]
+    assert store.rejection_rows(OTHER) == []
+
+
+def test_held_rejected_lists_bytes_a_hold_kept_once_it_ends(store: StateStore) -> None:
+    hold = T0 + timedelta(days=30)
+    _add_from(store, img("1.1"), "dimse:A", spool_name="a" * 32)
+    _add_from(store, img("1.2"), "dimse:A", spool_name="b" * 32)
+    assert store.hold_bytes(["1.1"], until=hold) == 1
+    done = store.reject(Rejection(STUDY, "", "", "113037"), now=T0)
+    assert sorted(done.release) == ["1.1", "1.2"]  # what the rejection covers; the caller respects holds
+    store.release_instance_bytes(["1.1", "1.2"], reason="iocm:113037", now=T0, unless_held_at=T0)
+    assert store.held_rejected(now=hold - timedelta(seconds=1), limit=10) == {}
+    assert store.held_rejected(now=hold, limit=10) == {"iocm:113037": ["1.1"]}
+
+
+def test_unreject_removes_only_what_ingest_reject_made(store: StateStore) -> None:
+    add(store, img("1.1"), img("1.2"), note("9.1", "113001", [(STUDY, S1, "1.2")]))
+    store.reject(Rejection(STUDY, S1, "1.1", "113038"), now=T0)
+    push(store, T0 + timedelta(minutes=1))
+    later = T0 + timedelta(minutes=2)
+    assert not store.unreject(Rejection(STUDY, S1, "1.2", "113001"), now=later)  # a note's
+    assert not store.unreject(Rejection(STUDY, S1, "1.1", "113001"), now=later)  # another code
+    row = store.study(STUDY)
+    assert row is not None and not row.dirty
+    assert store.unreject(Rejection(STUDY, S1, "1.1", "113038"), now=later)
+    assert kept(store) == ["1.1"]
+    row = store.study(STUDY)
+    assert row is not None and row.dirty and row.due_at == later
+    assert [r.source for r in store.rejection_rows(STUDY)] == ["test"]
+
+
+def _replace(
+    store: StateStore, record: InstanceRecord, source: str, *, trusted: bool, keep_held: bool = True
+) -> Replaced | None:
+    return store.replace_instance(record, source=source, spool_name="b" * 32, digest="d2", data=None,
+                                  now=T0, due_at=T0, trusted=trusted, keep_held=keep_held)
+
+
+def test_replace_instance_refuses_other_senders_other_patients_and_held_bytes(store: StateStore) -> None:
+    first = img("1.1", patient_id="P1", study_description="A")
+    _add_from(store, first, "dimse:A", spool_name="a" * 32)
+    newer = img("1.1", patient_id="P1", study_description="B")
+    refused = _replace(store, newer, "dimse:M", trusted=False)
+    assert refused is not None and refused.refused == "replace_other_sender"
+    moved = img("1.1", patient_id="P2")
+    refused = _replace(store, moved, "dimse:A", trusted=False)
+    assert refused is not None and refused.refused == "replace_other_patient"
+    store.hold_bytes(["1.1"], until=T0 + timedelta(days=30))
+    held = _replace(store, newer, "dimse:A", trusted=False, keep_held=False)
+    assert held is not None and (held.refused, held.old_spool_name) == ("held", "a" * 32)
+    (record,) = store.instances(STUDY)
+    assert record.study_description == "A"  # nothing written by a refusal
+    done = _replace(store, moved, "dimse:C", trusted=True)
+    assert done is not None and done.refused == "" and done.patient_changed
+    (record,) = store.instances(STUDY)
+    assert record.patient_id == "P2"

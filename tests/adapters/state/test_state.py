@@ -210,6 +210,18 @@ def test_claims_come_in_due_order_and_respect_limit(store: StateStore) -> None:
     assert store.claim_due(s(100), 0, "n1", 60) == []
 
 
+def test_a_due_time_beyond_the_stale_bound_counts_as_due(store: StateStore) -> None:
+    add(store, rec("1.2.8", "1.2.8.1", "1.2.8.1.1"), stable_s=10)  # due at s(10)
+    # the clock is set back an hour: due in an hour and 10 s, further than the bound allows
+    back = s(0) - timedelta(hours=1)
+    assert store.claim_due(back, 5, "n1", 60) == []
+    assert store.claim_due(back, 5, "n1", 60, stale_after=back + timedelta(hours=2)) == []  # within
+    (claim,) = store.claim_due(back, 5, "n1", 60, stale_after=back + timedelta(seconds=60))
+    assert claim.study_uid == "1.2.8"
+    # and the lease it took (until s(10) - 1 h + 60 s) is not stale for the owner's clock
+    assert store.claim_due(back, 5, "n2", 60, stale_after=back + timedelta(seconds=60)) == []
+
+
 # -- claims and leases -----------------------------------------------------------------------------------
 
 

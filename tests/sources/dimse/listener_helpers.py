@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.app.wiring import attach_commitment_reports
 from ingest.config import ListenerSettings, RelaySettings, Settings, SpoolSettings
 from ingest.metrics import Metrics
 from ingest.sources.dimse.listener import Listener, start_listener
@@ -70,9 +71,12 @@ def running_listener(settings: Settings, store: SQLiteStateStore | None = None) 
     own_store = store is None
     st = store or SQLiteStateStore(settings.data_dir / "state.sqlite3", node="test")
     relay = FakeRelay()
+    metrics = Metrics()
     listener = asyncio.run_coroutine_threadsafe(
-        start_listener(settings, st, relay.wake, Metrics()), loop
+        start_listener(settings, st, relay.wake, metrics), loop
     ).result(10)
+    if listener.commitment is not None:  # its report sender, as ingest serve attaches it
+        attach_commitment_reports(settings, st, listener.commitment, metrics=metrics)
     try:
         yield Running(listener, st, relay)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import socket
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,17 +65,33 @@ def _request(transaction_uid: str, items: Sequence[tuple[str, str]]) -> Dataset:
 
 
 class Reports:
-    """N-EVENT-REPORTs received by a test SCU: (event type, event information)."""
+    """N-EVENT-REPORTs received by a test SCU: (event type, event information).
+
+    :meth:`get` returns a report once the SCU has also *sent* its answer to it (``EVT_DIMSE_SENT``): the
+    handler runs before pynetdicom sends the N-EVENT-REPORT-RSP, and a test that releases the association
+    in between makes pynetdicom's own state machine fail (a P-DATA while awaiting the release answer).
+    """
 
     def __init__(self) -> None:
         self.received: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+        self._answered = threading.Semaphore(0)
 
     def handler(self, event: Any) -> tuple[int, None]:
         self.received.put((int(event.request.EventTypeID), event.event_information))
         return 0x0000, None
 
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """The pynetdicom event handlers to bind."""
+        return [(evt.EVT_N_EVENT_REPORT, self.handler), (evt.EVT_DIMSE_SENT, self.sent)]
+
+    def sent(self, event: Any) -> None:
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            self._answered.release()
+
     def get(self, timeout: float = 10) -> tuple[int, Dataset]:
-        return self.received.get(timeout=timeout)
+        report = self.received.get(timeout=timeout)
+        assert self._answered.acquire(timeout=timeout), "the N-EVENT-REPORT was never answered"
+        return report
 
 
 def _pairs(ds: Dataset, keyword: str) -> list[tuple[str, ...]]:
@@ -95,7 +112,7 @@ def _requester(
     if role:
         kwargs["ext_neg"] = [build_role(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)]
     if reports is not None:
-        kwargs["evt_handlers"] = [(evt.EVT_N_EVENT_REPORT, reports.handler)]
+        kwargs["evt_handlers"] = reports.handlers()
     return ae, kwargs
 
 
@@ -112,7 +129,7 @@ def report_scp(port: int, ae_title: str = "TESTSCU") -> Iterator[Reports]:
         scp_role=True,
     )
     server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)]
+        ("127.0.0.1", port), block=False, evt_handlers=reports.handlers()
     )
     try:
         yield reports
@@ -410,7 +427,7 @@ def test_report_over_tls_on_a_new_association(tmp_path: Path, request: pytest.Fi
         ("127.0.0.1", reply_port),
         block=False,
         ssl_context=server_ctx,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)],
+        evt_handlers=reports.handlers(),
     )
     uid = f"{SERIES}.8"
     try:
@@ -432,3 +449,39 @@ def test_report_over_tls_on_a_new_association(tmp_path: Path, request: pytest.Fi
             assert event_type == 1 and _pairs(info, "ReferencedSOPSequence") == [(CT_IMAGE, uid)]
     finally:
         server.shutdown()
+
+
+def test_a_report_the_requester_does_not_answer_on_its_association_ends_at_report_timeout_s(
+    tmp_path: Path,
+) -> None:
+    from ingest.config import CommitmentSettings
+
+    answer = threading.Event()
+
+    def stalled(event: Any) -> tuple[int, None]:
+        answer.wait(20)  # the requester's reactor stalls: no N-EVENT-REPORT response
+        return 0x0000, None
+
+    settings = make_settings(
+        tmp_path, dimse_timeout_s=30,
+        commitment=CommitmentSettings(report_timeout_s=1, retry_base_s=600, retry_max_s=600),
+    )
+    with running_listener(settings) as run:
+        ae, kwargs = _requester(role=True)
+        kwargs["evt_handlers"] = [(evt.EVT_N_EVENT_REPORT, stalled)]
+        assoc = ae.associate("127.0.0.1", run.port, **kwargs)
+        assert assoc.is_established
+        try:
+            status, _ = assoc.send_n_action(
+                _request("1.2.3.9.120", [(CT_IMAGE, "1.2.3.9.121")]), 1,
+                STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE,
+            )
+            assert status.Status == 0x0000
+            # not the 30 s DIMSE timeout: report_timeout_s, then a retry with backoff
+            _until(lambda: run.store.commitments()[0].attempts == 1, 8, "the attempt timed out")
+            [row] = run.store.commitments()
+            assert row.state == "pending" and row.next_attempt_at is not None
+            assert row.last_error is not None and "no answer" in row.last_error
+        finally:
+            answer.set()
+            assoc.abort()

@@ -22,6 +22,7 @@ from ingest.adapters.spool import read_instance
 from ingest.config import SpoolSettings
 from ingest.sources.dimse.listener import part10_prefix
 from ingest.sources.dimse.status import STATUS_TABLE
+from tests import iocm
 
 from .listener_helpers import (
     CT_IMAGE,
@@ -221,3 +222,31 @@ def test_bad_data_gets_its_status_and_the_server_stays_up(
         )
         assert send_raw(run.port, good).Status == 0x0000
         assert len(run.store.instances("1.2.3.4.5.1")) == 1
+
+
+
+@pytest.mark.parametrize(
+    ("count", "cap"), [(6, 5), (300_001, 100_000)], ids=["cap-plus-one", "300001-spilled-to-disk"]
+)
+def test_a_rejection_note_naming_more_instances_than_the_cap_is_refused_0xc007(
+    tmp_path: Path, count: int, cap: int
+) -> None:
+    study = "1.2.3.4.7.1"
+    # a Part 10 file whose meta names the note: sent as it is (the 300,001-instance note is 25 MiB, over
+    # the 16 MiB the listener holds in memory: it is spilled to disk and read from there)
+    path = tmp_path / "note.dcm"
+    path.write_bytes(iocm.large_note(study, f"{study}.2", count, sop=f"{study}.99"))
+    within = tmp_path / "within.dcm"
+    within.write_bytes(iocm.large_note(study, f"{study}.2", 5, sop=f"{study}.98"))
+    with running_listener(make_settings(tmp_path / "data", max_rejection_items=cap)) as run:
+        rsp = send_raw(run.port, path, sop_class=iocm.KOS)
+        assert rsp is not None
+        assert rsp.Status == 0xC007 == STATUS_TABLE["too_many_references"].status
+        assert rsp.ErrorComment == "Key Object names more instances than the cap"
+        assert run.store.studies() == []
+        names = run.listener.quarantine.names()
+        assert len(names) == 1
+        assert run.listener.quarantine.reason(names[0])["reason"] == "too_many_references"
+        # a note within the cap is stored
+        assert send_raw(run.port, within, sop_class=iocm.KOS).Status == 0x0000
+        assert [r.sop_uid for r in run.store.instances(study)] == [f"{study}.98"]
