@@ -6,7 +6,10 @@ globals.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -333,8 +336,45 @@ class BackendSettings(_Section):
     # SDL file of the backend's schema, for backends that refuse introspection (``[backend] schema``; the
     # attribute has another name because ``schema`` is taken on pydantic models).
     schema_file: Path | None = Field(default=None, alias="schema")
+    # OAuth2 client credentials (Medplum client applications): the token is fetched from token_url and
+    # refreshed before it expires; the client secret comes from client_secret_env or client_secret_file.
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: Path | None = None
+    scope: str | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    @model_validator(mode="after")
+    def _client_credentials(self) -> BackendSettings:
+        if self.token_url is None:
+            if self.client_id or self.client_secret_env or self.client_secret_file:
+                raise ValueError("[backend] client_id / client_secret_* need token_url (the OAuth2 token "
+                                 "endpoint, e.g. https://api.medplum.com/oauth2/token)")
+            return self
+        parts = urlsplit(self.token_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"[backend] token_url {self.token_url!r} is not an http(s) URL")
+        if not self.client_id:
+            raise ValueError("[backend] token_url needs client_id")
+        if not (self.client_secret_env or self.client_secret_file):
+            raise ValueError("[backend] token_url needs client_secret_env or client_secret_file")
+        return self
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v.strip())
+        shown = re.sub(r"//[^/@]*@", "//***@", v)  # never echo credentials
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"[backend] url {shown!r} is not an http(s) URL of a FHIR GraphQL endpoint "
+                "(e.g. https://fhir.example.org/fhir/R4/$graphql)"
+            )
+        return v.strip()
 
 
 class EmbeddedBackendSettings(_Section):
@@ -382,6 +422,20 @@ class StateSettings(_Section):
             )
         return v
 
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = urlsplit(v.strip()).scheme
+        if v.strip() and scheme not in ("postgresql", "postgres") and not v.startswith("sqlite:///"):
+            shown = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", v)
+            raise ValueError(
+                f"[state] url {shown!r}: only postgresql:// (and sqlite:///PATH) URLs are supported "
+                "(leave it unset for the SQLite store in the data dir)"
+            )
+        return v.strip()
 
 class AdminSettings(_Section):
     enabled: bool = True
@@ -631,7 +685,9 @@ def unsafe_commitment_retention(settings: Settings) -> str | None:
     return None
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    config_file: Path | None = None, *, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
     """Load settings from ``config_file`` (if given), the environment, then ``overrides``.
 
     Raises
@@ -645,6 +701,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     class _Bound(Settings):
         model_config = SettingsConfigDict(toml_file=config_file)
 
+    environ = dict(os.environ) if environ is None else environ
+
     try:
         bound = _Bound(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
@@ -654,4 +712,75 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid settings: {problems}") from exc
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    unknown = unknown_environment(bound, environ)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     return bound
+
+
+#: ``INGEST_*`` variables that are not settings but are read by ``ingest`` itself.
+_OTHER_VARIABLES = frozenset({"INGEST_CONFIG"})
+
+
+def _setting_variables(model: type[BaseModel], prefix: str) -> tuple[set[str], set[str]]:
+    """The environment names of every setting under ``model`` (``INGEST_LISTENER__TLS__CERT``), and
+    the prefixes under which any name is a setting (dict-valued keys)."""
+    names: set[str] = set()
+    open_prefixes: set[str] = set()
+    for name, field in model.model_fields.items():
+        for key in {name, field.alias or name}:
+            env = f"{prefix}{key.upper()}"
+            names.add(env)
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                sub_names, sub_open = _setting_variables(annotation, env + "__")
+                names |= sub_names
+                open_prefixes |= sub_open
+            elif getattr(annotation, "__origin__", None) is dict:
+                open_prefixes.add(env + "__")
+    return names, open_prefixes
+
+
+def unknown_environment(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """One message per ``INGEST_*`` variable in ``environ`` that names no setting (a typo such as
+    ``INGEST_LISTENR__PORT`` would otherwise be ignored silently), with the closest setting named.
+
+    Variables that a ``*_env`` setting names (``[backend] token_env = "INGEST_BACKEND_TOKEN"``) are
+    secrets' sources, not settings, and are allowed.
+    """
+    names, open_prefixes = _setting_variables(Settings, "INGEST_")
+    secrets = {value.upper() for value in _env_names(settings.model_dump())}
+    problems = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith("INGEST_") or upper in names or upper in secrets:
+            continue
+        if upper in _OTHER_VARIABLES or any(upper.startswith(p) for p in open_prefixes):
+            continue
+        close = difflib.get_close_matches(upper, sorted(names), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(
+            f"environment variable {printable_name(variable)} names no setting{hint}; settings are "
+            "INGEST_<SECTION>__<KEY>, as in config/ingest.toml"
+        )
+    return problems
+
+
+def _env_names(data: Any) -> list[str]:
+    """The values of every ``token_env`` / ``*_env`` key in a settings dump (secret sources)."""
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, str) and (key == "token_env" or key.endswith("_env")):
+                found.append(value)
+            else:
+                found.extend(_env_names(value))
+    elif isinstance(data, list):
+        for value in data:
+            found.extend(_env_names(value))
+    return found
+
+
+def printable_name(name: str) -> str:
+    """An environment variable's name as shown in a message (control characters escaped)."""
+    return name.encode("unicode_escape").decode("ascii")

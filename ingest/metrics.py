@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 __all__ = ["Metrics"]
+
+# prometheus_client exports a ``<name>_created`` sample (a Unix time) beside every counter and histogram;
+# in a scrape it reads like a count (``ingest_studies_created{...} 1.79e+09``) and no dashboard of ingest
+# needs it, so it is not exported (the switch is process-wide and only affects those samples).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+#: Latency buckets in seconds, from a fast C-STORE (a few ms) to a slow backend write (minutes).
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            120.0, 300.0, 600.0)
 
 
 class Metrics:
@@ -89,6 +107,25 @@ class Metrics:
             "ingest_instances_replaced",
             "Stored instances replaced by a newer version ([intake] on_conflict = \"replace\")", registry=r,
         )
+
+        # latency histograms (seconds)
+        self.cstore_seconds = Histogram(
+            "ingest_cstore_seconds",
+            "C-STORE handling time: data set received to response sent (durable first)", registry=r,
+            buckets=_SECONDS,
+        )
+        self.push_seconds = Histogram(
+            "ingest_push_seconds", "Duration of one study push (find, read, merge, write)", registry=r,
+            buckets=_SECONDS,
+        )
+        self.pushed_latency_seconds = Histogram(
+            "ingest_pushed_latency_seconds",
+            "From the study's last instance received to its ImagingStudy written", registry=r,
+            buckets=_SECONDS,
+        )
+        # the process itself: CPU, memory, open files, start time; Python's GC and version
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -355,6 +355,44 @@ def test_unknown_patient_mode_is_refused_naming_the_key() -> None:
         load_settings(patient={"mode": "guess", "default_system": SYSTEM})
 
 
+# ------------------------------------------------------------------ strict environment, URL schemes
+
+
+def test_an_unknown_environment_variable_is_refused_with_the_closest_setting_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"INGEST_LISTENR__PORT": "1"})
+    assert "INGEST_LISTENR__PORT names no setting" in str(err.value)
+    assert "did you mean INGEST_LISTENER__PORT?" in str(err.value)
+    with pytest.raises(ConfigError, match="INGEST_LISTENER__PROT names no setting"):
+        load_settings(environ={"INGEST_LISTENER__PROT": "1"})
+
+
+def test_setting_and_secret_variables_are_allowed() -> None:
+    load_settings(environ={
+        "INGEST_LISTENER__PORT": "1", "INGEST_LISTENER__TLS__CERT": "c.pem",
+        "INGEST_ENDPOINT__SERIES_WADO_RS_URLS__CT1": "x", "INGEST_DATA_DIR": "d",
+        "INGEST_BACKEND_TOKEN": "secret",  # [backend] token_env's default names it
+        "INGEST_CONFIG": "ingest.toml", "PATH": "/bin", "INGESTION": "not ours",
+    })
+    named = load_settings(admin={"token_env": "INGEST_PAGE_TOKEN"}, environ={"INGEST_PAGE_TOKEN": "t"})
+    assert named.admin.token_env == "INGEST_PAGE_TOKEN"
+
+
+@pytest.mark.parametrize("url", ["ftp://x/y", "x/y", "http://", "file:///etc/passwd"])
+def test_a_backend_url_must_be_http(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[backend\] url .* is not an http\(s\) URL"):
+        load_settings(backend={"url": url})
+
+
+def test_a_state_url_must_be_postgresql_and_its_password_is_not_shown() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(state={"url": "mysql://user:hunter2@db/ingest"})
+    assert "only postgresql:// (and sqlite:///PATH) URLs are supported" in str(err.value)
+    assert "hunter2" not in str(err.value)
+    assert load_settings(state={"url": "postgresql://u@h/db"}).state.url == "postgresql://u@h/db"
+    assert load_settings(state={"url": "sqlite:///tmp/s.db"}).state.url == "sqlite:///tmp/s.db"
+
+
 def test_calling_aes_may_reject_and_replace_only_when_said(tmp_path: Path) -> None:
     cfg = tmp_path / "ingest.toml"
     cfg.write_text('[listener]\n'

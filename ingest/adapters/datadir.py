@@ -30,12 +30,18 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
+import secrets
+import socket
 import stat
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-__all__ = ["LOCK_NAME", "PRIVATE_UMASK", "DataDirLock", "private_umask", "tighten"]
+__all__ = [
+    "LOCK_NAME", "NODE_ID_NAME", "PRIVATE_UMASK", "DataDirLock", "lock_holder", "private_umask",
+    "stable_node_id", "tighten",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -118,6 +124,56 @@ def tighten(data_dir: Path) -> list[str]:
     if changed:
         LOGGER.warning("data dir %s was readable by others; tightened: %s", data_dir, ", ".join(changed))
     return changed
+
+
+NODE_ID_NAME = "node-id"
+
+
+def stable_node_id(data_dir: Path) -> str:
+    """This data dir's node id, kept in ``<data_dir>/node-id`` so that it survives restarts.
+
+    Made once: ``<host name>-<8 random hex digits>`` for a new data dir (two services on one host
+    differ); a data dir that already holds a state store from before the id was kept gets the host name,
+    the id its rows carry. A name read back that is not a valid node id is replaced (and logged).
+    """
+    path = data_dir / NODE_ID_NAME
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = path.read_text(encoding="ascii").strip()
+        if _NODE_ID.fullmatch(text):
+            return text
+        LOGGER.warning("%s does not hold a valid node id: a new one is made", path)
+    data_dir.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    host = re.sub(r"[^A-Za-z0-9._:@-]", "-", socket.gethostname())[:48] or "node"
+    existing = (data_dir / "state.sqlite3").exists() or any((data_dir / "spool").glob("*"))
+    node = host if existing else f"{host}-{secrets.token_hex(4)}"
+    temporary = data_dir / f".tmp-node-id-{secrets.token_hex(8)}"
+    temporary.write_text(node + "\n", encoding="ascii")
+    os.replace(temporary, path)
+    return node
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+
+
+def lock_holder(data_dir: Path) -> str | None:
+    """The pid of the process holding ``data_dir``'s lock, or ``None`` when nobody holds it (nothing is
+    created: a data dir that does not exist is not held)."""
+    path = data_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with contextlib.suppress(OSError, ValueError):
+                text = path.read_text().strip()
+                return str(int(text)) if text else "unknown"
+            return "unknown"
+        return None
+    finally:
+        os.close(fd)
 
 
 class DataDirLock:

@@ -33,7 +33,9 @@ __all__ = ["build_parser", "main", "run"]
 
 LOGGER = logging.getLogger("ingest.app.cli")
 
-_DEFAULT_CONFIG = Path("config/ingest.toml")
+#: Where the settings file is looked for, in order, when ``--config`` is not given (README "Configuration").
+CONFIG_ENV = "INGEST_CONFIG"
+CONFIG_SEARCH = (Path("config/ingest.toml"), Path("/etc/ingest/ingest.toml"))
 
 
 class _Version(argparse.Action):
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     parser.add_argument(
         "--config", type=Path, default=None,
-        help=f"settings file (default: {_DEFAULT_CONFIG} if it exists, else built-in defaults)",
+        help=(f"settings file (default: ${CONFIG_ENV}, else the first of "
+              f"{', '.join(map(str, CONFIG_SEARCH))} that exists, else built-in defaults)"),
     )
     parser.add_argument(
         "--data-dir", type=Path, default=None,
@@ -128,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="studies pending, pushed and dead (with the last error)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--state", choices=["pending", "pushed", "dead"], default=None)
+    p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                   help="studies whose last instance arrived on or after that day (UTC)")
+    p.add_argument("--ae", default=None, help="studies a calling AE sent (some of) its instances from")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most this many studies, newest first (table default 50; --json: all)")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("retry", help="re-drive dead-lettered studies")
@@ -151,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove a rejection `ingest reject` recorded (bytes already removed stay removed)")
     p.set_defaults(func=_cmd_reject)
 
+    p = sub.add_parser(
+        "check-config",
+        help="print the effective settings (secrets masked) and every problem found with them",
+        description="Prints the effective settings as JSON on stdout (secrets masked) and each problem on "
+                    "stderr, one line naming the setting: files, ports (whether they can be bound now), "
+                    "tokens, the data dir. Exit 0 when none is found, 1 otherwise.",
+    )
+    p.add_argument("--command", dest="for_command", choices=("serve", "watch", "backend"), default="serve",
+                   help="which command's ports to check (default serve)")
+    p.set_defaults(func=_cmd_check_config)
+    p = sub.add_parser("init", help="write a settings file and a private data dir into a folder")
+    p.add_argument("folder", type=Path, help="where ingest.toml and data/ go (created 0700)")
+    p.add_argument("--force", action="store_true", help="write ingest.toml anew when it exists")
+    p.set_defaults(func=_cmd_init)
+    p = sub.add_parser("backup", help="copy the SQLite state store while the service runs")
+    p.add_argument("destination", type=Path, help="a new file (the copy is one self-contained SQLite file)")
+    p.set_defaults(func=_cmd_backup)
+    p = sub.add_parser("migrate", help="bring the state store's schema to this version's (or --check)")
+    p.add_argument("--check", action="store_true",
+                   help="only say whether a migration is needed (exit 1 when it is); change nothing")
+    p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser(
         "relink", help="link pushed studies whose order, visit or referrer is still a logical reference"
     )
@@ -177,20 +206,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def find_config(given: Path | None, environ: dict[str, str] | None = None) -> tuple[Path | None, str]:
+    """The settings file to use and where it came from: ``--config``, then ``$INGEST_CONFIG``, then the
+    first of :data:`CONFIG_SEARCH` that exists; ``(None, "built-in defaults")`` when there is none.
+
+    A file named by ``--config`` or ``$INGEST_CONFIG`` must exist (``load_settings`` says so)."""
+    env = os.environ if environ is None else environ
+    if given is not None:
+        return given, "--config"
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV]), CONFIG_ENV
+    for candidate in CONFIG_SEARCH:
+        if candidate.is_file():
+            return candidate, "found"
+    return None, "built-in defaults"
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    config = args.config
-    if config is None and _DEFAULT_CONFIG.is_file():
-        config = _DEFAULT_CONFIG
+    config, _ = find_config(args.config)
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     return load_settings(config, **overrides)
 
 
-def _log_effective(settings: Settings, command: str) -> None:
-    # The service logs its effective settings at INFO; one-shot commands at DEBUG (stderr stays readable).
-    level = logging.INFO if command in ("serve", "backend") else logging.DEBUG
-    LOGGER.log(level, "effective settings: %s", json.dumps(settings.masked(), sort_keys=True))
+def _log_effective(settings: Settings, args: argparse.Namespace) -> None:
+    # Every command's first line names the settings file and the data dir (an `ingest status` run from
+    # another folder would otherwise read an empty ./data silently); the full settings are at DEBUG.
+    config, origin = find_config(args.config)
+    where = f"{printable(str(config.resolve()))} ({origin})" if config is not None else origin
+    LOGGER.info("ingest %s: settings %s, data dir %s", args.command, where,
+                printable(str(settings.data_dir.resolve())))
+    if args.command in ("serve", "watch"):
+        LOGGER.info("%s", startup_summary(settings))
+    LOGGER.debug("effective settings: %s", json.dumps(settings.masked(), sort_keys=True))
+
+
+def startup_summary(settings: Settings) -> str:
+    """One line: what the service listens on, whom it lets in, where it writes."""
+    lst = settings.listener
+    if lst.enabled:
+        aes = ("any calling AE" if lst.accept_any_calling_ae
+               else ", ".join(printable(a.ae) for a in lst.allowed_calling_aes) or "no calling AE")
+        listener = (f"listener {printable(lst.ae_title)} on {lst.host}:{lst.port}"
+                    f"{' (TLS)' if lst.tls.enabled else ''}, allowing {aes}")
+    else:
+        listener = "listener off"
+    backend = (f"backend {printable(settings.backend.url)}" if settings.backend.url else
+               f"embedded backend on {settings.embedded_backend.host}:{settings.embedded_backend.port}")
+    watch = f", watching {printable(str(settings.watch.folder))}" if settings.watch.folder else ""
+    state = "state store PostgreSQL" if settings.state.url else "state store SQLite"
+    admin = f", admin on {settings.admin.host}:{settings.admin.port}" if settings.admin.enabled else ""
+    return f"{listener}{watch}; {backend}; {state}{admin}"
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -202,15 +269,26 @@ async def run(args: argparse.Namespace) -> int:
     private_umask()
     settings = _settings(args)
     setup_logging(settings.log.level, settings.log.format, args.verbose - args.quiet)
-    _log_effective(settings, args.command)
+    _log_effective(settings, args)
     try:
         tighten(settings.data_dir)  # what an earlier version or a restore left readable by others
     except OSError as exc:
         raise ConfigError(
             f"data dir {settings.data_dir}: cannot make it private: {exc.strerror or exc}"
         ) from exc
+    dry = getattr(args, "dry_run", False)
+    if settings.state.node_id is None and args.command in _NODE_COMMANDS and not dry:
+        # one id per data dir across restarts (leases, spool ownership, `ingest status` per node)
+        from ingest.adapters.datadir import stable_node_id
+
+        node = stable_node_id(settings.data_dir)
+        settings = settings.model_copy(update={"state": settings.state.model_copy(update={"node_id": node})})
     result: int = await args.func(args, settings)
     return result
+
+
+#: Commands that claim studies or receive instances as a node of the state store.
+_NODE_COMMANDS = frozenset({"serve", "watch", "replay", "retry", "reject"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,7 +329,7 @@ def _print_table(title: str, rows: list[tuple[str, Any]], out: TextIO) -> None:
 
 
 async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.app.replay import ReplayOptions, run_replay
+    from ingest.app.replay import ReplayOptions, ReplaySummary, run_replay
 
     opts = ReplayOptions(
         paths=list(args.paths),
@@ -266,12 +344,24 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     if args.bundle and not args.dry_run:
         print("ingest replay: --bundle needs --dry-run", file=sys.stderr)
         return int(ExitCode.FATAL)
-    summary = await run_replay(settings, opts, stdout=sys.stdout, stderr=sys.stderr)
+    summary = ReplaySummary()
+    try:
+        await run_replay(settings, opts, stdout=sys.stdout, stderr=sys.stderr, summary=summary)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # Ctrl-C: what is stored stays stored; a rerun skips the files already stored unchanged
+        done = ("nothing was written (dry run)" if args.dry_run else
+                f"{summary.accepted} new instance(s) were stored; run the same command again to go on "
+                "(files already stored are not read again)")
+        print(f"\ningest replay: interrupted after {summary.files} file(s): {done}", file=sys.stderr)
+        raise KeyboardInterrupt from None
     if summary.studies.get("pending"):
         print(f"ingest replay: {summary.studies['pending']} stud"
               f"{'y' if summary.studies['pending'] == 1 else 'ies'} left pending: the backend did not answer "
               f"within --wait-backend {printable(args.wait_backend)}; they are kept in the state store, and "
               "`ingest serve` or a later `ingest replay` pushes them", file=sys.stderr)
+    if summary.files == 0:
+        shown = ", ".join(printable(str(p)) for p in args.paths)
+        print(f"ingest replay: no DICOM files found in {shown}: nothing to do", file=sys.stderr)
     if args.json:
         print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr if args.dry_run else sys.stdout)
     elif not args.dry_run or sys.stderr.isatty():
@@ -282,7 +372,15 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.status import run_status
 
-    return await run_status(settings, state=args.state, as_json=args.json)
+    if settings.state.url is None and not (settings.data_dir / "state.sqlite3").is_file():
+        # an `ingest status` from another folder would read (and create) an empty ./data silently
+        print(f"ingest status: no state store in data dir {printable(str(settings.data_dir.resolve()))}: "
+              "run it where the service runs, or name the service's settings (--config, $INGEST_CONFIG) "
+              "or data dir (--data-dir)", file=sys.stderr)
+        return int(ExitCode.FATAL)
+
+    return await run_status(settings, state=args.state, as_json=args.json, since=args.since, ae=args.ae,
+                            limit=None if args.limit is None else max(0, args.limit))
 
 
 async def _cmd_reject(args: argparse.Namespace, settings: Settings) -> int:
@@ -330,6 +428,41 @@ async def _cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         return ExitCode.DEAD if still else ExitCode.OK
     finally:
         store.close()
+
+
+async def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.adapters.datadir import lock_holder
+    from ingest.app.preflight import problems
+
+    print(json.dumps(settings.masked(), indent=2, sort_keys=True))
+    found = problems(settings, command=args.for_command)
+    holder = lock_holder(settings.data_dir)
+    if holder is not None:
+        shown = printable(str(settings.data_dir))
+        found.append(f"data dir {shown}: in use by a running ingest (pid {holder})")
+    for problem in found:
+        print(f"ingest check-config: {problem}", file=sys.stderr)
+    if not found:
+        print("ingest check-config: no problems found", file=sys.stderr)
+    return int(ExitCode.FATAL if found else ExitCode.OK)
+
+
+async def _cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.operate import run_init
+
+    return run_init(args.folder, force=args.force)
+
+
+async def _cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.operate import run_backup
+
+    return await asyncio.to_thread(run_backup, settings, args.destination)
+
+
+async def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.operate import run_migrate
+
+    return await asyncio.to_thread(run_migrate, settings, check=args.check)
 
 
 async def _cmd_relink(args: argparse.Namespace, settings: Settings) -> int:

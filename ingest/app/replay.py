@@ -7,6 +7,8 @@ import contextlib
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -112,52 +114,137 @@ def _wanted(record: InstanceRecord, opts: ReplayOptions) -> bool:
 
 
 class _Progress:
-    """A rich progress line on a terminal; plain periodic lines otherwise."""
+    """A progress bar on a terminal (files read of the total, rate, ETA); plain periodic lines otherwise.
 
-    def __init__(self, stderr: TextIO, summary: ReplaySummary) -> None:
+    The total is counted by a thread that walks the folders given (archives' members are not counted
+    ahead: with an archive among the inputs the bar shows the files read and the rate, no total). While
+    the bar is shown, log records and the per-file "rejected" lines are printed above it, never into it.
+    """
+
+    def __init__(self, stderr: TextIO, summary: ReplaySummary, opts: ReplayOptions) -> None:
         self.summary = summary
         self.stderr = stderr
+        self.opts = opts
         self.tty = stderr.isatty()
         self.start = time.perf_counter()
         self.last = self.start
         self._progress: Any = None
         self._task: Any = None
+        self._handlers: list[tuple[logging.StreamHandler[Any], Any]] = []
+        self._total: int | None = None
+        self._counting = False
+        self._lines: Any = None
+
+    @property
+    def out(self) -> TextIO:
+        """Where a line goes while the bar is shown (above it)."""
+        return self._lines if self._lines is not None else self.stderr
 
     def __enter__(self) -> _Progress:
         if self.tty:
             from rich.console import Console
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                console=Console(file=self.stderr), transient=True,
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=Console(file=self.stderr, stderr=self.stderr is sys.stderr),
+                transient=True, redirect_stderr=False, redirect_stdout=False,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task("reading", total=None)
+            self._task = self._progress.add_task("files", total=None, rate="")
+            self._lines = _ConsoleLines(self._progress.console)
+            # log records go through the bar's console, which prints them above the bar
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream in (
+                    self.stderr, sys.__stderr__
+                ):
+                    self._handlers.append((handler, handler.setStream(self._lines)))
+            if all(not archives_path(p) for p in self.opts.paths):
+                self._counting = True
+                threading.Thread(target=self._count, name="replay-count", daemon=True).start()
         return self
+
+    def _count(self) -> None:
+        from ingest.adapters.folders import iter_dicom_files
+
+        total = 0
+        for path in self.opts.paths:
+            for _ in iter_dicom_files(path):
+                total += 1
+                if not self._counting:  # the replay ended first
+                    return
+        self._total = total
 
     def update(self, studies: int) -> None:
         s = self.summary
         now = time.perf_counter()
         rate = s.files / max(now - self.start, 1e-6)
-        text = (f"{s.files} files ({rate:.0f}/s), {studies} studies, "
-                f"{sum(s.rejected.values())} rejected")
+        rejected = sum(s.rejected.values())
         if self._progress is not None:
-            self._progress.update(self._task, description=text)
+            self._progress.update(
+                self._task, completed=s.files, total=self._total,
+                description=f"{studies} studies, {rejected} rejected, files", rate=f"{rate:.0f} files/s",
+            )
         elif now - self.last >= 5.0:
             self.last = now
-            print(f"ingest replay: {text}", file=self.stderr, flush=True)
+            print(f"ingest replay: {s.files} files ({rate:.0f}/s), {studies} studies, {rejected} rejected",
+                  file=self.stderr, flush=True)
 
     def __exit__(self, *exc: object) -> None:
+        self._counting = False
+        if self._lines is not None:
+            self._lines.flush()
         if self._progress is not None:
             self._progress.__exit__(None, None, None)
+            for handler, previous in self._handlers:
+                if previous is not None:
+                    handler.setStream(previous)
+            self._handlers.clear()
+
+
+class _ConsoleLines:
+    """A text stream whose complete lines are printed by a rich console (above its live display)."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            # already escaped by ingest's formatters; printed as it is (no markup, no highlighting)
+            self.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.write("\n")
+
+
+def archives_path(path: Path) -> bool:
+    """Whether ``path`` is an archive input (its members are not counted ahead for the bar)."""
+    from ingest.sources import archives
+
+    return archives.is_archive(path)
 
 
 def _items(opts: ReplayOptions) -> Iterator[Item]:
     from ingest.sources import archives
 
     for path in opts.paths:
-        if archives.is_archive(path):
+        if not path.exists():  # a typo or an unmounted share: named, counted as rejected (exit 2)
+            yield Item(label=str(path), rejection=("not_found", "no such file or folder"))
+        elif archives.is_archive(path):
             try:
                 yield from archives.iter_members(path)
             except ArchiveError as exc:  # a refused whole archive is one rejected input; others go on
@@ -227,10 +314,15 @@ def _report_rejected(r: Rejected, stderr: TextIO) -> None:
 
 
 async def run_replay(
-    settings: Settings, opts: ReplayOptions, *, stdout: TextIO, stderr: TextIO
+    settings: Settings, opts: ReplayOptions, *, stdout: TextIO, stderr: TextIO,
+    summary: ReplaySummary | None = None,
 ) -> ReplaySummary:
-    """Read every input, then push (or print, with ``dry_run``) every study it carried."""
-    summary = ReplaySummary()
+    """Read every input, then push (or print, with ``dry_run``) every study it carried.
+
+    ``summary`` (a new one by default) is filled as the replay goes, so that a caller interrupted
+    meanwhile can still say what was read and stored.
+    """
+    summary = ReplaySummary() if summary is None else summary
     started = time.perf_counter()
     if opts.dry_run:
         await asyncio.to_thread(_dry_run, settings, opts, summary, stdout, stderr)
@@ -269,15 +361,15 @@ def _dry_run(
     # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
     results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True,
                           max_rejection_items=settings.listener.max_rejection_items)
-    with _Progress(stderr, summary) as progress:
+    with _Progress(stderr, summary, opts) as progress:
         for result in results:
             summary.files += 1
             if isinstance(result, Rejected):
                 summary.rejected[result.reason] += 1
-                _report_rejected(result, stderr)
+                _report_rejected(result, progress.out)
             elif not _wanted(result.record, opts):
                 summary.filtered += 1
-            elif _collect(studies, owner, result, summary, stderr):
+            elif _collect(studies, owner, result, summary, progress.out):
                 last_seen[result.record.study_uid] = summary.files
             if summary.files % _QUIET_FILES == 0:  # map the studies that have stopped growing
                 for uid in [u for u, seen in last_seen.items() if summary.files - seen >= _QUIET_FILES]:
@@ -406,7 +498,7 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
             items = _items(opts)
             if opts.since is None:  # --since needs each file's Study Date: every file is read then
                 items = _skip_known(items, store, opts, summary, known)
-            with _Progress(stderr, summary) as progress:
+            with _Progress(stderr, summary, opts) as progress:
                 for n, result in enumerate(parse_items(
                     items, jobs=opts.jobs, max_rejection_items=settings.listener.max_rejection_items
                 )):
@@ -415,17 +507,17 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
                     summary.files += 1
                     if isinstance(result, Rejected):
                         summary.rejected[result.reason] += 1
-                        _report_rejected(result, stderr)
+                        _report_rejected(result, progress.out)
                     elif not _wanted(result.record, opts):
                         summary.filtered += 1
                     else:
                         batch.append(result)
                         if len(batch) >= _STORE_BATCH:
-                            _store_batch(store, batch, settings, summary, stderr, touched)
+                            _store_batch(store, batch, settings, summary, progress.out, touched)
                             batch = []
                     progress.update(len(touched))
                 if batch:
-                    _store_batch(store, batch, settings, summary, stderr, touched)
+                    _store_batch(store, batch, settings, summary, progress.out, touched)
                 progress.update(len(touched))
             # a study all of whose files were unchanged needs the relay only if it is not pushed clean
             for uid in sorted(known - touched):

@@ -43,6 +43,7 @@ from ingest.errors import StoreError
 from ingest.exitcodes import ExitCode
 from ingest.intake.retention import DiskBudget, open_retention, run_retention
 from ingest.intake.sweep import sweep_at_start
+from ingest.logs import printable
 from ingest.metrics import Metrics
 from ingest.ports import StateStore, StudyState
 from ingest.relay.relay import BackendHealth, run_relay, short_reason
@@ -268,6 +269,21 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adopt_spool: bool = 
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # one service per data dir: the lock's holder may remove every temporary file at start
     owner = DataDirLock(settings.data_dir)
+    if not owner.held:
+        # the data dir's lock first: a second service would fight the first over its ports and files
+        LOGGER.error("data dir %s is in use by a running ingest: refusing to start (one service per data "
+                     "dir; stop the other or give this one another --data-dir)",
+                     printable(str(settings.data_dir)))
+        return ExitCode.FATAL
+    from ingest.app.preflight import problems
+
+    found = await asyncio.to_thread(problems, settings, command="serve" if settings.listener.enabled
+                                    else "watch")
+    if found:  # every port, file and secret, checked before anything binds (README "Configuration")
+        for problem in found:
+            LOGGER.error("cannot start: %s", problem)
+        owner.release()
+        return ExitCode.FATAL
     try:
         # a damaged store, or a new/empty one while the spool holds acknowledged files, refuses the start
         store = await asyncio.to_thread(open_checked_store, settings, adopt_spool=adopt_spool)
@@ -298,7 +314,10 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adopt_spool: bool = 
                 from ingest.app.admin import mount_status  # the status page at / (README "Status page")
 
                 app = admin_app(metrics, store, health)
-                mount_status(app, settings, store, health, metrics, node=relay.node, builder=relay.build)
+                # the relay's builder is replaced once the backend answers ([patient] / [endpoint] links):
+                # the page asks for the current one each time
+                mount_status(app, settings, store, health, metrics, node=relay.node,
+                             builder=lambda records: relay.build(records))
                 runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
                 site = web.TCPSite(runner, settings.admin.host, settings.admin.port)

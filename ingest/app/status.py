@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
 
 from ingest.app.wiring import open_store
@@ -18,24 +19,105 @@ from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe
 from ingest.ports import CommitmentRow, StudyRow, StudyState
 
-__all__ = ["node_summary", "run_status"]
+__all__ = ["node_summary", "run_status", "source_label"]
 
 
-async def run_status(settings: Settings, *, state: str | None = None, as_json: bool = False) -> int:
-    """Print the studies of the state store (only those in ``state`` when given) and the nodes holding
-    leases: a rich table on stdout, or with ``as_json`` one JSON document. Returns the exit code."""
+def source_label(sources: Counter[str]) -> str:
+    """Where a study's instances came from, short: ``AE CT1``, ``watch``, ``replay (150 files)``,
+    joined with ``, `` (a replayed study's rows carry one ``file:<path>`` source per file)."""
+    parts: list[str] = []
+    files = 0
+    for source, count in sorted(sources.items()):
+        if source.startswith("dimse:"):
+            parts.append(f"AE {source.removeprefix('dimse:')}")
+        elif source.startswith("file:"):
+            files += count
+        else:
+            parts.append(source)
+    if files:
+        parts.append(f"replay ({files} file{'s' if files != 1 else ''})")
+    return ", ".join(dict.fromkeys(parts))
+
+
+@dataclass
+class _Listed:
+    """One study of ``ingest status`` with what its instance rows say."""
+
+    row: StudyRow
+    received: datetime | None = None
+    sources: Counter[str] = field(default_factory=Counter)
+    accession: str | None = None
+    modalities: set[str] = field(default_factory=set)
+    series: set[str] = field(default_factory=set)
+
+
+#: Modalities of objects that are not images of the study (rejection notes, key objects, presentation
+#: states, reports); shown only when a study has nothing else, as the ImagingStudy's modality list does.
+_NOT_IMAGES = frozenset({"KO", "PR", "SR", "DOC"})
+
+
+def _modalities(found: set[str]) -> list[str]:
+    images = sorted(found - _NOT_IMAGES)
+    return images or sorted(found)
+
+
+def _listed(store: Any, rows: Sequence[StudyRow], *, ae: str | None, limit: int | None) -> list[_Listed]:
+    """``rows`` (newest first) with their instance summaries, those with calling AE ``ae`` only, at most
+    ``limit``; the instance rows are read a page of studies at a time."""
+    out: list[_Listed] = []
+    page = 200
+    for start in range(0, len(rows), page):
+        chunk = rows[start : start + page]
+        by_uid = {r.study_uid: _Listed(r) for r in chunk}
+        for g in store.series_groups([r.study_uid for r in chunk]):
+            item = by_uid.get(g.study_uid)
+            if item is None:
+                continue
+            item.sources[g.source] += g.instances
+            if g.first_added is not None and (item.received is None or g.first_added < item.received):
+                item.received = g.first_added
+            item.series.add(g.series_uid)
+            if g.sample.modality:
+                item.modalities.add(g.sample.modality)
+            item.accession = item.accession or g.sample.accession_number
+        for r in chunk:
+            item = by_uid[r.study_uid]
+            if ae is not None and f"dimse:{ae}" not in item.sources:
+                continue
+            out.append(item)
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+async def run_status(
+    settings: Settings, *, state: str | None = None, as_json: bool = False, since: date | None = None,
+    ae: str | None = None, limit: int | None = None,
+) -> int:
+    """Print the studies of the state store, newest first (by their last instance received), and the
+    nodes holding leases: a rich table on stdout (at most ``limit``, default 50), or with ``as_json``
+    one JSON document (every study unless ``limit`` is given). ``state``, ``since`` (last instance
+    received on or after that day, UTC) and ``ae`` (a calling AE sent some of it) filter. Returns the
+    exit code."""
     store = open_store(settings)
     try:
-        rows = store.studies(StudyState(state) if state else None)
+        everything = store.studies(None)
+        rows = [r for r in everything if state is None or r.state.value == state]
+        if since is not None:
+            start = datetime(since.year, since.month, since.day, tzinfo=UTC)
+            rows = [r for r in rows if r.last_seen is not None and r.last_seen >= start]
+        rows.sort(key=lambda r: (r.last_seen is None, -(r.last_seen.timestamp() if r.last_seen else 0),
+                                 r.study_uid))
+        shown = _listed(store, rows, ae=ae, limit=limit if (limit is not None or as_json) else 50)
         rejected = store.rejected_counts()  # IOCM rejections per study and code (ingest.core.lifecycle)
         # Storage Commitment: requests per state, and the reports not delivered yet (README)
         commitment_counts = store.commitment_counts()
         undelivered = store.commitments("pending") + store.commitments("abandoned")
     finally:
         store.close()
-    counts = Counter(r.state.value for r in rows)
+    counts = Counter(r.state.value for r in everything)
     now = datetime.now(UTC)
-    nodes = node_summary(rows, now)
+    nodes = node_summary(everything, now)
     if as_json:
         print(json.dumps({
             "counts": {s.value: counts.get(s.value, 0) for s in StudyState},
@@ -56,34 +138,59 @@ async def run_status(settings: Settings, *, state: str | None = None, as_json: b
                     "lease_owner": r.lease_owner,
                     "lease_expires": r.lease_expires.isoformat() if r.lease_expires else None,
                     "lease_active": _lease_active(r, now),
+                    "received_at": item.received.isoformat() if item.received else None,
+                    "last_received_at": r.last_seen.isoformat() if r.last_seen else None,
+                    "source": source_label(item.sources),
+                    "calling_aes": sorted(s.removeprefix("dimse:") for s in item.sources
+                                          if s.startswith("dimse:")),
+                    "accession": item.accession,
+                    "modalities": _modalities(item.modalities),
+                    "series": len(item.series),
                 }
-                for r in rows
+                for item in shown
+                for r in (item.row,)
             ],
         }, indent=2))
         return ExitCode.OK
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"ingest status — {sum(counts.values())} studies "
-                  + ", ".join(f"{s.value} {counts.get(s.value, 0)}" for s in StudyState))
-    for col in ("Study Instance UID", "state", "instances", "rejected", "attempts", "node (lease)",
-                "backend id", "last error"):
-        table.add_column(col)
-    for r in rows:
-        holder = ""
+    filters = ", ".join(f for f in (f"state {state}" if state else "", f"since {since}" if since else "",
+                                    f"AE {markup_safe(ae)}" if ae else "") if f)
+    title = (f"ingest status — {sum(counts.values())} studies "
+             + ", ".join(f"{s.value} {counts.get(s.value, 0)}" for s in StudyState)
+             + f"; showing {len(shown)}" + (f" ({filters})" if filters else "") + ", newest first")
+    table = Table(title=title, show_lines=True)
+    # every cell (UIDs and errors above all) is folded over several lines at narrow widths, never cut
+    for header, justify in (("received", "left"), ("AE / source", "left"), ("Study Instance UID", "left"),
+                            ("accession", "left"), ("modality", "left"), ("series", "right"),
+                            ("instances", "right"), ("state", "left"), ("error", "left")):
+        table.add_column(header, overflow="fold", justify=justify)  # type: ignore[arg-type]
+    for item in shown:
+        r = item.row
+        state_text = r.state.value + (" (dirty)" if r.dirty else "")
+        if r.attempts:
+            state_text += f", {r.attempts} attempts"
+        rej = _rejected_text(rejected.get(r.study_uid, {}))
+        if rej:
+            state_text += f", rejected {rej}"
         if r.lease_owner:
-            holder = r.lease_owner + ("" if _lease_active(r, now) else " (expired)")
-        # untrusted text (backend messages, node names): escaped, and rich markup in it shown as is
-        table.add_row(markup_safe(r.study_uid), r.state.value + (" (dirty)" if r.dirty else ""),
-                      str(r.instances), _rejected_text(rejected.get(r.study_uid, {})), str(r.attempts),
-                      markup_safe(holder), markup_safe(r.backend_id or ""),
-                      markup_safe((r.last_error or "")[:120]))
+            state_text += f", lease {r.lease_owner}" + ("" if _lease_active(r, now) else " (expired)")
+        error = (f"{r.dead_reason}: " if r.dead_reason else "") + (r.last_error or "")
+        # untrusted text (backend messages, AE titles, DICOM values): escaped, rich markup shown as is
+        received = item.received or r.last_seen
+        table.add_row(
+            received.strftime("%Y-%m-%d %H:%M") if received else "",
+            markup_safe(source_label(item.sources)), markup_safe(r.study_uid),
+            markup_safe(item.accession or ""), markup_safe(", ".join(_modalities(item.modalities))),
+            str(len(item.series)), str(r.instances), markup_safe(state_text), markup_safe(error),
+        )
     console = Console()
     console.print(table)
     if nodes:
         per_node = Table(title="nodes holding leases")
         for col in ("node", "active leases", "expired leases", "lease ends"):
-            per_node.add_column(col)
+            per_node.add_column(col, overflow="fold")
         for n in nodes:
             per_node.add_row(markup_safe(n["node"]), str(n["active_leases"]), str(n["expired_leases"]),
                              n["lease_ends"] or "")
@@ -93,12 +200,12 @@ async def run_status(settings: Settings, *, state: str | None = None, as_json: b
             f"{k} {v}" for k, v in sorted(commitment_counts.items())))
         for col in ("Transaction UID", "requester", "state", "instances", "attempts", "next attempt",
                     "last error"):
-            pending.add_column(col)
+            pending.add_column(col, overflow="fold")
         for c in undelivered:
             pending.add_row(markup_safe(c.transaction_uid), markup_safe(c.calling_ae), c.state,
                             str(c.instances), str(c.attempts),
                             c.next_attempt_at.isoformat() if c.next_attempt_at else "",
-                            markup_safe((c.last_error or "")[:120]))
+                            markup_safe(c.last_error or ""))
         console.print(pending)
     return ExitCode.OK
 

@@ -125,8 +125,20 @@ async def start_sink(
         ca = settings.backend.ca
         if settings.backend.schema_file is not None:
             schema = load_schema_file(settings.backend.schema_file)
+    oauth = None
+    if settings.backend.url is not None and settings.backend.token_url is not None:
+        from ingest.adapters.graphql.client import load_ca_bundle
+        from ingest.adapters.graphql.token import ClientCredentialsToken
+
+        b = settings.backend
+        assert b.client_id is not None and b.token_url is not None  # (Settings validation)
+        oauth = ClientCredentialsToken(
+            b.token_url, b.client_id, TokenSource(env=b.client_secret_env, file=b.client_secret_file),
+            scope=b.scope, ssl_context=load_ca_bundle(ca) if ca is not None else True, timeout_s=b.timeout_s,
+        )
     sink = GraphQLSink(
-        url, token_source=token_source, timeout_s=settings.backend.timeout_s, schema=schema, ca=ca
+        url, token_source=token_source, timeout_s=settings.backend.timeout_s, schema=schema, ca=ca,
+        oauth=oauth,
     )
     stack.push_async_callback(sink.aclose)  # idempotent; a failed connect has closed it already
     return sink
@@ -138,7 +150,7 @@ def token_configured(settings: Settings) -> bool:
         env = settings.embedded_backend.token_env
         return bool(env and os.environ.get(env))
     env = settings.backend.token_env
-    return bool((env and os.environ.get(env)) or settings.backend.token_file)
+    return bool((env and os.environ.get(env)) or settings.backend.token_file or settings.backend.token_url)
 
 
 async def connect_with_backoff(sink: Any, settings: Settings, *, forever: bool = False) -> None:

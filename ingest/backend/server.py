@@ -6,6 +6,8 @@ Routes::
     OPTIONS /fhir/R4/$graphql   204 with ``Allow``; never an ``Access-Control-Allow-*`` grant
     GET     /stats              JSON counters: requests, lookups, reads, creates, updates, deletes
     GET     /healthz            200 "ok", never authenticated
+    GET     /fhir/R4/metadata, /fhir/R4/<type>/<id>, /fhir/R4/<type>?<params>
+                                read-only FHIR REST (ingest.backend.rest), same token and origin rules
 
 GraphQL is POST only (a mutation cannot ride on a GET). A browser page of another site must not be
 able to use the backend (it has no CORS grant, but a "simple" cross-site POST is sent anyway), so:
@@ -67,6 +69,7 @@ from graphql import (
 from yarl import URL
 
 from ingest.backend.limits import QueryLimits, cost_rule, json_depth_exceeds
+from ingest.backend.rest import add_rest_routes
 from ingest.backend.schema import STAT_NAMES, BackendContext, build_backend_schema, normalize_numbers
 from ingest.backend.store import BackendRequestError, ResourceStore, StorageError
 from ingest.logs import printable
@@ -422,6 +425,7 @@ def create_app(
     app.router.add_route(hdrs.METH_OPTIONS, GRAPHQL_PATH, _preflight)
     app.router.add_get("/stats", _stats)
     app.router.add_get("/healthz", _healthz)
+    add_rest_routes(app, STORE_KEY)  # read-only FHIR REST at /fhir/R4 (ingest.backend.rest)
     return app
 
 

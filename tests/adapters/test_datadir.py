@@ -214,15 +214,20 @@ async def test_serve_removes_fresh_temporary_files_of_a_killed_process_at_start(
     assert (data / LOCK_NAME).exists() and _mode(data / LOCK_NAME) == 0o600
 
 
-async def test_a_second_process_on_the_data_dir_keeps_young_temporary_files(
+async def test_a_second_service_on_the_data_dir_refuses_to_start_and_touches_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from ingest.app.serve import serve
+
     data = tmp_path / "data"
     temps = _fresh_temps(data)
     with DataDirLock(data) as first, caplog.at_level(logging.WARNING):
         assert first.held
-        await _serve_once(data)  # a second owner: its own flock on the lock file is refused
+        stop = asyncio.Event()
+        stop.set()
+        # a second owner: its own flock on the lock file is refused, and so is the start (exit 1)
+        assert await asyncio.wait_for(serve(_serve_settings(data), stop), timeout=30) == 1
     assert all(t.exists() for t in temps)
-    assert any("in use by another ingest process" in r.getMessage() for r in caplog.records)
+    assert any("is in use by a running ingest: refusing to start" in r.getMessage() for r in caplog.records)
     with DataDirLock(data) as again:  # released by both
         assert again.held

@@ -213,3 +213,88 @@ def test_dry_run_prints_the_generated_narrative(tmp_path: Path, corpus: Generate
             assert study["description"] in shown
         for series in study["series"]:
             assert series["uid"] in shown or str(series.get("number", "")) in shown
+
+
+# --------------------------------------------------------------------------- on the terminal
+
+
+def test_a_missing_path_is_named_and_exits_2(tmp_path: Path, corpus: GeneratedCorpus) -> None:
+    missing = tmp_path / "no-such-folder"
+    done = _ingest(tmp_path, "replay", "--dry-run", str(corpus.root), str(missing))
+    assert done.returncode == 2, done.stderr
+    assert f"rejected: {missing}: not_found: no such file or folder" in done.stderr
+    assert len(done.stdout.splitlines()) == 3  # the existing folder's studies are still printed
+
+
+def test_an_empty_folder_says_so(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = _ingest(tmp_path, "replay", "--dry-run", str(empty))
+    assert done.returncode == 0, done.stderr
+    assert f"no DICOM files found in {empty}: nothing to do" in done.stderr
+    assert done.stdout == ""
+
+
+def _on_a_terminal(tmp: Path, *args: str, columns: int = 160) -> tuple[int, str]:
+    """Run ``ingest`` with stderr on a pseudo-terminal; its exit code and everything the terminal got."""
+    import pty
+    import select
+
+    work = tmp / "work"
+    work.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    env.update(COLUMNS=str(columns), LINES="40", TERM="xterm-256color")
+    env.pop("NO_COLOR", None)
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "--data-dir", str(tmp / "data"), *args],
+        cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary,
+    )
+    os.close(secondary)
+    seen = bytearray()
+    try:
+        while True:
+            ready, _, _ = select.select([primary], [], [], 100)
+            if not ready:
+                break
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal's other end closed: the process is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+        code = proc.wait(timeout=100)
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return code, seen.decode("utf-8", "replace")
+
+
+def test_progress_on_a_terminal_has_total_rate_and_eta_and_lines_print_above_it(
+    tmp_path: Path, corpus: GeneratedCorpus
+) -> None:
+    import re
+
+    bad = tmp_path / "in" / "zz-not-dicom.dcm"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not DICOM at all" * 20)
+    for p in corpus.paths():  # enough files for the bar to be drawn while reading
+        target = tmp_path / "in" / p.relative_to(corpus.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(p.read_bytes())
+    code, screen = _on_a_terminal(tmp_path, "-v", "replay", "--dry-run", str(tmp_path / "in"))
+    assert code == 2, screen
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+    total = len(list((tmp_path / "in").rglob("*.dcm")))
+    # the bar: files read of the total, the rate, the ETA
+    assert re.search(rf"\b\d+/{total}\b", plain), plain
+    assert "files/s" in plain and "ETA" in plain, plain
+    # the rejected line is a line of its own, never glued to the bar's text
+    lines = [line for line in re.split(r"[\r\n]+", plain) if "zz-not-dicom" in line]
+    assert lines, plain
+    for line in lines:
+        assert line.strip().startswith("rejected:"), line
+        assert "files/s" not in line and "ETA" not in line, line

@@ -113,13 +113,18 @@ def _wait_for_port(proc: subprocess.Popen[bytes], stderr_path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _run_server(lock_dir: Path, token: str | None) -> Iterator[str]:
-    """Start ``node server.mjs --port 0`` and yield its GraphQL URL; terminate that PID afterwards."""
+def _run_server(lock_dir: Path, token: str | None, oauth: dict[str, str] | None = None) -> Iterator[str]:
+    """Start ``node server.mjs --port 0`` and yield its GraphQL URL; terminate that PID afterwards.
+
+    ``oauth`` (``MEDPLUM_CLIENT_ID``, ``MEDPLUM_CLIENT_SECRET``, ``MEDPLUM_TOKEN_LIFETIME``) turns on its
+    OAuth2 token endpoint at ``/oauth2/token``."""
     node = _node()
     _ensure_node_modules(lock_dir)
-    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "MEDPLUM_TOKEN")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "MEDPLUM_TOKEN") and
+           not k.startswith("MEDPLUM_CLIENT")}
     if token is not None:
         env["MEDPLUM_TOKEN"] = token  # through the environment, never on the command line
+    env.update(oauth or {})
     with tempfile.TemporaryDirectory(prefix="medplum-interop-") as tmp:
         stderr_path = Path(tmp) / "server.stderr"
         with stderr_path.open("wb") as stderr:
@@ -170,6 +175,18 @@ def medplum_token_url(_interop_lock_dir: Path, medplum_token: str) -> Iterator[s
     """GraphQL endpoint of a Medplum server that requires ``Authorization: Bearer <medplum_token>``."""
     with _run_server(_interop_lock_dir, token=medplum_token) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def medplum_oauth(_interop_lock_dir: Path) -> Iterator[dict[str, str]]:
+    """A Medplum server whose ``/fhir/R4/`` needs an OAuth2 token from its ``/oauth2/token`` (client
+    credentials; tokens live 3 s): ``url`` (GraphQL), ``token_url``, ``base``, ``client_id``, ``secret``."""
+    client_id, secret = "ingest-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+    oauth = {"MEDPLUM_CLIENT_ID": client_id, "MEDPLUM_CLIENT_SECRET": secret, "MEDPLUM_TOKEN_LIFETIME": "3"}
+    with _run_server(_interop_lock_dir, token=None, oauth=oauth) as url:
+        base = url.split("/fhir/", 1)[0]
+        yield {"url": url, "token_url": f"{base}/oauth2/token", "base": base, "client_id": client_id,
+               "secret": secret}
 
 
 @pytest.fixture(autouse=True)

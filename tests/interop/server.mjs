@@ -5,15 +5,22 @@
 // Medplum server validates before it stores. Serves, under /fhir/R4/:
 //   POST $graphql            FHIR GraphQL (queries, mutations, introspection)
 //   GET  <Type>/<id>         REST read (ETag / Last-Modified from meta), plus the router's other REST routes
+// and, with MEDPLUM_CLIENT_ID / MEDPLUM_CLIENT_SECRET set, an OAuth2 token endpoint shaped like Medplum's:
+//   POST /oauth2/token       grant_type=client_credentials, client authenticated by HTTP Basic or in the
+//                            body; answers {access_token, token_type: "Bearer", expires_in}; every
+//                            /fhir/R4/ request then needs one of those tokens, unexpired
+//   GET  /oauth2/stats       {issued, refused, unauthorized, active}: counters for the tests
+//   POST /oauth2/expire      ends every token issued so far (as a revocation would)
 //
 // Usage:  node server.mjs [--port N] [--token X]
 //   --port N     TCP port on 127.0.0.1 (default: env PORT, else 0 = ephemeral)
 //   --token X    require "Authorization: Bearer X" (default: env MEDPLUM_TOKEN; unset = no auth)
+//   env MEDPLUM_TOKEN_LIFETIME   seconds an issued token lives (default 3600)
 // Prints exactly one line "LISTENING <port>" on stdout once it accepts requests; diagnostics go to stderr.
 // Exits 0 on SIGTERM / SIGINT. Known differences from a full Medplum server: no referential-integrity
 // checks, no terminology (required-binding) checks, updates of a missing id create it.
 
-import { timingSafeEqual } from 'node:crypto';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { createServer } from 'node:http';
 import { parseArgs } from 'node:util';
 
@@ -123,13 +130,88 @@ function readBody(req) {
   });
 }
 
+/** OAuth2 client credentials, when MEDPLUM_CLIENT_ID / MEDPLUM_CLIENT_SECRET are set. */
+const oauth = {
+  clientId: process.env.MEDPLUM_CLIENT_ID ?? '',
+  clientSecret: process.env.MEDPLUM_CLIENT_SECRET ?? '',
+  lifetime: Number(process.env.MEDPLUM_TOKEN_LIFETIME ?? '3600'),
+  tokens: new Map(), // access token -> expiry (ms since epoch)
+  stats: { issued: 0, refused: 0, unauthorized: 0 },
+};
+
+function sameText(a, b) {
+  const x = Buffer.from(a, 'utf8');
+  const y = Buffer.from(b, 'utf8');
+  return x.length === y.length && timingSafeEqual(x, y);
+}
+
+async function handleToken(req, res) {
+  let text;
+  try {
+    text = (await readBody(req)) ?? '';
+  } catch (err) {
+    sendJson(res, 400, { error: 'invalid_request' }, 'application/json');
+    return;
+  }
+  const form = new URLSearchParams(text);
+  let id = form.get('client_id') ?? '';
+  let secret = form.get('client_secret') ?? '';
+  const basic = /^Basic (.+)$/.exec(req.headers.authorization ?? '');
+  if (basic) {
+    const decoded = Buffer.from(basic[1], 'base64').toString('utf8');
+    const colon = decoded.indexOf(':');
+    id = decodeURIComponent(decoded.slice(0, colon));
+    secret = decodeURIComponent(decoded.slice(colon + 1));
+  }
+  if (form.get('grant_type') !== 'client_credentials') {
+    oauth.stats.refused++;
+    sendJson(res, 400, { error: 'unsupported_grant_type' }, 'application/json');
+    return;
+  }
+  if (!sameText(id, oauth.clientId) || !sameText(secret, oauth.clientSecret)) {
+    oauth.stats.refused++;
+    sendJson(res, 401, { error: 'invalid_client', error_description: 'Invalid client' }, 'application/json');
+    return;
+  }
+  const access = randomBytes(24).toString('base64url');
+  oauth.tokens.set(access, Date.now() + oauth.lifetime * 1000);
+  oauth.stats.issued++;
+  sendJson(res, 200, { access_token: access, token_type: 'Bearer', expires_in: oauth.lifetime,
+    scope: form.get('scope') ?? 'system/*.*' }, 'application/json');
+}
+
+function hasIssuedToken(header) {
+  const match = /^Bearer (.+)$/.exec(typeof header === 'string' ? header : '');
+  const expiry = match ? oauth.tokens.get(match[1]) : undefined;
+  return expiry !== undefined && expiry > Date.now();
+}
+
 async function handle(req, res, router, repo, token) {
   const url = new URL(req.url ?? '/', `http://${HOST}`);
+  if (oauth.clientId && url.pathname === '/oauth2/token' && req.method === 'POST') {
+    await handleToken(req, res);
+    return;
+  }
+  if (oauth.clientId && url.pathname === '/oauth2/stats') {
+    const now = Date.now();
+    const active = [...oauth.tokens.values()].filter((expiry) => expiry > now).length;
+    sendJson(res, 200, { ...oauth.stats, active }, 'application/json');
+    return;
+  }
+  if (oauth.clientId && url.pathname === '/oauth2/expire' && req.method === 'POST') {
+    for (const key of oauth.tokens.keys()) {
+      oauth.tokens.set(key, 0);
+    }
+    sendJson(res, 200, { expired: oauth.tokens.size }, 'application/json');
+    return;
+  }
   if (!url.pathname.startsWith(BASE_PATH)) {
     sendOutcome(res, notFound);
     return;
   }
-  if (!isAuthorized(req.headers.authorization, token)) {
+  const allowed = oauth.clientId ? hasIssuedToken(req.headers.authorization) : isAuthorized(req.headers.authorization, token);
+  if (!allowed) {
+    oauth.stats.unauthorized++;
     sendOutcome(res, unauthorized);
     return;
   }

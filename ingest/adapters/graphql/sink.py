@@ -71,7 +71,7 @@ from ingest.adapters.graphql.fit import (
     strip_typenames,
 )
 from ingest.adapters.graphql.fitcache import cached_fit
-from ingest.adapters.graphql.token import Secret, TokenSource
+from ingest.adapters.graphql.token import ClientCredentialsToken, Secret, TokenSource
 from ingest.core.mapping import STUDY_UID_SYSTEM
 from ingest.core.records import BackendStudy
 from ingest.errors import (
@@ -162,6 +162,7 @@ class GraphQLSink:
         schema: str | None = None,
         max_depth: int = DEFAULT_MAX_DEPTH,
         ca: Path | None = None,
+        oauth: ClientCredentialsToken | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ConfigError(f"backend timeout_s must be positive, got {timeout_s}")
@@ -170,6 +171,7 @@ class GraphQLSink:
         self._ssl: ssl.SSLContext | bool = load_ca_bundle(ca) if ca is not None else True
         self._names: frozenset[str] = frozenset()  # the schema's names (see redact_backend_message)
         self._token_source = token_source
+        self._oauth = oauth  # [backend] token_url: an OAuth2 token, refreshed before it expires
         self._timeout_s = float(timeout_s)
         self._schema_sdl = schema
         self._max_depth = max_depth
@@ -225,6 +227,8 @@ class GraphQLSink:
         if self._session is not None:
             return
         self._token = self._token_source.read() if self._token_source is not None else None
+        if self._oauth is not None:
+            self._token = await self._oauth.current()
         self._client = make_client(self.url, ssl_context=self._ssl, timeout_s=self._timeout_s)
         # plain AsyncClientSession (reconnecting=False): gql retries nothing, the relay owns retries
         self._session = await connect(self._client)
@@ -607,14 +611,14 @@ class GraphQLSink:
             raise PermanentSinkError(f"{what}: the backend URL names no FHIR base")
         withhold = request_words(body)
         for attempt in (1, 2):
-            sent = self._token
+            sent = await self._token_now()
             with map_errors(
                 what, Exchange(), self._timeout_s, names=self._names, withhold=withhold, ca=self._ca
             ):
                 answer = await rest.request(
                     method, path, headers={**self._headers(sent), **(headers or {})}, body=body
                 )
-            if answer.status == 401 and attempt == 1 and self._reload_token(sent):
+            if answer.status == 401 and attempt == 1 and await self._reload_token(sent):
                 LOGGER.info("%s: HTTP 401, token re-read from its source; resending", what)
                 continue
             return answer
@@ -710,7 +714,7 @@ class GraphQLSink:
         for attempt in (1, 2):
             if self._session is None:
                 raise RetryableSinkError(f"{what}: the GraphQL sink is not connected")
-            sent = self._token
+            sent = await self._token_now()
             with recording() as exchange:
                 try:
                     with map_errors(
@@ -723,20 +727,36 @@ class GraphQLSink:
                 except RetryableSinkError as exc:
                     if exc.code != 401:
                         raise
-                    if attempt == 1 and self._reload_token(sent):
+                    if attempt == 1 and await self._reload_token(sent):
                         LOGGER.info("%s: HTTP 401, token re-read from its source; resending", what)
                         continue
-                    self._unauthorized(what, exc)
+                    self._unauthorized(what, exc, sent)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @staticmethod
-    def _unauthorized(what: str, exc: RetryableSinkError) -> NoReturn:
-        raise RetryableSinkError(
-            f"{what}: unauthorized (HTTP 401) even after re-reading the token", code=401
-        ) from exc
+    def _unauthorized(self, what: str, exc: RetryableSinkError, sent: Secret | None) -> NoReturn:
+        if sent is None:  # nothing was sent: say where a token would come from
+            names = [f"[backend] token_env {self._token_source.env} is unset or empty"
+                     if self._token_source is not None and self._token_source.env else "",
+                     f"[backend] token_file {self._token_source.file} is empty"
+                     if self._token_source is not None and self._token_source.file else ""]
+            where = "; ".join(n for n in names if n) or "no token source is configured"
+            raise RetryableSinkError(
+                f"{what}: unauthorized (HTTP 401): no token was sent ({where})", code=401
+            ) from exc
+        how = "a fresh OAuth2 token" if self._oauth is not None else "re-reading the token"
+        raise RetryableSinkError(f"{what}: unauthorized (HTTP 401) even after {how}", code=401) from exc
 
-    def _reload_token(self, sent: Secret | None) -> bool:
+    async def _token_now(self) -> Secret | None:
+        """The token to send: the OAuth2 token (fetched again when close to expiry), else the one read."""
+        if self._oauth is not None:
+            self._token = await self._oauth.current()
+        return self._token
+
+    async def _reload_token(self, sent: Secret | None) -> bool:
         """Re-read the token; ``True`` when the token to use now differs from the one just rejected."""
+        if self._oauth is not None:
+            self._token = await self._oauth.current(refresh=True)
+            return self._token != sent
         if self._token_source is None:
             return False
         try:

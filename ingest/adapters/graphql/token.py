@@ -7,13 +7,19 @@ appears in a log line, an exception message or a repr (docs/reliability.md).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ingest.errors import ConfigError
 
-__all__ = ["Secret", "TokenSource"]
+__all__ = ["ClientCredentialsToken", "Secret", "TokenSource"]
+
+LOGGER = logging.getLogger(__name__)
 
 
 class Secret:
@@ -79,3 +85,107 @@ class TokenSource:
             if value:
                 return Secret(value)
         return None
+
+
+class ClientCredentialsToken:
+    """An OAuth2 access token got with the client credentials grant (RFC 6749 4.4), refreshed before it
+    expires: how Medplum (and most FHIR servers) issue tokens to a service, valid for about an hour.
+
+    The token request is made by Authlib's OAuth2 client (HTTP Basic client authentication, as Medplum's
+    ``/oauth2/token`` accepts); the token is fetched again when less than a tenth of its lifetime (at
+    least 30 s) is left, and at once after a 401. The client secret comes from an environment variable or
+    a file (re-read for each token request, so a rotated secret is picked up) and never appears in a
+    log line, message or repr.
+
+    Parameters
+    ----------
+    token_url:
+        The token endpoint (``https://api.medplum.com/oauth2/token``).
+    client_id:
+        The client application's id.
+    secret:
+        Where the client secret is read from (a :class:`TokenSource` naming the variable or file).
+    scope:
+        Optional scope to ask for.
+    ssl_context:
+        The TLS context for the token endpoint (``[backend] ca``), or ``True`` for the system CAs.
+    timeout_s:
+        Timeout of one token request.
+    """
+
+    def __init__(
+        self, token_url: str, client_id: str, secret: TokenSource, *, scope: str | None = None,
+        ssl_context: Any = True, timeout_s: float = 30.0,
+    ) -> None:
+        self.token_url = token_url
+        self.client_id = client_id
+        self._secret = secret
+        self._scope = scope
+        self._ssl = ssl_context
+        self._timeout_s = timeout_s
+        self._token: Secret | None = None
+        self._renew_at = 0.0  # monotonic time after which the token is fetched again
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<ClientCredentialsToken client_id={self.client_id!r} token_url={self.token_url!r}>"
+
+    async def current(self, *, refresh: bool = False) -> Secret:
+        """The access token to send now; fetched when there is none, it is about to expire, or
+        ``refresh`` (after the backend answered 401 to it).
+
+        Raises
+        ------
+        ConfigError
+            The secret cannot be read, or the endpoint refuses the client (``invalid_client``,
+            ``unauthorized_client``, ...): a configuration the relay cannot fix by retrying.
+        RetryableSinkError
+            The token endpoint cannot be reached now or answers with a server error.
+        """
+        async with self._lock:
+            if self._token is not None and not refresh and time.monotonic() < self._renew_at:
+                return self._token
+            self._token, lifetime = await self._fetch()
+            self._renew_at = time.monotonic() + max(lifetime - max(30.0, lifetime / 10), lifetime / 2)
+            return self._token
+
+    async def _fetch(self) -> tuple[Secret, float]:
+        from authlib.integrations.base_client.errors import OAuthError
+        from authlib.integrations.httpx_client import AsyncOAuth2Client
+
+        secret = self._secret.read()
+        if secret is None:
+            where = self._secret.file or self._secret.env
+            raise ConfigError(f"[backend] client secret: {where} holds no secret (client_secret_env / "
+                              "client_secret_file)")
+        client = AsyncOAuth2Client(
+            client_id=self.client_id, client_secret=secret.reveal(), scope=self._scope,
+            token_endpoint_auth_method="client_secret_basic", verify=self._ssl, timeout=self._timeout_s,
+            trust_env=False,
+        )
+        try:
+            token = await client.fetch_token(self.token_url, grant_type="client_credentials")
+        except OAuthError as exc:  # the endpoint's own error code (RFC 6749 5.2), never its description
+            raise ConfigError(f"[backend] token_url {self.token_url}: the token endpoint refused the client "
+                              f"{self.client_id!r}: {exc.error}") from None
+        except Exception as exc:  # httpx transport errors, HTTP 5xx, a body that is not a token answer
+            from ingest.errors import RetryableSinkError
+
+            raise RetryableSinkError(
+                f"[backend] token_url {self.token_url}: no token: {type(exc).__name__}"
+            ) from None
+        finally:
+            await client.aclose()
+        access = token.get("access_token")
+        if not access:
+            from ingest.errors import RetryableSinkError
+
+            raise RetryableSinkError(
+                f"[backend] token_url {self.token_url}: the answer holds no access_token"
+            )
+        try:
+            lifetime = float(token.get("expires_in") or 3600)
+        except (TypeError, ValueError):
+            lifetime = 3600.0
+        LOGGER.info("backend access token obtained from %s (valid %.0f s)", self.token_url, lifetime)
+        return Secret(str(access)), max(lifetime, 1.0)

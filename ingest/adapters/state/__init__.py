@@ -11,7 +11,7 @@ from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.errors import ConfigError
 from ingest.ports import StateStore
 
-__all__ = ["open_state_store", "sqlite_path"]
+__all__ = ["known_schema_version", "open_state_store", "sqlite_path", "stored_schema_version"]
 
 
 def open_state_store(url: str | None, data_dir: Path, *, node: str | None = None) -> StateStore:
@@ -43,6 +43,38 @@ def open_state_store(url: str | None, data_dir: Path, *, node: str | None = None
         return PostgresStateStore(url, node=node)
     scheme = url.split(":", 1)[0]
     raise ConfigError(f"[state] url: unsupported scheme {scheme!r} (use postgresql://... or leave unset)")
+
+
+def known_schema_version(url: str | None) -> int:
+    """The schema version this program migrates a store of ``[state] url`` to."""
+    if url is not None and url.startswith(("postgresql://", "postgres://")):
+        from ingest.adapters.state.postgres import PG_MIGRATIONS
+
+        return len(PG_MIGRATIONS)
+    from ingest.adapters.state.sqlite import MIGRATIONS
+
+    return len(MIGRATIONS)
+
+
+def stored_schema_version(url: str | None, data_dir: Path) -> int:
+    """The schema version a store holds now, read without migrating or creating anything (0: none)."""
+    if url is not None and url.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            exists = conn.execute("SELECT to_regclass('ingest_schema')").fetchone()
+            if exists is None or exists[0] is None:
+                return 0
+            row = conn.execute("SELECT max(version) FROM ingest_schema").fetchone()
+            return int(row[0]) if row is not None and row[0] is not None else 0
+    import sqlite3
+
+    path = Path(url.removeprefix("sqlite:///")) if url else data_dir / "state.sqlite3"
+    lite = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(lite.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        lite.close()
 
 
 def sqlite_path(url: str | None, data_dir: Path) -> Path | None:

@@ -191,7 +191,11 @@ class SQLStateStore(StateStore):
             for statement in migrations[number]:
                 cur.execute(statement)  # constant SQL text
             set_version(number + 1)
-            self._log.info("State database %s migrated to schema version %d", self._where, number + 1)
+        if version < len(migrations):  # one line per upgrade, with both versions (a new store: from 0)
+            from ingest import __version__
+
+            self._log.info("State database %s migrated from schema version %d to %d (ingest %s)",
+                           self._where, version, len(migrations), __version__)
 
     # -- instances ---------------------------------------------------------------------------------------
 
