@@ -665,12 +665,15 @@ class Listener:
 
     def _on_store(self, event: Any) -> Dataset:
         """EVT_C_STORE: never raises; every outcome is a status from the status table (``status.py``)."""
+        started = time.monotonic()
         try:
             return self._store(event)
         except Exception:
             LOGGER.exception("unexpected error handling a C-STORE")
             self.metrics.instances_rejected.labels(reason="internal").inc()
             return _answer("internal")
+        finally:  # the data set received to the answer decided (durable first)
+            self.metrics.cstore_seconds.observe(time.monotonic() - started)
 
     def _reject(
         self, outcome: str, data: bytes | Path | None, detail: str, rule: str = "", *,
