@@ -169,8 +169,14 @@ class TextFormatter(logging.Formatter):
         return _format_exception(ei)
 
 
+#: Fields a log call may attach (``extra={"study_uid": uid}``): each becomes a key of the JSON line. They
+#: hold UIDs, AE titles, source kinds and statuses, never patient data.
+LOG_FIELDS: Final = ("study_uid", "ae", "source", "status", "instances", "seconds")
+
+
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and exception text), escaped as in text."""
+    """One JSON object per line: time, level, logger, message (and exception text), escaped as in text,
+    plus the :data:`LOG_FIELDS` a call attached (``study_uid``, ``ae``, ``source``, ``status``...)."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -179,6 +185,12 @@ class JSONFormatter(logging.Formatter):
             "logger": printable(record.name),
             "message": printable(record.getMessage()),
         }
+        for key in LOG_FIELDS:
+            value = getattr(record, key, None)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = value
+            elif value is not None:
+                out[key] = printable(str(value))
         if record.exc_info:
             out["exc"] = _format_exception(record.exc_info)
         elif record.exc_text:

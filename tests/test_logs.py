@@ -291,3 +291,13 @@ def test_causes_and_notes_in_a_traceback_are_escaped_too() -> None:
     assert "RuntimeError: outer\\x1b[1m" in lines
     assert "note\\nFORGED" in lines
     assert not any(line.startswith("FORGED") for line in lines)
+
+
+def test_json_lines_carry_the_fields_a_call_attached_escaped() -> None:
+    record = _record("study %s pushed", "1.2.3")
+    record.study_uid, record.ae, record.status, record.instances = "1.2.3", "CT\n1", "created", 12
+    out = json.loads(JSONFormatter().format(record))
+    assert out["study_uid"] == "1.2.3" and out["status"] == "created" and out["instances"] == 12
+    assert out["ae"] == "CT\\n1"  # escaped like the message
+    assert "source" not in out  # only what was attached
+

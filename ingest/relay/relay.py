@@ -552,7 +552,7 @@ class Relay:
             limit = f" of {self.cfg.max_attempts}" if self.transient_dead_letters else ""
             LOGGER.warning(
                 "study %s: backend unavailable (attempt %d%s), next try in %.1f s: %s",
-                uid, attempts, limit, delay, exc,
+                uid, attempts, limit, delay, exc, extra={"study_uid": uid, "status": "retried"},
             )
             self._count("retried")
             return "retried"
@@ -560,7 +560,8 @@ class Relay:
         recorded = await self._record_pushed(claim, lease, result, bid, ver, dig, kept)
         if recorded != "recorded":
             return recorded
-        LOGGER.info("study %s %s (ImagingStudy/%s, %d instances)", uid, result, bid, len(records))
+        LOGGER.info("study %s %s (ImagingStudy/%s, %d instances)", uid, result, bid, len(records),
+                    extra={"study_uid": uid, "status": result, "instances": len(records)})
         self._count(result)
         return result
 
@@ -613,7 +614,8 @@ class Relay:
         await asyncio.to_thread(
             self.store.dead_letter, claim, reason=reason, error=str(exc), now=self.clock()
         )
-        LOGGER.error("study %s dead-lettered (%s): %s", claim.study_uid, reason, exc)
+        LOGGER.error("study %s dead-lettered (%s): %s", claim.study_uid, reason, exc,
+                     extra={"study_uid": claim.study_uid, "status": f"dead:{reason}"})
         self._count("dead")
         return "dead"
 

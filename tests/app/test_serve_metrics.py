@@ -3,6 +3,7 @@ histograms are observed, no ``_created`` series, the process metrics are there."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -41,7 +42,7 @@ def test_histograms_are_observed_by_a_real_serve(tmp_path: Path) -> None:
     env.update(INGEST_LISTENER__PORT=str(dicom), INGEST_ADMIN__PORT=str(admin),
                INGEST_EMBEDDED_BACKEND__PORT=str(backend), INGEST_LISTENER__ACCEPT_ANY_CALLING_AE="true",
                INGEST_RELAY__STABLE_AGE_S="0.5", INGEST_RELAY__RELEASE_GRACE_S="0.2",
-               INGEST_RELAY__POLL_INTERVAL_S="0.1")
+               INGEST_RELAY__POLL_INTERVAL_S="0.1", INGEST_LOG__FORMAT="json")
     with (tmp_path / "serve.log").open("ab") as log:
         command = [sys.executable, "-m", "ingest", "--data-dir", str(tmp_path / "data"), "serve"]
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)
@@ -63,3 +64,8 @@ def test_histograms_are_observed_by_a_real_serve(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    # JSON log lines carry fields: the push names its study and result
+    log_text = (tmp_path / "serve.log").read_text()
+    lines = [json.loads(line) for line in log_text.splitlines() if line.startswith("{")]
+    pushed = [line for line in lines if line.get("status") == "created"]
+    assert pushed and pushed[0]["study_uid"] == corpus.studies[0].study_uid
