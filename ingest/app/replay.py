@@ -21,11 +21,11 @@ from ingest.config import Settings
 from ingest.core.admission import CONFLICT_OTHER_STUDY, Existing, Verdict, decide
 from ingest.core.datetimes import parse_da
 from ingest.core.records import InstanceRecord
-from ingest.errors import ArchiveError
 from ingest.exitcodes import ExitCode
 from ingest.logs import printable
 from ingest.ports import AddOutcome, FileIdentity, StateStore, StudyState
-from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
+from ingest.sources.parse import Item, Parsed, Rejected, parse_items
+from ingest.sources.replay import Shard, relative_key, replay_items
 
 if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed, after parsing has started
     from ingest.adapters.graphql.sink import GraphQLSink
@@ -49,6 +49,8 @@ class ReplayOptions:
     # --wait-backend: how long the backend may stay unreachable (connecting, or failing transiently)
     # before the replay stops waiting and leaves the studies not pushed yet pending (exit 3)
     wait_backend_s: float = 60.0
+    # --shard K/N: only the files whose path (relative to its argument) hashes to shard K
+    shard: Shard | None = None
 
 
 @dataclass
@@ -177,8 +179,11 @@ class _Progress:
         from ingest.adapters.folders import iter_dicom_files
 
         total = 0
+        shard = self.opts.shard
         for path in self.opts.paths:
-            for _ in iter_dicom_files(path):
+            for found in iter_dicom_files(path):
+                if shard is not None and not shard.owns(relative_key(path, found)):
+                    continue
                 total += 1
                 if not self._counting:  # the replay ended first
                     return
@@ -239,18 +244,7 @@ def archives_path(path: Path) -> bool:
 
 
 def _items(opts: ReplayOptions) -> Iterator[Item]:
-    from ingest.sources import archives
-
-    for path in opts.paths:
-        if not path.exists():  # a typo or an unmounted share: named, counted as rejected (exit 2)
-            yield Item(label=str(path), rejection=("not_found", "no such file or folder"))
-        elif archives.is_archive(path):
-            try:
-                yield from archives.iter_members(path)
-            except ArchiveError as exc:  # a refused whole archive is one rejected input; others go on
-                yield Item(label=str(path), rejection=("archive_refused", str(exc)))
-        else:
-            yield from expand_paths([path])
+    return replay_items(opts.paths, opts.shard)
 
 
 # Files stat-ed and looked up in the state store per query (replay's unchanged reruns).
@@ -360,6 +354,7 @@ def _dry_run(
 
     # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
     results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True,
+                          max_inflated_bytes=settings.listener.max_inflated_bytes,
                           max_rejection_items=settings.listener.max_rejection_items)
     with _Progress(stderr, summary, opts) as progress:
         for result in results:
@@ -500,7 +495,8 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
                 items = _skip_known(items, store, opts, summary, known)
             with _Progress(stderr, summary, opts) as progress:
                 for n, result in enumerate(parse_items(
-                    items, jobs=opts.jobs, max_rejection_items=settings.listener.max_rejection_items
+                    items, jobs=opts.jobs, max_inflated_bytes=settings.listener.max_inflated_bytes,
+                    max_rejection_items=settings.listener.max_rejection_items,
                 )):
                     if not n:
                         loop.call_soon_threadsafe(reading.set)
