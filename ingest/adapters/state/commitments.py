@@ -26,7 +26,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from ingest.adapters.state.sql import Cursor, SQLStateStore
+from ingest.adapters.state.sql import Cursor, SQLStateStore, in_chunks
 from ingest.core.lifecycle import Rejection, patient_key
 from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError
@@ -46,8 +46,6 @@ FAILURE_PROCESSING: Final = (
 FAILURE_NO_SUCH_INSTANCE: Final = 0x0112  # no row: never received (or not accepted)
 FAILURE_CLASS_CONFLICT: Final = 0x0119  # received under another SOP Class
 
-# Names per ``IN (...)`` lookup (under SQLite's 999-variable floor on old builds).
-_IN_CHUNK: Final = 400
 # Rows per multi-row INSERT of items (4 parameters each).
 _INSERT_ROWS: Final = 200
 
@@ -268,9 +266,7 @@ class CommitmentStore(SQLStateStore):
         ).fetchone()
         own = f"dimse:{calling[0]}" if calling is not None else None
         classes: dict[str, str] = {}
-        for start in range(0, len(wanted), _IN_CHUNK):
-            chunk = wanted[start : start + _IN_CHUNK]
-            marks = ", ".join(["?"] * len(chunk))
+        for chunk, marks in in_chunks(wanted):
             # only the requester's own instances: another AE's are "no such object instance"
             for sop_uid, record_json in cur.execute(
                 self._q(
@@ -285,9 +281,7 @@ class CommitmentStore(SQLStateStore):
         rejected = self._rejected_among(cur, candidates)
         held: set[str] = set()
         keep = [uid for uid in candidates if uid not in rejected]
-        for start in range(0, len(keep), _IN_CHUNK):
-            chunk = keep[start : start + _IN_CHUNK]
-            marks = ", ".join(["?"] * len(chunk))
+        for chunk, marks in in_chunks(keep):
             held.update(
                 str(r[0])
                 for r in cur.execute(
@@ -330,9 +324,7 @@ class CommitmentStore(SQLStateStore):
         the instance itself, its series or its study; a note's only of its own patient). They are never
         committed: ingest keeps them out of the ImagingStudy and may remove their bytes on its own."""
         found: set[str] = set()
-        for start in range(0, len(sop_uids), _IN_CHUNK):
-            chunk = list(sop_uids[start : start + _IN_CHUNK])
-            marks = ", ".join(["?"] * len(chunk))
+        for chunk, marks in in_chunks(sop_uids):
             rows = cur.execute(
                 self._q(
                     "SELECT i.sop_uid, i.record_json, r.study_uid, r.series_uid, r.sop_uid, r.code, "

@@ -26,7 +26,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from ingest.adapters.state.sql import Cursor, SQLStateStore
+from ingest.adapters.state.sql import Cursor, SQLStateStore, in_chunks
 from ingest.core.admission import replace_refusal
 from ingest.core.lifecycle import (
     REJECTION_CODES,
@@ -44,8 +44,6 @@ from ingest.ports import HELD, Added, AddOutcome, Rejected, RejectionRow, Replac
 
 __all__ = ["LifecycleStore"]
 
-# Study UIDs / SOP Instance UIDs per IN (...) lookup (under SQLite's 999-variable floor on old builds).
-_CHUNK = 400
 # A study with more rows than this is taken to hold more than rejection notes (not read to check).
 _NOTES_ALONE = 32
 _COLUMNS = "study_uid, series_uid, sop_uid, code, note_uid"
@@ -55,9 +53,7 @@ _CLI_SOURCE = "ingest reject"
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
-    wanted = sorted(set(values))
-    for start in range(0, len(wanted), _CHUNK):
-        yield wanted[start : start + _CHUNK]
+    return (chunk for chunk, _marks in in_chunks(sorted(set(values))))
 
 
 class LifecycleStore(SQLStateStore):

@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Final, Protocol, Self
+from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
 
 from ingest.core.admission import CONFLICT_OTHER_CONTENT, CONFLICT_OTHER_STUDY, Existing, decide
 from ingest.core.records import InstanceRecord
@@ -112,8 +112,19 @@ def study_row(values: Sequence[Any], to_dt: Callable[[Any], datetime | None]) ->
 
 # Rows per multi-row INSERT (9 parameters each: well under SQLite's and PostgreSQL's limits).
 _INSERT_ROWS = 256
-# Names per ``IN (...)`` lookup (under SQLite's 999-variable floor on old builds).
-_IN_CHUNK = 500
+T = TypeVar("T")
+
+#: Values per ``IN (...)`` lookup, the one chunk size of every such query of the state store (under
+#: SQLite's 999-variable floor on old builds, with room for the statement's other parameters).
+IN_CHUNK: Final = 400
+
+
+def in_chunks(values: Sequence[T]) -> Iterator[tuple[list[T], str]]:
+    """``values`` in order, in lists of at most :data:`IN_CHUNK`, each with its ``?, ?, ...``
+    placeholders for an ``IN (...)`` clause."""
+    for start in range(0, len(values), IN_CHUNK):
+        chunk = list(values[start : start + IN_CHUNK])
+        yield chunk, ", ".join(["?"] * len(chunk))
 
 
 class SQLStateStore(StateStore):
@@ -436,9 +447,7 @@ class SQLStateStore(StateStore):
         wanted = sorted(set(names))
         found: set[str] = set()
         with self._use("referenced_spool_names") as cur:
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 rows = cur.execute(
                     self._q(f"SELECT DISTINCT spool_name FROM instances WHERE spool_name IN ({marks})"),
                     chunk,
@@ -758,9 +767,7 @@ class SQLStateStore(StateStore):
         wanted = sorted(set(study_uids))
         groups: list[SeriesGroup] = []
         with self._use("series_groups") as cur:
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 rows = cur.execute(
                     self._q(
                         "SELECT study_uid, series_uid, source, COUNT(*), MIN(added_at), MAX(added_at), "
@@ -817,9 +824,7 @@ class SQLStateStore(StateStore):
         wanted = sorted(set(study_uids))
         groups: list[SeriesGroup] = []
         with self._use("study_series") as cur:
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 rows = cur.execute(
                     self._q(
                         "SELECT study_uid, series_uid, MIN(source), MAX(source), COUNT(*), MIN(added_at), "
