@@ -1,4 +1,5 @@
-"""Command line: ``ingest serve | replay | status | retry | reject | rejections | backend | check-store``.
+"""Command line: ``ingest serve | replay | watch | status | retry | reject | rejections | relink | backend |
+check-store | check-config | init | backup | migrate``.
 
 Exit codes (all commands):
 
