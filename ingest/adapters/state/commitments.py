@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
 from ingest.adapters.state.sql import Cursor, SQLStateStore, in_chunks
@@ -176,32 +176,19 @@ class CommitmentStore(SQLStateStore):
         """
         if limit <= 0:
             return []
-        now_v = self._time(now)
-        expires = self._time(now + timedelta(seconds=lease_s))
-        far = now + timedelta(days=365_000)  # without stale_after: never
-        stale_v = self._time(stale_after if stale_after is not None else far)
-        lease_stale_v = self._time(now + timedelta(seconds=2 * lease_s) if stale_after is not None else far)
+        now_v, expires, stale_v, lease_stale_v = self._claim_times(now, lease_s, stale_after)
         excluded = sorted(set(exclude_aes))
         not_in = f"AND calling_ae NOT IN ({', '.join(['?'] * len(excluded))}) " if excluded else ""
         with self._write("claim_commitments") as cur:
             rows = cur.execute(
                 self._q(
                     "SELECT transaction_uid, calling_ae, received_at, attempts FROM commitments "
-                    "WHERE state = 'pending' "
-                    "AND (next_attempt_at IS NULL OR next_attempt_at <= ? OR next_attempt_at > ?) "
-                    "AND (lease_owner IS NULL OR lease_owner = ? OR lease_expires IS NULL "
-                    "OR lease_expires <= ? OR lease_expires > ?) " + not_in +
-                    "ORDER BY next_attempt_at, received_at, transaction_uid LIMIT ?" + self._CLAIM_LOCK
+                    "WHERE state = 'pending' AND " + self._claimable(own_again=True) + not_in
+                    + "ORDER BY next_attempt_at, received_at, transaction_uid LIMIT ?" + self._CLAIM_LOCK
                 ),
                 (now_v, stale_v, owner, now_v, lease_stale_v, *excluded, limit),
             ).fetchall()
-            if rows:
-                cur.executemany(
-                    self._q(
-                        "UPDATE commitments SET lease_owner = ?, lease_expires = ? WHERE transaction_uid = ?"
-                    ),
-                    [(owner, expires, row[0]) for row in rows],
-                )
+            self._take_leases(cur, "commitments", "transaction_uid", [row[0] for row in rows], owner, expires)
         claims = []
         for row in rows:
             received = self._from_time(row[2])
