@@ -38,6 +38,7 @@ from ingest.adapters.state.commitments import CommitmentStore
 from ingest.adapters.state.files import FileIdentityStore
 from ingest.adapters.state.lifecycle import LifecycleStore
 from ingest.adapters.state.retention import RetentionStore
+from ingest.adapters.state.schema import POSTGRES, migrations
 from ingest.adapters.state.sql import utc
 from ingest.errors import StoreError, StoreUnavailableError
 
@@ -47,135 +48,9 @@ LOGGER = logging.getLogger(__name__)
 
 _MIGRATION_LOCK: Final = 0x1A6E57  # pg_advisory_xact_lock key serialising migrations
 
-#: Numbered schema migrations; ``PG_MIGRATIONS[i]`` brings ``ingest_schema.version`` from ``i`` to ``i + 1``.
-PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """
-        CREATE TABLE instances (
-            sop_uid     text PRIMARY KEY,         -- (0008,0018)
-            study_uid   text NOT NULL,            -- (0020,000D)
-            series_uid  text NOT NULL,            -- (0020,000E)
-            digest      text NOT NULL,
-            source      text NOT NULL,
-            spool_name  text,
-            node        text,
-            record_json text NOT NULL,
-            added_at    timestamptz NOT NULL
-        )
-        """,
-        "CREATE INDEX instances_study ON instances (study_uid)",
-        """
-        CREATE TABLE studies (
-            study_uid       text PRIMARY KEY,     -- (0020,000D)
-            generation      bigint NOT NULL DEFAULT 0,
-            dirty           boolean NOT NULL DEFAULT false,
-            last_seen       timestamptz,
-            due_at          timestamptz,
-            state           text NOT NULL DEFAULT 'pending',
-            backend_id      text,
-            version_id      text,
-            digest          text,
-            attempts        integer NOT NULL DEFAULT 0,
-            next_attempt_at timestamptz,
-            last_error      text,
-            dead_reason     text,
-            pushed_at       timestamptz,
-            lease_owner     text,
-            lease_expires   timestamptz
-        )
-        """,
-        # claim_due: pending + dirty studies in due order
-        "CREATE INDEX studies_due ON studies (state, dirty, due_at)",
-    ),
-    # 2: the start-up sweep looks spool names up (sweep_orphans)
-    ("CREATE INDEX instances_spool ON instances (spool_name)",),
-    # 3: study lifecycle: rejections (IOCM) and replaced instances (ingest.adapters.state.lifecycle);
-    # "" in series_uid / sop_uid widens a rejection to the whole study / series, note_uid "" is
-    # `ingest reject`'s
-    (
-        """
-        CREATE TABLE rejections (
-            study_uid  text NOT NULL,           -- (0020,000D)
-            series_uid text NOT NULL DEFAULT '', -- (0020,000E)
-            sop_uid    text NOT NULL DEFAULT '', -- (0008,0018)
-            code       text NOT NULL,           -- DCM code value (113001, 113037, 113038, 113039)
-            note_uid   text NOT NULL DEFAULT '', -- the rejection note's SOP Instance UID
-            added_at   timestamptz NOT NULL,
-            PRIMARY KEY (study_uid, series_uid, sop_uid, code, note_uid)
-        )
-        """,
-        "ALTER TABLE instances ADD COLUMN replaced_at timestamptz",
-    ),
-    # 4: what ingest last wrote (ingest.relay): the ImagingStudy the mapping built for that write, and
-    # the subject the written resource carried (the merge's "ours before", the subject guard)
-    (
-        "ALTER TABLE studies ADD COLUMN written_ours text",
-        "ALTER TABLE studies ADD COLUMN written_subject text",
-    ),
-    # 5: Storage Commitment requests and reports (ingest.adapters.state.commitments)
-    (
-        """
-        CREATE TABLE commitments (
-            transaction_uid text PRIMARY KEY,     -- (0008,1195)
-            calling_ae      text NOT NULL,
-            node            text,
-            state           text NOT NULL DEFAULT 'pending',
-            received_at     timestamptz NOT NULL,
-            decided_at      timestamptz,
-            attempts        integer NOT NULL DEFAULT 0,
-            next_attempt_at timestamptz,
-            last_error      text,
-            reported_at     timestamptz,
-            lease_owner     text,
-            lease_expires   timestamptz
-        )
-        """,
-        "CREATE INDEX commitments_due ON commitments (state, next_attempt_at)",
-        """
-        CREATE TABLE commitment_items (
-            transaction_uid text NOT NULL,        -- commitments.transaction_uid
-            position        integer NOT NULL,
-            sop_class_uid   text NOT NULL,        -- (0008,1150)
-            sop_uid         text NOT NULL,        -- (0008,1155)
-            committed       boolean,              -- NULL until decided
-            failure_reason  integer,              -- (0008,1197) when not committed
-            PRIMARY KEY (transaction_uid, position)
-        )
-        """,
-    ),
-    # 6: spool retention: when an instance's bytes were removed (and why), and until when a Storage
-    # Commitment holds them (ingest.adapters.state.retention)
-    (
-        "ALTER TABLE instances ADD COLUMN bytes_removed_at timestamptz",
-        "ALTER TABLE instances ADD COLUMN bytes_removed_reason text",
-        "ALTER TABLE instances ADD COLUMN hold_until timestamptz",
-        # releasable(): the instances of a pushed study whose bytes are still held
-        "CREATE INDEX instances_held ON instances (study_uid) WHERE bytes_removed_at IS NULL",
-    ),
-    # 7: small instances' bytes, committed in the same transaction as their row (spool_name NULL)
-    (
-        """
-        CREATE TABLE instance_bytes (
-            sop_uid text PRIMARY KEY,   -- instances.sop_uid
-            data    bytea NOT NULL      -- the Part 10 file
-        )
-        """,
-    ),
-    # 8: replay's file identities (path, size, mtime, digest) for unchanged reruns
-    # (ingest.adapters.state.files)
-    (
-        """
-        CREATE TABLE replay_files (
-            path      text PRIMARY KEY,   -- absolute path of the file replay read
-            size      bigint NOT NULL,      -- os.stat before reading: st_size
-            mtime_ns  bigint NOT NULL,      -- and st_mtime_ns
-            digest    text NOT NULL,      -- instances.digest of the instance it carried
-            sop_uid   text NOT NULL,
-            study_uid text NOT NULL
-        )
-        """,
-    ),
-)
+#: Numbered schema migrations; ``PG_MIGRATIONS[i]`` brings ``ingest_schema.version`` from ``i`` to
+#: ``i + 1`` (DDL in :mod:`ingest.adapters.state.schema`, written once for both dialects).
+PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = migrations(POSTGRES)
 
 
 def check_schema(url: str, *, connect_timeout_s: float = 10.0) -> list[str]:

@@ -49,6 +49,7 @@ from ingest.adapters.state.commitments import CommitmentStore
 from ingest.adapters.state.files import FileIdentityStore
 from ingest.adapters.state.lifecycle import LifecycleStore
 from ingest.adapters.state.retention import RetentionStore
+from ingest.adapters.state.schema import SQLITE, migrations
 from ingest.adapters.state.sql import utc
 from ingest.errors import StoreError, StoreUnavailableError
 
@@ -108,136 +109,9 @@ class _Checkpointer:
         self._conn.close()
 
 
-#: Numbered schema migrations; ``MIGRATIONS[i]`` brings ``user_version`` from ``i`` to ``i + 1``.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """
-        CREATE TABLE instances (
-            sop_uid     TEXT PRIMARY KEY,         -- (0008,0018)
-            study_uid   TEXT NOT NULL,            -- (0020,000D)
-            series_uid  TEXT NOT NULL,            -- (0020,000E)
-            digest      TEXT NOT NULL,
-            source      TEXT NOT NULL,
-            spool_name  TEXT,
-            node        TEXT,
-            record_json TEXT NOT NULL,
-            added_at    TEXT NOT NULL
-        )
-        """,
-        "CREATE INDEX instances_study ON instances (study_uid)",
-        """
-        CREATE TABLE studies (
-            study_uid       TEXT PRIMARY KEY,     -- (0020,000D)
-            generation      INTEGER NOT NULL DEFAULT 0,
-            dirty           INTEGER NOT NULL DEFAULT 0,
-            last_seen       TEXT,
-            due_at          TEXT,
-            state           TEXT NOT NULL DEFAULT 'pending',
-            backend_id      TEXT,
-            version_id      TEXT,
-            digest          TEXT,
-            attempts        INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at TEXT,
-            last_error      TEXT,
-            dead_reason     TEXT,
-            pushed_at       TEXT,
-            lease_owner     TEXT,
-            lease_expires   TEXT
-        )
-        """,
-        # claim_due: pending + dirty studies in due order
-        "CREATE INDEX studies_due ON studies (state, dirty, due_at)",
-        "CREATE INDEX studies_state ON studies (state)",
-    ),
-    # 2: the start-up sweep looks spool names up (sweep_orphans)
-    ("CREATE INDEX instances_spool ON instances (spool_name)",),
-    # 3: study lifecycle: rejections (IOCM) and replaced instances (ingest.adapters.state.lifecycle);
-    # "" in series_uid / sop_uid widens a rejection to the whole study / series, note_uid "" is
-    # `ingest reject`'s
-    (
-        """
-        CREATE TABLE rejections (
-            study_uid  TEXT NOT NULL,           -- (0020,000D)
-            series_uid TEXT NOT NULL DEFAULT '', -- (0020,000E)
-            sop_uid    TEXT NOT NULL DEFAULT '', -- (0008,0018)
-            code       TEXT NOT NULL,           -- DCM code value (113001, 113037, 113038, 113039)
-            note_uid   TEXT NOT NULL DEFAULT '', -- the rejection note's SOP Instance UID
-            added_at   TEXT NOT NULL,
-            PRIMARY KEY (study_uid, series_uid, sop_uid, code, note_uid)
-        )
-        """,
-        "ALTER TABLE instances ADD COLUMN replaced_at TEXT",
-    ),
-    # 4: what ingest last wrote (ingest.relay): the ImagingStudy the mapping built for that write, and
-    # the subject the written resource carried (the merge's "ours before", the subject guard)
-    (
-        "ALTER TABLE studies ADD COLUMN written_ours TEXT",
-        "ALTER TABLE studies ADD COLUMN written_subject TEXT",
-    ),
-    # 5: Storage Commitment requests and reports (ingest.adapters.state.commitments)
-    (
-        """
-        CREATE TABLE commitments (
-            transaction_uid TEXT PRIMARY KEY,     -- (0008,1195)
-            calling_ae      TEXT NOT NULL,
-            node            TEXT,
-            state           TEXT NOT NULL DEFAULT 'pending',
-            received_at     TEXT NOT NULL,
-            decided_at      TEXT,
-            attempts        INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at TEXT,
-            last_error      TEXT,
-            reported_at     TEXT,
-            lease_owner     TEXT,
-            lease_expires   TEXT
-        )
-        """,
-        "CREATE INDEX commitments_due ON commitments (state, next_attempt_at)",
-        """
-        CREATE TABLE commitment_items (
-            transaction_uid TEXT NOT NULL,        -- commitments.transaction_uid
-            position        INTEGER NOT NULL,
-            sop_class_uid   TEXT NOT NULL,        -- (0008,1150)
-            sop_uid         TEXT NOT NULL,        -- (0008,1155)
-            committed       INTEGER,              -- NULL until decided
-            failure_reason  INTEGER,              -- (0008,1197) when not committed
-            PRIMARY KEY (transaction_uid, position)
-        )
-        """,
-    ),
-    # 6: spool retention: when an instance's bytes were removed (and why), and until when a Storage
-    # Commitment holds them (ingest.adapters.state.retention)
-    (
-        "ALTER TABLE instances ADD COLUMN bytes_removed_at TEXT",
-        "ALTER TABLE instances ADD COLUMN bytes_removed_reason TEXT",
-        "ALTER TABLE instances ADD COLUMN hold_until TEXT",
-        # releasable(): the instances of a pushed study whose bytes are still held
-        "CREATE INDEX instances_held ON instances (study_uid) WHERE bytes_removed_at IS NULL",
-    ),
-    # 7: small instances' bytes, committed in the same transaction as their row (spool_name NULL)
-    (
-        """
-        CREATE TABLE instance_bytes (
-            sop_uid TEXT PRIMARY KEY,   -- instances.sop_uid
-            data    BLOB NOT NULL      -- the Part 10 file
-        )
-        """,
-    ),
-    # 8: replay's file identities (path, size, mtime, digest) for unchanged reruns
-    # (ingest.adapters.state.files)
-    (
-        """
-        CREATE TABLE replay_files (
-            path      TEXT PRIMARY KEY,   -- absolute path of the file replay read
-            size      INTEGER NOT NULL,      -- os.stat before reading: st_size
-            mtime_ns  INTEGER NOT NULL,      -- and st_mtime_ns
-            digest    TEXT NOT NULL,      -- instances.digest of the instance it carried
-            sop_uid   TEXT NOT NULL,
-            study_uid TEXT NOT NULL
-        )
-        """,
-    ),
-)
+#: Numbered schema migrations; ``MIGRATIONS[i]`` brings ``user_version`` from ``i`` to ``i + 1`` (DDL in
+#: :mod:`ingest.adapters.state.schema`, written once for both dialects).
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = migrations(SQLITE)
 
 
 #: Problems a check reports at most (``PRAGMA integrity_check(N)``).
