@@ -40,7 +40,7 @@ from ingest.core.lifecycle import (
     view,
 )
 from ingest.core.records import InstanceRecord
-from ingest.ports import HELD, Added, AddOutcome, Rejected, RejectionRow, Replaced
+from ingest.ports import HELD, Added, AddOutcome, RejectionRecorded, RejectionRow, Replaced
 
 __all__ = ["LifecycleStore"]
 
@@ -240,7 +240,7 @@ class LifecycleStore(SQLStateStore):
                 )
         return out
 
-    def reject(self, rejection: Rejection, *, now: datetime) -> Rejected:
+    def reject(self, rejection: Rejection, *, now: datetime) -> RejectionRecorded:
         """Record ``rejection`` (``ingest reject``): a new one makes the study, when it has rows, dirty and
         due at ``now``; one already recorded writes nothing.
 
@@ -259,12 +259,12 @@ class LifecycleStore(SQLStateStore):
                 known = cur.execute(
                     self._q("SELECT 1 FROM studies WHERE study_uid = ?"), (rejection.study_uid,)
                 ).fetchone()
-                return Rejected(new=False, study_known=known is not None)
+                return RejectionRecorded(new=False, study_known=known is not None)
             known = self._touch_known(cur, rejection.study_uid, now_v, now_v)
             if known:
                 self._park_notes_only(cur, rejection.study_uid)
             release = self._stored_covered(cur, [rejection]) if removes_bytes(rejection.code) else []
-            return Rejected(new=True, study_known=known, release=tuple(release))
+            return RejectionRecorded(new=True, study_known=known, release=tuple(release))
 
     def unreject(self, rejection: Rejection, *, now: datetime) -> bool:
         """Remove a rejection ``ingest reject`` recorded (``note_uid`` ``""``); the study, when it has rows,
