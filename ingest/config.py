@@ -141,6 +141,9 @@ class ListenerSettings(_Section):
     max_associate_rq_bytes: int = Field(default=64 * 1024, ge=1024)
     max_pending_per_host: int = Field(default=8, ge=1)
     max_pending_connections: int = Field(default=64, ge=1)
+    # A DIMSE message in progress must be complete within dimse_timeout_s plus one second per
+    # min_message_rate bytes received (a data set trickled a byte at a time ends there).
+    min_message_rate: int = Field(default=1024, ge=1)
     intake_size: int = Field(default=256, ge=1)
     max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
     # Storage SOP classes neither pydicom nor pynetdicom knows: "refuse" their presentation contexts,
