@@ -53,10 +53,10 @@ def _free_port() -> int:
 
 def baseline_scp(port: int, out: Path) -> None:
     """The bare SCP (run in a child process): write each dataset's bytes to a file, answer success."""
+    from ingest.sources.dimse.netguard import GuardedRequestHandler, GuardedServer, quiet_pynetdicom_logging
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     from ingest.sources.dimse.listener import TRANSFER_SYNTAXES
-    from ingest.sources.dimse.netguard import GuardedRequestHandler, GuardedServer, quiet_pynetdicom_logging
 
     quiet_pynetdicom_logging()
     ae = AE("INGEST")

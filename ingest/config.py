@@ -134,7 +134,7 @@ class ListenerSettings(_Section):
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
-    # Before the AE check (ingest.sources.dimse.netguard): a connection must deliver its whole A-ASSOCIATE-RQ
+    # Before the AE check (ingest.sources.dimse.edge): a connection must deliver its whole A-ASSOCIATE-RQ
     # within associate_rq_timeout_s of being accepted, at most max_associate_rq_bytes long; connections
     # still waiting for theirs are capped per source address and in total, and hold no association slot.
     associate_rq_timeout_s: float = Field(default=5.0, gt=0)

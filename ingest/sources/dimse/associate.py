@@ -490,12 +490,12 @@ class Negotiator:
         """
         rq = request.primitive
         try:
-            roles: dict[str, tuple[bool | None, bool | None]] = {}
+            roles: dict[UID, tuple[bool | None, bool | None]] = {}
             peer_max = 0
             wants_async = False
             for item in rq.user_information or []:
                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
-                    roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
+                    roles[UID(item.sop_class_uid)] = (item.scu_role, item.scp_role)
                 elif isinstance(item, MaximumLengthNotification):
                     peer_max = int(item.maximum_length_received or 0)
                 elif isinstance(item, AsynchronousOperationsWindowNegotiation):
@@ -503,7 +503,7 @@ class Negotiator:
             result, ac_roles = negotiate_as_acceptor(
                 rq.presentation_context_definition_list, [*self.supported, *extra], roles or None
             )
-            accepted = {int(cx.context_id): cx for cx in result if cx.result == 0x00}
+            accepted = {int(cx.context_id or 0): cx for cx in result if cx.result == 0x00}
             rejected = [cx for cx in result if cx.result != 0x00]
             primitive = A_ASSOCIATE()
             primitive.application_context_name = UID(APPLICATION_CONTEXT)

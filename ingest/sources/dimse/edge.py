@@ -80,6 +80,8 @@ __all__ = ["Association", "Edge", "EdgeLimits", "Handlers", "Receiver"]
 LOGGER = logging.getLogger(__name__)
 
 _TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
+#: Pause before an A-ASSOCIATE-RJ (see Edge._refuse).
+_REJECT_PAUSE_S: Final = 0.05
 #: At most one WARNING per source and kind of refusal in this many seconds.
 CAP_WARNING_INTERVAL_S: Final = 60.0
 
@@ -273,9 +275,8 @@ class Association:
         write_dataset(fp, info)
         fields = {0x0002: sop_class, 0x0100: 0x0100, 0x0800: 0x0001, 0x1000: sop_instance, 0x1002: event_type}
         try:
-            rsp = self.call(
-                self.request(int(cx.context_id), fields, fp.getvalue()), self.edge.limits.dimse_timeout_s + 5
-            )
+            wait_s = self.edge.limits.dimse_timeout_s + 5
+            rsp = self.call(self.request(int(cx.context_id or 0), fields, fp.getvalue()), wait_s)
         except (ConnectionError, TimeoutError, OSError) as exc:
             raise RuntimeError(f"no answer to the N-EVENT-REPORT: {type(exc).__name__}") from exc
         status = Dataset()
@@ -578,6 +579,9 @@ class Edge:
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def _stopping(self) -> bool:
+        return self.closing
+
     @property
     def pending(self) -> int:
         """Connections accepted that have not yet delivered their A-ASSOCIATE-RQ."""
@@ -599,9 +603,14 @@ class Edge:
             entry.evicted = True
             with contextlib.suppress(Exception):
                 entry.writer.transport.abort()
+        # ask each association to release once it is between messages (PS3.8 A-RELEASE from the
+        # acceptor; a crossing request from the peer is a release collision, handled in _serve)
+        releasing = [asyncio.create_task(assoc.release()) for assoc in list(self.associations)]
         deadline = time.monotonic() + wait_s
         while self.associations and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        for task in releasing:
+            task.cancel()
         for assoc in list(self.associations):
             LOGGER.warning("aborting an association still open at shutdown")
             assoc.abort()
@@ -710,7 +719,7 @@ class Edge:
                 return
         finally:
             self._pending.pop(key, None)
-        if self.closing:
+        if self._stopping():
             _close_writer(writer)
             return
         try:
@@ -758,7 +767,8 @@ class Edge:
             pass  # the handlers logged their own rejection
         elif refusal.reject is not None:
             LOGGER.warning(
-                "association from %s rejected %s before the AE check: %s", host, refusal.reject, refusal.message
+                "association from %s rejected %s before the AE check: %s",
+                host, refusal.reject, refusal.message,
             )
         elif refusal.reason == "rq_timeout":
             self._warn_limited(host, refusal.reason, f"connection from {host} closed: {refusal.message}")
@@ -769,13 +779,19 @@ class Edge:
             writer.transport.abort()
             return
         try:
+            if refusal.reject is not None:
+                # A pynetdicom requestor checks that its socket is still connected only after sending
+                # its request; an A-ASSOCIATE-RJ answered within that moment makes it close the socket
+                # first and report an abort instead of the rejection. A short pause keeps the reason.
+                await asyncio.sleep(_REJECT_PAUSE_S)
             writer.write(answer)
             async with asyncio.timeout(2.0):
                 await writer.drain()
-            async with asyncio.timeout(1.0):  # like ARTIM: let the peer read it and close
-                left = 64 * 1024
-                while left > 0 and (data := await reader.read(16384)):
-                    left -= len(data)
+            if counted:  # before the AE check: let the peer read it and close (like ARTIM)
+                async with asyncio.timeout(1.0):
+                    left = 64 * 1024
+                    while left > 0 and (data := await reader.read(16384)):
+                        left -= len(data)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError):
             pass
         _close_writer(writer)

@@ -232,7 +232,6 @@ class Listener:
         commitment: CommitmentSCP | None = None,
     ) -> None:
         self.commitment = commitment
-        self.budget = budget
         self.cfg = cfg
         self.store = store  # release: mark_due (rows are committed by ``admission``)
         self.metrics = metrics
@@ -258,7 +257,8 @@ class Listener:
             None if cfg.accept_any_calling_ae else allowed, cfg.ae_title if cfg.check_called_ae else None
         )
         self.supported_contexts = [context(uid, TRANSFER_SYNTAXES) for uid in sorted(storage_sop_classes())]
-        self.supported_contexts.append(context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        both_le = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        self.supported_contexts.append(context(VERIFICATION, both_le))
         if commitment is not None:
             self.supported_contexts.append(
                 context(STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], roles=True)
@@ -273,6 +273,15 @@ class Listener:
         self._workers = ThreadPoolExecutor(
             max_workers=min(64, cfg.max_associations + 4), thread_name_prefix="ingest-store"
         )
+
+    @property
+    def budget(self) -> DiskBudget | None:
+        """The disk budget asked before an instance's bytes are written (``None``: none)."""
+        return self.stores.budget
+
+    @budget.setter
+    def budget(self, value: DiskBudget | None) -> None:
+        self.stores.budget = value
 
     @property
     def large_instance_bytes(self) -> int:
@@ -361,7 +370,8 @@ class Listener:
         if rejection is not None:
             reason, why = rejection
             LOGGER.warning(
-                "association from %s (%s) to %s rejected %s: %s", _esc(calling), host, _esc(called), reason, why
+                "association from %s (%s) to %s rejected %s: %s",
+                _esc(calling), host, _esc(called), reason, why,
             )
             self.metrics.associations.labels(outcome="rejected").inc()
             raise Refusal("rejected", why, reject=reason)
@@ -436,9 +446,8 @@ class Listener:
         a bounded buffer (nothing past the item cap is kept), anything else nowhere."""
         kind = self._kind(cx)
         if command.command_field == C_STORE_RQ and kind == "storage":
-            return StoreReceiver(
-                self.stores, command.text(0x0002), command.text(0x1000), assoc.transfer_syntax(int(cx.context_id))
-            )
+            ts = assoc.transfer_syntax(int(cx.context_id or 0))
+            return StoreReceiver(self.stores, command.text(0x0002), command.text(0x1000), ts)
         if command.command_field == N_ACTION_RQ and kind == "commitment" and self.commitment is not None:
             return self.commitment.receiver()
         return _Discard()

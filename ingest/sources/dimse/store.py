@@ -1,4 +1,4 @@
-"""The C-STORE service of the DICOM edge: nothing acknowledged is lost (docs/reliability.md, "C-STORE answers").
+"""The C-STORE service of the DICOM edge: nothing acknowledged is lost (docs/reliability.md).
 
 A C-STORE's data set arrives fragment by fragment (:class:`StoreReceiver`, on the event loop): up to
 :attr:`StoreService.large_instance_bytes` it is kept in memory, past that the bytes so far and every
