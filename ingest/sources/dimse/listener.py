@@ -421,7 +421,10 @@ class Listener:
         with self._lock:
             uids = self._studies.pop(assoc.id, set())
         if released and uids:
-            self._workers.submit(self._bring_forward, uids)
+            try:
+                self._workers.submit(self._bring_forward, uids)
+            except RuntimeError:  # shutting down: stable_age still applies, the rows are durable
+                LOGGER.info("studies of a released association not brought forward: shutting down")
 
     def _stored(self, assoc: Association, study_uid: str) -> None:
         with self._lock:
@@ -506,6 +509,8 @@ class Listener:
             return
         self.server = None
         limit = wait_s if wait_s is not None else min(30.0, self.cfg.dimse_timeout_s)
+        if self.commitment is not None:  # first: a report in flight needs the edge's loop to finish
+            self.commitment.close()
         try:
             asyncio.run_coroutine_threadsafe(server.close(limit), loop).result(limit + 10)
         except Exception:
@@ -514,8 +519,6 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._workers.shutdown(wait=True)
-        if self.commitment is not None:
-            self.commitment.close()
         LOGGER.info("DICOM listener on %s:%d stopped", self.address[0], self.address[1])
 
     async def aclose(self) -> None:

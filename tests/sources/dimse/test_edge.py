@@ -279,7 +279,7 @@ def test_silent_connections_from_the_senders_own_address_do_not_lock_it_out(tmp_
 
 def test_trickled_data_sets_lose_their_slots_at_the_message_deadline(tmp_path: Path) -> None:
     settings = make_settings(
-        tmp_path, max_associations=2, dimse_timeout_s=1.5, network_timeout_s=60, min_message_rate=1024
+        tmp_path, max_associations=2, dimse_timeout_s=1.5, network_timeout_s=60
     )
     data = encode(instance("1.2.3.4.5.3"))
     with running_listener(settings) as run:
