@@ -431,6 +431,7 @@ class Request:
     primitive: Any
     calling: str
     called: str
+    raw: bytes = b""  # the PDU as received
 
     @property
     def abstract_syntaxes(self) -> list[str]:
@@ -458,7 +459,7 @@ def decode_associate_rq(pdu: bytes) -> Request:
             "malformed_rq", f"A-ASSOCIATE-RQ cannot be decoded: {escaped(str(exc)[:120].encode())}",
             abort=ABORT_INVALID_PARAMETER,
         ) from None
-    return Request(primitive, calling, called)
+    return Request(primitive, calling, called, pdu)
 
 
 class Negotiator:

@@ -80,6 +80,8 @@ __all__ = ["Association", "Edge", "EdgeLimits", "Handlers", "Receiver"]
 LOGGER = logging.getLogger(__name__)
 
 _TCP_QUICKACK: Final[int | None] = getattr(socket, "TCP_QUICKACK", None)
+#: Decoded A-ASSOCIATE-RQs kept, by their bytes (see Edge._decode).
+_CACHED_REQUESTS: Final = 64
 #: Pause before an A-ASSOCIATE-RJ (see Edge._refuse).
 _REJECT_PAUSE_S: Final = 0.05
 #: At most one WARNING per source and kind of refusal in this many seconds.
@@ -339,6 +341,7 @@ class Association:
                 f"{self.loop.time() - msg.started:.0f} s; at least {limits.min_rate} bytes/s are expected "
                 f"past {limits.dimse_timeout_s:g} s)"
             )
+        _quickack(self.writer)  # before each wait: the kernel leaves quick-ACK mode after sending
         try:
             async with asyncio.timeout(timeout):
                 header = await self.reader.readexactly(PDU_HEADER.size)
@@ -349,10 +352,10 @@ class Association:
                         self.calling, self.host, length, limits.max_peer_pdu,
                     )
                     raise ConnectionAbortedError("PDU over the cap")
+                _quickack(self.writer)
                 body = await self.reader.readexactly(length)
         except TimeoutError:
             raise _Abort(ABORT_NOT_SPECIFIED, what) from None
-        _quickack(self.writer)
         return pdu_type, body
 
     async def _serve(self, handlers: Handlers) -> bool:
@@ -578,6 +581,21 @@ class Edge:
         self._pending_ids = itertools.count(1)
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._decoded: OrderedDict[bytes, Request] = OrderedDict()
+
+    async def _decode(self, pdu: bytes) -> Request:
+        """``pdu`` decoded by pynetdicom's codec, on a worker thread (it costs milliseconds for a request
+        of many contexts); a sender repeating the same request (the usual case) gets the decoded one
+        again."""
+        cached = self._decoded.get(pdu)
+        if cached is not None:
+            self._decoded.move_to_end(pdu)
+            return cached
+        request = await asyncio.to_thread(decode_associate_rq, pdu)
+        self._decoded[pdu] = request
+        while len(self._decoded) > _CACHED_REQUESTS:
+            self._decoded.popitem(last=False)
+        return request
 
     def _stopping(self) -> bool:
         return self.closing
@@ -710,7 +728,7 @@ class Edge:
                     return
             try:
                 first = await read_associate_rq(reader, deadline=deadline, max_bytes=self.limits.max_rq_bytes)
-                request = decode_associate_rq(first)
+                request = await self._decode(first)
             except Refusal as refusal:
                 if not entry.evicted:
                     await self._refuse(reader, writer, host, refusal)

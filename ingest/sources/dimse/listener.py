@@ -35,6 +35,7 @@ import functools
 import logging
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -265,6 +266,7 @@ class Listener:
             )
         self.negotiator = Negotiator(cfg.ae_title, cfg.max_pdu, self.supported_contexts)
         self.active: set[int] = set()  # ids of associations holding a slot
+        self._negotiated: OrderedDict[bytes, Negotiated] = OrderedDict()  # by A-ASSOCIATE-RQ bytes
         self.server: Edge | None = None
         self.address: tuple[str, int] = (cfg.host, cfg.port)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -375,7 +377,15 @@ class Listener:
             )
             self.metrics.associations.labels(outcome="rejected").inc()
             raise Refusal("rejected", why, reject=reason)
-        negotiated = self.negotiator.accept(request, self._unknown_contexts(request))
+        negotiated = self._negotiated.get(request.raw) if request.raw else None
+        if negotiated is None:
+            negotiated = self.negotiator.accept(request, self._unknown_contexts(request))
+            if request.raw:  # the same request again (a sender's next association) is answered alike
+                self._negotiated[request.raw] = negotiated
+                while len(self._negotiated) > 64:
+                    self._negotiated.popitem(last=False)
+        else:
+            self._negotiated.move_to_end(request.raw)
         self.metrics.associations.labels(outcome="accepted").inc()
         LOGGER.info("association from %s (%s) to %s", _esc(calling), host, _esc(called))
         return negotiated

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -406,3 +408,65 @@ def test_malformed_input_ends_in_an_abort_or_reject_and_the_next_sender_is_serve
 
         one()
     assert not [r for r in caplog.records if r.exc_info is not None or r.levelno >= logging.ERROR]
+
+
+# -- other real peers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk storescu not installed")
+@pytest.mark.parametrize("option", ["-xi", "-xe", "-xb", "-xd"])
+def test_storescu_with_each_proposed_transfer_syntax(tmp_path: Path, option: str) -> None:
+    """dcmtk converts the explicit little endian file to the one transfer syntax it proposes."""
+    source = get_testdata_file("CT_small.dcm")
+    ds = dcmread(source)
+    with running_listener(make_settings(tmp_path)) as run:
+        done = subprocess.run(
+            ["storescu", option, "-aet", "TESTSCU", "-aec", "INGEST", "127.0.0.1", str(run.port),
+             str(source)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        [row] = run.store.instances(ds.StudyInstanceUID)
+        assert row.sop_uid == ds.SOPInstanceUID
+
+
+def test_extended_negotiation_and_user_identity_items_get_standard_answers(tmp_path: Path) -> None:
+    from pynetdicom.pdu_primitives import (
+        AsynchronousOperationsWindowNegotiation,
+        SOPClassCommonExtendedNegotiation,
+        SOPClassExtendedNegotiation,
+        UserIdentityNegotiation,
+    )
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    extended = SOPClassExtendedNegotiation()
+    extended.sop_class_uid = ds.SOPClassUID
+    extended.service_class_application_information = b"\x01\x00"
+    common = SOPClassCommonExtendedNegotiation()
+    common.sop_class_uid = ds.SOPClassUID
+    common.service_class_uid = "1.2.840.10008.4.2"
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 2
+    identity.positive_response_requested = True
+    identity.primary_field = b"user"
+    identity.secondary_field = b"secret"
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = 4
+    window.maximum_number_operations_performed = 4
+    with running_listener(make_settings(tmp_path)) as run:
+        ae = scu()
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate(
+            "127.0.0.1", run.port, ae_title="INGEST", ext_neg=[extended, common, identity, window]
+        )
+        assert assoc.is_established
+        answered = assoc.acceptor.primitive.user_information
+        [async_rsp] = [i for i in answered if isinstance(i, AsynchronousOperationsWindowNegotiation)]
+        window_rsp = (
+            async_rsp.maximum_number_operations_invoked, async_rsp.maximum_number_operations_performed
+        )
+        assert window_rsp == (1, 1)
+        unanswered = (UserIdentityNegotiation, SOPClassExtendedNegotiation)
+        assert not [i for i in answered if isinstance(i, unanswered)]
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
