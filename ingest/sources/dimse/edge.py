@@ -636,6 +636,11 @@ class Edge:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await self.server.wait_closed()
+        await asyncio.sleep(0.01)  # closed transports release their sockets on the next iterations
 
     # -- pending connections -------------------------------------------------------------------------
 
@@ -698,6 +703,10 @@ class Edge:
             self._tasks.add(task)
         try:
             await self._connection(reader, writer)
+            _close_writer(writer)
+            with contextlib.suppress(Exception):  # the socket is closed once the loop has run it
+                async with asyncio.timeout(2.0):
+                    await writer.wait_closed()
         except asyncio.CancelledError:
             _close_writer(writer)
         except Exception:
