@@ -40,6 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
@@ -327,8 +328,7 @@ class CommitmentSCP:
             rsp = _status(_RESOURCE_LIMITATION, f"more than {self.settings.max_instances} instances")
         else:
             data = receiver.data() if isinstance(receiver, _Bounded) else b""
-            ts = assoc.transfer_syntax(command.cx_id) if hasattr(command, "cx_id") else None
-            event = _ActionEvent(assoc, requested, action, data, ts or _cx_syntax(assoc, sop_class))
+            event = _ActionEvent(assoc, requested, action, data, _cx_syntax(assoc, sop_class))
             rsp, _ = self.on_n_action(event)
         return encode_command({
             0x0002: sop_class, 0x0100: 0x8130, 0x0120: command.message_id, 0x0800: NO_DATA_SET,
@@ -664,9 +664,7 @@ class _ActionEvent:
 
     def __init__(self, assoc: Any, requested: str, action: int | None, data: bytes, ts: str) -> None:
         self.assoc = assoc
-        self.request = type("Request", (), {})()
-        self.request.RequestedSOPInstanceUID = requested
-        self.request.ActionTypeID = action
+        self.request = SimpleNamespace(RequestedSOPInstanceUID=requested, ActionTypeID=action)
         self._data = data
         self._ts = ts
 
