@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -57,10 +57,15 @@ __all__ = [
     "REJECT_CALLED_AE",
     "REJECT_CALLING_AE",
     "REJECT_NO_REASON",
+    "AEPolicy",
     "Negotiated",
     "Negotiator",
     "Refusal",
+    "Request",
+    "abort_pdu",
     "check_associate_rq",
+    "context",
+    "decode_associate_rq",
     "escaped",
     "read_associate_rq",
     "reject_pdu",
@@ -580,6 +585,3 @@ def context(
         cx.scp_role = True
     return cx
 
-
-AbortCallback = Callable[[int], None]
-__all__ += ["AEPolicy", "Request", "abort_pdu", "context", "decode_associate_rq"]

@@ -68,6 +68,7 @@ from ingest.sources.dimse.framing import (
     FramingError,
     abort_pdu,
     decode_command,
+    encode_command,
     p_data_pdus,
     release_rp_pdu,
     release_rq_pdu,
@@ -231,8 +232,6 @@ class Association:
         TimeoutError
             When no response came in time.
         """
-        from ingest.sources.dimse.framing import encode_command
-
         await self._idle.wait()
         if not self.is_established or self.is_release_requested():
             raise ConnectionError("the association is being released or has ended")
