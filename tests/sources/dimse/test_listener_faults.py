@@ -38,7 +38,7 @@ def test_spool_write_error_answers_out_of_resources_and_stores_nothing(
         real_write = os.write
 
         def failing_write(fd: int, data: bytes) -> int:
-            if threading.current_thread().name.startswith("AcceptorThread"):
+            if threading.current_thread().name.startswith("ingest-store"):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_write(fd, data)
 
