@@ -35,6 +35,7 @@ import functools
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -246,6 +247,7 @@ class Listener:
         self.spool.sweep_temps()
         self._lock = threading.Lock()
         self._studies: dict[int, set[str]] = {}  # association id -> studies it stored into
+        self._tallies: dict[int, _Tally] = {}  # association id -> what its C-STOREs came to
         self.stores = StoreService(
             cfg, metrics, intake, group=self.group, spool=spool, quarantine=quarantine, clock=clock,
             inline_max_bytes=inline_max_bytes, budget=budget, stored=self._stored,
@@ -425,11 +427,27 @@ class Listener:
             _esc(assoc.calling), _esc(assoc.host), len(refused), ", ".join(shown),
         )
 
+    def _tally(self, assoc: Association, receiver: StoreReceiver) -> None:
+        with self._lock:
+            tally = self._tallies.setdefault(assoc.id, _Tally(time.monotonic()))
+        tally.add(receiver.outcome, receiver.size)
+
     def ended(self, assoc: Association, *, released: bool) -> None:
-        """Give the slot back; after a release the studies it stored into become due after the grace."""
+        """Give the slot back; after a release the studies it stored into become due after the grace.
+        One INFO line says what the association did (README "Metrics")."""
         self.active.discard(assoc.id)
         with self._lock:
             uids = self._studies.pop(assoc.id, set())
+            tally = self._tallies.pop(assoc.id, None)
+        if tally is not None:
+            seconds = time.monotonic() - tally.started
+            LOGGER.info(
+                "association from %s (%s) %s: %d stored, %d duplicate, %d refused, %d bytes, %.1f s",
+                _esc(assoc.calling), _esc(assoc.host), "released" if released else "ended", tally.stored,
+                tally.duplicate, tally.refused, tally.bytes, seconds,
+                extra={"ae": assoc.calling, "source": "dimse", "instances": tally.stored,
+                       "seconds": round(seconds, 3), "status": "released" if released else "ended"},
+            )
         if released and uids:
             try:
                 self._workers.submit(self._bring_forward, uids)
@@ -488,6 +506,7 @@ class Listener:
         if field == C_STORE_RQ and kind == "storage" and isinstance(receiver, StoreReceiver):
             rsp = await loop.run_in_executor(self._workers, self.stores.store, assoc, assoc.calling, receiver)
             status = int(rsp.Status)
+            self._tally(assoc, receiver)
             return encode_command({
                 0x0002: receiver.cmd_class, 0x0100: 0x8001, 0x0120: command.message_id, 0x0800: NO_DATA_SET,
                 0x0900: status, 0x0902: str(rsp.ErrorComment) if "ErrorComment" in rsp else None,
@@ -534,6 +553,23 @@ class Listener:
     async def aclose(self) -> None:
         """Stop accepting associations, let in-flight stores finish (bounded wait), shut the server down."""
         await asyncio.to_thread(self.close)
+
+
+class _Tally:
+    """What one association's C-STOREs came to, for its summary line."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.stored = self.duplicate = self.refused = self.bytes = 0
+
+    def add(self, outcome: str | None, size: int) -> None:
+        self.bytes += size
+        if outcome == "stored":
+            self.stored += 1
+        elif outcome == "duplicate":
+            self.duplicate += 1
+        else:
+            self.refused += 1
 
 
 class _Discard:

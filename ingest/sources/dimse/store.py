@@ -44,7 +44,16 @@ from ingest.intake.commit import GroupCommit
 from ingest.intake.retention import DiskBudget, SpoolFullError
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome
-from ingest.sources.dimse.status import answer as _answer
+from ingest.sources.dimse.status import answer
+
+#: The outcome name of the answer a worker thread built last (``stored``, ``duplicate``, ``conflict``...):
+#: :meth:`StoreService.store` hands it to its receiver for the association's summary line.
+_outcome = threading.local()
+
+
+def _answer(outcome: str, detail: str | None = None) -> Dataset:
+    _outcome.name = outcome
+    return answer(outcome, detail)
 
 __all__ = ["LARGE_INSTANCE_BYTES", "Intake", "StoreReceiver", "StoreService", "part10_prefix"]
 
@@ -149,6 +158,7 @@ class StoreReceiver:
         self.failed: StoreError | None = None
         self.size = 0
         self.oversized = False
+        self.outcome: str | None = None  # the answer's outcome name, once answered
 
     def feed(self, fragment: memoryview) -> None:
         """Take one data-set fragment."""
@@ -234,6 +244,7 @@ class StoreService:
     def store(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
         """Answer a received C-STORE; never raises (every outcome is a status of ``status.py``)."""
         started = time.monotonic()
+        _outcome.name = None
         try:
             return self._store(assoc, calling, receiver)
         except Exception:
@@ -242,6 +253,7 @@ class StoreService:
             receiver.abandon()
             return _answer("internal")
         finally:  # the data set received to the answer decided (durable first)
+            receiver.outcome = getattr(_outcome, "name", None)
             self.metrics.cstore_seconds.observe(time.monotonic() - started)
 
     def _store(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
