@@ -94,7 +94,9 @@ def test_the_acceptor_answers_release_and_abort_and_serves_in_between(tmp_path: 
             started = time.monotonic()
             for _ in range(20):
                 assert assoc.send_c_echo().Status == 0x0000
-            assert time.monotonic() - started < 5
+            # a loop that stalled per message (waiting out a timer) would take minutes; a loaded 2-core
+            # machine takes well under this
+            assert time.monotonic() - started < 30
             if ending == "release":
                 assoc.release()
                 assert assoc.is_released
@@ -103,7 +105,7 @@ def test_the_acceptor_answers_release_and_abort_and_serves_in_between(tmp_path: 
                 assert assoc.is_aborted
         assert run.listener.server is not None
         server = run.listener.server
-        wait_until(lambda: not server.associations, 5, "every association ended")
+        wait_until(lambda: not server.associations, 30, "every association ended")
 
 
 def test_artim_closes_a_connection_the_peer_keeps_open_after_release(tmp_path: Path) -> None:
