@@ -149,13 +149,16 @@ class ListenerSettings(_Section):
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
-    # Before the AE check (ingest.sources.dimse.netguard): a connection must deliver its whole A-ASSOCIATE-RQ
+    # Before the AE check (ingest.sources.dimse.edge): a connection must deliver its whole A-ASSOCIATE-RQ
     # within associate_rq_timeout_s of being accepted, at most max_associate_rq_bytes long; connections
     # still waiting for theirs are capped per source address and in total, and hold no association slot.
     associate_rq_timeout_s: float = Field(default=5.0, gt=0)
     max_associate_rq_bytes: int = Field(default=64 * 1024, ge=1024)
     max_pending_per_host: int = Field(default=8, ge=1)
     max_pending_connections: int = Field(default=64, ge=1)
+    # A DIMSE message in progress must be complete within dimse_timeout_s plus one second per
+    # min_message_rate bytes received (a data set trickled a byte at a time ends there).
+    min_message_rate: int = Field(default=1024, ge=1)
     intake_size: int = Field(default=256, ge=1)
     max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
     # Most instances a Key Object Selection Document (an IOCM rejection note) may name in its Current
