@@ -39,6 +39,7 @@ from ingest.adapters.state.files import FileIdentityStore
 from ingest.adapters.state.lifecycle import LifecycleStore
 from ingest.adapters.state.retention import RetentionStore
 from ingest.adapters.state.sql import utc
+from ingest.adapters.state.sync import SyncStore
 from ingest.errors import StoreError, StoreUnavailableError
 
 __all__ = ["PG_MIGRATIONS", "PostgresStateStore", "check_schema", "server_label"]
@@ -175,6 +176,40 @@ PG_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 9: ingest sync: per source its watermark, last run and lease, and what it listed last
+    # (ingest.adapters.state.sync)
+    (
+        """
+        CREATE TABLE sync_sources (
+            source        text PRIMARY KEY,   -- [[sync.sources]] name (or the --from URL's)
+            watermark     text,               -- YYYYMMDD: Study Date an incremental run starts from
+            last_started  timestamptz,
+            last_finished timestamptz,
+            last_status   text,
+            last_error    text,
+            last_counts   text,               -- JSON
+            lease_owner   text,
+            lease_expires timestamptz
+        )
+        """,
+        """
+        CREATE TABLE sync_studies (
+            source     text NOT NULL,
+            study_uid  text NOT NULL,         -- (0020,000D)
+            study_date text,                  -- (0008,0020) as listed
+            PRIMARY KEY (source, study_uid)
+        )
+        """,
+        """
+        CREATE TABLE sync_listed (
+            source     text NOT NULL,
+            study_uid  text NOT NULL,         -- (0020,000D)
+            series_uid text NOT NULL,         -- (0020,000E)
+            sop_uid    text NOT NULL,         -- (0008,0018)
+            PRIMARY KEY (source, study_uid, sop_uid)
+        )
+        """,
+    ),
 )
 
 
@@ -253,7 +288,7 @@ def _label(url: str) -> str:
     return f"postgresql://{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
-class PostgresStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore):
+class PostgresStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore, SyncStore):
     """:class:`ingest.ports.StateStore` on PostgreSQL (psycopg 3, synchronous).
 
     Parameters

@@ -50,6 +50,7 @@ from ingest.adapters.state.files import FileIdentityStore
 from ingest.adapters.state.lifecycle import LifecycleStore
 from ingest.adapters.state.retention import RetentionStore
 from ingest.adapters.state.sql import utc
+from ingest.adapters.state.sync import SyncStore
 from ingest.errors import StoreError, StoreUnavailableError
 
 __all__ = [
@@ -237,6 +238,40 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 9: ingest sync: per source its watermark, last run and lease, and what it listed last
+    # (ingest.adapters.state.sync)
+    (
+        """
+        CREATE TABLE sync_sources (
+            source        TEXT PRIMARY KEY,   -- [[sync.sources]] name (or the --from URL's)
+            watermark     TEXT,               -- YYYYMMDD: Study Date an incremental run starts from
+            last_started  TEXT,
+            last_finished TEXT,
+            last_status   TEXT,
+            last_error    TEXT,
+            last_counts   TEXT,               -- JSON
+            lease_owner   TEXT,
+            lease_expires TEXT
+        )
+        """,
+        """
+        CREATE TABLE sync_studies (
+            source     TEXT NOT NULL,
+            study_uid  TEXT NOT NULL,         -- (0020,000D)
+            study_date TEXT,                  -- (0008,0020) as listed
+            PRIMARY KEY (source, study_uid)
+        )
+        """,
+        """
+        CREATE TABLE sync_listed (
+            source     TEXT NOT NULL,
+            study_uid  TEXT NOT NULL,         -- (0020,000D)
+            series_uid TEXT NOT NULL,         -- (0020,000E)
+            sop_uid    TEXT NOT NULL,         -- (0008,0018)
+            PRIMARY KEY (source, study_uid, sop_uid)
+        )
+        """,
+    ),
 )
 
 
@@ -330,7 +365,7 @@ def _dt(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).astimezone(UTC)
 
 
-class SQLiteStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore):
+class SQLiteStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore, SyncStore):
     """:class:`ingest.ports.StateStore` on one SQLite file (WAL, ``synchronous=FULL``).
 
     Parameters
