@@ -1,11 +1,12 @@
-"""Listener benchmark: dcmtk ``storescu`` (defaults) -> (a) a bare pynetdicom SCP, (b) ``ingest serve``.
+"""Listener benchmark: dcmtk ``storescu`` -> ``ingest serve`` against Orthanc and dcmtk ``storescp``.
 
-(a) is the best-configured baseline: pynetdicom writing each received dataset to a file, on the same
-socket layer as the listener (``TCP_NODELAY``, quick ACKs re-armed before reads, one buffer per PDU)
-and the same maximum PDU, no per-PDU log handlers. (b) is the full service (durable spool + state
-row before each answer). Rows: instances/s and MB/s for the small corpus and the CT series, the ratio
-(b)/(a) (target 0.9), peak RSS of ``ingest serve`` during the CT series (target 150 MB) and seconds
-from ``storescu``'s last response to the ImagingStudy being readable (target grace + 1 s).
+Every row is a ratio measured in the same run on the same corpus: ``ingest serve`` (durable: each
+instance's bytes and row committed before its answer) against Orthanc (Debian package, default durable
+storage, ``TCP_NODELAY=1``) and dcmtk ``storescp`` (files without fsync). Senders: ``storescu`` with
+``TCP_NODELAY=1`` and a default one (Nagle on). Corpora: small instances (~12 KB) and a CT series
+(512 KB each), over 1 and 4 concurrent associations; 200 associations of one instance each; the peak RSS
+of ``ingest serve`` while 10 associations send the CT series; seconds from the last response to the
+ImagingStudy being readable.
 
 Run alone: ``python -m bench.listener [--quick]``; ``bench.run`` registers :func:`bench_listener`.
 """
@@ -28,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.peers import echo_ready, orthanc, split, storescp, storescu, storescu_parallel
+from bench.peers import echo_ready, orthanc, sender_env, split, storescp, storescu, storescu_parallel
 from bench.run import BenchContext, Row, benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,59 +52,8 @@ def _free_port() -> int:
     return _free_ports(1)[0]
 
 
-def baseline_scp(port: int, out: Path) -> None:
-    """The bare SCP (run in a child process): write each dataset's bytes to a file, answer success."""
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-    from ingest.sources.dimse.listener import TRANSFER_SYNTAXES
-    from ingest.sources.dimse.netguard import GuardedRequestHandler, GuardedServer, quiet_pynetdicom_logging
-
-    quiet_pynetdicom_logging()
-    ae = AE("INGEST")
-    ae.maximum_pdu_size = MAX_PDU
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(str(cx.abstract_syntax), list(TRANSFER_SYNTAXES))
-    ae.add_supported_context("1.2.840.10008.1.1")  # Verification, for the readiness probe
-    counter = [0]
-
-    def on_store(event: Any) -> int:
-        counter[0] += 1
-        with open(out / f"{counter[0]}.dcm", "wb") as fh:
-            fh.write(event.encoded_dataset())
-        return 0x0000
-
-    server = ae.make_server(
-        ("127.0.0.1", port),
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-        server_class=GuardedServer,
-        request_handler=GuardedRequestHandler,
-    )
-    server.serve_forever(poll_interval=0.2)
-
-
-def _echo_ready(port: int, timeout: float = 30) -> None:
-    echo_ready(port, timeout)
-
-
-def _storescu(port: int, folder: Path) -> float:
-    return storescu(port, folder)
-
-
-@contextmanager
-def _bare(work: Path) -> Iterator[int]:
-    """The bare SCP in a child process; yields its port."""
-    port = _free_port()
-    out = Path(tempfile.mkdtemp(dir=work, prefix="bare-"))
-    child = subprocess.Popen(
-        [sys.executable, "-m", "bench.listener", "--baseline-scp", str(port), str(out)], cwd=REPO
-    )
-    try:
-        _echo_ready(port)
-        yield port
-    finally:
-        child.terminate()
-        child.wait(30)
-        shutil.rmtree(out, ignore_errors=True)
+def _storescu(port: int, folder: Path, *, nodelay: bool = True) -> float:
+    return storescu(port, folder, nodelay=nodelay)
 
 
 @contextmanager
@@ -115,6 +65,7 @@ def _serve(work: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes], Path
         os.environ,
         INGEST_LISTENER__PORT=str(port),
         INGEST_LISTENER__ACCEPT_ANY_CALLING_AE="true",
+        INGEST_LISTENER__MAX_ASSOCIATIONS="16",
         INGEST_EMBEDDED_BACKEND__PORT=str(bport),
         INGEST_ADMIN__ENABLED="false",
         INGEST_LISTENER__MAX_PDU=str(MAX_PDU),
@@ -127,13 +78,14 @@ def _serve(work: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes], Path
         )
     try:
         try:
-            _echo_ready(port)
+            echo_ready(port)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}: {(data / 'serve.log').read_text()[-1500:]}") from exc
         yield port, bport, child, data
     finally:
         child.send_signal(signal.SIGTERM)
         child.wait(60)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -155,202 +107,144 @@ def _study_count(backend_port: int, study_uid: str) -> int:
     return len(data or [])
 
 
-def _durable_write_s(work: Path, size: int, n: int = 50) -> float:
-    """Mean seconds to make one file of ``size`` bytes durable in ``work``: write, fsync, rename, folder
-    fsync (what the spool does for an instance; the in-row path's WAL append and fsync cost about as much)."""
-    folder = Path(tempfile.mkdtemp(dir=work, prefix="fsync-"))
-    data = os.urandom(size)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        for i in range(n):
-            tmp = folder / f"{i}.tmp"
-            with tmp.open("wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, folder / f"{i}.dcm")
-            os.fsync(dir_fd)
-        return (time.perf_counter() - t0) / n
-    finally:
-        os.close(dir_fd)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.dcm"))
 
 
-def measure(
-    work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study: str,
-    ct2: tuple[Path, int] | None = None, peers: tuple[Path, int] | None = None,
-) -> list[Row]:
-    """Every receiver on every corpus; return the rows.
-
-    ``small`` and ``ct`` go to the bare SCP and to ``ingest serve`` (one association each, then
-    ``small`` split over 4 concurrent associations); ``ct2`` (2x the CT series) to ``ingest serve``
-    only, for the memory rows; ``peers`` (1,000 small instances) to ``ingest serve``, dcmtk
-    ``storescp`` and Orthanc, with ``storescu`` with and without ``TCP_NODELAY``.
-    """
-    rows: list[Row] = []
-    rates: dict[str, tuple[float, float]] = {}
-    peaks: dict[str, float] = {}
-    parts = split(sorted(small.rglob("*.dcm")), 4, Path(tempfile.mkdtemp(dir=work, prefix="split-")))
-    # (a) bare baseline
-    with _bare(work) as port:
-        for name, folder, n in (("small", small, n_small), ("ct", ct, n_ct)):
-            secs = _storescu(port, folder)
-            rates[f"bare-{name}"] = (n / secs, _size(folder) / secs / 1e6)
-        secs = storescu_parallel(port, parts)
-        rates["bare-small4"] = (n_small / secs, _size(small) / secs / 1e6)
-    # (b) ingest serve
-    runs = [("small", small, n_small), ("ct", ct, n_ct)] + ([("ct2", ct2[0], ct2[1])] if ct2 else [])
-    for name, folder, n in runs:
-        with _serve(work) as (port, bport, child, _data):
-            secs = _storescu(port, folder)
-            last = time.perf_counter()
-            rates[f"serve-{name}"] = (n / secs, _size(folder) / secs / 1e6)
-            if name == "ct2":
-                peaks[name] = _peak_rss_mb(child.pid)
-            if name == "ct":
-                rss = peaks[name] = _peak_rss_mb(child.pid)
-                while _study_count(bport, ct_study) < 1 and time.perf_counter() - last < 60:
-                    time.sleep(0.05)
-                visible = time.perf_counter() - last
-                rows.append(
-                    Row("listener: peak RSS of ingest serve, CT series", rss, "MB",
-                        note="target <= 150 MB", status="pass" if rss <= 150 else "fail")
-                )
-                rows.append(
-                    Row("listener: last C-STORE response -> ImagingStudy readable", visible, "s",
-                        note="target <= release_grace_s (2) + 1 s", status="pass" if visible <= 3 else "fail")
-                )
-    with _serve(work) as (port, _bport, _child, _data):
-        secs = storescu_parallel(port, parts)
-        rates["serve-small4"] = (n_small / secs, _size(small) / secs / 1e6)
-    if "ct2" in peaks and "ct" in peaks:
-        growth = peaks["ct2"] - peaks["ct"]
-        rows.append(
-            Row(
-                "listener: peak RSS growth with a 2x CT series",
-                growth,
-                "MB",
-                note=f"{ct2[1] if ct2 else 0} images: {peaks['ct2']:.1f} MB vs {n_ct}: {peaks['ct']:.1f} MB; "
-                "target: no growth (within 10 MB)",
-                status="pass" if growth <= 10 else "fail",
-            )
-        )
-    for name, label, target in (
-        ("small", "small, 1 association", 0.8), ("ct", "CT 512 KB, 1 association", 0.9),
-        ("small4", "small, 4 associations", 0.9),
-    ):
-        b_rate, b_mb = rates[f"bare-{name}"]
-        s_rate, s_mb = rates[f"serve-{name}"]
-        rows.append(
-            Row(
-                f"listener: storescu -> ingest serve ({label})",
-                s_rate,
-                "inst/s",
-                baseline=b_rate,
-                target=target,
-                note=f"{s_mb:.1f} MB/s vs bare pynetdicom SCP {b_mb:.1f} MB/s",
-            ).finish()
-        )
-        if name == "small4":
-            continue
-        folder, n = (small, n_small) if name == "small" else (ct, n_ct)
-        size = _size(folder) // n
-        durable = _durable_write_s(work, size)
-        rows.append(
-            Row(
-                f"listener: bare SCP + one durable write per instance ({label}) / bare SCP",
-                1 / (1 / b_rate + durable),
-                "inst/s",
-                baseline=b_rate,
-                note=(
-                    f"computed: one durable write of {size / 1e3:.0f} kB measured at {durable * 1e3:.2f} ms; "
-                    f"the most a listener answering once the bytes are durable can reach ({target}x asked)"
-                ),
-            ).finish()
-        )
-    if peers is not None:
-        rows += measure_peers(work, *peers)
-    return rows
-
-
-def measure_peers(work: Path, folder: Path, n: int) -> list[Row]:
-    """``folder`` (``n`` small instances) to ``ingest serve``, dcmtk ``storescp`` and Orthanc, each
-    sent by ``storescu`` with ``TCP_NODELAY=1`` and by a default ``storescu``; ratio rows.
-
-    The bare pynetdicom SCP gets the same corpus from the same senders: it writes files without fsync
-    and does nothing else, so its rate over Orthanc's is the ceiling of any listener built on pynetdicom
-    (an info row: what part of a shortfall the DIMSE engine itself accounts for)."""
-    rate: dict[tuple[str, bool], float] = {}
-    for nodelay in (True, False):
+@contextmanager
+def _peer(name: str, work: Path) -> Iterator[int]:
+    """A fresh receiver ``name`` (``serve``, ``orthanc``, ``storescp``); yields its DICOM port."""
+    if name == "serve":
         with _serve(work) as (port, _bport, _child, _data):
-            rate["serve", nodelay] = n / storescu(port, folder, nodelay=nodelay)
-        port = _free_port()
-        with storescp(port, work):
-            rate["storescp", nodelay] = n / storescu(port, folder, nodelay=nodelay)
+            yield port
+    elif name == "orthanc":
         port, http = _free_ports(2)
         with orthanc(port, http, work):
-            rate["orthanc", nodelay] = n / storescu(port, folder, nodelay=nodelay)
-        with _bare(work) as port:
-            rate["bare", nodelay] = n / storescu(port, folder, nodelay=nodelay)
-    rows: list[Row] = []
-    for nodelay in (True, False):
-        sender = "storescu TCP_NODELAY=1" if nodelay else "storescu default"
-        for peer, target, what in (
-            ("orthanc", 1.0, "Orthanc (durable storage)"), ("storescp", 0.5, "dcmtk storescp (no fsync)"),
-        ):
-            rows.append(
-                Row(
-                    f"listener: {n} small, {sender}: ingest serve / {what}",
-                    rate["serve", nodelay],
-                    "inst/s",
-                    baseline=rate[peer, nodelay],
-                    target=target,
-                    note=f"{peer} {rate[peer, nodelay]:.0f} inst/s",
-                ).finish()
-            )
-        share = rate["serve", nodelay] / rate["bare", nodelay]
-        rows.append(
-            Row(
-                f"listener: {n} small, {sender}: bare pynetdicom SCP (no fsync) / Orthanc",
-                rate["bare", nodelay],
-                "inst/s",
-                baseline=rate["orthanc", nodelay],
-                note=f"pynetdicom's ceiling; ingest serve {share:.2f}x of it",
-            ).finish()
+            yield port
+    else:
+        port = _free_port()
+        with storescp(port, work):
+            yield port
+
+
+def _one_per_association(port: int, files: list[Path], nodelay: bool) -> float:
+    """One ``storescu`` association (one process) per file, one after the other; total seconds."""
+    started = time.perf_counter()
+    for path in files:
+        done = subprocess.run(
+            ["storescu", "-aec", "INGEST", "127.0.0.1", str(port), str(path)],
+            capture_output=True, text=True, env=sender_env(nodelay),
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"storescu failed: {done.stderr[-300:]}")
+    return time.perf_counter() - started
+
+
+PEERS = ("serve", "orthanc", "storescp")
+
+
+def measure(
+    work: Path, small: Path, n_small: int, ct: Path, n_ct: int, ct_study: str, *, n_nagle: int
+) -> list[Row]:
+    """Every receiver on every corpus and sender; return the rows (module doc)."""
+    rows: list[Row] = []
+    rate: dict[tuple[str, str], float] = {}  # (peer, case) -> instances/s
+    mbs: dict[tuple[str, str], float] = {}
+    scratch = Path(tempfile.mkdtemp(dir=work, prefix="split-"))
+    small_files = sorted(small.rglob("*.dcm"))
+    ct_files = sorted(ct.rglob("*.dcm"))
+    small4 = split(small_files, 4, scratch / "small4")
+    ct4 = split(ct_files, 4, scratch / "ct4")
+    ct10 = split(ct_files, 10, scratch / "ct10")
+    nagle = split(small_files[:n_nagle], 1, scratch / "nagle")[0]
+    nagle4 = split(small_files[:n_nagle], 4, scratch / "nagle4")
+    singles = small_files[:200]
+    cases: list[tuple[str, Any, int, int, bool]] = [  # name, folder(s), instances, bytes, TCP_NODELAY
+        ("small 1 assoc, TCP_NODELAY=1", small, n_small, _size(small), True),
+        ("CT 1 assoc, TCP_NODELAY=1", ct, n_ct, _size(ct), True),
+        ("small 4 assocs, TCP_NODELAY=1", small4, n_small, _size(small), True),
+        ("CT 4 assocs, TCP_NODELAY=1", ct4, n_ct, _size(ct), True),
+        ("small 1 assoc, default sender", nagle, n_nagle, _size(nagle), False),
+        ("small 4 assocs, default sender", nagle4, n_nagle, _size(nagle), False),
+    ]
+    for peer in PEERS:
+        for case, folder, n, size, nodelay in cases:
+            with _peer(peer, work) as port:
+                if isinstance(folder, list):
+                    secs = storescu_parallel(port, folder, nodelay=nodelay)
+                else:
+                    secs = _storescu(port, folder, nodelay=nodelay)
+            rate[peer, case] = n / secs
+            mbs[peer, case] = size / secs / 1e6
+        with _peer(peer, work) as port:
+            secs = _one_per_association(port, singles, True)
+            rate[peer, "200 one-instance associations"] = len(singles) / secs
+    # memory with 10 CT associations, and the time to a readable study
+    with _serve(work) as (port, bport, child, _data):
+        storescu_parallel(port, ct10, nodelay=True)
+        last = time.perf_counter()
+        rss = _peak_rss_mb(child.pid)
+        while _study_count(bport, ct_study) < 1 and time.perf_counter() - last < 60:
+            time.sleep(0.05)
+        visible = time.perf_counter() - last
+    targets = {
+        "small 1 assoc, TCP_NODELAY=1": 1.3, "CT 1 assoc, TCP_NODELAY=1": 1.3,
+        "small 4 assocs, TCP_NODELAY=1": 1.3, "CT 4 assocs, TCP_NODELAY=1": 1.3,
+        "small 1 assoc, default sender": 4.0, "small 4 assocs, default sender": 4.0,
+        "200 one-instance associations": 1.0,
+    }
+    for case, target in targets.items():
+        ours = rate["serve", case]
+        rows.append(
+            Row(f"listener: {case}: ingest serve / Orthanc", ours, "inst/s", baseline=rate["orthanc", case],
+                target=target,
+                note=f"Orthanc {rate['orthanc', case]:.0f} inst/s"
+                + (f"; ingest {mbs['serve', case]:.1f} MB/s" if ("serve", case) in mbs else "")).finish()
+        )
+        rows.append(
+            Row(f"listener: {case}: ingest serve / dcmtk storescp (no fsync)", ours, "inst/s",
+                baseline=rate["storescp", case],
+                note=f"storescp {rate['storescp', case]:.0f} inst/s").finish()
+        )
+    ct_mb = mbs["serve", "CT 1 assoc, TCP_NODELAY=1"]
+    rows.append(
+        Row("listener: CT on one association (MB/s)", ct_mb, "MB/s", note="target >= 120 MB/s",
+            status="pass" if ct_mb >= 120 else "fail")
+    )
+    rows.append(
+        Row("listener: small, 4 associations / 1 association (ingest serve)",
+            rate["serve", "small 4 assocs, TCP_NODELAY=1"], "inst/s",
+            baseline=rate["serve", "small 1 assoc, TCP_NODELAY=1"], target=1.5).finish()
+    )
+    rows.append(
+        Row("listener: peak RSS of ingest serve, 10 CT associations", rss, "MB",
+            note="target <= 150 MB", status="pass" if rss <= 150 else "fail")
+    )
+    rows.append(
+        Row("listener: last C-STORE response -> ImagingStudy readable", visible, "s",
+            note="target <= release_grace_s (2) + 1 s", status="pass" if visible <= 3 else "fail")
+    )
     return rows
 
 
 @benchmark("listener")
 def bench_listener(ctx: BenchContext) -> list[Row]:
-    """storescu -> bare pynetdicom SCP vs ``ingest serve`` (small corpus, CT series, 4 associations),
-    and ``ingest serve`` vs dcmtk ``storescp`` and Orthanc (1,000 small instances)."""
-    small = ctx.corpus("small", studies=30, files=ctx.scale(5000, 600))
-    ct = ctx.corpus("ct400", studies=0, files=0, ct_series=ctx.scale(400, 80))
-    ct2 = ctx.corpus("ct800", studies=0, files=0, ct_series=ctx.scale(800, 160))
-    thousand = ctx.corpus("small1000", studies=10, files=ctx.scale(1000, 300), seed=3)
+    """storescu -> ``ingest serve`` vs Orthanc and dcmtk ``storescp`` (module doc)."""
+    small = ctx.corpus("small1000", studies=10, files=ctx.scale(1000, 300), seed=3)
+    ct = ctx.corpus("ct300", studies=0, files=0, ct_series=ctx.scale(300, 80))
     return measure(ctx.work, small.root, small.files, ct.root, ct.files, ct.study_uids[-1],
-                   ct2=(ct2.root, ct2.files), peers=(thousand.root, thousand.files))
+                   n_nagle=ctx.scale(200, 100))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--baseline-scp", nargs=2, metavar=("PORT", "DIR"))
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    if args.baseline_scp:
-        baseline_scp(int(args.baseline_scp[0]), Path(args.baseline_scp[1]))
-        return 0
     with tempfile.TemporaryDirectory(prefix="bench-listener-") as tmp:
         ctx = BenchContext(work=Path(tmp), quick=args.quick, ingest=(sys.executable, "-m", "ingest"))
         for row in bench_listener(ctx):
             ratio = f" ratio {row.ratio:.2f}" if row.ratio is not None else ""
-            base = f" (bare {row.baseline:.1f})" if row.baseline else ""
+            base = f" (baseline {row.baseline:.1f})" if row.baseline else ""
             print(f"{row.name}: {row.value:.2f} {row.unit}{base}{ratio} [{row.status}] {row.note}")
     return 0
 

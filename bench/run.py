@@ -352,6 +352,7 @@ BENCHMARKS.extend(__import__("bench.watch", fromlist=["BENCHES"]).BENCHES)  # wa
 BENCHMARKS.extend(__import__("bench.e2e", fromlist=["BENCHES"]).BENCHES)  # replay end to end rows
 __import__("bench.listener")  # storescu -> listener rows; registers itself with @benchmark
 __import__("bench.commitment")  # Storage Commitment rows; registers itself with @benchmark
+__import__("bench.sync")  # ingest sync vs the PACS forwarding by C-STORE; registers itself with @benchmark
 
 
 # --------------------------------------------------------------------------------------------------

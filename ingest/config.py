@@ -43,6 +43,8 @@ __all__ = [
     "Settings",
     "SpoolSettings",
     "StateSettings",
+    "SyncSettings",
+    "SyncSource",
     "TLSSettings",
     "WatchSettings",
     "load_settings",
@@ -149,13 +151,16 @@ class ListenerSettings(_Section):
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
-    # Before the AE check (ingest.sources.dimse.netguard): a connection must deliver its whole A-ASSOCIATE-RQ
+    # Before the AE check (ingest.sources.dimse.edge): a connection must deliver its whole A-ASSOCIATE-RQ
     # within associate_rq_timeout_s of being accepted, at most max_associate_rq_bytes long; connections
     # still waiting for theirs are capped per source address and in total, and hold no association slot.
     associate_rq_timeout_s: float = Field(default=5.0, gt=0)
     max_associate_rq_bytes: int = Field(default=64 * 1024, ge=1024)
     max_pending_per_host: int = Field(default=8, ge=1)
     max_pending_connections: int = Field(default=64, ge=1)
+    # A DIMSE message in progress must be complete within dimse_timeout_s plus one second per
+    # min_message_rate bytes received (a data set trickled a byte at a time ends there).
+    min_message_rate: int = Field(default=1024, ge=1)
     intake_size: int = Field(default=256, ge=1)
     max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
     # Most instances a Key Object Selection Document (an IOCM rejection note) may name in its Current
@@ -588,6 +593,83 @@ class LinksSettings(_Section):
     referrer: Literal["display", "lookup"] = "display"
 
 
+_SYNC_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SyncSource(_Section):
+    """One PACS ``ingest sync`` mirrors (``[[sync.sources]]``); docs/architecture.md "Sync"."""
+
+    name: str
+    # dimse://CALLED_AE@HOST:PORT (C-FIND, Study Root) or an http(s):// DICOMweb root (QIDO-RS)
+    url: str
+    calling_ae: str | None = None
+    interval_s: float = Field(default=3600.0, gt=0)
+    # this PACS's answer cap, when it differs from [sync] query_limit
+    query_limit: int | None = Field(default=None, ge=2)
+    # ingest serve: every run asks everything (and reconciles every study), not from the watermark
+    full: bool = False
+    wado_rs_url: str | None = None
+    # DICOMweb: bearer token from this environment variable or file; PEM CA bundle for https / TLS
+    token_env: str | None = None
+    token_file: Path | None = None
+    ca: Path | None = None
+    # DIMSE over TLS (as the listener's [listener.tls]): client certificate and key when the PACS asks
+    tls: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _SYNC_NAME_RE.match(v):
+            raise ValueError(f"[[sync.sources]] name {v!r}: letters, digits, '.', '_', '-' (at most 64)")
+        return v
+
+    @field_validator("calling_ae")
+    @classmethod
+    def _calling(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae(v)
+
+    @field_validator("wado_rs_url")
+    @classmethod
+    def _wado(cls, v: str | None) -> str | None:
+        v = (v or "").strip() or None
+        if v is not None and (problem := _wado_rs_problem(v)):
+            raise ValueError(f"[[sync.sources]] wado_rs_url is not a WADO-RS base URL: {problem}")
+        return v
+
+
+class SyncSettings(_Section):
+    """``ingest sync`` and the sources ``ingest serve`` syncs on their interval (docs/architecture.md
+    "Sync")."""
+
+    # a study the PACS no longer lists: "keep" its ImagingStudy as it is, or mark it "entered-in-error"
+    on_study_gone: Literal["keep", "entered-in-error"] = "keep"
+    calling_ae: str = "INGEST"
+    # answers at which a study-level query is taken as cut short by the PACS (QIDO-RS: sent as limit)
+    query_limit: int = Field(default=1000, ge=2)
+    concurrency: int = Field(default=4, ge=1, le=16)
+    timeout_s: float = Field(default=30.0, gt=0)
+    attempts: int = Field(default=3, ge=1)
+    retry_base_s: float = Field(default=1.0, gt=0)
+    # an incremental run re-reads study dates from this many days before the last run's
+    overlap_days: int = Field(default=1, ge=0)
+    lease_s: float = Field(default=600.0, gt=0)
+    sources: tuple[SyncSource, ...] = ()
+
+    @field_validator("calling_ae")
+    @classmethod
+    def _calling(cls, v: str) -> str:
+        return _check_ae(v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SyncSettings:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError("[[sync.sources]] names must be unique")
+        return self
+
+
 class LogSettings(_Section):
     level: str = "INFO"
     format: Literal["text", "json"] = "text"
@@ -620,6 +702,9 @@ class Settings(BaseSettings):
     endpoint: EndpointSettings = EndpointSettings()
     profile: ProfileSettings = ProfileSettings()
     links: LinksSettings = LinksSettings()
+
+
+    sync: SyncSettings = SyncSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ gql/aiohttp, the file system) into this tree, so the orchestrator only ever hand
     │   ├── InstanceConflictError    same SOP Instance UID with other content or in another study
     │   └── TooManyReferencesError   a Key Object Selection names more instances than the cap
     ├── ArchiveError                 an archive or member refused (escape, link, bomb, unreadable)
+    ├── SyncSourceError              a PACS ``ingest sync`` queries refused, timed out or failed
     ├── StoreError                   the state store failed
     │   └── StoreUnavailableError    the store cannot be reached or written now (transient)
     ├── ReportDeliveryError          a Storage Commitment report was not delivered (retried with backoff)
@@ -52,6 +53,7 @@ __all__ = [
     "SinkError",
     "StoreError",
     "StoreUnavailableError",
+    "SyncSourceError",
     "TooManyReferencesError",
     "TruncatedError",
 ]
@@ -129,6 +131,11 @@ class TooManyReferencesError(HeaderError):
 
 class ArchiveError(IngestError):
     """An archive, or one of its members, is refused."""
+
+
+class SyncSourceError(IngestError):
+    """A PACS ``ingest sync`` queries could not be asked, or answered with a failure; the message names
+    the source and the query."""
 
 
 class StoreError(IngestError):

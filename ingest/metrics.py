@@ -107,6 +107,18 @@ class Metrics:
             "ingest_instances_replaced",
             "Stored instances replaced by a newer version ([intake] on_conflict = \"replace\")", registry=r,
         )
+        # ingest sync (ingest.sources.sync.run)
+        self.sync_runs = Counter("ingest_sync_runs", "Sync runs by source and outcome", ["source", "outcome"],
+                                 registry=r)
+        self.sync_queries = Counter(
+            "ingest_sync_queries", "C-FIND / QIDO-RS queries asked, by source and level", ["source", "level"],
+            registry=r,
+        )
+        self.sync_instances = Counter(
+            "ingest_sync_instances",
+            "Instances listed by a sync, by source and result (added, unchanged, withdrawn, restored)",
+            ["source", "result"], registry=r,
+        )
 
         # latency histograms (seconds)
         self.cstore_seconds = Histogram(

@@ -310,9 +310,12 @@ class IngestRun:
 
 
 async def run_ingest(
-    data_dir: Path, *args: str, env: Mapping[str, str], cwd: Path, timeout: float = 60.0
+    data_dir: Path, *args: str, env: Mapping[str, str], cwd: Path, timeout: float = 60.0,
+    stderr_lines: list[str] | None = None,
 ) -> IngestRun:
-    """Run ``python -m ingest --data-dir DATA ARGS...`` as a child process and wait for it."""
+    """Run ``python -m ingest --data-dir DATA ARGS...`` as a child process and wait for it.
+
+    ``stderr_lines``, when given, receives each stderr line as it is written (a test can wait for one)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -325,8 +328,22 @@ async def run_ingest(
         env=dict(env),
         cwd=cwd,
     )
+
+    async def both() -> tuple[bytes, bytes]:
+        if stderr_lines is None:
+            return await proc.communicate()
+        assert proc.stdout is not None and proc.stderr is not None
+        reader = asyncio.ensure_future(proc.stdout.read())
+        err_parts: list[bytes] = []
+        while line := await proc.stderr.readline():
+            err_parts.append(line)
+            stderr_lines.append(line.decode(errors="replace"))
+        out = await reader
+        await proc.wait()
+        return out, b"".join(err_parts)
+
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(both(), timeout)
     except TimeoutError:
         proc.kill()  # our own child, by its handle
         out, err = await proc.communicate()

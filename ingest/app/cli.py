@@ -1,5 +1,5 @@
-"""Command line: ``ingest serve | replay | watch | status | retry | reject | rejections | relink | backend |
-check-store | check-config | init | backup | migrate``.
+"""Command line: ``ingest serve | replay | sync | watch | status | retry | reject | rejections | relink |
+backend`` and the operator's commands (``check-config | check-store | init | backup | migrate``).
 
 Exit codes (all commands):
 
@@ -202,6 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", metavar="UID", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_rejections)
+    p = sub.add_parser(
+        "sync", help="index the studies a PACS holds (C-FIND or QIDO-RS answers), without moving pixels",
+        description="Ask a PACS (dimse://CALLED_AE@HOST:PORT: C-FIND; http(s)://...: a DICOMweb root, "
+        "QIDO-RS) for its studies, series and instances and write one ImagingStudy per study. Without "
+        "--full (or dates) a run starts from the last run's watermark. Exit 0: done; 1: fatal or a query "
+        "failed; 2: some answers refused; 3: some studies dead-lettered.",
+    )
+    p.add_argument("--from", dest="source_url", metavar="SOURCE", default=None,
+                   help="dimse://CALLED_AE@HOST:PORT or an http(s):// DICOMweb root")
+    p.add_argument("--name", default=None, help="a configured [[sync.sources]] name (or the name for --from)")
+    p.add_argument("--calling-ae", default=None, help="calling AE title (default: [sync] calling_ae)")
+    p.add_argument("--query-limit", type=int, default=None, metavar="N",
+                   help="the PACS's answer cap (default: the source's, else [sync] query_limit)")
+    p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                   help="only studies with a Study Date on or after this date")
+    p.add_argument("--until", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                   help="only studies with a Study Date on or before this date")
+    p.add_argument("--study", action="append", default=[], metavar="UID", help="only this Study Instance UID")
+    p.add_argument("--full", action="store_true",
+                   help="ask for everything, not from the watermark (reconciles every study)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the ImagingStudy JSON (NDJSON), write nothing")
+    p.add_argument("--pretty", action="store_true", help="with --dry-run: indented JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_sync)
 
     p = sub.add_parser("backend", help="run the embedded FHIR GraphQL backend alone")
     p.add_argument("--host", default=None)
@@ -377,6 +402,22 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr if args.dry_run else sys.stdout)
     elif not args.dry_run or sys.stderr.isatty():
         _print_table("ingest replay", summary.rows(), sys.stderr if args.dry_run else sys.stdout)
+    return summary.exit_code()
+
+
+async def _cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.app.sync import SyncOptions, run_sync
+
+    opts = SyncOptions(
+        url=args.source_url, name=args.name, calling_ae=args.calling_ae, query_limit=args.query_limit,
+        since=args.since, until=args.until,
+        studies=frozenset(args.study), full=args.full, dry_run=args.dry_run, pretty=args.pretty,
+    )
+    summary = await run_sync(settings, opts, stdout=sys.stdout, stderr=sys.stderr)
+    if args.json:
+        print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr if args.dry_run else sys.stdout)
+    elif not args.dry_run or sys.stderr.isatty():
+        _print_table("ingest sync", summary.rows(), sys.stderr if args.dry_run else sys.stdout)
     return summary.exit_code()
 
 

@@ -355,6 +355,12 @@ async def serve(settings: Settings, stop: asyncio.Event, *, adopt_spool: bool = 
             ))
             relay_task.add_done_callback(_log_if_failed("the relay"))
             health.relay = relay_task
+            if settings.sync.sources:  # [[sync.sources]]: each synced on its interval (README)
+                from ingest.app.sync import run_sources
+
+                sync_task = asyncio.create_task(run_sources(settings, store, relay, stop, metrics=metrics))
+                sync_task.add_done_callback(_log_if_failed("sync"))
+                tasks.append(sync_task)
             if retention.active:  # [spool] retain / quarantine_retain, in the background
                 retention_task = asyncio.create_task(run_retention(
                     retention, stop, interval_s=settings.spool.retention_interval_s, timekeeper=timekeeper

@@ -113,6 +113,7 @@ async def run_status(
         # Storage Commitment: requests per state, and the reports not delivered yet (README)
         commitment_counts = store.commitment_counts()
         undelivered = store.commitments("pending") + store.commitments("abandoned")
+        syncs = _sync_runs(store)  # ingest sync: each source's last run
     finally:
         store.close()
     counts = Counter(r.state.value for r in everything)
@@ -126,6 +127,7 @@ async def run_status(
                 "counts": commitment_counts,
                 "undelivered": [_commitment_json(c) for c in undelivered],
             },
+            "sync": syncs,
             "studies": [
                 {
                     "study_uid": r.study_uid, "state": r.state.value, "reason": r.dead_reason,
@@ -207,7 +209,33 @@ async def run_status(
                             c.next_attempt_at.isoformat() if c.next_attempt_at else "",
                             markup_safe(c.last_error or ""))
         console.print(pending)
+    if syncs:
+        runs = Table(title="sync sources")
+        for col in ("source", "last run", "status", "instances", "added", "withdrawn", "gone", "watermark",
+                    "error"):
+            runs.add_column(col)
+        for run in syncs:
+            c = run["counts"]
+            runs.add_row(markup_safe(run["source"]), run["last_finished"] or run["last_started"] or "",
+                         markup_safe(run["last_status"] or ""), str(c.get("instances", "")),
+                         str(c.get("added", "")), str(c.get("withdrawn", "")), str(c.get("gone", "")),
+                         markup_safe(run["watermark"] or ""), markup_safe((run["last_error"] or "")[:120]))
+        console.print(runs)
     return ExitCode.OK
+
+
+def _sync_runs(store: Any) -> list[dict[str, Any]]:
+    """Each sync source's last run (``ingest.adapters.state.sync``)."""
+    return [
+        {
+            "source": r.source, "watermark": r.watermark, "last_status": r.last_status,
+            "last_error": r.last_error, "counts": r.counts,
+            "last_started": r.last_started.isoformat() if r.last_started else None,
+            "last_finished": r.last_finished.isoformat() if r.last_finished else None,
+            "running_on": r.lease_owner,
+        }
+        for r in store.sync_runs()
+    ]
 
 
 def _commitment_json(c: CommitmentRow) -> dict[str, Any]:

@@ -19,6 +19,13 @@ only as :func:`replace_refusal` allows: from the sender of the stored version, o
 to replace (``replace = true`` on its ``[listener] allowed_calling_aes`` entry; the drop folder and
 ``ingest replay``); a new version of another patient only from a trusted sender. Otherwise the
 replacement is refused like any conflict (its rule says why).
+
+A **metadata-only** instance (``ingest sync``: a PACS's query answers, no bytes; its digest has the
+scheme :data:`METADATA_SCHEME`, ``m1:``) never replaces a row that arrived with its bytes: against one,
+it is a **duplicate** (the stored record, read from the whole header, is richer). Against another
+metadata-only row of the same study with another digest (the PACS's answers changed) it is **added**
+with :data:`SUPERSEDES` in ``detail``: the store replaces that row. An instance that arrives with its
+bytes takes over a metadata-only row of the same study the same way (identical-or-richer arrival).
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from ingest.core.records import InstanceRecord
 __all__ = [
     "CONFLICT_OTHER_CONTENT",
     "CONFLICT_OTHER_STUDY",
+    "METADATA_SCHEME",
     "REPLACE_OTHER_PATIENT",
     "REPLACE_OTHER_SENDER",
+    "SUPERSEDES",
     "Decision",
     "Existing",
     "Verdict",
@@ -45,6 +54,10 @@ __all__ = [
 CONFLICT_OTHER_CONTENT: Final = "other_content"
 #: The rule of a conflict: the SOP Instance UID is stored in another study.
 CONFLICT_OTHER_STUDY: Final = "other_study"
+#: The digest scheme of a metadata-only instance (query answers, no bytes): ``m1:<hex>``.
+METADATA_SCHEME: Final = "m1"
+#: The ``detail`` of an ``ADDED`` decision whose instance replaces a metadata-only row.
+SUPERSEDES: Final = "supersedes_metadata"
 
 #: The rule of a refused replacement: the stored version came from another sender.
 REPLACE_OTHER_SENDER: Final = "replace_other_sender"
@@ -123,7 +136,8 @@ def decide(found: Existing | None, record: InstanceRecord, digest: str) -> Decis
     Returns
     -------
     Decision
-        ``ADDED``, ``DUPLICATE``, or ``CONFLICT`` with its rule in ``detail``.
+        ``ADDED`` (with :data:`SUPERSEDES` when a metadata-only row is replaced), ``DUPLICATE``, or
+        ``CONFLICT`` with its rule in ``detail``.
     """
     if found is None:
         return _ADDED
@@ -131,6 +145,10 @@ def decide(found: Existing | None, record: InstanceRecord, digest: str) -> Decis
         return Decision(Verdict.CONFLICT, CONFLICT_OTHER_STUDY)
     if found.digest == digest:
         return _DUPLICATE
+    if _digest_scheme(digest) == METADATA_SCHEME and _digest_scheme(found.digest) != METADATA_SCHEME:
+        return _DUPLICATE  # the stored record came with its bytes: never replaced by query answers
+    if _digest_scheme(found.digest) == METADATA_SCHEME:
+        return Decision(Verdict.ADDED, SUPERSEDES)
     if _digest_scheme(found.digest) != _digest_scheme(digest) and _same_record(found.record, record):
         return _DUPLICATE
     return Decision(Verdict.CONFLICT, CONFLICT_OTHER_CONTENT)

@@ -75,12 +75,16 @@ def test_a_second_service_on_one_data_dir_is_refused(tmp_path: Path) -> None:
     first_ports = free_ports(3)
     work = tmp_path / "work"
     work.mkdir()
-    first = subprocess.Popen(
-        [sys.executable, "-m", "ingest", "--data-dir", str(tmp_path / "data"), "serve"],
-        cwd=work, env=_env(first_ports), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "first.log"
+    with log.open("ab") as out:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "ingest", "--data-dir", str(tmp_path / "data"), "serve"],
+            cwd=work, env=_env(first_ports), stdout=out, stderr=out,
+        )
     try:
-        wait_until(lambda: _bound(first_ports[0]), 60, "the first service's listener")
+        wait_until(lambda: _bound(first_ports[0]) or first.poll() is not None, 120,
+                   "the first service's listener")
+        assert first.poll() is None, log.read_text()
         done = _run(tmp_path, _env(free_ports(3)), "serve")
         assert done.returncode == 1
         assert "is in use by a running ingest: refusing to start" in done.stderr

@@ -86,7 +86,10 @@ async def test_a_touched_file_is_read_again_the_others_are_not(tmp_path: Path) -
 async def test_a_file_modified_just_before_the_run_is_not_remembered(tmp_path: Path) -> None:
     corpus = _corpus(tmp_path)
     paths = corpus.paths()
-    os.utime(paths[0])  # now: a write in the same mtime tick as the run's stat could go unseen
+    # a modification time not at least 2 s before the run's stat: a write in the same mtime tick could go
+    # unseen. Set ahead of now, so that a slow start of the run (a loaded machine) cannot age it past 2 s.
+    ahead = time.time() + 30
+    os.utime(paths[0], (ahead, ahead))
     async with running_backend(tmp_path / "backend.sqlite3") as base:
         env = ingest_env(base + GRAPHQL)
         args = ("replay", str(corpus.root), "--jobs", "1", "--json")

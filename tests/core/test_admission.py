@@ -9,6 +9,7 @@ from __future__ import annotations
 from ingest.core.admission import (
     CONFLICT_OTHER_CONTENT,
     CONFLICT_OTHER_STUDY,
+    SUPERSEDES,
     Decision,
     Existing,
     Verdict,
@@ -81,3 +82,32 @@ def test_a_stored_record_that_does_not_parse_is_not_the_same_instance() -> None:
     first = rec("1.2.3", "1.2.3.1", "1.2.3.1.1")
     broken = Existing("1.2.3", LEGACY, "{not json")
     assert decide(broken, first, CONTENT) == Decision(Verdict.CONFLICT, CONFLICT_OTHER_CONTENT)
+
+
+# -- metadata-only instances (ingest sync: query answers, no bytes) ---------------------------------------
+
+METADATA = "m1:" + "ef" * 32
+METADATA_2 = "m1:" + "01" * 32
+
+
+def test_metadata_only_never_replaces_a_record_that_came_with_its_bytes() -> None:
+    full = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", study_description="from the header", instance_number=4)
+    answers = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", instance_number=4)
+    for stored in (CONTENT, LEGACY):
+        assert decide(held(full, stored), answers, METADATA) == Decision(Verdict.DUPLICATE)
+
+
+def test_the_same_answers_again_are_a_duplicate_and_other_answers_supersede() -> None:
+    answers = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", instance_number=4)
+    assert decide(held(answers, METADATA), answers, METADATA) == Decision(Verdict.DUPLICATE)
+    changed = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", instance_number=5)
+    assert decide(held(answers, METADATA), changed, METADATA_2) == Decision(Verdict.ADDED, SUPERSEDES)
+
+
+def test_an_instance_with_its_bytes_takes_over_a_metadata_only_row() -> None:
+    answers = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", instance_number=4)
+    full = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", study_description="from the header", instance_number=4)
+    assert decide(held(answers, METADATA), full, CONTENT) == Decision(Verdict.ADDED, SUPERSEDES)
+    # never across studies
+    other = rec("9.9.9", "1.2.3.1", "1.2.3.1.1")
+    assert decide(held(answers, METADATA), other, CONTENT) == Decision(Verdict.CONFLICT, CONFLICT_OTHER_STUDY)

@@ -49,11 +49,14 @@ async def _assert_all_written_once(backend_graphql: str, corpus: GeneratedCorpus
         assert found[0]["numberOfSeries"] == len(s.series)
 
 
-async def _replay(tmp_path: Path, corpus: Any, env: dict[str, str], timeout: float = 60) -> Any:
+async def _replay(
+    tmp_path: Path, corpus: Any, env: dict[str, str], timeout: float = 60,
+    stderr_lines: list[str] | None = None,
+) -> Any:
     """``ingest replay <corpus> --jobs 1 --json`` on the test's data dir."""
     return await run_ingest(
         tmp_path / "data", "replay", str(corpus.root), "--jobs", "1", "--json", env=env, cwd=tmp_path,
-        timeout=timeout,
+        timeout=timeout, stderr_lines=stderr_lines,
     )
 
 
@@ -85,9 +88,12 @@ async def test_backend_down_at_start_and_mid_replay_all_40_written_once(tmp_path
             except sqlite3.Error:
                 return False
 
+        said: list[str] = []
+
         async def outages() -> None:
             await _when(input_read, timeout=60)
-            await asyncio.sleep(1.5)  # the first connection attempts are refused
+            # the first connection attempts after the input is read are refused (the replay says so)
+            await _when(lambda: any("backend unreachable at start" in line for line in said), timeout=60)
             await proxy.up()
             await _when(lambda: len(writes_seen) >= 12)  # about a third of the way through the pushes
             await proxy.down()  # "30 s" of the issue, shortened to 5 s: same shape, faster test
@@ -96,7 +102,7 @@ async def test_backend_down_at_start_and_mid_replay_all_40_written_once(tmp_path
             await proxy.up()
 
         scenario = asyncio.ensure_future(outages())
-        run = await _replay(tmp_path, corpus, ingest_env(proxy.graphql_url))
+        run = await _replay(tmp_path, corpus, ingest_env(proxy.graphql_url), stderr_lines=said)
         await scenario
         assert run.returncode == 0, run.stderr
         summary = run.json()

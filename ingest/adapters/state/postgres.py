@@ -40,6 +40,7 @@ from ingest.adapters.state.lifecycle import LifecycleStore
 from ingest.adapters.state.retention import RetentionStore
 from ingest.adapters.state.schema import POSTGRES, migrations
 from ingest.adapters.state.sql import utc
+from ingest.adapters.state.sync import SyncStore
 from ingest.errors import StoreError, StoreUnavailableError
 
 __all__ = ["PG_MIGRATIONS", "PostgresStateStore", "check_schema", "server_label"]
@@ -128,7 +129,7 @@ def _label(url: str) -> str:
     return f"postgresql://{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
 
-class PostgresStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore):
+class PostgresStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore, SyncStore):
     """:class:`ingest.ports.StateStore` on PostgreSQL (psycopg 3, synchronous).
 
     Parameters

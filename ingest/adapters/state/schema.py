@@ -167,6 +167,40 @@ _STEPS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # 9: ingest sync: per source its watermark, last run and lease, and what it listed last
+    # (ingest.adapters.state.sync)
+    (
+        """
+        CREATE TABLE sync_sources (
+            source        {text} PRIMARY KEY,   -- [[sync.sources]] name (or the --from URL's)
+            watermark     {text},               -- YYYYMMDD: Study Date an incremental run starts from
+            last_started  {ts},
+            last_finished {ts},
+            last_status   {text},
+            last_error    {text},
+            last_counts   {text},               -- JSON
+            lease_owner   {text},
+            lease_expires {ts}
+        )
+        """,
+        """
+        CREATE TABLE sync_studies (
+            source     {text} NOT NULL,
+            study_uid  {text} NOT NULL,         -- (0020,000D)
+            study_date {text},                  -- (0008,0020) as listed
+            PRIMARY KEY (source, study_uid)
+        )
+        """,
+        """
+        CREATE TABLE sync_listed (
+            source     {text} NOT NULL,
+            study_uid  {text} NOT NULL,         -- (0020,000D)
+            series_uid {text} NOT NULL,         -- (0020,000E)
+            sop_uid    {text} NOT NULL,         -- (0008,0018)
+            PRIMARY KEY (source, study_uid, sop_uid)
+        )
+        """,
+    ),
 )
 
 

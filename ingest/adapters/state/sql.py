@@ -28,7 +28,13 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
 
-from ingest.core.admission import CONFLICT_OTHER_CONTENT, CONFLICT_OTHER_STUDY, Existing, decide
+from ingest.core.admission import (
+    CONFLICT_OTHER_CONTENT,
+    CONFLICT_OTHER_STUDY,
+    SUPERSEDES,
+    Existing,
+    decide,
+)
 from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError, StoreUnavailableError
 from ingest.ports import (
@@ -288,7 +294,7 @@ class SQLStateStore(StateStore):
                 ).fetchall()
             )
         results: list[Added] = []
-        for record, _source, _spool, digest in items:
+        for record, source, spool_name, digest in items:
             if record.sop_uid in inserted:
                 inserted.discard(record.sop_uid)  # a second copy in this batch is compared below
                 results.append(Added(AddOutcome.ADDED, record.study_uid))
@@ -300,6 +306,18 @@ class SQLStateStore(StateStore):
             if found is None:  # pragma: no cover - deleted concurrently; nothing in ingest deletes rows
                 raise StoreUnavailableError(f"instance {record.sop_uid} vanished during add; retry")
             decision = decide(Existing(str(found[0]), str(found[1]), str(found[2])), record, digest)
+            if decision.detail == SUPERSEDES:  # a metadata-only row (ingest sync) gives way: same study
+                cur.execute(
+                    self._q(
+                        "UPDATE instances SET series_uid = ?, digest = ?, source = ?, spool_name = ?, "
+                        "node = ?, record_json = ?, added_at = ?, bytes_removed_at = NULL, "
+                        "bytes_removed_reason = NULL WHERE sop_uid = ?"
+                    ),
+                    (record.series_uid, digest, source, spool_name, self.node, record.model_dump_json(),
+                     now, record.sop_uid),
+                )
+                results.append(Added(AddOutcome.ADDED, record.study_uid))
+                continue
             results.append(Added(decision.verdict, record.study_uid, decision.detail))
         return results
 

@@ -51,6 +51,7 @@ from ingest.adapters.state.lifecycle import LifecycleStore
 from ingest.adapters.state.retention import RetentionStore
 from ingest.adapters.state.schema import SQLITE, migrations
 from ingest.adapters.state.sql import utc
+from ingest.adapters.state.sync import SyncStore
 from ingest.errors import StoreError, StoreUnavailableError
 
 __all__ = [
@@ -204,7 +205,7 @@ def _dt(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).astimezone(UTC)
 
 
-class SQLiteStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore):
+class SQLiteStateStore(LifecycleStore, CommitmentStore, RetentionStore, FileIdentityStore, SyncStore):
     """:class:`ingest.ports.StateStore` on one SQLite file (WAL, ``synchronous=FULL``).
 
     Parameters

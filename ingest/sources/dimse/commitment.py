@@ -19,9 +19,11 @@ comes later, in an N-EVENT-REPORT (Event Type 1: every instance committed; 2: so
   new association to the ``host`` / ``port`` of the requester's ``[listener] allowed_calling_aes`` entry
   (:mod:`ingest.adapters.dimse_scu`); retries, backoff and giving up are the sender's.
 
-``send_n_event_report`` on an association pynetdicom accepted pauses its reactor, so it is called from
-the sender's threads only, never from a handler (a handler runs on the reactor thread). The N-ACTION's
-answer has been sent by the time the reactor pauses.
+On the requester's association the report is sent by the edge's event loop once no request of the
+peer is being handled (:meth:`ingest.sources.dimse.edge.Association.request`), so the N-ACTION's answer
+always goes first. The N-ACTION's Action Information is kept only up to what ``max_instances``
+Referenced SOP items can take (:meth:`CommitmentSCP.receiver`): a larger one is refused with 0x0213
+without being decoded, so its size cannot cost memory.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ import threading
 import weakref
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.association import Association
 
 from ingest.adapters.dimse_scu import (
     STORAGE_COMMITMENT_INSTANCE,
@@ -155,11 +158,11 @@ class CommitmentSCP:
         self._lock = threading.Lock()
         # same-association channels: the requester's association per transaction, and every open one on
         # which this node may send N-EVENT-REPORT, per calling AE
-        self._by_transaction: dict[str, weakref.ref[Association]] = {}
-        self._channels: dict[str, weakref.WeakSet[Association]] = {}
+        self._by_transaction: dict[str, weakref.ref[Any]] = {}
+        self._channels: dict[str, weakref.WeakSet[Any]] = {}
         # one N-EVENT-REPORT at a time per association (pynetdicom's send is not re-entrant), each with
         # its own Message ID
-        self._sending: weakref.WeakKeyDictionary[Association, threading.Lock] = weakref.WeakKeyDictionary()
+        self._sending: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
         self._message_ids = itertools.count(1)
         self.sender: ReportSender | None = None
         self._started = False
@@ -236,6 +239,38 @@ class CommitmentSCP:
         self.wake()
         return _status(_SUCCESS), None
 
+    def receiver(self) -> _Bounded:
+        """The receiver of an N-ACTION's Action Information, bounded by ``max_instances``: each
+        Referenced SOP item takes at most :data:`_ITEM_BYTES` (two UIDs of 64 characters with their
+        headers and item delimiters)."""
+        return _Bounded(_ACTION_FIXED_BYTES + self.settings.max_instances * _ITEM_BYTES)
+
+    def n_action(self, assoc: Any, command: Any, receiver: Any) -> bytes:
+        """An N-ACTION-RQ on ``assoc`` (edge command and receiver): its N-ACTION-RSP command set."""
+        from ingest.sources.dimse.framing import NO_DATA_SET, encode_command
+
+        sop_class = command.text(0x0003) or STORAGE_COMMITMENT_PUSH
+        requested = command.text(0x1001)
+        action = command.us(0x1008)
+        if isinstance(receiver, _Bounded) and receiver.overflow:
+            calling = str(assoc.requestor.ae_title)
+            LOGGER.warning(
+                "Storage Commitment request from %s refused (0x0213): Action Information over %d bytes "
+                "(more than %d instances), not decoded",
+                printable(calling), receiver.cap, self.settings.max_instances,
+            )
+            self.metrics.commitments.labels(result="refused").inc()
+            rsp = _status(_RESOURCE_LIMITATION, f"more than {self.settings.max_instances} instances")
+        else:
+            data = receiver.data() if isinstance(receiver, _Bounded) else b""
+            event = _ActionEvent(assoc, requested, action, data, _cx_syntax(assoc, sop_class))
+            rsp, _ = self.on_n_action(event)
+        return encode_command({
+            0x0002: sop_class, 0x0100: 0x8130, 0x0120: command.message_id, 0x0800: NO_DATA_SET,
+            0x0900: int(rsp.Status), 0x0902: str(rsp.ErrorComment) if "ErrorComment" in rsp else None,
+            0x1000: requested or None, 0x1008: action,
+        })
+
     def _parse(self, event: Any) -> tuple[str, list[tuple[str, str]]]:
         """Transaction UID and (SOP Class, SOP Instance) pairs of an N-ACTION, or :class:`_Refused`."""
         req = event.request
@@ -307,38 +342,35 @@ class CommitmentSCP:
             raise ReportDeliveryError("; ".join(problems))
         return None
 
-    def _open_channels(self, transaction_uid: str, calling_ae: str) -> list[Association]:
+    def _open_channels(self, transaction_uid: str, calling_ae: str) -> list[Any]:
         """The requester's own association first, then its other open ones that accepted the SCP role."""
         with self._lock:
             ref = self._by_transaction.get(transaction_uid)
             found = [ref()] if ref is not None else []
             found += list(self._channels.get(calling_ae, ()))
-        ordered: list[Association] = []
+        ordered: list[Any] = []
         for assoc in found:
             if assoc is not None and assoc not in ordered and assoc.is_established and _may_report_on(assoc):
                 ordered.append(assoc)
         return ordered
 
-    def _report_on(self, assoc: Association, report: CommitmentReport, timeout_s: float) -> None:
+    def _report_on(self, assoc: Any, report: CommitmentReport, timeout_s: float) -> None:
         with self._lock:
             sending = self._sending.setdefault(assoc, threading.Lock())
         with sending:
-            if not assoc.is_established or assoc.acse.is_release_requested():
+            if not assoc.is_established or assoc.is_release_requested():
                 raise ReportDeliveryError("the requester is releasing it")
-            previous = assoc.dimse_timeout  # the answer is awaited at most timeout_s
-            assoc.dimse_timeout = timeout_s if previous is None else min(previous, timeout_s)
             try:
-                status, _ = assoc.send_n_event_report(
+                status, _ = assoc.send_n_event_report(  # the answer is awaited at most timeout_s
                     event_information(report),
                     report.event_type,
                     STORAGE_COMMITMENT_PUSH,
                     STORAGE_COMMITMENT_INSTANCE,
                     msg_id=self._next_message_id(),
+                    timeout_s=timeout_s,
                 )
             except (RuntimeError, ValueError) as exc:
                 raise ReportDeliveryError(str(exc)) from exc
-            finally:
-                assoc.dimse_timeout = previous
         check_status(status)
 
     def _next_message_id(self) -> int:
@@ -353,3 +385,62 @@ def _may_report_on(assoc: Any) -> bool:
         str(cx.abstract_syntax) == STORAGE_COMMITMENT_PUSH and bool(cx.as_scu)
         for cx in assoc.accepted_contexts
     )
+
+
+#: Bytes of Action Information beyond the Referenced SOP items (Transaction UID and sequence headers).
+_ACTION_FIXED_BYTES: Final = 1024
+#: Most bytes one Referenced SOP item takes: item header and delimiter, two UI elements of 64 characters
+#: (explicit VR headers).
+_ITEM_BYTES: Final = 8 + 8 + 2 * (8 + 64)
+
+
+class _Bounded:
+    """A data set kept up to ``cap`` bytes; past it nothing more is kept (``overflow``)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.overflow = False
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, fragment: memoryview) -> None:
+        self._size += len(fragment)
+        if self._size > self.cap:
+            self.overflow = True
+            self._parts = []
+            return
+        self._parts.append(bytes(fragment))
+
+    def abandon(self) -> None:
+        self._parts = []
+
+    def data(self) -> bytes:
+        return b"".join(self._parts)
+
+
+def _cx_syntax(assoc: Any, sop_class: str) -> str:
+    for cx in assoc.accepted_contexts:
+        if str(cx.abstract_syntax) == sop_class:
+            return str(cx.transfer_syntax[0])
+    return str(ImplicitVRLittleEndian)
+
+
+class _ActionEvent:
+    """An N-ACTION as :meth:`CommitmentSCP.on_n_action` reads it; the Action Information is decoded
+    only when asked for."""
+
+    def __init__(self, assoc: Any, requested: str, action: int | None, data: bytes, ts: str) -> None:
+        self.assoc = assoc
+        self.request = SimpleNamespace(RequestedSOPInstanceUID=requested, ActionTypeID=action)
+        self._data = data
+        self._ts = ts
+
+    @property
+    def action_information(self) -> Dataset:
+        from io import BytesIO
+
+        from pydicom.filereader import read_dataset
+
+        implicit = self._ts == ImplicitVRLittleEndian
+        big = self._ts == "1.2.840.10008.1.2.2"
+        return read_dataset(BytesIO(self._data), implicit, not big)

@@ -24,11 +24,11 @@ def _columns(steps: tuple[tuple[str, ...], ...]) -> dict[str, list[str]]:
 
 def test_both_dialects_have_the_same_steps_tables_and_columns() -> None:
     sqlite_steps, pg_steps = migrations(SQLITE), migrations(POSTGRES)
-    assert len(sqlite_steps) == len(pg_steps) == 8
+    assert len(sqlite_steps) == len(pg_steps) == 9
     assert _columns(sqlite_steps) == _columns(pg_steps)
     assert set(_columns(pg_steps)) == {
         "instances", "studies", "rejections", "commitments", "commitment_items", "instance_bytes",
-        "replay_files",
+        "replay_files", "sync_sources", "sync_studies", "sync_listed",
     }
     assert "timestamptz" in pg_steps[0][0] and "timestamptz" not in sqlite_steps[0][0]
 

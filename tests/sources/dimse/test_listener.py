@@ -22,7 +22,7 @@ from ingest.adapters.spool import read_instance
 from ingest.config import SpoolSettings
 from ingest.sources.dimse.listener import part10_prefix
 from ingest.sources.dimse.status import STATUS_TABLE
-from tests import iocm
+from tests import iocm, wait_until
 
 from .listener_helpers import (
     CT_IMAGE,
@@ -253,3 +253,35 @@ def test_a_rejection_note_naming_more_instances_than_the_cap_is_refused_0xc007(
         # a note within the cap is stored
         assert send_raw(run.port, within, sop_class=iocm.KOS).Status == 0x0000
         assert [r.sop_uid for r in run.store.instances(study)] == [f"{study}.98"]
+
+
+def test_one_line_says_what_each_association_did(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import re
+
+    first, other = instance(), instance(sop_uid="1.2.3.4.5.7")
+    conflicting = instance(SeriesDescription="other content")
+    for ds in (first, other, conflicting):
+        ds.file_meta = Dataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with caplog.at_level(logging.INFO, logger="ingest.sources.dimse.listener"), running_listener(
+        make_settings(tmp_path)
+    ) as run:
+        ae = scu()
+        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
+        assert assoc.send_c_store(first).Status == 0x0000
+        assert assoc.send_c_store(other).Status == 0x0000
+        assert assoc.send_c_store(first).Status == 0x0000  # an identical duplicate
+        assert assoc.send_c_store(conflicting).Status == STATUS_TABLE["conflict"].status
+        assoc.release()
+
+        def summary() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "stored," in r.getMessage()]
+
+        wait_until(summary, 10, "the association's summary line")
+    (line,) = summary()
+    assert re.fullmatch(r"association from TESTSCU \(127\.0\.0\.1\) released: 2 stored, 1 duplicate, "
+                        r"1 refused, \d+ bytes, \d+\.\d s", line), line
+    record = next(r for r in caplog.records if r.getMessage() == line)
+    assert record.levelno == logging.INFO and record.ae == "TESTSCU"

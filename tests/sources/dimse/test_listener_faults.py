@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ def test_spool_write_error_answers_out_of_resources_and_stores_nothing(
         real_write = os.write
 
         def failing_write(fd: int, data: bytes) -> int:
-            if threading.current_thread().name.startswith("AcceptorThread"):
+            if threading.current_thread().name.startswith("ingest-store"):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_write(fd, data)
 
@@ -107,43 +109,33 @@ def test_association_aborted_mid_transfer_leaves_nothing_half_stored(tmp_path: P
         assert [p for p in run.listener.spool.root.iterdir()] == []
 
 
-# Under a loaded full-suite run (not alone) one loopback socket of this test's many is reported unclosed
-# when the garbage collector finds it; which side holds it is not traced yet (closing note of issue 12).
-# This test is about completeness and memory, so the report does not fail it.
-@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk storescu not installed")
 def test_eight_concurrent_associations_all_stored_with_bounded_memory(tmp_path: Path) -> None:
+    """Eight dcmtk ``storescu`` processes, 200 small instances each, at once: every one stored, and the
+    listener's process (the senders are other processes) grows by less than 100 MB."""
     n_assoc, per = 8, 200
-    errors: list[str] = []
-
-    def send(k: int, port: int) -> None:
-        ae = scu()
-        # 1,600 fsync'd stores from 8 threads of one process: on a loaded CI machine a response may take
-        # longer than the helper's 10 s default; this test is about completeness and memory, not latency.
-        ae.dimse_timeout = ae.network_timeout = 120
-        ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", port, ae_title="INGEST")
-        if not assoc.is_established:
-            errors.append(f"assoc {k} not established")
-            return
+    folders = []
+    for k in range(n_assoc):
+        folder = tmp_path / f"sender-{k}"
+        folder.mkdir()
         for i in range(per):
             ds = _with_meta(instance(f"1.2.8.{k}.3.{i}", study=f"1.2.8.{k}", series=f"1.2.8.{k}.2"))
-            rsp = assoc.send_c_store(ds)
-            status = getattr(rsp, "Status", None)  # an empty Dataset when no response came
-            if status != 0x0000:
-                errors.append(f"{k}/{i}: status {status}")
-                break
-        assoc.release()
-
-    # the listener's own idle timeout runs while a handler waits for its commit: as generous as the SCU's
-    settings = make_settings(tmp_path, max_associations=8, network_timeout_s=120, dimse_timeout_s=120)
+            ds.save_as(folder / f"{i:03d}.dcm", enforce_file_format=True)
+        folders.append(folder)
+    # the listener's own idle timeout runs while a handler waits for its commit: generous on a loaded box
+    settings = make_settings(tmp_path / "data", max_associations=8, network_timeout_s=120,
+                             dimse_timeout_s=120)
     with running_listener(settings) as run:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        threads = [threading.Thread(target=send, args=(k, run.port)) for k in range(n_assoc)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert errors == []
+        senders = [
+            subprocess.Popen(["storescu", "-aet", "TESTSCU", "-aec", "INGEST", "-to", "120", "-ta", "120",
+                              "-td", "120", "+sd", "127.0.0.1", str(run.port), str(folder)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for folder in folders
+        ]
+        outputs = [proc.communicate(timeout=240)[0].decode(errors="replace") for proc in senders]
+        for proc, out in zip(senders, outputs, strict=True):
+            assert proc.returncode == 0, out
         for k in range(n_assoc):
             assert len(run.store.instances(f"1.2.8.{k}")) == per
         # small instances: no spool file, the bytes of each are in the state store with its row

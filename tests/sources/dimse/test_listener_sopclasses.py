@@ -180,5 +180,5 @@ def test_accept_mode_stores_an_unknown_class_for_that_association_only(tmp_path:
         assert [(r.sop_uid, r.sop_class_uid) for r in rows] == [("1.2.3.6.3.3", PRIVATE_CLASS)]
         assert _refused(run.listener.metrics.render()) == {"not_storage": 1.0, "non_patient": 1.0}
         # the process-wide AE was not changed
-        supported = {str(cx.abstract_syntax) for cx in run.listener.ae.supported_contexts}
+        supported = {str(cx.abstract_syntax) for cx in run.listener.supported_contexts}
         assert PRIVATE_CLASS not in supported and US_RETIRED in supported

@@ -1,0 +1,172 @@
+"""Sync benchmark: indexing what a PACS holds without moving its images.
+
+Orthanc (Debian package, its DICOMweb plugin, C-FIND allowed) holds a generated corpus loaded through
+its REST API (not timed). Baseline: Orthanc forwards every study by C-STORE to ``ingest serve``
+(``POST /modalities/ingest/store``), timed from the request until the embedded backend lists every
+instance. Rows: ``ingest sync --from dimse://...`` and ``--from http://.../dicom-web`` (each a whole
+process on a fresh data dir, into its embedded backend), instances indexed per second, target >= 10x
+the forwarding rate. Bytes moved: the forwarding sends every stored file; a sync sends queries and
+answers only, never a C-MOVE, C-GET or WADO retrieve (0 image bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.run import BenchContext, Row, benchmark
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+REPO = Path(__file__).resolve().parent.parent
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _call(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 600) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/dicom" if path == "/instances" else "application/json")
+    with _HTTP.open(req, timeout=timeout) as rsp:
+        text = rsp.read()
+    return json.loads(text) if text else None
+
+
+def _wait(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def _orthanc(work: Path, ingest_port: int) -> Iterator[tuple[int, int]]:
+    """Orthanc as the PACS; yields (HTTP port, DICOM port)."""
+    root = Path(tempfile.mkdtemp(dir=work, prefix="orthanc-sync-"))
+    http_port, dicom_port = _free_ports(2)
+    config = {
+        "Name": "bench-sync", "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowFind": True, "DefaultEncoding": "Utf8", "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "SaveJobs": False,
+        "DicomModalities": {"ingest": {"AET": "INGEST", "Host": "127.0.0.1", "Port": ingest_port}},
+        "DicomAssociationCloseDelay": 0,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = (root / "orthanc.log").open("wb")
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log,
+                            env=dict(os.environ, TCP_NODELAY="1"))
+    try:
+        _wait(lambda: _call(http_port, "GET", "/system", timeout=2), 60, "Orthanc")
+        yield http_port, dicom_port
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def _serve(work: Path) -> Iterator[tuple[int, int]]:
+    """``ingest serve`` (embedded backend); yields (DICOM port, backend port)."""
+    data = Path(tempfile.mkdtemp(dir=work, prefix="serve-sync-"))
+    port, bport = _free_ports(2)
+    env = dict(os.environ, INGEST_LISTENER__PORT=str(port), INGEST_LISTENER__ACCEPT_ANY_CALLING_AE="true",
+               INGEST_EMBEDDED_BACKEND__PORT=str(bport), INGEST_ADMIN__ENABLED="false",
+               INGEST_LOG__LEVEL="WARNING", INGEST_RELAY__STABLE_AGE_S="1")
+    with (data / "serve.log").open("wb") as log:
+        child = subprocess.Popen([sys.executable, "-m", "ingest", "--data-dir", str(data), "serve"],
+                                 cwd=REPO, env=env, stdout=log, stderr=log)
+    try:
+        _wait(lambda: _instances(bport) >= 0, 60, "ingest serve's backend")
+        yield port, bport
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(60)
+
+
+def _instances(backend_port: int) -> int:
+    """Instances the embedded backend's ImagingStudies list."""
+    q = "{ ImagingStudyList(_count: 1000) { numberOfInstances } }"
+    req = urllib.request.Request(f"http://127.0.0.1:{backend_port}/fhir/R4/$graphql",
+                                 data=json.dumps({"query": q}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with _HTTP.open(req, timeout=10) as rsp:
+        found = json.loads(rsp.read())["data"]["ImagingStudyList"] or []
+    return sum(int(s.get("numberOfInstances") or 0) for s in found)
+
+
+@benchmark("sync")
+def bench_sync(ctx: BenchContext) -> list[Row]:
+    """ingest sync (C-FIND, QIDO-RS) of a PACS's studies vs the PACS forwarding them by C-STORE."""
+    if not (os.access(ORTHANC, os.X_OK) and Path(DICOMWEB_PLUGIN).is_file()):
+        return [Row("sync", None, "inst/s", status="FAILED", note="Orthanc or its DICOMweb plugin missing")]
+    corpus = ctx.corpus("sync", studies=40, files=ctx.scale(4000, 2000), matrix=64)
+    files = corpus.files
+    rows: list[Row] = []
+    with _serve(ctx.work) as (ingest_port, backend_port), _orthanc(ctx.work, ingest_port) as (http, dicom):
+        for path in corpus.paths():  # loading the PACS: not timed
+            _call(http, "POST", "/instances", path.read_bytes())
+        studies = _call(http, "GET", "/studies")
+        t0 = time.perf_counter()
+        job = _call(http, "POST", "/modalities/ingest/store",
+                    json.dumps({"Resources": studies, "Synchronous": True}).encode())
+        _wait(lambda: _instances(backend_port) >= files, 600, "every forwarded instance written")
+        forward_s = time.perf_counter() - t0
+        forward = files / forward_s
+        moved = corpus.total_bytes
+        rows.append(Row(f"sync: Orthanc forwards {files} instances by C-STORE (baseline)", forward, "inst/s",
+                        note=f"{forward_s:.2f} s, {moved / 1e6:.1f} MB of images sent "
+                        f"({job.get('InstancesCount', '?')} instances)",
+                        extra={"elapsed_s": forward_s, "image_bytes": moved}).finish())
+        for label, url, extra in (
+            ("C-FIND", f"dimse://ORTHANC@127.0.0.1:{dicom}", []),
+            ("QIDO-RS", f"http://127.0.0.1:{http}/dicom-web", ["--query-limit", "1000"]),
+        ):
+            def argv(url: str = url, extra: list[str] = extra) -> list[str]:
+                data = ctx.fresh_dir("sync-data")
+                return [*ctx.ingest, "-q", "--data-dir", str(data), "sync", "--from", url, *extra]
+
+            env = dict(os.environ, INGEST_EMBEDDED_BACKEND__PORT="0")
+            run = ctx.best_run(argv, env=env)
+            if not run.ok:
+                rows.append(Row(f"sync: ingest sync over {label}", None, "inst/s", forward, 10.0, "FAILED",
+                                note=f"exit {run.returncode}", detail=run.stderr_tail).finish())
+                continue
+            rows.append(Row(
+                f"sync: ingest sync over {label}, {files} instances", files / run.elapsed_s, "inst/s",
+                forward, 10.0,
+                note=f"{run.elapsed_s:.2f} s (whole process), cpu {run.cpu_s:.1f} s, 0 image bytes",
+                extra={"elapsed_s": run.elapsed_s, "cpu_s": run.cpu_s, "image_bytes": 0},
+            ).finish())
+    return rows
