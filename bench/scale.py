@@ -10,7 +10,11 @@ processes cannot share; 20,000 files make the per-file work dominate.
 
 - baseline: ``ingest replay <corpus> --jobs 1`` on the default SQLite store into a fresh embedded backend;
 - two ``ingest replay <half> --jobs 1`` processes started together over disjoint halves of the corpus
-  (alternate study folders), sharing one throwaway PostgreSQL cluster and one fresh embedded backend.
+  (alternate study folders), sharing one throwaway PostgreSQL cluster and one fresh embedded backend;
+- two ``ingest replay <corpus> --shard K/2 --jobs 1`` processes started together over the whole corpus
+  (files dealt by the hash of their path, so most studies have files in both shards), on a fresh
+  database of the same cluster and another fresh embedded backend; their backend writes are shown
+  (a study split across shards may be written once by each).
 
 Each process parses with one job: a process stands for one machine with one core, so the ratio measures
 what a second node adds (target >= 1.6x on 2 CPUs). The backend writes (``/stats`` creates + updates) of
@@ -157,6 +161,15 @@ def _writes(base: str) -> int:
     return int(stats.get("creates", 0)) + int(stats.get("updates", 0))
 
 
+def _new_database(server_url: str, name: str) -> str:
+    """A new database ``name`` on the cluster at ``server_url``; its URL."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
 def split_by_study(root: Path, parts: int = 2) -> list[list[Path]]:
     """The study folders under ``root`` dealt round-robin into ``parts`` disjoint lists."""
     folders = sorted(p for p in root.iterdir() if p.is_dir())
@@ -230,6 +243,18 @@ def bench_scale(ctx: BenchContext) -> list[Row]:
                 h, argvs, _env(INGEST_BACKEND__URL=url, INGEST_STATE__URL=pg), ctx.timeout_s
             )
             multi_writes = _writes(base)
+            shard_pg = _new_database(pg, "shards")
+            with _backend(ctx, "scale-backend-3") as (shard_url, shard_base):
+                shard_argvs = [
+                    [*ctx.ingest, "--data-dir", str(ctx.fresh_dir(f"scale-shard-{k}")), "replay",
+                     str(corpus.root), "--shard", f"{k}/2", "--jobs", "1"]
+                    for k in (1, 2)
+                ]
+                shard_elapsed, shard_runs = _concurrently(
+                    h, shard_argvs, _env(INGEST_BACKEND__URL=shard_url, INGEST_STATE__URL=shard_pg),
+                    ctx.timeout_s,
+                )
+                shard_writes = _writes(shard_base)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         runs, failure = [], str(exc)
     else:
@@ -265,6 +290,23 @@ def bench_scale(ctx: BenchContext) -> list[Row]:
             extra={"elapsed_s": elapsed, "backend_writes": float(multi_writes)},
         ).finish()
     )
+    bad_shards = [r for r in shard_runs if not r.ok]
+    if bad_shards:
+        rows.append(_failed(h, "replay --shard 1/2 + 2/2, PostgreSQL", f"exit {bad_shards[0].returncode}",
+                            bad_shards[0].stderr_tail))
+    else:
+        rows.append(
+            h.Row(
+                "replay --shard 1/2 + 2/2, PostgreSQL",
+                files / shard_elapsed,
+                "files/s",
+                single_rate,
+                _TARGET,
+                note=f"{shard_elapsed:.2f} s wall ({', '.join(f'{r.elapsed_s:.2f}' for r in shard_runs)} s), "
+                f"cpu {sum(r.cpu_s for r in shard_runs):.1f} s, {shard_writes} backend writes",
+                extra={"elapsed_s": shard_elapsed, "backend_writes": float(shard_writes)},
+            ).finish()
+        )
     rows.append(
         h.Row(
             "backend writes, 2 processes vs 1",

@@ -27,7 +27,7 @@ from typing import Final
 
 from ingest.ports import Clock
 
-__all__ = ["SystemClock", "Timekeeper"]
+__all__ = ["SystemClock", "Timekeeper", "utcnow"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,11 +36,17 @@ LOGGER = logging.getLogger(__name__)
 STEP_SLACK_S: Final = 60.0
 
 
+def utcnow() -> datetime:
+    """The wall clock, timezone-aware UTC: the default clock of the sources, intake, the relay and the
+    status page (the pure core is given "now")."""
+    return datetime.now(UTC)
+
+
 class SystemClock:
     """The operating system's clocks: ``datetime.now(UTC)`` and ``time.monotonic()``."""
 
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return utcnow()
 
     def monotonic(self) -> float:
         return time.monotonic()

@@ -31,7 +31,7 @@ __all__ = [
     "FileIdentity",
     "FileIdentityState",
     "LifecycleState",
-    "Rejected",
+    "RejectionRecorded",
     "RejectionRow",
     "ReleasedBytes",
     "Replaced",
@@ -109,7 +109,7 @@ class LifecycleState(Protocol):
     """Durable state of a study's life after acceptance: IOCM rejections, replaced instances
     (``ingest.adapters.state.lifecycle``)."""
 
-    def reject(self, rejection: Rejection, *, now: datetime) -> Rejected:
+    def reject(self, rejection: Rejection, *, now: datetime) -> RejectionRecorded:
         """Record a rejection (``ingest reject``; notes record theirs as they are added). A new one makes
         a stored study dirty and due at ``now``; one already recorded writes nothing."""
         ...
@@ -242,7 +242,7 @@ class CommitmentRow:
 
 
 @dataclass(frozen=True)
-class Rejected:
+class RejectionRecorded:
     """What :meth:`LifecycleState.reject` did.
 
     Attributes

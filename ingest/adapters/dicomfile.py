@@ -68,8 +68,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from pydicom._dicom_dict import DicomDictionary, RepeatersDictionary
-from pydicom.datadict import dictionary_VR
+# the data dictionaries through their public front (pydicom.datadict imports them without an __all__)
+from pydicom.datadict import DicomDictionary, RepeatersDictionary, dictionary_VR  # type: ignore[attr-defined]
 from pydicom.dataelem import RawDataElement
 
 from ingest.adapters.folders import ignored_name, iter_dicom_files  # (the folder walk, re-exported)

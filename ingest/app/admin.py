@@ -53,6 +53,7 @@ from urllib.parse import urlencode, urlsplit
 from aiohttp import web
 
 import ingest
+from ingest.clock import utcnow
 from ingest.config import Settings
 from ingest.core.records import InstanceRecord, PersonName
 from ingest.core.terminology import is_acquisition_modality
@@ -105,10 +106,6 @@ _HIDDEN = "«hidden: [admin] show_patient = false»"
 
 Builder = Callable[[Sequence[InstanceRecord]], dict[str, Any]]
 _T = TypeVar("_T")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def admin_token(settings: Settings) -> str | None:

@@ -74,7 +74,7 @@ def dry_run_study(
 
 
 def _logical_endpoints(study: dict[str, Any]) -> None:
-    from ingest.core.linked import URI_SYSTEM
+    from ingest.core.terminology import URI_SYSTEM
 
     for holder in [study, *study.get("series", [])]:
         for ref in holder.get("endpoint", []):

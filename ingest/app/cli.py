@@ -1,5 +1,5 @@
-"""Command line: ``ingest serve | replay | sync | status | retry | reject | rejections | relink | backend``
-and the operator's commands (``check-config | check-store | init | backup | migrate``).
+"""Command line: ``ingest serve | replay | sync | watch | status | retry | reject | rejections | relink |
+backend`` and the operator's commands (``check-config | check-store | init | backup | migrate``).
 
 Exit codes (all commands):
 
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", action="append", default=[], metavar="UID", help="only this Study Instance UID")
     p.add_argument("--since", type=date.fromisoformat, default=None, metavar="YYYY-MM-DD",
                    help="only studies with a Study Date on or after this date")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="read only shard K of N (1 <= K <= N): the files whose path relative to its PATH "
+                        "argument hashes to K; N machines on one PostgreSQL state store replay one archive")
     p.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser(
@@ -356,7 +359,13 @@ def _print_table(title: str, rows: list[tuple[str, Any]], out: TextIO) -> None:
 
 async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.replay import ReplayOptions, ReplaySummary, run_replay
+    from ingest.sources.replay import ShardError, parse_shard
 
+    try:
+        shard = parse_shard(args.shard) if args.shard is not None else None
+    except ShardError as exc:
+        print(f"ingest replay: {printable(str(exc))}", file=sys.stderr)
+        return int(ExitCode.FATAL)
     opts = ReplayOptions(
         paths=list(args.paths),
         dry_run=args.dry_run,
@@ -366,6 +375,7 @@ async def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         studies=frozenset(args.study),
         since=args.since,
         wait_backend_s=parse_duration(args.wait_backend, key="--wait-backend").total_seconds(),
+        shard=shard,
     )
     if args.bundle and not args.dry_run:
         print("ingest replay: --bundle needs --dry-run", file=sys.stderr)

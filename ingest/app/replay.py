@@ -1,4 +1,6 @@
-"""``ingest replay``: a finite source through the same pipeline, flushed at the end of its input."""
+"""``ingest replay``: wires the replay source (:mod:`ingest.sources.replay`) to the state store and the
+relay, drains the studies its input touched at the end, and reports (progress, rejected inputs, summary).
+``--dry-run`` maps the parsed studies and prints them instead, writing nothing."""
 
 from __future__ import annotations
 
@@ -6,12 +8,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -21,11 +21,18 @@ from ingest.config import Settings
 from ingest.core.admission import CONFLICT_OTHER_STUDY, Existing, Verdict, decide
 from ingest.core.datetimes import parse_da
 from ingest.core.records import InstanceRecord
-from ingest.errors import ArchiveError
 from ingest.exitcodes import ExitCode
 from ingest.logs import printable
-from ingest.ports import AddOutcome, FileIdentity, StateStore, StudyState
-from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
+from ingest.ports import StateStore, StudyState
+from ingest.sources.parse import Parsed, Rejected
+from ingest.sources.replay import (
+    ReplayCaps,
+    ReplaySource,
+    ReplayTotals,
+    Shard,
+    parse_replay,
+    relative_key,
+)
 
 if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed, after parsing has started
     from ingest.adapters.graphql.sink import GraphQLSink
@@ -33,8 +40,6 @@ if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed
 __all__ = ["ReplayOptions", "ReplaySummary", "run_replay"]
 
 LOGGER = logging.getLogger(__name__)
-
-_STORE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -49,16 +54,14 @@ class ReplayOptions:
     # --wait-backend: how long the backend may stay unreachable (connecting, or failing transiently)
     # before the replay stops waiting and leaves the studies not pushed yet pending (exit 3)
     wait_backend_s: float = 60.0
+    # --shard K/N: only the files whose path (relative to its argument) hashes to shard K
+    shard: Shard | None = None
 
 
 @dataclass
-class ReplaySummary:
-    files: int = 0
-    unchanged_files: int = 0  # files known from an earlier replay (same path, size, mtime): not read again
-    accepted: int = 0
-    duplicate: int = 0
-    filtered: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
+class ReplaySummary(ReplayTotals):
+    """The source's counts (:class:`~ingest.sources.replay.ReplayTotals`) and the studies' outcomes."""
+
     studies: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -177,8 +180,11 @@ class _Progress:
         from ingest.adapters.folders import iter_dicom_files
 
         total = 0
+        shard = self.opts.shard
         for path in self.opts.paths:
-            for _ in iter_dicom_files(path):
+            for found in iter_dicom_files(path):
+                if shard is not None and not shard.owns(relative_key(path, found)):
+                    continue
                 total += 1
                 if not self._counting:  # the replay ended first
                     return
@@ -238,74 +244,9 @@ def archives_path(path: Path) -> bool:
     return archives.is_archive(path)
 
 
-def _items(opts: ReplayOptions) -> Iterator[Item]:
-    from ingest.sources import archives
-
-    for path in opts.paths:
-        if not path.exists():  # a typo or an unmounted share: named, counted as rejected (exit 2)
-            yield Item(label=str(path), rejection=("not_found", "no such file or folder"))
-        elif archives.is_archive(path):
-            try:
-                yield from archives.iter_members(path)
-            except ArchiveError as exc:  # a refused whole archive is one rejected input; others go on
-                yield Item(label=str(path), rejection=("archive_refused", str(exc)))
-        else:
-            yield from expand_paths([path])
-
-
-# Files stat-ed and looked up in the state store per query (replay's unchanged reruns).
-_KNOWN_CHUNK = 256
-# A file modified this recently is not remembered: a write within the same mtime tick as our stat could
-# otherwise go unnoticed by the next run (it re-reads the file instead).
-_RACY_NS = 2_000_000_000
-
-
-def _skip_known(
-    items: Iterator[Item], store: StateStore, opts: ReplayOptions, summary: ReplaySummary, known: set[str]
-) -> Iterator[Item]:
-    """``items`` less the files an earlier replay read and whose instance the store still holds unchanged
-    (same absolute path, size and mtime; same digest in the instance row): those are counted as
-    unchanged duplicates and their studies added to ``known``. The others get :attr:`Item.stat`, so
-    they are remembered once admitted."""
-    pending: list[Item] = []
-
-    def flush() -> Iterator[Item]:
-        stats: list[tuple[str, int, int]] = []
-        for item in pending:
-            assert item.path is not None
-            try:
-                info = os.stat(item.path)
-            except OSError:
-                stats.append(("", 0, 0))  # parsing reports it (unreadable)
-                continue
-            stats.append((os.path.abspath(item.path), info.st_size, info.st_mtime_ns))
-        found = store.unchanged_files([ident for ident in stats if ident[0]])
-        now_ns = time.time_ns()
-        for item, ident in zip(pending, stats, strict=True):
-            study_uid = found.get(ident[0]) if ident[0] else None
-            if study_uid is None:
-                fresh = bool(ident[0]) and now_ns - ident[2] >= _RACY_NS
-                yield Item(item.label, path=item.path, stat=ident) if fresh else item
-            elif opts.studies and study_uid not in opts.studies:
-                summary.files += 1
-                summary.unchanged_files += 1
-                summary.filtered += 1
-            else:
-                summary.files += 1
-                summary.unchanged_files += 1
-                summary.duplicate += 1
-                known.add(study_uid)
-        pending.clear()
-
-    for item in items:
-        if item.path is None or item.rejection is not None:
-            yield from flush()
-            yield item
-            continue
-        pending.append(item)
-        if len(pending) >= _KNOWN_CHUNK:
-            yield from flush()
-    yield from flush()
+def _caps(settings: Settings) -> ReplayCaps:
+    """Replay parses under the caps the listener and the watcher apply."""
+    return ReplayCaps(settings.listener.max_inflated_bytes, settings.listener.max_rejection_items)
 
 
 def _report_rejected(r: Rejected, stderr: TextIO) -> None:
@@ -359,8 +300,7 @@ def _dry_run(
         return json.dumps(study, ensure_ascii=False, indent=2 if opts.pretty else None)
 
     # the caller parses too (--jobs N: N processes in all); this thread has nothing else to do
-    results = parse_items(_items(opts), jobs=opts.jobs, caller_parses=True,
-                          max_rejection_items=settings.listener.max_rejection_items)
+    results = parse_replay(opts.paths, _caps(settings), jobs=opts.jobs, shard=opts.shard, caller_parses=True)
     with _Progress(stderr, summary, opts) as progress:
         for result in results:
             summary.files += 1
@@ -423,40 +363,6 @@ def _collect(
     return False
 
 
-def _store_batch(
-    store: StateStore, batch: list[Parsed], settings: Settings, summary: ReplaySummary, stderr: TextIO,
-    touched: set[str],
-) -> None:
-    from ingest.intake.admit import Admission, Candidate  # (not needed by a rerun that reads no file)
-
-    # no spool (the input files stay where they are), no quarantine, nothing to wake: the relay drains
-    # what the input touched once it is read
-    admission = Admission(store, spool=None, quarantine=None, metrics=None,
-                          stable_age_s=settings.relay.stable_age_s, wake=_no_wake, label="replay",
-                          on_conflict=settings.intake.on_conflict)
-    results = admission.admit([Candidate(p.record, p.digest, f"file:{p.label}") for p in batch])
-    remember: list[FileIdentity] = []
-    for parsed, admitted in zip(batch, results, strict=True):
-        touched.add(parsed.record.study_uid)
-        if admitted.outcome in (AddOutcome.ADDED, AddOutcome.DUPLICATE):
-            if admitted.outcome is AddOutcome.ADDED:
-                summary.accepted += 1
-            else:
-                summary.duplicate += 1
-            if parsed.stat is not None:  # held now with this digest: a rerun need not read it again
-                rec = parsed.record
-                remember.append(FileIdentity(*parsed.stat, parsed.digest, rec.sop_uid, rec.study_uid))
-        else:
-            summary.rejected["conflict"] += 1
-            _report_rejected(Rejected(parsed.label, "conflict",
-                                      f"SOP Instance UID {parsed.record.sop_uid}: {admitted.rule}"), stderr)
-    store.remember_files(remember)
-
-
-def _no_wake() -> None:
-    """Replay wakes no relay while reading: its studies are drained at the end of the input."""
-
-
 async def _prepare_sink(
     settings: Settings, stack: contextlib.AsyncExitStack, reading: asyncio.Event
 ) -> GraphQLSink:
@@ -488,42 +394,25 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
     from ingest.app.wiring import open_store
 
     store = open_store(settings)
+    source = ReplaySource(
+        store, paths=opts.paths, shard=opts.shard, jobs=opts.jobs, caps=_caps(settings),
+        wanted=lambda record: _wanted(record, opts), studies=opts.studies,
+        skip_unchanged=opts.since is None,  # --since needs each file's Study Date: every file is read then
+        stable_age_s=settings.relay.stable_age_s, on_conflict=settings.intake.on_conflict, totals=summary,
+    )
     touched: set[str] = set()
-    known: set[str] = set()  # studies of files not read again (unchanged since an earlier replay)
     loop = asyncio.get_running_loop()
     reading = asyncio.Event()  # set once the first parsed file is back (the worker processes exist)
     try:
         def read_all() -> None:
-            batch: list[Parsed] = []
-            items = _items(opts)
-            if opts.since is None:  # --since needs each file's Study Date: every file is read then
-                items = _skip_known(items, store, opts, summary, known)
             with _Progress(stderr, summary, opts) as progress:
-                for n, result in enumerate(parse_items(
-                    items, jobs=opts.jobs, max_rejection_items=settings.listener.max_rejection_items
-                )):
-                    if not n:
-                        loop.call_soon_threadsafe(reading.set)
-                    summary.files += 1
-                    if isinstance(result, Rejected):
-                        summary.rejected[result.reason] += 1
-                        _report_rejected(result, progress.out)
-                    elif not _wanted(result.record, opts):
-                        summary.filtered += 1
-                    else:
-                        batch.append(result)
-                        if len(batch) >= _STORE_BATCH:
-                            _store_batch(store, batch, settings, summary, progress.out, touched)
-                            batch = []
-                    progress.update(len(touched))
-                if batch:
-                    _store_batch(store, batch, settings, summary, progress.out, touched)
-                progress.update(len(touched))
-            # a study all of whose files were unchanged needs the relay only if it is not pushed clean
-            for uid in sorted(known - touched):
-                row = store.study(uid)
-                if row is None or row.state is not StudyState.PUSHED or row.dirty:
-                    touched.add(uid)
+                source.read(
+                    on_rejected=lambda r: _report_rejected(r, progress.out),
+                    on_file=lambda: progress.update(len(source.touched)),
+                    on_first=lambda: loop.call_soon_threadsafe(reading.set),
+                )
+                progress.update(len(source.touched))
+            touched.update(source.studies_to_push())
 
         async with contextlib.AsyncExitStack() as stack:
             # the backend and the sink's connection (introspection, fitted documents) are prepared on the
@@ -539,11 +428,11 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
                 if summary.unchanged_files:
                     LOGGER.info("replay: %d unchanged files, every study already pushed: nothing to do",
                                 summary.unchanged_files)
-                summary.studies["unchanged"] += len(known)
+                summary.studies["unchanged"] += len(source.known)
                 return
             reading.set()  # (already set when a file was parsed)
             sink = await early
-            await _drain(settings, store, sink, touched, known, summary, opts.wait_backend_s)
+            await _drain(settings, store, sink, touched, source.known, summary, opts.wait_backend_s)
     finally:
         store.close()
 

@@ -1,6 +1,7 @@
 """pydicom ``Dataset`` → :class:`~ingest.core.records.InstanceRecord`, or a :class:`HeaderError`.
 
-The only core module besides :mod:`ingest.core.tags` that imports pydicom. pydicom decodes lazily, so
+One of the three core modules that import pydicom (with :mod:`ingest.core.tags` for tag constants and
+:mod:`ingest.core.terminology` for SOP Class names); the only one that decodes. pydicom decodes lazily, so
 :func:`extract` reads every element the record needs up front, inside one ``try``; after it returns,
 nothing can fail later on a half-read dataset.
 

@@ -34,15 +34,17 @@ from ingest.core.fhir import (
 )
 from ingest.core.mapping import person_display
 from ingest.core.records import InstanceRecord, PersonName
+from ingest.core.terminology import (
+    CONNECTION_TYPE_SYSTEM,
+    MADO_DEVICE_TYPE_SYSTEM,
+    PAYLOAD_TYPE_SYSTEM,
+    URI_SYSTEM,
+)
 
 __all__ = [
-    "CONNECTION_TYPE_SYSTEM",
-    "MADO_DEVICE_TYPE_SYSTEM",
     "NAME_REPRESENTATION_URL",
-    "PAYLOAD_TYPE_SYSTEM",
     "REQUIRES_ACCESS_TOKEN_URL",
     "RETRIEVE_LOCATION_UID_URL",
-    "URI_SYSTEM",
     "device_identifier",
     "device_resource",
     "endpoint_resource",
@@ -57,20 +59,12 @@ __all__ = [
 
 #: ISO 21090 EN.representation on HumanName (FHIR R4 core extension): ABC | IDE | SYL.
 NAME_REPRESENTATION_URL: Final = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
-#: Endpoint.connectionType code system (FHIR R4, extensible binding endpoint-connection-type).
-CONNECTION_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
-#: Identifier.system of an identifier that is itself a URI (here: the Endpoint's address).
-URI_SYSTEM: Final = "urn:ietf:rfc:3986"
-#: Endpoint.payloadType code system (FHIR R4 endpoint-payload-type; MADO fixes the code ``none``).
-PAYLOAD_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
 #: SMART Imaging Access: whether WADO-RS requests carry the same access token (Endpoint extension).
 REQUIRES_ACCESS_TOKEN_URL: Final = "http://fhir.org/argonaut/smart-imaging/StructureDefinition/requires-access-token"
 #: IHE MADO: the Retrieve Location UID (0040,E011) of the WADO-RS service (Endpoint extension).
 RETRIEVE_LOCATION_UID_URL: Final = (
     "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoRetrieveLocationUIDExtension"
 )
-#: IHE MADO device type code system: ``mado-creator`` "MADO Creator".
-MADO_DEVICE_TYPE_SYSTEM: Final = "https://profiles.ihe.net/RAD/MADO/CodeSystem/MadoDeviceType"
 
 # uuid5 namespace of every name-based UUID ingest derives (Endpoints, its Device, Bundle entries)
 _NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:ingest")

@@ -44,8 +44,11 @@ from ingest.core.terminology import (
     ACCESSION_NUMBER_CONCEPT,
     DCM_SYSTEM,
     FILLER_ORDER_CONCEPT,
+    PARTICIPATION_SYSTEM,
     PLACER_ORDER_CONCEPT,
     STUDY_INSTANCE_UID_CONCEPT,
+    STUDY_UID_SYSTEM,
+    URI_SYSTEM,
     VISIT_NUMBER_CONCEPT,
     Concept,
     body_part_concept,
@@ -56,24 +59,16 @@ from ingest.core.terminology import (
 )
 
 __all__ = [
-    "ACSN_SYSTEM",
     "DATA_ABSENT_REASON_URL",
     "KOS_SOP_CLASS",
     "KO_DOCUMENT_TITLE_URL",
     "NUMBER_OF_FRAMES_URL",
-    "PARTICIPATION_SYSTEM",
-    "STUDY_UID_SYSTEM",
     "MappingOptions",
     "build_imaging_study",
     "issuer_system",
     "person_display",
 ]
 
-#: ImagingStudy.identifier.system of the Study Instance UID (``urn:dicom:uid|urn:oid:<uid>``).
-STUDY_UID_SYSTEM: Final = "urn:dicom:uid"
-ACSN_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v2-0203"
-PARTICIPATION_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
-SOP_CLASS_SYSTEM: Final = "urn:ietf:rfc:3986"
 #: ImagingStudy.series.instance.extension: Number of Frames (0028,0008), as IHE MADO defines it.
 NUMBER_OF_FRAMES_URL: Final = "https://profiles.ihe.net/RAD/MADO/StructureDefinition/MadoNumberOfFrames"
 #: ImagingStudy.series.instance.extension: the document title of a Key Object Selection document (IHE MADO).
@@ -531,7 +526,7 @@ def _performers(series: SeriesAggregate, options: MappingOptions) -> list[Imagin
 def _sop_class_coding(sop_class_uid: str) -> Coding:
     # one (frozen) Coding per SOP Class, shared by the instances of every study
     return Coding(
-        system=SOP_CLASS_SYSTEM, code=f"urn:oid:{sop_class_uid}", display=sop_class_name(sop_class_uid)
+        system=URI_SYSTEM, code=f"urn:oid:{sop_class_uid}", display=sop_class_name(sop_class_uid)
     )
 
 

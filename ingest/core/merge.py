@@ -28,10 +28,10 @@ from typing import Any, TypeAlias
 
 from ingest.core.fhir import ImagingStudy, ImagingStudySeries, ImagingStudySeriesInstance, prune_empty
 from ingest.core.lifecycle import WITHDRAWN_KEY, withdraw
-from ingest.core.mapping import ACSN_SYSTEM, STUDY_UID_SYSTEM
 from ingest.core.narrative import is_ingest_narrative
 from ingest.core.narrative import narrative as generated_narrative
 from ingest.core.records import BackendStudy
+from ingest.core.terminology import STUDY_UID_SYSTEM, V2_0203_SYSTEM
 
 __all__ = [
     "Create",
@@ -168,7 +168,7 @@ def _is_accession_identifier(identifier: Mapping[str, Any]) -> bool:
     # ImagingStudy.identifier with type v2-0203#ACSN <- Accession Number (0008,0050)
     type_ = identifier.get("type")
     codings = _dicts(type_.get("coding")) if isinstance(type_, Mapping) else []
-    return any(c.get("system") == ACSN_SYSTEM and c.get("code") == "ACSN" for c in codings)
+    return any(c.get("system") == V2_0203_SYSTEM and c.get("code") == "ACSN" for c in codings)
 
 
 def _is_owned_identifier(identifier: Mapping[str, Any]) -> bool:

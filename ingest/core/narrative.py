@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ingest.core.mapping import ACSN_SYSTEM
+from ingest.core.terminology import V2_0203_SYSTEM
 
 __all__ = ["MARKER_CLASS", "XHTML_NS", "RejectedInstance", "is_ingest_narrative", "narrative"]
 
@@ -106,7 +106,7 @@ def _accessions(study: Mapping[str, Any]) -> list[str]:
     for identifier in _dicts(study.get("identifier")):
         type_ = identifier.get("type")
         codings = _dicts(type_.get("coding")) if isinstance(type_, Mapping) else []
-        is_acsn = any(c.get("system") == ACSN_SYSTEM and c.get("code") == "ACSN" for c in codings)
+        is_acsn = any(c.get("system") == V2_0203_SYSTEM and c.get("code") == "ACSN" for c in codings)
         if is_acsn and _present(identifier.get("value")):
             values.append(str(identifier["value"]))
     return values

@@ -30,14 +30,18 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from ingest.core.fhir import Bundle, ImagingStudy, ImagingStudySeries, Provenance, prune_empty
-from ingest.core.linked import URI_SYSTEM, uuid_urn
-from ingest.core.mapping import ACSN_SYSTEM, STUDY_UID_SYSTEM
+from ingest.core.linked import uuid_urn
+from ingest.core.terminology import (
+    PROVENANCE_PARTICIPANT_SYSTEM,
+    STUDY_UID_SYSTEM,
+    URI_SYSTEM,
+    V2_0203_SYSTEM,
+)
 
 __all__ = [
     "MADO_BUNDLE_PROFILE",
     "MADO_IMAGING_STUDY_PROFILE",
     "PROFILE_URLS",
-    "PROVENANCE_PARTICIPANT_SYSTEM",
     "SMART_IMAGING_STUDY_PROFILE",
     "Linked",
     "ProfileName",
@@ -61,8 +65,6 @@ PROFILE_URLS: Final[Mapping[str, str]] = {
     "smart-imaging": SMART_IMAGING_STUDY_PROFILE,
     "mado": MADO_IMAGING_STUDY_PROFILE,
 }
-#: Provenance.agent.type code system; MADO fixes ``assembler``.
-PROVENANCE_PARTICIPANT_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def _codings(concept: Any) -> list[dict[str, Any]]:
 def _accession(study: Mapping[str, Any]) -> dict[str, Any] | None:
     for ident in study.get("identifier") or []:
         if isinstance(ident, dict) and any(
-            c.get("system") == ACSN_SYSTEM and c.get("code") == "ACSN" for c in _codings(ident.get("type"))
+            c.get("system") == V2_0203_SYSTEM and c.get("code") == "ACSN" for c in _codings(ident.get("type"))
         ):
             return ident
     return None

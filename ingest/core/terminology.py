@@ -24,10 +24,17 @@ __all__ = [
     "ACCESSION_NUMBER_CONCEPT",
     "ACQUISITION_MODALITIES",
     "BODY_PARTS",
+    "CONNECTION_TYPE_SYSTEM",
     "DCM_SYSTEM",
     "LATERALITY",
+    "MADO_DEVICE_TYPE_SYSTEM",
+    "PARTICIPATION_SYSTEM",
+    "PAYLOAD_TYPE_SYSTEM",
+    "PROVENANCE_PARTICIPANT_SYSTEM",
     "SNOMED_SYSTEM",
     "STUDY_INSTANCE_UID_CONCEPT",
+    "STUDY_UID_SYSTEM",
+    "URI_SYSTEM",
     "V2_0203_SYSTEM",
     "Concept",
     "body_part_concept",
@@ -37,8 +44,23 @@ __all__ = [
     "sop_class_name",
 ]
 
+# Every code system and identifier system URI ingest writes has its one definition here.
 SNOMED_SYSTEM: Final = "http://snomed.info/sct"
 DCM_SYSTEM: Final = "http://dicom.nema.org/resources/ontology/DCM"
+#: ImagingStudy.identifier.system of the Study Instance UID (``urn:dicom:uid|urn:oid:<uid>``).
+STUDY_UID_SYSTEM: Final = "urn:dicom:uid"
+#: A code or identifier that is itself a URI (SOP Class codings ``urn:oid:...``, an Endpoint's address).
+URI_SYSTEM: Final = "urn:ietf:rfc:3986"
+#: ImagingStudy.series.performer.function (HL7 v3 ParticipationType).
+PARTICIPATION_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+#: Endpoint.connectionType code system (FHIR R4, extensible binding endpoint-connection-type).
+CONNECTION_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+#: Endpoint.payloadType code system (FHIR R4 endpoint-payload-type; MADO fixes the code ``none``).
+PAYLOAD_TYPE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
+#: IHE MADO device type code system: ``mado-creator`` "MADO Creator".
+MADO_DEVICE_TYPE_SYSTEM: Final = "https://profiles.ihe.net/RAD/MADO/CodeSystem/MadoDeviceType"
+#: Provenance.agent.type code system; MADO fixes ``assembler``.
+PROVENANCE_PARTICIPANT_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 
 
 class Concept(NamedTuple):

@@ -34,11 +34,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 
 from ingest.adapters.spool import Quarantine, Spool
+from ingest.clock import utcnow
 from ingest.config import CallingAE
 from ingest.core.admission import CONFLICT_OTHER_CONTENT
 from ingest.core.lifecycle import (
@@ -80,11 +81,6 @@ def granted(entries: Iterable[CallingAE], flag: str) -> frozenset[str]:
     for entry in entries:
         by_ae[entry.ae] = by_ae.get(entry.ae, True) and bool(getattr(entry, flag))
     return frozenset(ae for ae, ok in by_ae.items() if ok)
-
-
-def utcnow() -> datetime:
-    """The wall clock, timezone-aware UTC (the default clock of the sources)."""
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 from ingest.config import EndpointSettings, PatientSettings, ProfileSettings
 from ingest.core.fhir import Identifier, Provenance
 from ingest.core.linked import (
-    URI_SYSTEM,
     device_identifier,
     device_resource,
     endpoint_resource,
@@ -56,8 +55,9 @@ from ingest.core.linked import (
     patient_resource,
     search_token,
 )
-from ingest.core.profiles import PROVENANCE_PARTICIPANT_SYSTEM, ProfileName, SeriesEndpoints, apply_profile
+from ingest.core.profiles import ProfileName, SeriesEndpoints, apply_profile
 from ingest.core.records import BackendStudy, InstanceRecord
+from ingest.core.terminology import PROVENANCE_PARTICIPANT_SYSTEM, URI_SYSTEM
 from ingest.errors import ConfigError, PermanentSinkError, SinkError
 
 if TYPE_CHECKING:  # prometheus_client stays unimported in replay --dry-run

@@ -19,10 +19,10 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from ingest.clock import STEP_SLACK_S
+from ingest.clock import STEP_SLACK_S, utcnow
 from ingest.config import RelaySettings
 from ingest.core.merge import Create, NoChange, Refuse, Update, Written, digest, plan
 from ingest.core.records import InstanceRecord
@@ -71,10 +71,6 @@ LOGGER = logging.getLogger(__name__)
 _DRAIN_CLAIMS_PER_SLOT = 16
 #: How often the relay asks a failing backend whether it answers again (at most; never above max_backoff_s).
 _PROBE_EVERY_S = 2.0
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

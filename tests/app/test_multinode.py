@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -676,3 +677,58 @@ async def test_a_lost_lease_records_nothing(tmp_path: Path) -> None:
         assert relay.totals.results == Counter({"lease_lost": 1})
     finally:
         store.close()
+
+
+def _shard_of(relative: str, count: int) -> int:
+    """The shard (1-based) ``--shard K/N`` gives a file, as README.md states it: BLAKE2b (8 bytes,
+    big-endian) of the path relative to the argument, modulo N."""
+    digest = hashlib.blake2b(relative.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count + 1
+
+
+def test_two_shards_on_one_postgresql_equal_one_replay(
+    cluster: Cluster, children: Callable[..., Child], tmp_path: Path
+) -> None:
+    corpus = generate(tmp_path / "corpus", studies=5, files=60, seed=67, matrix=8)
+    by_shard: dict[int, Counter[str]] = {1: Counter(), 2: Counter()}
+    for path in corpus.paths():
+        study_dir = path.relative_to(corpus.root).parts[0]
+        by_shard[_shard_of(path.relative_to(corpus.root).as_posix(), 2)][study_dir] += 1
+    split = set(by_shard[1]) & set(by_shard[2])
+    assert split, "no study has files in both shards: choose another seed"
+
+    shared_url, shared_base = _backend(children, tmp_path, "backend-shared")
+    ref_url, _ = _backend(children, tmp_path, "backend-ref")
+    pg = cluster.new_database()
+    env = _env(INGEST_BACKEND__URL=shared_url, INGEST_STATE__URL=pg)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ingest", "--data-dir", str(tmp_path / f"node-{k}"), "replay",
+             str(corpus.root), "--shard", f"{k}/2", "--jobs", "2", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**env, "INGEST_STATE__NODE_ID": f"shard-{k}"}, cwd=ROOT,
+        )
+        for k in (1, 2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err.decode(errors="replace")[-3000:]
+    summaries = [json.loads(out) for out, _ in outs]
+    for k, summary in zip((1, 2), summaries, strict=True):  # each shard read only its own files
+        assert summary["files"] == summary["instances"]["accepted"] == sum(by_shard[k].values())
+
+    ref = subprocess.run(
+        [sys.executable, "-m", "ingest", "--data-dir", str(tmp_path / "single"), "replay", str(corpus.root),
+         "--jobs", "2", "--json"],
+        capture_output=True, env=_env(INGEST_BACKEND__URL=ref_url), cwd=ROOT, timeout=120,
+    )
+    assert ref.returncode == 0, ref.stderr.decode(errors="replace")[-3000:]
+
+    sharded, single = studies_in(shared_url), studies_in(ref_url)
+    assert sorted(sharded) == sorted(single) == sorted(corpus.study_uids)
+    assert all(len(found) == 1 for found in sharded.values()), "a study was written twice"
+    for study in corpus.studies:
+        res = sharded[study.study_uid][0]
+        assert (res["numberOfSeries"], res["numberOfInstances"]) == corpus.expected[study.study_uid]
+        assert _normalised(res) == _normalised(single[study.study_uid][0])
+    assert stats(shared_base)["creates"] == len(corpus.studies)

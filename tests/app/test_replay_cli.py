@@ -298,3 +298,59 @@ def test_progress_on_a_terminal_has_total_rate_and_eta_and_lines_print_above_it(
     for line in lines:
         assert line.strip().startswith("rejected:"), line
         assert "files/s" not in line and "ETA" not in line, line
+
+
+def _shard_of(relative: str, count: int) -> int:
+    """The shard (1-based) README.md gives a file: BLAKE2b (8 bytes, big-endian) of its path relative to
+    the argument naming it (an archive member: its name in the archive), modulo N."""
+    import hashlib
+
+    digest = hashlib.blake2b(relative.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count + 1
+
+
+def test_shards_of_a_folder_and_of_a_zip_split_the_files_between_them(
+    tmp_path: Path, corpus: GeneratedCorpus, archives: dict[str, Path]
+) -> None:
+    want = {k: 0 for k in (1, 2, 3)}
+    for p in corpus.paths():
+        want[_shard_of(p.relative_to(corpus.root).as_posix(), 3)] += 1
+    assert all(want.values()), want
+    for src in (corpus.root, archives["zip"]):  # the zip's members are named relative to the corpus root
+        for k in (1, 2, 3):
+            run = _ingest(tmp_path, "replay", str(src), "--shard", f"{k}/3", "--dry-run", "--json")
+            assert run.returncode == 0, run.stderr
+            summary = json.loads(run.stderr.strip().splitlines()[-1])
+            assert summary["files"] == summary["instances"]["accepted"] == want[k], (src, k)
+
+
+@pytest.mark.parametrize("spec", ["0/2", "3/2", "1/0", "2", "a/b", "1/2/3"])
+def test_a_shard_out_of_range_exits_1_with_a_message(tmp_path: Path, corpus: GeneratedCorpus,
+                                                     spec: str) -> None:
+    run = _ingest(tmp_path, "replay", str(corpus.root), "--shard", spec, "--dry-run")
+    assert run.returncode == 1, run.stderr
+    assert f"--shard '{spec}'" in run.stderr and "K/N" in run.stderr
+    assert run.stdout == ""
+
+
+def test_a_deflate_bomb_in_a_replayed_folder_is_refused_under_the_listener_cap(tmp_path: Path) -> None:
+    from tests.adapters.test_dicomfile import deflated_file
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    bomb = folder / "bomb.dcm"
+    bomb.write_bytes(deflated_file(8, bytes(1 << 20)))  # 8 MiB inflated: under the default 64 MiB cap
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    env["INGEST_LISTENER__MAX_INFLATED_BYTES"] = str(1 << 20)
+    for jobs in ("1", "2"):
+        run = subprocess.run(
+            [sys.executable, "-m", "ingest", "-q", "--data-dir", str(tmp_path / "data"), "replay",
+             str(folder), "--jobs", jobs, "--json"],
+            cwd=work, env=env, capture_output=True, text=True, timeout=100,
+        )
+        assert run.returncode == 2, run.stderr
+        assert f"rejected: {bomb}: inflate_cap:" in run.stderr
+        summary = json.loads(run.stdout)
+        assert summary["instances"]["rejected_by_reason"] == {"inflate_cap": 1}

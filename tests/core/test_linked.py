@@ -11,9 +11,7 @@ from pydicom.data import get_charset_files, get_testdata_file
 
 from ingest.core.extract import extract
 from ingest.core.linked import (
-    CONNECTION_TYPE_SYSTEM,
     NAME_REPRESENTATION_URL,
-    URI_SYSTEM,
     device_identifier,
     device_resource,
     endpoint_resource,
@@ -23,6 +21,7 @@ from ingest.core.linked import (
     search_token,
 )
 from ingest.core.records import InstanceRecord, PersonName
+from ingest.core.terminology import CONNECTION_TYPE_SYSTEM, URI_SYSTEM
 
 SYSTEM = "urn:oid:1.2.826.0.1.3680043.2.1143.99"
 WADO = "https://pacs.example.org/dicom-web"

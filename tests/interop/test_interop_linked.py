@@ -26,8 +26,9 @@ from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.app.wiring import wired_relay
 from ingest.config import EndpointSettings, PatientSettings, RelaySettings, Settings
 from ingest.core.extract import extract
-from ingest.core.linked import NAME_REPRESENTATION_URL, URI_SYSTEM, search_token
+from ingest.core.linked import NAME_REPRESENTATION_URL, search_token
 from ingest.core.records import InstanceRecord, PersonName
+from ingest.core.terminology import URI_SYSTEM
 from ingest.metrics import Metrics
 from ingest.relay.links import prepare_links
 

@@ -31,8 +31,9 @@ from ingest.config import (
     RelaySettings,
     Settings,
 )
-from ingest.core.linked import URI_SYSTEM, device_identifier, search_token
+from ingest.core.linked import device_identifier, search_token
 from ingest.core.records import InstanceRecord
+from ingest.core.terminology import URI_SYSTEM
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "studies"
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

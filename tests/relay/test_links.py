@@ -23,8 +23,9 @@ from ingest.app.wiring import mapping_options
 from ingest.backend.server import start_backend
 from ingest.backend.store import ResourceStore, SearchRequest
 from ingest.config import EndpointSettings, PatientSettings, RelaySettings, Settings
-from ingest.core.linked import URI_SYSTEM, search_token
+from ingest.core.linked import search_token
 from ingest.core.records import InstanceRecord, PersonName
+from ingest.core.terminology import URI_SYSTEM
 from ingest.errors import ConfigError, PermanentSinkError, RetryableSinkError
 from ingest.metrics import Metrics
 from ingest.relay.build import StudyBuilder

@@ -72,8 +72,8 @@ from ingest.adapters.graphql.fit import (
 )
 from ingest.adapters.graphql.fitcache import cached_fit
 from ingest.adapters.graphql.token import ClientCredentialsToken, Secret, TokenSource
-from ingest.core.mapping import STUDY_UID_SYSTEM
 from ingest.core.records import BackendStudy
+from ingest.core.terminology import STUDY_UID_SYSTEM
 from ingest.errors import (
     ConfigError,
     ForeignContentError,

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
-from ingest.adapters.state.sql import Cursor, SQLStateStore
+from ingest.adapters.state.sql import Cursor, SQLStateStore, in_chunks
 from ingest.core.lifecycle import Rejection, patient_key
 from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError
@@ -46,8 +46,6 @@ FAILURE_PROCESSING: Final = (
 FAILURE_NO_SUCH_INSTANCE: Final = 0x0112  # no row: never received (or not accepted)
 FAILURE_CLASS_CONFLICT: Final = 0x0119  # received under another SOP Class
 
-# Names per ``IN (...)`` lookup (under SQLite's 999-variable floor on old builds).
-_IN_CHUNK: Final = 400
 # Rows per multi-row INSERT of items (4 parameters each).
 _INSERT_ROWS: Final = 200
 
@@ -178,32 +176,19 @@ class CommitmentStore(SQLStateStore):
         """
         if limit <= 0:
             return []
-        now_v = self._time(now)
-        expires = self._time(now + timedelta(seconds=lease_s))
-        far = now + timedelta(days=365_000)  # without stale_after: never
-        stale_v = self._time(stale_after if stale_after is not None else far)
-        lease_stale_v = self._time(now + timedelta(seconds=2 * lease_s) if stale_after is not None else far)
+        now_v, expires, stale_v, lease_stale_v = self._claim_times(now, lease_s, stale_after)
         excluded = sorted(set(exclude_aes))
         not_in = f"AND calling_ae NOT IN ({', '.join(['?'] * len(excluded))}) " if excluded else ""
         with self._write("claim_commitments") as cur:
             rows = cur.execute(
                 self._q(
                     "SELECT transaction_uid, calling_ae, received_at, attempts FROM commitments "
-                    "WHERE state = 'pending' "
-                    "AND (next_attempt_at IS NULL OR next_attempt_at <= ? OR next_attempt_at > ?) "
-                    "AND (lease_owner IS NULL OR lease_owner = ? OR lease_expires IS NULL "
-                    "OR lease_expires <= ? OR lease_expires > ?) " + not_in +
-                    "ORDER BY next_attempt_at, received_at, transaction_uid LIMIT ?" + self._CLAIM_LOCK
+                    "WHERE state = 'pending' AND " + self._claimable(own_again=True) + not_in
+                    + "ORDER BY next_attempt_at, received_at, transaction_uid LIMIT ?" + self._CLAIM_LOCK
                 ),
                 (now_v, stale_v, owner, now_v, lease_stale_v, *excluded, limit),
             ).fetchall()
-            if rows:
-                cur.executemany(
-                    self._q(
-                        "UPDATE commitments SET lease_owner = ?, lease_expires = ? WHERE transaction_uid = ?"
-                    ),
-                    [(owner, expires, row[0]) for row in rows],
-                )
+            self._take_leases(cur, "commitments", "transaction_uid", [row[0] for row in rows], owner, expires)
         claims = []
         for row in rows:
             received = self._from_time(row[2])
@@ -268,9 +253,7 @@ class CommitmentStore(SQLStateStore):
         ).fetchone()
         own = f"dimse:{calling[0]}" if calling is not None else None
         classes: dict[str, str] = {}
-        for start in range(0, len(wanted), _IN_CHUNK):
-            chunk = wanted[start : start + _IN_CHUNK]
-            marks = ", ".join(["?"] * len(chunk))
+        for chunk, marks in in_chunks(wanted):
             # only the requester's own instances: another AE's are "no such object instance"
             for sop_uid, record_json in cur.execute(
                 self._q(
@@ -285,9 +268,7 @@ class CommitmentStore(SQLStateStore):
         rejected = self._rejected_among(cur, candidates)
         held: set[str] = set()
         keep = [uid for uid in candidates if uid not in rejected]
-        for start in range(0, len(keep), _IN_CHUNK):
-            chunk = keep[start : start + _IN_CHUNK]
-            marks = ", ".join(["?"] * len(chunk))
+        for chunk, marks in in_chunks(keep):
             held.update(
                 str(r[0])
                 for r in cur.execute(
@@ -330,9 +311,7 @@ class CommitmentStore(SQLStateStore):
         the instance itself, its series or its study; a note's only of its own patient). They are never
         committed: ingest keeps them out of the ImagingStudy and may remove their bytes on its own."""
         found: set[str] = set()
-        for start in range(0, len(sop_uids), _IN_CHUNK):
-            chunk = list(sop_uids[start : start + _IN_CHUNK])
-            marks = ", ".join(["?"] * len(chunk))
+        for chunk, marks in in_chunks(sop_uids):
             rows = cur.execute(
                 self._q(
                     "SELECT i.sop_uid, i.record_json, r.study_uid, r.series_uid, r.sop_uid, r.code, "

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ingest.adapters.state.sql import SQLStateStore
+from ingest.adapters.state.sql import SQLStateStore, in_chunks
 from ingest.ports import FileIdentity
 
 __all__ = ["FileIdentityStore"]
-
-# paths per statement (three values each: under SQLite's 999-variable floor on old builds)
-_CHUNK = 300
 
 
 class FileIdentityStore(SQLStateStore):
@@ -35,9 +32,7 @@ class FileIdentityStore(SQLStateStore):
         paths = sorted(wanted)
         found: dict[str, str] = {}
         with self._use("unchanged_files") as cur:
-            for start in range(0, len(paths), _CHUNK):
-                chunk = paths[start : start + _CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(paths):
                 rows = cur.execute(
                     self._q(
                         "SELECT f.path, f.size, f.mtime_ns, f.study_uid FROM replay_files f "

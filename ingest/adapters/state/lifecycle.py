@@ -26,7 +26,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from ingest.adapters.state.sql import Cursor, SQLStateStore
+from ingest.adapters.state.sql import Cursor, SQLStateStore, in_chunks
 from ingest.core.admission import replace_refusal
 from ingest.core.lifecycle import (
     REJECTION_CODES,
@@ -40,12 +40,10 @@ from ingest.core.lifecycle import (
     view,
 )
 from ingest.core.records import InstanceRecord
-from ingest.ports import HELD, Added, AddOutcome, Rejected, RejectionRow, Replaced
+from ingest.ports import HELD, Added, AddOutcome, RejectionRecorded, RejectionRow, Replaced
 
 __all__ = ["LifecycleStore"]
 
-# Study UIDs / SOP Instance UIDs per IN (...) lookup (under SQLite's 999-variable floor on old builds).
-_CHUNK = 400
 # A study with more rows than this is taken to hold more than rejection notes (not read to check).
 _NOTES_ALONE = 32
 _COLUMNS = "study_uid, series_uid, sop_uid, code, note_uid"
@@ -55,9 +53,7 @@ _CLI_SOURCE = "ingest reject"
 
 
 def _chunks(values: Iterable[str]) -> Iterable[list[str]]:
-    wanted = sorted(set(values))
-    for start in range(0, len(wanted), _CHUNK):
-        yield wanted[start : start + _CHUNK]
+    return (chunk for chunk, _marks in in_chunks(sorted(set(values))))
 
 
 class LifecycleStore(SQLStateStore):
@@ -244,7 +240,7 @@ class LifecycleStore(SQLStateStore):
                 )
         return out
 
-    def reject(self, rejection: Rejection, *, now: datetime) -> Rejected:
+    def reject(self, rejection: Rejection, *, now: datetime) -> RejectionRecorded:
         """Record ``rejection`` (``ingest reject``): a new one makes the study, when it has rows, dirty and
         due at ``now``; one already recorded writes nothing.
 
@@ -263,12 +259,12 @@ class LifecycleStore(SQLStateStore):
                 known = cur.execute(
                     self._q("SELECT 1 FROM studies WHERE study_uid = ?"), (rejection.study_uid,)
                 ).fetchone()
-                return Rejected(new=False, study_known=known is not None)
+                return RejectionRecorded(new=False, study_known=known is not None)
             known = self._touch_known(cur, rejection.study_uid, now_v, now_v)
             if known:
                 self._park_notes_only(cur, rejection.study_uid)
             release = self._stored_covered(cur, [rejection]) if removes_bytes(rejection.code) else []
-            return Rejected(new=True, study_known=known, release=tuple(release))
+            return RejectionRecorded(new=True, study_known=known, release=tuple(release))
 
     def unreject(self, rejection: Rejection, *, now: datetime) -> bool:
         """Remove a rejection ``ingest reject`` recorded (``note_uid`` ``""``); the study, when it has rows,

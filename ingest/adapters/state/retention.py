@@ -14,13 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from ingest.adapters.state.sql import SQLStateStore
+from ingest.adapters.state.sql import SQLStateStore, in_chunks
 from ingest.ports import ReleasedBytes
 
 __all__ = ["RetentionStore"]
-
-# SOP Instance UIDs per statement (under SQLite's 999-variable floor on old builds).
-_CHUNK = 400
 
 #: An instance whose bytes are still held: a spool file or an ``instance_bytes`` row, not yet released.
 _HELD = (
@@ -76,9 +73,7 @@ class RetentionStore(SQLStateStore):
         wanted = sorted(set(sop_uids))
         released: list[ReleasedBytes] = []
         with self._write("release_instance_bytes") as cur:
-            for start in range(0, len(wanted), _CHUNK):
-                chunk = wanted[start : start + _CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 rows = cur.execute(
                     self._q(
                         "SELECT i.sop_uid, i.spool_name, "
@@ -159,9 +154,7 @@ class RetentionStore(SQLStateStore):
         wanted = sorted(set(sop_uids))
         held = 0
         with self._write("hold_bytes") as cur:
-            for start in range(0, len(wanted), _CHUNK):
-                chunk = wanted[start : start + _CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 cur.execute(
                     self._q(
                         "UPDATE instances SET hold_until = ? WHERE (hold_until IS NULL OR hold_until < ?) "

@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Final, Protocol, Self
+from typing import Any, ClassVar, Final, Protocol, Self, TypeVar
 
 from ingest.core.admission import (
     CONFLICT_OTHER_CONTENT,
@@ -118,8 +118,19 @@ def study_row(values: Sequence[Any], to_dt: Callable[[Any], datetime | None]) ->
 
 # Rows per multi-row INSERT (9 parameters each: well under SQLite's and PostgreSQL's limits).
 _INSERT_ROWS = 256
-# Names per ``IN (...)`` lookup (under SQLite's 999-variable floor on old builds).
-_IN_CHUNK = 500
+T = TypeVar("T")
+
+#: Values per ``IN (...)`` lookup, the one chunk size of every such query of the state store (under
+#: SQLite's 999-variable floor on old builds, with room for the statement's other parameters).
+IN_CHUNK: Final = 400
+
+
+def in_chunks(values: Sequence[T]) -> Iterator[tuple[list[T], str]]:
+    """``values`` in order, in lists of at most :data:`IN_CHUNK`, each with its ``?, ?, ...``
+    placeholders for an ``IN (...)`` clause."""
+    for start in range(0, len(values), IN_CHUNK):
+        chunk = list(values[start : start + IN_CHUNK])
+        yield chunk, ", ".join(["?"] * len(chunk))
 
 
 class SQLStateStore(StateStore):
@@ -160,6 +171,46 @@ class SQLStateStore(StateStore):
     @abstractmethod
     def close(self) -> None:
         """Release the connection(s); idempotent."""
+
+    # -- leases: the one claim rule of due studies and commitment reports ------------------------------------
+
+    def _claim_times(
+        self, now: datetime, lease_s: float, stale_after: datetime | None
+    ) -> tuple[object, object, object, object]:
+        """The stored forms of ``now``, the lease's end (``now + lease_s``), the time past which a due time
+        or next attempt counts as set before a step back of the clock (``stale_after``), and the end past
+        which a lease does (more than twice ``lease_s`` ahead); without ``stale_after``, 1000 years ahead
+        (never)."""
+        far = now + timedelta(days=365_000)
+        return (
+            self._time(now),
+            self._time(now + timedelta(seconds=lease_s)),
+            self._time(stale_after if stale_after is not None else far),
+            self._time(now + timedelta(seconds=2 * lease_s) if stale_after is not None else far),
+        )
+
+    @staticmethod
+    def _claimable(*, own_again: bool) -> str:
+        """The claim predicate on ``next_attempt_at`` and the lease, with its parameters in order:
+        now, stale, [owner, when ``own_again``: the owner's own leases are taken again at once], now,
+        lease stale."""
+        own = "OR lease_owner = ? " if own_again else ""
+        return (
+            "(next_attempt_at IS NULL OR next_attempt_at <= ? OR next_attempt_at > ?) "
+            f"AND (lease_owner IS NULL {own}OR lease_expires IS NULL OR lease_expires <= ? "
+            "OR lease_expires > ?) "
+        )
+
+    def _take_leases(
+        self, cur: Cursor, table: str, key: str, keys: Sequence[object], owner: str, expires: object
+    ) -> None:
+        """Lease the claimed rows ``keys`` of ``table`` to ``owner`` until ``expires`` (the claim's
+        transaction)."""
+        if keys:
+            cur.executemany(
+                self._q(f"UPDATE {table} SET lease_owner = ?, lease_expires = ? WHERE {key} = ?"),
+                [(owner, expires, k) for k in keys],
+            )
 
     @property
     def _log(self) -> logging.Logger:
@@ -454,9 +505,7 @@ class SQLStateStore(StateStore):
         wanted = sorted(set(names))
         found: set[str] = set()
         with self._use("referenced_spool_names") as cur:
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 rows = cur.execute(
                     self._q(f"SELECT DISTINCT spool_name FROM instances WHERE spool_name IN ({marks})"),
                     chunk,
@@ -495,30 +544,18 @@ class SQLStateStore(StateStore):
         """
         if limit <= 0:
             return []
-        now_v = self._time(now)
-        expires = self._time(now + timedelta(seconds=lease_s))
-        # without stale_after, "later than now + 1000 years" never matches
-        stale_v = self._time(stale_after if stale_after is not None else now + timedelta(days=365_000))
-        lease_stale_v = self._time(
-            now + timedelta(seconds=2 * lease_s) if stale_after is not None else now + timedelta(days=365_000)
-        )
+        now_v, expires, stale_v, lease_stale_v = self._claim_times(now, lease_s, stale_after)
         with self._write("claim_due") as cur:
             rows = cur.execute(
                 self._q(
                     "SELECT study_uid, generation, backend_id, version_id, digest, attempts FROM studies "
-                    "WHERE state = 'pending' AND dirty = true AND (due_at <= ? OR due_at > ?) "
-                    "AND (next_attempt_at IS NULL OR next_attempt_at <= ? OR next_attempt_at > ?) "
-                    "AND (lease_owner IS NULL OR lease_expires IS NULL OR lease_expires <= ? "
-                    "OR lease_expires > ?) "
-                    "ORDER BY due_at, study_uid LIMIT ?" + self._CLAIM_LOCK
+                    "WHERE state = 'pending' AND dirty = true AND (due_at <= ? OR due_at > ?) AND "
+                    + self._claimable(own_again=False)
+                    + "ORDER BY due_at, study_uid LIMIT ?" + self._CLAIM_LOCK
                 ),
                 (now_v, stale_v, now_v, stale_v, now_v, lease_stale_v, limit),
             ).fetchall()
-            if rows:
-                cur.executemany(
-                    self._q("UPDATE studies SET lease_owner = ?, lease_expires = ? WHERE study_uid = ?"),
-                    [(owner, expires, row[0]) for row in rows],
-                )
+            self._take_leases(cur, "studies", "study_uid", [row[0] for row in rows], owner, expires)
         return [
             StudyClaim(
                 study_uid=row[0],
@@ -776,9 +813,7 @@ class SQLStateStore(StateStore):
         wanted = sorted(set(study_uids))
         groups: list[SeriesGroup] = []
         with self._use("series_groups") as cur:
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 rows = cur.execute(
                     self._q(
                         "SELECT study_uid, series_uid, source, COUNT(*), MIN(added_at), MAX(added_at), "
@@ -835,9 +870,7 @@ class SQLStateStore(StateStore):
         wanted = sorted(set(study_uids))
         groups: list[SeriesGroup] = []
         with self._use("study_series") as cur:
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 rows = cur.execute(
                     self._q(
                         "SELECT study_uid, series_uid, MIN(source), MAX(source), COUNT(*), MIN(added_at), "

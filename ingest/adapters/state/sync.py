@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from ingest.adapters.state.sql import Cursor, SQLStateStore
+from ingest.adapters.state.sql import Cursor, SQLStateStore, in_chunks
 from ingest.core.lifecycle import Rejection
 
 __all__ = ["SYNC_GONE_CODE", "SYNC_WITHDRAWN_CODE", "SyncRun", "SyncStore"]
@@ -31,8 +31,6 @@ SYNC_WITHDRAWN_CODE = "113039"
 #: The rejection code of a whole study the PACS no longer has, with ``[sync] on_study_gone =
 #: "entered-in-error"`` (113038 makes the study ``entered-in-error``).
 SYNC_GONE_CODE = "113038"
-
-_CHUNK = 400
 
 
 @dataclass(frozen=True)
@@ -226,12 +224,11 @@ class SyncStore(SQLStateStore):
                 (source, study_uid, study_date),
             )
             gone = [sop for sop in before if sop not in listed]
-            for start in range(0, len(gone), _CHUNK):
-                chunk = gone[start : start + _CHUNK]
+            for chunk, marks in in_chunks(gone):
                 cur.execute(
                     self._q(
                         "DELETE FROM sync_listed WHERE source = ? AND study_uid = ? "
-                        f"AND sop_uid IN ({', '.join(['?'] * len(chunk))})"
+                        f"AND sop_uid IN ({marks})"
                     ),
                     (source, study_uid, *chunk),
                 )
@@ -291,9 +288,7 @@ class SyncStore(SQLStateStore):
         found: dict[str, str] = {}
         wanted = sorted(set(sop_uids))
         with self._use("sync_source_of") as cur:
-            for start in range(0, len(wanted), _CHUNK):
-                chunk = wanted[start : start + _CHUNK]
-                marks = ", ".join(["?"] * len(chunk))
+            for chunk, marks in in_chunks(wanted):
                 rows = cur.execute(
                     self._q(f"SELECT sop_uid, source FROM instances WHERE sop_uid IN ({marks})"), chunk,
                 ).fetchall()

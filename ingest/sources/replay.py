@@ -1,0 +1,310 @@
+"""Replay as a source beside the listener and the drop folder: the files, folders and archives given to
+``ingest replay``, parsed under the listener's caps and fed to intake (:class:`ReplaySource`).
+
+Files an earlier replay stored unchanged (same absolute path, size and mtime; the same digest in the
+instance row) are skipped without being read; the others are admitted in batches through one
+:class:`~ingest.intake.admit.Admission` per run, and remembered once held.
+
+A replay can be split into shards (``--shard K/N``): each file belongs to exactly one shard, chosen by a
+stable hash of its path relative to the argument that named it (for an archive member, its name inside
+the archive), so N processes on N machines given the same archive (mounted anywhere) read every file
+exactly once between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ingest.core.records import InstanceRecord
+from ingest.errors import ArchiveError
+from ingest.ports import AddOutcome, FileIdentity, StateStore, StudyState
+from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
+
+if TYPE_CHECKING:
+    from ingest.intake.admit import Admission
+
+__all__ = [
+    "ReplayCaps", "ReplaySource", "ReplayTotals", "Shard", "ShardError", "parse_replay", "parse_shard",
+    "relative_key", "replay_items",
+]
+
+_SHARD = re.compile(r"(\d+)/(\d+)")
+
+
+class ShardError(ValueError):
+    """A ``--shard`` value that is not ``K/N`` with ``1 <= K <= N``."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (1-based) of ``count``."""
+
+    index: int
+    count: int
+
+    def owns(self, relative: str) -> bool:
+        """Whether the file at ``relative`` (a path relative to its replay argument, ``/``-separated)
+        belongs to this shard (BLAKE2b of its UTF-8 bytes, modulo ``count``)."""
+        key = relative.encode("utf-8", "surrogateescape")
+        digest = hashlib.blake2b(key, digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self.count == self.index - 1
+
+
+def parse_shard(text: str) -> Shard:
+    """``"K/N"`` as a :class:`Shard`; :class:`ShardError` naming the problem otherwise."""
+    found = _SHARD.fullmatch(text.strip())
+    if found is None:
+        raise ShardError(f"--shard {text!r}: expected K/N, e.g. 1/4 (shard K of N, K from 1 to N)")
+    index, count = int(found[1]), int(found[2])
+    if count < 1 or not 1 <= index <= count:
+        raise ShardError(f"--shard {text!r}: out of range: K/N needs N at least 1 and K from 1 to N")
+    return Shard(index, count)
+
+
+def relative_key(root: Path, path: Path) -> str:
+    """The shard key of ``path`` found under the replay argument ``root``: its path relative to
+    ``root`` (``/``-separated), or its name when ``root`` is the file itself."""
+    if path == root:
+        return path.name
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def replay_items(paths: list[Path], shard: Shard | None = None) -> Iterator[Item]:
+    """Every file of ``paths`` (files, folders, archives' members) as an :class:`Item`, in order.
+
+    A path that does not exist, and a refused whole archive, are items carrying a rejection (every shard
+    reports them); with ``shard``, only the files and members that shard owns are yielded.
+    """
+    from ingest.sources import archives
+
+    for path in paths:
+        if not path.exists():  # a typo or an unmounted share: named, counted as rejected (exit 2)
+            yield Item(label=str(path), rejection=("not_found", "no such file or folder"))
+        elif archives.is_archive(path):
+            prefix = f"{path}!"
+            try:
+                for member in archives.iter_members(path):
+                    if shard is None or shard.owns(member.label.removeprefix(prefix)):
+                        yield member
+            except ArchiveError as exc:  # a refused whole archive is one rejected input; others go on
+                yield Item(label=str(path), rejection=("archive_refused", str(exc)))
+        elif shard is None:
+            yield from expand_paths([path])
+        else:
+            for item in expand_paths([path]):
+                assert item.path is not None
+                if shard.owns(relative_key(path, item.path)):
+                    yield item
+
+
+@dataclass
+class ReplayTotals:
+    """What a replay read and admitted so far (the summary's counts; filled as the replay goes)."""
+
+    files: int = 0
+    unchanged_files: int = 0  # files known from an earlier replay (same path, size, mtime): not read again
+    accepted: int = 0
+    duplicate: int = 0
+    filtered: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class ReplayCaps:
+    """The caps every source parses under (``[listener] max_inflated_bytes``, ``max_rejection_items``)."""
+
+    max_inflated_bytes: int
+    max_rejection_items: int
+
+
+def parse_replay(
+    paths: list[Path], caps: ReplayCaps, *, jobs: int, shard: Shard | None = None,
+    caller_parses: bool = False, skip: Callable[[Iterator[Item]], Iterator[Item]] | None = None,
+) -> Iterator[Parsed | Rejected]:
+    """The parse results of a replay's items (``skip``, if given, drops items before they are parsed)."""
+    items = replay_items(paths, shard)
+    return parse_items(
+        skip(items) if skip is not None else items, jobs=jobs, caller_parses=caller_parses,
+        max_inflated_bytes=caps.max_inflated_bytes, max_rejection_items=caps.max_rejection_items,
+    )
+
+
+# Parsed files admitted per transaction.
+_STORE_BATCH = 256
+# Files stat-ed and looked up in the state store per query (unchanged reruns).
+_KNOWN_CHUNK = 256
+# A file modified this recently is not remembered: a write within the same mtime tick as our stat could
+# otherwise go unnoticed by the next run (it re-reads the file instead).
+_RACY_NS = 2_000_000_000
+
+
+class ReplaySource:
+    """``ingest replay``'s input fed to intake: one :class:`~ingest.intake.admit.Admission` per run, with
+    no spool (the files stay where they are), no quarantine and nothing to wake (the caller drains the
+    studies it touched once the input is read).
+
+    Parameters
+    ----------
+    store:
+        The state store.
+    paths, shard, jobs, caps:
+        What to read, which shard of it, in how many processes, under which caps.
+    wanted:
+        Whether a parsed instance is kept (``--study``, ``--since``); the others count as filtered.
+    studies:
+        ``--study`` UIDs (an unchanged file of another study counts as filtered), empty for all.
+    skip_unchanged:
+        Whether files an earlier replay stored unchanged are skipped without being read (``False`` with
+        ``--since``, which needs each file's Study Date).
+    stable_age_s, on_conflict:
+        ``[relay] stable_age_s`` and ``[intake] on_conflict``.
+    totals:
+        The counts to fill.
+    """
+
+    def __init__(
+        self, store: StateStore, *, paths: list[Path], shard: Shard | None, jobs: int, caps: ReplayCaps,
+        wanted: Callable[[InstanceRecord], bool], studies: frozenset[str], skip_unchanged: bool,
+        stable_age_s: float, on_conflict: str, totals: ReplayTotals,
+    ) -> None:
+        self.store = store
+        self.paths = paths
+        self.shard = shard
+        self.jobs = jobs
+        self.caps = caps
+        self.wanted = wanted
+        self.studies = studies
+        self.skip_unchanged = skip_unchanged
+        self.stable_age_s = stable_age_s
+        self.on_conflict = on_conflict
+        self.totals = totals
+        #: studies an admitted (or duplicate) instance of this input belongs to
+        self.touched: set[str] = set()
+        #: studies of files not read again (unchanged since an earlier replay)
+        self.known: set[str] = set()
+        self._admission: Admission | None = None
+
+    def read(
+        self, *, on_rejected: Callable[[Rejected], None], on_file: Callable[[], None],
+        on_first: Callable[[], object] = lambda: None,
+    ) -> None:
+        """Read, parse and admit every item; ``on_rejected`` is told of each refused input, ``on_file``
+        is called after each file, ``on_first`` once the first parse result is back."""
+        totals = self.totals
+        batch: list[Parsed] = []
+        results = parse_replay(self.paths, self.caps, jobs=self.jobs, shard=self.shard,
+                               skip=self._skip_known if self.skip_unchanged else None)
+        for n, result in enumerate(results):
+            if not n:
+                on_first()
+            totals.files += 1
+            if isinstance(result, Rejected):
+                totals.rejected[result.reason] += 1
+                on_rejected(result)
+            elif not self.wanted(result.record):
+                totals.filtered += 1
+            else:
+                batch.append(result)
+                if len(batch) >= _STORE_BATCH:
+                    self._admit(batch, on_rejected)
+                    batch = []
+            on_file()
+        if batch:
+            self._admit(batch, on_rejected)
+
+    def studies_to_push(self) -> set[str]:
+        """The studies the relay must see: those this input touched, and those all of whose files were
+        unchanged but that the store does not hold pushed and clean."""
+        out = set(self.touched)
+        for uid in sorted(self.known - self.touched):
+            row = self.store.study(uid)
+            if row is None or row.state is not StudyState.PUSHED or row.dirty:
+                out.add(uid)
+        return out
+
+    def _skip_known(self, items: Iterator[Item]) -> Iterator[Item]:
+        """``items`` less the files an earlier replay read and whose instance the store still holds
+        unchanged (same absolute path, size and mtime; same digest in the instance row): those are counted
+        as unchanged duplicates and their studies added to :attr:`known`. The others get
+        :attr:`Item.stat`, so they are remembered once admitted."""
+        pending: list[Item] = []
+        totals = self.totals
+
+        def flush() -> Iterator[Item]:
+            stats: list[tuple[str, int, int]] = []
+            for item in pending:
+                assert item.path is not None
+                try:
+                    info = os.stat(item.path)
+                except OSError:
+                    stats.append(("", 0, 0))  # parsing reports it (unreadable)
+                    continue
+                stats.append((os.path.abspath(item.path), info.st_size, info.st_mtime_ns))
+            found = self.store.unchanged_files([ident for ident in stats if ident[0]])
+            now_ns = time.time_ns()
+            for item, ident in zip(pending, stats, strict=True):
+                study_uid = found.get(ident[0]) if ident[0] else None
+                if study_uid is None:
+                    fresh = bool(ident[0]) and now_ns - ident[2] >= _RACY_NS
+                    yield Item(item.label, path=item.path, stat=ident) if fresh else item
+                    continue
+                totals.files += 1
+                totals.unchanged_files += 1
+                if self.studies and study_uid not in self.studies:
+                    totals.filtered += 1
+                else:
+                    totals.duplicate += 1
+                    self.known.add(study_uid)
+            pending.clear()
+
+        for item in items:
+            if item.path is None or item.rejection is not None:
+                yield from flush()
+                yield item
+                continue
+            pending.append(item)
+            if len(pending) >= _KNOWN_CHUNK:
+                yield from flush()
+        yield from flush()
+
+    def _admit(self, batch: list[Parsed], on_rejected: Callable[[Rejected], None]) -> None:
+        from ingest.intake.admit import Admission, Candidate  # (not needed by a rerun that reads no file)
+
+        if self._admission is None:
+            self._admission = Admission(
+                self.store, spool=None, quarantine=None, metrics=None, stable_age_s=self.stable_age_s,
+                wake=_no_wake, label="replay", on_conflict=self.on_conflict,
+            )
+        results = self._admission.admit([Candidate(p.record, p.digest, f"file:{p.label}") for p in batch])
+        remember: list[FileIdentity] = []
+        totals = self.totals
+        for parsed, admitted in zip(batch, results, strict=True):
+            self.touched.add(parsed.record.study_uid)
+            if admitted.outcome in (AddOutcome.ADDED, AddOutcome.DUPLICATE):
+                if admitted.outcome is AddOutcome.ADDED:
+                    totals.accepted += 1
+                else:
+                    totals.duplicate += 1
+                if parsed.stat is not None:  # held now with this digest: a rerun need not read it again
+                    rec = parsed.record
+                    remember.append(FileIdentity(*parsed.stat, parsed.digest, rec.sop_uid, rec.study_uid))
+            else:
+                totals.rejected["conflict"] += 1
+                on_rejected(Rejected(parsed.label, "conflict",
+                                     f"SOP Instance UID {parsed.record.sop_uid}: {admitted.rule}"))
+        self.store.remember_files(remember)
+
+
+def _no_wake() -> None:
+    """Replay wakes no relay while reading: its studies are drained at the end of the input."""

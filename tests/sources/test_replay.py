@@ -1,0 +1,104 @@
+"""Tests for ingest.sources.replay: ``--shard K/N`` parsing and the split of files between shards."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.intake import admit as admit_module
+from ingest.sources.replay import (
+    ReplayCaps,
+    ReplaySource,
+    ReplayTotals,
+    Shard,
+    ShardError,
+    parse_shard,
+    replay_items,
+)
+from samples.generate import generate
+
+
+def test_parse_shard_reads_k_of_n() -> None:
+    assert parse_shard("2/4") == Shard(2, 4)
+    assert parse_shard("1/1") == Shard(1, 1)
+
+
+@pytest.mark.parametrize("spec", ["0/4", "5/4", "1/0", "4", "x/4", "1/4/2", ""])
+def test_parse_shard_refuses_what_is_not_k_of_n(spec: str) -> None:
+    with pytest.raises(ShardError, match="--shard"):
+        parse_shard(spec)
+
+
+def test_every_file_is_in_exactly_one_shard(tmp_path: Path) -> None:
+    names = [f"s{i}/series{i % 3}/{i:04d}.dcm" for i in range(200)]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    shards = [
+        {item.label for item in replay_items([tmp_path], Shard(k, 3))} for k in (1, 2, 3)
+    ]
+    assert all(len(s) > 30 for s in shards), [len(s) for s in shards]  # 200 files: none nearly empty
+    assert sum(len(s) for s in shards) == len(names)
+    assert set().union(*shards) == {str(tmp_path / n) for n in names}
+
+
+def test_the_shard_of_a_file_does_not_depend_on_where_the_folder_is(tmp_path: Path) -> None:
+    for root in (tmp_path / "a", tmp_path / "mnt" / "b"):
+        for i in range(50):
+            (root / "x" / f"{i}.dcm").parent.mkdir(parents=True, exist_ok=True)
+            (root / "x" / f"{i}.dcm").write_bytes(b"")
+    got = [
+        {Path(item.label).relative_to(root).as_posix() for item in replay_items([root], Shard(1, 2))}
+        for root in (tmp_path / "a", tmp_path / "mnt" / "b")
+    ]
+    assert got[0] == got[1] and 0 < len(got[0]) < 50
+
+
+def _source(store: SQLiteStateStore, root: Path, totals: ReplayTotals) -> ReplaySource:
+    return ReplaySource(
+        store, paths=[root], shard=None, jobs=1, caps=ReplayCaps(1 << 26, 100_000),
+        wanted=lambda _record: True, studies=frozenset(), skip_unchanged=True, stable_age_s=0.0,
+        on_conflict="quarantine", totals=totals,
+    )
+
+
+def test_the_source_admits_through_one_admission_and_a_rerun_reads_nothing(tmp_path: Path) -> None:
+    corpus = generate(tmp_path / "corpus", studies=2, files=300, seed=5, tiny=True)  # > one batch (256)
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    for path in corpus.paths():
+        os.utime(path, ns=(an_hour_ago, an_hour_ago))
+    store = SQLiteStateStore(tmp_path / "state.sqlite3")
+    try:
+        admissions: list[object] = []
+        real = admit_module.Admission
+
+        class Counting(real):  # type: ignore[misc,valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                admissions.append(self)
+                super().__init__(*args, **kwargs)
+
+        first, rejected = ReplayTotals(), []
+        source = _source(store, corpus.root, first)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(admit_module, "Admission", Counting)
+            source.read(on_rejected=rejected.append, on_file=lambda: None)
+        assert rejected == []
+        assert len(admissions) == 1
+        assert first.accepted == first.files == corpus.files
+        assert source.touched == set(corpus.study_uids)
+
+        again = ReplayTotals()
+        rerun = _source(store, corpus.root, again)
+        rerun.read(on_rejected=rejected.append, on_file=lambda: None)
+        assert (again.files, again.unchanged_files, again.duplicate, again.accepted) == (
+            corpus.files, corpus.files, corpus.files, 0
+        )
+        assert rerun.touched == set() and rerun.known == set(corpus.study_uids)
+        assert rerun.studies_to_push() == set(corpus.study_uids)  # none pushed yet
+    finally:
+        store.close()
