@@ -263,7 +263,7 @@ def _log_effective(settings: Settings, args: argparse.Namespace) -> None:
     # Every command's first line names the settings file and the data dir (an `ingest status` run from
     # another folder would otherwise read an empty ./data silently); the full settings are at DEBUG.
     config, origin = find_config(args.config)
-    where = f"{printable(str(config.resolve()))} ({origin})" if config is not None else origin
+    where = f"{printable(str(config.absolute()))} ({origin})" if config is not None else origin
     LOGGER.info("ingest %s: settings %s, data dir %s", args.command, where,
                 printable(str(settings.data_dir.resolve())))
     if args.command in ("serve", "watch"):

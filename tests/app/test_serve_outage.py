@@ -140,3 +140,38 @@ def test_replay_against_a_backend_that_does_not_answer_leaves_studies_pending_ex
                                 str(corpus.root)], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert _status(data)["counts"] == {"pending": 0, "pushed": 2, "dead": 0}
+
+
+def test_ctrl_c_says_what_was_stored_and_a_rerun_goes_on(tmp_path: Path) -> None:
+    import signal
+
+    (port,) = free_ports(1)
+    corpus = generate(tmp_path / "corpus", studies=2, files=3, seed=7, tiny=True)
+    for path in corpus.paths():  # written a minute ago (a file written within 2 s is always read again)
+        os.utime(path, (path.stat().st_mtime - 60, path.stat().st_mtime - 60))
+    env = _env(INGEST_BACKEND__URL=f"http://127.0.0.1:{port}/fhir/R4/$graphql", INGEST_BACKEND__TOKEN_ENV="",
+               INGEST_RELAY__BASE_BACKOFF_S="0.1", INGEST_RELAY__MAX_BACKOFF_S="0.5")
+    data = tmp_path / "data"
+    err = tmp_path / "replay.err"
+    with err.open("wb") as out:
+        command = [sys.executable, "-m", "ingest", "--data-dir", str(data), "replay", str(corpus.root)]
+        proc = subprocess.Popen([*command, "--wait-backend", "5m"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=out)
+    try:
+        # every file is read and stored; the replay waits for the backend: the user presses Ctrl-C
+        wait_until(lambda: "backend unreachable at start" in err.read_text(), 60, "the replay waiting")
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.read_text()
+    assert code == 130, text
+    assert ("interrupted after 3 file(s): 3 new instance(s) were stored; run the same command again to go on"
+            in text), text
+    with _backend(tmp_path / "backend", port):
+        again = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["files_unchanged"] == 3 and summary["studies"]["created"] == 2
