@@ -15,6 +15,7 @@ from typing import Any
 
 from ingest.app.wiring import open_store
 from ingest.config import Settings
+from ingest.core.terminology import is_acquisition_modality
 from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe
 from ingest.ports import CommitmentRow, StudyRow, StudyState
@@ -51,13 +52,10 @@ class _Listed:
     series: set[str] = field(default_factory=set)
 
 
-#: Modalities of objects that are not images of the study (rejection notes, key objects, presentation
-#: states, reports); shown only when a study has nothing else, as the ImagingStudy's modality list does.
-_NOT_IMAGES = frozenset({"KO", "PR", "SR", "DOC"})
-
-
 def _modalities(found: set[str]) -> list[str]:
-    images = sorted(found - _NOT_IMAGES)
+    """The acquisition modalities (DICOM CID 29) of ``found``, as the ImagingStudy's modality list has
+    them; the others (KO, PR, SR...) only when a study has nothing else."""
+    images = sorted(m for m in found if is_acquisition_modality(m))
     return images or sorted(found)
 
 
