@@ -423,8 +423,9 @@ async def _cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.status import run_status
+    from ingest.app.wiring import store_missing
 
-    if settings.state.url is None and not (settings.data_dir / "state.sqlite3").is_file():
+    if store_missing(settings):
         # an `ingest status` from another folder would read (and create) an empty ./data silently
         print(f"ingest status: no state store in data dir {printable(str(settings.data_dir.resolve()))}: "
               "run it where the service runs, or name the service's settings (--config, $INGEST_CONFIG) "

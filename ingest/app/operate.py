@@ -108,8 +108,9 @@ def run_migrate(settings: Settings, *, check: bool) -> int:
     migration (exit 1, with the versions), without changing it; otherwise migrate it (the service does
     the same at start) and say from which version to which."""
     from ingest.adapters.state import known_schema_version, stored_schema_version
+    from ingest.app.wiring import store_missing
 
-    if settings.state.url is None and not (settings.data_dir / "state.sqlite3").is_file():
+    if store_missing(settings):
         print(f"ingest migrate: no state store in data dir {printable(str(settings.data_dir))}",
               file=sys.stderr)
         return int(ExitCode.FATAL)
