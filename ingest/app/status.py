@@ -20,7 +20,12 @@ from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe
 from ingest.ports import CommitmentRow, StudyRow, StudyState
 
-__all__ = ["node_summary", "run_status", "source_label"]
+__all__ = ["node_summary", "run_status", "source_label", "source_text"]
+
+
+def source_text(source: str) -> str:
+    """``AE <title>`` for ``dimse:<title>``, else the source as recorded (``watch``, a path...)."""
+    return f"AE {source.removeprefix('dimse:')}" if source.startswith("dimse:") else source
 
 
 def source_label(sources: Counter[str]) -> str:
@@ -29,12 +34,10 @@ def source_label(sources: Counter[str]) -> str:
     parts: list[str] = []
     files = 0
     for source, count in sorted(sources.items()):
-        if source.startswith("dimse:"):
-            parts.append(f"AE {source.removeprefix('dimse:')}")
-        elif source.startswith("file:"):
+        if source.startswith("file:"):
             files += count
         else:
-            parts.append(source)
+            parts.append(source_text(source))
     if files:
         parts.append(f"replay ({files} file{'s' if files != 1 else ''})")
     return ", ".join(dict.fromkeys(parts))
