@@ -53,6 +53,7 @@ from urllib.parse import urlencode, urlsplit
 from aiohttp import web
 
 import ingest
+from ingest.app.status import source_text
 from ingest.clock import utcnow
 from ingest.config import Settings
 from ingest.core.records import InstanceRecord, PersonName
@@ -186,11 +187,6 @@ def _person(name: PersonName | None) -> str:
     return name.alphabetic or name.ideographic or name.phonetic
 
 
-def _source(source: str) -> str:
-    """``AE <title>`` for ``dimse:<title>``, else the source as recorded (``watch``, a path...)."""
-    return f"AE {source[6:]}" if source.startswith("dimse:") else source
-
-
 def _short(text: str, limit: int = 96) -> str:
     """``text``, its middle elided past ``limit`` characters (a long folder name stays one line)."""
     return text if len(text) <= limit else f"{text[: limit // 2 - 1]}…{text[-(limit // 2) :]}"
@@ -214,7 +210,7 @@ class _Sources:
             self.last_path = high if self.last_path is None else max(self.last_path, high)
             self.files += group.instances
         else:
-            label = _source(group.source)
+            label = source_text(group.source)
             self.labels[label] = self.labels.get(label, 0) + group.instances
 
     def kinds(self) -> set[str]:
@@ -243,7 +239,7 @@ def _side_source(value: object) -> str:
     """A side file's ``source``: ``AE <title>`` for the listener, a drop-folder path as recorded."""
     if value is None or value == "":
         return "—"
-    return _short(_source(str(value)))
+    return _short(source_text(str(value)))
 
 
 def _side_time(value: object) -> str:

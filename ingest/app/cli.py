@@ -251,18 +251,16 @@ def find_config(given: Path | None, environ: dict[str, str] | None = None) -> tu
     return None, "built-in defaults"
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    config, _ = find_config(args.config)
+def _settings(args: argparse.Namespace, config: Path | None) -> Settings:
     overrides: dict[str, Any] = {}
     if args.data_dir is not None:
         overrides["data_dir"] = args.data_dir
     return load_settings(config, **overrides)
 
 
-def _log_effective(settings: Settings, args: argparse.Namespace) -> None:
+def _log_effective(settings: Settings, args: argparse.Namespace, config: Path | None, origin: str) -> None:
     # Every command's first line names the settings file and the data dir (an `ingest status` run from
     # another folder would otherwise read an empty ./data silently); the full settings are at DEBUG.
-    config, origin = find_config(args.config)
     where = f"{printable(str(config.absolute()))} ({origin})" if config is not None else origin
     LOGGER.info("ingest %s: settings %s, data dir %s", args.command, where,
                 printable(str(settings.data_dir.resolve())))
@@ -296,9 +294,10 @@ async def run(args: argparse.Namespace) -> int:
     # every file this process creates is 0600 and every folder 0700 from the start, SQLite's -wal/-shm
     # included, with no window where a chmod has not happened yet.
     private_umask()
-    settings = _settings(args)
+    config, origin = find_config(args.config)
+    settings = _settings(args, config)
     setup_logging(settings.log.level, settings.log.format, args.verbose - args.quiet)
-    _log_effective(settings, args)
+    _log_effective(settings, args, config, origin)
     try:
         tighten(settings.data_dir)  # what an earlier version or a restore left readable by others
     except OSError as exc:
@@ -423,8 +422,9 @@ async def _cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app.status import run_status
+    from ingest.app.wiring import store_missing
 
-    if settings.state.url is None and not (settings.data_dir / "state.sqlite3").is_file():
+    if store_missing(settings):
         # an `ingest status` from another folder would read (and create) an empty ./data silently
         print(f"ingest status: no state store in data dir {printable(str(settings.data_dir.resolve()))}: "
               "run it where the service runs, or name the service's settings (--config, $INGEST_CONFIG) "

@@ -59,12 +59,13 @@ def run_backup(settings: Settings, destination: Path) -> int:
     """Copy the SQLite state store to ``destination`` while the service runs (SQLite's online backup:
     a consistent copy of committed transactions, the WAL included). PostgreSQL is backed up with its
     own tools (``pg_dump``); in-row instance bytes are part of the copy, spool files are not."""
-    if settings.state.url is not None and not settings.state.url.startswith("sqlite:///"):
+    from ingest.adapters.state import sqlite_path
+
+    source = sqlite_path(settings.state.url, settings.data_dir)
+    if source is None:
         print("ingest backup: the state store is PostgreSQL: back it up with pg_dump (README \"Running in "
               "production\")", file=sys.stderr)
         return int(ExitCode.FATAL)
-    source = (Path(settings.state.url.removeprefix("sqlite:///")) if settings.state.url
-              else settings.data_dir / "state.sqlite3")
     if not source.is_file():
         print(f"ingest backup: no state store at {printable(str(source))}", file=sys.stderr)
         return int(ExitCode.FATAL)
@@ -107,8 +108,9 @@ def run_migrate(settings: Settings, *, check: bool) -> int:
     migration (exit 1, with the versions), without changing it; otherwise migrate it (the service does
     the same at start) and say from which version to which."""
     from ingest.adapters.state import known_schema_version, stored_schema_version
+    from ingest.app.wiring import store_missing
 
-    if settings.state.url is None and not (settings.data_dir / "state.sqlite3").is_file():
+    if store_missing(settings):
         print(f"ingest migrate: no state store in data dir {printable(str(settings.data_dir))}",
               file=sys.stderr)
         return int(ExitCode.FATAL)

@@ -10,7 +10,6 @@ the relay: the link step searches again, and the merge writes only when a refere
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 from collections.abc import Mapping
@@ -65,7 +64,7 @@ def _candidates(store: StateStore, settings: Settings, since: date | None, study
 
 async def run_relink(settings: Settings, *, since: date | None = None, study: str | None = None) -> int:
     """Requeue and push the studies with a logical reference a lookup could resolve; print a summary."""
-    from ingest.app.wiring import connect_with_backoff, open_store, start_sink, wired_relay
+    from ingest.app.wiring import open_sink, open_store, wired_relay
 
     if "lookup" not in (settings.links.based_on, settings.links.encounter, settings.links.referrer):
         print("ingest relink: no [links] mode is \"lookup\": nothing to resolve", file=sys.stderr)
@@ -80,9 +79,7 @@ async def run_relink(settings: Settings, *, since: date | None = None, study: st
             print(json.dumps({"studies": 0, "updated": 0, "unchanged": 0}))
             return int(ExitCode.OK)
         await asyncio.to_thread(store.requeue, wanted, datetime.now(UTC))
-        async with contextlib.AsyncExitStack() as stack:
-            sink = await start_sink(settings, stack, embedded_port=0)
-            await connect_with_backoff(sink, settings)
+        async with open_sink(settings, embedded_port=0) as sink:
             relay = await wired_relay(settings, store, sink)
             await relay.drain(wanted)
         results = relay.totals.results

@@ -15,11 +15,17 @@ from typing import Any
 
 from ingest.app.wiring import open_store
 from ingest.config import Settings
+from ingest.core.terminology import is_acquisition_modality
 from ingest.exitcodes import ExitCode
 from ingest.logs import markup_safe
 from ingest.ports import CommitmentRow, StudyRow, StudyState
 
-__all__ = ["node_summary", "run_status", "source_label"]
+__all__ = ["node_summary", "run_status", "source_label", "source_text"]
+
+
+def source_text(source: str) -> str:
+    """``AE <title>`` for ``dimse:<title>``, else the source as recorded (``watch``, a path...)."""
+    return f"AE {source.removeprefix('dimse:')}" if source.startswith("dimse:") else source
 
 
 def source_label(sources: Counter[str]) -> str:
@@ -28,12 +34,10 @@ def source_label(sources: Counter[str]) -> str:
     parts: list[str] = []
     files = 0
     for source, count in sorted(sources.items()):
-        if source.startswith("dimse:"):
-            parts.append(f"AE {source.removeprefix('dimse:')}")
-        elif source.startswith("file:"):
+        if source.startswith("file:"):
             files += count
         else:
-            parts.append(source)
+            parts.append(source_text(source))
     if files:
         parts.append(f"replay ({files} file{'s' if files != 1 else ''})")
     return ", ".join(dict.fromkeys(parts))
@@ -51,13 +55,10 @@ class _Listed:
     series: set[str] = field(default_factory=set)
 
 
-#: Modalities of objects that are not images of the study (rejection notes, key objects, presentation
-#: states, reports); shown only when a study has nothing else, as the ImagingStudy's modality list does.
-_NOT_IMAGES = frozenset({"KO", "PR", "SR", "DOC"})
-
-
 def _modalities(found: set[str]) -> list[str]:
-    images = sorted(found - _NOT_IMAGES)
+    """The acquisition modalities (DICOM CID 29) of ``found``, as the ImagingStudy's modality list has
+    them; the others (KO, PR, SR...) only when a study has nothing else."""
+    images = sorted(m for m in found if is_acquisition_modality(m))
     return images or sorted(found)
 
 

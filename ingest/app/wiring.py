@@ -51,6 +51,7 @@ __all__ = [
     "open_store",
     "relay_before_backend",
     "start_sink",
+    "store_missing",
     "token_configured",
     "wire_links",
     "wired_relay",
@@ -68,6 +69,12 @@ def open_store(settings: Settings) -> StateStore:
     from ingest.adapters.state import open_state_store
 
     return open_state_store(settings.state.url, settings.data_dir, node=settings.state.node_id)
+
+
+def store_missing(settings: Settings) -> bool:
+    """Whether the state store is the data dir's SQLite file and it does not exist: a command that only
+    reads the store refuses then, instead of creating an empty one (a command run from another folder)."""
+    return settings.state.url is None and not (settings.data_dir / "state.sqlite3").is_file()
 
 
 # --------------------------------------------------------------------------------------- the backend
