@@ -155,6 +155,14 @@ def stable_node_id(data_dir: Path) -> str:
 _NODE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 
 
+def _recorded_pid(path: Path) -> str | None:
+    """The pid the lock's holder wrote into ``path``, or ``None`` when it is unreadable or empty."""
+    with contextlib.suppress(OSError, ValueError):
+        text = path.read_text().strip()
+        return str(int(text)) if text else None
+    return None
+
+
 def lock_holder(data_dir: Path) -> str | None:
     """The pid of the process holding ``data_dir``'s lock, or ``None`` when nobody holds it (nothing is
     created: a data dir that does not exist is not held)."""
@@ -167,10 +175,7 @@ def lock_holder(data_dir: Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            with contextlib.suppress(OSError, ValueError):
-                text = path.read_text().strip()
-                return str(int(text)) if text else "unknown"
-            return "unknown"
+            return _recorded_pid(path) or "unknown"
         return None
     finally:
         os.close(fd)
@@ -199,7 +204,7 @@ class DataDirLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = self._holder()
+            other = _recorded_pid(self.path)
             LOGGER.warning("data dir %s is in use by another ingest process (pid %s); two services on one "
                            "data dir are not supported, temporary files younger than an hour are kept",
                            data_dir, other or "unknown")
@@ -209,12 +214,6 @@ class DataDirLock:
         self.held = True
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())
-
-    def _holder(self) -> str | None:
-        with contextlib.suppress(OSError, ValueError):
-            text = self.path.read_text().strip()
-            return str(int(text)) if text else None
-        return None
 
     def release(self) -> None:
         """Give the lock up (closing the file releases the ``flock``); idempotent."""

@@ -36,7 +36,7 @@ from ingest.backend.store import (
     StorageError,
 )
 
-__all__ = ["BASE", "add_rest_routes", "capability_statement"]
+__all__ = ["BASE", "add_rest_routes", "capability_statement", "operation_outcome"]
 
 BASE: Final = "/fhir/R4"
 _FHIR_JSON: Final = "application/fhir+json"
@@ -47,9 +47,17 @@ def _json(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | Non
     return web.Response(status=status, text=json.dumps(body), content_type=_FHIR_JSON, headers=headers)
 
 
-def _outcome(status: int, code: str, text: str) -> web.Response:
-    return _json(status, {"resourceType": "OperationOutcome",
-                          "issue": [{"severity": "error", "code": code, "details": {"text": text}}]})
+def operation_outcome(
+    status: int, texts: list[str], *, code: str = "invalid", diagnostics: str | None = None
+) -> web.Response:
+    """An HTTP error answer carrying a FHIR OperationOutcome, one issue per text (REST and GraphQL)."""
+    issues: list[dict[str, Any]] = []
+    for text in texts:
+        issue: dict[str, Any] = {"severity": "error", "code": code, "details": {"text": text}}
+        if diagnostics:
+            issue["diagnostics"] = diagnostics
+        issues.append(issue)
+    return _json(status, {"resourceType": "OperationOutcome", "issue": issues})
 
 
 def _rest_name(name: str) -> str:
@@ -102,15 +110,17 @@ def add_rest_routes(app: web.Application, store_key: web.AppKey[ResourceStore]) 
     async def read(request: web.Request) -> web.Response:
         resource_type, resource_id = request.match_info["type"], request.match_info["id"]
         if resource_type not in RESOURCE_TYPES:
-            return _outcome(404, "not-supported", f"Unknown resource type {resource_type!r}"[:200])
+            return operation_outcome(
+                404, [f"Unknown resource type {resource_type!r}"[:200]], code="not-supported"
+            )
         if not FHIR_ID.fullmatch(resource_id):
-            return _outcome(404, "not-found", "Not found")
+            return operation_outcome(404, ["Not found"], code="not-found")
         try:
             found = await asyncio.to_thread(store_of(request).read, resource_type, resource_id)
         except StorageError:
-            return _outcome(503, "transient", "The database failed; try again")
+            return operation_outcome(503, ["The database failed; try again"], code="transient")
         if found is None:
-            return _outcome(404, "not-found", "Not found")
+            return operation_outcome(404, ["Not found"], code="not-found")
         meta = found.get("meta", {})
         headers = {}
         if meta.get("versionId"):
@@ -123,7 +133,9 @@ def add_rest_routes(app: web.Application, store_key: web.AppKey[ResourceStore]) 
     async def search(request: web.Request) -> web.Response:
         resource_type = request.match_info["type"]
         if resource_type not in RESOURCE_TYPES:
-            return _outcome(404, "not-supported", f"Unknown resource type {resource_type!r}"[:200])
+            return operation_outcome(
+                404, [f"Unknown resource type {resource_type!r}"[:200]], code="not-supported"
+            )
         query = request.rel_url.query
         known = {_rest_name(name): name for name in PARAMETERS.get(resource_type, {})}
         params: dict[str, str] = {}
@@ -132,16 +144,19 @@ def add_rest_routes(app: web.Application, store_key: web.AppKey[ResourceStore]) 
             if name in _PAGING:
                 continue
             if name not in known:
-                return _outcome(400, "not-supported", f"Unknown search parameter {name[:64]!r} for "
-                                                      f"{resource_type}")
+                return operation_outcome(
+                    400, [f"Unknown search parameter {name[:64]!r} for {resource_type}"], code="not-supported"
+                )
             if len(values) > 1:  # AND of one parameter with itself: not supported by the store
-                return _outcome(400, "not-supported", f"Search parameter {name!r} given more than once")
+                return operation_outcome(
+                    400, [f"Search parameter {name!r} given more than once"], code="not-supported"
+                )
             params[known[name]] = values[0]
         try:
             count = int(query.get("_count", "20"))
             offset = int(query.get("_offset", "0"))
         except ValueError:
-            return _outcome(400, "invalid", "_count and _offset must be integers")
+            return operation_outcome(400, ["_count and _offset must be integers"])
         count = min(max(count, 0), MAX_COUNT)
         sort = query.get("_sort")
         try:
@@ -150,9 +165,9 @@ def add_rest_routes(app: web.Application, store_key: web.AppKey[ResourceStore]) 
                 SearchRequest(params=params, count=count, offset=offset, sort=sort),
             )
         except BackendRequestError as exc:
-            return _outcome(400, "invalid", str(exc)[:500])
+            return operation_outcome(400, [str(exc)[:500]])
         except StorageError:
-            return _outcome(503, "transient", "The database failed; try again")
+            return operation_outcome(503, ["The database failed; try again"], code="transient")
         base = base_url(request)
         links = [{"relation": "self", "url": str(request.url)}]
         if count and len(found) == count:
@@ -168,7 +183,9 @@ def add_rest_routes(app: web.Application, store_key: web.AppKey[ResourceStore]) 
         return _json(200, bundle)
 
     async def refused(_request: web.Request) -> web.Response:
-        return _outcome(405, "not-supported", "This server is read-only over REST; write with GraphQL")
+        return operation_outcome(
+            405, ["This server is read-only over REST; write with GraphQL"], code="not-supported"
+        )
 
     app.router.add_get(f"{BASE}/metadata", metadata)
     app.router.add_get(f"{BASE}/{{type:[A-Z][A-Za-z]{{1,63}}}}/{{id}}", read)

@@ -69,7 +69,7 @@ from graphql import (
 from yarl import URL
 
 from ingest.backend.limits import QueryLimits, cost_rule, json_depth_exceeds
-from ingest.backend.rest import add_rest_routes
+from ingest.backend.rest import add_rest_routes, operation_outcome
 from ingest.backend.schema import STAT_NAMES, BackendContext, build_backend_schema, normalize_numbers
 from ingest.backend.store import BackendRequestError, ResourceStore, StorageError
 from ingest.logs import printable
@@ -98,26 +98,11 @@ _LIMITS_KEY: Final = web.AppKey("ingest_backend_limits", QueryLimits)
 _COST_RULE_KEY: Final[web.AppKey[type[ASTValidationRule]]] = web.AppKey("ingest_backend_cost_rule")
 _SLOTS_KEY: Final = web.AppKey("ingest_backend_slots", asyncio.Semaphore)
 
-_FHIR_JSON: Final = "application/fhir+json"
 _JSON: Final = "application/json"
 _GRAPHQL: Final = "application/graphql"
 _MAX_CACHED_DOCUMENTS: Final = 256
 #: Host names that reach a server bound to a loopback address (besides the bound address itself).
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def _outcome(
-    status: int, texts: list[str], *, code: str = "invalid", diagnostics: str | None = None
-) -> web.Response:
-    """An HTTP error answer carrying a FHIR OperationOutcome, one issue per text."""
-    issues: list[dict[str, Any]] = []
-    for text in texts:
-        issue: dict[str, Any] = {"severity": "error", "code": code, "details": {"text": text}}
-        if diagnostics:
-            issue["diagnostics"] = diagnostics
-        issues.append(issue)
-    body = {"resourceType": "OperationOutcome", "issue": issues}
-    return web.Response(status=status, text=json.dumps(body), content_type=_FHIR_JSON)
 
 
 def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -130,7 +115,7 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
         if request.path != "/healthz":
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):  # constant time; the token is never logged
-                response = _outcome(401, ["Unauthorized"], code="login")
+                response = operation_outcome(401, ["Unauthorized"], code="login")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="ingest"'
                 return response
         return await handler(request)
@@ -197,14 +182,16 @@ def _origin_middleware(
         if reason is not None:  # no header values in the log; the path is escaped (the client's text)
             path = printable(request.path)
             LOGGER.info("Embedded backend refused %s (%s %s)", reason, request.method, path)
-            return _outcome(403, ["Forbidden: cross-origin requests are not accepted"], code="forbidden")
+            return operation_outcome(
+                403, ["Forbidden: cross-origin requests are not accepted"], code="forbidden"
+            )
         return await handler(request)
 
     return check_origin
 
 
 def _too_costly(text: str) -> web.Response:
-    return _outcome(400, [text], code="too-costly")
+    return operation_outcome(400, [text], code="too-costly")
 
 
 def _document(app: web.Application, query: str) -> DocumentNode | web.Response:
@@ -227,7 +214,7 @@ def _document(app: web.Application, query: str) -> DocumentNode | web.Response:
     except GraphQLSyntaxError as exc:
         if exc.message.endswith("Parsing aborted."):  # over a parser limit, not malformed
             return _too_costly(f"Query too complex: {exc.message.removeprefix('Syntax Error: ')}")
-        return _outcome(400, ["GraphQL syntax error."], diagnostics=exc.message)
+        return operation_outcome(400, ["GraphQL syntax error."], diagnostics=exc.message)
     except RecursionError:
         return _too_costly("Query too complex: nested too deeply.")
     schema = app[_SCHEMA_KEY]
@@ -239,7 +226,7 @@ def _document(app: web.Application, query: str) -> DocumentNode | web.Response:
     except RecursionError:
         return _too_costly("Query too complex: nested too deeply.")
     if errors:
-        return _outcome(400, [_redact(error.message) for error in errors])
+        return operation_outcome(400, [_redact(error.message) for error in errors])
     if len(cache) >= _MAX_CACHED_DOCUMENTS:
         cache.pop(next(iter(cache)))
     cache[query] = document
@@ -275,7 +262,7 @@ def _storage_unavailable(failure: StorageError) -> web.Response:
     """HTTP 503, issue code ``no-store`` (FHIR: the persistent store is unavailable) and Retry-After:
     a client retries later and never treats it as a refusal of its resource."""
     what = "Storage full" if failure.full else "Storage unavailable"
-    answer = _outcome(503, [f"{what}, retry later"], code="no-store")
+    answer = operation_outcome(503, [f"{what}, retry later"], code="no-store")
     answer.headers["Retry-After"] = str(STORAGE_RETRY_AFTER_S)
     return answer
 
@@ -287,10 +274,12 @@ async def _graphql(request: web.Request) -> web.Response:
     limits = app[_LIMITS_KEY]
     content_type = request.content_type
     if content_type not in (_JSON, _GRAPHQL):
-        return _outcome(
+        return operation_outcome(
             415, ["Content-Type must be application/json or application/graphql"], code="not-supported"
         )
-    too_large = _outcome(413, [f"Request body larger than {limits.max_body_bytes} bytes"], code="too-costly")
+    too_large = operation_outcome(
+        413, [f"Request body larger than {limits.max_body_bytes} bytes"], code="too-costly"
+    )
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         return too_large
     try:
@@ -307,28 +296,28 @@ async def _answer(app: web.Application, content_type: str, raw: bytes) -> web.Re
         try:
             body: Any = {"query": raw.decode("utf-8")}
         except UnicodeDecodeError:
-            return _outcome(400, ["Invalid GraphQL body"])
+            return operation_outcome(400, ["Invalid GraphQL body"])
     else:
         try:
             body = json.loads(raw)
         except RecursionError:
             return _too_costly("JSON body nested too deeply.")
         except ValueError:  # also a body that is not UTF-8
-            return _outcome(400, ["Invalid JSON body"])
+            return operation_outcome(400, ["Invalid JSON body"])
         deepest = app[_LIMITS_KEY].max_json_depth
         if json_depth_exceeds(body, deepest):
             return _too_costly(f"JSON body nested too deeply (at most {deepest} levels).")
     if not isinstance(body, dict):
-        return _outcome(400, ["Invalid JSON body"])
+        return operation_outcome(400, ["Invalid JSON body"])
     query = body.get("query")
     if not isinstance(query, str) or not query.strip():
-        return _outcome(400, ["Must provide query."])
+        return operation_outcome(400, ["Must provide query."])
     variables = body.get("variables")
     if variables is not None and not isinstance(variables, dict):
-        return _outcome(400, ["Variables must be provided as an object."])
+        return operation_outcome(400, ["Variables must be provided as an object."])
     operation_name = body.get("operationName")
     if operation_name is not None and not isinstance(operation_name, str):
-        return _outcome(400, ["operationName must be a string."])
+        return operation_outcome(400, ["operationName must be a string."])
     document = _document(app, query)
     if isinstance(document, web.Response):
         return document

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,11 +32,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from tests import LOOPBACK_HTTP, REPO, free_ports, wait_until
 from tests.sources.dimse.listener_helpers import CT_IMAGE, instance
 from tests.sources.dimse.test_commitment import _pairs, _request, _requester, _stored, report_scp
+from tests.sources.sync.pacs import OrthancPacs, need_orthanc
 
 _until = functools.partial(wait_until, every=0.2)  # HTTP checks against running services
 
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 STUDY = "1.2.3.88.1"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -118,71 +117,16 @@ def serving(data: Path, allowed: list[dict[str, Any]]) -> Iterator[Serve]:
         s.stop()
 
 
-class Orthanc:
-    def __init__(self, home: Path, ingest_port: int) -> None:
-        self.http_port, self.dicom_port = free_ports(2)
-        home.mkdir()
-        config = {
-            "Name": "ingest-commitment-test",
-            "StorageDirectory": str(home / "storage"),
-            "IndexDirectory": str(home / "index"),
-            "Plugins": [],
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomAlwaysAllowStore": True,
-            "DicomModalities": {"ingest": {"AET": "INGEST", "Host": "127.0.0.1", "Port": ingest_port}},
-            "DicomScuTimeout": 15,
-            "DicomAssociationCloseDelay": 0,
-            "SaveJobs": False,
-        }
-        (home / "orthanc.json").write_text(json.dumps(config, indent=2))
-        self.log = home / "orthanc.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [ORTHANC, str(home / "orthanc.json")], stdout=out, stderr=subprocess.STDOUT, cwd=home
-            )
-        _until(self._up, 30, "Orthanc answering /system")
-
-    def _up(self) -> bool:
-        assert self.proc.poll() is None, self.logs()
-        try:
-            self.call("GET", "/system", timeout=2)
-            return True
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def call(self, method: str, path: str, body: bytes | None = None, timeout: float = 30) -> Any:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
-        if body is not None:
-            req.add_header(
-                "Content-Type", "application/dicom" if path == "/instances" else "application/json"
-            )
-        with LOOPBACK_HTTP.open(req, timeout=timeout) as rsp:
-            return json.loads(rsp.read())
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:  # by its own PID (the Popen object)
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 def test_orthanc_sends_a_study_with_storage_commitment_and_gets_success(tmp_path: Path) -> None:
-    if not os.access(ORTHANC, os.X_OK):
-        pytest.skip(f"Orthanc not installed ({ORTHANC} missing)")
+    need_orthanc(dicomweb=False)
     reply_port = free_ports(1)[0]
     serve_allowed = [{"ae": "ORTHANC", "host": "127.0.0.1", "port": reply_port}]
     s = Serve(tmp_path / "data", serve_allowed)
-    orthanc = Orthanc(tmp_path / "orthanc", s.dicom_port)
+    orthanc = OrthancPacs(
+        tmp_path / "orthanc",
+        modalities={"ingest": {"AET": "INGEST", "Host": "127.0.0.1", "Port": s.dicom_port}},
+        dicomweb=False,
+    )
     try:
         # Orthanc's DICOM port is only known now: the reply route points at it
         s.allowed[0]["port"] = orthanc.dicom_port

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingest.errors import ConfigError
+from ingest.errors import ConfigError, RetryableSinkError
 
 __all__ = ["ClientCredentialsToken", "Secret", "TokenSource"]
 
@@ -169,8 +169,6 @@ class ClientCredentialsToken:
             raise ConfigError(f"[backend] token_url {self.token_url}: the token endpoint refused the client "
                               f"{self.client_id!r}: {exc.error}") from None
         except Exception as exc:  # httpx transport errors, HTTP 5xx, a body that is not a token answer
-            from ingest.errors import RetryableSinkError
-
             raise RetryableSinkError(
                 f"[backend] token_url {self.token_url}: no token: {type(exc).__name__}"
             ) from None
@@ -178,8 +176,6 @@ class ClientCredentialsToken:
             await client.aclose()
         access = token.get("access_token")
         if not access:
-            from ingest.errors import RetryableSinkError
-
             raise RetryableSinkError(
                 f"[backend] token_url {self.token_url}: the answer holds no access_token"
             )

@@ -55,6 +55,11 @@ class DicomwebFinder:
     def where(self) -> str:
         return printable(self.url)
 
+    def ask(self, level: str, keys: tuple[str, ...], matching: dict[str, str], limit: int | None
+            ) -> tuple[list[Dataset], bool]:
+        """:class:`~ingest.sources.sync.run.Finder`: one :meth:`search`."""
+        return self.search(level, keys, matching, limit=limit)
+
     def search(self, level: str, fields: tuple[str, ...], filters: dict[str, str], *,
                limit: int | None = None) -> tuple[list[Dataset], bool]:
         """One search: (the matches, whether the answer was complete: fewer than ``limit``)."""

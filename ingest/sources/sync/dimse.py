@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 
 from ingest.errors import SyncSourceError
 from ingest.logs import printable
+from ingest.sources.sync.answers import identifier
 
 __all__ = ["DimseFinder", "parse_dimse_url"]
 
@@ -174,6 +175,12 @@ class DimseFinder:
         with self._lock:
             self._open.append(assoc)
         return assoc
+
+    def ask(self, level: str, keys: tuple[str, ...], matching: dict[str, str], limit: int | None
+            ) -> tuple[list[Dataset], bool]:
+        """:class:`~ingest.sources.sync.run.Finder`: C-FIND ``level`` for ``keys`` (``limit`` is the
+        PACS's own: C-FIND has none)."""
+        return self.find(identifier(level, keys, **matching))
 
     def find(self, query: Dataset) -> tuple[list[Dataset], bool]:
         """Ask ``query``; (the matches, whether the answer was complete)."""

@@ -44,7 +44,6 @@ from ingest.sources.sync.answers import (
     SERIES_KEYS,
     STUDY_KEYS,
     SeriesRecords,
-    identifier,
     metadata_digest,
 )
 from ingest.sources.sync.plan import Window, cut_short, da
@@ -75,44 +74,6 @@ class Finder(Protocol):
     def where(self) -> str: ...
 
     def close(self) -> None: ...
-
-
-class DimseAsk:
-    """:class:`Finder` over :class:`~ingest.sources.sync.dimse.DimseFinder`."""
-
-    def __init__(self, finder: Any) -> None:
-        self._f = finder
-        self.name: str = finder.name
-
-    def ask(self, level: str, keys: tuple[str, ...], matching: dict[str, str], limit: int | None
-            ) -> tuple[list[Dataset], bool]:
-        answers, complete = self._f.find(identifier(level, keys, **matching))
-        return answers, complete
-
-    def where(self) -> str:
-        return str(self._f.where())
-
-    def close(self) -> None:
-        self._f.close()
-
-
-class DicomwebAsk:
-    """:class:`Finder` over :class:`~ingest.sources.sync.dicomweb.DicomwebFinder`."""
-
-    def __init__(self, finder: Any) -> None:
-        self._f = finder
-        self.name: str = finder.name
-
-    def ask(self, level: str, keys: tuple[str, ...], matching: dict[str, str], limit: int | None
-            ) -> tuple[list[Dataset], bool]:
-        answers, complete = self._f.search(level, keys, matching, limit=limit)
-        return answers, complete
-
-    def where(self) -> str:
-        return str(self._f.where())
-
-    def close(self) -> None:
-        self._f.close()
 
 
 @dataclass(frozen=True)
@@ -444,8 +405,8 @@ def open_finder(source: SyncSource, cfg: SyncSettings) -> Finder:
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"[[sync.sources]] {source.name}: TLS files: {exc}") from exc
         try:
-            return DimseAsk(DimseFinder(source.name, url, calling_ae=source.calling_ae or cfg.calling_ae,
-                                        timeout_s=cfg.timeout_s, tls=tls))
+            return DimseFinder(source.name, url, calling_ae=source.calling_ae or cfg.calling_ae,
+                               timeout_s=cfg.timeout_s, tls=tls)
         except ValueError as exc:
             raise ConfigError(f"[[sync.sources]] {source.name}: {exc}") from exc
     if url.startswith(("http://", "https://")):
@@ -463,8 +424,7 @@ def open_finder(source: SyncSource, cfg: SyncSettings) -> Finder:
                 raise ConfigError(f"[[sync.sources]] {source.name}: token_file: {exc.strerror}") from exc
         if source.ca is not None and not source.ca.is_file():
             raise ConfigError(f"[[sync.sources]] {source.name}: ca {source.ca} is not a file")
-        finder = DicomwebFinder(source.name, url, timeout_s=cfg.timeout_s, token=token, ca=source.ca)
-        return DicomwebAsk(finder)
+        return DicomwebFinder(source.name, url, timeout_s=cfg.timeout_s, token=token, ca=source.ca)
     raise ConfigError(f"[[sync.sources]] {source.name}: url must be dimse://AE@HOST:PORT or http(s)://...")
 
 

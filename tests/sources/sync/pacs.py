@@ -32,18 +32,26 @@ def need_orthanc(dicomweb: bool = True) -> None:
 
 
 class OrthancPacs:
-    """A running Orthanc; ``limit`` sets ``LimitFindResults`` (0: no cap)."""
+    """A running Orthanc; ``limit`` sets ``LimitFindResults`` (0: no cap), ``modalities`` its
+    ``DicomModalities``, ``dicomweb`` whether the DICOMweb plugin is loaded."""
 
-    def __init__(self, home: Path, *, limit: int = 0, modalities: dict[str, Any] | None = None) -> None:
-        need_orthanc()
+    def __init__(
+        self,
+        home: Path,
+        *,
+        limit: int = 0,
+        modalities: dict[str, Any] | None = None,
+        dicomweb: bool = True,
+    ) -> None:
+        need_orthanc(dicomweb)
         self.http_port, self.dicom_port = free_ports(2)
         home.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "ingest-sync-test",
             "StorageDirectory": str(home / "storage"),
             "IndexDirectory": str(home / "index"),
-            "Plugins": [DICOMWEB_PLUGIN],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/", "EnableWado": True},
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
             "DicomAet": "ORTHANC",

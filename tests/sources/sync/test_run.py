@@ -15,7 +15,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 
 from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.sources.sync.dimse import DimseFinder
-from ingest.sources.sync.run import DimseAsk, SyncCounts, SyncIntake, SyncScope, Walker
+from ingest.sources.sync.run import SyncCounts, SyncIntake, SyncScope, Walker
 from tests import free_ports
 
 STUDY = "1.2.826.0.1.3680043.10.1.88"
@@ -70,7 +70,7 @@ def pacs() -> Iterator[_Pacs]:
 
 def _run(pacs: _Pacs, store: SQLiteStateStore) -> SyncCounts:
     finder = DimseFinder("pacs", f"dimse://PACS@127.0.0.1:{pacs.port}", calling_ae="INGEST", timeout_s=10)
-    walker = Walker(DimseAsk(finder), query_limit=100, concurrency=1, attempts=1, retry_base_s=0.1)
+    walker = Walker(finder, query_limit=100, concurrency=1, attempts=1, retry_base_s=0.1)
     intake = SyncIntake(store, name="pacs", stable_age_s=0, on_study_gone="keep")
     counts = SyncCounts()
     try:
