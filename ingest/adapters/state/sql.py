@@ -810,27 +810,31 @@ class SQLStateStore(StateStore):
         Each group carries its count, first and last ``added_at`` and one sample header record (the least
         ``record_json``), from which the page takes accession, modality and descriptions.
         """
-        wanted = sorted(set(study_uids))
+        return self._series_groups(
+            "series_groups",
+            study_uids,
+            "SELECT study_uid, series_uid, source, NULL, COUNT(*), MIN(added_at), MAX(added_at), "
+            "MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
+            "GROUP BY study_uid, series_uid, source ORDER BY study_uid, series_uid, source",
+        )
+
+    def _series_groups(self, op: str, study_uids: Sequence[str], sql: str) -> list[SeriesGroup]:
+        """Run ``sql`` (``{marks}`` stands for a chunk's placeholders) over ``study_uids`` in chunks; its
+        columns are study, series, source, last source, count, first and last ``added_at``, sample record."""
         groups: list[SeriesGroup] = []
-        with self._use("series_groups") as cur:
-            for chunk, marks in in_chunks(wanted):
-                rows = cur.execute(
-                    self._q(
-                        "SELECT study_uid, series_uid, source, COUNT(*), MIN(added_at), MAX(added_at), "
-                        f"MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
-                        "GROUP BY study_uid, series_uid, source ORDER BY study_uid, series_uid, source"
-                    ),
-                    chunk,
-                ).fetchall()
+        with self._use(op) as cur:
+            for chunk, marks in in_chunks(sorted(set(study_uids))):
+                rows = cur.execute(self._q(sql.format(marks=marks)), chunk).fetchall()
                 groups += [
                     SeriesGroup(
                         study_uid=row[0],
                         series_uid=row[1],
                         source=row[2],
-                        instances=int(row[3]),
-                        first_added=self._from_time(row[4]),
-                        last_added=self._from_time(row[5]),
-                        sample=InstanceRecord.model_validate_json(row[6]),
+                        source_last=row[3],
+                        instances=int(row[4]),
+                        first_added=self._from_time(row[5]),
+                        last_added=self._from_time(row[6]),
+                        sample=InstanceRecord.model_validate_json(row[7]),
                     )
                     for row in rows
                 ]
@@ -867,32 +871,13 @@ class SQLStateStore(StateStore):
         of a series in one group: its ``source`` is the least path and ``source_last`` the greatest (a
         replayed series is one group, not one per file)."""
         kind = "CASE WHEN source LIKE 'file:%' THEN 'file:' ELSE source END"
-        wanted = sorted(set(study_uids))
-        groups: list[SeriesGroup] = []
-        with self._use("study_series") as cur:
-            for chunk, marks in in_chunks(wanted):
-                rows = cur.execute(
-                    self._q(
-                        "SELECT study_uid, series_uid, MIN(source), MAX(source), COUNT(*), MIN(added_at), "
-                        f"MAX(added_at), MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
-                        f"GROUP BY study_uid, series_uid, {kind} ORDER BY study_uid, series_uid, MIN(source)"
-                    ),
-                    chunk,
-                ).fetchall()
-                groups += [
-                    SeriesGroup(
-                        study_uid=row[0],
-                        series_uid=row[1],
-                        source=row[2],
-                        source_last=row[3],
-                        instances=int(row[4]),
-                        first_added=self._from_time(row[5]),
-                        last_added=self._from_time(row[6]),
-                        sample=InstanceRecord.model_validate_json(row[7]),
-                    )
-                    for row in rows
-                ]
-        return groups
+        return self._series_groups(
+            "study_series",
+            study_uids,
+            "SELECT study_uid, series_uid, MIN(source), MAX(source), COUNT(*), MIN(added_at), "
+            "MAX(added_at), MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
+            f"GROUP BY study_uid, series_uid, {kind} ORDER BY study_uid, series_uid, MIN(source)",
+        )
 
     def _study_filter(
         self, state: StudyState | None, seen_from: datetime | None, seen_before: datetime | None
