@@ -548,8 +548,9 @@ class SQLStateStore(StateStore):
         with self._write("claim_due") as cur:
             rows = cur.execute(
                 self._q(
-                    "SELECT study_uid, generation, backend_id, version_id, digest, attempts FROM studies "
-                    "WHERE state = 'pending' AND dirty = true AND (due_at <= ? OR due_at > ?) AND "
+                    "SELECT study_uid, generation, backend_id, version_id, digest, attempts, last_seen "
+                    "FROM studies WHERE state = 'pending' AND dirty = true "
+                    "AND (due_at <= ? OR due_at > ?) AND "
                     + self._claimable(own_again=False)
                     + "ORDER BY due_at, study_uid LIMIT ?" + self._CLAIM_LOCK
                 ),
@@ -565,6 +566,7 @@ class SQLStateStore(StateStore):
                 digest=row[4],
                 attempts=int(row[5]),
                 owner=owner,
+                last_seen=self._from_time(row[6]),
             )
             for row in rows
         ]
