@@ -160,7 +160,7 @@ class OrderLinks:
 
     async def _find(self, resource_type: str, system: str | None, value: str, uid: str) -> str | None:
         # system|value when the system is known; else the value alone (any system)
-        token = search_token(system, value) if system else search_token("", value)[1:]
+        token = search_token(system or None, value)
         key = (resource_type, token)
         cached = self._cache.get(key)
         if cached is not None and (cached[0] is not None or cached[1] > self.clock()):
