@@ -66,6 +66,10 @@ _STUDY_FROM: Final = (
     "ON n.study_uid = s.study_uid"
 )
 
+#: A study pushed (``requeue``) or dead (``retry_dead``) pending again, dirty and due at the bound time,
+#: with a fresh attempt count.
+_DUE_AGAIN: Final = "state = 'pending', dirty = true, due_at = ?, attempts = 0, next_attempt_at = NULL"
+
 
 class Cursor(Protocol):
     """The part of a DB-API cursor the shared queries use (``sqlite3.Cursor``, ``psycopg.Cursor``)."""
@@ -714,8 +718,7 @@ class SQLStateStore(StateStore):
             for uid in study_uids:
                 cur.execute(
                     self._q(
-                        "UPDATE studies SET generation = generation + 1, dirty = true, due_at = ?, "
-                        "state = 'pending', attempts = 0, next_attempt_at = NULL "
+                        f"UPDATE studies SET generation = generation + 1, {_DUE_AGAIN} "
                         "WHERE study_uid = ? AND state = 'pushed'"
                     ),
                     (now_v, uid),
@@ -726,10 +729,7 @@ class SQLStateStore(StateStore):
     def retry_dead(self, study_uid: str | None, now: datetime) -> int:
         """Move dead studies (one, or all with ``None``) back to pending and due now; returns how many."""
         now_v = self._time(now)
-        sql = (
-            "UPDATE studies SET state = 'pending', dirty = true, due_at = ?, attempts = 0, "
-            "next_attempt_at = NULL, dead_reason = NULL WHERE state = 'dead'"
-        )
+        sql = f"UPDATE studies SET {_DUE_AGAIN}, dead_reason = NULL WHERE state = 'dead'"
         with self._write("retry_dead") as cur:
             if study_uid is None:
                 cur.execute(self._q(sql), (now_v,))
