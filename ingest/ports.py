@@ -80,6 +80,7 @@ class StudyClaim:
     digest: str | None  # digest of what was last written
     attempts: int
     owner: str
+    last_seen: datetime | None = None  # when its last instance was received, as claimed
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,9 @@ def _escape(text: str) -> str:
     return text
 
 
-def search_token(system: str, value: str) -> str:
-    """A FHIR token search value ``system|value``, escaped.
+def search_token(system: str | None, value: str) -> str:
+    """A FHIR token search value ``system|value``, escaped; the value alone (any system) when ``system``
+    is ``None``.
 
     Parameters
     ----------
@@ -92,7 +93,11 @@ def search_token(system: str, value: str) -> str:
     --------
     >>> search_token("urn:oid:1.2.3", "A|1")
     'urn:oid:1.2.3|A\\\\|1'
+    >>> search_token(None, "A|1")
+    'A\\\\|1'
     """
+    if system is None:
+        return _escape(value)
     return f"{_escape(system)}|{_escape(value)}"
 
 

@@ -323,10 +323,8 @@ def _identifiers(agg: StudyAggregate, options: MappingOptions, warnings: _Warnin
     picked = agg.value(accession)
     if picked is not None:
         value, uid, kind, local = picked
-        system = issuer_system(uid, kind, local)
+        system = _accession_system(uid, kind, local, options)
         local_name = _text(local)
-        if system is None and local_name is not None:
-            system = _text(options.issuer_systems.get(local_name))  # the site's URI for a local issuer
         if system is None and _text(uid):
             warnings.append(
                 "IssuerOfAccessionNumberSequence (0008,0051): the Universal Entity ID is not a usable "
@@ -337,16 +335,8 @@ def _identifiers(agg: StudyAggregate, options: MappingOptions, warnings: _Warnin
                 "IssuerOfAccessionNumberSequence (0008,0051): the Local Namespace Entity ID is not a URI "
                 "and [profile] issuer_systems names none for it; the accession identifier has no system"
             )
-        identifiers.append(
-            Identifier(
-                # v2-0203 ACSN and DCM 121022, the codings the MADO accession identifier requires
-                type=CodeableConcept(
-                    coding=[_concept_coding(ACCESSION_ID_CONCEPT), _concept_coding(ACCESSION_NUMBER_CONCEPT)]
-                ),
-                system=system,
-                value=value,
-            )
-        )
+        # v2-0203 ACSN and DCM 121022, the codings the MADO accession identifier requires
+        identifiers.append(_typed_identifier(ACCESSION_ID_CONCEPT, value, system))
 
     # ImagingStudy.identifier[2] <- Study ID (0020,0010), only when configured
     if options.include_study_id:
@@ -367,6 +357,8 @@ def _typed_identifier(concept: Concept, value: str, system: str | None) -> Ident
 def _accession_system(
     uid: str | None, kind: str | None, local: str | None, options: MappingOptions
 ) -> str | None:
+    """The system of an issuer (Universal Entity ID and its type, Local Namespace Entity ID), else the
+    site's URI for a local issuer ([profile] issuer_systems)."""
     system = issuer_system(uid, kind, local)
     local_name = _text(local)
     if system is None and local_name is not None:

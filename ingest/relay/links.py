@@ -105,10 +105,13 @@ class LinkedBackend(Protocol):
         ...
 
 
-def _carries(resource: Mapping[str, Any], system: str, value: str) -> bool:
-    """Whether ``resource.identifier`` holds ``system|value`` (a backend might ignore a search argument)."""
+def _carries(resource: Mapping[str, Any], system: str | None, value: str) -> bool:
+    """Whether ``resource.identifier`` holds ``system|value`` (any system when ``system`` is ``None``; a
+    backend might ignore a search argument)."""
     for ident in resource.get("identifier") or []:
-        if isinstance(ident, Mapping) and ident.get("system") == system and ident.get("value") == value:
+        if not isinstance(ident, Mapping) or ident.get("value") != value:
+            continue
+        if system is None or ident.get("system") == system:
             return True
     return False
 

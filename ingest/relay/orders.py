@@ -22,18 +22,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from ingest.core.linked import search_token
 from ingest.core.records import InstanceRecord
 from ingest.core.terminology import coding_system
 from ingest.errors import ConfigError
+from ingest.relay.links import _carries
 
-__all__ = ["LinkMode", "OrderLinks", "chain_links", "is_logical"]
+__all__ = ["OrderLinks", "chain_links", "is_logical"]
 
 LOGGER = logging.getLogger(__name__)
-
-LinkMode = Literal["off", "logical", "lookup"]
 
 #: How many answers are kept (found ones and misses together).
 _MAX_CACHED: Final = 10_000
@@ -44,15 +43,6 @@ def is_logical(reference: Any) -> bool:
     if not isinstance(reference, Mapping):
         return False
     return not reference.get("reference") and bool(reference.get("identifier"))
-
-
-def _carries(resource: Mapping[str, Any], system: str | None, value: str) -> bool:
-    for ident in resource.get("identifier") or []:
-        if not isinstance(ident, Mapping) or ident.get("value") != value:
-            continue
-        if system is None or ident.get("system") == system:
-            return True
-    return False
 
 
 class OrderLinks:
@@ -170,7 +160,7 @@ class OrderLinks:
 
     async def _find(self, resource_type: str, system: str | None, value: str, uid: str) -> str | None:
         # system|value when the system is known; else the value alone (any system)
-        token = search_token(system, value) if system else search_token("", value)[1:]
+        token = search_token(system or None, value)
         key = (resource_type, token)
         cached = self._cache.get(key)
         if cached is not None and (cached[0] is not None or cached[1] > self.clock()):

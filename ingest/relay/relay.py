@@ -402,7 +402,7 @@ class Relay:
                 try:
                     started = time.monotonic()
                     result = await self.push(claim, lease=lease)
-                    await self._observe(claim.study_uid, result, time.monotonic() - started)
+                    self._observe(claim, result, time.monotonic() - started)
                 except Exception:  # the relay never dies for one study
                     LOGGER.exception("unexpected error pushing study %s", claim.study_uid)
                     if not self._lease_lost(lease, "its retry"):
@@ -649,17 +649,15 @@ class Relay:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
-    async def _observe(self, study_uid: str, result: str, seconds: float) -> None:
+    def _observe(self, claim: StudyClaim, result: str, seconds: float) -> None:
         """The push histograms: its duration, and for a write the time from the study's last instance
-        received to now (``ingest_pushed_latency_seconds``)."""
+        received (as claimed) to now (``ingest_pushed_latency_seconds``)."""
         if self.metrics is None:
             return
         self.metrics.push_seconds.observe(seconds)
-        if result in ("created", "updated"):
-            row = await asyncio.to_thread(self.store.study, study_uid)
-            if row is not None and row.last_seen is not None:
-                latency = (self.clock() - row.last_seen).total_seconds()
-                self.metrics.pushed_latency_seconds.observe(max(0.0, latency))
+        if result in ("created", "updated") and claim.last_seen is not None:
+            latency = (self.clock() - claim.last_seen).total_seconds()
+            self.metrics.pushed_latency_seconds.observe(max(0.0, latency))
 
     async def _probe_if_failing(self) -> None:
         """While pushes fail transiently, ask the backend a cheap question every ``_PROBE_EVERY_S``; when

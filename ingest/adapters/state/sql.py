@@ -66,6 +66,10 @@ _STUDY_FROM: Final = (
     "ON n.study_uid = s.study_uid"
 )
 
+#: A study pushed (``requeue``) or dead (``retry_dead``) pending again, dirty and due at the bound time,
+#: with a fresh attempt count.
+_DUE_AGAIN: Final = "state = 'pending', dirty = true, due_at = ?, attempts = 0, next_attempt_at = NULL"
+
 
 class Cursor(Protocol):
     """The part of a DB-API cursor the shared queries use (``sqlite3.Cursor``, ``psycopg.Cursor``)."""
@@ -548,8 +552,9 @@ class SQLStateStore(StateStore):
         with self._write("claim_due") as cur:
             rows = cur.execute(
                 self._q(
-                    "SELECT study_uid, generation, backend_id, version_id, digest, attempts FROM studies "
-                    "WHERE state = 'pending' AND dirty = true AND (due_at <= ? OR due_at > ?) AND "
+                    "SELECT study_uid, generation, backend_id, version_id, digest, attempts, last_seen "
+                    "FROM studies WHERE state = 'pending' AND dirty = true "
+                    "AND (due_at <= ? OR due_at > ?) AND "
                     + self._claimable(own_again=False)
                     + "ORDER BY due_at, study_uid LIMIT ?" + self._CLAIM_LOCK
                 ),
@@ -565,6 +570,7 @@ class SQLStateStore(StateStore):
                 digest=row[4],
                 attempts=int(row[5]),
                 owner=owner,
+                last_seen=self._from_time(row[6]),
             )
             for row in rows
         ]
@@ -712,8 +718,7 @@ class SQLStateStore(StateStore):
             for uid in study_uids:
                 cur.execute(
                     self._q(
-                        "UPDATE studies SET generation = generation + 1, dirty = true, due_at = ?, "
-                        "state = 'pending', attempts = 0, next_attempt_at = NULL "
+                        f"UPDATE studies SET generation = generation + 1, {_DUE_AGAIN} "
                         "WHERE study_uid = ? AND state = 'pushed'"
                     ),
                     (now_v, uid),
@@ -724,10 +729,7 @@ class SQLStateStore(StateStore):
     def retry_dead(self, study_uid: str | None, now: datetime) -> int:
         """Move dead studies (one, or all with ``None``) back to pending and due now; returns how many."""
         now_v = self._time(now)
-        sql = (
-            "UPDATE studies SET state = 'pending', dirty = true, due_at = ?, attempts = 0, "
-            "next_attempt_at = NULL, dead_reason = NULL WHERE state = 'dead'"
-        )
+        sql = f"UPDATE studies SET {_DUE_AGAIN}, dead_reason = NULL WHERE state = 'dead'"
         with self._write("retry_dead") as cur:
             if study_uid is None:
                 cur.execute(self._q(sql), (now_v,))
@@ -810,27 +812,31 @@ class SQLStateStore(StateStore):
         Each group carries its count, first and last ``added_at`` and one sample header record (the least
         ``record_json``), from which the page takes accession, modality and descriptions.
         """
-        wanted = sorted(set(study_uids))
+        return self._series_groups(
+            "series_groups",
+            study_uids,
+            "SELECT study_uid, series_uid, source, NULL, COUNT(*), MIN(added_at), MAX(added_at), "
+            "MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
+            "GROUP BY study_uid, series_uid, source ORDER BY study_uid, series_uid, source",
+        )
+
+    def _series_groups(self, op: str, study_uids: Sequence[str], sql: str) -> list[SeriesGroup]:
+        """Run ``sql`` (``{marks}`` stands for a chunk's placeholders) over ``study_uids`` in chunks; its
+        columns are study, series, source, last source, count, first and last ``added_at``, sample record."""
         groups: list[SeriesGroup] = []
-        with self._use("series_groups") as cur:
-            for chunk, marks in in_chunks(wanted):
-                rows = cur.execute(
-                    self._q(
-                        "SELECT study_uid, series_uid, source, COUNT(*), MIN(added_at), MAX(added_at), "
-                        f"MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
-                        "GROUP BY study_uid, series_uid, source ORDER BY study_uid, series_uid, source"
-                    ),
-                    chunk,
-                ).fetchall()
+        with self._use(op) as cur:
+            for chunk, marks in in_chunks(sorted(set(study_uids))):
+                rows = cur.execute(self._q(sql.format(marks=marks)), chunk).fetchall()
                 groups += [
                     SeriesGroup(
                         study_uid=row[0],
                         series_uid=row[1],
                         source=row[2],
-                        instances=int(row[3]),
-                        first_added=self._from_time(row[4]),
-                        last_added=self._from_time(row[5]),
-                        sample=InstanceRecord.model_validate_json(row[6]),
+                        source_last=row[3],
+                        instances=int(row[4]),
+                        first_added=self._from_time(row[5]),
+                        last_added=self._from_time(row[6]),
+                        sample=InstanceRecord.model_validate_json(row[7]),
                     )
                     for row in rows
                 ]
@@ -867,32 +873,13 @@ class SQLStateStore(StateStore):
         of a series in one group: its ``source`` is the least path and ``source_last`` the greatest (a
         replayed series is one group, not one per file)."""
         kind = "CASE WHEN source LIKE 'file:%' THEN 'file:' ELSE source END"
-        wanted = sorted(set(study_uids))
-        groups: list[SeriesGroup] = []
-        with self._use("study_series") as cur:
-            for chunk, marks in in_chunks(wanted):
-                rows = cur.execute(
-                    self._q(
-                        "SELECT study_uid, series_uid, MIN(source), MAX(source), COUNT(*), MIN(added_at), "
-                        f"MAX(added_at), MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
-                        f"GROUP BY study_uid, series_uid, {kind} ORDER BY study_uid, series_uid, MIN(source)"
-                    ),
-                    chunk,
-                ).fetchall()
-                groups += [
-                    SeriesGroup(
-                        study_uid=row[0],
-                        series_uid=row[1],
-                        source=row[2],
-                        source_last=row[3],
-                        instances=int(row[4]),
-                        first_added=self._from_time(row[5]),
-                        last_added=self._from_time(row[6]),
-                        sample=InstanceRecord.model_validate_json(row[7]),
-                    )
-                    for row in rows
-                ]
-        return groups
+        return self._series_groups(
+            "study_series",
+            study_uids,
+            "SELECT study_uid, series_uid, MIN(source), MAX(source), COUNT(*), MIN(added_at), "
+            "MAX(added_at), MIN(record_json) FROM instances WHERE study_uid IN ({marks}) "
+            f"GROUP BY study_uid, series_uid, {kind} ORDER BY study_uid, series_uid, MIN(source)",
+        )
 
     def _study_filter(
         self, state: StudyState | None, seen_from: datetime | None, seen_before: datetime | None
