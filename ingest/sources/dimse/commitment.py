@@ -41,12 +41,10 @@ from typing import Any, Final
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import AE, evt
 
 from ingest.adapters.dimse_scu import (
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
-    TRANSFER_SYNTAXES,
     check_status,
     event_information,
 )
@@ -61,7 +59,6 @@ __all__ = [
     "STORAGE_COMMITMENT_INSTANCE",
     "STORAGE_COMMITMENT_PUSH",
     "CommitmentSCP",
-    "add_commitment_context",
     "event_information",
 ]
 
@@ -76,12 +73,6 @@ _NO_SUCH_INSTANCE: Final = 0x0112
 _INVALID_ARGUMENT: Final = 0x0115
 _NO_SUCH_ACTION: Final = 0x0123
 _RESOURCE_LIMITATION: Final = 0x0213
-
-
-def add_commitment_context(ae: AE) -> None:
-    """Support Storage Commitment Push Model on ``ae``, accepting a requester's proposal to take the SCP
-    role too (so the report can come back on its association)."""
-    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
 
 
 def _raw_text(ds: Dataset, tag: int) -> str:
@@ -172,13 +163,6 @@ class CommitmentSCP:
         """The SCP of ``ingest serve``: ``[listener]``, ``[spool] commitment_hold``, ``[state] node_id``."""
         owner = settings.state.node_id or socket.gethostname()
         return cls(settings.listener, store, metrics, hold=settings.spool.hold, owner=owner)
-
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
-        """The pynetdicom event handlers to bind on the listener's server."""
-        return [
-            (evt.EVT_N_ACTION, self.on_n_action),
-            (evt.EVT_ACCEPTED, self.on_accepted),
-        ]
 
     # -- requests (association threads) -----------------------------------------------------------------
 
