@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import socket
 import threading
 import weakref
@@ -49,6 +48,7 @@ from ingest.adapters.dimse_scu import (
     event_information,
 )
 from ingest.config import ListenerSettings, Settings
+from ingest.core.extract import valid_uid
 from ingest.errors import ReportDeliveryError, StoreError
 from ingest.intake.admit import utcnow
 from ingest.logs import printable
@@ -63,8 +63,6 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
-
-_UID_RE: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")  # PS3.5 9.1
 
 # N-ACTION statuses (PS3.7 10.1.4.1.10)
 _SUCCESS: Final = 0x0000
@@ -87,7 +85,8 @@ def _raw_text(ds: Dataset, tag: int) -> str:
 
 
 def _valid_uid(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+    """A well-formed UID (:func:`ingest.core.extract.valid_uid`) of at least two components."""
+    return isinstance(value, str) and "." in value and valid_uid(value)
 
 
 class _Refused(Exception):
