@@ -47,10 +47,10 @@ from ingest.adapters.dimse_scu import (
     check_status,
     event_information,
 )
+from ingest.clock import utcnow
 from ingest.config import ListenerSettings, Settings
 from ingest.core.extract import valid_uid
 from ingest.errors import ReportDeliveryError, StoreError
-from ingest.intake.admit import utcnow
 from ingest.logs import printable
 from ingest.metrics import Metrics
 from ingest.ports import CommitmentAdded, CommitmentReport, ReportSender, StateStore

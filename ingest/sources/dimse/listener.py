@@ -62,11 +62,12 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import uid_to_service_class
 
 from ingest.adapters.spool import Quarantine, Spool
+from ingest.clock import utcnow
 from ingest.config import ListenerSettings, Settings
 from ingest.core.extract import valid_uid
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES
 from ingest.errors import StoreError
-from ingest.intake.admit import Admission, utcnow
+from ingest.intake.admit import Admission
 from ingest.intake.commit import GroupCommit
 from ingest.intake.retention import DiskBudget
 from ingest.metrics import Metrics
