@@ -263,9 +263,7 @@ class Listener:
         both_le = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         self.supported_contexts.append(context(VERIFICATION, both_le))
         if commitment is not None:
-            self.supported_contexts.append(
-                context(STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], roles=True)
-            )
+            self.supported_contexts.append(context(STORAGE_COMMITMENT_PUSH, both_le, roles=True))
         self.negotiator = Negotiator(cfg.ae_title, cfg.max_pdu, self.supported_contexts)
         self.active: set[int] = set()  # ids of associations holding a slot
         self._negotiated: OrderedDict[bytes, Negotiated] = OrderedDict()  # by A-ASSOCIATE-RQ bytes
