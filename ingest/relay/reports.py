@@ -95,13 +95,6 @@ class CommitmentReports:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
 
-    def add_channel(self, channel: ReportChannel, *, first: bool = False) -> None:
-        """Deliver through ``channel`` too (``first``: before the others)."""
-        if first:
-            self.channels.insert(0, channel)
-        else:
-            self.channels.append(channel)
-
     # -- the loop -----------------------------------------------------------------------------------------
 
     def start(self) -> None:

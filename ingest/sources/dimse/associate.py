@@ -50,6 +50,8 @@ from ingest.sources.dimse.framing import (
     ABORT_UNRECOGNIZED_PDU,
     PDU_HEADER,
     abort_pdu,
+    decodable_uid,
+    valid_ae,
 )
 
 __all__ = [
@@ -81,8 +83,6 @@ _RQ_FIXED: Final = 68  # A-ASSOCIATE-RQ body bytes before the variable items (PS
 _ITEM_HEADER: Final = struct.Struct(">BBH")  # item type, reserved, item length (PS3.8 9.3.2)
 _CONTEXT_SUB_ITEMS: Final = frozenset({0x30, 0x40})
 _USER_SUB_ITEMS: Final = frozenset(range(0x51, 0x59))
-_MAX_UID: Final = 64  # UI VR (PS3.5 Table 6.2-1)
-_MAX_AE: Final = 16  # AE VR
 
 REJECT_CALLING_AE: Final = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE: Final = (0x01, 0x01, 0x07)
@@ -144,23 +144,6 @@ def escaped(raw: bytes | bytearray) -> str:
     return ascii(bytes(raw).decode("latin-1"))
 
 
-def _valid_ae(raw: bytes) -> bool:
-    """PS3.5 AE VR: default repertoire without backslash or control characters, not all spaces."""
-    value = raw.strip(b" ")
-    return 0 < len(value) <= _MAX_AE and all(0x20 <= b <= 0x7E and b != 0x5C for b in value)
-
-
-def _valid_uid(raw: bytes, *, allow_empty: bool = True) -> bool:
-    """A UID value pynetdicom can decode without raising: at most 64 printable ASCII characters.
-
-    Trailing NUL and space padding (PS3.5 9.1, PS3.8 Annex F) is not part of the value.
-    """
-    value = raw.rstrip(b"\0 ")
-    if not value:
-        return allow_empty
-    return len(value) <= _MAX_UID and all(0x21 <= b <= 0x7E for b in value)
-
-
 def _items(data: bytes, start: int, where: str) -> list[tuple[int, bytes]]:
     """Split ``data[start:]`` into ``(item type, item value)`` pairs; broken framing is refused."""
     items: list[tuple[int, bytes]] = []
@@ -182,7 +165,7 @@ def _items(data: bytes, start: int, where: str) -> list[tuple[int, bytes]]:
 
 
 def _uid_or_refuse(raw: bytes, what: str, *, allow_empty: bool = True) -> None:
-    if not _valid_uid(raw, allow_empty=allow_empty):
+    if not decodable_uid(raw, allow_empty=allow_empty):
         raise Refusal(
             "invalid_uid", f"{what} {escaped(raw[:80])} is not a valid UID", reject=REJECT_NO_REASON
         )
@@ -242,7 +225,7 @@ def _check_user_info(value: bytes) -> None:
             )
         if sub_type == 0x52:  # implementation class UID
             _uid_or_refuse(sub, "implementation class UID")
-        elif sub_type == 0x55 and not _valid_ae(sub):  # implementation version name: AE-like (1-16)
+        elif sub_type == 0x55 and not valid_ae(sub):  # implementation version name: AE-like (1-16)
             raise Refusal(
                 "invalid_rq", f"implementation version name {escaped(sub[:80])} is invalid",
                 reject=REJECT_NO_REASON,
@@ -297,13 +280,13 @@ def check_associate_rq(pdu: bytes) -> None:
             "malformed_rq", "A-ASSOCIATE-RQ shorter than its fixed fields", abort=ABORT_INVALID_PARAMETER
         )
     called, calling = body[4:20], body[20:36]
-    if not _valid_ae(calling):
+    if not valid_ae(calling):
         # stands in for pynetdicom.pdu.A_ASSOCIATE_RQ.calling_ae_title (pynetdicom.utils.set_ae raises)
         raise Refusal(
             "invalid_calling_ae", f"calling AE title {escaped(calling.rstrip(b' '))} is not a valid AE title",
             reject=REJECT_CALLING_AE,
         )
-    if not _valid_ae(called):
+    if not valid_ae(called):
         raise Refusal(
             "invalid_called_ae", f"called AE title {escaped(called.rstrip(b' '))} is not a valid AE title",
             reject=REJECT_CALLED_AE,

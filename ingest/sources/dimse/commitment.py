@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import socket
 import threading
 import weakref
@@ -41,18 +40,17 @@ from typing import Any, Final
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import AE, evt
 
 from ingest.adapters.dimse_scu import (
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
-    TRANSFER_SYNTAXES,
     check_status,
     event_information,
 )
+from ingest.clock import utcnow
 from ingest.config import ListenerSettings, Settings
+from ingest.core.extract import valid_uid
 from ingest.errors import ReportDeliveryError, StoreError
-from ingest.intake.admit import utcnow
 from ingest.logs import printable
 from ingest.metrics import Metrics
 from ingest.ports import CommitmentAdded, CommitmentReport, ReportSender, StateStore
@@ -61,13 +59,10 @@ __all__ = [
     "STORAGE_COMMITMENT_INSTANCE",
     "STORAGE_COMMITMENT_PUSH",
     "CommitmentSCP",
-    "add_commitment_context",
     "event_information",
 ]
 
 LOGGER = logging.getLogger(__name__)
-
-_UID_RE: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")  # PS3.5 9.1
 
 # N-ACTION statuses (PS3.7 10.1.4.1.10)
 _SUCCESS: Final = 0x0000
@@ -76,12 +71,6 @@ _NO_SUCH_INSTANCE: Final = 0x0112
 _INVALID_ARGUMENT: Final = 0x0115
 _NO_SUCH_ACTION: Final = 0x0123
 _RESOURCE_LIMITATION: Final = 0x0213
-
-
-def add_commitment_context(ae: AE) -> None:
-    """Support Storage Commitment Push Model on ``ae``, accepting a requester's proposal to take the SCP
-    role too (so the report can come back on its association)."""
-    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
 
 
 def _raw_text(ds: Dataset, tag: int) -> str:
@@ -96,7 +85,8 @@ def _raw_text(ds: Dataset, tag: int) -> str:
 
 
 def _valid_uid(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+    """A well-formed UID (:func:`ingest.core.extract.valid_uid`) of at least two components."""
+    return isinstance(value, str) and "." in value and valid_uid(value)
 
 
 class _Refused(Exception):
@@ -172,13 +162,6 @@ class CommitmentSCP:
         """The SCP of ``ingest serve``: ``[listener]``, ``[spool] commitment_hold``, ``[state] node_id``."""
         owner = settings.state.node_id or socket.gethostname()
         return cls(settings.listener, store, metrics, hold=settings.spool.hold, owner=owner)
-
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
-        """The pynetdicom event handlers to bind on the listener's server."""
-        return [
-            (evt.EVT_N_ACTION, self.on_n_action),
-            (evt.EVT_ACCEPTED, self.on_accepted),
-        ]
 
     # -- requests (association threads) -----------------------------------------------------------------
 

@@ -34,6 +34,7 @@ __all__ = [
     "Command",
     "FramingError",
     "abort_pdu",
+    "decodable_uid",
     "decode_command",
     "encode_command",
     "p_data_pdus",
@@ -41,6 +42,7 @@ __all__ = [
     "release_rq_pdu",
     "repair_command_set",
     "split_pdvs",
+    "valid_ae",
 ]
 
 # PDU types (PS3.8 9.3.1)
@@ -81,7 +83,8 @@ _UI: Final = frozenset({0x0002, 0x0003, 0x1000, 0x1001})
 _US_ELEMENTS: Final = frozenset({0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1002, 0x1008, 0x1031})
 _TEXT: Final = frozenset({0x0902, 0x1030})  # LO, AE: space padded
 _MOVE_ORIGINATOR_AE: Final = 0x1030
-_MAX_UID: Final = 64
+_MAX_UID: Final = 64  # UI VR (PS3.5 Table 6.2-1)
+_MAX_AE: Final = 16  # AE VR
 
 
 class FramingError(Exception):
@@ -254,14 +257,21 @@ def p_data_pdus(cx_id: int, command: bytes, data_set: bytes | None, max_pdu: int
     return out
 
 
-def _valid_uid(raw: bytes) -> bool:
+def decodable_uid(raw: bytes, *, allow_empty: bool = True) -> bool:
+    """A UID value pynetdicom can decode without raising: at most 64 printable ASCII characters.
+
+    Trailing NUL and space padding (PS3.5 9.1, PS3.8 Annex F) is not part of the value.
+    """
     value = raw.rstrip(b"\0 ")
-    return not value or (len(value) <= _MAX_UID and all(0x21 <= b <= 0x7E for b in value))
+    if not value:
+        return allow_empty
+    return len(value) <= _MAX_UID and all(0x21 <= b <= 0x7E for b in value)
 
 
-def _valid_ae(raw: bytes) -> bool:
+def valid_ae(raw: bytes) -> bool:
+    """PS3.5 AE VR: default repertoire without backslash or control characters, not all spaces."""
     value = raw.strip(b" ")
-    return 0 < len(value) <= 16 and all(0x20 <= b <= 0x7E and b != 0x5C for b in value)
+    return 0 < len(value) <= _MAX_AE and all(0x20 <= b <= 0x7E and b != 0x5C for b in value)
 
 
 def repair_command_set(command: bytes) -> bytes | None:
@@ -285,11 +295,11 @@ def repair_command_set(command: bytes) -> bytes | None:
             return None
         value = command[pos : pos + length]
         pos += length
-        if element in _UI and not _valid_uid(value):
+        if element in _UI and not decodable_uid(value):
             uid = f"2.25.{uuid.uuid4().int}".encode("ascii")
             value = uid + b"\0" * (len(uid) % 2)
             changed = True
-        elif element == _MOVE_ORIGINATOR_AE and value.strip(b" \0") and not _valid_ae(value.rstrip(b"\0")):
+        elif element == _MOVE_ORIGINATOR_AE and value.strip(b" \0") and not valid_ae(value.rstrip(b"\0")):
             changed = True
             continue
         elements.append((element, value))

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -63,10 +62,12 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import uid_to_service_class
 
 from ingest.adapters.spool import Quarantine, Spool
+from ingest.clock import utcnow
 from ingest.config import ListenerSettings, Settings
+from ingest.core.extract import valid_uid
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES
 from ingest.errors import StoreError
-from ingest.intake.admit import Admission, utcnow
+from ingest.intake.admit import Admission
 from ingest.intake.commit import GroupCommit
 from ingest.intake.retention import DiskBudget
 from ingest.metrics import Metrics
@@ -134,7 +135,6 @@ TRANSFER_SYNTAXES: Final = (
 
 _DICOM_ROOT: Final = "1.2.840.10008."
 _STORAGE_ROOT: Final = "1.2.840.10008.5.1.4.1.1."
-_UID_RE: Final = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")  # PS3.5 9.1
 _UNRECOGNIZED_OPERATION: Final = 0x0211  # PS3.7 C.5.7
 
 
@@ -182,7 +182,7 @@ def classify_abstract_syntax(uid: str) -> str:
         return "storage"
     if uid in NON_PATIENT_SOP_CLASSES:
         return "non_patient"
-    if len(uid) > 64 or not _UID_RE.fullmatch(uid):
+    if "." not in uid or not valid_uid(uid):  # PS3.5 9.1, at least two components
         return "invalid_uid"
     if uid in UID_dictionary or uid == VERIFICATION or _has_service_class(uid):
         return "not_storage"
@@ -263,9 +263,7 @@ class Listener:
         both_le = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         self.supported_contexts.append(context(VERIFICATION, both_le))
         if commitment is not None:
-            self.supported_contexts.append(
-                context(STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], roles=True)
-            )
+            self.supported_contexts.append(context(STORAGE_COMMITMENT_PUSH, both_le, roles=True))
         self.negotiator = Negotiator(cfg.ae_title, cfg.max_pdu, self.supported_contexts)
         self.active: set[int] = set()  # ids of associations holding a slot
         self._negotiated: OrderedDict[bytes, Negotiated] = OrderedDict()  # by A-ASSOCIATE-RQ bytes
