@@ -222,7 +222,7 @@ class SpoolSettings(_Section):
 
     # Received instances of at most this many bytes are kept in the state store, in the transaction of
     # their row (one durable write each); larger ones stream to spool files (docs/architecture.md).
-    inline_max_bytes: int = Field(default=1024**2, ge=0)
+    inline_max_bytes: int = Field(default=128 * 1024, ge=0)
     # Retention and the disk budget (ingest.intake.retention; docs/architecture.md "Retention and the
     # disk budget"). retain: "forever", "until_pushed", or a duration ("30d") after the study's last push.
     retain: str = "forever"

@@ -10,7 +10,9 @@ instances to :class:`Admission`, which:
 3. on a **conflict**, quarantines the input with the rule and the detail (when the source gave bytes to
    keep and there is a quarantine) and removes the spool copy;
 4. counts accepted and rejected instances (``source`` label: ``dimse``, ``watch``);
-5. wakes the relay once when something was added.
+5. wakes the relay once when something was added that is due at once (``stable_age_s = 0``); a study
+   due later is found by the relay's next poll (``[relay] poll_interval_s``), so a busy listener does
+   not make the relay look for due studies, in vain, after every instance.
 
 Who may do what (docs/architecture.md "Study lifecycle"): an IOCM rejection note is applied only when
 its sender may send rejections (``reject = true`` on its ``[listener] allowed_calling_aes`` entry; the
@@ -54,6 +56,8 @@ from ingest.intake.retention import DiskBudget, release_bytes
 from ingest.logs import printable
 from ingest.metrics import Metrics
 from ingest.ports import HELD, Added, AddOutcome, Replaced, StateStore
+
+_AT_ONCE: Final = timedelta(0)
 
 __all__ = ["Admission", "Admitted", "Candidate", "granted", "utcnow"]
 
@@ -160,7 +164,8 @@ class Admission:
     stable_age_s:
         ``[relay] stable_age_s``: a study is due this long after its latest instance.
     wake:
-        Called once after a batch added something (must be safe to call from the calling thread).
+        Called once after a batch added something due at once (``stable_age_s`` 0; must be safe to call
+        from the calling thread).
     clock:
         Wall-clock "now" for rows, due times and side files.
     label:
@@ -351,7 +356,7 @@ class Admission:
                 out.append(self._conflict(item, added, now))
         for reason, sop_uids in sorted(release.items()):
             self._release(sop_uids, reason, now)
-        if added_any:
+        if added_any and self.stable_age <= _AT_ONCE:
             self.wake()
         return out
 

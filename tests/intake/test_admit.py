@@ -65,7 +65,7 @@ def parts(tmp_path: Path) -> Iterator[Parts]:
         p.store.close()
 
 
-def test_added_commits_the_row_due_after_stable_age_counts_and_wakes(parts: Parts) -> None:
+def test_added_commits_the_row_due_after_stable_age_counts_and_lets_the_relay_sleep(parts: Parts) -> None:
     item = parts.candidate(rec("1.2.3.1"), "d1", b"first")
     (admitted,) = parts.admission.admit([item])
     assert (admitted.outcome, admitted.study_uid, admitted.now) == (AddOutcome.ADDED, STUDY, T0)
@@ -73,10 +73,11 @@ def test_added_commits_the_row_due_after_stable_age_counts_and_wakes(parts: Part
     assert row is not None and row.last_seen == T0 and row.due_at == T0 + timedelta(seconds=30)
     assert parts.spool.names() == [item.spool_name]  # the accepted bytes stay
     assert parts.counter("ingest_instances_accepted_total", source="watch") == 1
-    assert parts.wakes == 1
+    assert parts.wakes == 0  # due in 30 s: the relay's poll finds it, no search after every instance
 
 
-def test_one_wake_per_batch_and_none_without_a_new_row(parts: Parts) -> None:
+def test_one_wake_per_batch_due_at_once_and_none_without_a_new_row(parts: Parts) -> None:
+    parts.admission.stable_age = timedelta(0)
     items = [parts.candidate(rec(f"1.2.3.{i}"), f"d{i}", b"x%d" % i) for i in range(3)]
     parts.admission.admit(items)
     assert parts.wakes == 1

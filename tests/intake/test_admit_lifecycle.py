@@ -34,7 +34,7 @@ class Parts:
         self.wakes = 0
         self.admission = Admission(
             self.store, spool=self.spool, quarantine=self.quarantine, metrics=self.metrics,
-            stable_age_s=30, wake=self.wake, clock=lambda: T0, label="dimse", on_conflict=on_conflict,
+            stable_age_s=0, wake=self.wake, clock=lambda: T0, label="dimse", on_conflict=on_conflict,
             senders=(CallingAE(ae="MOD", reject=True),) if senders is None else senders,
         )
 
@@ -118,7 +118,7 @@ def test_replace_keeps_the_new_version_and_quarantines_the_old_one(replacing: Pa
     assert replacing.quarantine.path(admitted.quarantined).read_bytes() == first.body
     assert replacing.counter("ingest_instances_replaced_total") == 1
     assert replacing.counter("ingest_instances_accepted_total", source="dimse") == 2
-    assert replacing.wakes == 2
+    assert replacing.wakes == 2  # due at once (stable_age 0): woken by the first and the replacement
     row = replacing.store.study(STUDY)
     assert row is not None and row.dirty
 

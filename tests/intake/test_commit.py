@@ -7,6 +7,7 @@ queue behind it as they do behind a real fsync.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -64,7 +65,7 @@ def store(tmp_path: Path) -> Iterator[SQLiteStateStore]:
 def _admission(store: SQLiteStateStore, tmp_path: Path, wakes: list[int]) -> Admission:
     return Admission(
         store, spool=Spool(tmp_path / "spool"), quarantine=Quarantine(tmp_path / "quarantine"), metrics=None,
-        stable_age_s=30, wake=lambda: wakes.append(1), clock=lambda: T0, label="dimse",
+        stable_age_s=0, wake=lambda: wakes.append(1), clock=lambda: T0, label="dimse",
     )
 
 
@@ -120,7 +121,7 @@ def test_waiting_candidates_share_one_transaction_and_each_gets_its_own_outcome(
     for k in range(4):
         assert read_instance(store, None, f"1.2.3.{k}") == part10(b"%d" % k)
     assert store.inline_bytes_total() == sum(len(part10(b"%d" % k)) for k in range(4))
-    assert len(wakes) == 2  # the relay is woken once per transaction that added something
+    assert len(wakes) == 2  # due at once (stable_age 0): the relay is woken once per transaction that added
 
 
 def test_a_failed_transaction_fails_every_candidate_in_it_and_nothing_is_kept(
@@ -198,3 +199,50 @@ def test_one_caller_commits_its_own_transaction(store: SQLiteStateStore, tmp_pat
 def test_limits_must_be_positive(store: SQLiteStateStore, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         GroupCommit(_admission(store, tmp_path, []), max_batch=0)
+
+
+def test_the_event_loop_submits_and_awaits_without_waiting_for_the_fsync(
+    store: SQLiteStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(store)
+    monkeypatch.setattr(store, "add_instances", gate)
+    group = GroupCommit(_admission(store, tmp_path, []))
+    items = [Candidate(rec(f"1.2.7.{k}"), f"c1:{k}", "dimse:A", data=part10(b"%d" % k)) for k in range(4)]
+
+    async def scenario() -> list[Admitted]:
+        first = asyncio.ensure_future(asyncio.wrap_future(group.submit(items[0])))
+        ticks = 0
+        while not gate.entered.is_set():  # the loop keeps running while the writer holds the first
+            await asyncio.sleep(0.005)
+            ticks += 1
+        others = [asyncio.ensure_future(asyncio.wrap_future(group.submit(i))) for i in items[1:]]
+        await asyncio.sleep(0.05)
+        assert not any(o.done() for o in [first, *others])  # nobody answered before its commit
+        gate.release.set()
+        return await asyncio.gather(first, *others)
+
+    got = asyncio.run(scenario())
+    assert [a.outcome for a in got] == [AddOutcome.ADDED] * 4
+    assert gate.sizes == [1, 3]
+    group.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        group.submit(items[0])
+
+
+def test_a_waiter_that_went_away_does_not_stop_the_writer(
+    store: SQLiteStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = Gate(store)
+    monkeypatch.setattr(store, "add_instances", gate)
+    group = GroupCommit(_admission(store, tmp_path, []))
+    first = group.submit(Candidate(rec("1.2.8.0"), "c1:0", "dimse:A", data=part10(b"0")))
+    assert gate.entered.wait(10)
+    gone = group.submit(Candidate(rec("1.2.8.1"), "c1:1", "dimse:A", data=part10(b"1")))
+    assert gone.cancel()  # its association was aborted while it queued
+    gate.release.set()
+    assert first.result(20).outcome is AddOutcome.ADDED
+    later = group.admit(Candidate(rec("1.2.8.2"), "c1:2", "dimse:A", data=part10(b"2")))
+    assert later.outcome is AddOutcome.ADDED
+    # received whole, it was committed all the same: a sender that sends it again gets "duplicate"
+    assert store.instance_bytes("1.2.8.1") == part10(b"1")
+    group.close()

@@ -228,7 +228,7 @@ class Listener:
         quarantine: Quarantine,
         release_grace_s: float,
         clock: Callable[[], datetime] = utcnow,
-        inline_max_bytes: int = 1024**2,
+        inline_max_bytes: int = 128 * 1024,
         group: GroupCommit | None = None,
         budget: DiskBudget | None = None,
         commitment: CommitmentSCP | None = None,
@@ -275,6 +275,7 @@ class Listener:
         self._workers = ThreadPoolExecutor(
             max_workers=min(64, cfg.max_associations + 4), thread_name_prefix="ingest-store"
         )
+        self.stores.executor = self._workers
 
     @property
     def budget(self) -> DiskBudget | None:
@@ -502,7 +503,7 @@ class Listener:
                 0x0800: NO_DATA_SET, 0x0900: 0x0000,
             })
         if field == C_STORE_RQ and kind == "storage" and isinstance(receiver, StoreReceiver):
-            rsp = await loop.run_in_executor(self._workers, self.stores.store, assoc, assoc.calling, receiver)
+            rsp = await self.stores.store_async(assoc, assoc.calling, receiver)
             status = int(rsp.Status)
             self._tally(assoc, receiver)
             return encode_command({
@@ -546,6 +547,7 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._workers.shutdown(wait=True)
+        self.group.close()
         LOGGER.info("DICOM listener on %s:%d stopped", self.address[0], self.address[1])
 
     async def aclose(self) -> None:

@@ -22,12 +22,14 @@ loop never waits for a disk or the state store):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -58,6 +60,10 @@ def _answer(outcome: str, detail: str | None = None) -> Dataset:
 __all__ = ["LARGE_INSTANCE_BYTES", "Intake", "StoreReceiver", "StoreService", "part10_prefix"]
 
 LOGGER = logging.getLogger(__name__)
+
+#: The longest :func:`part10_prefix` (three 64-character UIDs and the implementation's): a data set this
+#: much under ``inline_max_bytes`` goes into the state store with its row.
+_PREFIX_MAX: Final = 512
 
 #: C-STORE data sets larger than this are received into a spool file instead of memory.
 LARGE_INSTANCE_BYTES: Final = 16 * 1024 * 1024
@@ -239,6 +245,8 @@ class StoreService:
         self.inline_max_bytes = inline_max_bytes
         self.budget = budget
         self.large_instance_bytes = LARGE_INSTANCE_BYTES
+        #: Where :meth:`store_async` runs the work that touches a disk (``None``: the loop's default).
+        self.executor: Executor | None = None
         self._stored = stored  # (association, study UID): the release brings it forward
 
     def store(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
@@ -255,6 +263,86 @@ class StoreService:
         finally:  # the data set received to the answer decided (durable first)
             receiver.outcome = getattr(_outcome, "name", None)
             self.metrics.cstore_seconds.observe(time.monotonic() - started)
+
+    async def store_async(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
+        """Answer a received C-STORE from the event loop; never raises.
+
+        A data set received into memory that goes into the state store with its row (up to
+        ``inline_max_bytes``) is read on the loop (CPU only) and handed to the group commit's writer,
+        awaited: the loop never waits for a disk, and no thread switch but the writer's is paid. Every
+        other case (a spooled or oversized data set, a header to refuse and quarantine, a spool file
+        to write) runs :meth:`store` on a worker thread.
+        """
+        data = receiver.buffer
+        if receiver.oversized or data is None or _PREFIX_MAX + len(data) > self.inline_max_bytes:
+            return await self._in_thread(assoc, calling, receiver)
+        started = time.monotonic()
+        outcome = "internal"
+        try:
+            parsed = self._parsed_inline(calling, receiver)
+            if parsed is None:  # refused: read again, answered and quarantined on a worker thread
+                return await self._in_thread(assoc, calling, receiver)
+            rsp, outcome = await self._commit_inline(assoc, calling, receiver, parsed)
+            self.metrics.cstore_seconds.observe(time.monotonic() - started)
+            receiver.outcome = outcome
+            return rsp
+        except Exception:
+            LOGGER.exception("unexpected error handling a C-STORE")
+            self.metrics.instances_rejected.labels(reason="internal").inc()
+            receiver.abandon()
+            receiver.outcome = "internal"
+            return answer("internal")
+
+    async def _in_thread(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
+        """:meth:`store` on a worker thread (:attr:`executor`)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.store, assoc, calling, receiver)
+
+    def _parsed_inline(self, calling: str, receiver: StoreReceiver) -> ParsedInstance | None:
+        """The header of an in-memory data set whose SOP UIDs are the command's, or ``None``."""
+        try:
+            parsed = read_header_bytes(
+                bytes(receiver.buffer or b""), source=f"dimse:{calling}",
+                transfer_syntax_uid=receiver.transfer_syntax, max_inflated_bytes=self.cfg.max_inflated_bytes,
+                max_rejection_items=self.cfg.max_rejection_items,
+            )
+        except (HeaderError, RecursionError):
+            return None
+        record = parsed.record
+        if record.sop_uid != receiver.cmd_sop or record.sop_class_uid != receiver.cmd_class:
+            return None
+        return parsed
+
+    async def _commit_inline(
+        self, assoc: Any, calling: str, receiver: StoreReceiver, parsed: ParsedInstance
+    ) -> tuple[Dataset, str]:
+        """Admit an in-memory data set with its bytes in its row, through the group commit's writer."""
+        source = f"dimse:{calling}"
+        data = bytes(receiver.buffer or b"")
+        receiver.buffer = None
+        self.metrics.instances_received.labels(source="dimse").inc()
+        record = parsed.record
+        if (full := self._spool_full(len(data), record.sop_uid)) is not None:
+            return full, "out_of_resources"
+        with self._intake_slot(record.sop_uid) as admitted:
+            if not admitted:
+                return answer("intake_full"), "intake_full"
+            inline = part10_prefix(record.sop_class_uid, record.sop_uid, receiver.transfer_syntax) + data
+            candidate = Candidate(
+                record, parsed.digest, source, spool_name=None, body=data, data=inline, origin=source
+            )
+            try:
+                done = await asyncio.wrap_future(self.group.submit(candidate))
+            except StoreError as exc:
+                return self._out_of_resources("state store failed", record.sop_uid, exc), "out_of_resources"
+        if done.outcome is AddOutcome.DUPLICATE:
+            return answer("duplicate"), "duplicate"
+        if done.outcome is AddOutcome.CONFLICT:
+            return answer("conflict"), "conflict"
+        self._stored(assoc, record.study_uid)
+        if self.budget is not None:
+            self.metrics.spool_bytes.set(self.budget.used)
+        return answer("stored"), "stored"
 
     def _store(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
         source = f"dimse:{calling}"
