@@ -504,11 +504,10 @@ class Listener:
             })
         if field == C_STORE_RQ and kind == "storage" and isinstance(receiver, StoreReceiver):
             rsp = await self.stores.store_async(assoc, assoc.calling, receiver)
-            status = int(rsp.Status)
             self._tally(assoc, receiver)
             return encode_command({
                 0x0002: receiver.cmd_class, 0x0100: 0x8001, 0x0120: command.message_id, 0x0800: NO_DATA_SET,
-                0x0900: status, 0x0902: str(rsp.ErrorComment) if "ErrorComment" in rsp else None,
+                0x0900: rsp.status, 0x0902: rsp.comment,
                 0x1000: receiver.cmd_sop,
             })
         if field == N_ACTION_RQ and kind == "commitment" and self.commitment is not None:

@@ -9,11 +9,11 @@ sender can tell them apart), 0x0110 processing failure (PS3.7 Annex C).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from pydicom.dataset import Dataset
 
-__all__ = ["STATUS_TABLE", "StatusEntry", "answer", "status_for"]
+__all__ = ["STATUS_TABLE", "Reply", "StatusEntry", "answer", "reply", "status_for"]
 
 #: Longest Error Comment (0000,0902): VR LO (PS3.5 Table 6.2-1).
 MAX_COMMENT: Final = 64
@@ -53,6 +53,26 @@ STATUS_TABLE: Final[dict[str, StatusEntry]] = {
 def status_for(outcome: str) -> StatusEntry:
     """The :data:`STATUS_TABLE` entry of ``outcome``; unknown header reasons get ``invalid_header``."""
     return STATUS_TABLE.get(outcome, STATUS_TABLE["invalid_header"])
+
+
+class Reply(NamedTuple):
+    """A C-STORE response's Status (0000,0900) and Error Comment (0000,0902), without a data set."""
+
+    status: int
+    comment: str | None
+
+    @classmethod
+    def of(cls, rsp: Dataset) -> Reply:
+        """The reply a response data set of :func:`answer` carries."""
+        return cls(int(rsp.Status), str(rsp.ErrorComment) if "ErrorComment" in rsp else None)
+
+
+def reply(outcome: str, detail: str | None = None) -> Reply:
+    """What :func:`answer` says, as a :class:`Reply` (the event loop's path builds no data set)."""
+    entry = status_for(outcome)
+    if entry.status == 0x0000:
+        return Reply(0x0000, None)
+    return Reply(entry.status, (detail or entry.comment)[:MAX_COMMENT])
 
 
 def answer(outcome: str, detail: str | None = None) -> Dataset:

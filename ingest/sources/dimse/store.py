@@ -46,7 +46,7 @@ from ingest.intake.commit import GroupCommit
 from ingest.intake.retention import DiskBudget, SpoolFullError
 from ingest.metrics import Metrics
 from ingest.ports import AddOutcome
-from ingest.sources.dimse.status import answer
+from ingest.sources.dimse.status import Reply, answer, reply
 
 #: The outcome name of the answer a worker thread built last (``stored``, ``duplicate``, ``conflict``...):
 #: :meth:`StoreService.store` hands it to its receiver for the association's summary line.
@@ -264,7 +264,7 @@ class StoreService:
             receiver.outcome = getattr(_outcome, "name", None)
             self.metrics.cstore_seconds.observe(time.monotonic() - started)
 
-    async def store_async(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
+    async def store_async(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Reply:
         """Answer a received C-STORE from the event loop; never raises.
 
         A data set received into memory that goes into the state store with its row (up to
@@ -275,13 +275,13 @@ class StoreService:
         """
         data = receiver.buffer
         if receiver.oversized or data is None or _PREFIX_MAX + len(data) > self.inline_max_bytes:
-            return await self._in_thread(assoc, calling, receiver)
+            return Reply.of(await self._in_thread(assoc, calling, receiver))
         started = time.monotonic()
         outcome = "internal"
         try:
             parsed = self._parsed_inline(calling, receiver)
             if parsed is None:  # refused: read again, answered and quarantined on a worker thread
-                return await self._in_thread(assoc, calling, receiver)
+                return Reply.of(await self._in_thread(assoc, calling, receiver))
             rsp, outcome = await self._commit_inline(assoc, calling, receiver, parsed)
             self.metrics.cstore_seconds.observe(time.monotonic() - started)
             receiver.outcome = outcome
@@ -291,7 +291,7 @@ class StoreService:
             self.metrics.instances_rejected.labels(reason="internal").inc()
             receiver.abandon()
             receiver.outcome = "internal"
-            return answer("internal")
+            return reply("internal")
 
     async def _in_thread(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
         """:meth:`store` on a worker thread (:attr:`executor`)."""
@@ -315,7 +315,7 @@ class StoreService:
 
     async def _commit_inline(
         self, assoc: Any, calling: str, receiver: StoreReceiver, parsed: ParsedInstance
-    ) -> tuple[Dataset, str]:
+    ) -> tuple[Reply, str]:
         """Admit an in-memory data set with its bytes in its row, through the group commit's writer."""
         source = f"dimse:{calling}"
         data = bytes(receiver.buffer or b"")
@@ -323,10 +323,10 @@ class StoreService:
         self.metrics.instances_received.labels(source="dimse").inc()
         record = parsed.record
         if (full := self._spool_full(len(data), record.sop_uid)) is not None:
-            return full, "out_of_resources"
+            return Reply.of(full), "out_of_resources"
         with self._intake_slot(record.sop_uid) as admitted:
             if not admitted:
-                return answer("intake_full"), "intake_full"
+                return reply("intake_full"), "intake_full"
             inline = part10_prefix(record.sop_class_uid, record.sop_uid, receiver.transfer_syntax) + data
             candidate = Candidate(
                 record, parsed.digest, source, spool_name=None, body=data, data=inline, origin=source
@@ -334,15 +334,18 @@ class StoreService:
             try:
                 done = await asyncio.wrap_future(self.group.submit(candidate))
             except StoreError as exc:
-                return self._out_of_resources("state store failed", record.sop_uid, exc), "out_of_resources"
+                return (
+                    Reply.of(self._out_of_resources("state store failed", record.sop_uid, exc)),
+                    "out_of_resources",
+                )
         if done.outcome is AddOutcome.DUPLICATE:
-            return answer("duplicate"), "duplicate"
+            return reply("duplicate"), "duplicate"
         if done.outcome is AddOutcome.CONFLICT:
-            return answer("conflict"), "conflict"
+            return reply("conflict"), "conflict"
         self._stored(assoc, record.study_uid)
         if self.budget is not None:
             self.metrics.spool_bytes.set(self.budget.used)
-        return answer("stored"), "stored"
+        return reply("stored"), "stored"
 
     def _store(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
         source = f"dimse:{calling}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ingest import errors
-from ingest.sources.dimse.status import STATUS_TABLE, answer, status_for
+from ingest.sources.dimse.status import STATUS_TABLE, Reply, answer, reply, status_for
 
 
 def _header_error_reasons() -> set[str]:
@@ -44,3 +44,13 @@ def test_a_failure_carries_its_comment_or_the_detail_cut_to_64() -> None:
     rsp = answer("too_large")
     assert (rsp.Status, rsp.ErrorComment) == (0xA700, STATUS_TABLE["too_large"].comment)
     assert answer("internal", "x" * 100).ErrorComment == "x" * 64
+
+
+@pytest.mark.parametrize("outcome", [*sorted(STATUS_TABLE), "some_unknown_reason"])
+def test_the_loops_reply_says_what_the_response_data_set_says(outcome: str) -> None:
+    long = "x" * 100
+    assert reply(outcome) == Reply.of(answer(outcome))
+    assert reply(outcome, long) == Reply.of(answer(outcome, long))
+    expected = STATUS_TABLE.get(outcome, STATUS_TABLE["invalid_header"])
+    assert reply(outcome).status == expected.status
+    assert reply(outcome, long).comment == (None if expected.status == 0 else "x" * 64)
