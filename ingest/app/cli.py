@@ -282,7 +282,10 @@ def startup_summary(settings: Settings) -> str:
     backend = (f"backend {printable(settings.backend.url)}" if settings.backend.url else
                f"embedded backend on {settings.embedded_backend.host}:{settings.embedded_backend.port}")
     watch = f", watching {printable(str(settings.watch.folder))}" if settings.watch.folder else ""
-    state = "state store PostgreSQL" if settings.state.url else "state store SQLite"
+    from ingest.adapters.state import sqlite_path
+
+    lite = sqlite_path(settings.state.url, settings.data_dir)
+    state = "state store PostgreSQL" if lite is None else f"state store SQLite {printable(str(lite))}"
     admin = f", admin on {settings.admin.host}:{settings.admin.port}" if settings.admin.enabled else ""
     return f"{listener}{watch}; {backend}; {state}{admin}"
 

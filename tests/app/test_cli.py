@@ -70,3 +70,15 @@ def test_retry_now_with_the_backend_unreachable_leaves_the_studies_re_queued(tmp
     finally:
         store.close()
     assert row is not None and row.state.value == "pending"
+
+
+def test_the_start_up_line_names_the_kind_of_state_store_its_url_gives(tmp_path: Path) -> None:
+    from ingest.app.cli import startup_summary
+    from ingest.config import Settings
+
+    own = startup_summary(Settings(data_dir=tmp_path))
+    assert f"state store SQLite {tmp_path / 'state.sqlite3'}" in own
+    named = startup_summary(Settings(data_dir=tmp_path, state={"url": f"sqlite:///{tmp_path}/other.db"}))
+    assert f"state store SQLite {tmp_path}/other.db" in named and "PostgreSQL" not in named
+    pg = startup_summary(Settings(data_dir=tmp_path, state={"url": "postgresql://ingest@127.0.0.1/ingest"}))
+    assert "state store PostgreSQL" in pg and "ingest@" not in pg
