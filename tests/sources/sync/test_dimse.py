@@ -1,5 +1,7 @@
-"""The C-FIND SCU over DICOM TLS (``[[sync.sources]] tls = true``, ``ca``): against a pynetdicom Study
-Root SCP on loopback serving TLS with a private CA's certificate for 127.0.0.1."""
+"""The C-FIND SCU (``ingest.sources.sync.dimse``) against pynetdicom Study Root SCPs on loopback: over DICOM
+TLS (``[[sync.sources]] tls = true``, ``ca``) with a private CA's certificate for 127.0.0.1; many queries
+on one association; a tiny peer Maximum Length (every PDU fragmented both ways); a refused association;
+an abort in the middle of an answer."""
 
 from __future__ import annotations
 
@@ -79,8 +81,8 @@ def test_c_find_over_tls_verified_by_the_configured_ca(tmp_path: Path, tls_pacs:
 
 
 def test_no_answer_is_lost_over_many_queries_on_one_association(tmp_path: Path) -> None:
-    """pynetdicom's association thread must never take a C-FIND answer off the queue between or
-    during this SCU's queries (it would log an unexpected message and drop it: a missing match)."""
+    """Answers that follow each other as fast as the loopback allows all arrive, query after query, on one
+    association (a dropped answer would be a silently missing match)."""
     from ingest.sources.sync.answers import IMAGE_KEYS, identifier
     from ingest.sources.sync.dimse import DimseFinder
 
@@ -109,3 +111,82 @@ def test_no_answer_is_lost_over_many_queries_on_one_association(tmp_path: Path) 
         finder.close()
         server.shutdown()
     assert counts == [3] * 1000
+
+
+def _scp(ae_title: str, on_find: Any, **options: Any) -> tuple[Any, int]:
+    port = free_ports(1)[0]
+    ae = AE(ae_title=ae_title)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    for key, value in options.items():
+        setattr(ae, key, value)
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    return server, port
+
+
+def test_a_tiny_peer_maximum_length_fragments_every_pdu_both_ways() -> None:
+    from ingest.sources.sync.answers import IMAGE_KEYS, identifier
+    from ingest.sources.sync.dimse import DimseFinder
+
+    asked: list[Dataset] = []
+    comment = "".join(chr(0x41 + n % 26) for n in range(6000))  # one answer of ~6 KB: 24+ PDUs
+
+    def on_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        asked.append(event.identifier)
+        for n in range(3):
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "IMAGE"
+            ds.SOPInstanceUID = f"{STUDY}.{n}"
+            ds.ImageComments = comment
+            yield 0xFF00, ds
+        yield 0x0000, None
+
+    server, port = _scp("TINYPDU", on_find, maximum_pdu_size=256)
+    finder = DimseFinder("tiny", f"dimse://TINYPDU@127.0.0.1:{port}", calling_ae="INGEST", timeout_s=10)
+    try:
+        query = identifier("IMAGE", IMAGE_KEYS, StudyInstanceUID=STUDY, SeriesInstanceUID=f"{STUDY}.9")
+        answers, complete = finder.find(query)
+        again, _ = finder.find(query)
+    finally:
+        finder.close()
+        server.shutdown()
+    assert complete and len(answers) == 3 and len(again) == 3
+    assert [str(a.SOPInstanceUID) for a in answers] == [f"{STUDY}.{n}" for n in range(3)]
+    assert all(str(a.ImageComments) == comment for a in answers)
+    # the query arrived whole through 256-byte PDUs: every key, the matching values
+    assert len(asked) == 2 and str(asked[0].SeriesInstanceUID) == f"{STUDY}.9"
+    assert all(key in asked[0] for key in IMAGE_KEYS)
+
+
+def test_a_refused_association_and_an_abort_mid_answer_name_the_source_and_the_query() -> None:
+    from ingest.errors import SyncSourceError
+    from ingest.sources.sync.answers import STUDY_KEYS, identifier
+    from ingest.sources.sync.dimse import DimseFinder
+
+    def one_then_abort(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = STUDY
+        yield 0xFF00, ds
+        event.assoc.abort()
+        yield 0x0000, None
+
+    picky, picky_port = _scp("PICKY", one_then_abort, require_calling_aet=["SOMEONE"])
+    rude, rude_port = _scp("RUDE", one_then_abort)
+    query = identifier("STUDY", STUDY_KEYS, StudyDate="20240101-20240131")
+    try:
+        refused = DimseFinder("picky", f"dimse://PICKY@127.0.0.1:{picky_port}", calling_ae="INGEST",
+                              timeout_s=10)
+        with pytest.raises(SyncSourceError, match=r"source picky: C-FIND .*StudyDate=20240101-20240131.*"
+                                                  r"PICKY@127\.0\.0\.1.*association rejected"):
+            refused.find(query)
+        aborted = DimseFinder("rude", f"dimse://RUDE@127.0.0.1:{rude_port}", calling_ae="INGEST",
+                              timeout_s=10)
+        with pytest.raises(SyncSourceError, match=r"source rude: C-FIND .*QueryRetrieveLevel=STUDY"):
+            aborted.find(query)
+        # the next query opens a new association and is answered up to the same abort again
+        with pytest.raises(SyncSourceError, match="source rude"):
+            aborted.find(query)
+        aborted.close()
+    finally:
+        picky.shutdown()
+        rude.shutdown()
