@@ -165,7 +165,8 @@ class Admission:
         ``[relay] stable_age_s``: a study is due this long after its latest instance.
     wake:
         Called once after a batch added something due at once (``stable_age_s`` 0; must be safe to call
-        from the calling thread).
+        from the calling thread). ``None``: nobody to wake (replay and a one-shot sync drain what they
+        touched at the end).
     clock:
         Wall-clock "now" for rows, due times and side files.
     label:
@@ -196,7 +197,7 @@ class Admission:
         quarantine: Quarantine | None,
         metrics: Metrics | None,
         stable_age_s: float,
-        wake: Callable[[], None],
+        wake: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = utcnow,
         label: str,
         budget: DiskBudget | None = None,
@@ -356,7 +357,7 @@ class Admission:
                 out.append(self._conflict(item, added, now))
         for reason, sop_uids in sorted(release.items()):
             self._release(sop_uids, reason, now)
-        if added_any and self.stable_age <= _AT_ONCE:
+        if added_any and self.wake is not None and self.stable_age <= _AT_ONCE:
             self.wake()
         return out
 

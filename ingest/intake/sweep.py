@@ -348,7 +348,7 @@ def sweep_at_start(
             quarantine = Quarantine(data_dir / "quarantine", max_bytes=quarantine_max_bytes)
             admission = Admission(
                 store, spool=spool, quarantine=quarantine, metrics=None, stable_age_s=stable_age_s,
-                wake=lambda: None, label=READMITTED_SOURCE, on_conflict="quarantine", remove_spooled=False,
+                label=READMITTED_SOURCE, on_conflict="quarantine", remove_spooled=False,
             )
             result = sweep_orphans(spool, store, admission=admission, quarantine=quarantine, read=read,
                                    older_than_s=age, temps_older_than_s=age)

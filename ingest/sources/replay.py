@@ -284,7 +284,7 @@ class ReplaySource:
         if self._admission is None:
             self._admission = Admission(
                 self.store, spool=None, quarantine=None, metrics=None, stable_age_s=self.stable_age_s,
-                wake=_no_wake, label="replay", on_conflict=self.on_conflict,
+                label="replay", on_conflict=self.on_conflict,
             )
         results = self._admission.admit([Candidate(p.record, p.digest, f"file:{p.label}") for p in batch])
         remember: list[FileIdentity] = []
@@ -304,7 +304,3 @@ class ReplaySource:
                 on_rejected(Rejected(parsed.label, "conflict",
                                      f"SOP Instance UID {parsed.record.sop_uid}: {admitted.rule}"))
         self.store.remember_files(remember)
-
-
-def _no_wake() -> None:
-    """Replay wakes no relay while reading: its studies are drained at the end of the input."""

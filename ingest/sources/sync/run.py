@@ -312,7 +312,7 @@ class SyncIntake:
         self.stable_age = timedelta(seconds=stable_age_s)
         self.admission = Admission(
             store, spool=None, quarantine=None, metrics=metrics, stable_age_s=stable_age_s,
-            wake=wake or _no_wake, clock=clock, label="sync",
+            wake=wake, clock=clock, label="sync",
         )
         self.touched: set[str] = set()
         self.listed: set[str] = set()
@@ -378,10 +378,6 @@ class SyncIntake:
 def watermark_of(started: datetime) -> str:
     """The watermark a successful run started at ``started`` records (its UTC date, DA)."""
     return da(started.date())
-
-
-def _no_wake() -> None:
-    """A run drains the studies it touched once it is done."""
 
 
 def open_finder(source: SyncSource, cfg: SyncSettings) -> Finder:
