@@ -2,12 +2,14 @@
 
 One asyncio server; one coroutine per connection, no thread per association. A connection is
 *pending* until it has delivered a complete A-ASSOCIATE-RQ (:func:`~ingest.sources.dimse.associate.
-read_associate_rq`): at most ``max_pending_per_host`` per source address (a new one evicts that
-address's oldest pending connection, so silent connections from a sender's own address cannot lock it
-out) and ``max_pending`` in all (over it the new connection is closed unread), each within
+read_associate_rq`): at most ``max_pending_per_host`` per source address and ``max_pending`` in all
+(over it the new connection is closed unread), each within
 ``rq_timeout_s`` from accept time (plus ``handshake_timeout_s`` for the TLS handshake). Only then do
 the association checks run (:meth:`Handlers.admit`): a pending connection never holds an association
-slot.
+slot. At a source's cap, a new connection first evicts that source's connections that have been
+pending for :data:`PENDING_GRACE_S` or more (oldest first, down to the cap), so silent connections from a
+sender's own address cannot lock it out; a burst of connections that are all younger (a router opening
+its associations at once) is let in up to twice the cap, past that the newest is closed unread.
 
 On an established association (:class:`Association`, PS3.8 9.2 states Sta6-Sta13, acceptor side):
 
@@ -543,10 +545,16 @@ def _close_writer(writer: asyncio.StreamWriter) -> None:
         writer.close()
 
 
+#: Seconds a connection may wait for its A-ASSOCIATE-RQ before it counts as silent: a sender's own new
+#: connection may evict it then, and only then (a real sender sends its request at once).
+PENDING_GRACE_S: Final = 1.0
+
+
 @dataclass(eq=False)
 class _Pending:
     host: str
     writer: asyncio.StreamWriter
+    since: float
     evicted: bool = False
 
 
@@ -673,23 +681,41 @@ class Edge:
             message, count, host, CAP_WARNING_INTERVAL_S,
         )
 
+    def pending_ages(self, host: str) -> list[float]:
+        """Seconds each pending connection from ``host`` has waited, oldest first."""
+        now = time.monotonic()
+        return [now - e.since for e in self._pending.values() if e.host == host]
+
     def _admit_pending(self, host: str, writer: asyncio.StreamWriter) -> int | None:
-        """A pending slot for a new connection (evicting this host's oldest over the per-host cap), or
-        ``None`` when the total cap is reached."""
+        """A pending slot for a new connection (module doc: this host's silent ones evicted over its
+        cap, a burst of young ones let in up to twice it), or ``None`` when it is closed unread."""
+        cap = self.limits.max_pending_per_host
         same = [(key, e) for key, e in self._pending.items() if e.host == host]
-        if len(same) >= self.limits.max_pending_per_host:
-            key, oldest = same[0]
+        now = time.monotonic()
+        evicted = 0
+        while len(same) >= cap and now - same[0][1].since >= PENDING_GRACE_S:
+            key, oldest = same.pop(0)
             oldest.evicted = True
             self._pending.pop(key, None)
             with contextlib.suppress(Exception):
                 oldest.writer.transport.abort()
             self._refused("over_pending_per_host")
+            evicted += 1
+        if evicted:
             self._warn_limited(
                 host, "over_pending_per_host",
-                f"connection from {host} refused: too many without an A-ASSOCIATE-RQ (cap "
-                f"{self.limits.max_pending_per_host} per source): its oldest pending connection is closed",
+                f"connection from {host} refused: too many without an A-ASSOCIATE-RQ (cap {cap} per "
+                f"source): its pending connections older than {PENDING_GRACE_S:g} s are closed",
             )
-        elif len(self._pending) >= self.limits.max_pending:
+        if len(same) >= 2 * cap:
+            self._refused("over_pending_per_host")
+            self._warn_limited(
+                host, "over_pending_per_host_burst",
+                f"connection from {host} refused: {len(same)} connections at once without an "
+                f"A-ASSOCIATE-RQ (cap {cap} per source, twice that for a burst)",
+            )
+            return None
+        if len(self._pending) >= self.limits.max_pending:
             self._refused("over_pending_total")
             self._warn_limited(
                 host, "over_pending_total",
@@ -698,7 +724,7 @@ class Edge:
             )
             return None
         key = next(self._pending_ids)
-        self._pending[key] = _Pending(host, writer)
+        self._pending[key] = _Pending(host, writer, now)
         return key
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ingest.config import CommitmentSettings
 from ingest.sources.dimse.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from ingest.sources.dimse.edge import PENDING_GRACE_S
 from tests import wait_until
 
 from .listener_helpers import encode, instance, make_settings, running_listener, scu
@@ -273,8 +274,12 @@ def test_silent_connections_from_the_senders_own_address_do_not_lock_it_out(tmp_
             server = run.listener.server
             assert server is not None
             wait_until(lambda: server.pending == 8, 5, "eight pending")
+            assert _echo_ok(run.port)  # while they are young, a burst: let in beside them
+            assert not closed_by_peer(silent[0], 0.01)
+            wait_until(lambda: min(server.pending_ages("127.0.0.1")) >= PENDING_GRACE_S, 5, "silent a while")
             assert _echo_ok(run.port)  # evicts the oldest silent one instead of being refused
             assert closed_by_peer(silent[0], 2.0)
+            assert not closed_by_peer(silent[1], 0.01)
             assert _echo_ok(run.port)
         finally:
             for s in silent:

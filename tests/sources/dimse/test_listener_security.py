@@ -23,6 +23,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from ingest.config import CallingAE
+from ingest.sources.dimse.edge import PENDING_GRACE_S
 from ingest.sources.dimse.status import STATUS_TABLE
 
 from .listener_helpers import (
@@ -373,13 +374,19 @@ def test_silent_connections_hold_no_association_slot(
         assert server is not None
         silent = [_connect_from("127.0.0.2", run.port) for _ in range(12)]
         try:
-            # 8 (max_pending_per_host) wait for their A-ASSOCIATE-RQ; each newer one evicts the oldest
-            assert sum(closed_by_peer(s, 0.5) for s in silent[:4]) == 4
+            # a burst of young connections is let in (up to twice max_pending_per_host = 8) ...
+            assert _wait_until(lambda: server.pending == 12)
+            assert not any(closed_by_peer(s, 0.01) for s in silent)
+            # ... and once they have been silent for PENDING_GRACE_S, the sender's next connection
+            # evicts the oldest down to the cap: 12 -> 7, plus the new one
+            assert _wait_until(lambda: min(server.pending_ages("127.0.0.2")) >= PENDING_GRACE_S)
+            silent.append(_connect_from("127.0.0.2", run.port))
+            assert sum(closed_by_peer(s, 0.5) for s in silent[:5]) == 5
             assert _wait_until(lambda: server.pending == 8)
-            assert _refused(run, "over_pending_per_host") == 4
+            assert _refused(run, "over_pending_per_host") == 5
             warned = "connection from 127.0.0.2 refused: too many"
             over_cap = [r for r in caplog.records if warned in r.getMessage()]
-            assert len(over_cap) == 1  # one WARNING for the 4, not one per connection
+            assert len(over_cap) == 1  # one WARNING for the 5, not one per connection
             # legitimate senders from another address still associate, over max_associations times
             for _ in range(3):
                 assert _rejection(run.port) is None
@@ -389,11 +396,42 @@ def test_silent_connections_hold_no_association_slot(
                     capture_output=True, timeout=15, check=False,
                 )
                 assert done.returncode == 0, done.stderr
-            assert not any(closed_by_peer(s, 0.01) for s in silent[4:])  # still pending, not cut off
+            assert not any(closed_by_peer(s, 0.01) for s in silent[5:])  # still pending, not cut off
         finally:
             for s in silent:
                 s.close()
         assert _wait_until(lambda: server.pending == 0)  # slots come back when the sockets close
+
+
+def test_a_burst_of_associations_from_one_sender_is_never_cut(tmp_path: Path) -> None:
+    """A router opening its associations at once: more connections than max_pending_per_host (8) are
+    pending together, for milliseconds; none of them is closed, each gets its A-ASSOCIATE-AC."""
+    settings = make_settings(tmp_path, max_associations=16)
+    with running_listener(settings) as run:
+        server = run.listener.server
+        assert server is not None
+        socks = [_connect_from("127.0.0.3", run.port) for _ in range(14)]
+        try:
+            assert _wait_until(lambda: server.pending == 14)  # all accepted, none has spoken yet
+            for sock in socks:
+                sock.sendall(associate_rq())
+            answers = [read_pdu(sock) for sock in socks]
+            assert [a[0] if a is not None else None for a in answers] == [0x02] * 14
+            assert _refused(run, "over_pending_per_host") == 0
+        finally:
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.sendall(pdu(0x05, b"\0" * 4))
+                sock.close()
+        # twice the cap at once is a burst no sender needs: the newest is closed unread
+        flood = [_connect_from("127.0.0.4", run.port) for _ in range(17)]
+        try:
+            assert closed_by_peer(flood[-1], 2.0)
+            assert _wait_until(lambda: server.pending == 16)
+            assert _refused(run, "over_pending_per_host") == 1
+        finally:
+            for sock in flood:
+                sock.close()
 
 
 def test_pending_connections_are_capped_in_total(tmp_path: Path) -> None:
