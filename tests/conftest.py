@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ingest.ports import StateStore
+from tests import free_ports
 
 # -- state stores ----------------------------------------------------------------------------------------
 #
@@ -37,9 +37,7 @@ def _pg_bin(name: str) -> str | None:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from ingest.backend.schema import build_backend_schema
 from ingest.config import BackendSettings, RelaySettings, Settings
 from ingest.relay.build import StudyBuilder
 from ingest.relay.relay import Relay
-from tests import FIXTURES
+from tests import FIXTURES, free_ports
 from tests.faultproxy import running_backend
 from tests.relay.test_relay import FakeSink, record
 
@@ -139,9 +138,7 @@ async def test_drain_claims_more_but_pushes_at_most_concurrency_at_once(tmp_path
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 async def test_replay_with_nothing_accepted_never_waits_for_the_backend(tmp_path: Path) -> None:

@@ -30,15 +30,14 @@ from ingest.errors import ConfigError, RetryableSinkError, StoreUnavailableError
 from ingest.metrics import Metrics
 from ingest.relay.relay import BackendHealth, wait_for_backend
 from samples.generate import generate
+from tests import free_ports
 from tests.faultproxy import studies_with_identifier
 
 GRAPHQL = "/fhir/R4/$graphql"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from samples.generate import generate
-from tests import REPO
+from tests import REPO, free_ports
 
 pytestmark = [
     pytest.mark.dcmtk,
@@ -31,11 +30,9 @@ pytestmark = [
 
 
 def _free_ports() -> tuple[int, int, int]:
-    """Three distinct OS-chosen ports (all held open while choosing)."""
-    with socket.socket() as a, socket.socket() as b, socket.socket() as c:
-        for sock in (a, b, c):
-            sock.bind(("127.0.0.1", 0))
-        return int(a.getsockname()[1]), int(b.getsockname()[1]), int(c.getsockname()[1])
+    """Three distinct free ports (``tests.free_ports``)."""
+    a, b, c = free_ports(3)
+    return a, b, c
 
 
 class Serve:

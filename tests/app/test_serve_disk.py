@@ -43,6 +43,7 @@ from ingest.config import (
     SpoolSettings,
     WatchSettings,
 )
+from tests import free_ports
 from tests.faultproxy import studies_with_identifier
 
 GRAPHQL = "/fhir/R4/$graphql"
@@ -51,11 +52,7 @@ CT_SMALL = Path(str(get_testdata_file("CT_small.dcm")))
 
 
 def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 async def until(predicate: Any, timeout: float, what: str) -> Any:

@@ -23,7 +23,7 @@ from ingest.clock import Timekeeper
 from ingest.config import CommitmentSettings
 from ingest.ports import CommitmentRow
 from ingest.relay.reports import CommitmentReports
-from tests import wait_until
+from tests import free_ports, wait_until
 from tests.sources.dimse.test_commitment import Reports, report_scp
 from tests.test_clock import SteppedClock
 
@@ -111,9 +111,7 @@ def store(tmp_path: Path) -> Iterator[SQLiteStateStore]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _scu(routes: dict[str, tuple[str, int]]) -> DimseReportSCU:

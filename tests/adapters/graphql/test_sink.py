@@ -14,7 +14,6 @@ import email.utils
 import functools
 import json
 import logging
-import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -32,7 +31,7 @@ from ingest.errors import (
     PermanentSinkError,
     RetryableSinkError,
 )
-from tests import FIXTURES
+from tests import FIXTURES, free_ports
 
 MEDPLUM_SDL = (FIXTURES / "medplum_schema.graphql").read_text()
 
@@ -394,9 +393,7 @@ async def test_timeout_is_retryable(server: TestServer, backend: FakeBackend) ->
 
 
 async def test_connection_refused_at_connect_is_retryable() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again below: nothing listens there
+    port = free_ports(1)[0]  # nothing listens there
     sink = GraphQLSink(f"http://127.0.0.1:{port}/fhir/R4/$graphql", token_source=None, timeout_s=2.0)
     with pytest.raises(RetryableSinkError, match="connection failed"):
         await sink.connect()

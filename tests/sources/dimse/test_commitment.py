@@ -9,7 +9,6 @@ SOP Sequence (0008,1198) with Failure Reason (0008,1197) 0x0112 (no such object 
 from __future__ import annotations
 
 import queue
-import socket
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,7 @@ from pynetdicom import AE, build_role, evt
 
 from ingest.config import CommitmentSettings, ListenerSettings
 from ingest.sources.dimse.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from tests import free_ports
 from tests import wait_until as _until
 
 from .listener_helpers import CT_IMAGE, instance, make_settings, running_listener, scu
@@ -38,9 +38,7 @@ SERIES = "1.2.3.9.2"
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _stored(uid: str) -> Dataset:
