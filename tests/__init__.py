@@ -1,5 +1,6 @@
 """The test suite of ``ingest``; it mirrors the package tree."""
 
+import itertools
 import os
 import random
 import socket
@@ -37,7 +38,7 @@ def _port_slice() -> range:
 
 
 _SLICE = _port_slice()
-_NEXT = [random.randrange(len(_SLICE))] if len(_SLICE) > 0 else [0]
+_TURN = itertools.count(random.randrange(len(_SLICE)) if len(_SLICE) > 0 else 0)
 
 
 def free_ports(n: int) -> list[int]:
@@ -53,8 +54,7 @@ def free_ports(n: int) -> list[int]:
         if len(_SLICE) >= 64:
             tried = 0
             while len(socks) < n and tried < len(_SLICE):
-                port = _SLICE[_NEXT[0] % len(_SLICE)]
-                _NEXT[0] += 1
+                port = _SLICE[next(_TURN) % len(_SLICE)]
                 tried += 1
                 sock = socket.socket()
                 try:

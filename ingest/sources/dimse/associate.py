@@ -69,6 +69,7 @@ __all__ = [
     "context",
     "decode_associate_rq",
     "escaped",
+    "implementation_items",
     "read_associate_rq",
     "reject_pdu",
     "tls_context",
@@ -501,16 +502,7 @@ class Negotiator:
             primitive.result = 0x00
             primitive.result_source = 0x01
             primitive.presentation_context_definition_results_list = [*accepted.values(), *rejected]
-            info: list[Any] = []
-            length = MaximumLengthNotification()
-            length.maximum_length_received = self.max_pdu
-            info.append(length)
-            impl = ImplementationClassUIDNotification()
-            impl.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-            info.append(impl)
-            version = ImplementationVersionNameNotification()
-            version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-            info.append(version)
+            info: list[Any] = implementation_items(self.max_pdu)
             info.extend(ac_roles)
             if wants_async:  # one operation at a time each way (PS3.7 D.3.3.3)
                 window = AsynchronousOperationsWindowNegotiation()
@@ -529,6 +521,18 @@ class Negotiator:
                 abort=ABORT_INVALID_PARAMETER,
             ) from None
         return Negotiated(request.calling, request.called, accepted, rejected, peer_max, ac_pdu)
+
+
+def implementation_items(max_pdu: int) -> list[Any]:
+    """The user information items every association of ``ingest`` announces (PS3.7 D.3.3): its Maximum
+    Length ``max_pdu`` (0: unlimited) and the implementation class UID and version name (pynetdicom's)."""
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    return [length, impl, version]
 
 
 @dataclass

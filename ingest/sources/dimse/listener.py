@@ -248,9 +248,13 @@ class Listener:
         self._lock = threading.Lock()
         self._studies: dict[int, set[str]] = {}  # association id -> studies it stored into
         self._tallies: dict[int, _Tally] = {}  # association id -> what its C-STOREs came to
+        # C-STOREs and N-ACTIONs are made durable here, never on the event loop
+        self._workers = ThreadPoolExecutor(
+            max_workers=min(64, cfg.max_associations + 4), thread_name_prefix="ingest-store"
+        )
         self.stores = StoreService(
             cfg, metrics, intake, group=self.group, spool=spool, quarantine=quarantine, clock=clock,
-            inline_max_bytes=inline_max_bytes, budget=budget, stored=self._stored,
+            inline_max_bytes=inline_max_bytes, budget=budget, stored=self._stored, executor=self._workers,
         )
         allowed: dict[str, set[str | None]] = {}
         for entry in cfg.allowed_calling_aes:
@@ -271,11 +275,6 @@ class Listener:
         self.address: tuple[str, int] = (cfg.host, cfg.port)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # C-STOREs and N-ACTIONs are made durable here, never on the event loop
-        self._workers = ThreadPoolExecutor(
-            max_workers=min(64, cfg.max_associations + 4), thread_name_prefix="ingest-store"
-        )
-        self.stores.executor = self._workers
 
     @property
     def budget(self) -> DiskBudget | None:

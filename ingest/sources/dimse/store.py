@@ -234,6 +234,7 @@ class StoreService:
         inline_max_bytes: int,
         budget: DiskBudget | None,
         stored: Callable[[Any, str], None],
+        executor: Executor | None = None,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -245,8 +246,7 @@ class StoreService:
         self.inline_max_bytes = inline_max_bytes
         self.budget = budget
         self.large_instance_bytes = LARGE_INSTANCE_BYTES
-        #: Where :meth:`store_async` runs the work that touches a disk (``None``: the loop's default).
-        self.executor: Executor | None = None
+        self.executor = executor  # where store_async runs the work that touches a disk (None: the loop's)
         self._stored = stored  # (association, study UID): the release brings it forward
 
     def store(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
@@ -277,12 +277,13 @@ class StoreService:
         if receiver.oversized or data is None or _PREFIX_MAX + len(data) > self.inline_max_bytes:
             return Reply.of(await self._in_thread(assoc, calling, receiver))
         started = time.monotonic()
-        outcome = "internal"
         try:
-            parsed = self._parsed_inline(calling, receiver)
+            body = bytes(data)  # the one copy: read here, committed with its row below
+            parsed = self._parsed_inline(calling, receiver, body)
             if parsed is None:  # refused: read again, answered and quarantined on a worker thread
                 return Reply.of(await self._in_thread(assoc, calling, receiver))
-            rsp, outcome = await self._commit_inline(assoc, calling, receiver, parsed)
+            receiver.buffer = None
+            rsp, outcome = await self._commit_inline(assoc, calling, receiver, parsed, body)
             self.metrics.cstore_seconds.observe(time.monotonic() - started)
             receiver.outcome = outcome
             return rsp
@@ -298,11 +299,11 @@ class StoreService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self.store, assoc, calling, receiver)
 
-    def _parsed_inline(self, calling: str, receiver: StoreReceiver) -> ParsedInstance | None:
-        """The header of an in-memory data set whose SOP UIDs are the command's, or ``None``."""
+    def _parsed_inline(self, calling: str, receiver: StoreReceiver, data: bytes) -> ParsedInstance | None:
+        """The header of the in-memory data set ``data`` if its SOP UIDs are the command's, or ``None``."""
         try:
             parsed = read_header_bytes(
-                bytes(receiver.buffer or b""), source=f"dimse:{calling}",
+                data, source=f"dimse:{calling}",
                 transfer_syntax_uid=receiver.transfer_syntax, max_inflated_bytes=self.cfg.max_inflated_bytes,
                 max_rejection_items=self.cfg.max_rejection_items,
             )
@@ -314,12 +315,11 @@ class StoreService:
         return parsed
 
     async def _commit_inline(
-        self, assoc: Any, calling: str, receiver: StoreReceiver, parsed: ParsedInstance
+        self, assoc: Any, calling: str, receiver: StoreReceiver, parsed: ParsedInstance, data: bytes
     ) -> tuple[Reply, str]:
-        """Admit an in-memory data set with its bytes in its row, through the group commit's writer."""
+        """Admit the in-memory data set ``data`` with its bytes in its row, through the group commit's
+        writer."""
         source = f"dimse:{calling}"
-        data = bytes(receiver.buffer or b"")
-        receiver.buffer = None
         self.metrics.instances_received.labels(source="dimse").inc()
         record = parsed.record
         if (full := self._spool_full(len(data), record.sop_uid)) is not None:
@@ -338,14 +338,20 @@ class StoreService:
                     Reply.of(self._out_of_resources("state store failed", record.sop_uid, exc)),
                     "out_of_resources",
                 )
-        if done.outcome is AddOutcome.DUPLICATE:
-            return reply("duplicate"), "duplicate"
-        if done.outcome is AddOutcome.CONFLICT:
-            return reply("conflict"), "conflict"
-        self._stored(assoc, record.study_uid)
-        if self.budget is not None:
+        outcome = self._settled(assoc, done, record.study_uid)
+        if outcome == "stored" and self.budget is not None:  # (without one, measuring walks the spool)
             self.metrics.spool_bytes.set(self.budget.used)
-        return reply("stored"), "stored"
+        return reply(outcome), outcome
+
+    def _settled(self, assoc: Any, admitted: Any, study_uid: str) -> str:
+        """The outcome name of an admission (``stored``, ``duplicate``, ``conflict``); a stored
+        instance's study is noted for its association (the release brings it forward)."""
+        if admitted.outcome is AddOutcome.DUPLICATE:
+            return "duplicate"
+        if admitted.outcome is AddOutcome.CONFLICT:
+            return "conflict"
+        self._stored(assoc, study_uid)
+        return "stored"
 
     def _store(self, assoc: Any, calling: str, receiver: StoreReceiver) -> Dataset:
         source = f"dimse:{calling}"
@@ -534,13 +540,10 @@ class StoreService:
             )
         except StoreError as exc:
             return self._out_of_resources("state store failed", record.sop_uid, exc)
-        if admitted.outcome is AddOutcome.DUPLICATE:
-            return _answer("duplicate")
-        if admitted.outcome is AddOutcome.CONFLICT:
-            return _answer("conflict")
-        self._stored(assoc, record.study_uid)
-        self.metrics.spool_bytes.set(self.spool.bytes_used() if self.budget is None else self.budget.used)
-        return _answer("stored")
+        outcome = self._settled(assoc, admitted, record.study_uid)
+        if outcome == "stored":
+            self.metrics.spool_bytes.set(self.spool.bytes_used() if self.budget is None else self.budget.used)
+        return _answer(outcome)
 
     def _discard(self, name: str) -> None:
         try:

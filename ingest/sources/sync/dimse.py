@@ -155,15 +155,11 @@ class _Association:
 
 def _request_pdu(calling_ae: str, called_ae: str) -> bytes:
     """The A-ASSOCIATE-RQ: Study Root FIND, Implicit VR Little Endian, SCU role (pynetdicom's codec)."""
-    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
     from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRQ
-    from pynetdicom.pdu_primitives import (
-        A_ASSOCIATE,
-        ImplementationClassUIDNotification,
-        ImplementationVersionNameNotification,
-        MaximumLengthNotification,
-    )
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
     from pynetdicom.presentation import PresentationContext
+
+    from ingest.sources.dimse.associate import implementation_items
 
     cx = PresentationContext()
     cx.context_id = _CONTEXT_ID
@@ -174,13 +170,7 @@ def _request_pdu(calling_ae: str, called_ae: str) -> bytes:
     primitive.calling_ae_title = calling_ae
     primitive.called_ae_title = called_ae
     primitive.presentation_context_definition_list = [cx]
-    length = MaximumLengthNotification()
-    length.maximum_length_received = MAX_PDU
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-    primitive.user_information = [length, impl, version]
+    primitive.user_information = implementation_items(MAX_PDU)
     rq = AssociateRQ()
     rq.from_primitive(primitive)
     return bytes(rq.encode())
