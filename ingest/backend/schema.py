@@ -137,15 +137,20 @@ def normalize_numbers(value: Any) -> Any:
 
 def _clean_input(value: Any) -> Any:
     """Input as FHIR JSON: integral floats as ints; ``null`` members and empty lists/objects dropped."""
-    if isinstance(value, Mapping):
+    # runs over every element of every resource written: exact types first (JSON gives dict, list,
+    # str, int, float, bool), the general Mapping check only for anything else
+    kind = type(value)
+    if kind is str or kind is int or kind is bool:
+        return value
+    if kind is dict or (kind is not list and isinstance(value, Mapping)):
         out = {}
         for key, item in value.items():
             clean = _clean_input(item)
-            if clean is None or (isinstance(clean, (list, dict)) and not clean):
+            if clean is None or (not clean and type(clean) in (list, dict)):
                 continue
             out[key] = clean
         return out
-    if isinstance(value, list):
+    if kind is list:
         return [_clean_input(item) for item in value if item is not None]
     return normalize_numbers(value)
 

@@ -13,6 +13,7 @@ record with the lowest SOP Instance UID.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -62,29 +63,21 @@ def pick(records: Iterable[InstanceRecord], get: Callable[[InstanceRecord], T | 
 
 
 def _pick_ordered(records: Iterable[InstanceRecord], get: Callable[[InstanceRecord], T | None]) -> T | None:
-    # pick() over records already in SOP Instance UID order (an aggregate's instances always are)
-    counts: dict[T, int] = {}
-    for record in records:
-        value = get(record)
-        # inline _present(): this loop runs once per record and study/series-level attribute
-        if value is None:
-            continue
-        if isinstance(value, str):
-            if not value.strip():
-                continue
-        elif isinstance(value, tuple) and not value:
-            continue
-        counts[value] = counts.get(value, 0) + 1
-    if not counts:
-        return None
-    # a dict keeps insertion order (first seen in SOP Instance UID order), and among equally common
-    # values max() returns the first it meets: the most common value, ties to the one seen first
-    return max(counts, key=counts.__getitem__)
+    # pick() over records already in SOP Instance UID order (an aggregate's instances always are). This
+    # runs once per record and study/series-level attribute: the values are counted in C (a Counter
+    # keeps them in the order first seen), and only the distinct ones are judged present or not.
+    best: T | None = None
+    most = 0
+    for value, n in Counter(map(get, records)).items():
+        # the most common present value; among equally common ones, the one seen first
+        if n > most and _present(value):
+            best, most = value, n
+    return best
 
 
 def distinct(records: Iterable[InstanceRecord], get: Callable[[InstanceRecord], object]) -> int:
     """How many different present values ``get`` reads from ``records`` (for conflict warnings)."""
-    return len({value for value in map(get, records) if _present(value)})
+    return sum(1 for value in set(map(get, records)) if _present(value))
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ Conventions
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -181,9 +182,14 @@ Boolean = Annotated[bool, Field(strict=True)]
 
 _T = TypeVar("_T")
 
-#: A repeating element (``0..*``): accepts any sequence, stored as a tuple so equality and hashing
-#: do not depend on whether a list or a tuple was passed.
-FhirList = Annotated[Sequence[_T], AfterValidator(tuple)]
+#: A repeating element (``0..*``): accepts a list or a tuple, stored as a tuple so equality and hashing
+#: do not depend on which was passed. Typed as a ``Sequence`` for callers (they pass lists); validated
+#: and serialised as a tuple, which pydantic does natively (a ``Sequence`` field goes through a Python
+#: function per value both ways, which was most of the cost of writing a large ImagingStudy).
+if TYPE_CHECKING:
+    FhirList = Annotated[Sequence[_T], Field()]
+else:
+    FhirList = Annotated[tuple[_T, ...], Field()]
 
 #: ImagingStudy.status (required binding ``imagingstudy-status``).
 ImagingStudyStatus = Literal["registered", "available", "cancelled", "entered-in-error", "unknown"]
@@ -318,11 +324,18 @@ class _Base(BaseModel):
     @classmethod
     def _drop_unknown_when_lenient(cls, data: Any, info: ValidationInfo) -> Any:
         context = info.context
+        if context is None:  # the usual case, decided before the (slower) abstract-class checks below
+            return data
         if isinstance(data, Mapping) and isinstance(context, Mapping) and context.get("lenient"):
-            known = set(cls.model_fields)
-            known.update(f.alias for f in cls.model_fields.values() if f.alias)
+            known = _known_names(cls)
             return {k: v for k, v in data.items() if k in known}
         return data
+
+
+@functools.cache
+def _known_names(cls: type[BaseModel]) -> frozenset[str]:
+    """The field names and JSON names of ``cls`` (computed once per class: this runs per element)."""
+    return frozenset(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
 
 
 class Element(_Base):

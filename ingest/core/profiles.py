@@ -22,7 +22,6 @@ Pure: no I/O, no clock (the timestamp is passed in), no settings.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Collection, Mapping, Sequence
@@ -142,7 +141,12 @@ def apply_profile(
         The resource, and warnings for the rules the data cannot meet (they name the rule and the
         series by UID; never patient data).
     """
-    out = copy.deepcopy(dict(study))
+    # a new top level and new series objects (the only levels written below); what lies deeper is
+    # shared with ``study`` and never changed here (a deep copy of a study's instance lists cost more
+    # than the whole rest of this function)
+    out = dict(study)
+    if isinstance(out.get("series"), list):
+        out["series"] = [dict(s) if isinstance(s, dict) else s for s in out["series"]]
     warnings: list[str] = []
     mado = profile == "mado"
     if endpoints is not None:
