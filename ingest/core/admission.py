@@ -113,7 +113,7 @@ def _same_record(stored: InstanceRecord | str, record: InstanceRecord) -> bool:
     """Whether the stored record equals ``record`` but for the transfer syntax; an unparsable one does not."""
     if isinstance(stored, str):
         try:
-            stored = InstanceRecord.model_validate_json(stored)
+            stored = InstanceRecord.from_json(stored)
         except ValueError:
             return False
     return stored.model_copy(update={"transfer_syntax_uid": None}) == record.model_copy(

@@ -138,6 +138,16 @@ class InstanceRecord(_Frozen):
     # set by the state store when it reads a study back (ingest.core.lifecycle); never stored
     rejected_for: str | None = Field(default=None, exclude=True)
 
+    @classmethod
+    def from_json(cls, text: str | bytes) -> InstanceRecord:
+        """The record a state store row holds as JSON (``record_json``).
+
+        Validated from UTF-8 bytes: pydantic reads JSON given as a ``str`` that holds non-ASCII text
+        (names in other scripts) markedly slower than the same JSON as bytes, and a study's records are
+        read back at every push.
+        """
+        return cls.model_validate_json(text.encode("utf-8") if isinstance(text, str) else text)
+
 
 @dataclass(frozen=True)
 class BackendStudy:

@@ -327,9 +327,9 @@ class CommitmentStore(SQLStateStore):
             for row in rows:
                 patient = ""
                 if row[7] is not None:
-                    patient = patient_key(InstanceRecord.model_validate_json(row[7]))
+                    patient = patient_key(InstanceRecord.from_json(row[7]))
                 rule = Rejection(str(row[2]), str(row[3]), str(row[4]), str(row[5]), str(row[6]), patient)
-                if rule.covers(InstanceRecord.model_validate_json(row[1])):
+                if rule.covers(InstanceRecord.from_json(row[1])):
                     found.add(str(row[0]))
         return found
 

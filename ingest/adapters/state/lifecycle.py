@@ -83,7 +83,7 @@ class LifecycleStore(SQLStateStore):
                 patient = ""
                 if note_uid and row[6] is not None:
                     if note_uid not in patients:
-                        patients[note_uid] = patient_key(InstanceRecord.model_validate_json(row[6]))
+                        patients[note_uid] = patient_key(InstanceRecord.from_json(row[6]))
                     patient = patients[note_uid]
                 rule = Rejection(str(row[0]), str(row[1]), str(row[2]), str(row[3]), note_uid, patient)
                 source = _CLI_SOURCE if not note_uid else str(row[7]) if row[7] is not None else "note"
@@ -108,7 +108,7 @@ class LifecycleStore(SQLStateStore):
                     chunk,
                 ).fetchall()
                 for study_uid, record_json in rows:
-                    record = InstanceRecord.model_validate_json(record_json)
+                    record = InstanceRecord.from_json(record_json)
                     if rejection_code(record) is None:
                         out.setdefault(str(study_uid), set()).add(patient_key(record))
         return out
@@ -172,7 +172,7 @@ class LifecycleStore(SQLStateStore):
         rows = cur.execute(
             self._q("SELECT record_json FROM instances WHERE study_uid = ?"), (study_uid,)
         ).fetchall()
-        if all(rejection_code(InstanceRecord.model_validate_json(row[0])) is not None for row in rows):
+        if all(rejection_code(InstanceRecord.from_json(row[0])) is not None for row in rows):
             cur.execute(self._q("UPDATE studies SET dirty = false WHERE study_uid = ?"), (study_uid,))
 
     def _stored_covered(self, cur: Cursor, rules: Sequence[Rejection]) -> list[str]:
@@ -185,7 +185,7 @@ class LifecycleStore(SQLStateStore):
                 self._q(f"SELECT record_json FROM instances WHERE sop_uid IN ({marks})"), chunk
             ).fetchall()
             for row in rows:
-                record = InstanceRecord.model_validate_json(row[0])
+                record = InstanceRecord.from_json(row[0])
                 if covering(record, exact) is not None:
                     found.add(record.sop_uid)
         wide = [r for r in rules if not r.sop_uid]
@@ -194,7 +194,7 @@ class LifecycleStore(SQLStateStore):
                 self._q("SELECT record_json FROM instances WHERE study_uid = ?"), (study_uid,)
             ).fetchall()
             for row in rows:
-                record = InstanceRecord.model_validate_json(row[0])
+                record = InstanceRecord.from_json(row[0])
                 if covering(record, wide) is not None:
                     found.add(record.sop_uid)
         return sorted(found)
@@ -312,7 +312,7 @@ class LifecycleStore(SQLStateStore):
                     (study_uid, now_v),
                 ).fetchall()
                 for row in rows:
-                    record = InstanceRecord.model_validate_json(row[0])
+                    record = InstanceRecord.from_json(row[0])
                     code = covering(record, rules)
                     if code is not None and removes_bytes(code) and found < limit:
                         out.setdefault(f"iocm:{code}", []).append(record.sop_uid)
@@ -366,7 +366,7 @@ class LifecycleStore(SQLStateStore):
             old = cur.execute(
                 self._q("SELECT data FROM instance_bytes WHERE sop_uid = ?"), (record.sop_uid,)
             ).fetchone()
-            old_patient = patient_key(InstanceRecord.model_validate_json(row[4]))
+            old_patient = patient_key(InstanceRecord.from_json(row[4]))
             refused = replace_refusal(
                 stored_source=str(row[3]), stored_patient=old_patient, source=source,
                 patient=patient_key(record), trusted=trusted,

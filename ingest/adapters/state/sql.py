@@ -485,7 +485,7 @@ class SQLStateStore(StateStore):
                 self._q("SELECT record_json FROM instances WHERE study_uid = ? ORDER BY series_uid, sop_uid"),
                 (study_uid,),
             ).fetchall()
-        return [InstanceRecord.model_validate_json(row[0]) for row in rows]
+        return [InstanceRecord.from_json(row[0]) for row in rows]
 
     def referenced_spool_names(self, names: Sequence[str]) -> set[str]:
         """Which of ``names`` some instance row records as its spool file.
@@ -836,7 +836,7 @@ class SQLStateStore(StateStore):
                         instances=int(row[4]),
                         first_added=self._from_time(row[5]),
                         last_added=self._from_time(row[6]),
-                        sample=InstanceRecord.model_validate_json(row[7]),
+                        sample=InstanceRecord.from_json(row[7]),
                     )
                     for row in rows
                 ]
