@@ -36,6 +36,7 @@ from ingest.sources.replay import (
 
 if TYPE_CHECKING:  # the pipeline (mapping, FHIR models) is imported when needed, after parsing has started
     from ingest.adapters.graphql.sink import GraphQLSink
+    from ingest.relay.relay import Relay
 
 __all__ = ["ReplayOptions", "ReplaySummary", "run_replay"]
 
@@ -365,8 +366,9 @@ def _collect(
 
 async def _prepare_sink(
     settings: Settings, stack: contextlib.AsyncExitStack, reading: asyncio.Event
-) -> GraphQLSink:
-    """Start the backend (when embedded) and try once to connect its sink, while the input is read.
+) -> tuple[GraphQLSink, bool]:
+    """Start the backend (when embedded) and try once to connect its sink, while the input is read;
+    the sink, and whether it connected.
 
     Waits for ``reading`` first: the parsing processes are forked by then, not while this thread imports.
     A backend that cannot be reached yet is retried (with backoff) once the input is read, as before.
@@ -377,9 +379,39 @@ async def _prepare_sink(
     from ingest.relay.build import StudyBuilder  # noqa: F401  (mapping, FHIR models: loaded meanwhile too)
 
     sink = await start_sink(settings, stack, embedded_port=0)
-    with contextlib.suppress(RetryableSinkError):
+    try:
         await sink.connect()
-    return sink
+    except RetryableSinkError:
+        return sink, False
+    return sink, True
+
+
+async def _push_early(
+    settings: Settings, store: StateStore, sink_ready: asyncio.Future[tuple[GraphQLSink, bool]],
+    quiet: asyncio.Queue[set[str] | None],
+) -> Relay | None:
+    """Push the studies the source reports quiet (:meth:`ReplaySource.read`) while it reads on, each
+    once, until ``None`` is queued; the relay that pushed them, or ``None`` when the backend did not
+    answer at once (then everything is pushed at the end, with the backend waited for).
+
+    One pass per report: a study the backend refuses for now is retried by the drain at the end.
+    Pushing while reading puts the second core to work: at the end of a replay only the relay runs.
+    """
+    from ingest.app.wiring import wired_relay
+
+    sink, connected = await sink_ready
+    relay: Relay | None = None
+    if connected:
+        relay = await wired_relay(settings, store, sink)
+        relay.transient_dead_letters = False
+    while (uids := await quiet.get()) is not None:
+        if relay is not None:
+            await relay.drain(uids, deadline=time.monotonic())
+    if relay is not None:
+        early = sum(relay.totals.results.get(k, 0) for k in ("created", "updated", "unchanged"))
+        if early:
+            LOGGER.info("replay: %d studies pushed early, once they had stopped growing", early)
+    return relay
 
 
 async def _abandon(task: asyncio.Future[Any]) -> None:
@@ -403,6 +435,7 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
     touched: set[str] = set()
     loop = asyncio.get_running_loop()
     reading = asyncio.Event()  # set once the first parsed file is back (the worker processes exist)
+    quiet: asyncio.Queue[set[str] | None] = asyncio.Queue()  # studies to push while reading on
     try:
         def read_all() -> None:
             with _Progress(stderr, summary, opts) as progress:
@@ -410,20 +443,24 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
                     on_rejected=lambda r: _report_rejected(r, progress.out),
                     on_file=lambda: progress.update(len(source.touched)),
                     on_first=lambda: loop.call_soon_threadsafe(reading.set),
+                    on_quiet=lambda uids: loop.call_soon_threadsafe(quiet.put_nowait, uids),
                 )
                 progress.update(len(source.touched))
             touched.update(source.studies_to_push())
 
         async with contextlib.AsyncExitStack() as stack:
             # the backend and the sink's connection (introspection, fitted documents) are prepared on the
-            # loop while the input is read in a thread; nothing is written before the input is read
+            # loop while the input is read in a thread; studies that stop growing meanwhile are pushed
             early = asyncio.ensure_future(_prepare_sink(settings, stack, reading))
+            pushing = asyncio.ensure_future(_push_early(settings, store, early, quiet))
             try:
                 await asyncio.to_thread(read_all)
             except BaseException:
+                await _abandon(pushing)
                 await _abandon(early)
                 raise
             if not touched:  # nothing new, nothing pending: no backend, no mapping, nothing imported
+                await _abandon(pushing)
                 await _abandon(early)
                 if summary.unchanged_files:
                     LOGGER.info("replay: %d unchanged files, every study already pushed: nothing to do",
@@ -431,17 +468,20 @@ async def _replay(settings: Settings, opts: ReplayOptions, summary: ReplaySummar
                 summary.studies["unchanged"] += len(source.known)
                 return
             reading.set()  # (already set when a file was parsed)
-            sink = await early
-            await _drain(settings, store, sink, touched, source.known, summary, opts.wait_backend_s)
+            quiet.put_nowait(None)
+            relay = await pushing
+            sink, _ = await early
+            await _drain(settings, store, sink, touched, source.known, summary, opts.wait_backend_s, relay)
     finally:
         store.close()
 
 
 async def _drain(
     settings: Settings, store: StateStore, sink: GraphQLSink, touched: set[str], known: set[str],
-    summary: ReplaySummary, wait_backend_s: float,
+    summary: ReplaySummary, wait_backend_s: float, relay: Relay | None = None,
 ) -> None:
-    """Push every study the input touched (the sink connects with backoff first, if it has not yet).
+    """Push every study the input touched that is not pushed yet (the sink connects with backoff first,
+    if it has not yet); ``relay``: the one that pushed studies while the input was read, if any.
 
     A backend that does not answer (connecting, or failing transiently) is waited for up to
     ``wait_backend_s`` in all; then the studies not pushed yet stay pending in the state store (counted as
@@ -456,8 +496,9 @@ async def _drain(
     except TimeoutError:
         summary.studies["pending"] = len(touched)
         return
-    relay = await wired_relay(settings, store, sink)  # [endpoint] / [patient] need the backend
-    relay.transient_dead_letters = False
+    if relay is None:
+        relay = await wired_relay(settings, store, sink)  # [endpoint] / [patient] need the backend
+        relay.transient_dead_letters = False
     if not await relay.drain(touched, deadline=deadline):
         waiting = {r.study_uid for r in await asyncio.to_thread(store.studies, StudyState.PENDING)}
         summary.studies["pending"] = len(waiting & touched)

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from ingest.intake.admit import Admission
 
 __all__ = [
-    "ReplayCaps", "ReplaySource", "ReplayTotals", "Shard", "ShardError", "parse_replay", "parse_shard",
-    "relative_key", "replay_items",
+    "QUIET_FILES", "ReplayCaps", "ReplaySource", "ReplayTotals", "Shard", "ShardError", "parse_replay",
+    "parse_shard", "relative_key", "replay_items",
 ]
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
@@ -142,6 +142,8 @@ def parse_replay(
 
 # Parsed files admitted per transaction.
 _STORE_BATCH = 256
+#: Admitted files after which a study that gained none of them counts as quiet (:meth:`ReplaySource.read`).
+QUIET_FILES = 1024
 # Files stat-ed and looked up in the state store per query (unchanged reruns).
 _KNOWN_CHUNK = 256
 # A file modified this recently is not remembered: a write within the same mtime tick as our stat could
@@ -194,15 +196,25 @@ class ReplaySource:
         #: studies of files not read again (unchanged since an earlier replay)
         self.known: set[str] = set()
         self._admission: Admission | None = None
+        self._on_quiet: Callable[[set[str]], object] | None = None
+        self._admitted = 0  # files admitted so far (added or duplicate)
+        self._growing: dict[str, int] = {}  # study -> ``_admitted`` when it last gained an instance
 
     def read(
         self, *, on_rejected: Callable[[Rejected], None], on_file: Callable[[], None],
-        on_first: Callable[[], object] = lambda: None,
+        on_first: Callable[[], object] = lambda: None, on_quiet: Callable[[set[str]], object] | None = None,
     ) -> None:
         """Read, parse and admit every item; ``on_rejected`` is told of each refused input, ``on_file``
-        is called after each file, ``on_first`` once the first parse result is back."""
+        is called after each file, ``on_first`` once the first parse result is back.
+
+        ``on_quiet``, if given, is told of studies that stopped growing while the input is still being
+        read: studies with admitted instances and none among the last :data:`QUIET_FILES` files admitted
+        (an archive is usually laid out a study at a time). The caller may push them early; a study
+        that grows again afterwards is dirty again and pushed again, like any study that gets a late
+        instance."""
         totals = self.totals
         batch: list[Parsed] = []
+        self._on_quiet = on_quiet
         results = parse_replay(self.paths, self.caps, jobs=self.jobs, shard=self.shard,
                                skip=self._skip_known if self.skip_unchanged else None)
         for n, result in enumerate(results):
@@ -222,6 +234,17 @@ class ReplaySource:
             on_file()
         if batch:
             self._admit(batch, on_rejected)
+        self._on_quiet = None
+
+    def _report_quiet(self) -> None:
+        """Tell ``on_quiet`` of the studies that have not grown for :data:`QUIET_FILES` admitted files."""
+        if self._on_quiet is None:
+            return
+        quiet = {uid for uid, at in self._growing.items() if self._admitted - at >= QUIET_FILES}
+        if quiet:
+            for uid in quiet:
+                del self._growing[uid]
+            self._on_quiet(quiet)
 
     def studies_to_push(self) -> set[str]:
         """The studies the relay must see: those this input touched, and those all of whose files were
@@ -292,7 +315,9 @@ class ReplaySource:
         for parsed, admitted in zip(batch, results, strict=True):
             self.touched.add(parsed.record.study_uid)
             if admitted.outcome in (AddOutcome.ADDED, AddOutcome.DUPLICATE):
+                self._admitted += 1
                 if admitted.outcome is AddOutcome.ADDED:
+                    self._growing[parsed.record.study_uid] = self._admitted
                     totals.accepted += 1
                 else:
                     totals.duplicate += 1
@@ -304,3 +329,4 @@ class ReplaySource:
                 on_rejected(Rejected(parsed.label, "conflict",
                                      f"SOP Instance UID {parsed.record.sop_uid}: {admitted.rule}"))
         self.store.remember_files(remember)
+        self._report_quiet()

@@ -283,3 +283,41 @@ async def test_the_written_study_carries_the_generated_narrative(tmp_path: Path)
             assert html.escape(resource["description"]) in resource["text"]["div"]
         s = await stats(base)
         assert s["creates"] == 1 and s["updates"] == 0
+
+
+async def test_a_study_pushed_early_and_grown_later_ends_complete_and_single(tmp_path: Path) -> None:
+    # a study's first two series, then 1,600 files of two other studies, then its last series: the
+    # study stops growing for more than ingest.sources.replay.QUIET_FILES (1,024) files, is pushed
+    # early while the rest is read, and the replay ends with it whole, once, beside the other two
+    first = generate(tmp_path / "one", studies=1, files=400, seed=102, tiny=True)
+    middle = generate(tmp_path / "two", studies=2, files=1600, seed=103, tiny=True)
+    (study,) = first.studies
+    # quiet at the first 256-file batch end 1,024 files past its first part: still inside the middle
+    assert len(study.series) >= 2 and middle.files >= 1024 + 256
+    root = tmp_path / "input"
+    for series in study.series[:-1]:
+        shutil.copytree(first.root / series.directory, root / "a" / series.directory)
+    shutil.copytree(middle.root, root / "m")
+    shutil.copytree(first.root / study.series[-1].directory, root / "z" / study.series[-1].directory)
+    async with running_backend(tmp_path / "backend.sqlite3") as base:
+        env = ingest_env(base + GRAPHQL)
+        run = await run_ingest(
+            tmp_path / "data", "replay", str(root), "--jobs", "2", "--json", env=env, cwd=tmp_path,
+            timeout=120.0,
+        )
+        assert run.returncode == 0, run.stderr
+        assert "studies pushed early, once they had stopped growing" in run.stderr
+        summary = run.json()
+        assert summary["instances"]["accepted"] == first.files + middle.files
+        assert summary["studies"]["created"] == 3
+        found = await studies_with_identifier(base + GRAPHQL, study.study_uid)
+        assert len(found) == 1
+        [resource] = found
+        assert resource["numberOfInstances"] == sum(s.instances for s in study.series)
+        assert {s["uid"] for s in resource["series"]} == {s.series_uid for s in study.series}
+        for other in middle.studies:
+            [written] = await studies_with_identifier(base + GRAPHQL, other.study_uid)
+            assert written["numberOfInstances"] == sum(s.instances for s in other.series)
+        s = await stats(base)
+        # created once each; the early one updated once if its last series came after its push
+        assert s["creates"] == 3 and s["updates"] == summary["studies"]["updated"] <= 1

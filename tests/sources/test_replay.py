@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.intake import admit as admit_module
+from ingest.sources import replay as replay_module
 from ingest.sources.replay import (
     ReplayCaps,
     ReplaySource,
@@ -100,5 +102,59 @@ def test_the_source_admits_through_one_admission_and_a_rerun_reads_nothing(tmp_p
         )
         assert rerun.touched == set() and rerun.known == set(corpus.study_uids)
         assert rerun.studies_to_push() == set(corpus.study_uids)  # none pushed yet
+    finally:
+        store.close()
+
+
+def test_studies_that_stop_growing_are_reported_quiet_once_while_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replay_module, "QUIET_FILES", 300)
+    corpus = generate(tmp_path / "corpus", studies=4, files=1200, seed=6, tiny=True)
+    per_study = {s.study_uid: sum(x.instances for x in s.series) for s in corpus.studies}
+    store = SQLiteStateStore(tmp_path / "state.sqlite3")
+    try:
+        reports: list[set[str]] = []
+        held_when_reported: dict[str, int] = {}
+
+        def on_quiet(uids: set[str]) -> None:
+            reports.append(uids)
+            for uid in uids:  # what the store holds of it when the caller would push it
+                held_when_reported[uid] = len(store.instances(uid))
+
+        totals = ReplayTotals()
+        _source(store, corpus.root, totals).read(on_rejected=lambda r: None, on_file=lambda: None,
+                                                 on_quiet=on_quiet)
+        assert totals.accepted == corpus.files
+        reported = [uid for batch in reports for uid in batch]
+        assert len(reported) == len(set(reported))  # each once
+        # every study but the one still growing at the end is reported, and only once it is complete
+        assert set(reported) == set(corpus.study_uids) - {corpus.study_uids[-1]}
+        assert held_when_reported == {uid: per_study[uid] for uid in reported}
+    finally:
+        store.close()
+
+
+def test_a_study_that_grows_again_is_reported_quiet_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replay_module, "QUIET_FILES", 300)
+    first = generate(tmp_path / "one", studies=1, files=200, seed=7, tiny=True)
+    middle = generate(tmp_path / "two", studies=2, files=800, seed=8, tiny=True)
+    (study,) = first.studies
+    root = tmp_path / "input"
+    # the study's first series, then two other studies (800 files), then its other series, then 800 again
+    shutil.copytree(first.root / study.series[0].directory, root / "a" / "s1")
+    shutil.copytree(middle.root, root / "m")
+    for series in study.series[1:]:
+        shutil.copytree(first.root / series.directory, root / "p" / series.directory)
+    shutil.copytree(middle.root, root / "z")  # (duplicates: admitted, they do not make a study grow)
+    store = SQLiteStateStore(tmp_path / "state.sqlite3")
+    try:
+        reports: list[set[str]] = []
+        _source(store, root, ReplayTotals()).read(on_rejected=lambda r: None, on_file=lambda: None,
+                                                  on_quiet=reports.append)
+        times = [i for i, batch in enumerate(reports) if study.study_uid in batch]
+        assert len(times) == 2, reports  # quiet after its first series, and again after the rest
     finally:
         store.close()
