@@ -4,7 +4,8 @@ Registered in ``bench/run.py`` through :data:`BENCHES`; the function takes the h
 and builds rows with the harness's own ``Row`` (looked up through the context's module, so this file
 works whether ``bench.run`` runs as ``__main__`` or is imported).
 
-Same corpus as the foundation benchmark (30 studies, 5,000 files; 1,000 with ``--quick``). The backend is
+Same corpus as the foundation benchmark (``BenchContext.headers_corpus``: 60 studies, 20,000 files;
+2,000 with ``--quick``). The backend is
 ``ingest backend`` run as a separate process on a free 127.0.0.1 port (fresh database per repetition),
 so its ``GET /stats`` counters can be read; ``INGEST_BACKEND__URL`` points the replay at it. Rows:
 
@@ -124,7 +125,7 @@ def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 def bench_e2e(ctx: Any) -> list[Any]:
     """``ingest replay --jobs 2`` end to end into the embedded backend, then unchanged, vs dcmread."""
     h = _h(ctx)
-    corpus = ctx.corpus("headers", studies=30, files=ctx.scale(5000, 1000), seed=1)
+    corpus = ctx.headers_corpus()
     paths = corpus.paths()
     studies = len(corpus.studies)
     baseline, base_s = _dcmread_rate(paths, ctx.repeats)

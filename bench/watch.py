@@ -63,7 +63,7 @@ def _env(**extra: str) -> dict[str, str]:
 def bench_replay_backend(ctx: Any) -> list[Any]:
     """Replay into the embedded backend, --jobs 2, as a folder and as a .tar.gz, vs the dcmread loop."""
     h = _h(ctx)
-    corpus = ctx.corpus("headers", studies=30, files=ctx.scale(5000, 1000), seed=1)
+    corpus = ctx.headers_corpus()
     paths = corpus.paths()
     baseline, base_s = _dcmread_rate(paths)
     archive = ctx.work / "corpus.tar.gz"
