@@ -19,7 +19,6 @@ from ingest.core.records import BackendStudy, InstanceRecord
 
 __all__ = [
     "HELD",
-    "AddOutcome",
     "Added",
     "BackendStudy",
     "Clock",
@@ -44,17 +43,13 @@ __all__ = [
     "StudyClaim",
     "StudyRow",
     "StudyState",
+    "Verdict",
 ]
-
-
-#: What adding an instance did: the admission decision of the core (ADDED: row committed; DUPLICATE and
-#: CONFLICT: nothing written), one enum for the store, the dry run and the sources.
-AddOutcome = Verdict
 
 
 @dataclass(frozen=True)
 class Added:
-    outcome: AddOutcome
+    outcome: Verdict
     study_uid: str
     detail: str = ""  # for CONFLICT: which rule (``other_content`` / ``other_study``)
     #: SOP Instance UIDs whose bytes an IOCM rejection says to remove (113037 / 113039), now that the rows

@@ -55,7 +55,7 @@ from ingest.core.records import InstanceRecord
 from ingest.intake.retention import DiskBudget, release_bytes
 from ingest.logs import printable
 from ingest.metrics import Metrics
-from ingest.ports import HELD, Added, AddOutcome, Replaced, StateStore
+from ingest.ports import HELD, Added, Replaced, StateStore, Verdict
 
 _AT_ONCE: Final = timedelta(0)
 
@@ -138,7 +138,7 @@ class Admitted:
         kept); ``None`` when nothing was quarantined (no body, no quarantine, or the quarantine failed).
     """
 
-    outcome: AddOutcome
+    outcome: Verdict
     study_uid: str
     now: datetime
     rule: str = ""
@@ -318,7 +318,7 @@ class Admission:
                 LOGGER.warning("could not quarantine a refused rejection note (%s): %s", why, exc)
         LOGGER.warning("rejection note refused%s: %s", " and quarantined" if name is not None else "", detail)
         self._remove_spooled([item])
-        return Admitted(AddOutcome.CONFLICT, rec.study_uid, now, why, detail, name)
+        return Admitted(Verdict.CONFLICT, rec.study_uid, now, why, detail, name)
 
     def due_at(self, now: datetime) -> datetime:
         """When a study that got an instance at ``now`` becomes due (``[relay] stable_age_s`` later)."""
@@ -331,7 +331,7 @@ class Admission:
         added_any = False
         release: dict[str, list[str]] = {}  # bytes_removed_reason -> SOP Instance UIDs (IOCM)
         for item, added in zip(items, results, strict=True):
-            if added.outcome is AddOutcome.ADDED:
+            if added.outcome is Verdict.ADDED:
                 added_any = True
                 if item.data is not None and self.budget is not None:
                     self.budget.add_in_row(len(item.data))
@@ -342,16 +342,16 @@ class Admission:
                         self.metrics.rejections.labels(code=code).inc()
                 if added.release:
                     release.setdefault(added.release_reason, []).extend(added.release)
-                out.append(Admitted(AddOutcome.ADDED, added.study_uid, now))
-            elif added.outcome is AddOutcome.DUPLICATE:
+                out.append(Admitted(Verdict.ADDED, added.study_uid, now))
+            elif added.outcome is Verdict.DUPLICATE:
                 self._remove_spooled([item])
                 if self.metrics is not None:
                     self.metrics.instances_duplicate.inc()
                 LOGGER.debug("identical duplicate of %s acknowledged", item.record.sop_uid)
-                out.append(Admitted(AddOutcome.DUPLICATE, added.study_uid, now))
+                out.append(Admitted(Verdict.DUPLICATE, added.study_uid, now))
             elif self.on_conflict == "replace" and added.detail == CONFLICT_OTHER_CONTENT:
                 replaced = self._replace(item, added, now)
-                added_any = added_any or replaced.outcome is AddOutcome.ADDED
+                added_any = added_any or replaced.outcome is Verdict.ADDED
                 out.append(replaced)
             else:
                 out.append(self._conflict(item, added, now))
@@ -432,7 +432,7 @@ class Admission:
         LOGGER.info("replaced%s: %s", " (old version quarantined)" if name is not None else "", detail)
         if old.release_reason:  # the instance stays rejected: its new bytes go too
             self._release([rec.sop_uid], old.release_reason, now)
-        return Admitted(AddOutcome.ADDED, added.study_uid, now, _REPLACED, detail, name)
+        return Admitted(Verdict.ADDED, added.study_uid, now, _REPLACED, detail, name)
 
     def _replaced_detail(self, item: Candidate, old_digest: str) -> str:
         rec = item.record
@@ -481,7 +481,7 @@ class Admission:
                 LOGGER.warning("could not quarantine a conflicting instance (%s): %s", rule, exc)
         LOGGER.warning("conflicting duplicate%s: %s", " quarantined" if name is not None else "", detail)
         self._remove_spooled([item])
-        return Admitted(AddOutcome.CONFLICT, added.study_uid, now, rule, detail, name)
+        return Admitted(Verdict.CONFLICT, added.study_uid, now, rule, detail, name)
 
     def _remove_spooled(self, items: Sequence[Candidate]) -> None:
         """Remove the spool copies of ``items`` (a failure is logged: the start-up sweep finds the file,

@@ -55,7 +55,7 @@ from ingest.adapters.spool import Quarantine, Spool
 from ingest.core.records import InstanceRecord
 from ingest.errors import HeaderError, NestingTooDeepError, StoreUnavailableError
 from ingest.intake.admit import Admission, Candidate, utcnow
-from ingest.ports import AddOutcome, StateStore
+from ingest.ports import StateStore, Verdict
 
 __all__ = ["READMITTED_SOURCE", "Reader", "SweepResult", "sweep_at_start", "sweep_orphans"]
 
@@ -171,9 +171,9 @@ class _Readmission:
         # a store failure is raised here with every file still in place
         for item, admitted in zip(items, self.admission.admit(items), strict=True):
             name = item.spool_name or ""  # every candidate here has its spool file
-            if admitted.outcome is AddOutcome.ADDED:
+            if admitted.outcome is Verdict.ADDED:
                 self.result.readmitted += 1
-            elif admitted.outcome is AddOutcome.DUPLICATE:
+            elif admitted.outcome is Verdict.DUPLICATE:
                 self._duplicate(name, item.record.sop_uid)
             elif admitted.quarantined is not None and self.quarantine.holds(admitted.quarantined):
                 self._remove(name)

@@ -73,7 +73,7 @@ from ingest.errors import ConfigError, StoreError, StoreUnavailableError
 from ingest.intake.admit import Admission, Admitted, Candidate, utcnow
 from ingest.intake.retention import DiskBudget
 from ingest.metrics import Metrics
-from ingest.ports import AddOutcome, StateStore
+from ingest.ports import StateStore, Verdict
 from ingest.sources.parse import Item, Parsed, Rejected, parse_items
 
 __all__ = ["DropFolder", "StepResult", "WatchTotals", "open_drop_folder", "run_watcher"]
@@ -502,12 +502,12 @@ class DropFolder:
         accepted = 0
         for c, admitted in zip(copied, results, strict=True):
             now = admitted.now
-            if admitted.outcome is AddOutcome.ADDED:
+            if admitted.outcome is Verdict.ADDED:
                 accepted += 1
                 self.totals.accepted += 1
                 LOGGER.debug("watch: accepted %s as SOP Instance %s", c.path, c.parsed.record.sop_uid)
                 self._after(c, now)
-            elif admitted.outcome is AddOutcome.DUPLICATE:
+            elif admitted.outcome is Verdict.DUPLICATE:
                 self.totals.duplicate += 1
                 self._after(c, now)
             else:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from ingest.core.records import InstanceRecord
 from ingest.errors import ArchiveError
-from ingest.ports import AddOutcome, FileIdentity, StateStore, StudyState
+from ingest.ports import FileIdentity, StateStore, StudyState, Verdict
 from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
 
 if TYPE_CHECKING:
@@ -314,9 +314,9 @@ class ReplaySource:
         totals = self.totals
         for parsed, admitted in zip(batch, results, strict=True):
             self.touched.add(parsed.record.study_uid)
-            if admitted.outcome in (AddOutcome.ADDED, AddOutcome.DUPLICATE):
+            if admitted.outcome in (Verdict.ADDED, Verdict.DUPLICATE):
                 self._admitted += 1
-                if admitted.outcome is AddOutcome.ADDED:
+                if admitted.outcome is Verdict.ADDED:
                     self._growing[parsed.record.study_uid] = self._admitted
                     totals.accepted += 1
                 else:

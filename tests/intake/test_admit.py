@@ -18,7 +18,7 @@ from ingest.core.records import InstanceRecord
 from ingest.errors import StoreUnavailableError
 from ingest.intake.admit import Admission, Candidate
 from ingest.metrics import Metrics
-from ingest.ports import AddOutcome
+from ingest.ports import Verdict
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
@@ -68,7 +68,7 @@ def parts(tmp_path: Path) -> Iterator[Parts]:
 def test_added_commits_the_row_due_after_stable_age_counts_and_lets_the_relay_sleep(parts: Parts) -> None:
     item = parts.candidate(rec("1.2.3.1"), "d1", b"first")
     (admitted,) = parts.admission.admit([item])
-    assert (admitted.outcome, admitted.study_uid, admitted.now) == (AddOutcome.ADDED, STUDY, T0)
+    assert (admitted.outcome, admitted.study_uid, admitted.now) == (Verdict.ADDED, STUDY, T0)
     row = parts.store.study(STUDY)
     assert row is not None and row.last_seen == T0 and row.due_at == T0 + timedelta(seconds=30)
     assert parts.spool.names() == [item.spool_name]  # the accepted bytes stay
@@ -82,7 +82,7 @@ def test_one_wake_per_batch_due_at_once_and_none_without_a_new_row(parts: Parts)
     parts.admission.admit(items)
     assert parts.wakes == 1
     again = [parts.candidate(rec(f"1.2.3.{i}"), f"d{i}", b"x%d" % i) for i in range(3)]
-    assert [a.outcome for a in parts.admission.admit(again)] == [AddOutcome.DUPLICATE] * 3
+    assert [a.outcome for a in parts.admission.admit(again)] == [Verdict.DUPLICATE] * 3
     assert parts.wakes == 1
 
 
@@ -91,7 +91,7 @@ def test_duplicate_removes_its_spool_copy_and_counts_it(parts: Parts) -> None:
     parts.admission.admit_one(first)
     second = parts.candidate(rec("1.2.3.1"), "d1", b"same")
     admitted = parts.admission.admit_one(second)
-    assert admitted.outcome is AddOutcome.DUPLICATE
+    assert admitted.outcome is Verdict.DUPLICATE
     assert parts.spool.names() == [first.spool_name]
     assert parts.counter("ingest_instances_duplicate_total") == 1
     assert parts.quarantine.names() == []
@@ -102,7 +102,7 @@ def test_conflict_is_quarantined_with_its_rule_and_its_spool_copy_removed(parts:
     parts.admission.admit_one(first)
     second = parts.candidate(rec("1.2.3.1", series_description="b"), "d2", b"second")
     admitted = parts.admission.admit_one(second)
-    assert (admitted.outcome, admitted.rule) == (AddOutcome.CONFLICT, "other_content")
+    assert (admitted.outcome, admitted.rule) == (Verdict.CONFLICT, "other_content")
     assert admitted.quarantined is not None and parts.quarantine.holds(admitted.quarantined)
     side = parts.quarantine.reason(admitted.quarantined)
     assert (side["reason"], side["rule"], side["source"]) == ("conflict", "other_content", "/drop/x.dcm")
@@ -116,7 +116,7 @@ def test_conflict_is_quarantined_with_its_rule_and_its_spool_copy_removed(parts:
 def test_conflict_in_another_study(parts: Parts) -> None:
     parts.admission.admit_one(parts.candidate(rec("9.9.9"), "d1", b"a"))
     admitted = parts.admission.admit_one(parts.candidate(rec("9.9.9", study="1.2.4"), "d1", b"a"))
-    assert (admitted.outcome, admitted.rule) == (AddOutcome.CONFLICT, "other_study")
+    assert (admitted.outcome, admitted.rule) == (Verdict.CONFLICT, "other_study")
 
 
 def test_without_a_body_or_quarantine_a_conflict_is_only_reported(tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_without_a_body_or_quarantine_a_conflict_is_only_reported(tmp_path: Path
         results = admission.admit([Candidate(rec("1.2.3.1"), "d1", "file:a"),
                                    Candidate(rec("1.2.3.1"), "d2", "file:b")])
         assert [(r.outcome, r.quarantined) for r in results] == [
-            (AddOutcome.ADDED, None), (AddOutcome.CONFLICT, None)
+            (Verdict.ADDED, None), (Verdict.CONFLICT, None)
         ]
         row = store.study(STUDY)
         assert row is not None and row.due_at == T0 + timedelta(seconds=5)

@@ -15,7 +15,7 @@ from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.config import CallingAE
 from ingest.intake.admit import Admission, Candidate
 from ingest.metrics import Metrics
-from ingest.ports import AddOutcome
+from ingest.ports import Verdict
 from tests import iocm
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -76,7 +76,7 @@ def test_a_patient_safety_note_removes_the_bytes_of_what_it_rejects(parts: Parts
     parts.admission.admit(images)
     rejecting = parts.candidate(iocm.note(STUDY, [(SERIES, f"{SERIES}.1")], code="113037"))
     (admitted,) = parts.admission.admit([rejecting])
-    assert admitted.outcome is AddOutcome.ADDED
+    assert admitted.outcome is Verdict.ADDED
     # the rejected instance's bytes are gone, its row stays; the other image and the note keep theirs
     assert sorted(parts.spool.names()) == sorted([images[1].spool_name, rejecting.spool_name])
     assert [r.sop_uid for r in parts.store.instances(STUDY) if r.rejected_for == "113037"] == [f"{SERIES}.1"]
@@ -88,7 +88,7 @@ def test_an_instance_arriving_after_a_retention_rejection_loses_its_bytes(parts:
     parts.admission.admit([parts.candidate(iocm.note(STUDY, [(SERIES, f"{SERIES}.1")], code="113039"))])
     late = parts.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.1"))
     (admitted,) = parts.admission.admit([late])
-    assert admitted.outcome is AddOutcome.ADDED  # acknowledged: the sender is not at fault
+    assert admitted.outcome is Verdict.ADDED  # acknowledged: the sender is not at fault
     assert late.spool_name not in parts.spool.names()
 
 
@@ -107,7 +107,7 @@ def test_replace_keeps_the_new_version_and_quarantines_the_old_one(replacing: Pa
     newer = replacing.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="Right",
                                            AccessionNumber="A2"))
     (admitted,) = replacing.admission.admit([newer])
-    assert admitted.outcome is AddOutcome.ADDED and admitted.rule == "replaced"  # the sender gets success
+    assert admitted.outcome is Verdict.ADDED and admitted.rule == "replaced"  # the sender gets success
     (record,) = replacing.store.instances(STUDY)
     assert (record.study_description, record.accession_number) == ("Right", "A2")
     assert replacing.spool.names() == [newer.spool_name]  # the old file left the spool...
@@ -128,7 +128,7 @@ def test_replace_never_moves_an_instance_to_another_study(replacing: Parts) -> N
     replacing.admission.admit([replacing.candidate(iocm.image(STUDY, SERIES, sop))])
     other = "1.2.826.0.1.3680043.2.1125.91"
     (admitted,) = replacing.admission.admit([replacing.candidate(iocm.image(other, f"{other}.1", sop))])
-    assert admitted.outcome is AddOutcome.CONFLICT and admitted.rule == "other_study"
+    assert admitted.outcome is Verdict.CONFLICT and admitted.rule == "other_study"
     assert [r.study_uid for r in replacing.store.instances(STUDY)] == [STUDY]
 
 
@@ -137,7 +137,7 @@ def test_quarantine_mode_still_refuses_other_content(parts: Parts) -> None:
     parts.admission.admit([parts.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="A"))])
     second = parts.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="B"))
     (admitted,) = parts.admission.admit([second])
-    assert admitted.outcome is AddOutcome.CONFLICT and admitted.rule == "other_content"
+    assert admitted.outcome is Verdict.CONFLICT and admitted.rule == "other_content"
     assert parts.counter("ingest_instances_replaced_total") == 0
 
 
@@ -181,7 +181,7 @@ def test_a_note_from_an_ae_without_reject_is_quarantined_and_rejects_nothing(two
     p.admission.admit([p.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.1"), ae="A")])
     note = p.candidate(iocm.note(STUDY, [(SERIES, f"{SERIES}.1")], code="113037"), ae="MOD")
     (admitted,) = p.admission.admit([note])
-    assert admitted.outcome is AddOutcome.CONFLICT and admitted.rule == "rejection_not_allowed"
+    assert admitted.outcome is Verdict.CONFLICT and admitted.rule == "rejection_not_allowed"
     assert _quarantined(p, admitted.quarantined) == ("rejection_not_allowed", "rejection_not_allowed")
     assert p.counter("ingest_instances_rejected_total", reason="rejection_not_allowed") == 1
     assert [(r.sop_uid, r.rejected_for) for r in p.store.instances(STUDY)] == [(f"{SERIES}.1", None)]
@@ -208,11 +208,11 @@ def test_a_note_keeps_out_only_its_own_patients_instances_arriving_later(two_sen
     p = two_senders
     later = [(SERIES, f"{SERIES}.1"), (SERIES, f"{SERIES}.2")]
     (noted,) = p.admission.admit([p.candidate(iocm.note(STUDY, later, code="113037"), ae="B")])
-    assert noted.outcome is AddOutcome.ADDED  # no instance of the study stored yet: nothing to compare
+    assert noted.outcome is Verdict.ADDED  # no instance of the study stored yet: nothing to compare
     # another AE sends the named instances, one of them for another patient
     same = p.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.1"), ae="A")
     other = p.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.2", PatientID="P-OTHER"), ae="A")
-    assert [a.outcome for a in p.admission.admit([same, other])] == [AddOutcome.ADDED] * 2
+    assert [a.outcome for a in p.admission.admit([same, other])] == [Verdict.ADDED] * 2
     marks = {r.sop_uid: r.rejected_for for r in p.store.instances(STUDY) if r.sop_uid.startswith(SERIES)}
     assert marks == {f"{SERIES}.1": "113037", f"{SERIES}.2": None}
     assert other.spool_name in p.spool.names() and same.spool_name not in p.spool.names()
@@ -228,7 +228,7 @@ def test_a_rejection_leaves_held_bytes_until_the_hold_ends(two_senders: Parts) -
     p.hold(f"{SERIES}.1", until=hold)  # reported committed to its sender
     both = [(SERIES, f"{SERIES}.1"), (SERIES, f"{SERIES}.2")]
     (admitted,) = p.admission.admit([p.candidate(iocm.note(STUDY, both, code="113037"), ae="B")])
-    assert admitted.outcome is AddOutcome.ADDED
+    assert admitted.outcome is Verdict.ADDED
     # both leave the study at once; only the unheld one's bytes go now
     assert {r.sop_uid: r.rejected_for for r in p.store.instances(STUDY) if r.sop_uid.startswith(SERIES)} == {
         f"{SERIES}.1": "113037", f"{SERIES}.2": "113037"}
@@ -253,7 +253,7 @@ def test_a_replacement_from_another_ae_is_refused(two_senders: Parts) -> None:
                             ("A", {"PatientID": "P-OTHER"}, "replace_other_patient")):
         newer = p.candidate(iocm.image(STUDY, SERIES, sop, **attrs), ae=ae)
         (admitted,) = p.admission.admit([newer])
-        assert admitted.outcome is AddOutcome.CONFLICT and admitted.rule == rule, ae
+        assert admitted.outcome is Verdict.CONFLICT and admitted.rule == rule, ae
         assert _quarantined(p, admitted.quarantined) == ("conflict", rule)
         assert newer.spool_name not in p.spool.names()
     (record,) = p.store.instances(STUDY)
@@ -273,7 +273,7 @@ def test_a_replace_ae_may_change_the_patient_with_a_warning_without_the_ids(
     p.admission.admit([p.candidate(iocm.image(STUDY, SERIES, sop), ae="A")])
     caplog.set_level("INFO")
     (admitted,) = p.admission.admit([p.candidate(iocm.image(STUDY, SERIES, sop, PatientID="P-NEW"), ae="C")])
-    assert admitted.outcome is AddOutcome.ADDED and admitted.rule == "replaced"
+    assert admitted.outcome is Verdict.ADDED and admitted.rule == "replaced"
     (record,) = p.store.instances(STUDY)
     assert record.patient_id == "P-NEW"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -293,7 +293,7 @@ def test_a_held_instance_is_replaced_only_once_its_old_bytes_are_quarantined(
     p.admission.quarantine = Quarantine(tmp_path / "tiny", max_bytes=10)  # no room for the old bytes
     newer = p.candidate(iocm.image(STUDY, SERIES, sop, StudyDescription="B"), ae="A")
     (admitted,) = p.admission.admit([newer])
-    assert admitted.outcome is AddOutcome.CONFLICT and admitted.rule == "replace_held_not_kept"
+    assert admitted.outcome is Verdict.CONFLICT and admitted.rule == "replace_held_not_kept"
     (record,) = p.store.instances(STUDY)
     assert record.study_description == "A" and p.spool.names() == [first.spool_name]  # kept, as stored
     p.admission.quarantine = p.quarantine  # room again

@@ -23,7 +23,7 @@ from ingest.core.records import InstanceRecord
 from ingest.errors import StoreUnavailableError
 from ingest.intake.admit import Admission, Admitted, Candidate
 from ingest.intake.commit import GroupCommit
-from ingest.ports import AddOutcome
+from ingest.ports import Verdict
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
@@ -115,7 +115,7 @@ def test_waiting_candidates_share_one_transaction_and_each_gets_its_own_outcome(
     assert gate.sizes == [1, 5]  # two transactions for six candidates
     assert (group.commits, group.committed) == (2, 6)
     outcomes = [out[k].outcome if isinstance(out[k], Admitted) else out[k] for k in range(6)]
-    assert outcomes == [AddOutcome.ADDED] * 4 + [AddOutcome.DUPLICATE, AddOutcome.CONFLICT]
+    assert outcomes == [Verdict.ADDED] * 4 + [Verdict.DUPLICATE, Verdict.CONFLICT]
     assert out[5].rule == "other_content"
     # every added row's bytes were committed with it; the duplicate's and the conflict's were not
     for k in range(4):
@@ -157,7 +157,7 @@ def test_a_failed_transaction_fails_every_candidate_in_it_and_nothing_is_kept(
     gate.release.set()
     for t in threads:
         t.join(20)
-    assert isinstance(out[0], Admitted) and out[0].outcome is AddOutcome.ADDED
+    assert isinstance(out[0], Admitted) and out[0].outcome is Verdict.ADDED
     for k in (1, 2):
         assert isinstance(out[k], StoreUnavailableError) and "disk is full" in str(out[k])
         assert store.instance_bytes(f"1.2.4.{k}") is None
@@ -184,14 +184,14 @@ def test_batches_are_bounded_by_count_and_bytes(
     for t in threads:
         t.join(20)
     assert gate.sizes == [1, 1, 3, 3]
-    assert all(isinstance(out[k], Admitted) and out[k].outcome is AddOutcome.ADDED for k in range(8))
+    assert all(isinstance(out[k], Admitted) and out[k].outcome is Verdict.ADDED for k in range(8))
 
 
 def test_one_caller_commits_its_own_transaction(store: SQLiteStateStore, tmp_path: Path) -> None:
     group = GroupCommit(_admission(store, tmp_path, []))
     for k in range(3):
         got = group.admit(Candidate(rec(f"1.2.6.{k}"), f"c1:{k}", "dimse:A", data=part10(b"s")))
-        assert got.outcome is AddOutcome.ADDED
+        assert got.outcome is Verdict.ADDED
         assert store.instance_bytes(f"1.2.6.{k}") == part10(b"s")  # durable before admit() returned
     assert (group.commits, group.committed) == (3, 3)
 
@@ -222,7 +222,7 @@ def test_the_event_loop_submits_and_awaits_without_waiting_for_the_fsync(
         return await asyncio.gather(first, *others)
 
     got = asyncio.run(scenario())
-    assert [a.outcome for a in got] == [AddOutcome.ADDED] * 4
+    assert [a.outcome for a in got] == [Verdict.ADDED] * 4
     assert gate.sizes == [1, 3]
     group.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -240,9 +240,9 @@ def test_a_waiter_that_went_away_does_not_stop_the_writer(
     gone = group.submit(Candidate(rec("1.2.8.1"), "c1:1", "dimse:A", data=part10(b"1")))
     assert gone.cancel()  # its association was aborted while it queued
     gate.release.set()
-    assert first.result(20).outcome is AddOutcome.ADDED
+    assert first.result(20).outcome is Verdict.ADDED
     later = group.admit(Candidate(rec("1.2.8.2"), "c1:2", "dimse:A", data=part10(b"2")))
-    assert later.outcome is AddOutcome.ADDED
+    assert later.outcome is Verdict.ADDED
     # received whole, it was committed all the same: a sender that sends it again gets "duplicate"
     assert store.instance_bytes("1.2.8.1") == part10(b"1")
     group.close()

@@ -47,7 +47,7 @@ from ingest.intake.retention import (
 )
 from ingest.intake.sweep import sweep_orphans
 from ingest.metrics import Metrics
-from ingest.ports import AddOutcome
+from ingest.ports import Verdict
 from ingest.sources.dropfolder import open_drop_folder
 from tests.test_clock import SteppedClock
 
@@ -74,14 +74,14 @@ class Parts:
         added = self.store.add_instance(
             rec(sop, study), source="test", spool_name=kept.name, digest="d-" + sop, now=now, due_at=now
         )
-        assert added.outcome is AddOutcome.ADDED
+        assert added.outcome is Verdict.ADDED
         return kept.name
 
     def in_row(self, sop: str, data: bytes, *, now: datetime = T0, study: str = STUDY) -> None:
         added = self.store.add_instance(
             rec(sop, study), source="test", spool_name=None, digest="d-" + sop, now=now, due_at=now, data=data
         )
-        assert added.outcome is AddOutcome.ADDED
+        assert added.outcome is Verdict.ADDED
 
     def push(self, now: datetime) -> None:
         for claim in self.store.claim_due(now, 100, "relay", 60):

@@ -40,7 +40,7 @@ from ingest.core.lifecycle import (
     view,
 )
 from ingest.core.records import InstanceRecord
-from ingest.ports import HELD, Added, AddOutcome, RejectionRecorded, RejectionRow, Replaced
+from ingest.ports import HELD, Added, RejectionRecorded, RejectionRow, Replaced, Verdict
 
 __all__ = ["LifecycleStore"]
 
@@ -210,7 +210,7 @@ class LifecycleStore(SQLStateStore):
         """Record the rejections of added notes; say which bytes to remove (module doc)."""
         added = [
             (index, item[0]) for index, (item, result) in enumerate(zip(items, results, strict=True))
-            if result.outcome is AddOutcome.ADDED
+            if result.outcome is Verdict.ADDED
         ]
         if not added:
             return results

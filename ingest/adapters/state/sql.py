@@ -39,12 +39,12 @@ from ingest.core.records import InstanceRecord
 from ingest.errors import StoreError, StoreUnavailableError
 from ingest.ports import (
     Added,
-    AddOutcome,
     SeriesGroup,
     StateStore,
     StudyClaim,
     StudyRow,
     StudyState,
+    Verdict,
 )
 
 __all__ = [
@@ -301,7 +301,7 @@ class SQLStateStore(StateStore):
         for record, source, spool_name, digest in items:
             if record.sop_uid in inserted:
                 inserted.discard(record.sop_uid)  # a second copy in this batch is compared below
-                results.append(Added(AddOutcome.ADDED, record.study_uid))
+                results.append(Added(Verdict.ADDED, record.study_uid))
                 continue
             found = cur.execute(
                 self._q("SELECT study_uid, digest, record_json FROM instances WHERE sop_uid = ?"),
@@ -320,7 +320,7 @@ class SQLStateStore(StateStore):
                     (record.series_uid, digest, source, spool_name, self.node, record.model_dump_json(),
                      now, record.sop_uid),
                 )
-                results.append(Added(AddOutcome.ADDED, record.study_uid))
+                results.append(Added(Verdict.ADDED, record.study_uid))
                 continue
             results.append(Added(decision.verdict, record.study_uid, decision.detail))
         return results
@@ -428,7 +428,7 @@ class SQLStateStore(StateStore):
             results = self._insert_batch(cur, items, now_v)
             if inline is not None:
                 self._insert_bytes(cur, items, results, inline)
-            added = Counter(r.study_uid for r in results if r.outcome is AddOutcome.ADDED)
+            added = Counter(r.study_uid for r in results if r.outcome is Verdict.ADDED)
             for study_uid in sorted(added):  # one update per study; a fixed order avoids lock cycles
                 self._touch_study(cur, study_uid, added[study_uid], now_v, due_v)
             return self._after_add(cur, items, results, now_v, due_v)
@@ -444,7 +444,7 @@ class SQLStateStore(StateStore):
         rows = [
             (item[0].sop_uid, data)
             for item, added, data in zip(items, results, inline, strict=True)
-            if data is not None and added.outcome is AddOutcome.ADDED
+            if data is not None and added.outcome is Verdict.ADDED
         ]
         if rows:
             cur.executemany(

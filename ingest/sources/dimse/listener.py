@@ -41,8 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from pydicom._uid_dict import UID_dictionary
-from pydicom.uid import (
+from pydicom.uid import (  # type: ignore[attr-defined]  # UID_dictionary: public, not in __all__
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -56,6 +55,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    UID_dictionary,
 )
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext

@@ -45,7 +45,7 @@ from ingest.intake.admit import Candidate
 from ingest.intake.commit import GroupCommit
 from ingest.intake.retention import DiskBudget, SpoolFullError
 from ingest.metrics import Metrics
-from ingest.ports import AddOutcome
+from ingest.ports import Verdict
 from ingest.sources.dimse.status import Reply, answer, reply
 
 #: The outcome name of the answer a worker thread built last (``stored``, ``duplicate``, ``conflict``...):
@@ -346,9 +346,9 @@ class StoreService:
     def _settled(self, assoc: Any, admitted: Any, study_uid: str) -> str:
         """The outcome name of an admission (``stored``, ``duplicate``, ``conflict``); a stored
         instance's study is noted for its association (the release brings it forward)."""
-        if admitted.outcome is AddOutcome.DUPLICATE:
+        if admitted.outcome is Verdict.DUPLICATE:
             return "duplicate"
-        if admitted.outcome is AddOutcome.CONFLICT:
+        if admitted.outcome is Verdict.CONFLICT:
             return "conflict"
         self._stored(assoc, study_uid)
         return "stored"

@@ -38,7 +38,7 @@ from ingest.errors import ConfigError, HeaderError, SyncSourceError
 from ingest.intake.admit import Admission, Candidate, utcnow
 from ingest.logs import printable
 from ingest.metrics import Metrics
-from ingest.ports import AddOutcome
+from ingest.ports import Verdict
 from ingest.sources.sync.answers import (
     IMAGE_KEYS,
     SERIES_KEYS,
@@ -327,11 +327,11 @@ class SyncIntake:
         counts.instances += len(listing.records)
         candidates = [Candidate(r, metadata_digest(r), source) for r in listing.records]
         for admitted, cand in zip(self.admission.admit(candidates), candidates, strict=True):
-            if admitted.outcome is AddOutcome.ADDED:
+            if admitted.outcome is Verdict.ADDED:
                 counts.added += 1
                 self.touched.add(admitted.study_uid)
                 self._count("added")
-            elif admitted.outcome is AddOutcome.DUPLICATE:
+            elif admitted.outcome is Verdict.DUPLICATE:
                 counts.unchanged += 1
                 self._count("unchanged")
             else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from ingest.core.records import InstanceRecord
-from ingest.ports import AddOutcome, FileIdentity, StateStore
+from ingest.ports import FileIdentity, StateStore, Verdict
 from tests.conftest import StoreFactory
 
 T0 = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -22,7 +22,7 @@ def _add(store: StateStore, sop: str, digest: str, study: str = STUDY) -> None:
     added = store.add_instance(
         record, source="test", spool_name=None, digest=digest, now=T0, due_at=T0 + timedelta(seconds=5)
     )
-    assert added.outcome is AddOutcome.ADDED
+    assert added.outcome is Verdict.ADDED
 
 
 def _ident(path: str, sop: str, *, size: int = 100, mtime_ns: int = 7, digest: str = "c1:a") -> FileIdentity:

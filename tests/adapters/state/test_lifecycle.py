@@ -9,7 +9,7 @@ import pytest
 
 from ingest.core.lifecycle import KEY_OBJECT_SELECTION, Rejection
 from ingest.core.records import Code, InstanceRecord, SopReference
-from ingest.ports import Added, AddOutcome, Replaced, StateStore, StudyState
+from ingest.ports import Added, Replaced, StateStore, StudyState, Verdict
 from tests.conftest import StoreFactory
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -50,7 +50,7 @@ def push(store: StateStore, now: datetime) -> None:
 def test_a_note_rejects_what_it_names_and_the_rest_stays(store: StateStore) -> None:
     add(store, img("1.1"), img("1.2"), img("2.1", S2))
     (added,) = add(store, note("9.1", "113001", [(STUDY, S1, "1.1"), (STUDY, S2, "2.1")]))
-    assert added.outcome is AddOutcome.ADDED and added.release == ()  # quality: bytes follow retention
+    assert added.outcome is Verdict.ADDED and added.release == ()  # quality: bytes follow retention
     marks = {r.sop_uid: r.rejected_for for r in store.instances(STUDY)}
     assert marks == {"1.1": "113001", "1.2": None, "2.1": "113001", "9.1": None}
     assert kept(store) == ["1.2"]
@@ -83,7 +83,7 @@ def test_a_note_received_again_writes_nothing(store: StateStore) -> None:
     add(store, img("1.1"), img("1.2"), rejecting)
     push(store, T0 + timedelta(seconds=10))
     (again,) = add(store, rejecting, now=T0 + timedelta(seconds=20))
-    assert again.outcome is AddOutcome.DUPLICATE
+    assert again.outcome is Verdict.DUPLICATE
     row = store.study(STUDY)
     assert row is not None and not row.dirty and row.state is StudyState.PUSHED
     assert len(store.rejections(STUDY)) == 1
@@ -94,7 +94,7 @@ def test_patient_safety_names_the_stored_instances_whose_bytes_go(store: StateSt
     (added,) = add(store, note("9.1", "113037", [(STUDY, S1, "1.1"), (STUDY, S1, "1.7")]))
     assert (added.release, added.release_reason) == (("1.1",), "iocm:113037")  # 1.7 is not stored yet
     (late,) = add(store, img("1.7"))
-    assert (late.outcome, late.release, late.release_reason) == (AddOutcome.ADDED, ("1.7",), "iocm:113037")
+    assert (late.outcome, late.release, late.release_reason) == (Verdict.ADDED, ("1.7",), "iocm:113037")
     (other,) = add(store, img("1.8"))
     assert other.release == ()
 
@@ -145,7 +145,7 @@ def test_replace_instance_takes_the_row_and_makes_the_study_due(store: StateStor
     add(store, img("1.1", study_description="Wrong"), img("1.2"))
     push(store, T0 + timedelta(seconds=10))
     (conflict,) = add(store, img("1.1", study_description="Right"), digest="other")
-    assert conflict.outcome is AddOutcome.CONFLICT
+    assert conflict.outcome is Verdict.CONFLICT
     when = T0 + timedelta(seconds=20)
     old = store.replace_instance(
         img("1.1", study_description="Right"), source="test2", spool_name="new-spool", digest="c1:new",
@@ -160,7 +160,7 @@ def test_replace_instance_takes_the_row_and_makes_the_study_due(store: StateStor
     # the same version again is now a duplicate
     (dup,) = store.add_instances([(img("1.1", study_description="Right"), "t", None, "c1:new")], now=when,
                                  due_at=when)
-    assert dup.outcome is AddOutcome.DUPLICATE
+    assert dup.outcome is Verdict.DUPLICATE
 
 
 def test_replace_instance_of_another_study_writes_nothing(store: StateStore) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.core.records import InstanceRecord
-from ingest.ports import AddOutcome, ReleasedBytes, StateStore, StudyState
+from ingest.ports import ReleasedBytes, StateStore, StudyState, Verdict
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
@@ -35,7 +35,7 @@ def add(
     added = store.add_instance(
         rec(sop, study), source="test", spool_name=spool, digest="d-" + sop, now=now, due_at=now, data=data
     )
-    assert added.outcome is AddOutcome.ADDED
+    assert added.outcome is Verdict.ADDED
 
 
 def push(store: StateStore, now: datetime) -> None:
@@ -59,7 +59,7 @@ def test_release_marks_rows_clears_names_and_deletes_in_row_bytes(store: StateSt
     assert [r.sop_uid for r in store.instances(STUDY)] == ["1.2.3.1", "1.2.3.2"]
     again = store.add_instance(rec("1.2.3.1"), source="t", spool_name=None, digest="d-1.2.3.1", now=at(6),
                                due_at=at(6))
-    assert again.outcome is AddOutcome.DUPLICATE
+    assert again.outcome is Verdict.DUPLICATE
     # releasing again does nothing
     assert store.release_instance_bytes(["1.2.3.1", "1.2.3.2"], reason="retention", now=at(7)) == []
 

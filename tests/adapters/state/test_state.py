@@ -15,7 +15,7 @@ from ingest.adapters.state import open_state_store
 from ingest.adapters.state.sqlite import MIGRATIONS, SQLiteStateStore
 from ingest.core.records import InstanceRecord
 from ingest.errors import ConfigError, StoreError, StoreUnavailableError
-from ingest.ports import AddOutcome, StateStore, StudyState
+from ingest.ports import StateStore, StudyState, Verdict
 from tests.conftest import StoreFactory
 
 T0 = datetime(2024, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -28,7 +28,7 @@ def rec(study: str, series: str, sop: str, **extra: object) -> InstanceRecord:
 
 def add(
     store: StateStore, record: InstanceRecord, digest: str = "d1", now: datetime = T0, stable_s: float = 10
-) -> AddOutcome:
+) -> Verdict:
     return store.add_instance(
         record,
         source="test",
@@ -51,7 +51,7 @@ def test_instances_survive_reopen(store_factory: StoreFactory) -> None:
     first = rec(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, modality="CT", series_number=1)
     store = store_factory()
     added = store.add_instance(first, source="replay", spool_name="ab" * 16, digest="x", now=T0, due_at=s(10))
-    assert (added.outcome, added.study_uid) == (AddOutcome.ADDED, ds.StudyInstanceUID)
+    assert (added.outcome, added.study_uid) == (Verdict.ADDED, ds.StudyInstanceUID)
     store.close()
 
     again = store_factory()
@@ -78,11 +78,11 @@ def test_naive_datetimes_are_refused(store: StateStore) -> None:
 
 
 def test_identical_duplicate_is_a_no_op(store: StateStore) -> None:
-    assert add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1")) is AddOutcome.ADDED
+    assert add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1")) is Verdict.ADDED
     (claim,) = store.claim_due(s(10), 5, "n1", 60)
     store.mark_pushed(claim, backend_id="b1", version_id="1", digest="dg", now=s(11))
 
-    assert add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1"), now=s(20)) is AddOutcome.DUPLICATE
+    assert add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1"), now=s(20)) is Verdict.DUPLICATE
     row = store.study("1.2.3")
     assert row is not None
     assert (row.state, row.dirty, row.instances, row.last_seen) == (StudyState.PUSHED, False, 1, T0)
@@ -91,21 +91,21 @@ def test_identical_duplicate_is_a_no_op(store: StateStore) -> None:
 
 def test_same_sop_other_content_is_a_conflict_and_keeps_the_first(store: StateStore) -> None:
     first = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", series_description="first")
-    assert add(store, first, digest="d1") is AddOutcome.ADDED
+    assert add(store, first, digest="d1") is Verdict.ADDED
     second = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", series_description="second")
     added = store.add_instance(second, source="t", spool_name=None, digest="d2", now=s(1), due_at=s(11))
-    assert (added.outcome, added.detail) == (AddOutcome.CONFLICT, "other_content")
+    assert (added.outcome, added.detail) == (Verdict.CONFLICT, "other_content")
     assert store.instances("1.2.3") == [first]
     row = store.study("1.2.3")
     assert row is not None and row.due_at == s(10)  # not touched
 
 
 def test_same_sop_in_another_study_is_a_conflict(store: StateStore) -> None:
-    assert add(store, rec("1.2.3", "1.2.3.1", "9.9.9")) is AddOutcome.ADDED
+    assert add(store, rec("1.2.3", "1.2.3.1", "9.9.9")) is Verdict.ADDED
     added = store.add_instance(
         rec("1.2.4", "1.2.4.1", "9.9.9"), source="t", spool_name=None, digest="d1", now=s(1), due_at=s(11)
     )
-    assert (added.outcome, added.detail) == (AddOutcome.CONFLICT, "other_study")
+    assert (added.outcome, added.detail) == (Verdict.CONFLICT, "other_study")
     assert store.study("1.2.4") is None
     assert store.instances("1.2.4") == []
 
@@ -117,30 +117,30 @@ def test_legacy_digest_and_equal_record_is_a_duplicate(store: StateStore) -> Non
     first = rec(
         "1.2.3", "1.2.3.1", "1.2.3.1.1", series_description="s", transfer_syntax_uid="1.2.840.10008.1.2"
     )
-    assert add(store, first, digest=LEGACY) is AddOutcome.ADDED
+    assert add(store, first, digest=LEGACY) is Verdict.ADDED
     # the same instance re-sent in another transfer syntax, now with a content digest
     again = first.model_copy(update={"transfer_syntax_uid": "1.2.840.10008.1.2.1"})
-    assert add(store, again, digest="c1:" + "cd" * 32, now=s(1)) is AddOutcome.DUPLICATE
+    assert add(store, again, digest="c1:" + "cd" * 32, now=s(1)) is Verdict.DUPLICATE
     assert store.instances("1.2.3") == [first]
 
 
 def test_legacy_digest_and_other_record_is_a_conflict(store: StateStore) -> None:
     first = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", series_description="first")
-    assert add(store, first, digest=LEGACY) is AddOutcome.ADDED
+    assert add(store, first, digest=LEGACY) is Verdict.ADDED
     second = rec("1.2.3", "1.2.3.1", "1.2.3.1.1", series_description="second")
     added = store.add_instance(
         second, source="t", spool_name=None, digest="c1:" + "cd" * 32, now=s(1), due_at=s(11)
     )
-    assert (added.outcome, added.detail) == (AddOutcome.CONFLICT, "other_content")
+    assert (added.outcome, added.detail) == (Verdict.CONFLICT, "other_content")
     assert store.instances("1.2.3") == [first]
 
 
 def test_same_scheme_other_digest_stays_a_conflict_with_an_equal_record(store: StateStore) -> None:
     first = rec("1.2.3", "1.2.3.1", "1.2.3.1.1")
-    assert add(store, first, digest="c1:" + "ab" * 32) is AddOutcome.ADDED
+    assert add(store, first, digest="c1:" + "ab" * 32) is Verdict.ADDED
     # equal header record, other content (pixel data): only another scheme makes the record decide
-    assert add(store, first, digest="c1:" + "cd" * 32, now=s(1)) is AddOutcome.CONFLICT
-    assert add(store, first, digest=LEGACY, now=s(2)) is AddOutcome.DUPLICATE
+    assert add(store, first, digest="c1:" + "cd" * 32, now=s(1)) is Verdict.CONFLICT
+    assert add(store, first, digest=LEGACY, now=s(2)) is Verdict.DUPLICATE
 
 
 def test_batch_is_one_transaction_and_sees_its_own_rows(store: StateStore) -> None:
@@ -151,10 +151,10 @@ def test_batch_is_one_transaction_and_sees_its_own_rows(store: StateStore) -> No
         due_at=s(10),
     )
     assert [r.outcome for r in results] == [
-        AddOutcome.ADDED,
-        AddOutcome.DUPLICATE,
-        AddOutcome.ADDED,
-        AddOutcome.CONFLICT,
+        Verdict.ADDED,
+        Verdict.DUPLICATE,
+        Verdict.ADDED,
+        Verdict.CONFLICT,
     ]
     row = store.study("1.2.3")
     assert row is not None and row.instances == 2
@@ -169,9 +169,9 @@ def test_large_batch_counts_every_instance_once(store: StateStore) -> None:
         for i in range(1, 201)
     ]
     results = store.add_instances(items, now=T0, due_at=s(10))
-    assert [r.outcome for r in results] == [AddOutcome.ADDED] * 600
+    assert [r.outcome for r in results] == [Verdict.ADDED] * 600
     again = store.add_instances(items[::-1], now=s(1), due_at=s(11))
-    assert {r.outcome for r in again} == {AddOutcome.DUPLICATE}
+    assert {r.outcome for r in again} == {Verdict.DUPLICATE}
     for k in (3, 4, 5):
         row = store.study(f"1.2.{k}")
         assert row is not None and row.instances == 200
@@ -511,7 +511,7 @@ def test_sqlite_locked_too_long_is_unavailable(tmp_path: Path) -> None:
     finally:
         other.execute("ROLLBACK")
         other.close()
-    assert add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1")) is AddOutcome.ADDED  # recovers
+    assert add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1")) is Verdict.ADDED  # recovers
     store.close()
 
 
@@ -539,7 +539,7 @@ def test_closed_store_refuses(tmp_path: Path) -> None:
 def test_open_state_store(tmp_path: Path) -> None:
     store = open_state_store(None, tmp_path / "data")
     try:
-        assert add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1")) is AddOutcome.ADDED
+        assert add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1")) is Verdict.ADDED
     finally:
         store.close()
     assert (tmp_path / "data" / "state.sqlite3").is_file()

@@ -8,7 +8,7 @@ from typing import cast
 
 from ingest.adapters.state.sync import SyncStore
 from ingest.core.records import InstanceRecord
-from ingest.ports import AddOutcome, CommitmentAdded, StateStore, StudyState
+from ingest.ports import CommitmentAdded, StateStore, StudyState, Verdict
 from tests.conftest import StoreFactory
 
 T0 = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -21,7 +21,7 @@ def _rec(sop: str, series: str = S1, **extra: object) -> InstanceRecord:
     return InstanceRecord(study_uid=STUDY, series_uid=series, sop_uid=sop, sop_class_uid=CT, **extra)  # type: ignore[arg-type]
 
 
-def _add(store: StateStore, record: InstanceRecord, digest: str, source: str = "sync:pacs") -> AddOutcome:
+def _add(store: StateStore, record: InstanceRecord, digest: str, source: str = "sync:pacs") -> Verdict:
     added = store.add_instance(record, source=source, spool_name=None, digest=digest, now=T0, due_at=T0)
     return added.outcome
 
@@ -38,15 +38,15 @@ def _clean(store: StateStore) -> bool:
 
 def test_a_later_arrival_with_bytes_takes_over_and_sync_never_takes_it_back(store: StateStore) -> None:
     synced = cast(SyncStore, store)
-    assert _add(store, _rec("1.2.3.1.1", instance_number=1), METADATA) is AddOutcome.ADDED
+    assert _add(store, _rec("1.2.3.1.1", instance_number=1), METADATA) is Verdict.ADDED
     _push(store)
     full = _rec("1.2.3.1.1", instance_number=1, study_description="from the header")
-    assert _add(store, full, "c1:" + "ab" * 32, source="dimse:MODALITY") is AddOutcome.ADDED
+    assert _add(store, full, "c1:" + "ab" * 32, source="dimse:MODALITY") is Verdict.ADDED
     assert store.instances(STUDY) == [full]
     assert not _clean(store)  # the study is written again, with the richer values
     _push(store)
     # the PACS's answers again: a duplicate of what is held, nothing written
-    assert _add(store, _rec("1.2.3.1.1", instance_number=1), METADATA) is AddOutcome.DUPLICATE
+    assert _add(store, _rec("1.2.3.1.1", instance_number=1), METADATA) is Verdict.DUPLICATE
     assert store.instances(STUDY) == [full]
     assert _clean(store)
     assert synced.sync_source_of(["1.2.3.1.1"]) == {"1.2.3.1.1": "dimse:MODALITY"}
