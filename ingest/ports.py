@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from ingest.core.admission import Verdict
 from ingest.core.lifecycle import Rejection
-from ingest.core.records import BackendStudy, InstanceRecord
+from ingest.core.records import BackendStudy, InstanceRecord, RecordRow
 
 __all__ = [
     "HELD",
@@ -432,7 +432,7 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentitySt
 
     def add_instance(
         self,
-        record: InstanceRecord,
+        record: InstanceRecord | RecordRow,
         *,
         source: str,
         spool_name: str | None,
@@ -450,13 +450,14 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentitySt
 
     def add_instances(
         self,
-        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        items: Sequence[tuple[InstanceRecord | RecordRow, str, str | None, str]],
         *,
         now: datetime,
         due_at: datetime,
         inline: Sequence[bytes | None] | None = None,
     ) -> list[Added]:
         """Batch form of :meth:`add_instance` for (record, source, spool_name, digest); one transaction.
+        A record may come as the :class:`~ingest.core.records.RecordRow` a parsing process made of it.
 
         ``inline``: one entry per item, its bytes to keep in the state store with its row, or ``None``.
         """

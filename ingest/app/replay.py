@@ -26,6 +26,7 @@ from ingest.logs import printable
 from ingest.ports import StateStore, StudyState
 from ingest.sources.parse import Parsed, Rejected
 from ingest.sources.replay import (
+    Dated,
     ReplayCaps,
     ReplaySource,
     ReplayTotals,
@@ -107,7 +108,7 @@ class ReplaySummary(ReplayTotals):
         return ExitCode.OK
 
 
-def _wanted(record: InstanceRecord, opts: ReplayOptions) -> bool:
+def _wanted(record: Dated, opts: ReplayOptions) -> bool:
     if opts.studies and record.study_uid not in opts.studies:
         return False
     if opts.since is not None:

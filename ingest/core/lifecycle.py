@@ -145,13 +145,18 @@ class Rejection:
 
     def covers(self, record: InstanceRecord) -> bool:
         """Whether this rejection applies to ``record`` (of its patient, when it has one)."""
-        if record.study_uid != self.study_uid:
-            return False
         if self.patient and patient_key(record) != self.patient:
             return False
+        return self.may_cover(record.study_uid, record.series_uid, record.sop_uid)
+
+    def may_cover(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        """Whether this rejection applies to the instance with these UIDs, its patient not considered
+        (:meth:`covers` checks the patient too)."""
+        if study_uid != self.study_uid:
+            return False
         if self.sop_uid:
-            return record.sop_uid == self.sop_uid
-        return not self.series_uid or record.series_uid == self.series_uid
+            return sop_uid == self.sop_uid
+        return not self.series_uid or series_uid == self.series_uid
 
 
 def patient_key(record: InstanceRecord) -> str:

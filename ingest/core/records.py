@@ -13,7 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["BackendStudy", "Code", "InstanceRecord", "OrderReference", "PersonName", "SopReference"]
+__all__ = [
+    "BackendStudy", "Code", "InstanceRecord", "OrderReference", "PersonName", "RecordRow", "SopReference",
+]
 
 
 class _Frozen(BaseModel):
@@ -147,6 +149,34 @@ class InstanceRecord(_Frozen):
         read back at every push.
         """
         return cls.model_validate_json(text.encode("utf-8") if isinstance(text, str) else text)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRow:
+    """An instance's record as the state store keeps it: the columns it is found by and the JSON of its
+    :class:`InstanceRecord` (``record_json``).
+
+    Made where the header is read (a parsing process of ``ingest replay``), it crosses to the process
+    that stores it as a few strings, and is stored as it is: no model is built per file there. The record
+    itself is validated from the JSON when something needs more than these columns (a rejection note, a
+    conflict), and once per study when the relay maps it.
+    """
+
+    study_uid: str  # (0020,000D)
+    series_uid: str  # (0020,000E)
+    sop_uid: str  # (0008,0018)
+    sop_class_uid: str  # (0008,0016)
+    study_date: str | None  # (0008,0020) raw DA, for ``--since``
+    json: str
+
+    @classmethod
+    def of(cls, record: InstanceRecord) -> RecordRow:
+        return cls(record.study_uid, record.series_uid, record.sop_uid, record.sop_class_uid,
+                   record.study_date, record.model_dump_json())
+
+    def record(self) -> InstanceRecord:
+        """The record (validated from :attr:`json`)."""
+        return InstanceRecord.from_json(self.json)
 
 
 @dataclass(frozen=True)

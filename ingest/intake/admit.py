@@ -37,6 +37,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Final
 
@@ -45,13 +46,14 @@ from ingest.clock import utcnow
 from ingest.config import CallingAE
 from ingest.core.admission import CONFLICT_OTHER_CONTENT
 from ingest.core.lifecycle import (
+    KEY_OBJECT_SELECTION,
     REFUSED_NOT_ALLOWED,
     REFUSED_PATIENT_MISMATCH,
     note_refusal,
     note_rejections,
     rejection_code,
 )
-from ingest.core.records import InstanceRecord
+from ingest.core.records import InstanceRecord, RecordRow
 from ingest.intake.retention import DiskBudget, release_bytes
 from ingest.logs import printable
 from ingest.metrics import Metrics
@@ -94,7 +96,9 @@ class Candidate:
     Attributes
     ----------
     record, digest:
-        Its header record and content digest (``ingest.adapters.dicomfile``).
+        Its header record (or the :class:`~ingest.core.records.RecordRow` a parsing process made of it:
+        stored as it is, read as a whole record only for a rejection note or a conflict) and content
+        digest (``ingest.adapters.dicomfile``).
     source:
         Where it came from, as its row records it (``dimse:<AE>``, ``watch``, ``file:<label>``).
     spool_name:
@@ -108,13 +112,27 @@ class Candidate:
         one durable write for a small instance (``[spool] inline_max_bytes``); ``None`` otherwise.
     """
 
-    record: InstanceRecord
+    record: InstanceRecord | RecordRow
     digest: str
     source: str
     spool_name: str | None = None
     body: bytes | Path | None = None
     origin: str | None = None
     data: bytes | None = None
+
+    @cached_property
+    def full(self) -> InstanceRecord:
+        """The whole header record (validated from the row's JSON when the candidate came as a row)."""
+        return self.record.record() if isinstance(self.record, RecordRow) else self.record
+
+    @property
+    def may_be_note(self) -> bool:
+        """Whether it may be a rejection note (a Key Object Selection Document; the title decides)."""
+        return self.record.sop_class_uid == KEY_OBJECT_SELECTION
+
+    def note_code(self) -> str | None:
+        """Its rejection code when it is a rejection note (:func:`rejection_code`), else ``None``."""
+        return rejection_code(self.full) if self.may_be_note else None
 
 
 @dataclass(frozen=True)
@@ -291,19 +309,19 @@ class Admission:
         """
         refused: dict[int, Admitted] = {}
         for index, item in enumerate(items):
-            code = rejection_code(item.record)
+            code = item.note_code()
             if code is None:
                 continue
             allowed = self.may_reject(item.source)
-            named = sorted({r.study_uid for r in note_rejections(item.record)})
+            named = sorted({r.study_uid for r in note_rejections(item.full)})
             stored = self.store.study_patients(named) if allowed and named else {}
-            why = note_refusal(item.record, sender_may_reject=allowed, stored_patients=stored)
+            why = note_refusal(item.full, sender_may_reject=allowed, stored_patients=stored)
             if why is not None:
                 refused[index] = self._refuse_note(item, code, why, now)
         return refused
 
     def _refuse_note(self, item: Candidate, code: str, why: str, now: datetime) -> Admitted:
-        rec = item.record
+        rec = item.full
         detail = (
             f"rejection note {rec.sop_uid} ({code}) of study {rec.study_uid} is not applied: {_WHY[why]} "
             f"(source={printable(item.origin or item.source)})"
@@ -337,7 +355,7 @@ class Admission:
                     self.budget.add_in_row(len(item.data))
                 if self.metrics is not None:
                     self.metrics.instances_accepted.labels(source=self.label).inc()
-                    code = rejection_code(item.record)
+                    code = item.note_code()
                     if code is not None:
                         self.metrics.rejections.labels(code=code).inc()
                 if added.release:
@@ -387,7 +405,7 @@ class Admission:
         :func:`~ingest.core.admission.replace_refusal` allows it; the old bytes go to the quarantine with a
         side file saying what replaced them (best effort, but required for bytes under a commitment hold),
         then leave the spool."""
-        rec = item.record
+        rec = item.full
         trusted = self.may_replace(item.source)
         name: str | None = None
         try:
@@ -435,7 +453,7 @@ class Admission:
         return Admitted(Verdict.ADDED, added.study_uid, now, _REPLACED, detail, name)
 
     def _replaced_detail(self, item: Candidate, old_digest: str) -> str:
-        rec = item.record
+        rec = item.full
         return (
             f"SOP Instance UID {rec.sop_uid} of study {rec.study_uid}: this version ({old_digest}) was "
             f"replaced by {item.digest} (source={printable(item.origin or item.source)})"
@@ -462,7 +480,7 @@ class Admission:
         replacement was refused."""
         stored = added.detail or _CONFLICT
         rule = rule or stored
-        rec = item.record
+        rec = item.full
         detail = (
             f"SOP Instance UID {rec.sop_uid} of study {rec.study_uid} is already stored with "
             f"{stored.replace('_', ' ')}; the first is kept"

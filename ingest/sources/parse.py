@@ -14,12 +14,13 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, overload
 
 from ingest.adapters.folders import iter_dicom_files
-from ingest.core.records import InstanceRecord
+from ingest.core.records import InstanceRecord, RecordRow
 from ingest.errors import HeaderError, IngestError
 
-__all__ = ["Item", "Parsed", "Rejected", "expand_paths", "parse_items"]
+__all__ = ["Item", "Parsed", "ParsedRow", "Rejected", "expand_paths", "parse_items"]
 
 _BATCH = 64  # items per task: small enough to balance the tail, large enough to amortise the IPC
 _AHEAD = 6  # batches queued per worker process
@@ -47,6 +48,18 @@ class Item:
 class Parsed:
     label: str
     record: InstanceRecord
+    digest: str
+    size: int
+    stat: tuple[str, int, int] | None = None  # the item's :attr:`Item.stat`
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRow:
+    """:class:`Parsed` with the record as its state store row (``parse_items(..., rows=True)``): made
+    in the parsing process, it crosses to the caller as a few strings (no model is built there)."""
+
+    label: str
+    row: RecordRow
     digest: str
     size: int
     stat: tuple[str, int, int] | None = None  # the item's :attr:`Item.stat`
@@ -92,10 +105,32 @@ def _parse_one(item: Item, max_inflated_bytes: int, max_rejection_items: int) ->
     return Parsed(item.label, parsed.record, parsed.digest, parsed.size, item.stat)
 
 
+def _parse_row(item: Item, max_inflated_bytes: int, max_rejection_items: int) -> ParsedRow | Rejected:
+    parsed = _parse_one(item, max_inflated_bytes, max_rejection_items)
+    if isinstance(parsed, Rejected):
+        return parsed
+    return ParsedRow(parsed.label, RecordRow.of(parsed.record), parsed.digest, parsed.size, parsed.stat)
+
+
 def _parse_batch(
-    items: list[Item], max_inflated_bytes: int, max_rejection_items: int
-) -> list[Parsed | Rejected]:
-    return [_parse_one(item, max_inflated_bytes, max_rejection_items) for item in items]
+    items: list[Item], max_inflated_bytes: int, max_rejection_items: int, rows: bool = False
+) -> list[Any]:
+    parse = _parse_row if rows else _parse_one
+    return [parse(item, max_inflated_bytes, max_rejection_items) for item in items]
+
+
+@overload
+def parse_items(
+    items: Iterable[Item], *, jobs: int = ..., max_inflated_bytes: int = ..., max_rejection_items: int = ...,
+    caller_parses: bool = ..., pool: ProcessPoolExecutor | None = ..., rows: Literal[False] = ...,
+) -> Iterator[Parsed | Rejected]: ...
+
+
+@overload
+def parse_items(
+    items: Iterable[Item], *, jobs: int = ..., max_inflated_bytes: int = ..., max_rejection_items: int = ...,
+    caller_parses: bool = ..., pool: ProcessPoolExecutor | None = ..., rows: Literal[True],
+) -> Iterator[ParsedRow | Rejected]: ...
 
 
 def parse_items(
@@ -106,7 +141,8 @@ def parse_items(
     max_rejection_items: int = 100_000,
     caller_parses: bool = False,
     pool: ProcessPoolExecutor | None = None,
-) -> Iterator[Parsed | Rejected]:
+    rows: bool = False,
+) -> Iterator[Any]:
     """Parse the headers of ``items``, yielding one result per item in input order.
 
     Parameters
@@ -130,10 +166,13 @@ def parse_items(
     pool:
         A long-lived pool of ``jobs`` (or ``jobs - 1``) workers to use instead of starting one for this
         call (the watcher keeps one, so each burst does not pay for starting processes).
+    rows:
+        Yield :class:`ParsedRow` (the record as its state store row, made by the parsing process)
+        instead of :class:`Parsed`: for a caller that only stores the records (``ingest replay``).
 
     Yields
     ------
-    Parsed | Rejected
+    Parsed | ParsedRow | Rejected
         The header record, or why the item was refused.
     """
     it = iter(items)
@@ -145,12 +184,13 @@ def parse_items(
 
     workers = jobs - 1 if caller_parses else jobs
     if workers < 1:
+        parse = _parse_row if rows else _parse_one
         for item in it:
-            yield _parse_one(item, max_inflated_bytes, max_rejection_items)
+            yield parse(item, max_inflated_bytes, max_rejection_items)
         return
     with contextlib.nullcontext(pool) if pool is not None else ProcessPoolExecutor(workers) as pool:
         # in input order: batches sent to a worker (futures) and batches the caller parsed (lists)
-        window: deque[Future[list[Parsed | Rejected]] | list[Parsed | Rejected]] = deque()
+        window: deque[Future[list[Any]] | list[Any]] = deque()
         in_pool = 0  # futures in the window
         exhausted = False
         while True:
@@ -159,7 +199,7 @@ def parse_items(
                 if not batch:
                     exhausted = True
                     break
-                window.append(pool.submit(_parse_batch, batch, max_inflated_bytes, max_rejection_items))
+                window.append(pool.submit(_parse_batch, batch, max_inflated_bytes, max_rejection_items, rows))
                 in_pool += 1
             if not window:
                 return
@@ -172,7 +212,7 @@ def parse_items(
                 # rather than wait for the worker, parse the next batch here (it queues behind the head)
                 batch = list(itertools.islice(it, _BATCH))
                 if batch:
-                    window.append(_parse_batch(batch, max_inflated_bytes, max_rejection_items))
+                    window.append(_parse_batch(batch, max_inflated_bytes, max_rejection_items, rows))
                 else:
                     exhausted = True
                 continue

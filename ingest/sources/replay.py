@@ -21,19 +21,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from ingest.core.records import InstanceRecord
 from ingest.errors import ArchiveError
 from ingest.ports import FileIdentity, StateStore, StudyState, Verdict
-from ingest.sources.parse import Item, Parsed, Rejected, expand_paths, parse_items
+from ingest.sources.parse import Item, Parsed, ParsedRow, Rejected, expand_paths, parse_items
 
 if TYPE_CHECKING:
     from ingest.intake.admit import Admission
 
 __all__ = [
-    "QUIET_FILES", "ReplayCaps", "ReplaySource", "ReplayTotals", "Shard", "ShardError", "parse_replay",
-    "parse_shard", "relative_key", "replay_items",
+    "QUIET_FILES", "Dated", "ReplayCaps", "ReplaySource", "ReplayTotals", "Shard", "ShardError",
+    "parse_replay", "parse_shard", "relative_key", "replay_items",
 ]
 
 _SHARD = re.compile(r"(\d+)/(\d+)")
@@ -140,6 +139,29 @@ def parse_replay(
     )
 
 
+def _parse_rows(
+    paths: list[Path], caps: ReplayCaps, *, jobs: int, shard: Shard | None,
+    skip: Callable[[Iterator[Item]], Iterator[Item]] | None,
+) -> Iterator[ParsedRow | Rejected]:
+    """:func:`parse_replay` yielding each record as its state store row (what a replay stores)."""
+    items = replay_items(paths, shard)
+    return parse_items(
+        skip(items) if skip is not None else items, jobs=jobs, rows=True,
+        max_inflated_bytes=caps.max_inflated_bytes, max_rejection_items=caps.max_rejection_items,
+    )
+
+
+class Dated(Protocol):
+    """What ``--study`` and ``--since`` read of a record (an :class:`InstanceRecord` or a
+    :class:`~ingest.core.records.RecordRow`)."""
+
+    @property
+    def study_uid(self) -> str: ...
+
+    @property
+    def study_date(self) -> str | None: ...
+
+
 # Parsed files admitted per transaction.
 _STORE_BATCH = 256
 #: Admitted files after which a study that gained none of them counts as quiet (:meth:`ReplaySource.read`).
@@ -163,7 +185,8 @@ class ReplaySource:
     paths, shard, jobs, caps:
         What to read, which shard of it, in how many processes, under which caps.
     wanted:
-        Whether a parsed instance is kept (``--study``, ``--since``); the others count as filtered.
+        Whether a parsed instance is kept (``--study``, ``--since``; given its row); the others count as
+        filtered.
     studies:
         ``--study`` UIDs (an unchanged file of another study counts as filtered), empty for all.
     skip_unchanged:
@@ -177,7 +200,7 @@ class ReplaySource:
 
     def __init__(
         self, store: StateStore, *, paths: list[Path], shard: Shard | None, jobs: int, caps: ReplayCaps,
-        wanted: Callable[[InstanceRecord], bool], studies: frozenset[str], skip_unchanged: bool,
+        wanted: Callable[[Dated], bool], studies: frozenset[str], skip_unchanged: bool,
         stable_age_s: float, on_conflict: str, totals: ReplayTotals,
     ) -> None:
         self.store = store
@@ -213,10 +236,10 @@ class ReplaySource:
         that grows again afterwards is dirty again and pushed again, like any study that gets a late
         instance."""
         totals = self.totals
-        batch: list[Parsed] = []
+        batch: list[ParsedRow] = []
         self._on_quiet = on_quiet
-        results = parse_replay(self.paths, self.caps, jobs=self.jobs, shard=self.shard,
-                               skip=self._skip_known if self.skip_unchanged else None)
+        results = _parse_rows(self.paths, self.caps, jobs=self.jobs, shard=self.shard,
+                              skip=self._skip_known if self.skip_unchanged else None)
         for n, result in enumerate(results):
             if not n:
                 on_first()
@@ -224,7 +247,7 @@ class ReplaySource:
             if isinstance(result, Rejected):
                 totals.rejected[result.reason] += 1
                 on_rejected(result)
-            elif not self.wanted(result.record):
+            elif not self.wanted(result.row):
                 totals.filtered += 1
             else:
                 batch.append(result)
@@ -301,7 +324,7 @@ class ReplaySource:
                 yield from flush()
         yield from flush()
 
-    def _admit(self, batch: list[Parsed], on_rejected: Callable[[Rejected], None]) -> None:
+    def _admit(self, batch: list[ParsedRow], on_rejected: Callable[[Rejected], None]) -> None:
         from ingest.intake.admit import Admission, Candidate  # (not needed by a rerun that reads no file)
 
         if self._admission is None:
@@ -309,24 +332,24 @@ class ReplaySource:
                 self.store, spool=None, quarantine=None, metrics=None, stable_age_s=self.stable_age_s,
                 label="replay", on_conflict=self.on_conflict,
             )
-        results = self._admission.admit([Candidate(p.record, p.digest, f"file:{p.label}") for p in batch])
+        results = self._admission.admit([Candidate(p.row, p.digest, f"file:{p.label}") for p in batch])
         remember: list[FileIdentity] = []
         totals = self.totals
         for parsed, admitted in zip(batch, results, strict=True):
-            self.touched.add(parsed.record.study_uid)
+            row = parsed.row
+            self.touched.add(row.study_uid)
             if admitted.outcome in (Verdict.ADDED, Verdict.DUPLICATE):
                 self._admitted += 1
                 if admitted.outcome is Verdict.ADDED:
-                    self._growing[parsed.record.study_uid] = self._admitted
+                    self._growing[row.study_uid] = self._admitted
                     totals.accepted += 1
                 else:
                     totals.duplicate += 1
                 if parsed.stat is not None:  # held now with this digest: a rerun need not read it again
-                    rec = parsed.record
-                    remember.append(FileIdentity(*parsed.stat, parsed.digest, rec.sop_uid, rec.study_uid))
+                    remember.append(FileIdentity(*parsed.stat, parsed.digest, row.sop_uid, row.study_uid))
             else:
                 totals.rejected["conflict"] += 1
-                on_rejected(Rejected(parsed.label, "conflict",
-                                     f"SOP Instance UID {parsed.record.sop_uid}: {admitted.rule}"))
+                why = f"SOP Instance UID {row.sop_uid}: {admitted.rule}"
+                on_rejected(Rejected(parsed.label, "conflict", why))
         self.store.remember_files(remember)
         self._report_quiet()

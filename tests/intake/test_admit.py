@@ -14,7 +14,7 @@ import pytest
 
 from ingest.adapters.spool import Quarantine, Spool
 from ingest.adapters.state.sqlite import SQLiteStateStore
-from ingest.core.records import InstanceRecord
+from ingest.core.records import InstanceRecord, RecordRow
 from ingest.errors import StoreUnavailableError
 from ingest.intake.admit import Admission, Candidate
 from ingest.metrics import Metrics
@@ -167,3 +167,25 @@ def test_reject_and_replace_are_granted_per_ae_title_only_when_every_entry_says_
     ]
     assert granted(entries, "reject") == {"TWO"}
     assert granted(entries, "replace") == {"TWO"}
+
+
+def test_a_row_is_stored_as_it_is_and_read_whole_only_to_judge_a_repeat(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    real = InstanceRecord.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[InstanceRecord], text: str | bytes) -> InstanceRecord:
+        reads.append("read")
+        return real(cls, text)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(InstanceRecord, "from_json", classmethod(counting))
+    record = rec("1.2.3.1", study_description="Chest")
+    (added,) = parts.admission.admit([Candidate(RecordRow.of(record), "d1", "file:a.dcm")])
+    assert added.outcome is Verdict.ADDED
+    assert reads == []  # an ordinary new instance: its row's columns and JSON, no record built
+    (again,) = parts.admission.admit([Candidate(RecordRow.of(record), "d1", "file:a.dcm")])
+    assert again.outcome is Verdict.DUPLICATE and reads  # a repeat is judged on the whole record
+    (other,) = parts.admission.admit([Candidate(RecordRow.of(rec("1.2.3.1")), "d2", "file:b.dcm")])
+    assert (other.outcome, other.rule) == (Verdict.CONFLICT, "other_content")
+    assert parts.store.instances(STUDY) == [record]  # stored as given, read back equal

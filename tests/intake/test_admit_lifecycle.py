@@ -3,6 +3,7 @@ rejections, and ``[intake] on_conflict = "replace"``. Real SQLite store, spool a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from ingest.adapters.dicomfile import read_header_bytes
 from ingest.adapters.spool import Quarantine, Spool
 from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.config import CallingAE
+from ingest.core.records import InstanceRecord, RecordRow
 from ingest.intake.admit import Admission, Candidate
 from ingest.metrics import Metrics
 from ingest.ports import Verdict
@@ -303,3 +305,53 @@ def test_a_held_instance_is_replaced_only_once_its_old_bytes_are_quarantined(
     assert p.quarantine.path(admitted.quarantined).read_bytes() == first.body
     (record,) = p.store.instances(STUDY)
     assert record.study_description == "C"
+
+
+# -- candidates given as their state store rows (ingest replay's parsing processes make them) ---------
+
+
+def _as_row(candidate: Candidate) -> Candidate:
+    assert isinstance(candidate.record, InstanceRecord)
+    return dataclasses.replace(candidate, record=RecordRow.of(candidate.record))
+
+
+def test_rows_a_patient_safety_note_removes_the_bytes_of_what_it_rejects(parts: Parts) -> None:
+    images = [_as_row(parts.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.{i}", number=i))) for i in (1, 2)]
+    parts.admission.admit(images)
+    rejecting = _as_row(parts.candidate(iocm.note(STUDY, [(SERIES, f"{SERIES}.1")], code="113037")))
+    (admitted,) = parts.admission.admit([rejecting])
+    assert admitted.outcome is Verdict.ADDED
+    assert sorted(parts.spool.names()) == sorted([images[1].spool_name, rejecting.spool_name])
+    assert [r.sop_uid for r in parts.store.instances(STUDY) if r.rejected_for == "113037"] == [f"{SERIES}.1"]
+    assert parts.counter("ingest_rejections_total", code="113037") == 1
+
+
+def test_rows_an_instance_arriving_after_a_retention_rejection_loses_its_bytes(parts: Parts) -> None:
+    note = iocm.note(STUDY, [(SERIES, f"{SERIES}.1")], code="113039")
+    parts.admission.admit([_as_row(parts.candidate(note))])
+    late = _as_row(parts.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.1")))
+    spared = _as_row(parts.candidate(iocm.image(STUDY, SERIES, f"{SERIES}.2")))  # not named by the note
+    assert [a.outcome for a in parts.admission.admit([late, spared])] == [Verdict.ADDED, Verdict.ADDED]
+    assert late.spool_name not in parts.spool.names()
+    assert spared.spool_name in parts.spool.names()
+
+
+def test_rows_a_note_from_a_sender_that_may_not_reject_is_refused(tmp_path: Path) -> None:
+    p = Parts(tmp_path, "quarantine", senders=(CallingAE(ae="MOD"),))
+    try:
+        note = _as_row(p.candidate(iocm.note(STUDY, [(SERIES, f"{SERIES}.1")], code="113037")))
+        (admitted,) = p.admission.admit([note])
+        assert (admitted.outcome, admitted.rule) == (Verdict.CONFLICT, "rejection_not_allowed")
+    finally:
+        p.store.close()
+
+
+def test_rows_replace_keeps_the_new_version(replacing: Parts) -> None:
+    sop = f"{SERIES}.1"
+    first = iocm.image(STUDY, SERIES, sop, AccessionNumber="A1")
+    replacing.admission.admit([_as_row(replacing.candidate(first))])
+    newer = _as_row(replacing.candidate(iocm.image(STUDY, SERIES, sop, AccessionNumber="A2")))
+    (admitted,) = replacing.admission.admit([newer])
+    assert admitted.outcome is Verdict.ADDED and admitted.rule == "replaced"
+    (record,) = replacing.store.instances(STUDY)
+    assert record.accession_number == "A2"

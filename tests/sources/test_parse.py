@@ -207,3 +207,28 @@ def test_listing_and_an_empty_input_load_no_header_parser(tmp_path: Path) -> Non
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("jobs", "caller_parses"), [(1, False), (2, False), (2, True)])
+def test_rows_carry_the_records_the_parse_gives_as_their_state_store_json(
+    tmp_path: Path, jobs: int, caller_parses: bool
+) -> None:
+    from ingest.core.records import InstanceRecord
+    from ingest.sources.parse import ParsedRow
+    from samples.generate import generate
+
+    corpus = generate(tmp_path / "c", studies=2, files=150, seed=11, tiny=True)  # > two 64-item batches
+    items = [Item(str(p), path=p) for p in corpus.paths()] + [Item("missing.dcm", path=tmp_path / "nope")]
+    records = list(parse_items(items, jobs=1))
+    rows = list(parse_items(items, jobs=jobs, caller_parses=caller_parses, rows=True))
+    assert len(rows) == len(records) == corpus.files + 1
+    for got, want in zip(rows, records, strict=True):
+        if isinstance(want, Rejected):
+            assert got == want  # a refusal is the same either way
+            continue
+        assert isinstance(got, ParsedRow) and isinstance(want, Parsed)
+        assert (got.label, got.digest, got.size) == (want.label, want.digest, want.size)
+        r = want.record
+        assert (got.row.study_uid, got.row.series_uid, got.row.sop_uid, got.row.sop_class_uid,
+                got.row.study_date) == (r.study_uid, r.series_uid, r.sop_uid, r.sop_class_uid, r.study_date)
+        assert InstanceRecord.model_validate_json(got.row.json) == r == got.row.record()

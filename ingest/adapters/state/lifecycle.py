@@ -29,6 +29,7 @@ from datetime import datetime
 from ingest.adapters.state.sql import Cursor, SQLStateStore, in_chunks
 from ingest.core.admission import replace_refusal
 from ingest.core.lifecycle import (
+    KEY_OBJECT_SELECTION,
     REJECTION_CODES,
     Rejection,
     covering,
@@ -39,7 +40,7 @@ from ingest.core.lifecycle import (
     removes_bytes,
     view,
 )
-from ingest.core.records import InstanceRecord
+from ingest.core.records import InstanceRecord, RecordRow
 from ingest.ports import HELD, Added, RejectionRecorded, RejectionRow, Replaced, Verdict
 
 __all__ = ["LifecycleStore"]
@@ -202,38 +203,51 @@ class LifecycleStore(SQLStateStore):
     def _after_add(
         self,
         cur: Cursor,
-        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        items: Sequence[tuple[RecordRow, str, str | None, str]],
         results: list[Added],
         now: object,
         due_at: object,
     ) -> list[Added]:
-        """Record the rejections of added notes; say which bytes to remove (module doc)."""
+        """Record the rejections of added notes; say which bytes to remove (module doc).
+
+        Only rejection notes, and instances a recorded rejection may cover by their UIDs, are read as
+        whole records; the other rows are judged by their columns.
+        """
         added = [
             (index, item[0]) for index, (item, result) in enumerate(zip(items, results, strict=True))
             if result.outcome is Verdict.ADDED
         ]
         if not added:
             return results
-        made = {index: note_rejections(record) for index, record in added if rejection_code(record)}
+        notes: dict[int, InstanceRecord] = {}
+        for index, row in added:
+            if row.sop_class_uid == KEY_OBJECT_SELECTION:  # the only SOP class a note can be
+                record = row.record()
+                if rejection_code(record):
+                    notes[index] = record
+        made = {index: note_rejections(record) for index, record in notes.items()}
         for index, rules in made.items():
-            record = items[index][0]
+            row = items[index][0]
             # a note received again with other content (``replace``) says again what it rejects
             self._insert_rules(cur, rules, now)
-            for study_uid in sorted({r.study_uid for r in rules} - {record.study_uid}):
+            for study_uid in sorted({r.study_uid for r in rules} - {row.study_uid}):
                 self._touch_known(cur, study_uid, now, due_at)
         for study_uid in sorted({items[index][0].study_uid for index in made}):
             self._park_notes_only(cur, study_uid)
-        held = self._rules(cur, {record.study_uid for _, record in added})
+        held = self._rules(cur, {row.study_uid for _, row in added})
         if not held:
             return results
         out = list(results)
-        for index, record in added:
-            code = rejection_code(record)
-            if code is not None:
-                release = self._stored_covered(cur, made[index]) if removes_bytes(code) else []
-            else:
+        for index, row in added:
+            if index in notes:
+                code = rejection_code(notes[index])
+                release = self._stored_covered(cur, made[index]) if code and removes_bytes(code) else []
+            elif any(rule.may_cover(row.study_uid, row.series_uid, row.sop_uid) for rule in held):
+                record = row.record()
                 code = covering(record, held)
                 release = [record.sop_uid] if code is not None and removes_bytes(code) else []
+            else:
+                code, release = None, []
             if release:
                 out[index] = dataclasses.replace(
                     out[index], release=tuple(release), release_reason=f"iocm:{code}"

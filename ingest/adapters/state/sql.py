@@ -35,7 +35,7 @@ from ingest.core.admission import (
     Existing,
     decide,
 )
-from ingest.core.records import InstanceRecord
+from ingest.core.records import InstanceRecord, RecordRow
 from ingest.errors import StoreError, StoreUnavailableError
 from ingest.ports import (
     Added,
@@ -261,7 +261,7 @@ class SQLStateStore(StateStore):
     # -- instances ---------------------------------------------------------------------------------------
 
     def _insert_batch(
-        self, cur: Cursor, items: Sequence[tuple[InstanceRecord, str, str | None, str]], now: object
+        self, cur: Cursor, items: Sequence[tuple[RecordRow, str, str | None, str]], now: object
     ) -> list[Added]:
         """Insert instance rows in one statement; rows whose SOP Instance UID exists are checked after.
 
@@ -273,16 +273,16 @@ class SQLStateStore(StateStore):
         for start in range(0, len(items), _INSERT_ROWS):
             chunk = items[start : start + _INSERT_ROWS]
             values: list[object] = []
-            for record, source, spool_name, digest in chunk:
+            for row, source, spool_name, digest in chunk:
                 values += [
-                    record.sop_uid,  # (0008,0018) SOP Instance UID
-                    record.study_uid,  # (0020,000D) Study Instance UID
-                    record.series_uid,  # (0020,000E) Series Instance UID
+                    row.sop_uid,  # (0008,0018) SOP Instance UID
+                    row.study_uid,  # (0020,000D) Study Instance UID
+                    row.series_uid,  # (0020,000E) Series Instance UID
                     digest,
                     source,
                     spool_name,
                     self.node,
-                    record.model_dump_json(),
+                    row.json,
                     now,
                 ]
             rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
@@ -298,17 +298,18 @@ class SQLStateStore(StateStore):
                 ).fetchall()
             )
         results: list[Added] = []
-        for record, source, spool_name, digest in items:
-            if record.sop_uid in inserted:
-                inserted.discard(record.sop_uid)  # a second copy in this batch is compared below
-                results.append(Added(Verdict.ADDED, record.study_uid))
+        for row, source, spool_name, digest in items:
+            if row.sop_uid in inserted:
+                inserted.discard(row.sop_uid)  # a second copy in this batch is compared below
+                results.append(Added(Verdict.ADDED, row.study_uid))
                 continue
             found = cur.execute(
                 self._q("SELECT study_uid, digest, record_json FROM instances WHERE sop_uid = ?"),
-                (record.sop_uid,),
+                (row.sop_uid,),
             ).fetchone()
             if found is None:  # pragma: no cover - deleted concurrently; nothing in ingest deletes rows
-                raise StoreUnavailableError(f"instance {record.sop_uid} vanished during add; retry")
+                raise StoreUnavailableError(f"instance {row.sop_uid} vanished during add; retry")
+            record = row.record()  # a duplicate or a conflict: judged on the whole record
             decision = decide(Existing(str(found[0]), str(found[1]), str(found[2])), record, digest)
             if decision.detail == SUPERSEDES:  # a metadata-only row (ingest sync) gives way: same study
                 cur.execute(
@@ -317,8 +318,7 @@ class SQLStateStore(StateStore):
                         "node = ?, record_json = ?, added_at = ?, bytes_removed_at = NULL, "
                         "bytes_removed_reason = NULL WHERE sop_uid = ?"
                     ),
-                    (record.series_uid, digest, source, spool_name, self.node, record.model_dump_json(),
-                     now, record.sop_uid),
+                    (row.series_uid, digest, source, spool_name, self.node, row.json, now, row.sop_uid),
                 )
                 results.append(Added(Verdict.ADDED, record.study_uid))
                 continue
@@ -328,7 +328,7 @@ class SQLStateStore(StateStore):
     def _after_add(
         self,
         cur: Cursor,
-        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        items: Sequence[tuple[RecordRow, str, str | None, str]],
         results: list[Added],
         now: object,
         due_at: object,
@@ -358,7 +358,7 @@ class SQLStateStore(StateStore):
 
     def add_instance(
         self,
-        record: InstanceRecord,
+        record: InstanceRecord | RecordRow,
         *,
         source: str,
         spool_name: str | None,
@@ -405,13 +405,14 @@ class SQLStateStore(StateStore):
 
     def add_instances(
         self,
-        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        items: Sequence[tuple[InstanceRecord | RecordRow, str, str | None, str]],
         *,
         now: datetime,
         due_at: datetime,
         inline: Sequence[bytes | None] | None = None,
     ) -> list[Added]:
-        """Batch :meth:`add_instance` of ``(record, source, spool_name, digest)`` in one transaction.
+        """Batch :meth:`add_instance` of ``(record, source, spool_name, digest)`` in one transaction; a
+        record given as a :class:`~ingest.core.records.RecordRow` is stored as it is (its JSON).
 
         ``inline``, when given, holds one entry per item: its Part 10 bytes to keep in ``instance_bytes``
         (committed with the row, for items that are added), or ``None``.
@@ -424,19 +425,23 @@ class SQLStateStore(StateStore):
         if inline is not None and len(inline) != len(items):
             raise ValueError(f"inline has {len(inline)} entries for {len(items)} items")
         now_v, due_v = self._time(now), self._time(due_at)
+        rows = [
+            (record if isinstance(record, RecordRow) else RecordRow.of(record), source, spool_name, digest)
+            for record, source, spool_name, digest in items
+        ]
         with self._write("add_instances") as cur:
-            results = self._insert_batch(cur, items, now_v)
+            results = self._insert_batch(cur, rows, now_v)
             if inline is not None:
-                self._insert_bytes(cur, items, results, inline)
+                self._insert_bytes(cur, rows, results, inline)
             added = Counter(r.study_uid for r in results if r.outcome is Verdict.ADDED)
             for study_uid in sorted(added):  # one update per study; a fixed order avoids lock cycles
                 self._touch_study(cur, study_uid, added[study_uid], now_v, due_v)
-            return self._after_add(cur, items, results, now_v, due_v)
+            return self._after_add(cur, rows, results, now_v, due_v)
 
     def _insert_bytes(
         self,
         cur: Cursor,
-        items: Sequence[tuple[InstanceRecord, str, str | None, str]],
+        items: Sequence[tuple[RecordRow, str, str | None, str]],
         results: Sequence[Added],
         inline: Sequence[bytes | None],
     ) -> None:
