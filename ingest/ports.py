@@ -487,6 +487,11 @@ class StateStore(LifecycleState, CommitmentState, RetentionState, FileIdentitySt
         """Bring the due time of dirty studies forward (end of a replay input, association released)."""
         ...
 
+    def next_due_at(self, after: datetime) -> datetime | None:
+        """The earliest due time later than ``after`` among pending dirty studies (when the relay should
+        look again), or ``None``."""
+        ...
+
     def claim_due(
         self, now: datetime, limit: int, owner: str, lease_s: float, *, stale_after: datetime | None = None
     ) -> list[StudyClaim]:

@@ -71,6 +71,8 @@ LOGGER = logging.getLogger(__name__)
 _DRAIN_CLAIMS_PER_SLOT = 16
 #: How often the relay asks a failing backend whether it answers again (at most; never above max_backoff_s).
 _PROBE_EVERY_S = 2.0
+#: The shortest sleep until a due time (a study due a moment from now is not waited for in a busy loop).
+_MIN_SLEEP_S = 0.005
 
 
 @dataclass
@@ -633,11 +635,10 @@ class Relay:
                     if claims and len(running) < cap:
                         continue  # more may be due
                 self._wake.clear()
+                timeout = await self._until_due() if len(running) < cap else self.cfg.poll_interval_s
                 waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
                 try:
-                    await asyncio.wait(
-                        waiters | running, timeout=self.cfg.poll_interval_s, return_when="FIRST_COMPLETED"
-                    )
+                    await asyncio.wait(waiters | running, timeout=timeout, return_when="FIRST_COMPLETED")
                 finally:
                     for w in waiters:
                         w.cancel()
@@ -648,6 +649,19 @@ class Relay:
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+
+    async def _until_due(self) -> float:
+        """How long the loop sleeps when it has claimed what was due: until the next study this node's
+        state store knows of becomes due (pushed on time, not up to a poll interval late), and at most
+        ``[relay] poll_interval_s`` (what another node or a retry's backoff brings is found by the poll)."""
+        now = self.clock()
+        try:
+            due = await asyncio.to_thread(self.store.next_due_at, now)
+        except StoreError:  # the claim says so; the poll tries again
+            return self.cfg.poll_interval_s
+        if due is None:
+            return self.cfg.poll_interval_s
+        return min(self.cfg.poll_interval_s, max(_MIN_SLEEP_S, (due - now).total_seconds()))
 
     def _observe(self, claim: StudyClaim, result: str, seconds: float) -> None:
         """The push histograms: its duration, and for a write the time from the study's last instance

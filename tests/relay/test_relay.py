@@ -690,3 +690,24 @@ async def test_a_study_being_pushed_is_not_pushed_twice_when_the_clock_is_set_ba
     release.set()
     assert await asyncio.wait_for(first, 5) == 1
     assert sink.calls["create"] == 1 and len(sink.resources) == 1
+
+
+async def test_a_study_due_soon_is_pushed_when_it_is_due_not_at_the_next_poll(
+    store: SQLiteStateStore, sink: FakeSink, settings: Settings
+) -> None:
+    # as after an association's release: the study is made due shortly and the relay told. With a poll
+    # interval far longer than the wait, only sleeping until the due time pushes it in time.
+    cfg = settings.relay.model_copy(update={"poll_interval_s": 60.0})
+    relay = Relay(store, sink, StudyBuilder(mapping_options(settings)), cfg, node="relay-1")
+    stop = asyncio.Event()
+    loop_task = asyncio.create_task(relay.run_forever(stop))
+    try:
+        now = datetime.now(UTC)
+        store.add_instance(record(STUDY_A, 1, 1), source="test", spool_name=None, digest="d",
+                           now=now, due_at=now + timedelta(seconds=0.2))
+        relay.wake()  # what intake does after a commit; the study is not due yet
+        await _until(lambda: _state(store, STUDY_A) is StudyState.PUSHED, "the study pushed", timeout_s=30)
+        assert datetime.now(UTC) >= now + timedelta(seconds=0.2)  # not before it was due
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop_task, 10)

@@ -538,6 +538,18 @@ class SQLStateStore(StateStore):
                     [(due_v, uid, due_v) for uid in uids],
                 )
 
+    def next_due_at(self, after: datetime) -> datetime | None:
+        """The earliest ``due_at`` later than ``after`` of a pending dirty study (index ``studies_due``),
+        or ``None``; leases and retries' next attempts are not considered (the relay's poll finds those)."""
+        with self._use("next_due_at") as cur:
+            row = cur.execute(
+                self._q(
+                    "SELECT MIN(due_at) FROM studies WHERE state = 'pending' AND dirty = true AND due_at > ?"
+                ),
+                (self._time(after),),
+            ).fetchone()
+        return None if row is None or row[0] is None else self._from_time(row[0])
+
     def claim_due(
         self, now: datetime, limit: int, owner: str, lease_s: float, *, stale_after: datetime | None = None
     ) -> list[StudyClaim]:

@@ -560,3 +560,18 @@ def test_what_ingest_wrote_is_kept_with_the_push_for_the_next_merge(store: State
     store.mark_pushed(claim, backend_id="b1", version_id="v2", digest="h", now=s(41))  # nothing given: kept
     assert store.written("1.2.3") == (ours, subject)
     assert store.written("9.9.9") == (None, None)
+
+
+def test_next_due_at_is_the_earliest_due_time_after_now_of_a_study_waiting_for_a_push(
+    store: StateStore,
+) -> None:
+    assert store.next_due_at(T0) is None  # nothing stored
+    add(store, rec("1.2.1", "1.2.1.1", "1.2.1.1.1"), stable_s=5)
+    add(store, rec("1.2.2", "1.2.2.1", "1.2.2.1.1"), stable_s=1)
+    add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1"), stable_s=0.5)
+    claims = store.claim_due(s(0.5), 10, "n1", 60)  # the one due first is pushed: not waited for any more
+    assert [c.study_uid for c in claims] == ["1.2.3"]
+    store.mark_pushed(claims[0], backend_id="b1", version_id="1", digest="g", now=s(0.6))
+    assert store.next_due_at(T0) == s(1)
+    assert store.next_due_at(s(1)) == s(5)  # strictly later
+    assert store.next_due_at(s(5)) is None
