@@ -74,6 +74,7 @@ from pydicom.dataelem import RawDataElement
 
 from ingest.adapters.folders import ignored_name, iter_dicom_files  # (the folder walk, re-exported)
 from ingest.core.extract import EvidenceUids, extract_elements
+from ingest.core.lifecycle import KEY_OBJECT_SELECTION
 from ingest.core.records import InstanceRecord
 from ingest.core.tags import HEADER_TAGS
 from ingest.errors import (
@@ -141,7 +142,7 @@ _ALL_VRS: Final = _LONG_VRS | frozenset(
 _T_SOP_CLASS: Final = 0x00080016  # (0008,0016) SOP Class UID
 _T_SOP_INSTANCE: Final = 0x00080018  # (0008,0018) SOP Instance UID
 _T_EVIDENCE: Final = 0x0040A375  # (0040,A375) Current Requested Procedure Evidence Sequence
-_KEY_OBJECT_SELECTION: Final = b"1.2.840.10008.5.1.4.1.1.88.59"
+_KEY_OBJECT_SELECTION: Final = KEY_OBJECT_SELECTION.encode("ascii")
 # The evidence's levels: (the UID read, the sequence of the next level) per item
 _EVIDENCE_LEVELS: Final = (
     (0x0020000D, 0x00081115),  # Study Instance UID, Referenced Series Sequence

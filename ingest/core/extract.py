@@ -43,6 +43,7 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import TEXT_VR_DELIMS
 from pydicom.valuerep import PersonName as PydicomPersonName
 
+from ingest.core.lifecycle import KEY_OBJECT_SELECTION
 from ingest.core.records import Code, InstanceRecord, OrderReference, PersonName, SopReference
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES, tag_of
 from ingest.errors import (
@@ -73,8 +74,6 @@ _T_CHARSET: Final = int(tag_of("SpecificCharacterSet"))
 _T_FILE_SET_ID: Final = int(tag_of("FileSetID"))
 _T_DIRECTORY_RECORDS: Final = int(tag_of("DirectoryRecordSequence"))
 _MEDIA_STORAGE_DIRECTORY: Final = "1.2.840.10008.1.3.10"
-# Key Object Selection Document Storage: its title and evidence are read (IOCM rejection notes)
-_KEY_OBJECT_SELECTION: Final = "1.2.840.10008.5.1.4.1.1.88.59"
 
 # keyword -> tag as a plain int (dict lookups with int keys never call BaseTag.__eq__)
 _KEYWORD_TAGS: dict[str, int] = {}
@@ -757,7 +756,7 @@ def _extract(
         # a Key Object Selection Document: its title as a code and the instances it names (IOCM)
         concept_code: Code | None = None
         evidence: tuple[SopReference, ...] = ()
-        if sop_class_uid == _KEY_OBJECT_SELECTION:
+        if sop_class_uid == KEY_OBJECT_SELECTION:
             # not opt_codes: its memo is keyed by the sequence, which opt_first_item read above
             try:
                 titles = reader.codes("ConceptNameCodeSequence")

@@ -38,6 +38,7 @@ from ingest.core.fhir import (
     Reference,
     strip_controls,
 )
+from ingest.core.lifecycle import KEY_OBJECT_SELECTION
 from ingest.core.records import Code, InstanceRecord, PersonName
 from ingest.core.terminology import (
     ACCESSION_ID_CONCEPT,
@@ -60,7 +61,6 @@ from ingest.core.terminology import (
 
 __all__ = [
     "DATA_ABSENT_REASON_URL",
-    "KOS_SOP_CLASS",
     "KO_DOCUMENT_TITLE_URL",
     "NUMBER_OF_FRAMES_URL",
     "MappingOptions",
@@ -77,8 +77,6 @@ KO_DOCUMENT_TITLE_URL: Final = (
 )
 #: The FHIR Data Absent Reason extension: why a required element has no value.
 DATA_ABSENT_REASON_URL: Final = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
-#: Key Object Selection Document Storage.
-KOS_SOP_CLASS: Final = "1.2.840.10008.5.1.4.1.1.88.59"
 _UNKNOWN_MODALITY: Final = "OT"  # DICOM "Other"
 _UID_RE: Final = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _UUID_RE: Final = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
@@ -557,7 +555,7 @@ def _instance(
         extensions.append(Extension(url=NUMBER_OF_FRAMES_URL, value_integer=frames))
     # ImagingStudy.series.instance.extension[ko-document-title] <- (0040,A043) of a Key Object Selection
     title_code = _coding(record.concept_code) if record.concept_code is not None else None
-    if options.mado_extensions and record.sop_class_uid == KOS_SOP_CLASS and title_code is not None:
+    if options.mado_extensions and record.sop_class_uid == KEY_OBJECT_SELECTION and title_code is not None:
         extensions.append(
             Extension(
                 url=KO_DOCUMENT_TITLE_URL,
