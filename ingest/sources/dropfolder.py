@@ -14,7 +14,7 @@ How a file travels (docs/architecture.md, Durability; docs/reliability.md):
    and settles. Only when it has stayed unchanged for ``[watch] incomplete_timeout`` (default
    ``"5m"``) is it quarantined as ``truncated`` (or ``not_dicom``).
 3. **Parsed**: headers in ``[watch] jobs`` worker processes for bursts
-   (:func:`ingest.sources.parse.parse_items`).
+   (:func:`ingest.sources.parse.parse_items`), each record handed over as its state store row.
 4. **Accepted**: the bytes are copied into what ``ingest`` owns, whatever the user later does to the
    folder: a file up to ``[spool] inline_max_bytes`` into the state store with its row (one transaction
    for the chunk), a larger one into the spool (fsync'd under a random name, one folder fsync for the
@@ -74,7 +74,7 @@ from ingest.intake.admit import Admission, Admitted, Candidate, utcnow
 from ingest.intake.retention import DiskBudget
 from ingest.metrics import Metrics
 from ingest.ports import StateStore, Verdict
-from ingest.sources.parse import Item, Parsed, Rejected, parse_items
+from ingest.sources.parse import Item, ParsedRow, Rejected, parse_items
 
 __all__ = ["DropFolder", "StepResult", "WatchTotals", "open_drop_folder", "run_watcher"]
 
@@ -125,7 +125,7 @@ class _Seen:
 @dataclass(frozen=True)
 class _Copied:
     path: Path
-    parsed: Parsed
+    parsed: ParsedRow
     spool_name: str | None  # None: the bytes go into the state store with the row (``data``)
     sha256: str
     size: int
@@ -380,7 +380,7 @@ class DropFolder:
         copied: list[_Copied] = []
         results = parse_items(
             items, jobs=jobs, max_inflated_bytes=self.max_inflated, pool=self._pool if jobs > 1 else None,
-            max_rejection_items=self.max_rejection_items,
+            max_rejection_items=self.max_rejection_items, rows=True,
         )
         for result in results:
             path = Path(result.label)
@@ -440,7 +440,7 @@ class DropFolder:
         if st is not None:
             self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, self.monotonic())
 
-    def _copy_to_spool(self, path: Path, parsed: Parsed, before: os.stat_result) -> _Copied | None:
+    def _copy_to_spool(self, path: Path, parsed: ParsedRow, before: os.stat_result) -> _Copied | None:
         if before.st_size <= self.inline_max_bytes:
             return self._read_inline(path, parsed, before)
         try:
@@ -463,7 +463,7 @@ class DropFolder:
             return None
         return _Copied(path, parsed, spooled.name, spooled.sha256, before.st_size, before.st_mtime_ns)
 
-    def _read_inline(self, path: Path, parsed: Parsed, before: os.stat_result) -> _Copied | None:
+    def _read_inline(self, path: Path, parsed: ParsedRow, before: os.stat_result) -> _Copied | None:
         """A small file's bytes, committed with its row (``[spool] inline_max_bytes``): no spool file."""
         try:
             data = path.read_bytes()
@@ -491,7 +491,7 @@ class DropFolder:
             return 0
         try:
             results = self.admission.admit(
-                [Candidate(c.parsed.record, c.parsed.digest, _SOURCE, spool_name=c.spool_name, body=c.path,
+                [Candidate(c.parsed.row, c.parsed.digest, _SOURCE, spool_name=c.spool_name, body=c.path,
                            origin=str(c.path), data=c.data) for c in copied]
             )
         except StoreError as exc:  # the admission removed the spool copies
@@ -505,7 +505,7 @@ class DropFolder:
             if admitted.outcome is Verdict.ADDED:
                 accepted += 1
                 self.totals.accepted += 1
-                LOGGER.debug("watch: accepted %s as SOP Instance %s", c.path, c.parsed.record.sop_uid)
+                LOGGER.debug("watch: accepted %s as SOP Instance %s", c.path, c.parsed.row.sop_uid)
                 self._after(c, now)
             elif admitted.outcome is Verdict.DUPLICATE:
                 self.totals.duplicate += 1
