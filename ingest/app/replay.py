@@ -387,6 +387,16 @@ async def _prepare_sink(
     return sink, True
 
 
+async def _relay(settings: Settings, store: StateStore, sink: GraphQLSink) -> Relay:
+    """A replay's relay, over a connected sink (``[endpoint]`` / ``[patient]`` need the backend). A
+    backend that fails for now is waited for (``--wait-backend``), never a reason to dead-letter."""
+    from ingest.app.wiring import wired_relay
+
+    relay = await wired_relay(settings, store, sink)
+    relay.transient_dead_letters = False
+    return relay
+
+
 async def _push_early(
     settings: Settings, store: StateStore, sink_ready: asyncio.Future[tuple[GraphQLSink, bool]],
     quiet: asyncio.Queue[set[str] | None],
@@ -398,13 +408,8 @@ async def _push_early(
     One pass per report: a study the backend refuses for now is retried by the drain at the end.
     Pushing while reading puts the second core to work: at the end of a replay only the relay runs.
     """
-    from ingest.app.wiring import wired_relay
-
     sink, connected = await sink_ready
-    relay: Relay | None = None
-    if connected:
-        relay = await wired_relay(settings, store, sink)
-        relay.transient_dead_letters = False
+    relay = await _relay(settings, store, sink) if connected else None
     while (uids := await quiet.get()) is not None:
         if relay is not None:
             await relay.drain(uids, deadline=time.monotonic())
@@ -488,7 +493,7 @@ async def _drain(
     ``wait_backend_s`` in all; then the studies not pushed yet stay pending in the state store (counted as
     ``pending``; ``ingest serve`` or a later replay pushes them) and nothing is dead-lettered for it.
     """
-    from ingest.app.wiring import connect_with_backoff, wired_relay
+    from ingest.app.wiring import connect_with_backoff
 
     deadline = time.monotonic() + wait_backend_s
     try:
@@ -498,8 +503,7 @@ async def _drain(
         summary.studies["pending"] = len(touched)
         return
     if relay is None:
-        relay = await wired_relay(settings, store, sink)  # [endpoint] / [patient] need the backend
-        relay.transient_dead_letters = False
+        relay = await _relay(settings, store, sink)
     if not await relay.drain(touched, deadline=deadline):
         waiting = {r.study_uid for r in await asyncio.to_thread(store.studies, StudyState.PENDING)}
         summary.studies["pending"] = len(waiting & touched)

@@ -145,9 +145,9 @@ class Rejection:
 
     def covers(self, record: InstanceRecord) -> bool:
         """Whether this rejection applies to ``record`` (of its patient, when it has one)."""
-        if self.patient and patient_key(record) != self.patient:
-            return False
-        return self.may_cover(record.study_uid, record.series_uid, record.sop_uid)
+        if not self.may_cover(record.study_uid, record.series_uid, record.sop_uid):
+            return False  # (the UIDs first: the patient key is built only for an instance they name)
+        return not self.patient or patient_key(record) == self.patient
 
     def may_cover(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         """Whether this rejection applies to the instance with these UIDs, its patient not considered

@@ -159,7 +159,8 @@ class RecordRow:
     Made where the header is read (a parsing process of ``ingest replay``), it crosses to the process
     that stores it as a few strings, and is stored as it is: no model is built per file there. The record
     itself is validated from the JSON when something needs more than these columns (a rejection note, a
-    conflict), and once per study when the relay maps it.
+    conflict), and once per study when the relay maps it. A row made in this process keeps the record
+    it was made from (:meth:`record` returns it); pickled, it is the six strings only.
     """
 
     study_uid: str  # (0020,000D)
@@ -168,15 +169,20 @@ class RecordRow:
     sop_class_uid: str  # (0008,0016)
     study_date: str | None  # (0008,0020) raw DA, for ``--since``
     json: str
+    made_from: InstanceRecord | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, record: InstanceRecord) -> RecordRow:
         return cls(record.study_uid, record.series_uid, record.sop_uid, record.sop_class_uid,
-                   record.study_date, record.model_dump_json())
+                   record.study_date, record.model_dump_json(), record)
 
     def record(self) -> InstanceRecord:
-        """The record (validated from :attr:`json`)."""
-        return InstanceRecord.from_json(self.json)
+        """The record: the one the row was made from, or validated from :attr:`json`."""
+        return self.made_from if self.made_from is not None else InstanceRecord.from_json(self.json)
+
+    def __reduce__(self) -> tuple[type[RecordRow], tuple[str, str, str, str, str | None, str]]:
+        return RecordRow, (self.study_uid, self.series_uid, self.sop_uid, self.sop_class_uid,
+                           self.study_date, self.json)
 
 
 @dataclass(frozen=True)

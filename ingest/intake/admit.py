@@ -11,8 +11,9 @@ instances to :class:`Admission`, which:
    keep and there is a quarantine) and removes the spool copy;
 4. counts accepted and rejected instances (``source`` label: ``dimse``, ``watch``);
 5. wakes the relay once when something was added that is due at once (``stable_age_s = 0``); a study
-   due later is found by the relay's next poll (``[relay] poll_interval_s``), so a busy listener does
-   not make the relay look for due studies, in vain, after every instance.
+   due later is pushed when the relay next looks (it sleeps until the earliest due time its state store
+   holds, at most ``[relay] poll_interval_s``), so a busy listener does not make the relay look for due
+   studies, in vain, after every instance.
 
 Who may do what (docs/architecture.md "Study lifecycle"): an IOCM rejection note is applied only when
 its sender may send rejections (``reject = true`` on its ``[listener] allowed_calling_aes`` entry; the
@@ -453,7 +454,7 @@ class Admission:
         return Admitted(Verdict.ADDED, added.study_uid, now, _REPLACED, detail, name)
 
     def _replaced_detail(self, item: Candidate, old_digest: str) -> str:
-        rec = item.full
+        rec = item.record  # (its UIDs: a row's columns do)
         return (
             f"SOP Instance UID {rec.sop_uid} of study {rec.study_uid}: this version ({old_digest}) was "
             f"replaced by {item.digest} (source={printable(item.origin or item.source)})"
@@ -480,7 +481,7 @@ class Admission:
         replacement was refused."""
         stored = added.detail or _CONFLICT
         rule = rule or stored
-        rec = item.full
+        rec = item.record  # (its UIDs: a row's columns do)
         detail = (
             f"SOP Instance UID {rec.sop_uid} of study {rec.study_uid} is already stored with "
             f"{stored.replace('_', ' ')}; the first is kept"

@@ -133,6 +133,13 @@ def parse_items(
 ) -> Iterator[ParsedRow | Rejected]: ...
 
 
+@overload
+def parse_items(
+    items: Iterable[Item], *, jobs: int = ..., max_inflated_bytes: int = ..., max_rejection_items: int = ...,
+    caller_parses: bool = ..., pool: ProcessPoolExecutor | None = ..., rows: bool,
+) -> Iterator[Parsed | ParsedRow | Rejected]: ...
+
+
 def parse_items(
     items: Iterable[Item],
     *,

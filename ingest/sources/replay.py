@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 from ingest.errors import ArchiveError
 from ingest.ports import FileIdentity, StateStore, StudyState, Verdict
@@ -127,26 +127,32 @@ class ReplayCaps:
     max_rejection_items: int
 
 
+@overload
+def parse_replay(
+    paths: list[Path], caps: ReplayCaps, *, jobs: int, shard: Shard | None = ...,
+    caller_parses: bool = ..., skip: Callable[[Iterator[Item]], Iterator[Item]] | None = ...,
+    rows: Literal[False] = ...,
+) -> Iterator[Parsed | Rejected]: ...
+
+
+@overload
+def parse_replay(
+    paths: list[Path], caps: ReplayCaps, *, jobs: int, shard: Shard | None = ...,
+    caller_parses: bool = ..., skip: Callable[[Iterator[Item]], Iterator[Item]] | None = ...,
+    rows: Literal[True],
+) -> Iterator[ParsedRow | Rejected]: ...
+
+
 def parse_replay(
     paths: list[Path], caps: ReplayCaps, *, jobs: int, shard: Shard | None = None,
     caller_parses: bool = False, skip: Callable[[Iterator[Item]], Iterator[Item]] | None = None,
-) -> Iterator[Parsed | Rejected]:
-    """The parse results of a replay's items (``skip``, if given, drops items before they are parsed)."""
+    rows: bool = False,
+) -> Iterator[Any]:
+    """The parse results of a replay's items (``skip``, if given, drops items before they are parsed);
+    with ``rows``, each record as its state store row (what a replay stores; :func:`parse_items`)."""
     items = replay_items(paths, shard)
     return parse_items(
-        skip(items) if skip is not None else items, jobs=jobs, caller_parses=caller_parses,
-        max_inflated_bytes=caps.max_inflated_bytes, max_rejection_items=caps.max_rejection_items,
-    )
-
-
-def _parse_rows(
-    paths: list[Path], caps: ReplayCaps, *, jobs: int, shard: Shard | None,
-    skip: Callable[[Iterator[Item]], Iterator[Item]] | None,
-) -> Iterator[ParsedRow | Rejected]:
-    """:func:`parse_replay` yielding each record as its state store row (what a replay stores)."""
-    items = replay_items(paths, shard)
-    return parse_items(
-        skip(items) if skip is not None else items, jobs=jobs, rows=True,
+        skip(items) if skip is not None else items, jobs=jobs, caller_parses=caller_parses, rows=rows,
         max_inflated_bytes=caps.max_inflated_bytes, max_rejection_items=caps.max_rejection_items,
     )
 
@@ -219,7 +225,6 @@ class ReplaySource:
         #: studies of files not read again (unchanged since an earlier replay)
         self.known: set[str] = set()
         self._admission: Admission | None = None
-        self._on_quiet: Callable[[set[str]], object] | None = None
         self._admitted = 0  # files admitted so far (added or duplicate)
         self._growing: dict[str, int] = {}  # study -> ``_admitted`` when it last gained an instance
 
@@ -237,9 +242,8 @@ class ReplaySource:
         instance."""
         totals = self.totals
         batch: list[ParsedRow] = []
-        self._on_quiet = on_quiet
-        results = _parse_rows(self.paths, self.caps, jobs=self.jobs, shard=self.shard,
-                              skip=self._skip_known if self.skip_unchanged else None)
+        results = parse_replay(self.paths, self.caps, jobs=self.jobs, shard=self.shard, rows=True,
+                               skip=self._skip_known if self.skip_unchanged else None)
         for n, result in enumerate(results):
             if not n:
                 on_first()
@@ -252,22 +256,19 @@ class ReplaySource:
             else:
                 batch.append(result)
                 if len(batch) >= _STORE_BATCH:
-                    self._admit(batch, on_rejected)
+                    self._admit(batch, on_rejected, on_quiet)
                     batch = []
             on_file()
         if batch:
-            self._admit(batch, on_rejected)
-        self._on_quiet = None
+            self._admit(batch, on_rejected, on_quiet)
 
-    def _report_quiet(self) -> None:
+    def _report_quiet(self, on_quiet: Callable[[set[str]], object]) -> None:
         """Tell ``on_quiet`` of the studies that have not grown for :data:`QUIET_FILES` admitted files."""
-        if self._on_quiet is None:
-            return
         quiet = {uid for uid, at in self._growing.items() if self._admitted - at >= QUIET_FILES}
         if quiet:
             for uid in quiet:
                 del self._growing[uid]
-            self._on_quiet(quiet)
+            on_quiet(quiet)
 
     def studies_to_push(self) -> set[str]:
         """The studies the relay must see: those this input touched, and those all of whose files were
@@ -324,7 +325,10 @@ class ReplaySource:
                 yield from flush()
         yield from flush()
 
-    def _admit(self, batch: list[ParsedRow], on_rejected: Callable[[Rejected], None]) -> None:
+    def _admit(
+        self, batch: list[ParsedRow], on_rejected: Callable[[Rejected], None],
+        on_quiet: Callable[[set[str]], object] | None,
+    ) -> None:
         from ingest.intake.admit import Admission, Candidate  # (not needed by a rerun that reads no file)
 
         if self._admission is None:
@@ -352,4 +356,5 @@ class ReplaySource:
                 why = f"SOP Instance UID {row.sop_uid}: {admitted.rule}"
                 on_rejected(Rejected(parsed.label, "conflict", why))
         self.store.remember_files(remember)
-        self._report_quiet()
+        if on_quiet is not None:
+            self._report_quiet(on_quiet)

@@ -5,6 +5,7 @@ Against the real SQLite store and real spool / quarantine folders under ``tmp_pa
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -180,12 +181,16 @@ def test_a_row_is_stored_as_it_is_and_read_whole_only_to_judge_a_repeat(
         return real(cls, text)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(InstanceRecord, "from_json", classmethod(counting))
+    def shipped(record: InstanceRecord) -> RecordRow:  # as a parsing process hands it over: strings only
+        row: RecordRow = pickle.loads(pickle.dumps(RecordRow.of(record)))
+        return row
+
     record = rec("1.2.3.1", study_description="Chest")
-    (added,) = parts.admission.admit([Candidate(RecordRow.of(record), "d1", "file:a.dcm")])
+    (added,) = parts.admission.admit([Candidate(shipped(record), "d1", "file:a.dcm")])
     assert added.outcome is Verdict.ADDED
     assert reads == []  # an ordinary new instance: its row's columns and JSON, no record built
-    (again,) = parts.admission.admit([Candidate(RecordRow.of(record), "d1", "file:a.dcm")])
+    (again,) = parts.admission.admit([Candidate(shipped(record), "d1", "file:a.dcm")])
     assert again.outcome is Verdict.DUPLICATE and reads  # a repeat is judged on the whole record
-    (other,) = parts.admission.admit([Candidate(RecordRow.of(rec("1.2.3.1")), "d2", "file:b.dcm")])
+    (other,) = parts.admission.admit([Candidate(shipped(rec("1.2.3.1")), "d2", "file:b.dcm")])
     assert (other.outcome, other.rule) == (Verdict.CONFLICT, "other_content")
     assert parts.store.instances(STUDY) == [record]  # stored as given, read back equal

@@ -4,6 +4,7 @@ rejections, and ``[intake] on_conflict = "replace"``. Real SQLite store, spool a
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -311,8 +312,9 @@ def test_a_held_instance_is_replaced_only_once_its_old_bytes_are_quarantined(
 
 
 def _as_row(candidate: Candidate) -> Candidate:
+    """``candidate`` with its record as a parsing process hands it over (a pickled row: strings only)."""
     assert isinstance(candidate.record, InstanceRecord)
-    return dataclasses.replace(candidate, record=RecordRow.of(candidate.record))
+    return dataclasses.replace(candidate, record=pickle.loads(pickle.dumps(RecordRow.of(candidate.record))))
 
 
 def test_rows_a_patient_safety_note_removes_the_bytes_of_what_it_rejects(parts: Parts) -> None:

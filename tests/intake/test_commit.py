@@ -62,6 +62,14 @@ def store(tmp_path: Path) -> Iterator[SQLiteStateStore]:
     st.close()
 
 
+@pytest.fixture
+def gate(store: SQLiteStateStore, monkeypatch: pytest.MonkeyPatch) -> Gate:
+    """The store's ``add_instances`` behind a :class:`Gate`."""
+    held = Gate(store)
+    monkeypatch.setattr(store, "add_instances", held)
+    return held
+
+
 def _admission(store: SQLiteStateStore, tmp_path: Path, wakes: list[int]) -> Admission:
     return Admission(
         store, spool=Spool(tmp_path / "spool"), quarantine=Quarantine(tmp_path / "quarantine"), metrics=None,
@@ -92,10 +100,8 @@ def _wait_for(cond: Any, timeout: float = 10) -> bool:
 
 
 def test_waiting_candidates_share_one_transaction_and_each_gets_its_own_outcome(
-    store: SQLiteStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SQLiteStateStore, tmp_path: Path, gate: Gate
 ) -> None:
-    gate = Gate(store)
-    monkeypatch.setattr(store, "add_instances", gate)
     wakes: list[int] = []
     group = GroupCommit(_admission(store, tmp_path, wakes))
     items = [Candidate(rec(f"1.2.3.{k}"), f"c1:{k}", "dimse:A", data=part10(b"%d" % k)) for k in range(6)]
@@ -167,10 +173,8 @@ def test_a_failed_transaction_fails_every_candidate_in_it_and_nothing_is_kept(
 
 
 def test_batches_are_bounded_by_count_and_bytes(
-    store: SQLiteStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SQLiteStateStore, tmp_path: Path, gate: Gate
 ) -> None:
-    gate = Gate(store)
-    monkeypatch.setattr(store, "add_instances", gate)
     group = GroupCommit(_admission(store, tmp_path, []), max_batch=3, max_batch_bytes=3 * 1000)
     items = [Candidate(rec(f"1.2.5.{k}"), f"c1:{k}", "dimse:A", data=b"x" * 1000) for k in range(8)]
     items[1] = Candidate(rec("1.2.5.1"), "c1:1", "dimse:A", data=b"x" * 5000)  # alone: over the byte cap
@@ -202,19 +206,15 @@ def test_limits_must_be_positive(store: SQLiteStateStore, tmp_path: Path) -> Non
 
 
 def test_the_event_loop_submits_and_awaits_without_waiting_for_the_fsync(
-    store: SQLiteStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SQLiteStateStore, tmp_path: Path, gate: Gate
 ) -> None:
-    gate = Gate(store)
-    monkeypatch.setattr(store, "add_instances", gate)
     group = GroupCommit(_admission(store, tmp_path, []))
     items = [Candidate(rec(f"1.2.7.{k}"), f"c1:{k}", "dimse:A", data=part10(b"%d" % k)) for k in range(4)]
 
     async def scenario() -> list[Admitted]:
         first = asyncio.ensure_future(asyncio.wrap_future(group.submit(items[0])))
-        ticks = 0
         while not gate.entered.is_set():  # the loop keeps running while the writer holds the first
             await asyncio.sleep(0.005)
-            ticks += 1
         others = [asyncio.ensure_future(asyncio.wrap_future(group.submit(i))) for i in items[1:]]
         await asyncio.sleep(0.05)
         assert not any(o.done() for o in [first, *others])  # nobody answered before its commit
@@ -230,10 +230,8 @@ def test_the_event_loop_submits_and_awaits_without_waiting_for_the_fsync(
 
 
 def test_a_waiter_that_went_away_does_not_stop_the_writer(
-    store: SQLiteStateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: SQLiteStateStore, tmp_path: Path, gate: Gate
 ) -> None:
-    gate = Gate(store)
-    monkeypatch.setattr(store, "add_instances", gate)
     group = GroupCommit(_admission(store, tmp_path, []))
     first = group.submit(Candidate(rec("1.2.8.0"), "c1:0", "dimse:A", data=part10(b"0")))
     assert gate.entered.wait(10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,39 +107,42 @@ def test_the_source_admits_through_one_admission_and_a_rerun_reads_nothing(tmp_p
         store.close()
 
 
-def test_studies_that_stop_growing_are_reported_quiet_once_while_reading(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def quiet_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SQLiteStateStore]:
+    """A state store for a source whose studies count as quiet after 300 files without growing."""
     monkeypatch.setattr(replay_module, "QUIET_FILES", 300)
+    store = SQLiteStateStore(tmp_path / "state.sqlite3")
+    yield store
+    store.close()
+
+
+def test_studies_that_stop_growing_are_reported_quiet_once_while_reading(
+    tmp_path: Path, quiet_store: SQLiteStateStore
+) -> None:
     corpus = generate(tmp_path / "corpus", studies=4, files=1200, seed=6, tiny=True)
     per_study = {s.study_uid: sum(x.instances for x in s.series) for s in corpus.studies}
-    store = SQLiteStateStore(tmp_path / "state.sqlite3")
-    try:
-        reports: list[set[str]] = []
-        held_when_reported: dict[str, int] = {}
+    reports: list[set[str]] = []
+    held_when_reported: dict[str, int] = {}
 
-        def on_quiet(uids: set[str]) -> None:
-            reports.append(uids)
-            for uid in uids:  # what the store holds of it when the caller would push it
-                held_when_reported[uid] = len(store.instances(uid))
+    def on_quiet(uids: set[str]) -> None:
+        reports.append(uids)
+        for uid in uids:  # what the store holds of it when the caller would push it
+            held_when_reported[uid] = len(quiet_store.instances(uid))
 
-        totals = ReplayTotals()
-        _source(store, corpus.root, totals).read(on_rejected=lambda r: None, on_file=lambda: None,
-                                                 on_quiet=on_quiet)
-        assert totals.accepted == corpus.files
-        reported = [uid for batch in reports for uid in batch]
-        assert len(reported) == len(set(reported))  # each once
-        # every study but the one still growing at the end is reported, and only once it is complete
-        assert set(reported) == set(corpus.study_uids) - {corpus.study_uids[-1]}
-        assert held_when_reported == {uid: per_study[uid] for uid in reported}
-    finally:
-        store.close()
+    totals = ReplayTotals()
+    _source(quiet_store, corpus.root, totals).read(on_rejected=lambda r: None, on_file=lambda: None,
+                                                   on_quiet=on_quiet)
+    assert totals.accepted == corpus.files
+    reported = [uid for batch in reports for uid in batch]
+    assert len(reported) == len(set(reported))  # each once
+    # every study but the one still growing at the end is reported, and only once it is complete
+    assert set(reported) == set(corpus.study_uids) - {corpus.study_uids[-1]}
+    assert held_when_reported == {uid: per_study[uid] for uid in reported}
 
 
 def test_a_study_that_grows_again_is_reported_quiet_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, quiet_store: SQLiteStateStore
 ) -> None:
-    monkeypatch.setattr(replay_module, "QUIET_FILES", 300)
     first = generate(tmp_path / "one", studies=1, files=200, seed=7, tiny=True)
     middle = generate(tmp_path / "two", studies=2, files=800, seed=8, tiny=True)
     (study,) = first.studies
@@ -149,12 +153,8 @@ def test_a_study_that_grows_again_is_reported_quiet_again(
     for series in study.series[1:]:
         shutil.copytree(first.root / series.directory, root / "p" / series.directory)
     shutil.copytree(middle.root, root / "z")  # (duplicates: admitted, they do not make a study grow)
-    store = SQLiteStateStore(tmp_path / "state.sqlite3")
-    try:
-        reports: list[set[str]] = []
-        _source(store, root, ReplayTotals()).read(on_rejected=lambda r: None, on_file=lambda: None,
-                                                  on_quiet=reports.append)
-        times = [i for i, batch in enumerate(reports) if study.study_uid in batch]
-        assert len(times) == 2, reports  # quiet after its first series, and again after the rest
-    finally:
-        store.close()
+    reports: list[set[str]] = []
+    _source(quiet_store, root, ReplayTotals()).read(on_rejected=lambda r: None, on_file=lambda: None,
+                                                    on_quiet=reports.append)
+    times = [i for i, batch in enumerate(reports) if study.study_uid in batch]
+    assert len(times) == 2, reports  # quiet after its first series, and again after the rest

@@ -219,13 +219,13 @@ class LifecycleStore(SQLStateStore):
         ]
         if not added:
             return results
-        notes: dict[int, InstanceRecord] = {}
+        notes: dict[int, tuple[InstanceRecord, str]] = {}  # index -> the note and its rejection code
         for index, row in added:
             if row.sop_class_uid == KEY_OBJECT_SELECTION:  # the only SOP class a note can be
                 record = row.record()
-                if rejection_code(record):
-                    notes[index] = record
-        made = {index: note_rejections(record) for index, record in notes.items()}
+                if (note_code := rejection_code(record)) is not None:
+                    notes[index] = record, note_code
+        made = {index: note_rejections(record) for index, (record, _) in notes.items()}
         for index, rules in made.items():
             row = items[index][0]
             # a note received again with other content (``replace``) says again what it rejects
@@ -238,10 +238,11 @@ class LifecycleStore(SQLStateStore):
         if not held:
             return results
         out = list(results)
+        code: str | None
         for index, row in added:
             if index in notes:
-                code = rejection_code(notes[index])
-                release = self._stored_covered(cur, made[index]) if code and removes_bytes(code) else []
+                code = notes[index][1]
+                release = self._stored_covered(cur, made[index]) if removes_bytes(code) else []
             elif any(rule.may_cover(row.study_uid, row.series_uid, row.sop_uid) for rule in held):
                 record = row.record()
                 code = covering(record, held)

@@ -54,6 +54,7 @@ from ingest.errors import ReportDeliveryError, StoreError
 from ingest.logs import printable
 from ingest.metrics import Metrics
 from ingest.ports import CommitmentAdded, CommitmentReport, ReportSender, StateStore
+from ingest.sources.dimse.framing import decode_data_set
 
 __all__ = [
     "STORAGE_COMMITMENT_INSTANCE",
@@ -420,10 +421,4 @@ class _ActionEvent:
 
     @property
     def action_information(self) -> Dataset:
-        from io import BytesIO
-
-        from pydicom.filereader import read_dataset
-
-        implicit = self._ts == ImplicitVRLittleEndian
-        big = self._ts == "1.2.840.10008.1.2.2"
-        return read_dataset(BytesIO(self._data), implicit, not big)
+        return decode_data_set(self._data, self._ts)

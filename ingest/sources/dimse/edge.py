@@ -71,6 +71,7 @@ from ingest.sources.dimse.framing import (
     abort_pdu,
     decode_command,
     encode_command,
+    encode_data_set,
     p_data_pdus,
     release_rp_pdu,
     release_rq_pdu,
@@ -265,25 +266,19 @@ class Association:
             When no accepted context lets this side send it, the association ended, or no answer came.
         """
         from pydicom.dataset import Dataset
-        from pydicom.filebase import DicomBytesIO
-        from pydicom.filewriter import write_dataset
 
         cx = next(
             (c for c in self.accepted_contexts if str(c.abstract_syntax) == sop_class and c.as_scu), None
         )
         if cx is None:
             raise RuntimeError("no accepted presentation context for the report")
-        ts = str(cx.transfer_syntax[0])
-        fp = DicomBytesIO()
-        fp.is_little_endian = ts != "1.2.840.10008.1.2.2"
-        fp.is_implicit_VR = ts == "1.2.840.10008.1.2"
-        write_dataset(fp, info)
+        body = encode_data_set(info, str(cx.transfer_syntax[0]))
         fields = {0x0002: sop_class, 0x0100: 0x0100, 0x0800: 0x0001, 0x1000: sop_instance, 0x1002: event_type}
         try:
             wait_s = self.edge.limits.dimse_timeout_s
             if timeout_s is not None:
                 wait_s = min(wait_s, timeout_s)
-            sent = asyncio.wait_for(self.request(int(cx.context_id or 0), fields, fp.getvalue()), wait_s)
+            sent = asyncio.wait_for(self.request(int(cx.context_id or 0), fields, body), wait_s)
             rsp = self.call(sent, wait_s + 5)
         except (ConnectionError, TimeoutError, OSError) as exc:
             raise RuntimeError(f"no answer to the N-EVENT-REPORT: {type(exc).__name__}") from exc

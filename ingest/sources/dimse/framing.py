@@ -12,7 +12,10 @@ associate`); what flows on an established association is framed here, in plain c
   check), and :func:`p_data_pdus` cuts a command and its data set into P-DATA-TF PDUs no larger than
   the peer's maximum;
 - :func:`repair_command_set` replaces an over-long or unprintable command UID with a fresh ``2.25`` UID
-  no data set carries, so the C-STORE is refused with a clean status instead of an abort.
+  no data set carries, so the C-STORE is refused with a clean status instead of an abort;
+- :func:`encode_data_set` and :func:`decode_data_set` write and read the data set of a message other
+  than a C-STORE's (an N-ACTION's Action Information, an N-EVENT-REPORT's, a C-FIND identifier) in its
+  presentation context's transfer syntax, with pydicom (imported when first needed).
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "A_ABORT",
@@ -36,7 +42,9 @@ __all__ = [
     "abort_pdu",
     "decodable_uid",
     "decode_command",
+    "decode_data_set",
     "encode_command",
+    "encode_data_set",
     "p_data_pdus",
     "release_rp_pdu",
     "release_rq_pdu",
@@ -307,3 +315,31 @@ def repair_command_set(command: bytes) -> bytes | None:
         return None
     rest = b"".join(_ELEMENT.pack(0, element, len(value)) + value for element, value in elements if element)
     return _ELEMENT.pack(0, 0, 4) + struct.pack("<L", len(rest)) + rest
+
+
+_IMPLICIT_LE: Final = "1.2.840.10008.1.2"
+_EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
+
+
+def encode_data_set(ds: Dataset, transfer_syntax: str) -> bytes:
+    """``ds`` encoded in ``transfer_syntax`` (Implicit VR Little Endian, or Explicit VR Little or Big
+    Endian; the others this edge accepts for such messages encode as Explicit VR Little Endian)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    out = DicomBytesIO()
+    out.is_little_endian = transfer_syntax != _EXPLICIT_BE
+    out.is_implicit_VR = transfer_syntax == _IMPLICIT_LE
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def decode_data_set(data: bytes, transfer_syntax: str) -> Dataset:
+    """The data set ``data`` encoded in ``transfer_syntax`` (:func:`encode_data_set`'s encodings)."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    implicit, little = transfer_syntax == _IMPLICIT_LE, transfer_syntax != _EXPLICIT_BE
+    ds: Dataset = read_dataset(BytesIO(data), implicit, little)
+    return ds

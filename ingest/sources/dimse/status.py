@@ -68,7 +68,8 @@ class Reply(NamedTuple):
 
 
 def reply(outcome: str, detail: str | None = None) -> Reply:
-    """What :func:`answer` says, as a :class:`Reply` (the event loop's path builds no data set)."""
+    """The status and Error Comment for ``outcome`` (:func:`answer`'s parameters), without a data set
+    (the event loop's path builds none)."""
     entry = status_for(outcome)
     if entry.status == 0x0000:
         return Reply(0x0000, None)
@@ -85,9 +86,9 @@ def answer(outcome: str, detail: str | None = None) -> Dataset:
     detail:
         An Error Comment to send instead of the table's, cut to 64 characters.
     """
-    entry = status_for(outcome)
+    status, comment = reply(outcome, detail)
     rsp = Dataset()
-    rsp.Status = entry.status  # (0000,0900)
-    if entry.status != 0x0000:
-        rsp.ErrorComment = (detail or entry.comment)[:MAX_COMMENT]  # (0000,0902) LO
+    rsp.Status = status  # (0000,0900)
+    if comment is not None:
+        rsp.ErrorComment = comment  # (0000,0902) LO
     return rsp

@@ -41,7 +41,7 @@ from ingest.adapters.dicomfile import ParsedInstance, read_header, read_header_b
 from ingest.adapters.spool import Quarantine, Spool, SpoolFile, SpoolWriter
 from ingest.config import ListenerSettings
 from ingest.errors import HeaderError, NestingTooDeepError, StoreError
-from ingest.intake.admit import Candidate
+from ingest.intake.admit import Admitted, Candidate
 from ingest.intake.commit import GroupCommit
 from ingest.intake.retention import DiskBudget, SpoolFullError
 from ingest.metrics import Metrics
@@ -343,7 +343,7 @@ class StoreService:
             self.metrics.spool_bytes.set(self.budget.used)
         return reply(outcome), outcome
 
-    def _settled(self, assoc: Any, admitted: Any, study_uid: str) -> str:
+    def _settled(self, assoc: Any, admitted: Admitted, study_uid: str) -> str:
         """The outcome name of an admission (``stored``, ``duplicate``, ``conflict``); a stored
         instance's study is noted for its association (the release brings it forward)."""
         if admitted.outcome is Verdict.DUPLICATE:

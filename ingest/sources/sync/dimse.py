@@ -26,13 +26,9 @@ import logging
 import socket
 import ssl
 import threading
-from io import BytesIO
 from typing import Final
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from ingest.errors import SyncSourceError
@@ -48,7 +44,9 @@ from ingest.sources.dimse.framing import (
     FramingError,
     abort_pdu,
     decode_command,
+    decode_data_set,
     encode_command,
+    encode_data_set,
     p_data_pdus,
     release_rq_pdu,
     split_pdvs,
@@ -202,15 +200,6 @@ def _accepted(pdu: bytes) -> int:
     return 0
 
 
-def _encode_identifier(query: Dataset) -> bytes:
-    """``query`` as an identifier, Implicit VR Little Endian."""
-    out = DicomBytesIO()
-    out.is_little_endian = True
-    out.is_implicit_VR = True
-    write_dataset(out, query)
-    return out.getvalue()
-
-
 class DimseFinder:
     """C-FIND at study, series and image level against one PACS."""
 
@@ -303,7 +292,8 @@ class DimseFinder:
             0x0002: STUDY_ROOT_FIND, 0x0100: _C_FIND_RQ, 0x0110: assoc.message_id, 0x0700: 0x0000,
             0x0800: 0x0000,
         })
-        for pdu in p_data_pdus(_CONTEXT_ID, command, _encode_identifier(query), assoc.peer_max):
+        body = encode_data_set(query, ImplicitVRLittleEndian)
+        for pdu in p_data_pdus(_CONTEXT_ID, command, body, assoc.peer_max):
             assoc.send(pdu)
         answers: list[Dataset] = []
         command_bytes = bytearray()
@@ -339,7 +329,7 @@ class DimseFinder:
                     if not control & 0x02:
                         continue
                     if status in _PENDING:
-                        answers.append(read_dataset(BytesIO(bytes(data)), True, True))
+                        answers.append(decode_data_set(bytes(data), ImplicitVRLittleEndian))
                     data.clear()
                     if status is not None and status not in _PENDING:
                         return answers, status

@@ -182,3 +182,32 @@ def test_an_invalid_move_originator_ae_is_dropped() -> None:
     assert repaired is not None
     assert 0x1030 not in parse_command(repaired)
     assert repair_command_set(c_store_rq(CT_IMAGE, b"1.2.3", extra=element(0x1030, b"GOODAE"))) is None
+
+
+@pytest.mark.parametrize(
+    ("transfer_syntax", "implicit", "little"),
+    [("1.2.840.10008.1.2", True, True), ("1.2.840.10008.1.2.1", False, True),
+     ("1.2.840.10008.1.2.2", False, False)],
+)
+def test_a_message_data_set_is_encoded_as_pynetdicom_encodes_it_and_read_back(
+    transfer_syntax: str, implicit: bool, little: bool
+) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pynetdicom.dsutils import encode
+
+    from ingest.sources.dimse.framing import decode_data_set, encode_data_set
+
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    item.ReferencedSOPInstanceUID = "1.2.3.4.5"
+    ds = Dataset()
+    ds.TransactionUID = "1.2.3.99"
+    ds.ReferencedSOPSequence = Sequence([item])
+    ds.StudyDate = "20240301"
+    ds.NumberOfStudyRelatedInstances = 12
+    data = encode_data_set(ds, transfer_syntax)
+    assert data == encode(ds, implicit, little)
+    back = decode_data_set(data, transfer_syntax)
+    assert back.TransactionUID == "1.2.3.99" and back.NumberOfStudyRelatedInstances == 12
+    assert back.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.3.4.5"
