@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ingest.adapters.state.sqlite import MIGRATIONS, SQLiteStateStore, check_database, database_file
 from ingest.core.records import InstanceRecord
+from tests import wait_until
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -30,11 +30,8 @@ def test_commits_are_full_sync_wal_and_checkpoints_run_off_the_commit_path(tmp_p
                                     sop_class_uid="1.2.840.10008.5.1.4.1.1.2")
             store.add_instance(record, source="test", spool_name=None, digest=f"c1:{k}", now=T0, due_at=T0,
                                data=data)
-        deadline = time.monotonic() + 10
-        while path.stat().st_size < before + 40 * 100_000 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        # the checkpointer thread copied the WAL into the database file
-        assert path.stat().st_size >= before + 40 * 100_000
+        # the checkpointer thread copies the WAL into the database file
+        wait_until(lambda: path.stat().st_size >= before + 40 * 100_000, 10, "a checkpoint")
     finally:
         store.close()
     # a second connection reads everything back after the close

@@ -349,8 +349,10 @@ def test_silent_connections_do_not_lock_out_senders(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, max_associations=2, acse_timeout_s=30, associate_rq_timeout_s=30)
     with running_listener(settings) as run:
         silent = [_connect_from("127.0.0.2", run.port) for _ in range(3)]  # more than max_associations
+        server = run.listener.server
+        assert server is not None
         try:
-            time.sleep(0.3)  # all accepted by now
+            assert _wait_until(lambda: len(server.pending_ages("127.0.0.2")) == 3)  # all accepted
             ae = scu()
             ae.add_requested_context(Verification)
             first = ae.associate("127.0.0.1", run.port, ae_title="INGEST")
