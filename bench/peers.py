@@ -64,7 +64,7 @@ def storescu_parallel(port: int, folders: list[Path], *, nodelay: bool = False) 
     ]
     errors = []
     for proc in procs:
-        _out, err = proc.communicate(600)
+        _out, err = proc.communicate(timeout=600)
         if proc.returncode != 0:
             errors.append(err[-300:])
     if errors:
