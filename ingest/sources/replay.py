@@ -68,15 +68,16 @@ def parse_shard(text: str) -> Shard:
     return Shard(index, count)
 
 
-def relative_key(root: Path, path: Path) -> str:
+def relative_key(root: Path, path: str | Path) -> str:
     """The shard key of ``path`` found under the replay argument ``root``: its path relative to
     ``root`` (``/``-separated), or its name when ``root`` is the file itself."""
-    if path == root:
-        return path.name
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
+    text, base = str(path), str(root)
+    if text == base:
+        return os.path.basename(text)
+    if base == ".":
+        return text
+    head = base if base.endswith("/") else base + "/"
+    return text.removeprefix(head) if text.startswith(head) else Path(text).as_posix()
 
 
 def replay_items(paths: list[Path], shard: Shard | None = None) -> Iterator[Item]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ingest.adapters import dicomfile
-from ingest.adapters.folders import ignored_name, iter_dicom_files
+from ingest.adapters.folders import ignored_name, iter_dicom_files, iter_dicom_paths
+from ingest.sources.replay import relative_key
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,37 @@ def test_walk_is_sorted_recursive_and_skips_ignored_names(tmp_path: Path) -> Non
     assert [p.relative_to(tmp_path).as_posix() for p in iter_dicom_files(tmp_path)] == [
         "a.dcm", "b/1.dcm", "b/2.dcm",
     ]
+
+
+@pytest.mark.parametrize(
+    ("cwd", "given"),
+    [("tree", "."), ("", "tree"), ("", "./tree/"), ("", "tree/sub/.."), ("", "ABSOLUTE")],
+)
+def test_path_strings_are_what_pathlib_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cwd: str, given: str
+) -> None:
+    """The walk builds its paths as strings; each is ``str()`` of the Path that the root joined with the
+    file's relative path gives, whatever form the root was given in, and its shard key is that relative
+    path as ``Path.relative_to`` gives it."""
+    for rel in ("tree/a.dcm", "tree/sub/b.dcm", "tree/sub/deeper/c.dcm"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    monkeypatch.chdir(tmp_path / cwd)
+    root = tmp_path / "tree" if given == "ABSOLUTE" else Path(given)
+    rels = ["a.dcm", "sub/b.dcm", "sub/deeper/c.dcm"]  # tree/sub/.. lists tree (the system resolves ..)
+    expected = [str(root / rel) for rel in rels]
+    assert list(iter_dicom_paths(root)) == expected
+    assert [str(p) for p in iter_dicom_files(root)] == expected
+    assert [relative_key(root, p) for p in iter_dicom_paths(root)] == [
+        (root / rel).relative_to(root).as_posix() for rel in rels
+    ]
+
+
+def test_a_file_given_as_root_is_walked_as_itself(tmp_path: Path) -> None:
+    single = tmp_path / "one.dcm"
+    single.write_bytes(b"")
+    assert list(iter_dicom_paths(single)) == [str(single)]
+    assert relative_key(single, str(single)) == "one.dcm"
 
 
 def test_dicomfile_re_exports_the_same_functions() -> None:

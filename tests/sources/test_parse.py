@@ -71,7 +71,7 @@ def test_expand_paths_keeps_the_order_of_the_roots_and_sorts_each_folder(tmp_pat
     items = list(expand_paths([second, first, single, tmp_path / "missing"]))
     expected = [second / "z.dcm", first / "a.dcm", first / "b/1.dcm", first / "b/2.dcm", first / "c/d/3.dcm",
                 single]
-    assert items == [Item(label=str(p), path=p) for p in expected]
+    assert items == [Item(label=str(p), path=str(p)) for p in expected]  # path strings, as str() gives them
 
 
 def test_expand_paths_is_lazy(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_expand_paths_is_lazy(tmp_path: Path) -> None:
         yield tmp_path
         raise AssertionError("the next root was read before the caller asked for it")
 
-    assert next(expand_paths(roots())) == Item(label=str(tmp_path / "one.dcm"), path=tmp_path / "one.dcm")
+    assert next(expand_paths(roots())) == Item(label=str(tmp_path / "one.dcm"), path=str(tmp_path / "one.dcm"))
 
 
 # --------------------------------------------------------------------------------------------------
