@@ -81,7 +81,8 @@ def test_expand_paths_is_lazy(tmp_path: Path) -> None:
         yield tmp_path
         raise AssertionError("the next root was read before the caller asked for it")
 
-    assert next(expand_paths(roots())) == Item(label=str(tmp_path / "one.dcm"), path=str(tmp_path / "one.dcm"))
+    one = str(tmp_path / "one.dcm")
+    assert next(expand_paths(roots())) == Item(label=one, path=one)
 
 
 # --------------------------------------------------------------------------------------------------
