@@ -732,13 +732,13 @@ class SQLStateStore(StateStore):
         now_v = self._time(now)
         count = 0
         with self._write("requeue") as cur:
-            for uid in study_uids:
+            for chunk, marks in in_chunks(sorted(set(study_uids))):  # a fixed order avoids lock cycles
                 cur.execute(
                     self._q(
                         f"UPDATE studies SET generation = generation + 1, {_DUE_AGAIN} "
-                        "WHERE study_uid = ? AND state = 'pushed'"
+                        f"WHERE study_uid IN ({marks}) AND state = 'pushed'"
                     ),
-                    (now_v, uid),
+                    (now_v, *chunk),
                 )
                 count += int(cur.rowcount)
         return count

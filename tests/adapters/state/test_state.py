@@ -330,6 +330,33 @@ def test_retry_is_scheduled_and_counted(store: StateStore) -> None:
     assert row is not None and (row.attempts, row.last_error, row.next_attempt_at) == (0, None, None)
 
 
+def test_requeue_makes_pushed_studies_due_again_and_leaves_the_others(store: StateStore) -> None:
+    uids = [f"1.2.{k}" for k in range(1, 1201)]  # more than one IN (...) chunk
+    for uid in [*uids, "9.9.1", "9.9.2"]:
+        add(store, rec(uid, f"{uid}.1", f"{uid}.1.1"))
+    claims = store.claim_due(s(10), 2000, "n1", 60)
+    assert len(claims) == 1202
+    for claim in claims:
+        if claim.study_uid == "9.9.2":
+            store.dead_letter(claim, reason="rejected", error="GraphQL: bad", now=s(11))
+        elif claim.study_uid != "9.9.1":  # 9.9.1 stays claimed, pending
+            store.mark_pushed(claim, backend_id=f"b{claim.study_uid}", version_id="1", digest="g", now=s(11))
+
+    # each pushed study once, whatever the repeats; the pending and the dead one are left as they are
+    assert store.requeue([*uids, uids[0], "9.9.1", "9.9.2", "5.5.5"], s(20)) == 1200
+    first, last = store.study(uids[0]), store.study(uids[-1])
+    assert first is not None and last is not None
+    for row in (first, last):
+        assert (row.state, row.dirty, row.due_at) == (StudyState.PENDING, True, s(20))
+    dead = store.study("9.9.2")
+    assert dead is not None and dead.state == StudyState.DEAD
+    assert store.requeue(uids, s(30)) == 0  # pending now: nothing to requeue
+    # due again, one generation on (a push under way sees the change); 9.9.1 is still leased
+    again = {c.study_uid: c for c in store.claim_due(s(30), 2000, "n2", 60)}
+    assert sorted(again) == sorted(uids)
+    assert {c.generation for c in again.values()} == {2}
+
+
 def test_dead_letter_and_retry_dead(store_factory: StoreFactory) -> None:
     store = store_factory()
     add(store, rec("1.2.3", "1.2.3.1", "1.2.3.1.1"))
