@@ -15,6 +15,7 @@ import ssl
 from pathlib import Path
 
 from ingest.config import Settings
+from ingest.errors import ConfigError
 from ingest.logs import printable
 
 __all__ = ["file_problems", "port_problems", "problems"]
@@ -52,16 +53,14 @@ def file_problems(settings: Settings) -> list[str]:
         if problem:
             found.append(problem)
     if tls.enabled and settings.listener.enabled and not any(p.startswith("[listener.tls]") for p in found):
-        if tls.cert is None or tls.key is None:
-            found.append("[listener.tls] enabled needs cert and key")
-        else:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            try:
-                ctx.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
-            except (ssl.SSLError, OSError) as exc:
-                found.append(f"[listener.tls] cert {printable(str(tls.cert))} and key "
-                             f"{printable(str(tls.key))}: not a PEM certificate and its private key "
-                             f"({printable(getattr(exc, 'reason', None) or exc)})")
+        # the listener's own context, built once here to check it: what it would refuse (certificate, key,
+        # CA bundle) is named before anything binds
+        from ingest.sources.dimse.associate import tls_context
+
+        try:
+            tls_context(tls)
+        except ConfigError as exc:
+            found.append(str(exc))
     if settings.backend.ca is not None and not any(p.startswith("[backend] ca") for p in found):
         try:
             ssl.create_default_context(cafile=str(settings.backend.ca))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests import free_ports, wait_until
 
@@ -69,6 +70,36 @@ def test_missing_and_non_pem_tls_files_are_named(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "not a PEM certificate and its private key" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_ca_bundle_the_listener_would_refuse_is_named_before_anything_binds(tmp_path: Path) -> None:
+    """A good certificate and key with a CA bundle that is not PEM: refused by the preflight (with the
+    other problems, before any port is bound), not by the listener after the store and the backend
+    have started."""
+    ca = trustme.CA(organization_name="ingest preflight test CA")
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, bundle = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    bundle.write_text("garbage, not a certificate\n")
+    ports = free_ports(3)
+    env = _env(ports, INGEST_LISTENER__TLS__ENABLED="true", INGEST_LISTENER__TLS__CERT=str(cert),
+               INGEST_LISTENER__TLS__KEY=str(key), INGEST_LISTENER__TLS__CA=str(bundle))
+    done = _run(tmp_path, env, "serve")
+    assert done.returncode == 1, done.stderr
+    assert f"cannot start: [listener.tls] ca {bundle}: not a PEM CA bundle" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not any(_bound(p) for p in ports)
+    assert not (tmp_path / "data" / "state.sqlite3").exists()  # refused before the store was opened
+
+    ca.cert_pem.write_to_path(str(bundle))  # a real bundle passes; this run stops at a port in use
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", ports[0]))
+        blocker.listen()
+        done = _run(tmp_path, env, "serve")
+    assert done.returncode == 1, done.stderr
+    assert f"[listener] port {ports[0]} on 127.0.0.1: cannot listen: in use" in done.stderr
+    assert "[listener.tls]" not in done.stderr
 
 
 def test_a_second_service_on_one_data_dir_is_refused(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from ingest.config import TLSSettings
 from ingest.errors import ConfigError
+from ingest.logs import printable
 from ingest.sources.dimse.framing import (
     A_ABORT,
     A_ASSOCIATE_RQ,
@@ -331,18 +332,27 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext:
         When the certificate, key or CA bundle cannot be loaded.
     """
     if tls.cert is None or tls.key is None:
-        raise ConfigError("[listener.tls] needs cert and key")
+        raise ConfigError("[listener.tls] enabled needs cert and key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(certfile=Path(tls.cert), keyfile=Path(tls.key))
-        if tls.ca is not None:
-            ctx.load_verify_locations(cafile=Path(tls.ca))
-            ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-        else:
-            ctx.verify_mode = ssl.CERT_NONE
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"[listener.tls]: cannot load certificate, key or CA bundle: {exc}") from exc
+        raise ConfigError(
+            f"[listener.tls] cert {printable(str(tls.cert))} and key {printable(str(tls.key))}: not a PEM "
+            f"certificate and its private key ({printable(getattr(exc, 'reason', None) or exc)})"
+        ) from exc
+    if tls.ca is None:
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    try:
+        ctx.load_verify_locations(cafile=Path(tls.ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"[listener.tls] ca {printable(str(tls.ca))}: not a PEM CA bundle "
+            f"({printable(getattr(exc, 'reason', None) or exc)})"
+        ) from exc
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 
 
