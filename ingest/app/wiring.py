@@ -29,6 +29,8 @@ from ingest.logs import printable
 from ingest.ports import Sink, StateStore
 
 if TYPE_CHECKING:  # gql, aiohttp, the mapping and the relay are imported by the functions that need them
+    from graphql import GraphQLSchema
+
     from ingest.adapters.graphql.sink import GraphQLSink
     from ingest.clock import Timekeeper
     from ingest.core.mapping import MappingOptions
@@ -117,10 +119,16 @@ async def start_sink(
     use_dir(settings.data_dir)  # fitted documents kept per backend schema (docs/architecture.md "Replay")
 
     url = settings.backend.url
-    schema: str | None = None
+    schema: str | GraphQLSchema | None = None
     ca: Path | None = None
     if url is None:
+        from ingest.backend.schema import build_backend_schema
+
         url = await stack.enter_async_context(embedded_backend(settings, port=embedded_port))
+        # the schema object the embedded backend serves (built once per process): the sink takes it and
+        # probes once, instead of the backend answering a full introspection and the sink building the
+        # schema again from the answer
+        schema = build_backend_schema()
         token_source = (
             TokenSource(env=settings.embedded_backend.token_env, file=None)
             if settings.embedded_backend.token_env

@@ -8,12 +8,16 @@ tests/app/test_serve.py.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ingest.app.wiring import embedded_backend, mapping_options
+from ingest.adapters.graphql.sink import GraphQLSink
+from ingest.app.wiring import embedded_backend, mapping_options, start_sink
+from ingest.backend.schema import build_backend_schema
 from ingest.config import EmbeddedBackendSettings, MappingSettings, PatientSettings, Settings
 from ingest.core.mapping import MappingOptions
 from ingest.errors import ConfigError
@@ -56,6 +60,38 @@ async def test_token_env_without_a_value_does_not_start_an_open_backend(
     with pytest.raises(ConfigError):
         async with embedded_backend(_settings(tmp_path, variable), port=0):
             pass
+
+
+async def test_the_embedded_backend_is_probed_not_introspected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink of the embedded backend takes the schema object that backend serves: one probe, no
+    introspection (a full schema answered and built again at every start), and it still writes."""
+    asked: list[str] = []
+    execute = GraphQLSink._execute
+
+    async def spy(self: GraphQLSink, request: Any, *, what: str, **kw: Any) -> Any:
+        asked.append(what)
+        return await execute(self, request, what=what, **kw)
+
+    monkeypatch.setattr(GraphQLSink, "_execute", spy)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        embedded_backend=EmbeddedBackendSettings(port=0, database=tmp_path / "b.sqlite"),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        sink = await start_sink(settings, stack, embedded_port=0)
+        await sink.connect()
+        assert asked == ["backend probe"]
+        assert sink._client is not None and sink._client.schema is build_backend_schema()
+        uid = "1.2.826.0.1.3680043.8.498.2000.9"
+        created = await sink.create({
+            "resourceType": "ImagingStudy", "status": "available",
+            "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}],
+            "subject": {"display": "Test"}, "numberOfSeries": 0, "numberOfInstances": 0,
+        })
+        found = await sink.find(uid, None)
+        assert found is not None and found.id == created.id
 
 
 def test_mado_extensions_follow_the_profile() -> None:

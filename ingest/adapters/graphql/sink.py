@@ -140,7 +140,9 @@ class GraphQLSink:
         Timeout of one HTTP request (connect + answer), seconds.
     schema:
         The backend schema as SDL, for backends that refuse introspection (``[backend] schema``, read by
-        :func:`ingest.adapters.graphql.fit.load_schema_file`); introspected when ``None``.
+        :func:`ingest.adapters.graphql.fit.load_schema_file`), or as the schema object the embedded
+        backend serves; introspected when ``None``. A given schema is trusted: one ``{ __typename }``
+        probe checks that the backend answers.
     max_depth:
         Nesting depth of the full-read selection below ImagingStudy.
     ca:
@@ -159,7 +161,7 @@ class GraphQLSink:
         *,
         token_source: TokenSource | None,
         timeout_s: float,
-        schema: str | None = None,
+        schema: str | GraphQLSchema | None = None,
         max_depth: int = DEFAULT_MAX_DEPTH,
         ca: Path | None = None,
         oauth: ClientCredentialsToken | None = None,
@@ -260,6 +262,9 @@ class GraphQLSink:
                 await self._rest.close()
 
     async def _load_schema(self) -> GraphQLSchema:
+        if isinstance(self._schema_sdl, GraphQLSchema):  # the embedded backend's own schema
+            await self._probe()
+            return self._schema_sdl
         if self._schema_sdl is not None:
             try:
                 schema = build_schema(self._schema_sdl)
