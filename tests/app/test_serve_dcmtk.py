@@ -90,6 +90,15 @@ class Serve:
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode()
 
+    def has_all(self, expected: dict[str, tuple[int, int]]) -> bool:
+        """Whether each study of ``expected`` (Study Instance UID -> (series, instances), as the sample
+        generator reports them) is one ImagingStudy with all its instances."""
+        for uid, (_series, n) in expected.items():
+            found = self.studies(uid)
+            if len(found) != 1 or found[0]["numberOfInstances"] != n:
+                return False
+        return True
+
     def studies(self, study_uid: str) -> list[dict[str, object]]:
         q = (f'{{ ImagingStudyList(identifier: "urn:dicom:uid|urn:oid:{study_uid}", _count: 5) '
              "{ id numberOfInstances } }")
@@ -126,15 +135,9 @@ def test_echoscu_and_storescu_folder_become_imaging_studies(tmp_path: Path) -> N
             capture_output=True, text=True,
         )
         assert sent.returncode == 0, sent.stderr
-
-        def all_there() -> bool:
-            for uid, (_series, n) in corpus.expected.items():
-                found = s.studies(uid)
-                if len(found) != 1 or found[0]["numberOfInstances"] != n:
-                    return False
-            return True
-
-        assert _wait_for(all_there, 30), (tmp_path / "data" / "serve.log").read_text()[-3000:]
+        assert _wait_for(lambda: s.has_all(corpus.expected), 30), (
+            (tmp_path / "data" / "serve.log").read_text()[-3000:]
+        )
 
         # the admin endpoint: healthy, and the counters say what happened
         status, body = s.admin("/healthz")

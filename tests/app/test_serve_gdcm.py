@@ -46,17 +46,11 @@ def test_gdcmscu_echo_and_store_become_imaging_studies(tmp_path: Path) -> None:
                    "gdcmscu's C-ECHO association accepted")
 
         sent = _gdcmscu("--store", "-r", "-i", str(corpus.root), "127.0.0.1", str(s.dicom_port))
-
-        def all_there() -> bool:
-            for uid, (_series, n) in corpus.expected.items():
-                found = s.studies(uid)
-                if len(found) != 1 or found[0]["numberOfInstances"] != n:
-                    return False
-            return True
-
-        log = tmp_path / "data" / "serve.log"
-        wait_until(all_there, 30, f"every study from gdcmscu ({sent.stdout[-500:]} {sent.stderr[-500:]}; "
-                                  f"serve: {log.read_text()[-2000:]})")
+        try:
+            wait_until(lambda: s.has_all(corpus.expected), 30, "every study from gdcmscu")
+        except AssertionError as exc:  # what gdcmscu and the service said, as they stand now
+            log = (tmp_path / "data" / "serve.log").read_text()[-2000:]
+            raise AssertionError(f"{exc}; gdcmscu: {sent.stderr[-500:]}; serve: {log}") from None
         samples = _metrics(s)
         assert samples['ingest_instances_accepted_total{source="dimse"}'] == 12
         assert samples['ingest_studies_total{result="created"}'] == 2
