@@ -187,9 +187,9 @@ _T = TypeVar("_T")
 #: and serialised as a tuple, which pydantic does natively (a ``Sequence`` field goes through a Python
 #: function per value both ways, which was most of the cost of writing a large ImagingStudy).
 if TYPE_CHECKING:
-    FhirList = Annotated[Sequence[_T], Field()]
+    FhirList = Sequence[_T]
 else:
-    FhirList = Annotated[tuple[_T, ...], Field()]
+    FhirList = tuple[_T, ...]
 
 #: ImagingStudy.status (required binding ``imagingstudy-status``).
 ImagingStudyStatus = Literal["registered", "available", "cancelled", "entered-in-error", "unknown"]

@@ -364,11 +364,6 @@ def _accession_system(
     return system
 
 
-_ORDER_CONCEPTS: Final = {
-    "acsn": ACCESSION_ID_CONCEPT, "placer": PLACER_ORDER_CONCEPT, "filler": FILLER_ORDER_CONCEPT,
-}
-
-
 def _based_on(agg: StudyAggregate, options: MappingOptions) -> list[Reference]:
     """ImagingStudy.basedOn: logical ServiceRequest references by the order's identifiers
     <- Accession Number (0008,0050) + Issuer (0008,0051), and each Request Attributes Sequence (0040,0275)
@@ -376,33 +371,33 @@ def _based_on(agg: StudyAggregate, options: MappingOptions) -> list[Reference]:
     Procedure ID (0040,1001); each identifier once."""
     if options.based_on == "off":
         return []
-    # each distinct order key once, in order of first appearance, before any model is built: a study's
-    # instances almost always repeat the same few orders (this loop runs once per instance)
-    keys: dict[tuple[str, str, str | None], None] = {}
+    # each distinct identifier once, in order of first appearance, as its (type, value, system) before
+    # any model is built: a study's instances almost always repeat the same few orders (this loop runs
+    # once per instance); a type of None is the Requested Procedure ID's (a text, no code)
+    keys: dict[tuple[Concept | None, str, str | None], None] = {}
     for r in agg.instances:
         acc = _text(r.accession_number)
         if acc is not None:
-            keys[("acsn", acc, _accession_system(r.accession_issuer_uid, r.accession_issuer_uid_type,
-                                                 r.accession_issuer_local, options))] = None
+            system = _accession_system(r.accession_issuer_uid, r.accession_issuer_uid_type,
+                                       r.accession_issuer_local, options)
+            keys[(ACCESSION_ID_CONCEPT, acc, system)] = None
         for req in r.requests:
             acc = _text(req.accession_number)
             if acc is not None:
-                keys[("acsn", acc, _accession_system(req.accession_issuer_uid, req.accession_issuer_uid_type,
-                                                     req.accession_issuer_local, options))] = None
+                system = _accession_system(req.accession_issuer_uid, req.accession_issuer_uid_type,
+                                           req.accession_issuer_local, options)
+                keys[(ACCESSION_ID_CONCEPT, acc, system)] = None
             if (placer := _text(req.placer_order_number)) is not None:
-                keys[("placer", placer, None)] = None
+                keys[(PLACER_ORDER_CONCEPT, placer, None)] = None
             if (filler := _text(req.filler_order_number)) is not None:
-                keys[("filler", filler, None)] = None
+                keys[(FILLER_ORDER_CONCEPT, filler, None)] = None
             if (procedure := _text(req.requested_procedure_id)) is not None:
-                keys[("procedure", procedure, None)] = None
-    found: list[Identifier] = []
-    for kind, value, system in keys:
-        if kind == "procedure":
-            identifier = Identifier(type=CodeableConcept(text="Requested Procedure ID"), value=value)
-        else:
-            identifier = _typed_identifier(_ORDER_CONCEPTS[kind], value, system)
-        if identifier not in found:
-            found.append(identifier)
+                keys[(None, procedure, None)] = None
+    found = [
+        _typed_identifier(concept, value, system) if concept is not None
+        else Identifier(type=CodeableConcept(text="Requested Procedure ID"), value=value)
+        for concept, value, system in keys
+    ]
     # one logical reference per identifier, accession first; the same accession without and with a
     # system is one order: the one with a system is kept
     with_system = {i.value for i in found if i.system}

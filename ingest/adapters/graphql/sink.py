@@ -175,7 +175,7 @@ class GraphQLSink:
         self._token_source = token_source
         self._oauth = oauth  # [backend] token_url: an OAuth2 token, refreshed before it expires
         self._timeout_s = float(timeout_s)
-        self._schema_sdl = schema
+        self._given_schema = schema
         self._max_depth = max_depth
         self._token: Secret | None = None
         self._client: ValidatingClient | None = None
@@ -262,12 +262,12 @@ class GraphQLSink:
                 await self._rest.close()
 
     async def _load_schema(self) -> GraphQLSchema:
-        if isinstance(self._schema_sdl, GraphQLSchema):  # the embedded backend's own schema
+        if isinstance(self._given_schema, GraphQLSchema):  # the embedded backend's own schema
             await self._probe()
-            return self._schema_sdl
-        if self._schema_sdl is not None:
+            return self._given_schema
+        if self._given_schema is not None:
             try:
-                schema = build_schema(self._schema_sdl)
+                schema = build_schema(self._given_schema)
             except (GraphQLError, TypeError) as exc:
                 raise ConfigError(f"the configured backend schema SDL is invalid: {exc}") from exc
             await self._probe()

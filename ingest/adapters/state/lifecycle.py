@@ -219,20 +219,19 @@ class LifecycleStore(SQLStateStore):
         ]
         if not added:
             return results
-        notes: dict[int, tuple[InstanceRecord, str]] = {}  # index -> the note and its rejection code
+        notes: dict[int, tuple[str, tuple[Rejection, ...]]] = {}  # index -> a note's code, what it rejects
         for index, row in added:
             if row.sop_class_uid == KEY_OBJECT_SELECTION:  # the only SOP class a note can be
                 record = row.record()
                 if (note_code := rejection_code(record)) is not None:
-                    notes[index] = record, note_code
-        made = {index: note_rejections(record) for index, (record, _) in notes.items()}
-        for index, rules in made.items():
+                    notes[index] = note_code, note_rejections(record)
+        for index, (_, rules) in notes.items():
             row = items[index][0]
             # a note received again with other content (``replace``) says again what it rejects
             self._insert_rules(cur, rules, now)
             for study_uid in sorted({r.study_uid for r in rules} - {row.study_uid}):
                 self._touch_known(cur, study_uid, now, due_at)
-        for study_uid in sorted({items[index][0].study_uid for index in made}):
+        for study_uid in sorted({items[index][0].study_uid for index in notes}):
             self._park_notes_only(cur, study_uid)
         held = self._rules(cur, {row.study_uid for _, row in added})
         if not held:
@@ -241,8 +240,8 @@ class LifecycleStore(SQLStateStore):
         code: str | None
         for index, row in added:
             if index in notes:
-                code = notes[index][1]
-                release = self._stored_covered(cur, made[index]) if removes_bytes(code) else []
+                code, rules = notes[index]
+                release = self._stored_covered(cur, rules) if removes_bytes(code) else []
             elif any(rule.may_cover(row.study_uid, row.series_uid, row.sop_uid) for rule in held):
                 record = row.record()
                 code = covering(record, held)
