@@ -162,6 +162,9 @@ class ListenerSettings(_Section):
     # min_message_rate bytes received (a data set trickled a byte at a time ends there).
     min_message_rate: int = Field(default=1024, ge=1)
     intake_size: int = Field(default=256, ge=1)
+    # Instances committed with their bytes (up to [spool] inline_max_bytes) go through a writer process of
+    # their own while several associations are open (ingest.adapters.state.writer); false: one thread.
+    commit_process: bool = True
     max_inflated_bytes: int = Field(default=64 * 1024**2, ge=1024)
     # Most instances a Key Object Selection Document (an IOCM rejection note) may name in its Current
     # Requested Procedure Evidence (0040,A375), counted while the header is read, before any is decoded;

@@ -37,6 +37,7 @@ __all__ = [
     "ReportChannel",
     "ReportSender",
     "RetentionState",
+    "RowWriter",
     "SeriesGroup",
     "Sink",
     "StateStore",
@@ -659,4 +660,38 @@ class ReportSender(Protocol):
 
     def wake(self) -> None:
         """A request was stored: look for due reports now."""
+        ...
+
+
+class RowWriter(Protocol):
+    """A process of its own that commits :meth:`StateStore.add_instances` batches, one at a time
+    (``ingest.adapters.state.writer``); an event loop sends a batch and reads its outcome when
+    :meth:`fileno` becomes readable."""
+
+    @property
+    def running(self) -> bool:
+        """Whether it can take a batch (started, not lost, not closed)."""
+        ...
+
+    def fileno(self) -> int:
+        """Readable when the outcome of the batch sent is there."""
+        ...
+
+    def send(
+        self,
+        rows: Sequence[tuple[RecordRow, str, str | None, str]],
+        *,
+        now: datetime,
+        due_at: datetime,
+        inline: Sequence[bytes | None] | None,
+    ) -> None:
+        """Hand over one batch; ``StoreUnavailableError`` when the process is gone."""
+        ...
+
+    def receive(self) -> list[Added]:
+        """The committed batch's outcome, or its ``StoreError`` / ``StoreUnavailableError``."""
+        ...
+
+    def close(self) -> None:
+        """Let the process finish its batch and end."""
         ...

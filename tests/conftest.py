@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ingest.adapters.state.writer import WriterProcess
 from ingest.ports import StateStore
 from tests import free_ports
 
@@ -136,3 +137,13 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
 def store(store_factory: StoreFactory) -> StateStore:
     """One open state store on a fresh database, for each implementation."""
     return store_factory()
+
+
+@pytest.fixture
+def sqlite_writer(tmp_path: Path) -> Iterator[WriterProcess]:
+    """A started state store writer process (``ingest.adapters.state.writer``) on the SQLite store of
+    ``tmp_path`` (``tmp_path / "state.sqlite3"``, created if missing); closed after the test."""
+    writer = WriterProcess(url=None, data_dir=tmp_path, node="test")
+    writer.start()
+    yield writer
+    writer.close()

@@ -258,7 +258,7 @@ class Admission:
         except BaseException:
             self._remove_spooled([item])
             raise
-        return self._settle([item], [added], now)[0]
+        return self.settle([item], [added], now)[0]
 
     def admit(self, items: Sequence[Candidate]) -> list[Admitted]:
         """Admit a batch in one transaction; one :class:`Admitted` per item, in order.
@@ -280,18 +280,39 @@ class Admission:
         settled: list[Admitted] = []
         if rest:
             try:
-                results = self.store.add_instances(
-                    [(c.record, c.source, c.spool_name, c.digest) for c in rest],
-                    now=now,
-                    due_at=self.due_at(now),
-                    inline=[c.data for c in rest] if any(c.data is not None for c in rest) else None,
-                )
+                rows, inline = self.rows(rest)
+                results = self.store.add_instances(rows, now=now, due_at=self.due_at(now), inline=inline)
             except BaseException:
                 self._remove_spooled(rest)
                 raise
-            settled = self._settle(rest, results, now)
+            settled = self.settle(rest, results, now)
         done = iter(settled)
         return [refused[i] if i in refused else next(done) for i in range(len(items))]
+
+    @staticmethod
+    def rows(
+        items: Sequence[Candidate],
+    ) -> tuple[list[tuple[RecordRow, str, str | None, str]], list[bytes | None] | None]:
+        """The :meth:`~ingest.ports.StateStore.add_instances` rows and ``inline`` bytes of ``items``, their
+        records made rows here (strings and bytes: what a writer process is sent)."""
+        rows = [
+            (c.record if isinstance(c.record, RecordRow) else RecordRow.of(c.record), c.source, c.spool_name,
+             c.digest)
+            for c in items
+        ]
+        return rows, [c.data for c in items] if any(c.data is not None for c in items) else None
+
+    @staticmethod
+    def settles_quietly(items: Sequence[Candidate], results: Sequence[Added]) -> bool:
+        """Whether :meth:`settle` of these touches neither a disk nor the store: every instance added with
+        no bytes to release, or an identical duplicate with no spool copy, and no rejection note."""
+        return all(
+            item.note_code() is None and (
+                (added.outcome is Verdict.ADDED and not added.release)
+                or (added.outcome is Verdict.DUPLICATE and item.spool_name is None)
+            )
+            for item, added in zip(items, results, strict=True)
+        )
 
     def may_reject(self, source: str) -> bool:
         """Whether a rejection note from ``source`` may be applied (module doc)."""
@@ -345,7 +366,10 @@ class Admission:
 
     # -- outcomes ------------------------------------------------------------------------------------
 
-    def _settle(self, items: Sequence[Candidate], results: Sequence[Added], now: datetime) -> list[Admitted]:
+    def settle(self, items: Sequence[Candidate], results: Sequence[Added], now: datetime) -> list[Admitted]:
+        """What the store's ``results`` for ``items`` (none of them a refused note) come to: metrics, the
+        disk budget, duplicates' spool copies removed, conflicts quarantined or replaced, an IOCM
+        rejection's bytes released, the relay woken. Each :class:`Admitted` in the order of ``items``."""
         out: list[Admitted] = []
         added_any = False
         release: dict[str, list[str]] = {}  # bytes_removed_reason -> SOP Instance UIDs (IOCM)

@@ -20,19 +20,35 @@ decides which candidates share a transaction.
 
 When the transaction fails, every candidate of the batch gets the store's error (the admission has
 removed their spool copies): each source answers it as it would its own failure (0xA700).
+
+:class:`EdgeCommit` is how the DICOM edge's event loop commits the instances it reads itself (bytes
+committed with their rows). It forms the batches on the loop, one transaction in flight at a time, and
+sends each one where it costs least: with one association storing, to the writer thread above (the loop
+has nothing else to do while it commits, and a thread is the quicker hand-off); with several, to a
+writer process (:class:`~ingest.ports.RowWriter`), whose SQLite calls do not have to win the
+interpreter lock back from a busy loop (``docs/architecture.md``, "Performance facts"). The loop reads
+the process's outcome when its pipe becomes readable and settles it (:meth:`Admission.settle`); a
+settlement that would touch a disk or the store (a conflict, an IOCM release) runs on a worker thread.
+Rejection notes and spooled instances always take the thread, where the admission's whole path runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final
 
+from ingest.errors import StoreError, StoreUnavailableError
 from ingest.intake.admit import Admission, Admitted, Candidate
+from ingest.ports import RowWriter
 
-__all__ = ["GroupCommit"]
+__all__ = ["EdgeCommit", "GroupCommit"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -96,16 +112,21 @@ class GroupCommit:
         RuntimeError
             After :meth:`close`.
         """
-        me = _Waiter(item, len(item.data) if item.data is not None else 0)
+        return self.submit_all([item])[0]
+
+    def submit_all(self, items: Sequence[Candidate]) -> list[Future[Admitted]]:
+        """:meth:`submit` each of ``items``, queued together (they share a transaction as far as the
+        limits allow)."""
+        mine = [_Waiter(item, len(item.data) if item.data is not None else 0) for item in items]
         with self._cond:
             if self._closed:
                 raise RuntimeError("the group commit is closed")
-            self._queue.append(me)
+            self._queue.extend(mine)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        return me.future
+        return [me.future for me in mine]
 
     def admit(self, item: Candidate) -> Admitted:
         """Admit ``item`` from a thread; returns once the transaction holding its row committed.
@@ -174,3 +195,231 @@ class GroupCommit:
                 w.future.set_result(result)
         if len(batch) > 1:
             LOGGER.debug("group commit: %d instances in one transaction", len(batch))
+
+
+#: Most in-row bytes in one batch sent to the writer process (the loop writes it down a pipe).
+_PROCESS_BATCH_BYTES: Final = 8 * 1024**2
+
+
+@dataclass(eq=False)
+class _Pending:
+    item: Candidate
+    future: asyncio.Future[Admitted]
+
+
+class EdgeCommit:
+    """The edge's commits from its event loop: batches go to the writer thread or process (module doc).
+
+    Parameters
+    ----------
+    group:
+        The writer thread; worker threads admit through it directly (:meth:`admit`).
+    writer:
+        The writer process, or ``None`` (every batch takes the thread).
+    concurrency:
+        How many associations are open now (called on the loop); more than one sends batches to the
+        process.
+    max_batch:
+        Most candidates in one batch.
+
+    Attributes
+    ----------
+    to_process, to_thread:
+        Batches sent each way (``to_process`` counts the writer process's transactions).
+    """
+
+    @property
+    def committed(self) -> int:
+        """Candidates in committed transactions, by the writer process or the writer thread."""
+        return self._by_process_committed + self.group.committed
+
+    def __init__(
+        self,
+        group: GroupCommit,
+        writer: RowWriter | None,
+        concurrency: Callable[[], int],
+        *,
+        max_batch: int = 64,
+    ) -> None:
+        self.group = group
+        self.admission = group.admission
+        self.writer = writer
+        self.concurrency = concurrency
+        self.max_batch = max_batch
+        self.to_process = 0
+        self.to_thread = 0
+        self._by_process_committed = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: list[_Pending] = []
+        self._busy = False  # a batch in flight (one at a time)
+        self._reading: int | None = None  # the writer's descriptor, while the loop watches it
+        self._sent: tuple[list[_Pending], datetime] | None = None
+
+    async def commit(self, item: Candidate) -> Admitted:
+        """Admit ``item`` from the event loop; returns once the transaction holding its row committed.
+
+        Raises
+        ------
+        StoreError
+            When that transaction could not be committed.
+        """
+        loop = self._loop = asyncio.get_running_loop()
+        me = _Pending(item, loop.create_future())
+        self._queue.append(me)
+        self._next()
+        return await me.future
+
+    def admit(self, item: Candidate) -> Admitted:
+        """Admit ``item`` from a worker thread, through the writer thread (:meth:`GroupCommit.admit`)."""
+        return self.group.admit(item)
+
+    def close(self) -> None:
+        """Stop the writer process (it finishes its batch) and the writer thread (it commits its queue).
+        Called once the loop has stopped."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
+        self.group.close()
+
+    # -- on the loop ------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Send the next batch, unless one is in flight."""
+        if self._busy or not self._queue:
+            return
+        batch = self._take()
+        self._busy = True
+        try:
+            if self._by_process(batch):
+                try:
+                    self._send(batch)
+                    return
+                except StoreUnavailableError as exc:  # the process is gone: this batch and the next by thread
+                    self._lose_writer(exc)
+            self._by_thread(batch)
+        except Exception as exc:  # every waiter hears of it, and the next batch goes
+            self._done(batch, exc)
+
+    def _take(self) -> list[_Pending]:
+        count, size = 0, 0
+        for pending in self._queue:
+            data = pending.item.data
+            nbytes = len(data) if data is not None else 0
+            if count and (count >= self.max_batch or size + nbytes > _PROCESS_BATCH_BYTES):
+                break
+            count += 1
+            size += nbytes
+        batch = self._queue[:count]
+        del self._queue[:count]
+        return batch
+
+    def _by_process(self, batch: list[_Pending]) -> bool:
+        writer = self.writer
+        return (
+            writer is not None and writer.running and self.concurrency() > 1
+            and all(p.item.spool_name is None and not p.item.may_be_note for p in batch)
+        )
+
+    def _send(self, batch: list[_Pending]) -> None:
+        assert self.writer is not None and self._loop is not None
+        admission = self.admission
+        now = admission.clock()
+        rows, inline = admission.rows([p.item for p in batch])
+        self.writer.send(rows, now=now, due_at=admission.due_at(now), inline=inline)
+        self._sent = (batch, now)
+        self.to_process += 1
+        if self._reading is None:
+            self._reading = self.writer.fileno()
+            self._loop.add_reader(self._reading, self._received)
+
+    def _received(self) -> None:
+        """The writer process's outcome is readable: settle it."""
+        if self.writer is None:
+            return
+        if self._sent is None:  # readable with nothing sent: the process ended (end of file)
+            self._lose_writer(StoreUnavailableError("the process ended"))
+            return
+        batch, now = self._sent
+        self._sent = None
+        try:
+            results = self.writer.receive()
+        except StoreUnavailableError as exc:
+            if not self.writer.running:
+                self._lose_writer(exc)
+            self._done(batch, exc)
+            return
+        except StoreError as exc:
+            self._done(batch, exc)
+            return
+        items = [p.item for p in batch]
+        try:
+            self._by_process_committed += len(batch)
+            if self.admission.settles_quietly(items, results):
+                self._done(batch, self.admission.settle(items, results, now))
+                return
+            # a conflict or an IOCM release writes files and rows: not on the loop
+            assert self._loop is not None
+            settling = self._loop.run_in_executor(None, self.admission.settle, items, results, now)
+        except Exception as exc:  # every waiter hears of it, and the next batch goes
+            self._done(batch, exc)
+            return
+        settling.add_done_callback(lambda done: self._settled(batch, done))
+
+    def _settled(self, batch: list[_Pending], done: asyncio.Future[list[Admitted]]) -> None:
+        exc = done.exception()
+        self._done(batch, exc if exc is not None else done.result())
+
+    def _by_thread(self, batch: list[_Pending]) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        self.to_thread += 1
+        try:
+            futures = self.group.submit_all([p.item for p in batch])
+        except RuntimeError as exc:  # closed
+            self._done(batch, StoreUnavailableError(f"the listener is stopping: {exc}"))
+            return
+        left = [len(futures)]
+
+        def one_done(pending: _Pending, future: Future[Admitted]) -> None:
+            if not pending.future.done():
+                exc = future.exception()
+                if exc is not None:
+                    pending.future.set_exception(exc)
+                else:
+                    pending.future.set_result(future.result())
+            left[0] -= 1
+            if left[0] == 0:
+                self._busy = False
+                self._next()
+
+        def on_thread(pending: _Pending) -> Callable[[Future[Admitted]], None]:
+            def done(future: Future[Admitted]) -> None:  # on the writer thread: back to the loop
+                loop.call_soon_threadsafe(one_done, pending, future)
+
+            return done
+
+        for pending, future in zip(batch, futures, strict=True):
+            future.add_done_callback(on_thread(pending))
+
+    def _done(self, batch: list[_Pending], outcome: list[Admitted] | BaseException) -> None:
+        """Every waiter of ``batch`` gets its outcome (or its own copy of the error); the next batch goes."""
+        for index, pending in enumerate(batch):
+            if pending.future.done():  # its association went away; the row is committed all the same
+                continue
+            if isinstance(outcome, BaseException):
+                own = copy.copy(outcome)
+                own.__cause__ = outcome
+                pending.future.set_exception(own)
+            else:
+                pending.future.set_result(outcome[index])
+        self._busy = False
+        self._next()
+
+    def _lose_writer(self, exc: BaseException) -> None:
+        LOGGER.warning("the state store's writer process is gone (%s); commits go on in this process", exc)
+        if self._reading is not None and self._loop is not None:
+            self._loop.remove_reader(self._reading)
+        self._reading = None
+        writer, self.writer = self.writer, None
+        if writer is not None and self._loop is not None:
+            self._loop.run_in_executor(None, writer.close)  # joins the process: not on the loop

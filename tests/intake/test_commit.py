@@ -2,12 +2,15 @@
 
 Against the real SQLite store and real spool / quarantine folders under ``tmp_path``; the only thing
 held back is the first transaction (an event in front of the store's ``add_instances``), so that others
-queue behind it as they do behind a real fsync.
+queue behind it as they do behind a real fsync. :class:`EdgeCommit`'s writer process is a real child on
+the same store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -19,10 +22,12 @@ import pytest
 
 from ingest.adapters.spool import Quarantine, Spool, read_instance
 from ingest.adapters.state.sqlite import SQLiteStateStore
+from ingest.adapters.state.writer import WriterProcess
+from ingest.core.lifecycle import KEY_OBJECT_SELECTION
 from ingest.core.records import InstanceRecord
 from ingest.errors import StoreUnavailableError
 from ingest.intake.admit import Admission, Admitted, Candidate
-from ingest.intake.commit import GroupCommit
+from ingest.intake.commit import EdgeCommit, GroupCommit
 from ingest.ports import Verdict
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -244,3 +249,142 @@ def test_a_waiter_that_went_away_does_not_stop_the_writer(
     # received whole, it was committed all the same: a sender that sends it again gets "duplicate"
     assert store.instance_bytes("1.2.8.1") == part10(b"1")
     group.close()
+
+
+# -- EdgeCommit: the edge's loop sends each batch to the writer thread or the writer process -----------
+
+
+@pytest.fixture
+def writer(store: SQLiteStateStore, sqlite_writer: WriterProcess) -> WriterProcess:
+    """The writer process, started once ``store`` has created the database."""
+    return sqlite_writer
+
+
+def _edge(store: SQLiteStateStore, tmp_path: Path, writer: WriterProcess, open_associations: int,
+          wakes: list[int] | None = None) -> EdgeCommit:
+    return EdgeCommit(GroupCommit(_admission(store, tmp_path, wakes if wakes is not None else [])), writer,
+                      concurrency=lambda: open_associations)
+
+
+def _small(k: int, prefix: str = "1.2.9") -> Candidate:
+    return Candidate(rec(f"{prefix}.{k}"), f"c9:{k}", "dimse:A", data=part10(b"%d" % k))
+
+
+async def _all(edge: EdgeCommit, items: list[Candidate]) -> list[Admitted | BaseException]:
+    return await asyncio.gather(*(edge.commit(i) for i in items), return_exceptions=True)
+
+
+def test_with_several_associations_the_batches_go_to_the_writer_process(
+    store: SQLiteStateStore, tmp_path: Path, writer: WriterProcess
+) -> None:
+    wakes: list[int] = []
+    edge = _edge(store, tmp_path, writer, open_associations=4, wakes=wakes)
+    items = [_small(k) for k in range(40)]
+    got = asyncio.run(_all(edge, items))
+    assert [a.outcome for a in got if isinstance(a, Admitted)] == [Verdict.ADDED] * 40
+    # the first goes alone; the 39 that queued while it committed share the next transaction
+    assert (edge.to_process, edge.to_thread) == (2, 0)
+    assert edge.committed == 40 and edge.group.committed == 0
+    assert wakes  # settled on the loop: the relay was woken
+    assert all(store.instance_bytes(f"1.2.9.{k}") == part10(b"%d" % k) for k in range(40))
+    edge.close()
+    assert not writer.running
+
+
+def test_with_one_association_the_batches_go_to_the_writer_thread(
+    store: SQLiteStateStore, tmp_path: Path, writer: WriterProcess
+) -> None:
+    edge = _edge(store, tmp_path, writer, open_associations=1)
+    got = asyncio.run(_all(edge, [_small(k) for k in range(5)]))
+    assert [a.outcome for a in got if isinstance(a, Admitted)] == [Verdict.ADDED] * 5
+    assert edge.to_process == 0 and edge.to_thread == 2
+    assert edge.group.committed == 5
+    edge.close()
+
+
+def test_rejection_notes_and_spooled_instances_take_the_whole_admission_on_the_thread(
+    store: SQLiteStateStore, tmp_path: Path, writer: WriterProcess
+) -> None:
+    edge = _edge(store, tmp_path, writer, open_associations=4)
+    spool = Spool(tmp_path / "spool")
+    name = spool.write(part10(b"big")).name
+    note = Candidate(
+        InstanceRecord(study_uid=STUDY, series_uid=f"{STUDY}.9", sop_uid="1.2.9.99",
+                       sop_class_uid=KEY_OBJECT_SELECTION),
+        "c9:note", "dimse:A", data=part10(b"note"),
+    )
+    spooled = Candidate(rec("1.2.9.98"), "c9:big", "dimse:A", spool_name=name)
+
+    async def one_by_one() -> list[Admitted]:
+        return [await edge.commit(note), await edge.commit(spooled)]
+
+    got = asyncio.run(one_by_one())
+    assert [a.outcome for a in got] == [Verdict.ADDED, Verdict.ADDED]
+    assert edge.to_process == 0 and edge.to_thread == 2
+    edge.close()
+
+
+def test_a_conflict_from_the_process_is_settled_off_the_loop_and_quarantined(
+    store: SQLiteStateStore, tmp_path: Path, writer: WriterProcess
+) -> None:
+    edge = _edge(store, tmp_path, writer, open_associations=4)
+    first = _small(1)
+    changed = Candidate(first.record, "c9:other", "dimse:A", body=part10(b"other"), data=part10(b"other"))
+
+    async def scenario() -> tuple[Admitted, Admitted, Admitted]:
+        return await edge.commit(first), await edge.commit(changed), await edge.commit(_small(1))
+
+    added, conflict, duplicate = asyncio.run(scenario())
+    assert added.outcome is Verdict.ADDED and duplicate.outcome is Verdict.DUPLICATE
+    assert conflict.outcome is Verdict.CONFLICT and conflict.quarantined is not None
+    assert Quarantine(tmp_path / "quarantine").holds(conflict.quarantined)
+    assert edge.to_process == 3 and edge.to_thread == 0
+    assert store.instance_bytes("1.2.9.1") == part10(b"1")  # the first version stays
+    edge.close()
+
+
+def test_when_the_writer_process_dies_commits_go_on_in_this_process(
+    store: SQLiteStateStore, tmp_path: Path, writer: WriterProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    edge = _edge(store, tmp_path, writer, open_associations=4)
+
+    async def scenario() -> Admitted:
+        assert (await edge.commit(_small(1))).outcome is Verdict.ADDED  # by the process
+        assert writer.pid is not None
+        os.kill(writer.pid, signal.SIGKILL)
+        for _ in range(1000):  # the loop sees the socket's end of file: no batch was in flight
+            if edge.writer is None:
+                break
+            await asyncio.sleep(0.01)
+        return await edge.commit(_small(2))
+
+    later = asyncio.run(scenario())
+    assert later.outcome is Verdict.ADDED
+    assert edge.writer is None and (edge.to_process, edge.to_thread) == (1, 1)
+    assert "writer process is gone" in caplog.text
+    assert store.instance_bytes("1.2.9.2") == part10(b"2")
+    edge.close()
+
+
+def test_a_batch_held_by_a_dying_writer_process_fails_alone(
+    store: SQLiteStateStore, tmp_path: Path, writer: WriterProcess
+) -> None:
+    """The child is stopped (SIGSTOP) so the batch is surely in its hands, then killed: that batch fails
+    with StoreUnavailableError (answered 0xA700, the sender sends again); the next commit succeeds."""
+    edge = _edge(store, tmp_path, writer, open_associations=4)
+    assert writer.pid is not None
+    pid = writer.pid
+
+    async def scenario() -> tuple[Admitted | BaseException, Admitted]:
+        os.kill(pid, signal.SIGSTOP)
+        held = asyncio.ensure_future(edge.commit(_small(3)))
+        await asyncio.sleep(0)  # the batch is sent
+        assert edge.to_process == 1
+        os.kill(pid, signal.SIGKILL)
+        (outcome,) = await asyncio.gather(held, return_exceptions=True)
+        return outcome, await edge.commit(_small(4))
+
+    failed, later = asyncio.run(scenario())
+    assert isinstance(failed, StoreUnavailableError)
+    assert later.outcome is Verdict.ADDED and edge.writer is None
+    edge.close()

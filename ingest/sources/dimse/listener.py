@@ -8,8 +8,8 @@ The listener is the composition of the DICOM edge (docs/architecture.md, "The da
 - :mod:`ingest.sources.dimse.associate`: the A-ASSOCIATE-RQ checks, the AE policy and the negotiation
   through pynetdicom's public PDU codec and ``negotiate_as_acceptor``;
 - :mod:`ingest.sources.dimse.framing`: P-DATA-TF and DIMSE command sets, encoded and decoded here;
-- :mod:`ingest.sources.dimse.store`: C-STORE (received fragment by fragment, made durable on worker
-  threads through the group commit);
+- :mod:`ingest.sources.dimse.store`: C-STORE (received fragment by fragment, made durable through the
+  group commit: its writer thread, or its writer process while several associations are open);
 - :mod:`ingest.sources.dimse.commitment`: Storage Commitment (N-ACTION, and N-EVENT-REPORT on the
   same association when the requester negotiated the SCP role).
 
@@ -68,10 +68,10 @@ from ingest.core.extract import valid_uid
 from ingest.core.tags import NON_PATIENT_SOP_CLASSES
 from ingest.errors import StoreError
 from ingest.intake.admit import Admission
-from ingest.intake.commit import GroupCommit
+from ingest.intake.commit import EdgeCommit, GroupCommit
 from ingest.intake.retention import DiskBudget
 from ingest.metrics import Metrics
-from ingest.ports import StateStore
+from ingest.ports import RowWriter, StateStore
 from ingest.sources.dimse.associate import (
     REJECT_BUSY,
     AEPolicy,
@@ -229,7 +229,7 @@ class Listener:
         release_grace_s: float,
         clock: Callable[[], datetime] = utcnow,
         inline_max_bytes: int = 128 * 1024,
-        group: GroupCommit | None = None,
+        writer: RowWriter | None = None,
         budget: DiskBudget | None = None,
         commitment: CommitmentSCP | None = None,
     ) -> None:
@@ -239,7 +239,9 @@ class Listener:
         self.metrics = metrics
         self.intake = intake
         self.admission = admission
-        self.group = group if group is not None else GroupCommit(admission)
+        # instances read on the loop commit through the writer thread, or the writer process when several
+        # associations are open (ingest.intake.commit); worker threads through the writer thread
+        self.group = EdgeCommit(GroupCommit(admission), writer, concurrency=lambda: len(self.active))
         self.release_grace = timedelta(seconds=release_grace_s)
         self.clock = clock
         self.spool = spool
@@ -585,6 +587,24 @@ class _Event:
         self.assoc = assoc
 
 
+def _writer_process(settings: Settings) -> RowWriter | None:
+    """The writer process of ``[listener] commit_process`` (``ingest.adapters.state.writer``), launched:
+    it takes batches once it has opened its store; or ``None`` (off, or it could not be started: every
+    commit stays in this process, with a warning)."""
+    if not settings.listener.commit_process:
+        return None
+    from ingest.adapters.state.writer import WriterProcess
+
+    writer = WriterProcess(url=settings.state.url, data_dir=settings.data_dir, node=settings.state.node_id)
+    try:
+        writer.launch()  # from this thread (serve's main thread): the child ends when it does
+    except StoreError as exc:
+        LOGGER.warning("[listener] commit_process: the writer process did not start (%s); commits stay in "
+                       "this process", exc)
+        return None
+    return writer
+
+
 async def start_listener(
     settings: Settings,
     store: StateStore,
@@ -601,7 +621,8 @@ async def start_listener(
         ``[listener]``, ``[quarantine]``, ``[relay]`` ``stable_age_s`` / ``release_grace_s`` and
         ``data_dir`` (spool at ``data_dir/spool``, quarantine at ``data_dir/quarantine``).
     store:
-        The state store; rows are committed from the listener's worker threads.
+        The state store; rows are committed by the group commit's writer thread, or by its writer
+        process while several associations are open (``[listener] commit_process``).
     wake:
         The relay's ``wake()``; called on the running loop when instances arrived.
     metrics:
@@ -636,9 +657,14 @@ async def start_listener(
     listener = Listener(
         settings.listener, store, metrics, intake, admission=admission, spool=spool, quarantine=quarantine,
         release_grace_s=settings.relay.release_grace_s, clock=utcnow,
-        inline_max_bytes=settings.spool.inline_max_bytes, group=GroupCommit(admission), budget=budget,
+        inline_max_bytes=settings.spool.inline_max_bytes, writer=_writer_process(settings),
+        budget=budget,
         commitment=CommitmentSCP.from_settings(settings, store, metrics)
         if settings.listener.commitment.enabled else None,
     )
-    await asyncio.to_thread(listener.start)
+    try:
+        await asyncio.to_thread(listener.start)
+    except BaseException:
+        listener.group.close()  # the writer process, if it started
+        raise
     return listener

@@ -42,7 +42,7 @@ from ingest.adapters.spool import Quarantine, Spool, SpoolFile, SpoolWriter
 from ingest.config import ListenerSettings
 from ingest.errors import HeaderError, NestingTooDeepError, StoreError
 from ingest.intake.admit import Admitted, Candidate
-from ingest.intake.commit import GroupCommit
+from ingest.intake.commit import EdgeCommit
 from ingest.intake.retention import DiskBudget, SpoolFullError
 from ingest.metrics import Metrics
 from ingest.ports import Verdict
@@ -227,7 +227,7 @@ class StoreService:
         metrics: Metrics,
         intake: Intake,
         *,
-        group: GroupCommit,
+        group: EdgeCommit,
         spool: Spool,
         quarantine: Quarantine,
         clock: Callable[[], datetime],
@@ -268,8 +268,9 @@ class StoreService:
         """Answer a received C-STORE from the event loop; never raises.
 
         A data set received into memory that goes into the state store with its row (up to
-        ``inline_max_bytes``) is read on the loop (CPU only) and handed to the group commit's writer,
-        awaited: the loop never waits for a disk, and no thread switch but the writer's is paid. Every
+        ``inline_max_bytes``) is read on the loop (CPU only) and handed to the group commit
+        (:meth:`EdgeCommit.commit`: its writer thread, or its writer process while several associations are
+        open), awaited: the loop never waits for a disk. Every
         other case (a spooled or oversized data set, a header to refuse and quarantine, a spool file
         to write) runs :meth:`store` on a worker thread.
         """
@@ -332,7 +333,7 @@ class StoreService:
                 record, parsed.digest, source, spool_name=None, body=data, data=inline, origin=source
             )
             try:
-                done = await asyncio.wrap_future(self.group.submit(candidate))
+                done = await self.group.commit(candidate)
             except StoreError as exc:
                 return (
                     Reply.of(self._out_of_resources("state store failed", record.sop_uid, exc)),

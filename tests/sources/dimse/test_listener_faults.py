@@ -128,6 +128,8 @@ def test_eight_concurrent_associations_all_stored_with_bounded_memory(tmp_path: 
     settings = make_settings(tmp_path / "data", max_associations=8, network_timeout_s=120,
                              dimse_timeout_s=120)
     with running_listener(settings) as run:
+        writer = run.listener.group.writer
+        wait_until(lambda: writer is not None and writer.running, 60, "the writer process opened the store")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         senders = [
             subprocess.Popen(["storescu", "-aet", "TESTSCU", "-aec", "INGEST", "-to", "120", "-ta", "120",
@@ -148,6 +150,8 @@ def test_eight_concurrent_associations_all_stored_with_bounded_memory(tmp_path: 
             for i in range(per)
         )
         assert run.listener.group.committed == n_assoc * per
+        # eight associations open: their commits went to the writer process, several per transaction
+        assert 0 < run.listener.group.to_process < n_assoc * per
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before < 100
 
 
