@@ -5,7 +5,7 @@ instance's bytes and row committed before its answer) against Orthanc (Debian pa
 storage, ``TCP_NODELAY=1``) and dcmtk ``storescp`` (files without fsync). Senders: ``storescu`` with
 ``TCP_NODELAY=1`` and a default one (Nagle on). Corpora: small instances (~12 KB) and a CT series
 (512 KB each), over 1 and 4 concurrent associations; 200 associations of one instance each; the peak RSS
-of ``ingest serve`` while 10 associations send the CT series (and with its state store writer process);
+of ``ingest serve`` and its state store writer process (summed) while 10 associations send the CT series;
 seconds from the last response to the ImagingStudy being readable. One more row measures the writer
 process itself: small instances over 4 associations, ``ingest serve`` as shipped against
 ``[listener] commit_process = false`` (one writer thread), taking turns like the peers.
@@ -265,9 +265,9 @@ def measure(
                  f"thread {every(ONE_WRITER, WRITER_CASE)} inst/s").finish()
     )
     rows.append(
-        Row("listener: peak RSS of ingest serve, 10 CT associations", rss, "MB",
-            note=f"target <= 150 MB; with its writer process {rss_all:.0f} MB",
-            status="pass" if rss <= 150 else "fail")
+        Row("listener: peak RSS of ingest serve and its writer process, 10 CT associations", rss_all, "MB",
+            note=f"target <= 150 MB (the two peaks summed); the service's own process {rss:.0f} MB",
+            status="pass" if rss_all <= 150 else "fail")
     )
     rows.append(
         Row("listener: last C-STORE response -> ImagingStudy readable", visible, "s",

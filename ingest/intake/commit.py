@@ -197,7 +197,7 @@ class GroupCommit:
             LOGGER.debug("group commit: %d instances in one transaction", len(batch))
 
 
-#: Most in-row bytes in one batch sent to the writer process (the loop writes it down a pipe).
+#: Most in-row bytes in one batch sent to the writer process (the loop writes it to a socket).
 _PROCESS_BATCH_BYTES: Final = 8 * 1024**2
 
 
@@ -228,11 +228,6 @@ class EdgeCommit:
         Batches sent each way (``to_process`` counts the writer process's transactions).
     """
 
-    @property
-    def committed(self) -> int:
-        """Candidates in committed transactions, by the writer process or the writer thread."""
-        return self._by_process_committed + self.group.committed
-
     def __init__(
         self,
         group: GroupCommit,
@@ -254,6 +249,11 @@ class EdgeCommit:
         self._busy = False  # a batch in flight (one at a time)
         self._reading: int | None = None  # the writer's descriptor, while the loop watches it
         self._sent: tuple[list[_Pending], datetime] | None = None
+
+    @property
+    def committed(self) -> int:
+        """Candidates in committed transactions, by the writer process or the writer thread."""
+        return self._by_process_committed + self.group.committed
 
     async def commit(self, item: Candidate) -> Admitted:
         """Admit ``item`` from the event loop; returns once the transaction holding its row committed.
