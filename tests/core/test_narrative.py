@@ -141,7 +141,10 @@ def test_dicom_values_are_escaped_and_exact() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=40).filter(str.strip))
+# characters XML can carry: no surrogates (Cs) or controls (Cc), and not U+FFFE / U+FFFF, which the
+# narrative drops (test_carriage_return_and_characters_xml_cannot_carry)
+@given(st.text(st.characters(exclude_categories=("Cs", "Cc"), exclude_characters="\ufffe\uffff"),
+               min_size=1, max_size=40).filter(str.strip))
 def test_any_description_comes_back_exactly(description: str) -> None:
     study = {
         "resourceType": "ImagingStudy",
