@@ -199,8 +199,10 @@ def measure(
     ]
     one_each = "200 one-instance associations"
     for case, folder, n, size, nodelay in [*cases, (one_each, singles, len(singles), 0, True)]:
+        # the writer process's own row: ingest without it takes its turn among the peers on that case
+        peers = (*PEERS, ONE_WRITER) if case == WRITER_CASE else PEERS
         for turn in range(repeats):
-            for peer in PEERS[turn % len(PEERS):] + PEERS[: turn % len(PEERS)]:
+            for peer in peers[turn % len(peers):] + peers[: turn % len(peers)]:
                 with _peer(peer, work) as port:
                     if case == one_each:
                         secs = _one_per_association(port, folder, nodelay)
@@ -213,11 +215,6 @@ def measure(
                     rate[peer, case] = n / secs
                     if size:
                         mbs[peer, case] = size / secs / 1e6
-            if case == WRITER_CASE:  # the writer process's own row: ingest with and without it, in turn
-                with _peer(ONE_WRITER, work) as port:
-                    secs = storescu_parallel(port, folder, nodelay=nodelay)
-                runs.setdefault((ONE_WRITER, case), []).append(n / secs)
-                rate[ONE_WRITER, case] = max(rate.get((ONE_WRITER, case), 0.0), n / secs)
     # memory with 10 CT associations, and the time to a readable study
     with _serve(work) as (port, bport, child, _data):
         storescu_parallel(port, ct10, nodelay=True)

@@ -300,7 +300,7 @@ class SpoolWriter:
         self.name = uuid.uuid4().hex
         # names made here (hex digits) cannot leave the resolved root, and the file is created with
         # O_EXCL | O_NOFOLLOW and renamed over nothing it would follow: no realpath per file (it walked
-        # every component of the root, a tenth of a large instance's CPU on the receiving thread)
+        # every component of the root; docs/architecture.md, "Performance facts")
         self._tmp = folder.root / f"{_TMP_PREFIX}{self.name}"
         self._final = folder.root / self.name
         self._hash = hashlib.sha256() if hashed else None

@@ -172,7 +172,10 @@ class RecordRow:
     made_from: InstanceRecord | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of(cls, record: InstanceRecord) -> RecordRow:
+    def of(cls, record: InstanceRecord | RecordRow) -> RecordRow:
+        """The row of ``record`` (a row is its own)."""
+        if isinstance(record, RecordRow):
+            return record
         return cls(record.study_uid, record.series_uid, record.sop_uid, record.sop_class_uid,
                    record.study_date, record.model_dump_json(), record)
 

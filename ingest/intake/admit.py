@@ -295,11 +295,7 @@ class Admission:
     ) -> tuple[list[tuple[RecordRow, str, str | None, str]], list[bytes | None] | None]:
         """The :meth:`~ingest.ports.StateStore.add_instances` rows and ``inline`` bytes of ``items``, their
         records made rows here (strings and bytes: what a writer process is sent)."""
-        rows = [
-            (c.record if isinstance(c.record, RecordRow) else RecordRow.of(c.record), c.source, c.spool_name,
-             c.digest)
-            for c in items
-        ]
+        rows = [(RecordRow.of(c.record), c.source, c.spool_name, c.digest) for c in items]
         return rows, [c.data for c in items] if any(c.data is not None for c in items) else None
 
     @staticmethod

@@ -27,7 +27,7 @@ sends each one where it costs least: with one association storing, to the writer
 has nothing else to do while it commits, and a thread is the quicker hand-off); with several, to a
 writer process (:class:`~ingest.ports.RowWriter`), whose SQLite calls do not have to win the
 interpreter lock back from a busy loop (``docs/architecture.md``, "Performance facts"). The loop reads
-the process's outcome when its pipe becomes readable and settles it (:meth:`Admission.settle`); a
+the process's outcome when its socket becomes readable and settles it (:meth:`Admission.settle`); a
 settlement that would touch a disk or the store (a conflict, an IOCM release) runs on a worker thread.
 Rejection notes and spooled instances always take the thread, where the admission's whole path runs.
 """
@@ -38,7 +38,7 @@ import asyncio
 import copy
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,6 +51,30 @@ from ingest.ports import RowWriter
 __all__ = ["EdgeCommit", "GroupCommit"]
 
 LOGGER = logging.getLogger(__name__)
+
+
+def _in_row_bytes(item: Candidate) -> int:
+    return len(item.data) if item.data is not None else 0
+
+
+def _head(sizes: Iterable[int], max_count: int, max_bytes: int) -> int:
+    """How many candidates from a queue's head (their in-row ``sizes``, in order) go into one
+    transaction: at most ``max_count`` and ``max_bytes``; a first one larger than that still goes alone."""
+    count, size = 0, 0
+    for nbytes in sizes:
+        if count and (count >= max_count or size + nbytes > max_bytes):
+            break
+        count += 1
+        size += nbytes
+    return count
+
+
+def _own(exc: BaseException) -> BaseException:
+    """One waiter's copy of a transaction's error, chained to it: one exception object is never raised
+    in two places at once."""
+    own = copy.copy(exc)
+    own.__cause__ = exc
+    return own
 
 
 @dataclass(eq=False)
@@ -117,7 +141,7 @@ class GroupCommit:
     def submit_all(self, items: Sequence[Candidate]) -> list[Future[Admitted]]:
         """:meth:`submit` each of ``items``, queued together (they share a transaction as far as the
         limits allow)."""
-        mine = [_Waiter(item, len(item.data) if item.data is not None else 0) for item in items]
+        mine = [_Waiter(item, _in_row_bytes(item)) for item in items]
         with self._cond:
             if self._closed:
                 raise RuntimeError("the group commit is closed")
@@ -159,12 +183,7 @@ class GroupCommit:
 
     def _take(self) -> list[_Waiter]:
         """The next batch from the queue's head (called with the condition held)."""
-        count, size = 0, 0
-        for waiter in self._queue:
-            if count and (count >= self.max_batch or size + waiter.size > self.max_batch_bytes):
-                break
-            count += 1
-            size += waiter.size
+        count = _head((w.size for w in self._queue), self.max_batch, self.max_batch_bytes)
         batch = self._queue[:count]
         del self._queue[:count]
         return batch
@@ -180,12 +199,8 @@ class GroupCommit:
             results = self.admission.admit([w.item for w in batch])
         except BaseException as exc:  # the writer goes on: the next batch may well commit
             for w, wanted in zip(batch, waiting, strict=True):
-                # each waiter gets its own copy, chained to the store's error: one exception object is
-                # never raised in two places at once
-                own = copy.copy(exc)
-                own.__cause__ = exc
                 if wanted:
-                    w.future.set_exception(own)
+                    w.future.set_exception(_own(exc))
             return
         with self._cond:
             self.commits += 1
@@ -249,6 +264,7 @@ class EdgeCommit:
         self._busy = False  # a batch in flight (one at a time)
         self._reading: int | None = None  # the writer's descriptor, while the loop watches it
         self._sent: tuple[list[_Pending], datetime] | None = None
+        self._through_thread: asyncio.Task[None] | None = None  # the batch the writer thread holds
 
     @property
     def committed(self) -> int:
@@ -301,14 +317,7 @@ class EdgeCommit:
             self._done(batch, exc)
 
     def _take(self) -> list[_Pending]:
-        count, size = 0, 0
-        for pending in self._queue:
-            data = pending.item.data
-            nbytes = len(data) if data is not None else 0
-            if count and (count >= self.max_batch or size + nbytes > _PROCESS_BATCH_BYTES):
-                break
-            count += 1
-            size += nbytes
+        count = _head((_in_row_bytes(p.item) for p in self._queue), self.max_batch, _PROCESS_BATCH_BYTES)
         batch = self._queue[:count]
         del self._queue[:count]
         return batch
@@ -343,12 +352,9 @@ class EdgeCommit:
         self._sent = None
         try:
             results = self.writer.receive()
-        except StoreUnavailableError as exc:
-            if not self.writer.running:
-                self._lose_writer(exc)
-            self._done(batch, exc)
-            return
         except StoreError as exc:
+            if not self.writer.running:  # it died holding the batch
+                self._lose_writer(exc)
             self._done(batch, exc)
             return
         items = [p.item for p in batch]
@@ -371,47 +377,32 @@ class EdgeCommit:
 
     def _by_thread(self, batch: list[_Pending]) -> None:
         assert self._loop is not None
-        loop = self._loop
         self.to_thread += 1
         try:
             futures = self.group.submit_all([p.item for p in batch])
         except RuntimeError as exc:  # closed
             self._done(batch, StoreUnavailableError(f"the listener is stopping: {exc}"))
             return
-        left = [len(futures)]
+        self._through_thread = self._loop.create_task(self._from_thread(batch, futures))
 
-        def one_done(pending: _Pending, future: Future[Admitted]) -> None:
-            if not pending.future.done():
-                exc = future.exception()
-                if exc is not None:
-                    pending.future.set_exception(exc)
-                else:
-                    pending.future.set_result(future.result())
-            left[0] -= 1
-            if left[0] == 0:
-                self._busy = False
-                self._next()
+    async def _from_thread(self, batch: list[_Pending], futures: list[Future[Admitted]]) -> None:
+        """The writer thread's outcomes (each error already the waiter's own copy)."""
+        outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+        self._done(batch, outcomes)
 
-        def on_thread(pending: _Pending) -> Callable[[Future[Admitted]], None]:
-            def done(future: Future[Admitted]) -> None:  # on the writer thread: back to the loop
-                loop.call_soon_threadsafe(one_done, pending, future)
-
-            return done
-
-        for pending, future in zip(batch, futures, strict=True):
-            future.add_done_callback(on_thread(pending))
-
-    def _done(self, batch: list[_Pending], outcome: list[Admitted] | BaseException) -> None:
-        """Every waiter of ``batch`` gets its outcome (or its own copy of the error); the next batch goes."""
+    def _done(
+        self, batch: list[_Pending], outcome: Sequence[Admitted | BaseException] | BaseException
+    ) -> None:
+        """Every waiter of ``batch`` gets its outcome (one per waiter, or the batch's error, each waiter its
+        own copy); the next batch goes."""
         for index, pending in enumerate(batch):
             if pending.future.done():  # its association went away; the row is committed all the same
                 continue
-            if isinstance(outcome, BaseException):
-                own = copy.copy(outcome)
-                own.__cause__ = outcome
-                pending.future.set_exception(own)
+            one = _own(outcome) if isinstance(outcome, BaseException) else outcome[index]
+            if isinstance(one, BaseException):
+                pending.future.set_exception(one)
             else:
-                pending.future.set_result(outcome[index])
+                pending.future.set_result(one)
         self._busy = False
         self._next()
 

@@ -426,7 +426,7 @@ class SQLStateStore(StateStore):
             raise ValueError(f"inline has {len(inline)} entries for {len(items)} items")
         now_v, due_v = self._time(now), self._time(due_at)
         rows = [
-            (record if isinstance(record, RecordRow) else RecordRow.of(record), source, spool_name, digest)
+            (RecordRow.of(record), source, spool_name, digest)
             for record, source, spool_name, digest in items
         ]
         with self._write("add_instances") as cur:

@@ -69,7 +69,13 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _failure(exc: BaseException) -> tuple[str, bool, str]:
+    """The child's answer for a failure: its kind and message only (no stack crosses)."""
     return ("error", isinstance(exc, StoreUnavailableError), f"{exc}")
+
+
+def _error(unavailable: bool, detail: str) -> StoreError:
+    """The parent's error for a failure the child answered (:func:`_failure`)."""
+    return (StoreUnavailableError if unavailable else StoreError)(detail)
 
 
 def _serve(conn: Connection) -> None:
@@ -140,23 +146,25 @@ class WriterProcess:
         self.pid: int | None = None
 
     def start(self, timeout_s: float = _START_S) -> None:
-        """:meth:`launch` then :meth:`wait_ready`."""
+        """:meth:`launch` then :meth:`wait_ready`.
+
+        Raises
+        ------
+        StoreError, StoreUnavailableError
+            When the child could not be started or could not open the store.
+        """
         self.launch(timeout_s)
         self.wait_ready()
 
     def launch(self, timeout_s: float = _START_S) -> None:
         """Start the child (``python -m ingest.adapters.state.writer``), hand it the store's settings, and
         return; a thread of this process waits (at most ``timeout_s``) for the child to have opened its
-        store, and it is :attr:`running` from then on. A child that does not get there is logged (a
-        warning) and closed.
+        store, and it is :attr:`running` from then on. A child that cannot be started or does not get
+        there is logged (one warning: commits stay in this process), closed, and never :attr:`running`;
+        :meth:`wait_ready` raises its error.
 
         The kernel ends the child when the thread that calls this ends (``PR_SET_PDEATHSIG``): call it
         from the thread that lives as long as the writer is used (``ingest serve``'s main thread).
-
-        Raises
-        ------
-        StoreUnavailableError
-            When the child cannot be started.
         """
         ours, theirs = socket.socketpair()
         try:
@@ -167,15 +175,16 @@ class WriterProcess:
                 )
         except OSError as exc:
             ours.close()
-            raise StoreUnavailableError(f"the state store's writer process did not start: {exc}") from exc
+            self._settle(StoreUnavailableError(f"it could not be run: {exc}"))
+            return
         conn = Connection(ours.detach())
         self._conn, self._process, self.pid = conn, process, process.pid
         try:
             # the settings go down the socket, not on the command line (a PostgreSQL URL may hold a password)
             conn.send_bytes(pickle.dumps((*self._args, os.getpid())))
         except OSError as exc:
-            self.close()
-            raise StoreUnavailableError(f"the state store's writer process did not start: {exc!r}") from exc
+            self._settle(StoreUnavailableError(f"it ended ({exc!r})"))
+            return
         threading.Thread(
             target=self._await_ready, args=(conn, timeout_s), name="ingest-writer-start", daemon=True
         ).start()
@@ -192,11 +201,15 @@ class WriterProcess:
                     raise StoreUnavailableError(f"no answer in {timeout_s:g} s")
             kind, unavailable, detail = pickle.loads(conn.recv_bytes())
             if kind != "ready":
-                error = (StoreUnavailableError if unavailable else StoreError)(detail)
+                error = _error(unavailable, detail)
         except (EOFError, OSError) as exc:
             error = StoreUnavailableError(f"it ended ({exc!r})")
         except StoreUnavailableError as exc:
             error = exc
+        self._settle(error)
+
+    def _settle(self, error: StoreError | None) -> None:
+        """The start's outcome: ready, or (unless closed meanwhile) one warning and the child closed."""
         if error is not None and not self._closed:
             LOGGER.warning("the state store's writer process did not start (%s); commits stay in this "
                            "process", error)
@@ -274,21 +287,9 @@ class WriterProcess:
                 f"the state store's writer process ended holding a transaction: {exc!r}"
             ) from exc
         if kind != "ok":
-            raise (StoreUnavailableError if unavailable else StoreError)(value)
+            raise _error(unavailable, value)
         added: list[Added] = value
         return added
-
-    def add_instances(
-        self,
-        rows: Sequence[_Row],
-        *,
-        now: datetime,
-        due_at: datetime,
-        inline: Sequence[bytes | None] | None = None,
-    ) -> list[Added]:
-        """:meth:`send` then :meth:`receive`, blocking."""
-        self.send(rows, now=now, due_at=due_at, inline=inline)
-        return self.receive()
 
     def close(self) -> None:
         """Close the socket; the child finishes the batch it holds, closes its store and exits (joined; a

@@ -589,19 +589,14 @@ class _Event:
 
 def _writer_process(settings: Settings) -> RowWriter | None:
     """The writer process of ``[listener] commit_process`` (``ingest.adapters.state.writer``), launched:
-    it takes batches once it has opened its store; or ``None`` (off, or it could not be started: every
-    commit stays in this process, with a warning)."""
+    it takes batches once it has opened its store (one that cannot is logged, and every commit stays in
+    this process); ``None`` when it is off."""
     if not settings.listener.commit_process:
         return None
     from ingest.adapters.state.writer import WriterProcess
 
     writer = WriterProcess(url=settings.state.url, data_dir=settings.data_dir, node=settings.state.node_id)
-    try:
-        writer.launch()  # from this thread (serve's main thread): the child ends when it does
-    except StoreError as exc:
-        LOGGER.warning("[listener] commit_process: the writer process did not start (%s); commits stay in "
-                       "this process", exc)
-        return None
+    writer.launch()  # from this thread (serve's main thread): the child ends when it does
     return writer
 
 

@@ -24,7 +24,7 @@ from ingest.adapters.state.sqlite import SQLiteStateStore
 from ingest.adapters.state.writer import WriterProcess
 from ingest.core.records import InstanceRecord, RecordRow
 from ingest.errors import StoreError, StoreUnavailableError
-from ingest.ports import Verdict
+from ingest.ports import Added, Verdict
 from tests import wait_until
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
@@ -35,6 +35,15 @@ STUDY = "1.2.826.0.1.3680043.2.1125.9"
 def row(sop: str, study: str = STUDY) -> RecordRow:
     record = InstanceRecord(study_uid=study, series_uid=f"{study}.1", sop_uid=sop, sop_class_uid=CT)
     return RecordRow.of(record)
+
+
+def commit(
+    writer: WriterProcess, rows: list[tuple[RecordRow, str, str | None, str]], *, now: datetime,
+    due_at: datetime, inline: list[bytes | None] | None = None,
+) -> list[Added]:
+    """One batch through the child, as the edge's loop does it: send, then read the outcome."""
+    writer.send(rows, now=now, due_at=due_at, inline=inline)
+    return writer.receive()
 
 
 def alive(pid: int) -> bool:
@@ -59,7 +68,7 @@ def test_the_child_commits_what_the_store_itself_would(
 ) -> None:
     batch = [(row(f"1.2.3.{k}"), "dimse:A", None, f"d{k}") for k in range(3)]
     inline = [b"bytes-0", None, b"bytes-2"]
-    got = sqlite_writer.add_instances(batch, now=T0, due_at=T0 + timedelta(seconds=5), inline=inline)
+    got = commit(sqlite_writer, batch, now=T0, due_at=T0 + timedelta(seconds=5), inline=inline)
 
     other = SQLiteStateStore(tmp_path / "other" / "state.sqlite3", node="test")
     try:
@@ -74,8 +83,8 @@ def test_the_child_commits_what_the_store_itself_would(
     (study,) = store.studies()
     assert study.study_uid == STUDY
 
-    again = sqlite_writer.add_instances(
-        [batch[0], (row("1.2.3.1"), "dimse:A", None, "other digest")], now=T0, due_at=T0, inline=None
+    again = commit(
+        sqlite_writer, [batch[0], (row("1.2.3.1"), "dimse:A", None, "other digest")], now=T0, due_at=T0
     )
     assert [a.outcome for a in again] == [Verdict.DUPLICATE, Verdict.CONFLICT]
 
@@ -84,12 +93,12 @@ def test_a_failed_transaction_is_the_stores_error_and_the_child_goes_on(
     store: SQLiteStateStore, sqlite_writer: WriterProcess
 ) -> None:
     with pytest.raises(StoreError, match="inline has 2 entries for 1 items"):
-        sqlite_writer.add_instances(
-            [(row("1.2.4.1"), "dimse:A", None, "d")], now=T0, due_at=T0, inline=[b"a", b"b"]
+        commit(
+            sqlite_writer, [(row("1.2.4.1"), "dimse:A", None, "d")], now=T0, due_at=T0, inline=[b"a", b"b"]
         )
     assert sqlite_writer.running
     assert store.instances(STUDY) == []  # nothing of the failed batch
-    (added,) = sqlite_writer.add_instances([(row("1.2.4.1"), "dimse:A", None, "d")], now=T0, due_at=T0)
+    (added,) = commit(sqlite_writer, [(row("1.2.4.1"), "dimse:A", None, "d")], now=T0, due_at=T0)
     assert added.outcome is Verdict.ADDED
 
 
@@ -97,7 +106,7 @@ def test_a_killed_child_fails_the_batch_it_held_and_is_not_used_again(sqlite_wri
     assert sqlite_writer.pid is not None
     os.kill(sqlite_writer.pid, signal.SIGKILL)
     with pytest.raises(StoreUnavailableError, match="writer process"):
-        sqlite_writer.add_instances([(row("1.2.5.1"), "dimse:A", None, "d")], now=T0, due_at=T0)
+        commit(sqlite_writer, [(row("1.2.5.1"), "dimse:A", None, "d")], now=T0, due_at=T0)
     assert not sqlite_writer.running
     with pytest.raises(StoreUnavailableError, match="not running"):
         sqlite_writer.fileno()
